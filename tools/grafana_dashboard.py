@@ -1,0 +1,434 @@
+"""Generate the overview Grafana dashboard from typed code.
+
+The committed JSON (``charts/fastapi-redis-mini/files/grafana/overview.json``) is what
+Grafana loads, by hand import or through the chart's ConfigMap; this script is the only
+way it should change::
+
+    python tools/grafana_dashboard.py            # rewrite the committed file
+    python tools/grafana_dashboard.py --check    # exit 1 if the committed file is stale
+
+Every query selects ``namespace="$namespace", release="$release"``. The chart's scrape
+config copies the pods' ``app.kubernetes.io/instance`` label into ``release`` and keeps
+the ``namespace`` and ``pod`` target labels (see docs/observability.md). Queue gauges
+are exported identically by every api replica, so they are aggregated with ``max``;
+counters and histograms are per process and are summed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from grafana_foundation_sdk.builders import common as common_builders
+from grafana_foundation_sdk.builders import dashboard, prometheus, stat, timeseries
+from grafana_foundation_sdk.cog.builder import Builder
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models import common
+from grafana_foundation_sdk.models import dashboard as model
+
+OUTPUT = (
+    Path(__file__).resolve().parent.parent
+    / "charts"
+    / "fastapi-redis-mini"
+    / "files"
+    / "grafana"
+    / "overview.json"
+)
+
+UID = "fastapi-redis-mini-overview"
+PREFIX = "fastapi_redis_mini_"
+SELECTOR = 'namespace="$namespace", release="$release"'
+RATE_WINDOW = "$__rate_interval"
+# Kubelet probes and Prometheus scrapes are frequent and trivially fast; left in, they
+# would hide what clients see in the latency percentiles and the error ratio.
+CLIENT_ROUTES = 'route!~"/metrics|/healthz|/readyz"'
+# The chart names the worker Deployment and its HPA "<fullname>-worker", and Helm's
+# usual fullname is the release name, or "<release>-fastapi-redis-mini" when the release
+# name does not already contain the chart name. KEDA names the HPA it creates
+# "keda-hpa-<ScaledObject name>".
+WORKER_DEPLOYMENT = '"$release(-fastapi-redis-mini)?-worker"'
+WORKER_HPA = '"(keda-hpa-)?$release(-fastapi-redis-mini)?-worker"'
+QUANTILES = (0.5, 0.95, 0.99)
+DATASOURCE = model.DataSourceRef(type_val="prometheus", uid="${datasource}")
+
+
+@dataclass(frozen=True)
+class Query:
+    """One PromQL target of a panel and its legend."""
+
+    expr: str
+    legend: str
+
+
+def metric(name: str, *matchers: str) -> str:
+    """A selector for one of the service's series, scoped to the chosen namespace and release."""
+    return f"{PREFIX}{name}{{{', '.join((SELECTOR, *matchers))}}}"
+
+
+def rate(name: str, *matchers: str) -> str:
+    return f"rate({metric(name, *matchers)}[{RATE_WINDOW}])"
+
+
+def quantiles(histogram: str, *matchers: str) -> list[Query]:
+    buckets = f"sum by (le) ({rate(f'{histogram}_bucket', *matchers)})"
+    return [Query(f"histogram_quantile({q}, {buckets})", f"p{round(q * 100)}") for q in QUANTILES]
+
+
+def queue_gauge(name: str) -> str:
+    # Every api replica reads the same stream, so summing would multiply by replicas.
+    return f"max by (namespace, stream, group) ({metric(name)})"
+
+
+def _targets(queries: Sequence[Query]) -> list[prometheus.Dataquery]:
+    return [
+        prometheus.Dataquery()
+        .expr(query.expr)
+        .legend_format(query.legend)
+        .ref_id(chr(ord("A") + index))
+        .datasource(DATASOURCE)
+        for index, query in enumerate(queries)
+    ]
+
+
+def graph(
+    title: str, description: str, unit: str, queries: Sequence[Query], width: int = 8
+) -> timeseries.Panel:
+    """A time-series panel; the legend lists the last and maximum value of each series."""
+    panel = (
+        timeseries.Panel()
+        .title(title)
+        .description(description)
+        .datasource(DATASOURCE)
+        .unit(unit)
+        .min(0)
+        .span(width)
+        .height(8)
+        .fill_opacity(10)
+        .legend(
+            common_builders.VizLegendOptions()
+            .display_mode(common.LegendDisplayMode.TABLE)
+            .placement(common.LegendPlacement.BOTTOM)
+            .show_legend(True)
+            .calcs(["lastNotNull", "max"])
+        )
+        .tooltip(common_builders.VizTooltipOptions().mode(common.TooltipDisplayMode.MULTI))
+    )
+    for target in _targets(queries):
+        panel.with_target(target)
+    return panel
+
+
+def single_stat(
+    title: str, description: str, unit: str, queries: Sequence[Query], warn_above: float
+) -> stat.Panel:
+    """A big-number panel that turns red once the value reaches ``warn_above``."""
+    panel = (
+        stat.Panel()
+        .title(title)
+        .description(description)
+        .datasource(DATASOURCE)
+        .unit(unit)
+        .span(4)
+        .height(8)
+        .color_mode(common.BigValueColorMode.BACKGROUND)
+        .graph_mode(common.BigValueGraphMode.AREA)
+        .reduce_options(common_builders.ReduceDataOptions().calcs(["lastNotNull"]))
+        .thresholds(
+            dashboard.ThresholdsConfig()
+            .mode(model.ThresholdsMode.ABSOLUTE)
+            .steps(
+                [
+                    model.Threshold(value=None, color="green"),
+                    model.Threshold(value=warn_above, color="red"),
+                ]
+            )
+        )
+    )
+    for target in _targets(queries):
+        panel.with_target(target)
+    return panel
+
+
+def variables() -> list[dashboard.DatasourceVariable | dashboard.QueryVariable]:
+    any_series = f'{{__name__=~"{PREFIX}.+"}}'
+    namespace = (
+        dashboard.QueryVariable("namespace")
+        .id("namespace")
+        .label("Namespace")
+        .datasource(DATASOURCE)
+        .query(f"label_values({any_series}, namespace)")
+        .refresh(model.VariableRefresh.ON_TIME_RANGE_CHANGED)
+        .sort(model.VariableSort.ALPHABETICAL_ASC)
+    )
+    release = (
+        dashboard.QueryVariable("release")
+        .id("release")
+        .label("Release")
+        .datasource(DATASOURCE)
+        .query(f'label_values({{__name__=~"{PREFIX}.+", namespace="$namespace"}}, release)')
+        .refresh(model.VariableRefresh.ON_TIME_RANGE_CHANGED)
+        .sort(model.VariableSort.ALPHABETICAL_ASC)
+    )
+    datasource = (
+        dashboard.DatasourceVariable("datasource")
+        .id("datasource")
+        .label("Data source")
+        .type("prometheus")
+    )
+    return [datasource, namespace, release]
+
+
+def api_row() -> list[Builder[model.Panel]]:
+    requests = "http_requests_total"
+
+    def ratio(status: str) -> str:
+        # No 5xx series at all is a ratio of 0, not "No data".
+        status_matcher = f'status=~"{status}"'
+        answered = f"sum({rate(requests, CLIENT_ROUTES, status_matcher)})"
+        return f"({answered} or vector(0)) / sum({rate(requests, CLIENT_ROUTES)})"
+
+    return [
+        graph(
+            "Request rate by route",
+            "Requests per second, summed over api replicas and their gunicorn workers.",
+            "reqps",
+            [Query(f"sum by (route) ({rate(requests)})", "{{route}}")],
+        ),
+        graph(
+            "Error ratio",
+            "Share of client requests (probes and scrapes excluded) answered with 5xx, "
+            "and with 4xx (validation, auth, 429 backlog full).",
+            "percentunit",
+            [
+                Query(ratio("5.."), "5xx"),
+                Query(ratio("4.."), "4xx"),
+            ],
+        ),
+        graph(
+            "Request latency",
+            "Client request duration percentiles (probes and scrapes excluded).",
+            "s",
+            quantiles("http_request_duration_seconds", CLIENT_ROUTES),
+        ),
+    ]
+
+
+def tasks_row() -> list[Builder[model.Panel]]:
+    hits = f"sum({rate('cache_hits_total')})"
+    misses = f"sum({rate('cache_misses_total')})"
+    return [
+        graph(
+            "Tasks submitted by outcome",
+            "queued: sent to the stream; cached: answered from the result cache; "
+            "duplicate: an Idempotency-Key repeat; rejected: refused (backlog full).",
+            "ops",
+            [
+                Query(f"sum by (outcome) ({rate('tasks_submitted_total')})", "{{outcome}}"),
+                Query(f"sum({rate('tasks_submitted_total')})", "all"),
+            ],
+        ),
+        graph(
+            "Tasks finished by status",
+            "Tasks the workers finished per second, by final status.",
+            "ops",
+            [Query(f"sum by (status) ({rate('tasks_finished_total')})", "{{status}}")],
+        ),
+        graph(
+            "Cache hit ratio",
+            "Share of submissions answered from the result cache.",
+            "percentunit",
+            [Query(f"{hits} / ({hits} + {misses})", "hit ratio")],
+        ),
+    ]
+
+
+def queue_row() -> list[Builder[model.Panel]]:
+    return [
+        graph(
+            "Stream backlog",
+            "length: entries in the stream; lag: entries the consumer group has not read "
+            "yet; pending: read by a worker but not acknowledged. Every api replica reports "
+            "the same values, so they are combined with max, never sum.",
+            "short",
+            [
+                Query(queue_gauge("stream_length"), "length {{stream}}"),
+                Query(queue_gauge("stream_lag"), "lag {{stream}}/{{group}}"),
+                Query(queue_gauge("stream_pending"), "pending {{stream}}/{{group}}"),
+            ],
+            width=16,
+        ),
+        single_stat(
+            "Waiting tasks",
+            "Consumer-group lag: tasks no worker has picked up yet.",
+            "short",
+            [Query(f"sum({queue_gauge('stream_lag')})", "lag")],
+            warn_above=1000,
+        ),
+        single_stat(
+            "Dead-letter size",
+            "Tasks that exhausted their deliveries. Inspect and replay them with "
+            "`python -m fastapi_redis_mini.admin dead-letter list|replay`.",
+            "short",
+            [Query(f"sum({queue_gauge('dead_letter_length')})", "dead letter")],
+            warn_above=1,
+        ),
+    ]
+
+
+def latency_row() -> list[Builder[model.Panel]]:
+    return [
+        graph(
+            "Queue wait",
+            "Time from submission to a worker starting the task.",
+            "s",
+            quantiles("task_queue_wait_seconds"),
+        ),
+        graph(
+            "Run time",
+            "Time from a worker starting the task to its final status.",
+            "s",
+            quantiles("task_run_seconds"),
+        ),
+        graph(
+            "End to end",
+            "Time from submission to the final status.",
+            "s",
+            quantiles("task_end_to_end_seconds"),
+        ),
+    ]
+
+
+def workers_row() -> list[Builder[model.Panel]]:
+    return [
+        graph(
+            "In-flight tasks per worker",
+            "Tasks each worker pod is running, against its concurrency limit.",
+            "short",
+            [
+                Query(f"sum by (pod) ({metric('tasks_in_flight')})", "{{pod}}"),
+                Query(f"max({metric('worker_concurrency_limit')})", "limit per worker"),
+            ],
+        ),
+        graph(
+            "Redeliveries and dead letters",
+            "reclaimed: taken over from a consumer that stopped; retried: run again after "
+            "a failure; dead-lettered: given up on.",
+            "ops",
+            [
+                Query(f"sum({rate('tasks_reclaimed_total')})", "reclaimed"),
+                Query(f"sum({rate('tasks_retried_total')})", "retried"),
+                Query(f"sum({rate('tasks_dead_lettered_total')})", "dead-lettered"),
+            ],
+        ),
+        graph(
+            "Redis errors",
+            "Failed Redis operations in the workers, by operation.",
+            "ops",
+            # The series only exists after a first error; show 0 rather than "No data".
+            [
+                Query(
+                    f"sum by (operation) ({rate('redis_errors_total')}) or vector(0)",
+                    "{{operation}}",
+                )
+            ],
+        ),
+    ]
+
+
+def scaling_row() -> list[Builder[model.Panel]]:
+    deployment = f'namespace="$namespace", deployment=~{WORKER_DEPLOYMENT}'
+    hpa = f'namespace="$namespace", horizontalpodautoscaler=~{WORKER_HPA}'
+    return [
+        graph(
+            "Worker replicas and autoscaler",
+            "From kube-state-metrics. desired above current means the autoscaler is still "
+            "scaling out; desired at max means it cannot scale further.",
+            "short",
+            [
+                Query(f"sum(kube_deployment_status_replicas{{{deployment}}})", "replicas"),
+                Query(
+                    f"sum(kube_horizontalpodautoscaler_status_current_replicas{{{hpa}}})",
+                    "HPA current",
+                ),
+                Query(
+                    f"sum(kube_horizontalpodautoscaler_status_desired_replicas{{{hpa}}})",
+                    "HPA desired",
+                ),
+                Query(f"sum(kube_horizontalpodautoscaler_spec_max_replicas{{{hpa}}})", "HPA max"),
+            ],
+            width=16,
+        ),
+        graph(
+            "Workers reporting",
+            "Worker processes Prometheus scrapes, whatever runs them.",
+            "short",
+            [Query(f"count({metric('worker_concurrency_limit')})", "workers")],
+        ),
+    ]
+
+
+ROWS = (
+    ("Api: traffic, errors, latency", api_row),
+    ("Tasks: throughput and cache", tasks_row),
+    ("Queue: is work piling up?", queue_row),
+    ("Task latency: waiting and running", latency_row),
+    ("Workers", workers_row),
+    ("Scaling: is the autoscaler keeping up?", scaling_row),
+)
+
+
+def build() -> model.Dashboard:
+    """The overview dashboard, panels numbered in reading order."""
+    board = (
+        dashboard.Dashboard("fastapi-redis-mini / overview")
+        .uid(UID)
+        .description("Api traffic, task throughput, queue backlog, task latency and scaling.")
+        .tags(["fastapi-redis-mini"])
+        .editable()
+        .tooltip(model.DashboardCursorSync.CROSSHAIR)
+        .time("now-1h", "now")
+        .refresh("30s")
+        .timezone("browser")
+    )
+    for variable in variables():
+        board.with_variable(variable)
+    for title, row_panels in ROWS:
+        board.with_row(dashboard.Row(title))
+        for panel in row_panels():
+            board.with_panel(panel)
+    built = board.build()
+    for number, item in enumerate(built.panels or [], start=1):
+        item.id_val = number
+    return built
+
+
+def render() -> str:
+    """The dashboard as the exact text committed to the repository."""
+    return json.dumps(build(), cls=JSONEncoder, indent=2, sort_keys=True) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--output", type=Path, default=OUTPUT)
+    parser.add_argument(
+        "--check", action="store_true", help="fail if the output file differs from the code"
+    )
+    args = parser.parse_args(argv)
+    text = render()
+    output: Path = args.output
+    if args.check:
+        if not output.exists() or output.read_text(encoding="utf-8") != text:
+            print(f"{output} is stale: run `make dashboards`", file=sys.stderr)
+            return 1
+        return 0
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(text, encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
