@@ -1,0 +1,1 @@
+"""The api service: accepts tasks over HTTP and answers with their status."""

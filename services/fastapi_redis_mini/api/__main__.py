@@ -1,0 +1,82 @@
+"""`python -m fastapi_redis_mini.api`: serve the api with gunicorn and uvicorn workers.
+
+WEB_CONCURRENCY sets the number of worker processes. Their metrics are merged through
+prometheus_client's multiprocess mode, in PROMETHEUS_MULTIPROC_DIR (under /tmp by default,
+the one path the api writes to).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from gunicorn.app.base import BaseApplication
+
+from ..core.settings import Settings, load_settings_or_exit
+from ..core.telemetry.logging import configure_logging
+
+
+class _Gunicorn(BaseApplication):  # type: ignore[misc]
+    def __init__(self, options: dict[str, Any]) -> None:
+        self.options = options
+        super().__init__()
+
+    def load_config(self) -> None:
+        for key, value in self.options.items():
+            self.cfg.set(key, value)
+
+    def load(self) -> Any:
+        # Runs in each worker after the fork, so every process builds its own app and client.
+        from .app import app_from_environment
+
+        return app_from_environment()
+
+
+def _prepare_metrics_dir(settings: Settings) -> str:
+    path = Path(
+        settings.prometheus_multiproc_dir
+        or Path(tempfile.gettempdir()) / "fastapi-redis-mini-metrics"
+    )
+    # Counts left by an earlier run would be added to this one's.
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True, exist_ok=True)
+    return str(path)
+
+
+def main() -> None:
+    settings = load_settings_or_exit()
+    configure_logging(settings.log_format, settings.log_level, "api")
+    # The worker processes read it through Settings, and prometheus_client reads it at import.
+    metrics_dir = _prepare_metrics_dir(settings)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+
+    def worker_exit(server: Any, worker: Any) -> None:
+        from ..core.telemetry import metrics
+
+        metrics.mark_process_dead(worker.pid, metrics_dir)
+
+    _Gunicorn(
+        {
+            "bind": f"{settings.host}:{settings.port}",
+            "workers": settings.web_concurrency,
+            "worker_class": "uvicorn_worker.UvicornWorker",
+            "graceful_timeout": math.ceil(settings.shutdown_grace),
+            "timeout": 60,
+            "keepalive": 5,
+            "worker_exit": worker_exit,
+            "accesslog": None,
+            "errorlog": "-",
+            "loglevel": settings.log_level.lower(),
+            "proc_name": "fastapi-redis-mini-api",
+            "worker_tmp_dir": tempfile.gettempdir(),
+            "control_socket_disable": True,
+        }
+    ).run()
+
+
+if __name__ == "__main__":
+    main()

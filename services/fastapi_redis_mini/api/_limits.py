@@ -1,0 +1,54 @@
+"""Limits on what a submit may carry, checked before anything reaches Redis."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import orjson
+
+from ..core.models import TaskCreate
+from ..core.settings import Settings
+from .errors import InvalidFieldError
+
+TASK_ID = re.compile(r"[0-9a-f]{32}")
+IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
+
+
+def _depth(value: Any) -> int:
+    if isinstance(value, dict):
+        return 1 + max((_depth(v) for v in value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max((_depth(v) for v in value), default=0)
+    return 0
+
+
+def check_task(task: TaskCreate, settings: Settings) -> None:
+    """Raise InvalidFieldError naming the first field that breaks a limit."""
+    if len(task.prompt) > settings.max_prompt_chars:
+        raise InvalidFieldError("prompt", f"longer than {settings.max_prompt_chars} characters")
+    params = task.params
+    if params:
+        if _depth(params) > settings.max_params_depth:
+            raise InvalidFieldError("params", f"nested deeper than {settings.max_params_depth}")
+        if len(orjson.dumps(params)) > settings.max_params_bytes:
+            raise InvalidFieldError("params", f"larger than {settings.max_params_bytes} bytes")
+    duration = params.get("duration", 0)
+    if isinstance(duration, bool) or not isinstance(duration, int | float):
+        raise InvalidFieldError("params.duration", "must be a number of seconds")
+    if not 0 <= duration <= settings.max_task_duration:
+        raise InvalidFieldError(
+            "params.duration", f"must be between 0 and {settings.max_task_duration:g} seconds"
+        )
+    for flag in ("fail", "retryable"):
+        if flag in params and not isinstance(params[flag], bool):
+            raise InvalidFieldError(f"params.{flag}", "must be true or false")
+    if "model" in params and not isinstance(params["model"], str):
+        raise InvalidFieldError("params.model", "must be a string")
+
+
+def check_idempotency_key(value: str | None) -> None:
+    if value is not None and not IDEMPOTENCY_KEY.fullmatch(value):
+        raise InvalidFieldError(
+            "Idempotency-Key", "must be 1 to 255 visible ASCII characters without spaces"
+        )

@@ -1,0 +1,72 @@
+"""The FastAPI application: routes, middleware, error handlers and the Redis lifecycle."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from .. import __version__
+from ..core.redis_queue import RedisTaskQueue, connect
+from ..core.settings import Settings, get_settings
+from ..core.telemetry.logging import configure_logging
+from ..core.telemetry.tracing import configure_tracing, shutdown_tracing
+from ._middleware import BodyLimitMiddleware, MetricsMiddleware
+from .errors import install_error_handlers
+from .routes import health, tasks
+
+DESCRIPTION = """
+Submit slow, inference-style tasks and read their results.
+
+`POST /tasks` answers at once with a task id (202), or with the result itself (200) when an
+identical request finished recently. Workers run queued tasks in the background;
+`GET /tasks/{task_id}?wait=S` waits up to S seconds for the outcome.
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    tracing = configure_tracing(settings, "fastapi-redis-mini-api")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        queue = RedisTaskQueue(connect(settings), settings)
+        app.state.queue = queue
+        await queue.open()
+        try:
+            yield
+        finally:
+            await queue.close()
+            shutdown_tracing()
+
+    app = FastAPI(
+        title="fastapi-redis-mini",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.tracing = tracing
+    app.state.backlog_gate = tasks.BacklogGate(settings.max_backlog)
+    app.state.api_key_digests = tuple(
+        hashlib.sha256(key.get_secret_value().encode()).digest() for key in settings.api_keys
+    )
+    app.include_router(tasks.router)
+    app.include_router(health.router)
+    install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware)
+    if tracing:
+        from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+        FastAPIInstrumentor.instrument_app(app, excluded_urls="healthz,readyz,metrics")
+    return app
+
+
+def app_from_environment() -> FastAPI:
+    """The factory gunicorn and uvicorn load in each worker process."""
+    settings = get_settings()
+    configure_logging(settings.log_format, settings.log_level, "api")
+    return create_app(settings)

@@ -1,0 +1,42 @@
+"""Probes and metrics: /healthz, /readyz, /metrics. These stay open when API_KEYS is set."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+
+from ...core.redis_queue import RedisUnavailable
+from ...core.telemetry import metrics
+from ..deps import QueueDep, SettingsDep
+
+router = APIRouter(tags=["operations"])
+log = logging.getLogger(__name__)
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """Liveness: the process is up and serving."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", responses={503: {"description": "Redis is unreachable"}})
+async def readyz(queue: QueueDep) -> JSONResponse:
+    """Readiness: Redis answers."""
+    if await queue.ping():
+        return JSONResponse({"status": "ok"})
+    return JSONResponse({"status": "redis unavailable"}, status_code=503)
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics_endpoint(queue: QueueDep, settings: SettingsDep) -> Response:
+    """Prometheus metrics of every api process, plus the queue's depth read from Redis."""
+    collector = None
+    try:
+        stats = await queue.stats()
+        collector = metrics.QueueStateCollector(stats)
+    except RedisUnavailable:
+        metrics.redis_errors.labels("metrics").inc()
+    body, content_type = metrics.render(settings.prometheus_multiproc_dir, collector)
+    return Response(body, media_type=content_type)

@@ -1,0 +1,154 @@
+"""POST /tasks, GET /tasks/{task_id}, DELETE /tasks/{task_id}."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
+
+from ...core.models import ErrorPublic, TaskCreate, TaskPublic, TaskSubmitted, request_signature
+from ...core.queue import CancelOutcome, SubmitOutcome, TaskQueue, TaskRecord
+from ...core.telemetry import metrics
+from ...core.telemetry.tracing import current_traceparent
+from .._limits import TASK_ID, check_idempotency_key, check_task
+from ..deps import QueueDep, ScopeDep, SettingsDep, require_json
+from ..errors import BacklogFullError, ConflictError, TaskNotFoundError
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorPublic} for code in (401, 404, 413, 415, 422, 429, 503)
+}
+router = APIRouter(prefix="/tasks", tags=["tasks"], responses=_ERRORS)
+
+
+class BacklogGate:
+    """Refuses new work while the consumer group's lag is above MAX_BACKLOG.
+
+    The lag is read at most once a second per process, so the check costs one Redis call a
+    second rather than one per request.
+    """
+
+    def __init__(self, limit: int, refresh_seconds: float = 1.0) -> None:
+        self.limit = limit
+        self.refresh_seconds = refresh_seconds
+        self._lag = 0
+        self._read_at = float("-inf")
+
+    async def check(self, queue: TaskQueue) -> None:
+        if self.limit <= 0:
+            return
+        now = time.monotonic()
+        if now - self._read_at >= self.refresh_seconds:
+            self._read_at = now
+            self._lag = (await queue.stats()).lag
+        if self._lag > self.limit:
+            metrics.tasks_submitted.labels("rejected").inc()
+            raise BacklogFullError(
+                f"backlog of {self._lag} tasks is above MAX_BACKLOG={self.limit}; retry later"
+            )
+
+
+def _public(record: TaskRecord) -> TaskPublic:
+    return TaskPublic(
+        task_id=record.task_id,
+        status=record.status,
+        result=record.result,
+        error=record.error,
+        cached=record.cached,
+        attempts=record.attempts,
+        created_at=record.created_at,
+        started_at=record.started_at,
+        finished_at=record.finished_at,
+        cancel_requested=record.cancel_requested,
+    )
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=TaskSubmitted,
+    dependencies=[Depends(require_json)],
+    responses={200: {"model": TaskSubmitted, "description": "Answered from the result cache"}},
+)
+async def submit_task(
+    task: TaskCreate,
+    request: Request,
+    response: Response,
+    queue: QueueDep,
+    settings: SettingsDep,
+    scope: ScopeDep,
+    idempotency_key: Annotated[str | None, Header()] = None,
+) -> TaskSubmitted:
+    """Queue a task, or answer at once from the result cache when an identical one finished."""
+    check_task(task, settings)
+    check_idempotency_key(idempotency_key)
+    gate: BacklogGate = request.app.state.backlog_gate
+    await gate.check(queue)
+    submitted = await queue.submit(
+        task,
+        signature=request_signature(task),
+        scope=scope,
+        idempotency_key=idempotency_key,
+        traceparent=current_traceparent() if request.app.state.tracing else "",
+    )
+    metrics.tasks_submitted.labels(submitted.outcome.value).inc()
+    if submitted.outcome is SubmitOutcome.CACHED:
+        metrics.cache_hits.inc()
+        response.status_code = status.HTTP_200_OK
+        return TaskSubmitted(
+            task_id=submitted.task_id, status="DONE", cached=True, result=submitted.result
+        )
+    if submitted.outcome is SubmitOutcome.DUPLICATE:
+        record = await queue.get(submitted.task_id, scope)
+        if record is not None:
+            response.status_code = status.HTTP_200_OK
+            return TaskSubmitted(
+                task_id=record.task_id,
+                status=record.status,
+                cached=record.cached,
+                result=record.result,
+            )
+        # The first task expired before its Idempotency-Key did: treat this as new work.
+        return await submit_task(task, request, response, queue, settings, scope, None)
+    metrics.cache_misses.inc()
+    return TaskSubmitted(task_id=submitted.task_id, status="PENDING", cached=False)
+
+
+@router.get("/{task_id}", response_model=TaskPublic)
+async def get_task(
+    task_id: str,
+    queue: QueueDep,
+    scope: ScopeDep,
+    wait: Annotated[
+        float | None,
+        Query(gt=0, le=30, description="Seconds to wait for the task to finish (long-poll)."),
+    ] = None,
+) -> TaskPublic:
+    """Read a task's status, result and timestamps; with ?wait=S, wait up to S for it to end."""
+    if not TASK_ID.fullmatch(task_id):
+        raise TaskNotFoundError()
+    record = await (queue.wait(task_id, scope, wait) if wait else queue.get(task_id, scope))
+    if record is None:
+        raise TaskNotFoundError()
+    return _public(record)
+
+
+@router.delete(
+    "/{task_id}",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=TaskPublic,
+    responses={409: {"model": ErrorPublic}},
+)
+async def cancel_task(task_id: str, queue: QueueDep, scope: ScopeDep) -> TaskPublic:
+    """Cancel a task: a PENDING one never runs; a RUNNING one is stopped by its worker."""
+    if not TASK_ID.fullmatch(task_id):
+        raise TaskNotFoundError()
+    outcome = await queue.cancel(task_id, scope)
+    if outcome is CancelOutcome.NOT_FOUND:
+        raise TaskNotFoundError()
+    record = await queue.get(task_id, scope)
+    if record is None:
+        raise TaskNotFoundError()
+    if outcome is CancelOutcome.FINAL:
+        raise ConflictError(f"task is already {record.status.value}")
+    return _public(record)

@@ -1,0 +1,1 @@
+"""What the api and the worker share: settings, the task model, key names and the queue."""

@@ -1,0 +1,82 @@
+"""The task model: statuses, request and response schemas, and the request signature."""
+
+from __future__ import annotations
+
+import hashlib
+from enum import StrEnum
+from typing import Any
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class TaskStatus(StrEnum):
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    DONE = "DONE"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def is_final(self) -> bool:
+        return self in FINAL_STATUSES
+
+
+FINAL_STATUSES = frozenset({TaskStatus.DONE, TaskStatus.FAILED, TaskStatus.CANCELLED})
+
+
+class TaskCreate(BaseModel):
+    """What a client submits. Unknown top-level fields are refused; params are free-form."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, description="The input text of the task.")
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Handler options. The built-in handler reads duration, fail and model.",
+    )
+
+
+class TaskSubmitted(BaseModel):
+    """The answer to a submit: a queued task, or a result served from the cache."""
+
+    task_id: str
+    status: TaskStatus
+    cached: bool
+    result: Any | None = None
+
+
+class TaskPublic(BaseModel):
+    """A task as clients see it."""
+
+    task_id: str
+    status: TaskStatus
+    result: Any | None = None
+    error: str | None = None
+    cached: bool = False
+    attempts: int = 0
+    created_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    cancel_requested: bool = False
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorPublic(BaseModel):
+    """Every error answer has this shape."""
+
+    error: ErrorBody
+
+
+def canonical_json(value: Any) -> bytes:
+    """Sorted keys, compact separators, UTF-8: the same request always gives the same bytes."""
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+
+
+def request_signature(request: TaskCreate) -> str:
+    """sha256 of the canonical JSON of the request body; the result cache is keyed by it."""
+    return hashlib.sha256(canonical_json(request.model_dump(mode="json"))).hexdigest()

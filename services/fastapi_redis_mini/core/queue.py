@@ -1,0 +1,175 @@
+"""The queue interface (the design's JobQueue) and the records that cross it.
+
+The api and the worker talk to a TaskQueue and never to Redis itself, so a different
+broker (Kafka for the stream, say) can stand behind the same interface.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Protocol
+
+from .models import TaskCreate, TaskStatus
+
+
+class SubmitOutcome(StrEnum):
+    QUEUED = "queued"
+    CACHED = "cached"
+    DUPLICATE = "duplicate"
+
+
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    task_id: str
+    outcome: SubmitOutcome
+    result: Any | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRecord:
+    """A task as stored: everything GET /tasks/{id} shows, plus what only the service sees."""
+
+    task_id: str
+    status: TaskStatus
+    scope: str
+    result: Any | None = None
+    error: str | None = None
+    cached: bool = False
+    attempts: int = 0
+    created_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    cancel_requested: bool = False
+
+
+class CancelOutcome(StrEnum):
+    CANCELLED = "cancelled"  # was PENDING, is now CANCELLED and will never run
+    REQUESTED = "requested"  # is RUNNING; its worker stops it at the next check
+    FINAL = "final"  # already DONE, FAILED or CANCELLED; nothing changed
+    NOT_FOUND = "not_found"
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One stream entry handed to this consumer."""
+
+    entry_id: str
+    task_id: str
+
+
+class StartVerdict(StrEnum):
+    RUN = "run"
+    SKIP = "skip"  # already final, or gone: acknowledged, nothing to do
+    CANCELLED = "cancelled"  # cancelled before it started
+    DEAD = "dead"  # reached MAX_DELIVERIES: FAILED and moved to the dead-letter stream
+
+
+@dataclass(slots=True)
+class Job:
+    """A delivery this worker has been told to run."""
+
+    entry_id: str
+    task_id: str
+    verdict: StartVerdict
+    prompt: str = ""
+    params: dict[str, Any] = field(default_factory=dict)
+    signature: str = ""
+    scope: str = ""
+    traceparent: str = ""
+    created_at: float = 0.0
+    started_at: float = 0.0
+    attempts: int = 0
+
+
+class Outcome(StrEnum):
+    DONE = "DONE"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    RETRY = "RETRY"  # back to PENDING, due again after a backoff
+    RELEASE = "RELEASE"  # back to PENDING at once; used when a worker stops mid-task
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    job: Job
+    outcome: Outcome
+    result: bytes = b""  # the JSON of a DONE task's result
+    error: str | None = None
+    due_at: float = 0.0
+
+
+class FinishVerdict(StrEnum):
+    WRITTEN = "written"
+    STALE = "stale"  # the task was already final; only acknowledged
+    LOST = "lost"  # another worker owns it now; left alone
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    """Queue depth as the stream and its consumer group report it."""
+
+    stream: str
+    group: str
+    stream_length: int
+    lag: int
+    pending: int
+    dead_letter_length: int
+    consumers: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    entry_id: str
+    task_id: str
+    fields: dict[str, str] = field(default_factory=dict)
+
+
+class TaskQueue(Protocol):
+    """Everything the api and the worker need from the broker and the task store."""
+
+    # -- the api side
+    async def submit(
+        self,
+        request: TaskCreate,
+        *,
+        signature: str,
+        scope: str = "",
+        idempotency_key: str | None = None,
+        traceparent: str = "",
+    ) -> Submitted: ...
+
+    async def get(self, task_id: str, scope: str = "") -> TaskRecord | None: ...
+
+    async def wait(self, task_id: str, scope: str, seconds: float) -> TaskRecord | None: ...
+
+    async def cancel(self, task_id: str, scope: str = "") -> CancelOutcome: ...
+
+    async def stats(self) -> QueueStats: ...
+
+    async def ping(self) -> bool: ...
+
+    # -- the worker side
+    async def ensure_group(self) -> None: ...
+
+    async def read(self, consumer: str, count: int, block_ms: int) -> list[Delivery]: ...
+
+    async def claim_idle(self, consumer: str, count: int) -> list[Delivery]: ...
+
+    async def start(self, consumer: str, deliveries: Sequence[Delivery]) -> list[Job]: ...
+
+    async def finish(self, consumer: str, finishes: Sequence[Finish]) -> list[FinishVerdict]: ...
+
+    async def keep_alive(self, consumer: str, jobs: Sequence[Job]) -> list[str]: ...
+
+    async def promote_due_retries(self, limit: int) -> int: ...
+
+    async def trim(self) -> int: ...
+
+    async def leave(self, consumer: str) -> None: ...
+
+    # -- operators
+    async def dead_letters(self, count: int) -> list[DeadLetter]: ...
+
+    async def replay_dead_letters(self, entry_ids: Sequence[str]) -> int: ...

@@ -1,0 +1,428 @@
+"""The Redis Streams implementation of TaskQueue: the only module that talks to Redis.
+
+Every multi-step change of state is one Lua script (see lua/), so it is atomic, and batches
+of deliveries or outcomes travel in one round trip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from importlib import resources
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from .keys import Keys
+from .models import TaskCreate, TaskStatus, canonical_json
+from .queue import (
+    CancelOutcome,
+    DeadLetter,
+    Delivery,
+    Finish,
+    FinishVerdict,
+    Job,
+    Outcome,
+    QueueStats,
+    StartVerdict,
+    SubmitOutcome,
+    Submitted,
+    TaskRecord,
+)
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+RedisUnavailable = (RedisConnectionError, RedisTimeoutError)
+"""The errors that mean Redis cannot be reached right now (as opposed to a bad command)."""
+
+_TASK_FIELDS = (
+    "status", "scope", "result", "error", "cached", "attempts",
+    "created_at", "started_at", "finished_at", "cancel", "signature",
+)  # fmt: skip
+_IDLE_CONSUMER_MS = 3_600_000
+
+
+def new_task_id() -> str:
+    """122 random bits (UUID4), so task ids cannot be guessed."""
+    return uuid.uuid4().hex
+
+
+def connect(settings: Settings) -> Redis:
+    """One pooled client per process; commands are retried briefly on a dropped connection."""
+    password = settings.redis_password.get_secret_value() if settings.redis_password else None
+    client: Redis = Redis.from_url(
+        settings.redis_url,
+        password=password,
+        decode_responses=True,
+        socket_connect_timeout=5,
+        socket_timeout=15,
+        socket_keepalive=True,
+        health_check_interval=30,
+        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries=2),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+    )
+    return client
+
+
+def _float(value: str | None) -> float | None:
+    return float(value) if value else None
+
+
+def _load_script(redis: Redis, name: str) -> AsyncScript:
+    source = resources.files(__package__).joinpath("lua", f"{name}.lua").read_text()
+    return redis.register_script(source)
+
+
+class RedisTaskQueue:
+    """Tasks in `task:{id}` hashes, results in `cache:{signature}`, work in a consumer group."""
+
+    def __init__(self, redis: Redis, settings: Settings) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.keys = Keys.from_settings(settings)
+        self._submit = _load_script(redis, "submit")
+        self._start = _load_script(redis, "start")
+        self._finish = _load_script(redis, "finish")
+        self._keep_alive = _load_script(redis, "keep_alive")
+        self._promote = _load_script(redis, "promote")
+        self._trim = _load_script(redis, "trim")
+        self._cancel = _load_script(redis, "cancel")
+        self._replay = _load_script(redis, "replay")
+        self._prune = _load_script(redis, "prune_consumers")
+        self._completions = _Completions(redis, self.keys.events)
+
+    async def open(self) -> None:
+        """Subscribe to completions, so that long-polls are woken as soon as a task finishes."""
+        await self._completions.start()
+
+    async def close(self) -> None:
+        await self._completions.close()
+        await self.redis.aclose()
+
+    # -- the api side
+
+    async def submit(
+        self,
+        request: TaskCreate,
+        *,
+        signature: str,
+        scope: str = "",
+        idempotency_key: str | None = None,
+        traceparent: str = "",
+    ) -> Submitted:
+        task_id = new_task_id()
+        s = self.settings
+        idempotency = self.keys.idempotency(idempotency_key or "", scope)
+        reply = await self._submit(
+            keys=[self.keys.task(task_id), self.keys.cache(signature, scope), self.keys.stream,
+                  idempotency],
+            args=[task_id, canonical_json(request.model_dump(mode="json")), signature, scope,
+                  repr(time.time()), traceparent, s.cache_ttl, s.result_expiry,
+                  s.idempotency_ttl if idempotency_key else 0],
+        )  # fmt: skip
+        outcome = SubmitOutcome(reply[0])
+        result = orjson.loads(reply[2]) if outcome is SubmitOutcome.CACHED else None
+        return Submitted(task_id=reply[1], outcome=outcome, result=result)
+
+    async def get(self, task_id: str, scope: str = "") -> TaskRecord | None:
+        values: list[str | None] = await self.redis.hmget(  # type: ignore[assignment]
+            self.keys.task(task_id), _TASK_FIELDS
+        )
+        fields = dict(zip(_TASK_FIELDS, values, strict=True))
+        if fields["status"] is None or (fields["scope"] or "") != scope:
+            return None
+        record = TaskRecord(
+            task_id=task_id,
+            status=TaskStatus(fields["status"]),
+            scope=scope,
+            result=orjson.loads(fields["result"]) if fields["result"] else None,
+            error=fields["error"] or None,
+            cached=fields["cached"] == "1",
+            attempts=int(fields["attempts"] or 0),
+            created_at=_float(fields["created_at"]),
+            started_at=_float(fields["started_at"]),
+            finished_at=_float(fields["finished_at"]),
+            cancel_requested=fields["cancel"] == "1",
+        )
+        if record.status is TaskStatus.DONE and fields["result"]:
+            # Reading a finished task keeps its cached result warm.
+            await self.redis.expire(
+                self.keys.cache(fields["signature"] or "", scope), self.settings.cache_ttl
+            )
+        return record
+
+    async def wait(self, task_id: str, scope: str, seconds: float) -> TaskRecord | None:
+        async with self._completions.watch(task_id) as finished:
+            deadline = time.monotonic() + seconds
+            while True:
+                record = await self.get(task_id, scope)
+                remaining = deadline - time.monotonic()
+                if record is None or record.status.is_final or remaining <= 0:
+                    return record
+                # The notification is the fast path; the periodic re-read only covers a
+                # notification lost while the subscriber was reconnecting.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(finished.wait(), min(remaining, 5.0))
+                finished.clear()
+
+    async def cancel(self, task_id: str, scope: str = "") -> CancelOutcome:
+        reply = await self._cancel(
+            keys=[self.keys.task(task_id)],
+            args=[scope, repr(time.time()), self.keys.events, task_id],
+        )
+        return CancelOutcome(reply)
+
+    async def stats(self) -> QueueStats:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xlen(self.keys.stream)
+            pipe.xinfo_groups(self.keys.stream)
+            pipe.xlen(self.keys.dead_letter)
+            length, groups, dead = await pipe.execute(raise_on_error=False)
+        for value in (length, dead):
+            if isinstance(value, Exception):
+                raise value
+        group = next(
+            (g for g in groups if g["name"] == self.keys.group),
+            None,
+        ) if isinstance(groups, list) else None  # fmt: skip
+        if group is None:
+            return QueueStats(
+                stream=self.keys.stream,
+                group=self.keys.group,
+                stream_length=length,
+                lag=length,
+                pending=0,
+                dead_letter_length=dead,
+            )
+        lag = group.get("lag")
+        return QueueStats(
+            stream=self.keys.stream,
+            group=self.keys.group,
+            stream_length=length,
+            # Lag is undefined after deletions past the group's position; the stream length is
+            # then the safe upper bound.
+            lag=int(lag) if lag is not None else length,
+            pending=int(group["pending"]),
+            dead_letter_length=dead,
+            consumers=int(group["consumers"]),
+        )
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self.redis.ping())
+        except RedisUnavailable:
+            return False
+
+    # -- the worker side
+
+    async def ensure_group(self) -> None:
+        try:
+            await self.redis.xgroup_create(self.keys.stream, self.keys.group, id="0", mkstream=True)
+        except ResponseError as error:
+            if "BUSYGROUP" not in str(error):
+                raise
+
+    async def read(self, consumer: str, count: int, block_ms: int) -> list[Delivery]:
+        try:
+            reply: Any = await self.redis.xreadgroup(
+                self.keys.group, consumer, {self.keys.stream: ">"}, count=count, block=block_ms
+            )
+        except ResponseError as error:
+            if "NOGROUP" not in str(error):
+                raise
+            # The group vanished (a Redis restart without persistence): make it again.
+            await self.ensure_group()
+            return []
+        if not reply:
+            return []
+        return _deliveries(reply[0][1])
+
+    async def claim_idle(self, consumer: str, count: int) -> list[Delivery]:
+        min_idle_ms = int(self.settings.claim_idle * 1000)
+        reply = await self.redis.xautoclaim(
+            self.keys.stream, self.keys.group, consumer, min_idle_ms, "0-0", count=count
+        )
+        return _deliveries(reply[1])
+
+    async def start(self, consumer: str, deliveries: Sequence[Delivery]) -> list[Job]:
+        if not deliveries:
+            return []
+        now = time.time()
+        args: list[Any] = [self.keys.group, consumer, repr(now), self.settings.max_deliveries]
+        for d in deliveries:
+            args += (d.entry_id, d.task_id)
+        reply = await self._start(
+            keys=[self.keys.stream, self.keys.dead_letter,
+                  *(self.keys.task(d.task_id) for d in deliveries)],
+            args=args,
+        )  # fmt: skip
+        jobs = []
+        for d, row in zip(deliveries, reply, strict=True):
+            verdict = StartVerdict(row[0])
+            job = Job(entry_id=d.entry_id, task_id=d.task_id, verdict=verdict, started_at=now)
+            if verdict is StartVerdict.RUN:
+                request = orjson.loads(row[1])
+                job.prompt = request["prompt"]
+                job.params = request["params"]
+                job.signature, job.scope, job.traceparent = row[2], row[3], row[4]
+                job.created_at = float(row[5])
+                job.attempts = int(row[6])
+            jobs.append(job)
+        return jobs
+
+    async def finish(self, consumer: str, finishes: Sequence[Finish]) -> list[FinishVerdict]:
+        if not finishes:
+            return []
+        s = self.settings
+        keys = [self.keys.stream, self.keys.retries]
+        args: list[Any] = [self.keys.group, consumer, repr(time.time()), s.cache_ttl,
+                           s.result_expiry, self.keys.events]  # fmt: skip
+        for f in finishes:
+            job = f.job
+            keys += (self.keys.task(job.task_id), self.keys.cache(job.signature, job.scope))
+            payload = f.result if f.outcome is Outcome.DONE else (f.error or "")
+            args += (job.entry_id, job.task_id, f.outcome.value, payload, repr(f.due_at))
+        reply = await self._finish(keys=keys, args=args)
+        return [FinishVerdict(v) for v in reply]
+
+    async def keep_alive(self, consumer: str, jobs: Sequence[Job]) -> list[str]:
+        if not jobs:
+            return []
+        reply = await self._keep_alive(
+            keys=[self.keys.stream, *(self.keys.task(j.task_id) for j in jobs)],
+            args=[self.keys.group, consumer, *(j.entry_id for j in jobs)],
+        )
+        return list(reply)
+
+    async def promote_due_retries(self, limit: int) -> int:
+        return int(
+            await self._promote(
+                keys=[self.keys.retries, self.keys.stream], args=[repr(time.time()), limit]
+            )
+        )
+
+    async def trim(self) -> int:
+        removed = int(await self._trim(keys=[self.keys.stream]))
+        await self._prune(keys=[self.keys.stream], args=[self.keys.group, "", _IDLE_CONSUMER_MS])
+        return removed
+
+    async def leave(self, consumer: str) -> None:
+        await self._prune(
+            keys=[self.keys.stream], args=[self.keys.group, consumer, _IDLE_CONSUMER_MS]
+        )
+
+    # -- operators
+
+    async def dead_letters(self, count: int) -> list[DeadLetter]:
+        entries: list[tuple[str, dict[str, str]]] = await self.redis.xrange(  # type: ignore[assignment]
+            self.keys.dead_letter, count=count
+        )
+        return [
+            DeadLetter(entry_id=entry_id, task_id=fields.get("task_id", ""), fields=fields)
+            for entry_id, fields in entries
+        ]
+
+    async def replay_dead_letters(self, entry_ids: Sequence[str]) -> int:
+        if not entry_ids:
+            return 0
+        found = []
+        for entry_id in entry_ids:
+            entries: list[tuple[str, dict[str, str]]] = await self.redis.xrange(  # type: ignore[assignment]
+                self.keys.dead_letter, entry_id, entry_id
+            )
+            if entries:
+                found.append((entry_id, entries[0][1].get("task_id", "")))
+        if not found:
+            return 0
+        return int(
+            await self._replay(
+                keys=[
+                    self.keys.dead_letter,
+                    self.keys.stream,
+                    *(self.keys.task(task_id) for _, task_id in found),
+                ],
+                args=[*(e for e, _ in found), *(t for _, t in found)],
+            )
+        )
+
+
+def _deliveries(entries: Sequence[Any]) -> list[Delivery]:
+    # An entry trimmed or deleted after delivery comes back without fields; it has no task.
+    return [
+        Delivery(entry_id=entry_id, task_id=fields["task_id"])
+        for entry_id, fields in entries
+        if fields and "task_id" in fields
+    ]
+
+
+class _Completions:
+    """One Pub/Sub subscription per process that wakes the long-polls waiting on a task."""
+
+    def __init__(self, redis: Redis, channel: str) -> None:
+        self._redis = redis
+        self._channel = channel
+        self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._listener: asyncio.Task[None] | None = None
+        self._subscribed = asyncio.Event()
+
+    async def start(self) -> None:
+        if self._listener is None:
+            self._listener = asyncio.create_task(self._listen(), name="task-completions")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._subscribed.wait(), 5.0)
+
+    @contextlib.asynccontextmanager
+    async def watch(self, task_id: str) -> AsyncIterator[asyncio.Event]:
+        if self._listener is None:
+            await self.start()
+        event = asyncio.Event()
+        self._waiters.setdefault(task_id, set()).add(event)
+        try:
+            yield event
+        finally:
+            events = self._waiters.get(task_id)
+            if events is not None:
+                events.discard(event)
+                if not events:
+                    del self._waiters[task_id]
+
+    async def _listen(self) -> None:
+        backoff = 0.1
+        while True:
+            pubsub: PubSub = self._redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self._channel)
+                self._subscribed.set()
+                backoff = 0.1
+                while True:
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is not None:
+                        for event in self._waiters.get(message["data"], ()):
+                            event.set()
+            except RedisUnavailable:
+                self._subscribed.clear()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+            self._listener = None

@@ -1,0 +1,155 @@
+"""The one place the environment is read and checked."""
+
+from __future__ import annotations
+
+import os
+import sys
+from functools import lru_cache
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+PositiveSeconds = Annotated[float, Field(gt=0)]
+
+
+def _default_web_concurrency() -> int:
+    return max(2, min(2 * (os.cpu_count() or 1) + 1, 4))
+
+
+class Settings(BaseSettings):
+    """Every knob of the api and the worker; each field is read from the variable of its name."""
+
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
+
+    # Redis and the data model
+    redis_url: str = "redis://localhost:6379/0"
+    redis_password: SecretStr | None = None
+    key_prefix: str = Field(default="", max_length=64, pattern=r"^[A-Za-z0-9_.:{}-]*$")
+    queue_key: str = Field(default="task_stream", min_length=1, max_length=128)
+    consumer_group: str = Field(default="workers", min_length=1, max_length=128)
+    cache_ttl: int = Field(default=600, gt=0)
+    result_expiry: int = Field(default=86400, gt=0)
+    idempotency_ttl: int = Field(default=86400, gt=0)
+
+    # The worker
+    max_concurrency: int = Field(default=5, ge=1, le=10000)
+    read_batch: int = Field(default=100, ge=1, le=10000)
+    task_handler: str = Field(default="simulate", min_length=1)
+    task_timeout: PositiveSeconds = 60.0
+    max_task_duration: PositiveSeconds = 30.0
+    claim_idle: PositiveSeconds = 30.0
+    max_deliveries: int = Field(default=5, ge=1)
+    max_retries: int = Field(default=3, ge=0)
+    retry_backoff: PositiveSeconds = 0.5
+    retry_backoff_max: PositiveSeconds = 30.0
+    shutdown_grace: PositiveSeconds = 25.0
+    metrics_port: int = Field(default=9100, ge=0, le=65535)
+
+    # The api
+    host: str = "0.0.0.0"
+    port: int = Field(default=8000, ge=0, le=65535)
+    web_concurrency: int = Field(default_factory=_default_web_concurrency, ge=1, le=256)
+    max_backlog: int = Field(default=10000, ge=0)
+    api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = ()
+    max_body_bytes: int = Field(default=65536, ge=256)
+    max_prompt_chars: int = Field(default=8192, ge=1)
+    max_params_bytes: int = Field(default=4096, ge=2)
+    max_params_depth: int = Field(default=5, ge=1)
+
+    # Telemetry
+    log_format: Literal["json", "text"] = "json"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # prometheus_client's own variable: where processes of a multi-process api share counts.
+    prometheus_multiproc_dir: str | None = None
+    # OpenTelemetry's standard variables; tracing is off unless one of them asks for it.
+    otel_traces_exporter: str | None = None
+    otel_exporter_otlp_endpoint: str | None = None
+    otel_exporter_otlp_traces_endpoint: str | None = None
+
+    @property
+    def tracing_exporter(self) -> str | None:
+        """'otlp', 'console' or None, from the OTEL_* variables."""
+        choice = (self.otel_traces_exporter or "").strip().lower()
+        if choice in ("otlp", "console"):
+            return choice
+        if choice == "none":
+            return None
+        if self.otel_exporter_otlp_endpoint or self.otel_exporter_otlp_traces_endpoint:
+            return "otlp"
+        return None
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        if parts.scheme != "unix" and not parts.hostname:
+            raise ValueError("has no host")
+        try:
+            parts.port  # noqa: B018 - urlsplit checks the port only when asked
+        except ValueError as exc:
+            raise ValueError(f"has a bad port ({exc})") from None
+        return value
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_api_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(key.strip() for key in value.split(",") if key.strip())
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_log_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check_relations(self) -> Settings:
+        if self.max_task_duration > self.task_timeout:
+            raise ValueError(
+                "MAX_TASK_DURATION must not exceed TASK_TIMEOUT "
+                f"({self.max_task_duration} > {self.task_timeout})"
+            )
+        if self.retry_backoff > self.retry_backoff_max:
+            raise ValueError("RETRY_BACKOFF must not exceed RETRY_BACKOFF_MAX")
+        return self
+
+    @property
+    def dead_letter_key(self) -> str:
+        return f"{self.queue_key}:dead"
+
+
+class SettingsError(SystemExit):
+    """Raised at start when the environment holds a bad value; the message names the variable."""
+
+
+def describe_error(error: ValidationError) -> str:
+    """Turn pydantic's report into one line naming each bad variable."""
+    problems = []
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"] if isinstance(part, str))
+        name = field.upper() if field else "configuration"
+        message = item["msg"].removeprefix("Value error, ")
+        problems.append(f"{name}: {message}")
+    return "invalid configuration: " + "; ".join(problems)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Read the environment once; a bad value raises SettingsError with a one-line message."""
+    try:
+        return Settings()
+    except ValidationError as error:
+        raise SettingsError(describe_error(error)) from None
+
+
+def load_settings_or_exit() -> Settings:
+    """Entry-point helper: print the one-line error to stderr and exit 2 on bad configuration."""
+    try:
+        return get_settings()
+    except SettingsError as error:
+        print(f"fastapi-redis-mini: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

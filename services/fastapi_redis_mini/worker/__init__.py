@@ -1,0 +1,1 @@
+"""The worker service: runs queued tasks in the background."""

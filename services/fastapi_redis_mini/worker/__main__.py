@@ -1,0 +1,53 @@
+"""`python -m fastapi_redis_mini.worker`: consume the task stream until SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+import uvloop
+
+from ..core.handlers import TaskHandler, resolve_handler
+from ..core.redis_queue import RedisTaskQueue, connect
+from ..core.settings import Settings, load_settings_or_exit
+from ..core.telemetry.logging import configure_logging
+from ..core.telemetry.tracing import configure_tracing, shutdown_tracing
+from ._http import build_app, http_server
+from .runner import Worker
+
+log = logging.getLogger("fastapi_redis_mini.worker")
+
+
+async def serve(settings: Settings, handler: TaskHandler) -> None:
+    tracing = configure_tracing(settings, "fastapi-redis-mini-worker")
+    queue = RedisTaskQueue(connect(settings), settings)
+    worker = Worker(queue, handler, settings, tracing=tracing)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, worker.stop)
+    server = http_server(build_app(worker, queue, settings), settings.host, settings.metrics_port)
+    http = asyncio.create_task(server.serve(), name="http")
+    try:
+        await worker.run()
+    finally:
+        server.should_exit = True
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(http, 5.0)
+        await queue.close()
+        shutdown_tracing()
+
+
+def main() -> None:
+    settings = load_settings_or_exit()
+    configure_logging(settings.log_format, settings.log_level, "worker")
+    try:
+        handler = resolve_handler(settings.task_handler, settings.max_task_duration)
+    except LookupError as error:
+        raise SystemExit(f"fastapi-redis-mini: invalid configuration: {error}") from None
+    uvloop.run(serve(settings, handler))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""The worker's small HTTP side: /metrics for Prometheus, /healthz and /readyz for probes."""
+
+from __future__ import annotations
+
+import time
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from ..core.queue import TaskQueue
+from ..core.settings import Settings
+from ..core.telemetry import metrics
+from .runner import Worker
+
+# The consume loop passes its top at least every read block (1 s) or backoff (5 s at most).
+_STALL_SECONDS = 30.0
+
+
+def build_app(worker: Worker, queue: TaskQueue, settings: Settings) -> Starlette:
+    async def metrics_endpoint(_: Request) -> Response:
+        body, content_type = metrics.render(settings.prometheus_multiproc_dir)
+        return Response(body, media_type=content_type)
+
+    async def healthz(_: Request) -> Response:
+        stalled = time.monotonic() - worker.last_progress
+        if stalled > _STALL_SECONDS:
+            return JSONResponse({"status": "stalled", "seconds": round(stalled, 1)}, 503)
+        return JSONResponse({"status": "ok", "in_flight": worker.in_flight})
+
+    async def readyz(_: Request) -> Response:
+        if await queue.ping():
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "redis unavailable"}, 503)
+
+    return Starlette(
+        routes=[
+            Route("/metrics", metrics_endpoint),
+            Route("/healthz", healthz),
+            Route("/readyz", readyz),
+        ]
+    )
+
+
+class _QuietServer(uvicorn.Server):
+    """Leaves signal handling to the worker, which owns shutdown."""
+
+    def install_signal_handlers(self) -> None:
+        return None
+
+
+def http_server(app: Starlette, host: str, port: int) -> uvicorn.Server:
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off")
+    return _QuietServer(config)
