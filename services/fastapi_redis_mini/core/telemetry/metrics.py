@@ -26,7 +26,7 @@ from ..queue import QueueStats
 NAMESPACE = "fastapi_redis_mini"
 
 # The *_created series double the exposition for no use to dashboards or alerts.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 # Latency buckets from 1 ms (an api call) to 10 minutes (a long inference task).
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
