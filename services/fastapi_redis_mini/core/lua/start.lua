@@ -30,7 +30,7 @@ for i = 3, #KEYS do
       ' times without finishing (MAX_DELIVERIES=' .. max_deliveries .. ')'
     redis.call('HSET', key, 'status', 'FAILED', 'finished_at', now, 'error', message)
     redis.call('XADD', dead, '*', 'task_id', task_id, 'entry_id', entry,
-      'deliveries', t[2] or '0', 'failed_at', now)
+      'scope', t[6] or '', 'deliveries', t[2] or '0', 'failed_at', now)
     redis.call('XACK', stream, group, entry)
     out[#out + 1] = {'dead'}
   else

@@ -1,0 +1,49 @@
+"""The operator's dead-letter commands, run as a real process against a real server."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import redis
+
+from fastapi_redis_mini.core.models import TaskCreate, request_signature
+from fastapi_redis_mini.core.redis_queue import RedisTaskQueue, connect
+from fastapi_redis_mini.core.settings import Settings
+
+
+def admin(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fastapi_redis_mini.admin", *args],
+        env={**os.environ, "REDIS_URL": redis_url},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+async def test_dead_letters_are_listed_and_replayed(settings: Settings, redis_url: str) -> None:
+    queue = RedisTaskQueue(connect(settings), settings)
+    await queue.ensure_group()
+    task = TaskCreate(prompt="poison")
+    task_id = (await queue.submit(task, signature=request_signature(task))).task_id
+    deliveries = await queue.read("w", count=1, block_ms=100)
+    for _ in range(settings.max_deliveries + 1):
+        await queue.start("w", deliveries)
+    await queue.close()
+
+    listed = admin(redis_url, "dead-letter", "list")
+    assert listed.returncode == 0, listed.stderr
+    assert f"task={task_id}" in listed.stdout
+    assert "dead-lettered: delivered 5 times" in listed.stdout
+
+    replayed = admin(redis_url, "dead-letter", "replay", "--all")
+    assert replayed.returncode == 0, replayed.stderr
+    assert "replayed 1 of 1" in replayed.stdout
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    assert client.hget(f"task:{task_id}", "status") == "PENDING"
+    assert client.xlen("task_stream:dead") == 0
+    client.close()
+    assert '"dead_letter_length":0' in admin(redis_url, "stats").stdout
