@@ -26,6 +26,7 @@ class Settings(BaseSettings):
     # Redis and the data model
     redis_url: str = "redis://localhost:6379/0"
     redis_password: SecretStr | None = None
+    redis_max_connections: int = Field(default=64, ge=2, le=10000)
     key_prefix: str = Field(default="", max_length=64, pattern=r"^[A-Za-z0-9_.:{}-]*$")
     queue_key: str = Field(default="task_stream", min_length=1, max_length=128)
     consumer_group: str = Field(default="workers", min_length=1, max_length=128)

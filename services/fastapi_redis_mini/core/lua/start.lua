@@ -3,41 +3,44 @@
 -- back to RUNNING. A task delivered MAX_DELIVERIES times without finishing is failed and its
 -- entry copied to the dead-letter stream.
 -- KEYS: stream, dead_letter, task_1 .. task_n
--- ARGV: group, consumer, now, max_deliveries, entry_1, task_id_1, .. entry_n, task_id_n
+-- ARGV: group, consumer, now, max_deliveries, JSON [[entry_1, task_id_1], ..]
 -- Returns per delivery: {verdict, request, signature, scope, trace, created_at, attempts}
 local stream, dead = KEYS[1], KEYS[2]
 local group, consumer, now = ARGV[1], ARGV[2], ARGV[3]
 local max_deliveries = tonumber(ARGV[4])
-local out = {}
+local batch = cjson.decode(ARGV[5])
+local out, acks = {}, {}
 
-for i = 3, #KEYS do
-  local key = KEYS[i]
-  local entry = ARGV[2 * i - 1]
-  local task_id = ARGV[2 * i]
+for i, delivery in ipairs(batch) do
+  local key, entry, task_id = KEYS[i + 2], delivery[1], delivery[2]
   local t = redis.call('HMGET', key, 'status', 'deliveries', 'cancel', 'request', 'signature',
     'scope', 'trace', 'created_at', 'attempts')
   local status = t[1]
+  local deliveries = tonumber(t[2] or '0')
   if not status or status == 'DONE' or status == 'FAILED' or status == 'CANCELLED' then
-    redis.call('XACK', stream, group, entry)
-    out[#out + 1] = {'skip'}
+    acks[#acks + 1] = entry
+    out[i] = {'skip'}
   elseif t[3] == '1' then
     redis.call('HSET', key, 'status', 'CANCELLED', 'finished_at', now,
       'error', 'cancelled before it started')
-    redis.call('XACK', stream, group, entry)
-    out[#out + 1] = {'cancelled'}
-  elseif tonumber(t[2] or '0') >= max_deliveries then
-    local message = 'dead-lettered: delivered ' .. (t[2] or '0') ..
+    acks[#acks + 1] = entry
+    out[i] = {'cancelled'}
+  elseif deliveries >= max_deliveries then
+    local message = 'dead-lettered: delivered ' .. deliveries ..
       ' times without finishing (MAX_DELIVERIES=' .. max_deliveries .. ')'
     redis.call('HSET', key, 'status', 'FAILED', 'finished_at', now, 'error', message)
     redis.call('XADD', dead, '*', 'task_id', task_id, 'entry_id', entry,
-      'scope', t[6] or '', 'deliveries', t[2] or '0', 'failed_at', now)
-    redis.call('XACK', stream, group, entry)
-    out[#out + 1] = {'dead'}
+      'scope', t[6] or '', 'deliveries', deliveries, 'failed_at', now)
+    acks[#acks + 1] = entry
+    out[i] = {'dead'}
   else
-    local attempts = redis.call('HINCRBY', key, 'attempts', 1)
-    redis.call('HINCRBY', key, 'deliveries', 1)
-    redis.call('HSET', key, 'status', 'RUNNING', 'started_at', now, 'owner', consumer)
-    out[#out + 1] = {'run', t[4], t[5] or '', t[6] or '', t[7] or '', t[8] or '0', attempts}
+    local attempts = tonumber(t[9] or '0') + 1
+    redis.call('HSET', key, 'status', 'RUNNING', 'started_at', now, 'owner', consumer,
+      'attempts', attempts, 'deliveries', deliveries + 1)
+    out[i] = {'run', t[4], t[5] or '', t[6] or '', t[7] or '', t[8] or '0', attempts}
   end
+end
+if #acks > 0 then
+  redis.call('XACK', stream, group, unpack(acks))
 end
 return out
