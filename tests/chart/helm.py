@@ -92,12 +92,12 @@ def _parse(source: str, text: str) -> Iterator[Rendered]:
             yield Rendered(source=source, manifest=document)
 
 
-def _render_cli(helm: str, values: Values) -> tuple[list[Rendered], str]:
+def _render_cli(helm: str, values: Values, release: str) -> tuple[list[Rendered], str]:
     with tempfile.NamedTemporaryFile("w", suffix=".json") as values_file:
         json.dump(values, values_file)
         values_file.flush()
         result = subprocess.run(
-            [helm, "template", RELEASE, str(CHART), "-n", NAMESPACE, "-f", values_file.name],
+            [helm, "template", release, str(CHART), "-n", NAMESPACE, "-f", values_file.name],
             capture_output=True,
             text=True,
             check=False,
@@ -108,7 +108,7 @@ def _render_cli(helm: str, values: Values) -> tuple[list[Rendered], str]:
             [
                 helm,
                 "install",
-                RELEASE,
+                release,
                 str(CHART),
                 "-n",
                 NAMESPACE,
@@ -130,12 +130,12 @@ def _render_cli(helm: str, values: Values) -> tuple[list[Rendered], str]:
     return objects, notes.partition("NOTES:")[2]
 
 
-def _render_sdk(values: Values) -> tuple[list[Rendered], str]:
+def _render_sdk(values: Values, release: str) -> tuple[list[Rendered], str]:
     import helm_python
 
     with helm_python.Chart.load(CHART) as chart:
         try:
-            files = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+            files = chart.render(values, name=release, namespace=NAMESPACE, is_install=True)
         except helm_python.HelmError as error:
             raise RenderError(str(error)) from None
     objects: list[Rendered] = []
@@ -149,21 +149,21 @@ def _render_sdk(values: Values) -> tuple[list[Rendered], str]:
 
 
 @cache
-def _render_cached(values_json: str) -> tuple[tuple[Rendered, ...], str]:
+def _render_cached(values_json: str, release: str) -> tuple[tuple[Rendered, ...], str]:
     values = json.loads(values_json)
     helm = helm_cli()
-    objects, notes = _render_cli(helm, values) if helm else _render_sdk(values)
+    objects, notes = _render_cli(helm, values, release) if helm else _render_sdk(values, release)
     return tuple(objects), notes
 
 
-def render(values: Values | None = None) -> list[Rendered]:
+def render(values: Values | None = None, *, release: str = RELEASE) -> list[Rendered]:
     """Every object the chart renders for these values (hooks included)."""
-    objects, _ = _render_cached(json.dumps(values or {}, sort_keys=True))
+    objects, _ = _render_cached(json.dumps(values or {}, sort_keys=True), release)
     return [Rendered(o.source, copy.deepcopy(o.manifest)) for o in objects]
 
 
 def render_notes(values: Values | None = None) -> str:
-    _, notes = _render_cached(json.dumps(values or {}, sort_keys=True))
+    _, notes = _render_cached(json.dumps(values or {}, sort_keys=True), RELEASE)
     return notes
 
 

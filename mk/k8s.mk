@@ -1,0 +1,92 @@
+# Kubernetes on a local kind cluster: create it with its add-ons, develop with skaffold,
+# deploy with helm, and port-forward the UIs. These targets need internet access and the
+# tools each one names; docs/kubernetes.md walks through them.
+
+K8S_CLUSTER ?= fastapi-redis-mini
+K8S_CONTEXT ?= kind-$(K8S_CLUSTER)
+K8S_NAMESPACE ?= fastapi-redis-mini
+K8S_RELEASE ?= frm
+K8S_CHART := charts/fastapi-redis-mini
+# How the worker scales: keda, prometheus-adapter or cpu. KEDA and prometheus-adapter both
+# serve the external metrics API, so a cluster gets one of them.
+SCALER ?= keda
+DEV_IMAGE_TAG ?= dev
+
+# The add-on charts, pinned.
+METRICS_SERVER_VERSION := 3.12.2
+KUBE_PROMETHEUS_STACK_VERSION := 69.4.1
+KEDA_VERSION := 2.16.1
+PROMETHEUS_ADAPTER_VERSION := 4.11.0
+
+METRICS_SERVER_REPO := https://kubernetes-sigs.github.io/metrics-server/
+PROMETHEUS_COMMUNITY_REPO := https://prometheus-community.github.io/helm-charts
+KEDA_REPO := https://kedacore.github.io/charts
+
+K8S_HELM := helm --kube-context $(K8S_CONTEXT)
+K8S_KUBECTL := kubectl --context $(K8S_CONTEXT)
+K8S_EMPTY :=
+K8S_COMMA := ,
+K8S_SKAFFOLD_PROFILES = $(subst $(K8S_EMPTY) $(K8S_EMPTY),$(K8S_COMMA),$(strip $(filter-out cpu,$(SCALER)) loadtest))
+
+# Stop with one line naming every tool the target needs and cannot find.
+define require-tools
+@missing=""; for tool in $(1); do command -v "$$tool" >/dev/null 2>&1 || missing="$$missing $$tool"; done; \
+if [ -n "$$missing" ]; then echo "make $@: missing$$missing (needs: $(1)); see docs/kubernetes.md" >&2; exit 1; fi
+endef
+
+define require-scaler
+@case "$(SCALER)" in keda|prometheus-adapter|cpu) ;; \
+*) echo "make $@: SCALER must be keda, prometheus-adapter or cpu, not '$(SCALER)'" >&2; exit 1;; esac
+endef
+
+.PHONY: cluster-up cluster-down dev deploy loadtest-ui grafana
+
+cluster-up: ## Create the kind cluster with metrics-server, Prometheus+Grafana and the SCALER (keda|prometheus-adapter|cpu)
+	$(call require-tools,kind helm kubectl)
+	$(call require-scaler)
+	kind get clusters | grep -qx '$(K8S_CLUSTER)' || kind create cluster --config kind-config.yaml
+	$(K8S_HELM) upgrade --install metrics-server metrics-server --repo $(METRICS_SERVER_REPO) \
+		--version $(METRICS_SERVER_VERSION) -n kube-system -f k8s/metrics-server-values.yaml --wait
+	$(K8S_HELM) upgrade --install kube-prometheus-stack kube-prometheus-stack --repo $(PROMETHEUS_COMMUNITY_REPO) \
+		--version $(KUBE_PROMETHEUS_STACK_VERSION) -n monitoring --create-namespace \
+		-f k8s/kube-prometheus-stack-values.yaml --wait --timeout 10m
+ifeq ($(SCALER),keda)
+	$(K8S_HELM) upgrade --install keda keda --repo $(KEDA_REPO) \
+		--version $(KEDA_VERSION) -n keda --create-namespace -f k8s/keda-values.yaml --wait
+endif
+ifeq ($(SCALER),prometheus-adapter)
+	$(K8S_HELM) upgrade --install prometheus-adapter prometheus-adapter --repo $(PROMETHEUS_COMMUNITY_REPO) \
+		--version $(PROMETHEUS_ADAPTER_VERSION) -n monitoring -f k8s/prometheus-adapter-values.yaml --wait
+endif
+
+cluster-down: ## Delete the kind cluster and everything in it
+	$(call require-tools,kind)
+	kind delete cluster --name $(K8S_CLUSTER)
+
+dev: ## skaffold dev on the kind cluster: build, load, deploy, port-forward api :8000, Locust :8089, Grafana :3000
+	$(call require-tools,skaffold kind helm kubectl docker)
+	$(call require-scaler)
+	skaffold dev --kube-context $(K8S_CONTEXT) --profile $(K8S_SKAFFOLD_PROFILES)
+
+deploy: ## Build the images, load them into kind and helm upgrade --install the chart (with Locust)
+	$(call require-tools,docker kind helm kubectl)
+	$(call require-scaler)
+	docker build -f services/Dockerfile --target api -t fastapi-redis-mini-api:$(DEV_IMAGE_TAG) .
+	docker build -f services/Dockerfile --target worker -t fastapi-redis-mini-worker:$(DEV_IMAGE_TAG) .
+	kind load docker-image --name $(K8S_CLUSTER) \
+		fastapi-redis-mini-api:$(DEV_IMAGE_TAG) fastapi-redis-mini-worker:$(DEV_IMAGE_TAG)
+	$(K8S_HELM) upgrade --install $(K8S_RELEASE) $(K8S_CHART) -n $(K8S_NAMESPACE) --create-namespace --wait \
+		--set api.image.tag=$(DEV_IMAGE_TAG) --set worker.image.tag=$(DEV_IMAGE_TAG) \
+		--set worker.autoscaling.keda.enabled=$(if $(filter keda,$(SCALER)),true,false) \
+		--set worker.autoscaling.prometheusAdapter.enabled=$(if $(filter prometheus-adapter,$(SCALER)),true,false) \
+		--set loadtest.enabled=true \
+		--set metrics.serviceMonitor.enabled=true --set metrics.prometheusRule.enabled=true
+	$(K8S_HELM) test $(K8S_RELEASE) -n $(K8S_NAMESPACE)
+
+loadtest-ui: ## Port-forward the Locust web UI to http://localhost:8089
+	$(call require-tools,kubectl)
+	$(K8S_KUBECTL) -n $(K8S_NAMESPACE) port-forward svc/$(K8S_RELEASE)-fastapi-redis-mini-locust-master 8089:8089
+
+grafana: ## Port-forward Grafana to http://localhost:3000 (admin / admin)
+	$(call require-tools,kubectl)
+	$(K8S_KUBECTL) -n monitoring port-forward svc/kube-prometheus-stack-grafana 3000:80
