@@ -53,10 +53,11 @@ else
         </dev/null >>"$log_file" 2>&1 &
 fi
 
+started=$SECONDS
 deadline=$((SECONDS + wait_seconds))
 while ((SECONDS < deadline)); do
     if engine_answers; then
-        say "engine answering after $((SECONDS))s ($(docker info --format '{{.ServerVersion}} {{.Driver}}' 2>/dev/null))"
+        say "engine answering after $((SECONDS - started))s ($(docker info --format '{{.ServerVersion}} {{.Driver}}' 2>/dev/null))"
         exit 0
     fi
     sleep 1
