@@ -33,6 +33,13 @@ if ((${#missing[@]})); then
     fi
     say "installing ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
+    # Keep the package from starting its own dockerd (with a bridge and iptables rules);
+    # this script starts the one it wants below.
+    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+        chmod +x /usr/sbin/policy-rc.d
+        trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+    fi
     # A stale package list makes install fail with 404s; refresh once, bounded.
     timeout 300 apt-get update -q >/dev/null
     timeout 600 apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
