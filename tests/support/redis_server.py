@@ -43,11 +43,19 @@ def free_port() -> int:
 class RedisServer:
     """One server process; `restart()` keeps the port and the data directory."""
 
-    def __init__(self, *, appendonly: bool = False, appendfsync: str = "everysec") -> None:
+    def __init__(
+        self,
+        *,
+        appendonly: bool = False,
+        appendfsync: str = "everysec",
+        password: str | None = None,
+    ) -> None:
         self.binary = server_binary()
         self.port = free_port()
         self.appendonly = appendonly
         self.appendfsync = appendfsync
+        # requirepass; `url` leaves it out, so a test chooses how the service gets it.
+        self.password = password
         self.data_dir = Path(tempfile.mkdtemp(prefix="frm-redis-"))
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -71,9 +79,11 @@ class RedisServer:
             "--maxmemory-policy", "noeviction",
             "--logfile", str(self.data_dir / "server.log"),
         ]  # fmt: skip
+        if self.password is not None:
+            args += ["--requirepass", self.password]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
+        client = redis.Redis(port=self.port, password=self.password, socket_connect_timeout=0.5)
         while time.monotonic() < deadline:
             try:
                 if client.ping():
@@ -100,7 +110,7 @@ class RedisServer:
         self.start()
 
     def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, decode_responses=True)
+        return redis.Redis(port=self.port, password=self.password, decode_responses=True)
 
     def close(self) -> None:
         self.stop()
