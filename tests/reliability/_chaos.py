@@ -1,0 +1,127 @@
+"""What the chaos tests share: submitting, waiting for outcomes, counting, reading metrics."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from ..support.processes import Service
+
+FINAL = frozenset({"DONE", "FAILED", "CANCELLED"})
+Task = dict[str, Any]
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 0.1) -> bool:
+    """Poll until the condition holds or the timeout passes; returns whether it held."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(interval)
+    return condition()
+
+
+def submit_all(client: httpx.Client, bodies: Iterable[Mapping[str, Any]]) -> list[str]:
+    """Submit each body and return the task ids; every one must be accepted (202)."""
+
+    def submit(body: Mapping[str, Any]) -> str:
+        response = client.post("/tasks", json=dict(body))
+        assert response.status_code == 202, response.text
+        task_id: str = response.json()["task_id"]
+        return task_id
+
+    with ThreadPoolExecutor(4) as pool:
+        return list(pool.map(submit, bodies))
+
+
+def collect(client: httpx.Client, task_ids: Iterable[str], timeout: float) -> dict[str, Task]:
+    """Each task as GET /tasks/{id} shows it once final, or as it stands when time runs out."""
+    deadline = time.monotonic() + timeout
+
+    def final(task_id: str) -> Task:
+        task: Task = {}
+        while True:
+            remaining = deadline - time.monotonic()
+            wait = max(0.1, min(remaining, 10.0))
+            try:
+                response = client.get(f"/tasks/{task_id}", params={"wait": wait}, timeout=wait + 10)
+            except httpx.TransportError:
+                response = None
+            if response is not None and response.status_code == 200:
+                task = response.json()
+                if task["status"] in FINAL:
+                    return task
+            if remaining <= 0:
+                return task or {"task_id": task_id, "status": "UNKNOWN"}
+            if response is None or response.status_code != 200:
+                time.sleep(0.2)
+
+    with ThreadPoolExecutor(16) as pool:
+        return {task["task_id"]: task for task in pool.map(final, task_ids)}
+
+
+@dataclass(frozen=True)
+class Tally:
+    """The figures every chaos test prints: accepted, done, failed, lost (accepted, not final)."""
+
+    accepted: int
+    done: int
+    failed: int
+    cancelled: int
+
+    @classmethod
+    def of(cls, tasks: Mapping[str, Task]) -> Tally:
+        statuses = Counter(task["status"] for task in tasks.values())
+        return cls(len(tasks), statuses["DONE"], statuses["FAILED"], statuses["CANCELLED"])
+
+    @property
+    def lost(self) -> int:
+        return self.accepted - self.done - self.failed - self.cancelled
+
+    def report(self, name: str, **figures: object) -> None:
+        extra = "".join(f" {key}={value}" for key, value in figures.items())
+        print(
+            f"\nreliability[{name}]: accepted={self.accepted} done={self.done} "
+            f"failed={self.failed} lost={self.lost}{extra}"
+        )
+
+
+def scrape(service: Service) -> str:
+    return httpx.get(service.base_url + "/metrics", timeout=5).text
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The sum of a metric's samples in a Prometheus exposition, filtered by labels."""
+    total = 0.0
+    pattern = re.compile(rf"^{re.escape(name)}(\{{[^}}]*\}})? (\S+)$", re.MULTILINE)
+    for match in pattern.finditer(text):
+        found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1) or ""))
+        if all(found.get(key) == value for key, value in labels.items()):
+            total += float(match.group(2))
+    return total
+
+
+def worker_figures(service: Service) -> dict[str, int]:
+    """A worker's own count of what it did, from its /metrics."""
+    text = scrape(service)
+    return {
+        "done": int(metric(text, "fastapi_redis_mini_tasks_finished_total", status="DONE")),
+        "failed": int(metric(text, "fastapi_redis_mini_tasks_finished_total", status="FAILED")),
+        "reclaimed": int(metric(text, "fastapi_redis_mini_tasks_reclaimed_total")),
+        "in_flight": int(metric(text, "fastapi_redis_mini_tasks_in_flight")),
+        "redis_errors": int(metric(text, "fastapi_redis_mini_redis_errors_total")),
+    }
+
+
+def in_flight(service: Service) -> int:
+    try:
+        return int(httpx.get(service.base_url + "/healthz", timeout=2).json()["in_flight"])
+    except (httpx.HTTPError, KeyError, ValueError):
+        return -1

@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+import pytest
+
+from ..support.processes import Service, start_api, start_worker
+
+
+class Launcher:
+    """Starts api and worker processes and remembers them, so each is killed after the test."""
+
+    def __init__(self) -> None:
+        self.started: list[Service] = []
+
+    def api(
+        self,
+        redis_url: str,
+        env: Mapping[str, str] | None = None,
+        *,
+        wait: bool = True,
+        **more: str,
+    ) -> Service:
+        service = start_api(redis_url, {**(env or {}), **more}, wait=False)
+        self.started.append(service)
+        if wait:
+            service.wait_until_answers("/readyz", timeout=40)
+        return service
+
+    def worker(
+        self,
+        redis_url: str,
+        env: Mapping[str, str] | None = None,
+        *,
+        wait: bool = True,
+        **more: str,
+    ) -> Service:
+        service = start_worker(redis_url, {**(env or {}), **more}, wait=False)
+        self.started.append(service)
+        if wait:
+            service.wait_until_answers("/healthz", timeout=40)
+        return service
+
+    def workers(self, redis_url: str, count: int, **env: str) -> list[Service]:
+        """Start several at once: on two cores their imports overlap instead of queueing."""
+        services = [self.worker(redis_url, env, wait=False) for _ in range(count)]
+        for service in services:
+            service.wait_until_answers("/healthz", timeout=40)
+        return services
+
+    def close(self) -> None:
+        for service in self.started:
+            service.close()
+
+
+@pytest.fixture
+def launch() -> Iterator[Launcher]:
+    launcher = Launcher()
+    yield launcher
+    launcher.close()

@@ -1,0 +1,152 @@
+"""Redis is killed and restarted under load, with AOF: no task that got a 202 is lost."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import httpx
+import pytest
+
+from ..support.redis_server import RedisServer
+from ._chaos import Tally, collect, wait_until, worker_figures
+from .conftest import Launcher
+
+pytestmark = pytest.mark.slow
+
+OUTAGE_SECONDS = 3.0
+
+
+@dataclass
+class Answer:
+    status: int
+    body: str
+    retry_after: str | None
+    content_type: str
+
+
+@dataclass
+class Load:
+    """One client submitting tasks back to back, keeping every answer; bounded in count."""
+
+    base_url: str
+    limit: int = 3000
+    accepted: list[str] = field(default_factory=list)
+    answers: list[Answer] = field(default_factory=list)
+    transport_errors: int = 0
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        with httpx.Client(base_url=self.base_url, timeout=15) as client:
+            for n in range(self.limit):
+                if self._stop.is_set():
+                    return
+                body = {"prompt": f"outage {n}", "params": {"duration": 0.1}}
+                try:
+                    response = client.post("/tasks", json=body)
+                except httpx.TransportError:
+                    self.transport_errors += 1
+                    time.sleep(0.05)
+                    continue
+                self.answers.append(
+                    Answer(
+                        response.status_code,
+                        response.text,
+                        response.headers.get("retry-after"),
+                        response.headers.get("content-type", ""),
+                    )
+                )
+                if response.status_code == 202:
+                    self.accepted.append(response.json()["task_id"])
+                time.sleep(0.01)
+
+
+@pytest.fixture(params=["everysec", "always"])
+def aof_server(request: pytest.FixtureRequest) -> Iterator[RedisServer]:
+    server = RedisServer(appendonly=True, appendfsync=request.param)
+    server.start()
+    yield server
+    server.close()
+
+
+def test_redis_restart_under_load_loses_no_accepted_task(
+    aof_server: RedisServer, launch: Launcher
+) -> None:
+    api = launch.api(aof_server.url, WEB_CONCURRENCY="2")
+    worker = launch.worker(aof_server.url, MAX_CONCURRENCY="20", CLAIM_IDLE="3")
+    load = Load(api.base_url)
+    load.start()
+    probes: Counter[str] = Counter()
+    try:
+        assert wait_until(lambda: len(load.accepted) >= 50, 20)
+        aof_server.stop(kill=True)
+        outage_began = time.monotonic()
+        while time.monotonic() - outage_began < OUTAGE_SECONDS:
+            ready = httpx.get(api.base_url + "/readyz", timeout=10).status_code
+            alive = httpx.get(api.base_url + "/healthz", timeout=10).status_code
+            worker_ready = httpx.get(worker.base_url + "/readyz", timeout=10).status_code
+            probes.update([f"api readyz {ready}", f"api healthz {alive}"])
+            probes.update([f"worker readyz {worker_ready}"])
+            time.sleep(0.2)
+        accepted_before = len(load.accepted)
+        aof_server.start()
+        back_at = time.monotonic()
+        assert wait_until(lambda: len(load.accepted) >= accepted_before + 50, 30)
+        first_202_after_s = _first_accept_delay(load, accepted_before, back_at)
+    finally:
+        load.stop()
+
+    with httpx.Client(base_url=api.base_url, timeout=30) as client:
+        tasks = collect(client, load.accepted, timeout=60)
+    statuses = Counter(answer.status for answer in load.answers)
+    figures = worker_figures(worker)
+    tally = Tally.of(tasks)
+    tally.report(
+        f"redis-restart-aof-{aof_server.appendfsync}",
+        answers=dict(statuses),
+        probes=dict(probes),
+        worker_redis_errors=figures["redis_errors"],
+        attempts=dict(Counter(task["attempts"] for task in tasks.values())),
+        accepting_again_after_s=first_202_after_s,
+    )
+    assert tally.lost == 0
+    assert tally.done == tally.accepted
+    # During the outage the api refused cleanly: 503, Retry-After, the JSON error shape.
+    assert statuses[503] > 0
+    assert set(statuses) <= {202, 503}, statuses
+    assert load.transport_errors == 0
+    for answer in load.answers:
+        assert "Traceback" not in answer.body
+        if answer.status == 503:
+            assert answer.retry_after is not None
+            assert int(answer.retry_after) > 0
+            assert answer.content_type == "application/json"
+            assert '"code":"redis_unavailable"' in answer.body
+    assert probes["api readyz 200"] == 0
+    assert probes["api readyz 503"] > 0
+    assert probes["api healthz 200"] > 0
+    assert probes["api healthz 503"] == 0
+    assert probes["worker readyz 503"] > 0
+    # The worker rode it out: the same process, which saw the errors and carried on.
+    assert worker.process.poll() is None
+    assert worker.log.count("consuming as") == 1
+    assert figures["redis_errors"] > 0
+
+
+def _first_accept_delay(load: Load, accepted_before: int, back_at: float) -> float:
+    """Seconds from the restart until the load's next 202, to the nearest tenth."""
+    wait_until(lambda: len(load.accepted) > accepted_before, 30, interval=0.02)
+    return round(time.monotonic() - back_at, 1)

@@ -1,0 +1,95 @@
+"""SIGTERM, as every Kubernetes scale-down sends it: the worker drains, or hands tasks back."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+from ._chaos import Tally, collect, in_flight, submit_all, wait_until, worker_figures
+from .conftest import Launcher
+
+pytestmark = pytest.mark.slow
+
+
+def test_sigterm_finishes_in_flight_tasks_within_the_grace_and_exits_0(
+    redis_url: str, launch: Launcher
+) -> None:
+    concurrency, grace, duration = 4, 8.0, 2.0
+    api = launch.api(redis_url)
+    worker = launch.worker(
+        redis_url, MAX_CONCURRENCY=str(concurrency), SHUTDOWN_GRACE=str(grace), CLAIM_IDLE="30"
+    )
+    with httpx.Client(base_url=api.base_url, timeout=30) as client:
+        bodies = [{"prompt": f"drain {i}", "params": {"duration": duration}} for i in range(8)]
+        ids = submit_all(client, bodies)
+        assert wait_until(lambda: in_flight(worker) == concurrency, 20), worker.log
+        stopping = time.monotonic()
+        exit_code = worker.stop(timeout=grace + 15)
+        stopped_in = time.monotonic() - stopping
+        stopped_at = time.time()
+        after_stop = {task_id: client.get(f"/tasks/{task_id}").json() for task_id in ids}
+        drained = [t for t in after_stop.values() if t["status"] == "DONE"]
+        # The unread half was never touched: the next worker takes it.
+        launch.worker(redis_url, MAX_CONCURRENCY=str(concurrency))
+        tasks = collect(client, ids, timeout=30)
+
+    tally = Tally.of(tasks)
+    tally.report(
+        "sigterm-drain",
+        in_flight_at_sigterm=concurrency,
+        drained=len(drained),
+        exit_code=exit_code,
+        stopped_in_s=round(stopped_in, 2),
+        grace_s=grace,
+    )
+    assert exit_code == 0
+    assert stopped_in < grace
+    assert len(drained) == concurrency
+    assert all(t["finished_at"] <= stopped_at and t["attempts"] == 1 for t in drained)
+    assert sorted(t["status"] for t in after_stop.values()) == ["DONE"] * 4 + ["PENDING"] * 4
+    assert tally.lost == 0
+    assert tally.done == len(ids)
+    assert all(task["attempts"] == 1 for task in tasks.values())
+
+
+def test_tasks_longer_than_the_grace_are_released_and_another_worker_completes_them(
+    redis_url: str, launch: Launcher
+) -> None:
+    concurrency, grace, duration = 4, 1.5, 6.0
+    api = launch.api(redis_url)
+    # CLAIM_IDLE is long, so only a release (not a reclaim) can explain a quick recovery.
+    env = {"MAX_CONCURRENCY": str(concurrency), "SHUTDOWN_GRACE": str(grace), "CLAIM_IDLE": "60"}
+    leaving = launch.worker(redis_url, env)
+    with httpx.Client(base_url=api.base_url, timeout=30) as client:
+        bodies = [{"prompt": f"release {i}", "params": {"duration": duration}} for i in range(4)]
+        ids = submit_all(client, bodies)
+        assert wait_until(lambda: in_flight(leaving) == concurrency, 20), leaving.log
+        stopping = time.monotonic()
+        exit_code = leaving.stop(timeout=grace + 15)
+        stopped_in = time.monotonic() - stopping
+        after_stop = [client.get(f"/tasks/{task_id}").json()["status"] for task_id in ids]
+        successor = launch.worker(redis_url, env)
+        tasks = collect(client, ids, timeout=40)
+        recovered_in = time.monotonic() - stopping
+
+    figures = worker_figures(successor)
+    tally = Tally.of(tasks)
+    tally.report(
+        "sigterm-release",
+        released=after_stop.count("PENDING"),
+        exit_code=exit_code,
+        stopped_in_s=round(stopped_in, 2),
+        grace_s=grace,
+        successor_done=figures["done"],
+        successor_reclaimed=figures["reclaimed"],
+        all_done_after_sigterm_s=round(recovered_in, 1),
+    )
+    assert exit_code == 0
+    assert stopped_in < grace + 3
+    assert after_stop == ["PENDING"] * 4  # handed back, not left RUNNING and not half-written
+    assert tally.lost == 0
+    assert tally.done == len(ids)
+    assert (figures["done"], figures["reclaimed"]) == (len(ids), 0)
+    assert all(task["attempts"] == 1 for task in tasks.values())

@@ -1,0 +1,84 @@
+"""A worker dies with tasks in hand (SIGKILL), or runs tasks longer than CLAIM_IDLE."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import httpx
+import pytest
+
+from ._chaos import Tally, collect, in_flight, submit_all, wait_until, worker_figures
+from .conftest import Launcher
+
+pytestmark = pytest.mark.slow
+
+CLAIM_IDLE = "2"
+
+
+def test_sigkill_mid_task_loses_nothing_and_completes_nothing_twice(
+    redis_url: str, launch: Launcher
+) -> None:
+    concurrency, count = 8, 24
+    api = launch.api(redis_url)
+    victim = launch.worker(redis_url, MAX_CONCURRENCY=str(concurrency), CLAIM_IDLE=CLAIM_IDLE)
+    with httpx.Client(base_url=api.base_url, timeout=30) as client:
+        bodies = [{"prompt": f"crash {i}", "params": {"duration": 3.0}} for i in range(count)]
+        ids = submit_all(client, bodies)
+        assert wait_until(lambda: in_flight(victim) == concurrency, 20), victim.log
+        # Tasks take 3 s and the victim started its first a moment ago: it has finished none.
+        assert worker_figures(victim)["done"] == 0
+        victim.kill()
+        killed_at = time.monotonic()
+        survivors = launch.workers(redis_url, 2, MAX_CONCURRENCY="8", CLAIM_IDLE=CLAIM_IDLE)
+        tasks = collect(client, ids, timeout=60)
+        recovered_in = time.monotonic() - killed_at
+
+    figures = [worker_figures(w) for w in survivors]
+    tally = Tally.of(tasks)
+    attempts = Counter(task["attempts"] for task in tasks.values())
+    tally.report(
+        "sigkill",
+        held_by_victim=concurrency,
+        reclaimed=sum(f["reclaimed"] for f in figures),
+        done_per_survivor=[f["done"] for f in figures],
+        attempts=dict(attempts),
+        all_done_after_kill_s=round(recovered_in, 1),
+    )
+    assert tally.lost == 0
+    assert tally.done == count
+    # Every DONE was written exactly once: the survivors' own counts add up to the tasks.
+    assert sum(f["done"] for f in figures) == count
+    assert sum(f["reclaimed"] for f in figures) == concurrency
+    # The victim's tasks ran a second time; no other task ran more than once.
+    assert attempts == Counter({1: count - concurrency, 2: concurrency})
+
+
+def test_a_task_running_past_claim_idle_on_a_live_worker_is_not_stolen(
+    redis_url: str, launch: Launcher
+) -> None:
+    count, duration = 4, 8.0  # each task runs for four times CLAIM_IDLE
+    api = launch.api(redis_url)
+    owner = launch.worker(redis_url, MAX_CONCURRENCY=str(count), CLAIM_IDLE=CLAIM_IDLE)
+    with httpx.Client(base_url=api.base_url, timeout=30) as client:
+        bodies = [{"prompt": f"long {i}", "params": {"duration": duration}} for i in range(count)]
+        ids = submit_all(client, bodies)
+        assert wait_until(lambda: in_flight(owner) == count, 20), owner.log
+        # An idle worker looks for entries idle longer than CLAIM_IDLE every CLAIM_IDLE/2.
+        thief = launch.worker(redis_url, MAX_CONCURRENCY=str(count), CLAIM_IDLE=CLAIM_IDLE)
+        tasks = collect(client, ids, timeout=40)
+
+    owner_figures, thief_figures = worker_figures(owner), worker_figures(thief)
+    tally = Tally.of(tasks)
+    tally.report(
+        "not-stolen",
+        task_seconds=duration,
+        claim_idle_s=CLAIM_IDLE,
+        attempts=dict(Counter(task["attempts"] for task in tasks.values())),
+        owner_done=owner_figures["done"],
+        thief_reclaimed=thief_figures["reclaimed"],
+    )
+    assert tally.lost == 0
+    assert all(task["status"] == "DONE" and task["attempts"] == 1 for task in tasks.values())
+    assert thief_figures["reclaimed"] == 0
+    assert (owner_figures["done"], thief_figures["done"]) == (count, 0)
