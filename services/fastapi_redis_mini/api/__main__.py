@@ -7,6 +7,7 @@ the one path the api writes to).
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -15,9 +16,20 @@ from pathlib import Path
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
+from gunicorn.glogging import Logger as GunicornLogger
 
 from ..core.settings import Settings, load_settings_or_exit
 from ..core.telemetry.logging import configure_logging
+
+
+class _Logger(GunicornLogger):  # type: ignore[misc]
+    """Sends gunicorn's and uvicorn's own lines through the service's handler and format."""
+
+    def setup(self, cfg: Any) -> None:
+        super().setup(cfg)
+        for log in (self.error_log, self.access_log):
+            log.handlers = list(logging.getLogger().handlers)
+            log.propagate = False
 
 
 class _Gunicorn(BaseApplication):  # type: ignore[misc]
@@ -69,6 +81,7 @@ def main() -> None:
             "keepalive": 5,
             "worker_exit": worker_exit,
             "accesslog": None,
+            "logger_class": _Logger,
             "errorlog": "-",
             "loglevel": settings.log_level.lower(),
             "proc_name": "fastapi-redis-mini-api",
