@@ -1,0 +1,152 @@
+"""Api throughput: the real api against a bare FastAPI app, same gunicorn setup, same wrk.
+
+For each of POST /tasks (miss), POST /tasks (hit) and GET /tasks/{id}:
+1. maximum rate: wrk with many connections, as fast as the server answers;
+2. latency at half of the real api's maximum rate: both servers get the same paced load
+   (each connection pauses between requests), and their p99 is compared.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from _support import BENCH_DIR, Process, Workspace, free_port, wait_http, wrk
+
+SCRIPTS = {"post_miss": "post_miss.lua", "post_hit": "post_hit.lua", "get": "get_task.lua"}
+LABELS = {
+    "post_miss": "POST /tasks (miss)",
+    "post_hit": "POST /tasks (hit)",
+    "get": "GET /tasks/{id}",
+}
+MAX_CONNECTIONS = 50
+PACED_CONNECTIONS = 16
+HIT_BODY = b'{"prompt": "bench hit", "params": {"duration": 0}}'
+
+
+@dataclass
+class Server:
+    name: str
+    process: Process
+    port: int
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def api_env(url: str, port: int, workers: int, space: Workspace, name: str) -> dict[str, str]:
+    return {
+        "REDIS_URL": url,
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+        "WEB_CONCURRENCY": str(workers),
+        "LOG_LEVEL": "WARNING",
+        # The bench queues far more than the default backlog allows, with no worker running;
+        # the gate still reads the lag once a second as it does in production.
+        "MAX_BACKLOG": "1000000000",
+        "PROMETHEUS_MULTIPROC_DIR": str(space.root / f"metrics-{name}"),
+    }
+
+
+def start_api(space: Workspace, url: str, workers: int, name: str = "api") -> Server:
+    port = free_port()
+    process = space.spawn(
+        name,
+        [sys.executable, "-m", "fastapi_redis_mini.api"],
+        api_env(url, port, workers, space, name),
+    )
+    server = Server(name, process, port)
+    wait_http(f"{server.base}/readyz", process)
+    return server
+
+
+def start_bare(space: Workspace, workers: int) -> Server:
+    port = free_port()
+    process = space.spawn(
+        "bare",
+        [
+            sys.executable, "-m", "gunicorn", "bare_app:app",
+            "--worker-class", "uvicorn_worker.UvicornWorker", "--workers", str(workers),
+            "--bind", f"127.0.0.1:{port}", "--keep-alive", "5", "--log-level", "warning",
+        ],
+        cwd=BENCH_DIR,
+    )  # fmt: skip
+    server = Server("bare", process, port)
+    wait_http(f"{server.base}/healthz", process)
+    return server
+
+
+def _post(base: str, body: bytes) -> dict[str, Any]:
+    request = urllib.request.Request(  # noqa: S310 (loopback only)
+        f"{base}/tasks", data=body, headers={"Content-Type": "application/json"}, method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+        answer: dict[str, Any] = json.loads(response.read())
+        return answer
+
+
+def _get(base: str, path: str) -> dict[str, Any]:
+    with urllib.request.urlopen(f"{base}{path}", timeout=40) as response:  # noqa: S310
+        answer: dict[str, Any] = json.loads(response.read())
+        return answer
+
+
+def warm_cache(api: Server) -> str:
+    """Run the hit prompt once (a worker must be running); returns its finished task's id."""
+    submitted = _post(api.base, HIT_BODY)
+    task_id = str(submitted["task_id"])
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        record = _get(api.base, f"/tasks/{task_id}?wait=10")
+        if record["status"] == "DONE":
+            again = _post(api.base, HIT_BODY)
+            if not again.get("cached"):
+                raise RuntimeError(f"the warmed prompt is not served from the cache: {again}")
+            return task_id
+    raise RuntimeError("the warm-up task did not finish")
+
+
+def rps(result: dict[str, Any]) -> float:
+    seconds = result["duration_us"] / 1e6
+    return result["requests"] / seconds if seconds > 0 else 0.0
+
+
+def errors(result: dict[str, Any]) -> int:
+    keys = ("connect_errors", "read_errors", "write_errors", "status_errors", "timeouts")
+    return sum(int(result[key]) for key in keys)
+
+
+def measure_endpoint(
+    endpoint: str, ours: Server, bare: Server, task_id: str, seconds: float
+) -> dict[str, Any]:
+    script = SCRIPTS[endpoint]
+    env = {"TASK_ID": task_id, "BENCH_RUN_ID": uuid.uuid4().hex[:8]}
+    results: dict[str, Any] = {"endpoint": LABELS[endpoint]}
+    for server in (ours, bare):
+        result = wrk(server.base, script, seconds=seconds, connections=MAX_CONNECTIONS, env=env)
+        results[f"{server.name}_max"] = {**result, "rps": rps(result), "errors": errors(result)}
+    half_rate = results[f"{ours.name}_max"]["rps"] / 2
+    delay_ms = max(1, round(1000 * PACED_CONNECTIONS / half_rate)) if half_rate > 0 else 1000
+    results["paced_target_rps"] = half_rate
+    for server in (ours, bare):
+        result = wrk(
+            server.base,
+            script,
+            seconds=seconds,
+            connections=PACED_CONNECTIONS,
+            env={**env, "WRK_DELAY_MS": str(delay_ms)},
+        )
+        results[f"{server.name}_paced"] = {**result, "rps": rps(result), "errors": errors(result)}
+    ours_max, bare_max = results[f"{ours.name}_max"], results["bare_max"]
+    ours_paced, bare_paced = results[f"{ours.name}_paced"], results["bare_paced"]
+    results["rps_ratio"] = ours_max["rps"] / bare_max["rps"] if bare_max["rps"] else 0.0
+    results["p99_ratio"] = (
+        ours_paced["p99_us"] / bare_paced["p99_us"] if bare_paced["p99_us"] else 0.0
+    )
+    return results

@@ -1,0 +1,88 @@
+"""End to end over HTTP, and memory after many tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import time
+from typing import Any
+
+from _api import Server
+from _http import post_request, send_all
+from _support import Process, RedisServer, rss_kib, tree_rss_kib, wrk
+from _workers import task_times, wait_idle
+
+E2E_CONNECTIONS = 100
+
+
+def percentile(values: list[float], pct: float) -> float:
+    if not values:
+        return 0.0
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=1000, method="inclusive")[round(pct * 10) - 1]
+
+
+def end_to_end(api: Server, url: str, tasks: int, timeout: float = 300.0) -> dict[str, Any]:
+    """Submit `tasks` no-op tasks at once over HTTP; time until every one is DONE."""
+    run_id = time.time_ns()
+    requests = [
+        post_request(
+            "127.0.0.1",
+            api.port,
+            "/tasks",
+            json.dumps({"prompt": f"e2e {run_id} {i}", "params": {"duration": 0}}).encode(),
+        )
+        for i in range(tasks)
+    ]
+    began_wall = time.time()
+    began = time.perf_counter()
+    answers = asyncio.run(send_all("127.0.0.1", api.port, requests, E2E_CONNECTIONS))
+    submitted_in = time.perf_counter() - began
+    ids = [json.loads(body)["task_id"] for status, body in answers if status == 202]
+    refused = len(answers) - len(ids)
+    asyncio.run(wait_idle(url, began + timeout))
+    times = asyncio.run(task_times(url, ids))
+    to_done = [finished - created for created, _, finished in times]
+    queue_wait = [started - created for created, started, _ in times]
+    last_finish = max((finished for _, _, finished in times), default=began_wall)
+    return {
+        "tasks": tasks,
+        "accepted": len(ids),
+        "refused": refused,
+        "done": len(times),
+        "submit_seconds": submitted_in,
+        "submit_rate": tasks / submitted_in if submitted_in > 0 else 0.0,
+        "all_done_seconds": last_finish - began_wall,
+        "time_to_done_p50": percentile(to_done, 50),
+        "time_to_done_p99": percentile(to_done, 99),
+        "queue_wait_p50": percentile(queue_wait, 50),
+        "queue_wait_p99": percentile(queue_wait, 99),
+    }
+
+
+def memory_after(
+    api: Server, worker: Process, redis_server: RedisServer, url: str, tasks: int
+) -> dict[str, Any]:
+    """Push `tasks` cache misses through the api with a worker running, then read memory."""
+    before = {
+        "api_rss_kib": tree_rss_kib(api.process.pid),
+        "worker_rss_kib": rss_kib(worker.pid),
+        "redis_used_memory": redis_server.used_memory(),
+    }
+    # One wrk thread stops itself after `tasks` answers; the duration is only a bound.
+    result = wrk(
+        api.base,
+        "post_miss.lua",
+        seconds=max(30.0, tasks / 200),
+        connections=50,
+        env={"WRK_MAX_REQUESTS": str(tasks), "BENCH_RUN_ID": f"mem{time.time_ns()}"},
+    )
+    asyncio.run(wait_idle(url, time.perf_counter() + 300))
+    after = {
+        "api_rss_kib": tree_rss_kib(api.process.pid),
+        "worker_rss_kib": rss_kib(worker.pid),
+        "redis_used_memory": redis_server.used_memory(),
+    }
+    return {"tasks": int(result["requests"]), "before": before, "after": after}

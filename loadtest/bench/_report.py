@@ -1,0 +1,213 @@
+"""Turn one bench run into the target verdicts, a console table and a markdown report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+WORKER_GOAL = 8.0
+API_GOALS = {"POST /tasks (miss)": 0.7, "POST /tasks (hit)": 0.8}
+P99_GOAL = 2.0
+
+
+def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
+    verdicts: list[dict[str, Any]] = []
+    worker = report.get("worker")
+    if worker:
+        verdicts.append(
+            _verdict(
+                f"worker drain rate / best peer ({worker['best_peer']})",
+                worker["ratio"],
+                WORKER_GOAL,
+                at_least=True,
+            )
+        )
+    api = report.get("api")
+    if api:
+        for endpoint in api["endpoints"]:
+            goal = API_GOALS.get(endpoint["endpoint"])
+            if goal is not None:
+                verdicts.append(
+                    _verdict(
+                        f"{endpoint['endpoint']} rps / bare", endpoint["rps_ratio"], goal, True
+                    )
+                )
+            verdicts.append(
+                _verdict(
+                    f"{endpoint['endpoint']} p99 at half max rate / bare",
+                    endpoint["p99_ratio"],
+                    P99_GOAL,
+                    at_least=False,
+                )
+            )
+    return verdicts
+
+
+def _verdict(name: str, measured: float, goal: float, at_least: bool) -> dict[str, Any]:
+    met = measured >= goal if at_least else measured <= goal
+    return {
+        "target": name,
+        "measured": measured,
+        "goal": f"{'>=' if at_least else '<='} {goal:g}",
+        "met": met,
+    }
+
+
+def _rows(report: dict[str, Any]) -> list[tuple[str, list[list[str]]]]:
+    tables: list[tuple[str, list[list[str]]]] = []
+    worker = report.get("worker")
+    if worker:
+        rows = [
+            [
+                "system",
+                "tasks",
+                "done",
+                "drain tasks/s",
+                "wall tasks/s",
+                "enqueue s",
+                "Redis cmds/task",
+                "Redis CPU us/task",
+            ]
+        ]
+        for run in worker["runs"]:
+            rows.append(
+                [
+                    run["system"],
+                    str(run["tasks"]),
+                    str(run["completed"]),
+                    f"{run['drain_rate']:.0f}",
+                    f"{run['wall_rate']:.0f}",
+                    f"{run['enqueue_seconds']:.1f}",
+                    f"{run['redis'].get('redis_commands_per_task', 0):.2f}",
+                    f"{run['redis'].get('redis_cpu_usec_per_task', 0):.0f}",
+                ]
+            )
+        rows.append(
+            [
+                f"ratio vs {worker['best_peer']}",
+                "",
+                "",
+                f"{worker['ratio']:.2f}x",
+                f"{worker['wall_ratio']:.2f}x",
+                "",
+                "",
+                "",
+            ]
+        )
+        tables.append(("Worker throughput, one process, concurrency 100", rows))
+    api = report.get("api")
+    if api:
+        rows = [
+            [
+                "endpoint",
+                "api rps",
+                "bare rps",
+                "ratio",
+                "paced rps",
+                "api p99 ms",
+                "bare p99 ms",
+                "p99 ratio",
+                "errors",
+            ]
+        ]
+        for e in api["endpoints"]:
+            rows.append(
+                [
+                    e["endpoint"],
+                    f"{e['api_max']['rps']:.0f}",
+                    f"{e['bare_max']['rps']:.0f}",
+                    f"{e['rps_ratio']:.2f}",
+                    f"{e['api_paced']['rps']:.0f}/{e['bare_paced']['rps']:.0f}",
+                    f"{e['api_paced']['p99_us'] / 1000:.1f}",
+                    f"{e['bare_paced']['p99_us'] / 1000:.1f}",
+                    f"{e['p99_ratio']:.2f}",
+                    str(
+                        e["api_max"]["errors"]
+                        + e["bare_max"]["errors"]
+                        + e["api_paced"]["errors"]
+                        + e["bare_paced"]["errors"]
+                    ),
+                ]
+            )
+        tables.append((f"Api throughput, gunicorn with {api['workers']} uvicorn workers", rows))
+    e2e = report.get("e2e")
+    if e2e:
+        rows = [
+            ["tasks", "done", "submit s", "all DONE s", "p50 to DONE", "p99 to DONE", "p99 wait"],
+            [
+                str(e2e["tasks"]),
+                str(e2e["done"]),
+                f"{e2e['submit_seconds']:.2f}",
+                f"{e2e['all_done_seconds']:.2f}",
+                f"{e2e['time_to_done_p50'] * 1000:.0f} ms",
+                f"{e2e['time_to_done_p99'] * 1000:.0f} ms",
+                f"{e2e['queue_wait_p99'] * 1000:.0f} ms",
+            ],
+        ]
+        tables.append(("End to end over HTTP, one api, one worker", rows))
+    scale = report.get("scale")
+    if scale:
+        rows = [["worker processes", "tasks", "done", "drain tasks/s", "wall tasks/s"]]
+        for run in scale["runs"]:
+            rows.append(
+                [
+                    str(run["processes"]),
+                    str(run["tasks"]),
+                    str(run["completed"]),
+                    f"{run['drain_rate']:.0f}",
+                    f"{run['wall_rate']:.0f}",
+                ]
+            )
+        tables.append(("Worker scale-out on this machine", rows))
+    memory = report.get("memory")
+    if memory:
+        rows = [["", "api RSS (all processes)", "worker RSS", "Redis used_memory"]]
+        for when in ("before", "after"):
+            m = memory[when]
+            rows.append(
+                [
+                    when if when == "before" else f"after {memory['tasks']} tasks",
+                    f"{m['api_rss_kib'] / 1024:.0f} MiB",
+                    f"{m['worker_rss_kib'] / 1024:.0f} MiB",
+                    f"{m['redis_used_memory'] / 2**20:.0f} MiB",
+                ]
+            )
+        tables.append(("Memory", rows))
+    if report.get("targets"):
+        rows = [["target", "measured", "goal", "met"]]
+        for t in report["targets"]:
+            met = "yes" if t["met"] else "NO"
+            rows.append([t["target"], f"{t['measured']:.2f}", t["goal"], met])
+        tables.append(("Targets", rows))
+    return tables
+
+
+def print_table(report: dict[str, Any]) -> None:
+    for title, rows in _rows(report):
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        print(f"\n{title}")
+        for n, row in enumerate(rows):
+            print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+            if n == 0:
+                print("  ".join("-" * width for width in widths))
+
+
+def write_markdown(report: dict[str, Any], path: Path) -> None:
+    m = report["machine"]
+    lines = [
+        "# Benchmark run",
+        "",
+        f"Started {report['started']}, took {report['seconds']:.0f} s.",
+        f"Machine: {m['nproc']} CPUs ({m['cpu_model']}), Python {m['python']}, "
+        f"{m.get('redis', 'redis ?')}, load average at start "
+        f"{', '.join(f'{x:.2f}' for x in m['load_average_start'])}, at end "
+        f"{', '.join(f'{x:.2f}' for x in m.get('load_average_end', ()))}.",
+        "",
+        f"Settings: `{report['settings']}`",
+    ]
+    for title, rows in _rows(report):
+        lines += ["", f"## {title}", ""]
+        lines.append("| " + " | ".join(rows[0]) + " |")
+        lines.append("|" + "|".join("---" for _ in rows[0]) + "|")
+        lines += ["| " + " | ".join(row) + " |" for row in rows[1:]]
+    path.write_text("\n".join(lines) + "\n")

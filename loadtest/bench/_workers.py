@@ -1,0 +1,260 @@
+"""Worker throughput: N no-op tasks queued first, then timed from worker start until all DONE.
+
+Two figures per run:
+- drain rate: tasks / (last finish - first start), from the timestamps each system stores
+  with its jobs; start-up and exit detection are left out, so this is the steady rate.
+- wall rate: tasks / (process spawn -> all done seen), start-up included.
+The ratios use the drain rate; both are reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+from _support import BENCH_DIR, ROOT, Process, Workspace, free_port, stop_together, wait_http
+
+from fastapi_redis_mini.core.models import TaskCreate, TaskStatus, request_signature
+from fastapi_redis_mini.core.redis_queue import RedisTaskQueue, connect
+from fastapi_redis_mini.core.settings import Settings
+
+# redis-py 8 caps a client pool at 100 connections; stay well below it.
+CHUNK = 50
+POLL_INTERVAL = 0.02
+PEERS = ("arq", "saq")
+
+
+@dataclass(frozen=True)
+class RedisCounters:
+    """What the Redis server itself counts: commands, time inside commands, CPU."""
+
+    calls: int
+    command_usec: int
+    cpu_seconds: float
+
+    @classmethod
+    def read(cls, url: str) -> RedisCounters:
+        with redis.Redis.from_url(url) as client:
+            commands: dict[str, Any] = client.info("commandstats")
+            cpu: dict[str, Any] = client.info("cpu")
+        return cls(
+            calls=sum(int(c["calls"]) for c in commands.values()),
+            command_usec=sum(int(c["usec"]) for c in commands.values()),
+            cpu_seconds=float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]),
+        )
+
+    def per_task(self, later: RedisCounters, tasks: int) -> dict[str, float]:
+        n = max(tasks, 1)
+        return {
+            "redis_commands_per_task": (later.calls - self.calls) / n,
+            "redis_command_usec_per_task": (later.command_usec - self.command_usec) / n,
+            "redis_cpu_usec_per_task": (later.cpu_seconds - self.cpu_seconds) * 1e6 / n,
+        }
+
+
+@dataclass
+class DrainResult:
+    system: str
+    processes: int
+    concurrency: int
+    tasks: int
+    completed: int
+    drain_seconds: float
+    wall_seconds: float
+    enqueue_seconds: float
+    redis: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def drain_rate(self) -> float:
+        return self.completed / self.drain_seconds if self.drain_seconds > 0 else 0.0
+
+    @property
+    def wall_rate(self) -> float:
+        return self.completed / self.wall_seconds if self.wall_seconds > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "drain_rate": self.drain_rate, "wall_rate": self.wall_rate}
+
+
+def _queue(url: str) -> RedisTaskQueue:
+    settings = Settings(redis_url=url)
+    return RedisTaskQueue(connect(settings), settings)
+
+
+async def enqueue_ours(url: str, tasks: int, label: str) -> list[str]:
+    """Queue no-op tasks through the service's own submit path (the Lua submit script)."""
+    queue = _queue(url)
+    ids: list[str] = []
+    try:
+        for start in range(0, tasks, CHUNK):
+            requests = [
+                TaskCreate(prompt=f"bench {label} {i}", params={"duration": 0})
+                for i in range(start, min(start + CHUNK, tasks))
+            ]
+            submitted = await asyncio.gather(
+                *(queue.submit(r, signature=request_signature(r)) for r in requests)
+            )
+            ids.extend(s.task_id for s in submitted)
+    finally:
+        await queue.close()
+    return ids
+
+
+async def wait_idle(url: str, deadline: float) -> float:
+    """Poll the consumer group until nothing is undelivered or unacknowledged."""
+    queue = _queue(url)
+    try:
+        while time.perf_counter() < deadline:
+            stats = await queue.stats()
+            if stats.lag == 0 and stats.pending == 0:
+                return time.perf_counter()
+            await asyncio.sleep(POLL_INTERVAL)
+    finally:
+        await queue.close()
+    raise TimeoutError("the workers did not drain the queue in time")
+
+
+async def task_times(url: str, ids: Sequence[str]) -> list[tuple[float, float, float]]:
+    """(created_at, started_at, finished_at) of every DONE task, read with the queue's get."""
+    queue = _queue(url)
+    times: list[tuple[float, float, float]] = []
+    try:
+        for start in range(0, len(ids), CHUNK):
+            records = await asyncio.gather(*(queue.get(i) for i in ids[start : start + CHUNK]))
+            for record in records:
+                if (
+                    record is not None
+                    and record.status is TaskStatus.DONE
+                    and record.created_at is not None
+                    and record.started_at is not None
+                    and record.finished_at is not None
+                ):
+                    times.append((record.created_at, record.started_at, record.finished_at))
+    finally:
+        await queue.close()
+    return times
+
+
+def worker_env(url: str, concurrency: int) -> dict[str, str]:
+    # Defaults everywhere else, so every reliability guarantee is on; only logs are quieter,
+    # as the peers log nothing at their library defaults either.
+    return {
+        "REDIS_URL": url,
+        "MAX_CONCURRENCY": str(concurrency),
+        "METRICS_PORT": str(free_port()),
+        "HOST": "127.0.0.1",
+        "LOG_LEVEL": "WARNING",
+    }
+
+
+def spawn_worker(space: Workspace, url: str, concurrency: int, name: str) -> Process:
+    env = worker_env(url, concurrency)
+    worker = space.spawn(name, [sys.executable, "-m", "fastapi_redis_mini.worker"], env)
+    worker.port = int(env["METRICS_PORT"])
+    return worker
+
+
+def wait_worker_ready(worker: Process) -> None:
+    """Wait for the worker's own /readyz, served on its METRICS_PORT."""
+    wait_http(f"http://127.0.0.1:{worker.port}/readyz", worker)
+
+
+def drain_ours(
+    space: Workspace,
+    url: str,
+    *,
+    tasks: int,
+    concurrency: int,
+    processes: int = 1,
+    timeout: float = 300.0,
+    label: str = "drain",
+) -> DrainResult:
+    started = time.perf_counter()
+    ids = asyncio.run(enqueue_ours(url, tasks, label))
+    enqueue_seconds = time.perf_counter() - started
+    before = RedisCounters.read(url)
+    spawned = time.perf_counter()
+    workers = [
+        spawn_worker(space, url, concurrency, f"worker-{label}-{n}") for n in range(processes)
+    ]
+    try:
+        idle_at = asyncio.run(wait_idle(url, spawned + timeout))
+    finally:
+        stop_together(workers)
+    after = RedisCounters.read(url)
+    times = asyncio.run(task_times(url, ids))
+    first_start = min((t[1] for t in times), default=0.0)
+    last_finish = max((t[2] for t in times), default=0.0)
+    return DrainResult(
+        system="fastapi-redis-mini",
+        processes=processes,
+        concurrency=concurrency,
+        tasks=tasks,
+        completed=len(times),
+        drain_seconds=last_finish - first_start,
+        wall_seconds=idle_at - spawned,
+        enqueue_seconds=enqueue_seconds,
+        redis=before.per_task(after, tasks),
+    )
+
+
+def _peer(python: Path, action: str, system: str, url: str, tasks: int, *extra: str) -> Any:
+    argv = [
+        str(python), str(BENCH_DIR / "peers.py"), action, system,
+        "--redis-url", url, "--jobs", str(tasks), *extra,
+    ]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False, cwd=ROOT)
+    if done.returncode != 0:
+        raise RuntimeError(f"peers.py {action} {system} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def drain_peer(
+    space: Workspace,
+    python: Path,
+    system: str,
+    url: str,
+    *,
+    tasks: int,
+    concurrency: int,
+    timeout: float = 300.0,
+) -> DrainResult:
+    enqueued = _peer(python, "enqueue", system, url, tasks)
+    before = RedisCounters.read(url)
+    worker = space.spawn(
+        f"worker-{system}",
+        [
+            str(python), str(BENCH_DIR / "peers.py"), "work", system,
+            "--redis-url", url, "--jobs", str(tasks), "--concurrency", str(concurrency),
+        ],
+    )  # fmt: skip
+    try:
+        worker.popen.wait(timeout)
+    except subprocess.TimeoutExpired:
+        worker.stop()
+        raise
+    wall = time.perf_counter() - worker.started
+    after = RedisCounters.read(url)
+    if worker.popen.returncode != 0:
+        raise RuntimeError(f"{system} worker failed:\n{worker.log_tail()}")
+    stats = _peer(python, "stats", system, url, tasks)
+    drain = (stats["last_finish"] or 0.0) - (stats["first_start"] or 0.0)
+    return DrainResult(
+        system=system,
+        processes=1,
+        concurrency=concurrency,
+        tasks=tasks,
+        completed=int(stats["completed"]),
+        drain_seconds=drain,
+        wall_seconds=wall,
+        enqueue_seconds=float(enqueued["seconds"]),
+        redis=before.per_task(after, tasks),
+    )

@@ -1,0 +1,218 @@
+"""The benchmark behind `make bench`: worker vs arq and SAQ, api vs a bare app, end to end.
+
+    python loadtest/bench/run.py            # full run, a few minutes on two cores
+    python loadtest/bench/run.py --quick    # smaller N everywhere, for a smoke check
+
+Prints a table, and writes bench.json and bench.md under --out (reports/bench by default).
+Every server listens on 127.0.0.1 only. Only ratios from one run are claims: absolute
+rates move with whatever else the machine is doing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from _api import LABELS, measure_endpoint, start_api, start_bare, warm_cache
+from _e2e import end_to_end, memory_after
+from _report import print_table, targets, write_markdown
+from _support import ROOT, RedisServer, Workspace, require_wrk, start_redis, workspace
+from _workers import PEERS, drain_ours, drain_peer, spawn_worker, wait_worker_ready
+
+PEER_PYTHON = ROOT / ".venv-bench" / "bin" / "python"
+SECTIONS = ("worker", "api", "e2e", "scale", "memory")
+
+
+def parse(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="small N everywhere (smoke run)")
+    parser.add_argument("--tasks", type=int, help="no-op tasks per worker run [20000]")
+    parser.add_argument("--concurrency", type=int, default=100, help="per worker process [100]")
+    parser.add_argument("--api-workers", type=int, default=2, help="gunicorn workers [2]")
+    parser.add_argument("--api-seconds", type=float, help="seconds per wrk run [6]")
+    parser.add_argument("--e2e-tasks", type=int, help="tasks submitted at once over HTTP [10000]")
+    parser.add_argument("--memory-tasks", type=int, help="tasks before reading memory [100000]")
+    parser.add_argument("--scale", default="1,2,4", help="worker process counts [1,2,4]")
+    parser.add_argument(
+        "--sections", default=",".join(SECTIONS), help=f"subset of {','.join(SECTIONS)}"
+    )
+    parser.add_argument("--peer-python", type=Path, default=PEER_PYTHON)
+    parser.add_argument("--out", type=Path, default=ROOT / "reports" / "bench")
+    parser.add_argument("--keep-logs", action="store_true", help="keep process logs under --out")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    args.tasks = args.tasks or (5_000 if quick else 20_000)
+    args.api_seconds = args.api_seconds or (3.0 if quick else 6.0)
+    args.e2e_tasks = args.e2e_tasks or (2_000 if quick else 10_000)
+    args.memory_tasks = args.memory_tasks or (5_000 if quick else 100_000)
+    args.scale = [int(n) for n in args.scale.split(",") if n]
+    args.sections = [s for s in args.sections.split(",") if s]
+    unknown = set(args.sections) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
+    return args
+
+
+def machine() -> dict[str, Any]:
+    model = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": model,
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "load_average_start": os.getloadavg(),
+    }
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def worker_section(space: Workspace, redis_server: RedisServer, args: argparse.Namespace) -> Any:
+    runs = []
+    redis_server.flush()
+    log(f"worker: fastapi-redis-mini, {args.tasks} tasks")
+    runs.append(drain_ours(space, redis_server.url, tasks=args.tasks, concurrency=args.concurrency))
+    for peer in PEERS:
+        redis_server.flush()
+        log(f"worker: {peer}, {args.tasks} jobs")
+        runs.append(
+            drain_peer(
+                space,
+                args.peer_python,
+                peer,
+                redis_server.url,
+                tasks=args.tasks,
+                concurrency=args.concurrency,
+            )
+        )
+    ours, peers = runs[0], runs[1:]
+    best = max(peers, key=lambda r: r.drain_rate)
+    best_wall = max(peers, key=lambda r: r.wall_rate)
+    return {
+        "runs": [r.as_dict() for r in runs],
+        "best_peer": best.system,
+        "ratio": ours.drain_rate / best.drain_rate if best.drain_rate else 0.0,
+        "wall_ratio": ours.wall_rate / best_wall.wall_rate if best_wall.wall_rate else 0.0,
+    }
+
+
+def api_section(space: Workspace, redis_server: RedisServer, args: argparse.Namespace) -> Any:
+    redis_server.flush()
+    api = start_api(space, redis_server.url, args.api_workers)
+    bare = start_bare(space, args.api_workers)
+    warmer = spawn_worker(space, redis_server.url, args.concurrency, "worker-warm")
+    try:
+        task_id = warm_cache(api)
+    finally:
+        warmer.stop()
+    results = []
+    for endpoint in LABELS:
+        log(f"api: {LABELS[endpoint]}")
+        results.append(measure_endpoint(endpoint, api, bare, task_id, args.api_seconds))
+    api.process.stop()
+    bare.process.stop()
+    return {"workers": args.api_workers, "endpoints": results}
+
+
+def e2e_section(space: Workspace, redis_server: RedisServer, args: argparse.Namespace) -> Any:
+    redis_server.flush()
+    api = start_api(space, redis_server.url, args.api_workers, name="api-e2e")
+    worker = spawn_worker(space, redis_server.url, args.concurrency, "worker-e2e")
+    log(f"e2e: {args.e2e_tasks} tasks over HTTP")
+    try:
+        return end_to_end(api, redis_server.url, args.e2e_tasks)
+    finally:
+        worker.stop()
+        api.process.stop()
+
+
+def scale_section(space: Workspace, redis_server: RedisServer, args: argparse.Namespace) -> Any:
+    runs = []
+    for processes in args.scale:
+        redis_server.flush()
+        log(f"scale: {processes} worker process(es), {args.tasks} tasks")
+        runs.append(
+            drain_ours(
+                space,
+                redis_server.url,
+                tasks=args.tasks,
+                concurrency=args.concurrency,
+                processes=processes,
+                label=f"scale{processes}",
+            ).as_dict()
+        )
+    return {"runs": runs}
+
+
+def memory_section(space: Workspace, redis_server: RedisServer, args: argparse.Namespace) -> Any:
+    redis_server.flush()
+    api = start_api(space, redis_server.url, args.api_workers, name="api-memory")
+    worker = spawn_worker(space, redis_server.url, args.concurrency, "worker-memory")
+    log(f"memory: {args.memory_tasks} tasks through the api with one worker")
+    try:
+        wait_worker_ready(worker)
+        return memory_after(api, worker, redis_server, redis_server.url, args.memory_tasks)
+    finally:
+        worker.stop()
+        api.process.stop()
+
+
+RUNNERS: dict[str, Callable[[Workspace, RedisServer, argparse.Namespace], Any]] = {
+    "worker": worker_section,
+    "api": api_section,
+    "e2e": e2e_section,
+    "scale": scale_section,
+    "memory": memory_section,
+}
+
+
+def main(argv: Sequence[str]) -> int:
+    args = parse(argv)
+    require_wrk()
+    if "worker" in args.sections and not args.peer_python.exists():
+        sys.exit(f"bench: {args.peer_python} is missing; `make bench` creates the bench venv")
+    began = time.perf_counter()
+    report: dict[str, Any] = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": machine(),
+        "settings": {
+            "tasks": args.tasks,
+            "concurrency": args.concurrency,
+            "api_workers": args.api_workers,
+            "api_seconds": args.api_seconds,
+            "e2e_tasks": args.e2e_tasks,
+            "memory_tasks": args.memory_tasks,
+            "scale": args.scale,
+            "quick": args.quick,
+        },
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    with workspace(args.out / "logs" if args.keep_logs else None) as space:
+        redis_server = start_redis(space)
+        report["machine"]["redis"] = redis_server.version()
+        for section in args.sections:
+            report[section] = RUNNERS[section](space, redis_server, args)
+    report["machine"]["load_average_end"] = os.getloadavg()
+    report["seconds"] = time.perf_counter() - began
+    report["targets"] = targets(report)
+    (args.out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_markdown(report, args.out / "bench.md")
+    print_table(report)
+    log(f"done in {report['seconds']:.0f}s; wrote {args.out / 'bench.json'} and bench.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,53 @@
+# Load tests, the benchmark and the profilers. All traffic stays on 127.0.0.1.
+LOCUSTFILE := loadtest/locustfile.py
+LOADTEST_HOST ?= http://127.0.0.1:8000
+LOADTEST_USERS ?= 50
+LOADTEST_SPAWN_RATE ?= 10
+LOADTEST_TIME ?= 60s
+LOADTEST_REPORTS := reports/loadtest
+BENCH_VENV := .venv-bench
+BENCH_LOCK := loadtest/bench/requirements.lock
+BENCH_ARGS ?=
+PROFILE_ARGS ?=
+
+.PHONY: loadtest loadtest-headless bench bench-quick bench-tools bench-lock profile-worker profile-api flamegraph
+
+loadtest: $(VENV)/.synced ## Locust web UI on http://127.0.0.1:8089 against LOADTEST_HOST (default: make run's api)
+	$(BIN)/locust -f $(LOCUSTFILE) --host $(LOADTEST_HOST) --web-host 127.0.0.1 --web-port 8089
+
+loadtest-headless: $(VENV)/.synced ## LOADTEST_USERS users for LOADTEST_TIME against LOADTEST_HOST; CSV + HTML under reports/loadtest
+	mkdir -p $(LOADTEST_REPORTS)
+	$(BIN)/locust -f $(LOCUSTFILE) --host $(LOADTEST_HOST) --headless \
+		--users $(LOADTEST_USERS) --spawn-rate $(LOADTEST_SPAWN_RATE) --run-time $(LOADTEST_TIME) \
+		--csv $(LOADTEST_REPORTS)/locust --html $(LOADTEST_REPORTS)/locust.html --only-summary
+
+# The peers (arq needs redis<6) live in their own venv, installed from a hashed lock.
+$(BENCH_VENV)/.installed: $(BIN)/uv $(BENCH_LOCK)
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BIN)/uv pip install --quiet --python $(BENCH_VENV)/bin/python --require-hashes -r $(BENCH_LOCK)
+	@touch $@
+
+bench-tools: ## Install Debian's wrk (the api load generator) when it is missing and we are root
+	@command -v wrk >/dev/null || \
+		{ [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq wrk; } || \
+		{ echo "bench: install wrk (apt-get install -y wrk)"; exit 1; }
+
+bench: $(VENV)/.synced $(BENCH_VENV)/.installed bench-tools ## Worker vs arq/SAQ, api vs bare FastAPI, end to end, scale, memory; table + reports/bench/bench.{json,md}
+	$(BIN)/python loadtest/bench/run.py $(BENCH_ARGS)
+
+bench-quick: $(VENV)/.synced $(BENCH_VENV)/.installed bench-tools ## The same benchmark with small N (a smoke run, about two minutes)
+	$(BIN)/python loadtest/bench/run.py --quick $(BENCH_ARGS)
+
+bench-lock: $(BIN)/uv ## Re-resolve the benchmark peers' hashed lock from loadtest/bench/requirements.in
+	cd loadtest/bench && ../../$(BIN)/uv pip compile --quiet --generate-hashes \
+		--python-version 3.11 requirements.in -o requirements.lock
+
+profile-worker: $(VENV)/.synced ## cProfile one worker draining 20k tasks: reports/profile/worker.prof + top hotspots (snakeviz opens it)
+	$(BIN)/python tools/profile.py worker $(PROFILE_ARGS)
+
+profile-api: $(VENV)/.synced bench-tools ## cProfile one api process under wrk (PROFILE_ARGS=--endpoint post_hit|get): .prof + hotspots
+	$(BIN)/python tools/profile.py api $(PROFILE_ARGS)
+
+flamegraph: $(VENV)/.synced bench-tools ## py-spy flame graphs of the worker and the api under load: reports/profile/*.svg
+	$(BIN)/python tools/profile.py worker --flamegraph $(PROFILE_ARGS)
+	$(BIN)/python tools/profile.py api --flamegraph $(PROFILE_ARGS)
