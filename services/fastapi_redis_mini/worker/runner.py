@@ -77,7 +77,16 @@ class Worker:
 
     @property
     def in_flight(self) -> int:
-        return len(self._jobs)
+        """Tasks whose handler is running."""
+        return len(self._runs)
+
+    def _free_slots(self) -> int:
+        # A slot frees when its handler returns, so the next batch is read while the previous
+        # outcomes are being written. Unwritten outcomes are capped too, so a slow Redis
+        # cannot let them pile up.
+        running = self.settings.max_concurrency - len(self._runs)
+        unwritten = 2 * self.settings.max_concurrency - len(self._jobs)
+        return min(running, unwritten)
 
     async def run(self) -> None:
         metrics.worker_concurrency_limit.set(self.settings.max_concurrency)
@@ -108,7 +117,7 @@ class Worker:
         backoff = _Backoff()
         while not self._stopping.is_set():
             self.last_progress = time.monotonic()
-            free = self.settings.max_concurrency - len(self._jobs)
+            free = self._free_slots()
             if free <= 0:
                 self._slot_free.clear()
                 await _first(self._slot_free.wait(), self._stopping.wait())
@@ -136,7 +145,7 @@ class Worker:
                 log.warning("task dead-lettered", extra={"task_id": job.task_id})
             elif job.verdict is StartVerdict.CANCELLED:
                 metrics.tasks_finished.labels("CANCELLED").inc()
-        metrics.tasks_in_flight.set(len(self._jobs))
+        metrics.tasks_in_flight.set(len(self._runs))
 
     # -- running one task
 
@@ -148,6 +157,7 @@ class Worker:
                 finish = await self._run_handler(job)
         finally:
             self._runs.pop(job.entry_id, None)
+            self._slot_free.set()
         if finish is None:  # another worker took the entry over; its outcome is theirs
             self._forget(job.entry_id)
             return
@@ -223,6 +233,7 @@ class Worker:
 
     def _record(self, batch: Sequence[Finish], verdicts: Sequence[FinishVerdict]) -> None:
         now = time.time()
+        metrics.tasks_in_flight.set(len(self._runs))
         for finish, verdict in zip(batch, verdicts, strict=True):
             job = finish.job
             self._forget(job.entry_id)
@@ -239,7 +250,6 @@ class Worker:
         self._jobs.pop(entry_id, None)
         self._cancel_requested.discard(entry_id)
         self._lost.discard(entry_id)
-        metrics.tasks_in_flight.set(len(self._jobs))
         self._slot_free.set()
 
     # -- keeping entries, reclaiming others', housekeeping
@@ -248,7 +258,8 @@ class Worker:
         interval = min(self.settings.claim_idle / 3, 10.0)
         while True:
             await asyncio.sleep(interval)
-            running = [self._jobs[e] for e in list(self._runs) if e in self._jobs]
+            # Entries whose outcome is not written yet are kept alive too: they are still ours.
+            running = list(self._jobs.values())
             try:
                 for start in range(0, len(running), _FINISH_BATCH):
                     chunk = running[start : start + _FINISH_BATCH]
@@ -259,17 +270,16 @@ class Worker:
                 metrics.redis_errors.labels("keep_alive").inc()
 
     def _on_keep_alive(self, job: Job, reply: str) -> None:
-        if reply == "ok":
-            return
         run = self._runs.get(job.entry_id)
+        if reply == "ok" or run is None:  # no run left to stop: its outcome is being written
+            return
         if reply == "cancel":
             self._cancel_requested.add(job.entry_id)
             log.info("cancelling at the client's request", extra={"task_id": job.task_id})
         else:
             self._lost.add(job.entry_id)
             log.warning("entry taken over by another worker", extra={"task_id": job.task_id})
-        if run is not None:
-            run.cancel()
+        run.cancel()
 
     async def _maintenance_loop(self) -> None:
         claim_every = max(self.settings.claim_idle / 2, 0.5)
@@ -280,7 +290,7 @@ class Worker:
             now = time.monotonic()
             try:
                 await self.queue.promote_due_retries(limit=1000)
-                free = self.settings.max_concurrency - len(self._jobs)
+                free = self._free_slots()
                 if now >= next_claim and free > 0 and not self._stopping.is_set():
                     next_claim = now + claim_every
                     reclaimed = await self.queue.claim_idle(self.consumer, free)
