@@ -130,14 +130,21 @@ def _render_cli(helm: str, values: Values, release: str) -> tuple[list[Rendered]
     return objects, notes.partition("NOTES:")[2]
 
 
+@cache
+def _sdk_chart() -> Any:
+    """The chart loaded once: loaded charts are immutable and safe to share."""
+    import helm_python
+
+    return helm_python.Chart.load(CHART)
+
+
 def _render_sdk(values: Values, release: str) -> tuple[list[Rendered], str]:
     import helm_python
 
-    with helm_python.Chart.load(CHART) as chart:
-        try:
-            files = chart.render(values, name=release, namespace=NAMESPACE, is_install=True)
-        except helm_python.HelmError as error:
-            raise RenderError(str(error)) from None
+    try:
+        files = _sdk_chart().render(values, name=release, namespace=NAMESPACE, is_install=True)
+    except helm_python.HelmError as error:
+        raise RenderError(str(error)) from None
     objects: list[Rendered] = []
     notes = ""
     for source, text in sorted(files.items()):

@@ -413,6 +413,18 @@ def test_locust_runs_the_repos_locustfile_against_the_api_service() -> None:
     assert "--headless" in container(only(objects, "Job", "locust-job"))["args"]
 
 
+def test_locust_sends_an_api_key_from_a_secret_when_given_one() -> None:
+    values = {"loadtest": {"enabled": True, "apiKey": {"existingSecret": "load-key"}}}
+    env = env_of(only(render(values), "Deployment", "locust-worker"))
+    assert env["LOCUST_API_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": "load-key",
+        "key": "api-key",
+    }
+    assert "LOCUST_API_KEY" not in env_of(
+        only(render_set("loadtest"), "Deployment", "locust-worker")
+    )
+
+
 def test_no_load_is_generated_unless_asked() -> None:
     assert [o for o in render_set("defaults") if "locust" in o.name] == []
 

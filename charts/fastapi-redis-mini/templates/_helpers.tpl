@@ -153,6 +153,13 @@ env:
     value: /loadtest/locustfile.py
   - name: LOCUST_HOST
     value: {{ printf "http://%s:%v" (include "frm.componentName" (list $root "api")) $root.Values.api.service.port | quote }}
+  {{- with $root.Values.loadtest.apiKey.existingSecret }}
+  - name: LOCUST_API_KEY
+    valueFrom:
+      secretKeyRef:
+        name: {{ . }}
+        key: {{ $root.Values.loadtest.apiKey.secretKey }}
+  {{- end }}
 resources:
   {{- toYaml $root.Values.loadtest.resources | nindent 2 }}
 securityContext:
