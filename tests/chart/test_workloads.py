@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import re
 from typing import Any
 
 import pytest
@@ -447,3 +448,22 @@ def test_notes_tell_the_next_commands() -> None:
     assert "helm test demo -n tasks" in notes
     assert "port-forward svc/demo-fastapi-redis-mini-api 8000:8000" in notes
     assert "port-forward svc/demo-fastapi-redis-mini-locust-master 8089:8089" in notes
+
+
+def test_the_dashboards_scaling_panel_finds_the_charts_worker_and_its_autoscaler() -> None:
+    release = "frm"
+    dashboard = (CHART / "files" / "grafana" / "overview.json").read_text()
+    for values, autoscaler in (
+        (VALUE_SETS["keda"], "ScaledObject"),
+        ({}, "HorizontalPodAutoscaler"),
+    ):
+        objects = render(values, release=release)
+        worker = only(objects, "Deployment", "worker")["metadata"]["name"]
+        scaled = only(objects, autoscaler)["metadata"]["name"]
+        # KEDA names the HPA it creates keda-hpa-<ScaledObject>.
+        hpa = f"keda-hpa-{scaled}" if autoscaler == "ScaledObject" else scaled
+        for label, name in (("deployment", worker), ("horizontalpodautoscaler", hpa)):
+            patterns = set(re.findall(label + r'=~\\"([^"\\]+)\\"', dashboard))
+            assert patterns, f"the dashboard selects no {label}"
+            for pattern in patterns:
+                assert re.fullmatch(pattern.replace("$release", release), name), (pattern, name)
