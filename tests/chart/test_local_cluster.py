@@ -154,6 +154,42 @@ def test_prometheus_adapter_serves_the_metric_the_worker_hpa_asks_for_taking_the
     assert set(metric["selector"]["matchLabels"]) <= {"stream", "group"}
 
 
+def test_prometheus_adapter_query_is_valid_promql_once_the_adapter_fills_it_in(
+    tmp_path: Path,
+) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("promtool is required under CI=true (Debian package prometheus)")
+        pytest.skip("promtool is not installed (Debian package prometheus)")
+    (rule,) = load(K8S / "prometheus-adapter-values.yaml")["rules"]["external"]
+    query = (
+        rule["metricsQuery"]
+        .replace("<<.Series>>", rule["name"]["as"])
+        .replace("<<.LabelMatchers>>", 'namespace="tasks",stream="task_stream",group="workers"')
+        .replace("<<.GroupBy>>", "namespace")
+    )
+    rules = tmp_path / "adapter.yaml"
+    rules.write_text(
+        yaml.safe_dump(
+            {
+                "groups": [
+                    {
+                        "name": "adapter",
+                        "rules": [
+                            {"record": "adapter:fastapi_redis_mini_stream_lag:max", "expr": query}
+                        ],
+                    }
+                ]
+            }
+        )
+    )
+    result = subprocess.run(
+        [promtool, "check", "rules", str(rules)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_grafana_sidecar_loads_the_charts_dashboard_label_from_every_namespace() -> None:
     sidecar = load(K8S / "kube-prometheus-stack-values.yaml")["grafana"]["sidecar"]["dashboards"]
     dashboards = next(
