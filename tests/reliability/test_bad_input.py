@@ -1,0 +1,87 @@
+"""Inputs the fuzz runs turned up, pinned down: each is refused with a 422 naming the field.
+
+The app runs in-process on a real Redis; ASGITransport is told not to re-raise, so a crash
+shows as the 500 a client would get.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from fastapi_redis_mini.api.app import create_app
+from fastapi_redis_mini.core.settings import Settings
+
+
+@pytest.fixture
+async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(settings)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://test") as client,
+    ):
+        yield client
+
+
+async def post_raw(client: httpx.AsyncClient, body: bytes) -> httpx.Response:
+    return await client.post("/tasks", content=body, headers={"content-type": "application/json"})
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"prompt": "x", "params": {"n": 18446744073709551616}}',
+        b'{"prompt": "x", "params": {"n": -9223372036854775809}}',
+        b'{"prompt": "x", "params": {"duration": 18446744073709551616}}',
+    ],
+    ids=["above-uint64", "below-int64", "duration-above-uint64"],
+)
+async def test_params_integers_beyond_64_bits_get_422_not_500(
+    client: httpx.AsyncClient, body: bytes
+) -> None:
+    response = await post_raw(client, body)
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["message"].startswith("params")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"prompt": "x", "params": {"k": "\\udc00"}}',
+        b'{"prompt": "x", "params": {"\\ud800": 1}}',
+    ],
+    ids=["in-a-value", "in-a-key"],
+)
+async def test_params_with_lone_surrogates_get_422_not_500(
+    client: httpx.AsyncClient, body: bytes
+) -> None:
+    # The prompt already gets a 422 for this; params must too.
+    response = await post_raw(client, body)
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["message"].startswith("params")
+
+
+@pytest.mark.parametrize("literal", [b"NaN", b"Infinity", b"-Infinity"])
+async def test_non_finite_numbers_in_params_are_refused(
+    client: httpx.AsyncClient, literal: bytes
+) -> None:
+    # Not JSON (RFC 8259), and stored as null, so {"n": NaN} would share {"n": null}'s result.
+    response = await post_raw(client, b'{"prompt": "x", "params": {"n": %s}}' % literal)
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["message"].startswith("params")
+
+
+async def test_unknown_top_level_fields_are_refused_but_params_keys_are_free(
+    client: httpx.AsyncClient,
+) -> None:
+    refused = await client.post("/tasks", json={"prompt": "x", "priority": 1})
+    assert refused.status_code == 422
+    assert refused.json()["error"]["message"].startswith("priority")
+    accepted = await client.post("/tasks", json={"prompt": "x", "params": {"priority": 1}})
+    plain = await client.post("/tasks", json={"prompt": "x"})
+    assert (accepted.status_code, plain.status_code) == (202, 202)
+    # Unknown params keys are part of the signature: these are two different tasks.
+    assert accepted.json()["task_id"] != plain.json()["task_id"]
