@@ -53,6 +53,8 @@ CLIENT_ROUTES = 'route!~"/metrics|/healthz|/readyz"'
 WORKER_DEPLOYMENT = '"$release(-fastapi-redis-mini)?-worker"'
 WORKER_HPA = '"(keda-hpa-)?$release(-fastapi-redis-mini)?-worker"'
 QUANTILES = (0.5, 0.95, 0.99)
+# Only a worker sets a concurrency limit; any other target exposing the gauge reports 0.
+WORKER_TARGETS = f"{PREFIX}worker_concurrency_limit{{{SELECTOR}}} > 0"
 DATASOURCE = model.DataSourceRef(type_val="prometheus", uid="${datasource}")
 
 
@@ -303,13 +305,16 @@ def latency_row() -> list[Builder[model.Panel]]:
 
 
 def workers_row() -> list[Builder[model.Panel]]:
+    in_flight = (
+        f"sum by (pod) ({metric('tasks_in_flight')} and on (namespace, pod) {WORKER_TARGETS})"
+    )
     return [
         graph(
             "In-flight tasks per worker",
             "Tasks each worker pod is running, against its concurrency limit.",
             "short",
             [
-                Query(f"sum by (pod) ({metric('tasks_in_flight')})", "{{pod}}"),
+                Query(in_flight, "{{pod}}"),
                 Query(f"max({metric('worker_concurrency_limit')})", "limit per worker"),
             ],
         ),
@@ -366,7 +371,7 @@ def scaling_row() -> list[Builder[model.Panel]]:
             "Workers reporting",
             "Worker processes Prometheus scrapes, whatever runs them.",
             "short",
-            [Query(f"count({metric('worker_concurrency_limit')})", "workers")],
+            [Query(f"count({WORKER_TARGETS})", "workers")],
         ),
     ]
 
