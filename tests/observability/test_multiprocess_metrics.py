@@ -1,0 +1,85 @@
+"""An api with several gunicorn processes counts every request exactly once in /metrics."""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.mmap_dict import MmapedDict
+from prometheus_client.parser import text_string_to_metric_families
+
+from ..support.processes import start_api
+
+pytestmark = pytest.mark.slow
+
+PROCESSES = 3
+REQUESTS = 300
+ROUTE = "/tasks/{task_id}"
+
+
+def scrape(base_url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """(sample name, sorted labels) -> value, from one GET /metrics."""
+    text = httpx.get(f"{base_url}/metrics", timeout=10.0).text
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def lookups(base_url: str) -> None:
+    """GET unknown task ids, one new connection each, so the processes share the work."""
+
+    no_keep_alive = httpx.Limits(max_keepalive_connections=0)
+    with httpx.Client(base_url=base_url, timeout=10.0, limits=no_keep_alive) as client:
+
+        def one(_: int) -> int:
+            return client.get(f"/tasks/{uuid.uuid4().hex}").status_code
+
+        with ThreadPoolExecutor(max_workers=12) as pool:
+            statuses = Counter(pool.map(one, range(REQUESTS)))
+    assert statuses == {404: REQUESTS}
+
+
+def requests_per_process(metrics_dir: Path) -> dict[str, float]:
+    """pid -> 404 lookups that process counted, read from its multiprocess file."""
+    counted: dict[str, float] = {}
+    for path in metrics_dir.glob("counter_*.db"):
+        pid = path.stem.removeprefix("counter_")
+        for key, value, _timestamp, _position in MmapedDict.read_all_values_from_file(path):  # type: ignore[no-untyped-call]
+            if f'"route": "{ROUTE}"' in key and '"status": "404"' in key:
+                counted[pid] = counted.get(pid, 0.0) + value
+    return counted
+
+
+def test_requests_through_three_processes_are_counted_exactly_once(
+    redis_url: str, tmp_path: Path
+) -> None:
+    metrics_dir = tmp_path / "metrics"
+    api = start_api(
+        redis_url, WEB_CONCURRENCY=str(PROCESSES), PROMETHEUS_MULTIPROC_DIR=str(metrics_dir)
+    )
+    try:
+        labels = (("method", "GET"), ("route", ROUTE), ("status", "404"))
+        before = scrape(api.base_url)
+        assert ("fastapi_redis_mini_http_requests_total", labels) not in before
+
+        lookups(api.base_url)
+
+        after = scrape(api.base_url)
+        assert after[("fastapi_redis_mini_http_requests_total", labels)] == REQUESTS
+        assert after[("fastapi_redis_mini_http_request_duration_seconds_count", labels)] == REQUESTS
+        raw_paths = [labels for _, labels in after if any("/tasks/" in v and "{" not in v
+                                                          for _, v in labels)]  # fmt: skip
+        assert not raw_paths, f"raw paths leaked into labels: {raw_paths[:3]}"
+
+        # The total is only meaningful if more than one process served the requests.
+        per_process = requests_per_process(metrics_dir)
+        assert sum(per_process.values()) == REQUESTS, per_process
+        assert len([count for count in per_process.values() if count]) >= 2, per_process
+    finally:
+        api.close()

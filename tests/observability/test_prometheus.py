@@ -1,0 +1,209 @@
+"""A real Prometheus scraping a real api and worker answers every dashboard query.
+
+Prometheus runs with the labels the chart's ServiceMonitors give the targets (namespace,
+release, pod), so the committed dashboard and alert rules are used exactly as shipped.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from ..support.processes import Service, start_api, start_worker
+from ..support.redis_server import free_port
+from . import _dashboard
+from ._prometheus import Prometheus, Target, run_prometheus, single_value
+
+pytestmark = pytest.mark.slow
+
+NAMESPACE = "observability"
+RELEASE = "obs"
+# Grafana's variables as the test resolves them. One minute covers the whole load phase.
+VARIABLES = {"namespace": NAMESPACE, "release": RELEASE, "__rate_interval": "1m"}
+RULES = _dashboard.REPO / "charts" / "fastapi-redis-mini" / "files" / "prometheus" / "rules.yaml"
+# rate() sees a counter grow only after its first sample: scrapes between load rounds.
+ROUND_PAUSE = 3.0
+
+
+def start_fast_worker(redis_url: str, metrics_port: int) -> Service:
+    """A worker whose failing tasks reach FAILED, after one retry, within the test."""
+    return start_worker(
+        redis_url,
+        metrics_port=metrics_port,
+        MAX_RETRIES="1",
+        RETRY_BACKOFF="0.05",
+        RETRY_BACKOFF_MAX="0.1",
+    )
+
+
+@dataclass
+class Stack:
+    api: Service
+    worker: Service
+    worker_port: int
+    prometheus: Prometheus
+    redis_url: str
+    metrics_dir: Path
+
+    def restart_worker(self) -> None:
+        self.worker = start_fast_worker(self.redis_url, self.worker_port)
+
+
+@pytest.fixture
+def stack(prometheus_binary: str, redis_url: str, tmp_path: Path) -> Iterator[Stack]:
+    metrics_dir = tmp_path / "api-metrics"
+    api = start_api(redis_url, WEB_CONCURRENCY="2", PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
+    worker_port = free_port()
+    worker = start_fast_worker(redis_url, worker_port)
+    labels = {"namespace": NAMESPACE, "release": RELEASE}
+    targets = [
+        Target("api", api.base_url.removeprefix("http://"), {**labels, "pod": "api-0"}),
+        Target("worker", f"127.0.0.1:{worker_port}", {**labels, "pod": "worker-0"}),
+    ]
+    stack = None
+    try:
+        with run_prometheus(prometheus_binary, tmp_path, targets, [RULES]) as prometheus:
+            stack = Stack(api, worker, worker_port, prometheus, redis_url, metrics_dir)
+            prometheus.wait_for(
+                'count(up{job=~"api|worker"} == 1)',
+                lambda samples: single_value(samples) == 2,
+                what="both targets scraped",
+            )
+            yield stack
+    finally:
+        for service in (api, worker, stack.worker if stack else worker):
+            service.close()
+
+
+def submit(client: httpx.Client, prompt: str, **params: object) -> str:
+    response = client.post("/tasks", json={"prompt": prompt, "params": params})
+    assert response.status_code in (200, 202), response.text
+    task_id: str = response.json()["task_id"]
+    return task_id
+
+
+def wait_final(client: httpx.Client, task_id: str) -> str:
+    for _ in range(10):
+        body = client.get(f"/tasks/{task_id}", params={"wait": 5}).json()
+        if body["status"] in ("DONE", "FAILED", "CANCELLED"):
+            status: str = body["status"]
+            return status
+    raise AssertionError(f"task {task_id} not finished: {body}")
+
+
+def load_round(client: httpx.Client) -> None:
+    """Queued, cached, failed and retried tasks, plus 404 and 422 answers."""
+    prompts = [f"observability load {uuid.uuid4().hex}" for _ in range(10)]
+    done = [submit(client, prompt, duration=0.05) for prompt in prompts]
+    failing = [submit(client, f"failing {uuid.uuid4().hex}", fail=True) for _ in range(2)]
+    assert {wait_final(client, task_id) for task_id in done} == {"DONE"}
+    assert {wait_final(client, task_id) for task_id in failing} == {"FAILED"}
+    for prompt in prompts[:3]:
+        cached = client.post("/tasks", json={"prompt": prompt, "params": {"duration": 0.05}})
+        assert cached.json()["cached"] is True, cached.text
+    assert client.get(f"/tasks/{uuid.uuid4().hex}").status_code == 404
+    assert client.post("/tasks", json={"params": {}}).status_code == 422
+
+
+def drive_load(api: Service) -> None:
+    """The first round creates every labelled series, the second makes them all grow."""
+    with httpx.Client(base_url=api.base_url, timeout=30.0) as client:
+        load_round(client)
+        time.sleep(ROUND_PAUSE)
+        load_round(client)
+
+
+def answers(prometheus: Prometheus, query: _dashboard.PanelQuery) -> bool:
+    samples = prometheus.query(query.resolved(VARIABLES))
+    return any(math.isfinite(sample.value) for sample in samples)
+
+
+def test_every_dashboard_query_returns_data_from_a_real_prometheus(stack: Stack) -> None:
+    drive_load(stack.api)
+    dashboard = _dashboard.load()
+    queries = _dashboard.queries(dashboard)
+    local = [query for query in queries if not query.needs_cluster]
+    assert len(local) >= 20, "the dashboard lost panels"
+
+    # Each query must be accepted; only those on series a cluster provides may be empty.
+    for query in queries:
+        stack.prometheus.query(query.resolved(VARIABLES))
+
+    # The last scrapes after the load may still be in flight: poll, bounded.
+    missing = local
+    deadline = time.monotonic() + 30
+    while True:
+        missing = [query for query in missing if not answers(stack.prometheus, query)]
+        if not missing or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert not missing, "panels without data:\n" + "\n".join(
+        f"  {query.panel} [{query.ref_id}]: {query.resolved(VARIABLES)}" for query in missing
+    )
+
+
+def test_dashboard_variables_find_the_namespace_and_release(stack: Stack) -> None:
+    variables = _dashboard.variable_queries(_dashboard.load())
+    for name, expected in (("namespace", NAMESPACE), ("release", RELEASE)):
+        selector, label = _label_values_arguments(variables[name].replace("$namespace", NAMESPACE))
+        assert label == name
+        assert expected in stack.prometheus.label_values(label, selector), variables[name]
+
+
+def _label_values_arguments(query: str) -> tuple[str, str]:
+    """`label_values(selector, label)` -> (selector, label), as Grafana sends them."""
+    assert query.startswith("label_values("), query
+    assert query.endswith(")"), query
+    selector, _, label = query.removeprefix("label_values(").removesuffix(")").rpartition(",")
+    return selector.strip(), label.strip()
+
+
+def test_alert_rules_load_and_evaluate_against_live_series(stack: Stack) -> None:
+    def rule_health() -> dict[str, str]:
+        return {
+            rule["name"]: rule["health"]
+            for group in stack.prometheus.rule_groups()
+            for rule in group["rules"]
+        }
+
+    health = rule_health()
+    deadline = time.monotonic() + 20
+    while not health or "unknown" in health.values():
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+        health = rule_health()
+    assert len(health) == 5, health
+    assert set(health.values()) == {"ok"}, health
+
+
+def test_backlog_metric_follows_a_real_backlog(stack: Stack) -> None:
+    waiting = next(
+        query for query in _dashboard.queries(_dashboard.load()) if query.panel == "Waiting tasks"
+    ).resolved(VARIABLES)
+    backlog = 25
+
+    try:
+        exit_code = stack.worker.stop(timeout=20)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"worker ignored SIGTERM for 20s:\n{stack.worker.log}")
+    assert exit_code == 0, stack.worker.log
+    with httpx.Client(base_url=stack.api.base_url, timeout=30.0) as client:
+        task_ids = [
+            submit(client, f"backlog {uuid.uuid4().hex}", duration=0.01) for _ in range(backlog)
+        ]
+        stack.prometheus.wait_for(
+            waiting, lambda samples: single_value(samples) == backlog, what=f"lag {backlog}"
+        )
+
+        stack.restart_worker()
+        stack.prometheus.wait_for(waiting, lambda samples: single_value(samples) == 0, what="lag 0")
+        assert {wait_final(client, task_id) for task_id in task_ids} == {"DONE"}
