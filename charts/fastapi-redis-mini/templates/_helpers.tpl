@@ -143,7 +143,7 @@ env:
 
 {{/* Locust containers: the locustfile from the ConfigMap, the api Service as the target. */}}
 {{- define "frm.locustContainer" -}}
-{{- $root := index . 0 }}
+{{- $root := index . 0 -}}
 image: {{ include "frm.image" (list $root $root.Values.loadtest.image) }}
 imagePullPolicy: {{ $root.Values.loadtest.image.pullPolicy }}
 env:
