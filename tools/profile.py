@@ -124,6 +124,8 @@ def profile_worker(space: Workspace, url: str, args: argparse.Namespace) -> None
 def profile_api(space: Workspace, url: str, args: argparse.Namespace) -> None:
     port = free_port()
     env = api_env(url, port, 1, space, "api")
+    # gunicorn's entry point creates the multiprocess metrics directory; uvicorn alone does not.
+    Path(env["PROMETHEUS_MULTIPROC_DIR"]).mkdir(parents=True, exist_ok=True)
     if args.sampling:
         argv = [sys.executable, "-m", "fastapi_redis_mini.api"]
         env["WEB_CONCURRENCY"] = "2"

@@ -132,6 +132,7 @@ def e2e_section(space: Workspace, redis_server: RedisServer, args: argparse.Name
     worker = spawn_worker(space, redis_server.url, args.concurrency, "worker-e2e")
     log(f"e2e: {args.e2e_tasks} tasks over HTTP")
     try:
+        wait_worker_ready(worker)
         return end_to_end(api, redis_server.url, args.e2e_tasks)
     finally:
         worker.stop()
