@@ -1,0 +1,102 @@
+"""A submit's trace continues in the worker: real processes exporting OTLP to a test receiver."""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+from ..support.processes import Service, start_api, start_worker
+from ._otlp import Collector, ReceivedSpan, run_collector
+
+pytestmark = pytest.mark.slow
+
+API_SERVICE = "fastapi-redis-mini-api"
+WORKER_SERVICE = "fastapi-redis-mini-worker"
+SPAN_WAIT = 30.0
+
+
+@dataclass
+class Traced:
+    api: Service
+    worker: Service
+    collector: Collector
+
+
+@pytest.fixture
+def traced(redis_url: str) -> Iterator[Traced]:
+    with run_collector() as collector:
+        endpoint = collector.endpoint
+        # OTEL_BSP_SCHEDULE_DELAY: export within 0.1 s instead of the default 5 s.
+        api = start_api(
+            redis_url, OTEL_EXPORTER_OTLP_ENDPOINT=endpoint, OTEL_BSP_SCHEDULE_DELAY="100"
+        )
+        worker = None
+        try:
+            worker = start_worker(
+                redis_url, OTEL_EXPORTER_OTLP_ENDPOINT=endpoint, OTEL_BSP_SCHEDULE_DELAY="100"
+            )
+            yield Traced(api, worker, collector)
+        finally:
+            for service in (api, worker):
+                if service is not None:
+                    service.close()
+
+
+def run_task(api: Service, headers: dict[str, str]) -> str:
+    with httpx.Client(base_url=api.base_url, timeout=30.0) as client:
+        prompt = f"trace {uuid.uuid4().hex}"
+        submitted = client.post("/tasks", json={"prompt": prompt, "params": {}}, headers=headers)
+        assert submitted.status_code == 202, submitted.text
+        task_id: str = submitted.json()["task_id"]
+        finished = client.get(f"/tasks/{task_id}", params={"wait": 20}).json()
+        assert finished["status"] == "DONE", finished
+        return task_id
+
+
+def submit_span(collector: Collector, accept_parent: str) -> ReceivedSpan:
+    """The api's server span for POST /tasks whose parent is `accept_parent` ("" for a root)."""
+    return collector.wait_for(
+        lambda span: (
+            span.service == API_SERVICE
+            and span.name == "POST /tasks"
+            and span.parent_span_id == accept_parent
+        ),
+        SPAN_WAIT,
+        f"POST /tasks from {API_SERVICE} with parent {accept_parent!r}",
+    )
+
+
+def run_span(collector: Collector, trace_id: str) -> ReceivedSpan:
+    return collector.wait_for(
+        lambda span: (
+            span.service == WORKER_SERVICE and span.name == "task.run" and span.trace_id == trace_id
+        ),
+        SPAN_WAIT,
+        f"task.run from {WORKER_SERVICE} in trace {trace_id}",
+    )
+
+
+def test_worker_span_is_a_child_of_the_submitting_request_span(traced: Traced) -> None:
+    run_task(traced.api, headers={})
+
+    request = submit_span(traced.collector, accept_parent="")
+    run = run_span(traced.collector, request.trace_id)
+
+    assert run.trace_id == request.trace_id
+    assert run.parent_span_id == request.span_id
+
+
+def test_a_client_trace_continues_through_the_api_into_the_worker(traced: Traced) -> None:
+    client_trace, client_span = secrets.token_hex(16), secrets.token_hex(8)
+    run_task(traced.api, headers={"traceparent": f"00-{client_trace}-{client_span}-01"})
+
+    request = submit_span(traced.collector, accept_parent=client_span)
+    run = run_span(traced.collector, client_trace)
+
+    assert request.trace_id == client_trace
+    assert run.parent_span_id == request.span_id
