@@ -53,6 +53,13 @@ def _verdict(name: str, measured: float, goal: float, at_least: bool) -> dict[st
     }
 
 
+def _cpu(run: dict[str, Any]) -> str:
+    cpu = run.get("cpu") or {}
+    user = cpu.get("worker_user_usec_per_task", 0.0)
+    system = cpu.get("worker_system_usec_per_task", 0.0)
+    return f"{user + system:.0f} ({user:.0f} user + {system:.0f} sys)"
+
+
 def _rows(report: dict[str, Any]) -> list[tuple[str, list[list[str]]]]:
     tables: list[tuple[str, list[list[str]]]] = []
     worker = report.get("worker")
@@ -67,6 +74,7 @@ def _rows(report: dict[str, Any]) -> list[tuple[str, list[list[str]]]]:
                 "enqueue s",
                 "Redis cmds/task",
                 "Redis CPU us/task",
+                "worker CPU us/task",
             ]
         ]
         for run in worker["runs"]:
@@ -80,6 +88,7 @@ def _rows(report: dict[str, Any]) -> list[tuple[str, list[list[str]]]]:
                     f"{run['enqueue_seconds']:.1f}",
                     f"{run['redis'].get('redis_commands_per_task', 0):.2f}",
                     f"{run['redis'].get('redis_cpu_usec_per_task', 0):.0f}",
+                    _cpu(run),
                 ]
             )
         rows.append(
@@ -89,6 +98,7 @@ def _rows(report: dict[str, Any]) -> list[tuple[str, list[list[str]]]]:
                 "",
                 f"{worker['ratio']:.2f}x",
                 f"{worker['wall_ratio']:.2f}x",
+                "",
                 "",
                 "",
                 "",

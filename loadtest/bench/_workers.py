@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import resource
 import subprocess
 import sys
 import time
@@ -60,6 +61,26 @@ class RedisCounters:
         }
 
 
+@dataclass(frozen=True)
+class ChildCpu:
+    """CPU seconds used by reaped child processes, so a worker's CPU can be read by difference."""
+
+    user: float
+    system: float
+
+    @classmethod
+    def read(cls) -> ChildCpu:
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return cls(usage.ru_utime, usage.ru_stime)
+
+    def per_task(self, later: ChildCpu, tasks: int) -> dict[str, float]:
+        n = max(tasks, 1)
+        return {
+            "worker_user_usec_per_task": (later.user - self.user) * 1e6 / n,
+            "worker_system_usec_per_task": (later.system - self.system) * 1e6 / n,
+        }
+
+
 @dataclass
 class DrainResult:
     system: str
@@ -71,6 +92,8 @@ class DrainResult:
     wall_seconds: float
     enqueue_seconds: float
     redis: dict[str, float] = field(default_factory=dict)
+    # Worker processes' CPU from spawn to exit, start-up included.
+    cpu: dict[str, float] = field(default_factory=dict)
 
     @property
     def drain_rate(self) -> float:
@@ -181,6 +204,7 @@ def drain_ours(
     ids = asyncio.run(enqueue_ours(url, tasks, label))
     enqueue_seconds = time.perf_counter() - started
     before = RedisCounters.read(url)
+    cpu_before = ChildCpu.read()
     spawned = time.perf_counter()
     workers = [
         spawn_worker(space, url, concurrency, f"worker-{label}-{n}") for n in range(processes)
@@ -189,6 +213,7 @@ def drain_ours(
         idle_at = asyncio.run(wait_idle(url, spawned + timeout))
     finally:
         stop_together(workers)
+    cpu_after = ChildCpu.read()
     after = RedisCounters.read(url)
     times = asyncio.run(task_times(url, ids))
     first_start = min((t[1] for t in times), default=0.0)
@@ -203,6 +228,7 @@ def drain_ours(
         wall_seconds=idle_at - spawned,
         enqueue_seconds=enqueue_seconds,
         redis=before.per_task(after, tasks),
+        cpu=cpu_before.per_task(cpu_after, tasks),
     )
 
 
@@ -229,6 +255,7 @@ def drain_peer(
 ) -> DrainResult:
     enqueued = _peer(python, "enqueue", system, url, tasks)
     before = RedisCounters.read(url)
+    cpu_before = ChildCpu.read()
     worker = space.spawn(
         f"worker-{system}",
         [
@@ -242,6 +269,7 @@ def drain_peer(
         worker.stop()
         raise
     wall = time.perf_counter() - worker.started
+    cpu_after = ChildCpu.read()
     after = RedisCounters.read(url)
     if worker.popen.returncode != 0:
         raise RuntimeError(f"{system} worker failed:\n{worker.log_tail()}")
@@ -257,4 +285,5 @@ def drain_peer(
         wall_seconds=wall,
         enqueue_seconds=float(enqueued["seconds"]),
         redis=before.per_task(after, tasks),
+        cpu=cpu_before.per_task(cpu_after, tasks),
     )
