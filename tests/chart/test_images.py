@@ -182,10 +182,20 @@ def test_images_run_under_the_charts_own_settings_and_finish_a_task(
                     )
                     assert exit_code == 0, test_pod.logs()
 
+                # A scale-down: SIGTERM while a task runs, with the rendered grace period.
+                running = httpx.post(
+                    f"{base}/tasks", json={"prompt": "drain", "params": {"duration": 2.0}}
+                ).json()["task_id"]
+                wait_for(
+                    lambda: True if _status(base, running) == "RUNNING" else None,
+                    timeout=30,
+                    what="the task to start",
+                )
                 grace = pod_spec(worker_workload)["terminationGracePeriodSeconds"]
                 stopped = worker.stop(grace)
                 assert stopped.exit_code == 0, worker.logs()
                 assert stopped.seconds < grace
+                assert _status(base, running) == "DONE", "the scale-down cut a task in half"
 
 
 def _exec_ok(container: Container, command: list[str]) -> bool:
@@ -194,6 +204,10 @@ def _exec_ok(container: Container, command: list[str]) -> bool:
     except Exception:
         return False
     return True
+
+
+def _status(base: str, task_id: str) -> str:
+    return str(httpx.get(f"{base}/tasks/{task_id}", timeout=10).json()["status"])
 
 
 def _status_if_final(base: str, task_id: str) -> str | None:
