@@ -23,7 +23,6 @@ import yaml
 from ..support.docker import (
     IMAGE_USER,
     REPO_ROOT,
-    TEST_IMAGE_TAG,
     BuiltImage,
     compose_command,
     docker,
@@ -59,11 +58,11 @@ def compose(docker_engine: None) -> list[str]:
     return command
 
 
-def resolved_config(compose: list[str]) -> dict[str, Any]:
-    """`compose config` of compose.yaml with the test images' tag, parsed."""
+def resolved_config(compose: list[str], image_tag: str) -> dict[str, Any]:
+    """`compose config` of compose.yaml for images tagged `image_tag`, parsed."""
     proc = run_command(
         [*compose, "--file", str(COMPOSE_FILE), "config"],
-        env={"IMAGE_TAG": TEST_IMAGE_TAG},
+        env={"IMAGE_TAG": image_tag},
         timeout=60,
     )
     config: dict[str, Any] = yaml.safe_load(proc.stdout)
@@ -97,7 +96,7 @@ def volume_mounts(service: dict[str, Any]) -> set[tuple[str, str]]:
 def test_compose_config_describes_hardened_api_and_worker_and_a_durable_redis(
     compose: list[str],
 ) -> None:
-    config = resolved_config(compose)
+    config = resolved_config(compose, "1.2.3")
     services = config["services"]
 
     assert set(services) == {"api", "worker", "redis"}
@@ -105,7 +104,7 @@ def test_compose_config_describes_hardened_api_and_worker_and_a_durable_redis(
         service = services[name]
         assert service["build"]["target"] == name
         assert Path(service["build"]["dockerfile"]).name == "Dockerfile"
-        assert service["image"] == f"fastapi-redis-mini-{name}:{TEST_IMAGE_TAG}"
+        assert service["image"] == f"fastapi-redis-mini-{name}:1.2.3"
         assert service["user"] == IMAGE_USER
         assert service["read_only"] is True
         assert "/tmp" in service["tmpfs"]
@@ -150,8 +149,9 @@ def compose_stack(
 ) -> Iterator[tuple[list[str], int]]:
     """The stack up (detached) under its own project name; down with its volume afterwards."""
     api_port = free_port()
+    image_tag = images["api"].tag.rpartition(":")[2]
     variant = on_host_network(
-        resolved_config(compose),
+        resolved_config(compose, image_tag),
         redis_image=redis_standin_image(),
         redis_port=free_port(),
         api_port=api_port,

@@ -38,7 +38,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO_ROOT / "services" / "Dockerfile"
 IMAGE_TARGETS = ("api", "worker")
 IMAGE_USER = "10001:10001"
-TEST_IMAGE_TAG = "test"
 
 DOCKER_TIMEOUT = 120.0
 BUILD_TIMEOUT = 1200.0
@@ -401,12 +400,17 @@ _built_images: dict[str, BuiltImage] = {}
 
 
 def project_images() -> dict[str, BuiltImage]:
-    """The api and worker images, tagged `fastapi-redis-mini-TARGET:test`, built once per run."""
+    """The api and worker images, built once per run.
+
+    Tagged `fastapi-redis-mini-TARGET:test-<commit>`: a run elsewhere on the same engine at
+    another commit builds other tags instead of moving these under this run's feet.
+    """
     base = python_base_image()
+    tag = f"test-{git_revision()[:12]}"
     for target in IMAGE_TARGETS:
         if target not in _built_images:
-            tag = f"fastapi-redis-mini-{target}:{TEST_IMAGE_TAG}"
-            _built_images[target] = build_image(target, base_image=base, tag=tag)
+            image = f"fastapi-redis-mini-{target}:{tag}"
+            _built_images[target] = build_image(target, base_image=base, tag=image)
     return dict(_built_images)
 
 
