@@ -7,6 +7,9 @@ import re
 import sys
 from types import ModuleType
 
+import pytest
+
+from ..chart import helm
 from . import _dashboard
 
 
@@ -61,3 +64,32 @@ def test_variables_offer_namespace_and_release() -> None:
     assert set(variables) == {"namespace", "release"}
     assert variables["release"].endswith(", release)")
     assert 'namespace="$namespace"' in variables["release"]
+
+
+@pytest.mark.parametrize("release", ["demo", "fastapi-redis-mini", "tasks-fastapi-redis-mini-eu"])
+def test_scaling_panel_finds_the_worker_deployment_and_hpa_the_chart_renders(release: str) -> None:
+    scaling = [query for query in _dashboard.queries(_dashboard.load()) if query.needs_cluster]
+    matchers = {
+        label: pattern.replace("$release", release)
+        for query in scaling
+        for label, pattern in re.findall(
+            r'(deployment|horizontalpodautoscaler)=~"([^"]+)"', query.expr
+        )
+    }
+    assert set(matchers) == {"deployment", "horizontalpodautoscaler"}, scaling
+
+    objects = helm.render({}, release=release)
+    names = {
+        "deployment": [o.name for o in objects if o.kind == "Deployment"],
+        "horizontalpodautoscaler": [o.name for o in objects if o.kind == "HorizontalPodAutoscaler"],
+    }
+    for label, pattern in matchers.items():
+        # Prometheus anchors label regexes at both ends, as fullmatch does.
+        matched = [name for name in names[label] if re.fullmatch(pattern, name)]
+        assert len(matched) == 1, f"{label}=~{pattern!r} matches {matched} of {names[label]}"
+        assert matched[0].endswith("-worker"), matched
+    # With KEDA the chart renders a ScaledObject, and KEDA names the HPA it creates after it.
+    keda = helm.render({"worker": {"autoscaling": {"keda": {"enabled": True}}}}, release=release)
+    scaled = [o.name for o in keda if o.kind == "ScaledObject"]
+    assert len(scaled) == 1, scaled
+    assert re.fullmatch(matchers["horizontalpodautoscaler"], f"keda-hpa-{scaled[0]}")
