@@ -293,7 +293,11 @@ class Worker:
                 free = self._free_slots()
                 if now >= next_claim and free > 0 and not self._stopping.is_set():
                     next_claim = now + claim_every
-                    reclaimed = await self.queue.claim_idle(self.consumer, free)
+                    claimed = await self.queue.claim_idle(self.consumer, free)
+                    # Entries of our own that went idle (keep-alive could not reach Redis during
+                    # an outage) are still running here: claiming them only resets their idle
+                    # time, and they must not be started a second time.
+                    reclaimed = [d for d in claimed if d.entry_id not in self._jobs]
                     if reclaimed:
                         metrics.tasks_reclaimed.inc(len(reclaimed))
                         log.info("reclaimed %d idle entries", len(reclaimed))
