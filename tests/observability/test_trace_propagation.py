@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import secrets
 import uuid
 from collections.abc import Iterator
@@ -38,7 +39,11 @@ def traced(redis_url: str) -> Iterator[Traced]:
         worker = None
         try:
             worker = start_worker(
-                redis_url, OTEL_EXPORTER_OTLP_ENDPOINT=endpoint, OTEL_BSP_SCHEDULE_DELAY="100"
+                redis_url,
+                OTEL_EXPORTER_OTLP_ENDPOINT=endpoint,
+                OTEL_BSP_SCHEDULE_DELAY="100",
+                LOG_FORMAT="json",
+                MAX_RETRIES="0",
             )
             yield Traced(api, worker, collector)
         finally:
@@ -47,15 +52,19 @@ def traced(redis_url: str) -> Iterator[Traced]:
                     service.close()
 
 
-def run_task(api: Service, headers: dict[str, str]) -> str:
+def run_task(
+    api: Service, headers: dict[str, str], params: dict[str, object] | None = None
+) -> tuple[str, str]:
+    """Submit a task and wait for it; returns its id and final status."""
     with httpx.Client(base_url=api.base_url, timeout=30.0) as client:
         prompt = f"trace {uuid.uuid4().hex}"
-        submitted = client.post("/tasks", json={"prompt": prompt, "params": {}}, headers=headers)
+        task = {"prompt": prompt, "params": params or {}}
+        submitted = client.post("/tasks", json=task, headers=headers)
         assert submitted.status_code == 202, submitted.text
         task_id: str = submitted.json()["task_id"]
         finished = client.get(f"/tasks/{task_id}", params={"wait": 20}).json()
-        assert finished["status"] == "DONE", finished
-        return task_id
+        assert finished["status"] in ("DONE", "FAILED"), finished
+        return task_id, str(finished["status"])
 
 
 def submit_span(collector: Collector, accept_parent: str) -> ReceivedSpan:
@@ -82,7 +91,7 @@ def run_span(collector: Collector, trace_id: str) -> ReceivedSpan:
 
 
 def test_worker_span_is_a_child_of_the_submitting_request_span(traced: Traced) -> None:
-    run_task(traced.api, headers={})
+    assert run_task(traced.api, headers={})[1] == "DONE"
 
     request = submit_span(traced.collector, accept_parent="")
     run = run_span(traced.collector, request.trace_id)
@@ -93,10 +102,28 @@ def test_worker_span_is_a_child_of_the_submitting_request_span(traced: Traced) -
 
 def test_a_client_trace_continues_through_the_api_into_the_worker(traced: Traced) -> None:
     client_trace, client_span = secrets.token_hex(16), secrets.token_hex(8)
-    run_task(traced.api, headers={"traceparent": f"00-{client_trace}-{client_span}-01"})
+    assert (
+        run_task(traced.api, headers={"traceparent": f"00-{client_trace}-{client_span}-01"})[1]
+        == "DONE"
+    )
 
     request = submit_span(traced.collector, accept_parent=client_span)
     run = run_span(traced.collector, client_trace)
 
     assert request.trace_id == client_trace
     assert run.parent_span_id == request.span_id
+
+
+def test_worker_log_lines_carry_the_task_id_and_its_trace(traced: Traced) -> None:
+    task_id, status = run_task(traced.api, headers={}, params={"fail": True})
+    assert status == "FAILED"
+
+    request = submit_span(traced.collector, accept_parent="")
+    run = run_span(traced.collector, request.trace_id)
+    records = [json.loads(line) for line in traced.worker.log.splitlines() if line.startswith("{")]
+    about_task = [record for record in records if record.get("task_id") == task_id]
+
+    assert about_task, f"no worker log line names task {task_id}:\n{traced.worker.log}"
+    for record in about_task:
+        assert record.get("trace_id") == run.trace_id, record
+        assert record.get("span_id") == run.span_id, record
