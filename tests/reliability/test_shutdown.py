@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -93,3 +94,27 @@ def test_tasks_longer_than_the_grace_are_released_and_another_worker_completes_t
     assert tally.done == len(ids)
     assert (figures["done"], figures["reclaimed"]) == (len(ids), 0)
     assert all(task["attempts"] == 1 for task in tasks.values())
+
+
+def test_sigterm_lets_the_api_answer_requests_in_flight_then_exit_0(
+    redis_url: str, launch: Launcher
+) -> None:
+    api = launch.api(redis_url, WEB_CONCURRENCY="2", SHUTDOWN_GRACE="10")
+    with httpx.Client(base_url=api.base_url, timeout=30) as client:
+        task_id = client.post("/tasks", json={"prompt": "nobody runs this"}).json()["task_id"]
+        with ThreadPoolExecutor(4) as pool:
+            polls = [pool.submit(client.get, f"/tasks/{task_id}?wait=3") for _ in range(4)]
+            time.sleep(1.0)  # the long-polls are now waiting inside the api
+            stopping = time.monotonic()
+            exit_code = api.stop(timeout=30)
+            stopped_in = time.monotonic() - stopping
+            answers = [poll.result(timeout=30) for poll in polls]
+    print(
+        f"\nreliability[api-sigterm]: in_flight={len(answers)} "
+        f"answered={[a.status_code for a in answers]} exit_code={exit_code} "
+        f"stopped_in_s={stopped_in:.2f}"
+    )
+    assert [a.status_code for a in answers] == [200] * len(answers)
+    assert all(a.json()["status"] == "PENDING" for a in answers)
+    assert exit_code == 0
+    assert stopped_in >= 1.0  # it waited for the long-polls rather than cutting them off
