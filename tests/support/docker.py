@@ -251,7 +251,9 @@ def python_base_image() -> str:
         return tag
     with _exclusive("standin"):
         if not image_exists(tag):
+            started = time.monotonic()
             _build_standin(tag)
+            report(f"built the stand-in base {tag} in {time.monotonic() - started:.1f} s")
     return tag
 
 
@@ -340,11 +342,13 @@ def redis_standin_image() -> str:
         return tag
     with _exclusive("redis-standin"):
         if not image_exists(tag):
+            started = time.monotonic()
             run_command(
                 ["docker", "build", "--network", "host", "--tag", tag, "-"],
                 input_text=_REDIS_STANDIN_DOCKERFILE.format(base=base),
                 timeout=BUILD_TIMEOUT,
             )
+            report(f"built the Redis stand-in {tag} in {time.monotonic() - started:.1f} s")
     return tag
 
 
