@@ -53,6 +53,8 @@ fi
 if pgrep -x dockerd >/dev/null 2>&1; then
     say "dockerd is running but not answering yet; waiting"
 else
+    # A pid file left by a dockerd that did not exit cleanly keeps a new one from starting.
+    rm -f /var/run/docker.pid
     say "starting dockerd (log: $log_file)"
     mkdir -p "$(dirname "$log_file")"
     # setsid detaches it from this shell so it outlives the caller.
