@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from ..support.docker import (
     Container,
@@ -32,7 +33,7 @@ from ..support.docker import (
     wait_for,
     wait_for_http,
 )
-from .helm import Manifest, Rendered, only, pod_spec, render
+from .helm import Manifest, Rendered, only, pod_spec, render, render_set
 
 pytestmark = pytest.mark.slow
 
@@ -161,6 +162,9 @@ def test_images_run_under_the_charts_own_settings_and_finish_a_task(
                     wait_for_http(url, container=worker)
 
                 base = f"http://127.0.0.1:{ports['api']}"
+                # The backlog series the External-metric HPA selects is the one the api exports.
+                exported = httpx.get(f"{base}/metrics", timeout=10).text
+                assert _hpa_selects_an_exported_series(exported)
                 submitted = httpx.post(
                     f"{base}/tasks", json={"prompt": "chart", "params": {"duration": 0.05}}
                 )
@@ -204,6 +208,17 @@ def _exec_ok(container: Container, command: list[str]) -> bool:
     except Exception:
         return False
     return True
+
+
+def _hpa_selects_an_exported_series(exposition: str) -> bool:
+    hpa = only(render_set("prometheus-adapter"), "HorizontalPodAutoscaler")
+    metric = hpa["spec"]["metrics"][0]["external"]["metric"]
+    wanted = metric["selector"]["matchLabels"].items()
+    return any(
+        sample.name == metric["name"] and wanted <= sample.labels.items()
+        for family in text_string_to_metric_families(exposition)
+        for sample in family.samples
+    )
 
 
 def _status(base: str, task_id: str) -> str:
