@@ -205,3 +205,19 @@ def test_network_policy_lets_kedas_operator_read_the_lag_when_keda_scales_the_wo
 
 def test_no_network_policy_unless_asked() -> None:
     assert find(render_set("defaults"), "NetworkPolicy") == []
+
+
+@ALL_SETS
+def test_every_service_routes_to_a_named_port_of_the_pods_it_selects(value_set: str) -> None:
+    objects = render_set(value_set)
+    pods = [w for w in workloads(value_set) if w.kind in ("Deployment", "StatefulSet")]
+    for service in find(objects, "Service"):
+        selector = service.manifest["spec"]["selector"]
+        (target,) = [
+            w
+            for w in pods
+            if selector.items() <= w.manifest["spec"]["template"]["metadata"]["labels"].items()
+        ]
+        port_names = {p["name"] for c in containers(target) for p in c.get("ports", [])}
+        for port in service.manifest["spec"]["ports"]:
+            assert port["targetPort"] in port_names, f"{service} -> {target}: {port}"
