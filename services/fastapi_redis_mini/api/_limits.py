@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -16,10 +17,13 @@ IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
 
 
 def _depth(value: Any) -> int:
+    """Nesting depth; raises ValueError on a number JSON cannot carry (NaN, Infinity)."""
     if isinstance(value, dict):
         return 1 + max((_depth(v) for v in value.values()), default=0)
     if isinstance(value, list):
         return 1 + max((_depth(v) for v in value), default=0)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{value} is not a JSON number")
     return 0
 
 
@@ -28,11 +32,17 @@ def check_task(task: TaskCreate, settings: Settings) -> None:
     if len(task.prompt) > settings.max_prompt_chars:
         raise InvalidFieldError("prompt", f"longer than {settings.max_prompt_chars} characters")
     params = task.params
-    if params:
-        if _depth(params) > settings.max_params_depth:
-            raise InvalidFieldError("params", f"nested deeper than {settings.max_params_depth}")
-        if len(orjson.dumps(params)) > settings.max_params_bytes:
-            raise InvalidFieldError("params", f"larger than {settings.max_params_bytes} bytes")
+    try:
+        depth = _depth(params)
+        # What cannot be stored as JSON (integers beyond 64 bits, lone surrogates) is refused
+        # here rather than failing later in the store.
+        encoded = orjson.dumps(params)
+    except (ValueError, orjson.JSONEncodeError) as error:
+        raise InvalidFieldError("params", f"cannot be stored as JSON ({error})") from None
+    if depth > settings.max_params_depth:
+        raise InvalidFieldError("params", f"nested deeper than {settings.max_params_depth}")
+    if len(encoded) > settings.max_params_bytes:
+        raise InvalidFieldError("params", f"larger than {settings.max_params_bytes} bytes")
     duration = params.get("duration", 0)
     if isinstance(duration, bool) or not isinstance(duration, int | float):
         raise InvalidFieldError("params.duration", "must be a number of seconds")
