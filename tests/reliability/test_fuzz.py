@@ -10,7 +10,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
@@ -22,10 +22,12 @@ API_KEY = "fuzz-key-1"
 # Enough to cover every operation many times over, and to finish well inside a minute.
 SCHEMA_EXAMPLES = 300
 RAW_EXAMPLES = 1000
+# No shrinking: a failure is reported as found, so a failing run stays as short as a passing one.
 FUZZ_SETTINGS = settings(
     max_examples=SCHEMA_EXAMPLES,
     deadline=None,
     database=None,
+    phases=[Phase.explicit, Phase.generate],
     suppress_health_check=list(HealthCheck),
 )
 
