@@ -10,7 +10,7 @@ from typing import Any
 
 from _api import Server
 from _http import post_request, send_all
-from _support import Process, RedisServer, rss_kib, tree_rss_kib, wrk
+from _support import Process, RedisServer, rss_kib, tree_rss_kib
 from _workers import task_times, wait_idle
 
 E2E_CONNECTIONS = 100
@@ -24,18 +24,23 @@ def percentile(values: list[float], pct: float) -> float:
     return statistics.quantiles(values, n=1000, method="inclusive")[round(pct * 10) - 1]
 
 
-def end_to_end(api: Server, url: str, tasks: int, timeout: float = 300.0) -> dict[str, Any]:
-    """Submit `tasks` no-op tasks at once over HTTP; time until every one is DONE."""
+def _miss_requests(port: int, tasks: int, label: str) -> list[bytes]:
+    """POST /tasks requests with prompts never sent before: each one queues a task."""
     run_id = time.time_ns()
-    requests = [
+    return [
         post_request(
             "127.0.0.1",
-            api.port,
+            port,
             "/tasks",
-            json.dumps({"prompt": f"e2e {run_id} {i}", "params": {"duration": 0}}).encode(),
+            json.dumps({"prompt": f"{label} {run_id} {i}", "params": {"duration": 0}}).encode(),
         )
         for i in range(tasks)
     ]
+
+
+def end_to_end(api: Server, url: str, tasks: int, timeout: float = 300.0) -> dict[str, Any]:
+    """Submit `tasks` no-op tasks at once over HTTP; time until every one is DONE."""
+    requests = _miss_requests(api.port, tasks, "e2e")
     began_wall = time.time()
     began = time.perf_counter()
     answers = asyncio.run(send_all("127.0.0.1", api.port, requests, E2E_CONNECTIONS))
@@ -71,18 +76,14 @@ def memory_after(
         "worker_rss_kib": rss_kib(worker.pid),
         "redis_used_memory": redis_server.used_memory(),
     }
-    # One wrk thread stops itself after `tasks` answers; the duration is only a bound.
-    result = wrk(
-        api.base,
-        "post_miss.lua",
-        seconds=max(30.0, tasks / 200),
-        connections=50,
-        env={"WRK_MAX_REQUESTS": str(tasks), "BENCH_RUN_ID": f"mem{time.time_ns()}"},
+    answers = asyncio.run(
+        send_all("127.0.0.1", api.port, _miss_requests(api.port, tasks, "memory"), 100)
     )
+    accepted = sum(1 for status, _ in answers if status == 202)
     asyncio.run(wait_idle(url, time.perf_counter() + 300))
     after = {
         "api_rss_kib": tree_rss_kib(api.process.pid),
         "worker_rss_kib": rss_kib(worker.pid),
         "redis_used_memory": redis_server.used_memory(),
     }
-    return {"tasks": int(result["requests"]), "before": before, "after": after}
+    return {"tasks": accepted, "before": before, "after": after}

@@ -28,6 +28,7 @@ from _workers import PEERS, drain_ours, drain_peer, spawn_worker, wait_worker_re
 
 PEER_PYTHON = ROOT / ".venv-bench" / "bin" / "python"
 SECTIONS = ("worker", "api", "e2e", "scale", "memory")
+Report = dict[str, Any]
 
 
 def parse(argv: Sequence[str]) -> argparse.Namespace:
@@ -36,7 +37,7 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--tasks", type=int, help="no-op tasks per worker run [20000]")
     parser.add_argument("--concurrency", type=int, default=100, help="per worker process [100]")
     parser.add_argument("--api-workers", type=int, default=2, help="gunicorn workers [2]")
-    parser.add_argument("--api-seconds", type=float, help="seconds per wrk run [6]")
+    parser.add_argument("--api-seconds", type=float, help="seconds per wrk run [5]")
     parser.add_argument("--e2e-tasks", type=int, help="tasks submitted at once over HTTP [10000]")
     parser.add_argument("--memory-tasks", type=int, help="tasks before reading memory [100000]")
     parser.add_argument("--scale", default="1,2,4", help="worker process counts [1,2,4]")
@@ -49,7 +50,7 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     quick = args.quick
     args.tasks = args.tasks or (5_000 if quick else 20_000)
-    args.api_seconds = args.api_seconds or (3.0 if quick else 6.0)
+    args.api_seconds = args.api_seconds or (3.0 if quick else 5.0)
     args.e2e_tasks = args.e2e_tasks or (2_000 if quick else 10_000)
     args.memory_tasks = args.memory_tasks or (5_000 if quick else 100_000)
     args.scale = [int(n) for n in args.scale.split(",") if n]
@@ -79,7 +80,9 @@ def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def worker_section(space: Workspace, redis_server: RedisServer, args: argparse.Namespace) -> Any:
+def worker_section(
+    space: Workspace, redis_server: RedisServer, args: argparse.Namespace, report: Report
+) -> Any:
     runs = []
     redis_server.flush()
     log(f"worker: fastapi-redis-mini, {args.tasks} tasks")
@@ -108,7 +111,9 @@ def worker_section(space: Workspace, redis_server: RedisServer, args: argparse.N
     }
 
 
-def api_section(space: Workspace, redis_server: RedisServer, args: argparse.Namespace) -> Any:
+def api_section(
+    space: Workspace, redis_server: RedisServer, args: argparse.Namespace, report: Report
+) -> Any:
     redis_server.flush()
     api = start_api(space, redis_server.url, args.api_workers)
     bare = start_bare(space, args.api_workers)
@@ -126,7 +131,9 @@ def api_section(space: Workspace, redis_server: RedisServer, args: argparse.Name
     return {"workers": args.api_workers, "endpoints": results}
 
 
-def e2e_section(space: Workspace, redis_server: RedisServer, args: argparse.Namespace) -> Any:
+def e2e_section(
+    space: Workspace, redis_server: RedisServer, args: argparse.Namespace, report: Report
+) -> Any:
     redis_server.flush()
     api = start_api(space, redis_server.url, args.api_workers, name="api-e2e")
     worker = spawn_worker(space, redis_server.url, args.concurrency, "worker-e2e")
@@ -139,9 +146,15 @@ def e2e_section(space: Workspace, redis_server: RedisServer, args: argparse.Name
         api.process.stop()
 
 
-def scale_section(space: Workspace, redis_server: RedisServer, args: argparse.Namespace) -> Any:
+def scale_section(
+    space: Workspace, redis_server: RedisServer, args: argparse.Namespace, report: Report
+) -> Any:
     runs = []
     for processes in args.scale:
+        earlier = report.get("worker", {}).get("runs", [{}])[0]
+        if processes == 1 and earlier.get("system") == "fastapi-redis-mini":
+            runs.append(earlier)  # the worker section just measured this very case
+            continue
         redis_server.flush()
         log(f"scale: {processes} worker process(es), {args.tasks} tasks")
         runs.append(
@@ -157,7 +170,9 @@ def scale_section(space: Workspace, redis_server: RedisServer, args: argparse.Na
     return {"runs": runs}
 
 
-def memory_section(space: Workspace, redis_server: RedisServer, args: argparse.Namespace) -> Any:
+def memory_section(
+    space: Workspace, redis_server: RedisServer, args: argparse.Namespace, report: Report
+) -> Any:
     redis_server.flush()
     api = start_api(space, redis_server.url, args.api_workers, name="api-memory")
     worker = spawn_worker(space, redis_server.url, args.concurrency, "worker-memory")
@@ -170,7 +185,7 @@ def memory_section(space: Workspace, redis_server: RedisServer, args: argparse.N
         api.process.stop()
 
 
-RUNNERS: dict[str, Callable[[Workspace, RedisServer, argparse.Namespace], Any]] = {
+RUNNERS: dict[str, Callable[[Workspace, RedisServer, argparse.Namespace, Report], Any]] = {
     "worker": worker_section,
     "api": api_section,
     "e2e": e2e_section,
@@ -185,7 +200,7 @@ def main(argv: Sequence[str]) -> int:
     if "worker" in args.sections and not args.peer_python.exists():
         sys.exit(f"bench: {args.peer_python} is missing; `make bench` creates the bench venv")
     began = time.perf_counter()
-    report: dict[str, Any] = {
+    report: Report = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": machine(),
         "settings": {
@@ -204,7 +219,7 @@ def main(argv: Sequence[str]) -> int:
         redis_server = start_redis(space)
         report["machine"]["redis"] = redis_server.version()
         for section in args.sections:
-            report[section] = RUNNERS[section](space, redis_server, args)
+            report[section] = RUNNERS[section](space, redis_server, args, report)
     report["machine"]["load_average_end"] = os.getloadavg()
     report["seconds"] = time.perf_counter() - began
     report["targets"] = targets(report)
