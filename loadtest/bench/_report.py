@@ -60,6 +60,13 @@ def _cpu(run: dict[str, Any]) -> str:
     return f"{user + system:.0f} ({user:.0f} user + {system:.0f} sys)"
 
 
+def _waited(run: dict[str, Any]) -> str:
+    sched = run.get("sched") or {}
+    waiting = sched.get("worker_runqueue_wait_seconds", 0.0)
+    wall = run.get("wall_seconds", 0.0) * max(run.get("processes", 1), 1)
+    return f"{waiting:.2f}s ({100 * waiting / wall:.0f}% of wall)" if wall else "?"
+
+
 def _rows(report: dict[str, Any]) -> list[tuple[str, list[list[str]]]]:
     tables: list[tuple[str, list[list[str]]]] = []
     worker = report.get("worker")
@@ -75,6 +82,7 @@ def _rows(report: dict[str, Any]) -> list[tuple[str, list[list[str]]]]:
                 "Redis cmds/task",
                 "Redis CPU us/task",
                 "worker CPU us/task",
+                "worker waited for a CPU",
             ]
         ]
         for run in worker["runs"]:
@@ -89,6 +97,7 @@ def _rows(report: dict[str, Any]) -> list[tuple[str, list[list[str]]]]:
                     f"{run['redis'].get('redis_commands_per_task', 0):.2f}",
                     f"{run['redis'].get('redis_cpu_usec_per_task', 0):.0f}",
                     _cpu(run),
+                    _waited(run),
                 ]
             )
         rows.append(
@@ -98,6 +107,21 @@ def _rows(report: dict[str, Any]) -> list[tuple[str, list[list[str]]]]:
                 "",
                 f"{worker['ratio']:.2f}x",
                 f"{worker['wall_ratio']:.2f}x",
+                "",
+                "",
+                "",
+                "",
+                "",
+            ]
+        )
+        rows.append(
+            [
+                f"CPU per task, {worker['cheapest_peer']} / ours",
+                "",
+                "",
+                f"{worker['cpu_ratio']:.2f}x",
+                "",
+                "",
                 "",
                 "",
                 "",
@@ -157,7 +181,16 @@ def _rows(report: dict[str, Any]) -> list[tuple[str, list[list[str]]]]:
         tables.append(("End to end over HTTP, one api, one worker", rows))
     scale = report.get("scale")
     if scale:
-        rows = [["worker processes", "tasks", "done", "drain tasks/s", "wall tasks/s"]]
+        rows = [
+            [
+                "worker processes",
+                "tasks",
+                "done",
+                "drain tasks/s",
+                "wall tasks/s",
+                "workers waited for a CPU",
+            ]
+        ]
         for run in scale["runs"]:
             rows.append(
                 [
@@ -166,6 +199,7 @@ def _rows(report: dict[str, Any]) -> list[tuple[str, list[list[str]]]]:
                     str(run["completed"]),
                     f"{run['drain_rate']:.0f}",
                     f"{run['wall_rate']:.0f}",
+                    _waited(run),
                 ]
             )
         tables.append(("Worker scale-out on this machine", rows))

@@ -202,6 +202,19 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+def schedstat(pid: int) -> tuple[float, float]:
+    """(seconds on a CPU, seconds runnable but waiting for one) of a process's main thread.
+
+    The second figure is how much a busy machine held a process back: on two shared cores
+    it explains most of the run-to-run spread.
+    """
+    try:
+        on_cpu, waiting, _ = Path(f"/proc/{pid}/schedstat").read_text().split()
+    except (OSError, ValueError):
+        return (0.0, 0.0)
+    return (int(on_cpu) / 1e9, int(waiting) / 1e9)
+
+
 def children_of(pid: int) -> list[int]:
     found: list[int] = []
     for task_dir in Path(f"/proc/{pid}/task").glob("*"):

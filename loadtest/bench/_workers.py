@@ -21,7 +21,16 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from _support import BENCH_DIR, ROOT, Process, Workspace, free_port, stop_together, wait_http
+from _support import (
+    BENCH_DIR,
+    ROOT,
+    Process,
+    Workspace,
+    free_port,
+    schedstat,
+    stop_together,
+    wait_http,
+)
 
 from fastapi_redis_mini.core.keys import Keys
 from fastapi_redis_mini.core.models import TaskCreate, TaskStatus, request_signature
@@ -97,6 +106,8 @@ class DrainResult:
     redis: dict[str, float] = field(default_factory=dict)
     # Worker processes' CPU from spawn to exit, start-up included.
     cpu: dict[str, float] = field(default_factory=dict)
+    # On-CPU and runnable-but-waiting seconds of the worker processes' main threads.
+    sched: dict[str, float] = field(default_factory=dict)
 
     @property
     def drain_rate(self) -> float:
@@ -106,8 +117,22 @@ class DrainResult:
     def wall_rate(self) -> float:
         return self.completed / self.wall_seconds if self.wall_seconds > 0 else 0.0
 
+    @property
+    def cpu_per_task(self) -> float:
+        """Microseconds of worker plus Redis CPU per task, worker start-up included."""
+        return (
+            self.cpu.get("worker_user_usec_per_task", 0.0)
+            + self.cpu.get("worker_system_usec_per_task", 0.0)
+            + self.redis.get("redis_cpu_usec_per_task", 0.0)
+        )
+
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "drain_rate": self.drain_rate, "wall_rate": self.wall_rate}
+        return {
+            **asdict(self),
+            "drain_rate": self.drain_rate,
+            "wall_rate": self.wall_rate,
+            "cpu_per_task": self.cpu_per_task,
+        }
 
 
 def _queue(url: str) -> RedisTaskQueue:
@@ -217,6 +242,7 @@ def drain_ours(
     ]
     try:
         idle_at = asyncio.run(wait_idle(url, spawned + timeout))
+        sched = [schedstat(worker.pid) for worker in workers]
     finally:
         stop_together(workers)
     cpu_after = ChildCpu.read()
@@ -235,7 +261,15 @@ def drain_ours(
         enqueue_seconds=enqueue_seconds,
         redis=before.per_task(after, tasks),
         cpu=cpu_before.per_task(cpu_after, tasks),
+        sched=_sched_summary(sched),
     )
+
+
+def _sched_summary(samples: Sequence[tuple[float, float]]) -> dict[str, float]:
+    return {
+        "worker_on_cpu_seconds": sum(on_cpu for on_cpu, _ in samples),
+        "worker_runqueue_wait_seconds": sum(waiting for _, waiting in samples),
+    }
 
 
 def _peer(python: Path, action: str, system: str, url: str, tasks: int, *extra: str) -> Any:
@@ -269,11 +303,15 @@ def drain_peer(
             "--redis-url", url, "--jobs", str(tasks), "--concurrency", str(concurrency),
         ],
     )  # fmt: skip
-    try:
-        worker.popen.wait(timeout)
-    except subprocess.TimeoutExpired:
-        worker.stop()
-        raise
+    # The peer exits by itself when done; its scheduler counters are read until then.
+    sched = (0.0, 0.0)
+    deadline = time.perf_counter() + timeout
+    while worker.alive():
+        if time.perf_counter() > deadline:
+            worker.stop()
+            raise TimeoutError(f"{system} did not finish in {timeout:g}s")
+        sched = schedstat(worker.pid) if worker.alive() else sched
+        time.sleep(0.02)
     wall = time.perf_counter() - worker.started
     cpu_after = ChildCpu.read()
     after = RedisCounters.read(url)
@@ -292,4 +330,5 @@ def drain_peer(
         enqueue_seconds=float(enqueued["seconds"]),
         redis=before.per_task(after, tasks),
         cpu=cpu_before.per_task(cpu_after, tasks),
+        sched=_sched_summary([sched]),
     )

@@ -103,9 +103,13 @@ def worker_section(
     ours, peers = runs[0], runs[1:]
     best = max(peers, key=lambda r: r.drain_rate)
     best_wall = max(peers, key=lambda r: r.wall_rate)
+    cheapest = min(peers, key=lambda r: r.cpu_per_task)
     return {
         "runs": [r.as_dict() for r in runs],
         "best_peer": best.system,
+        # CPU per task (worker + Redis) hardly moves with machine load, unlike rates.
+        "cpu_ratio": cheapest.cpu_per_task / ours.cpu_per_task if ours.cpu_per_task else 0.0,
+        "cheapest_peer": cheapest.system,
         "ratio": ours.drain_rate / best.drain_rate if best.drain_rate else 0.0,
         "wall_ratio": ours.wall_rate / best_wall.wall_rate if best_wall.wall_rate else 0.0,
     }
