@@ -166,11 +166,10 @@ def compose_stack(
         run_command([*project, "up", "--detach", "--no-build"], timeout=COMPOSE_TIMEOUT)
         report(f"compose up (host network): {time.monotonic() - started:.1f} s")
         yield project, api_port
-    except BaseException:
+    finally:
+        # Captured output: pytest shows it only if the test failed.
         logs = run_command([*project, "logs", "--no-color"], check=False, timeout=60)
         print(f"--- compose logs ---\n{logs.stdout[-6000:]}")
-        raise
-    finally:
         run_command([*project, "down", "--volumes", "--timeout", "30"], timeout=COMPOSE_TIMEOUT)
 
 

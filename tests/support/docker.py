@@ -509,14 +509,16 @@ def run_once(
 
 @contextlib.contextmanager
 def removing(container: Container) -> Iterator[Container]:
-    """Remove `container` when the with-block ends; print its logs first if the block failed."""
+    """Remove `container` when the with-block ends, printing the tail of its logs first.
+
+    pytest shows captured output only for a test that failed, so the logs appear exactly
+    when they help, including when the block sits in a fixture that never sees the failure.
+    """
     try:
         yield container
-    except BaseException:
+    finally:
         print(f"--- logs of {container.name} ({container.image}) ---")
         print(_tail(container.logs(), 80))
-        raise
-    finally:
         container.remove()
 
 
