@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
 
@@ -82,3 +83,48 @@ def test_a_task_running_past_claim_idle_on_a_live_worker_is_not_stolen(
     assert all(task["status"] == "DONE" and task["attempts"] == 1 for task in tasks.values())
     assert thief_figures["reclaimed"] == 0
     assert (owner_figures["done"], thief_figures["done"]) == (count, 0)
+
+
+def test_workers_killed_one_after_another_under_load_lose_nothing(
+    redis_url: str, launch: Launcher
+) -> None:
+    kills = 4
+    # A task may be in flight at every kill; with more deliveries allowed than kills, each
+    # crash costs it a delivery but can never dead-letter it.
+    env = {"MAX_CONCURRENCY": "10", "CLAIM_IDLE": CLAIM_IDLE, "MAX_DELIVERIES": str(kills + 2)}
+    api = launch.api(redis_url, WEB_CONCURRENCY="2")
+    workers = launch.workers(redis_url, 3, **env)
+    accepted: list[str] = []
+    stop = threading.Event()
+
+    def submit_until_stopped() -> None:
+        durations = [0.1, 0.5, 1.0, 2.0]
+        with httpx.Client(base_url=api.base_url, timeout=15) as client:
+            for n in range(2000):
+                if stop.is_set():
+                    return
+                body = {"prompt": f"storm {n}", "params": {"duration": durations[n % 4]}}
+                response = client.post("/tasks", json=body)
+                assert response.status_code == 202, response.text
+                accepted.append(response.json()["task_id"])
+                time.sleep(0.02)
+
+    load = threading.Thread(target=submit_until_stopped, daemon=True)
+    load.start()
+    try:
+        for round_ in range(kills):  # every 3 s a worker dies mid-task and a new one starts
+            time.sleep(3.0)
+            victim = workers.pop(round_ % len(workers))
+            victim.kill()
+            workers.append(launch.worker(redis_url, env, wait=False))
+    finally:
+        stop.set()
+        load.join(timeout=30)
+    with httpx.Client(base_url=api.base_url, timeout=30) as client:
+        tasks = collect(client, accepted, timeout=90)
+
+    tally = Tally.of(tasks)
+    attempts = Counter(task["attempts"] for task in tasks.values())
+    tally.report("kill-storm", kills=kills, attempts=dict(attempts))
+    assert tally.lost == 0
+    assert tally.done == tally.accepted > 0
