@@ -40,16 +40,16 @@ class QueryError(AssertionError):
 
 
 def write_config(path: Path, targets: Sequence[Target], rule_files: Sequence[Path]) -> None:
+    jobs: dict[str, list[dict[str, Any]]] = {}
+    for target in targets:
+        static = {"targets": [target.address], "labels": dict(target.labels)}
+        jobs.setdefault(target.job, []).append(static)
     config = {
         "global": {"scrape_interval": SCRAPE_INTERVAL, "evaluation_interval": SCRAPE_INTERVAL},
         "rule_files": [str(rule_file.resolve()) for rule_file in rule_files],
         "scrape_configs": [
-            {
-                "job_name": target.job,
-                "scrape_timeout": SCRAPE_INTERVAL,
-                "static_configs": [{"targets": [target.address], "labels": dict(target.labels)}],
-            }
-            for target in targets
+            {"job_name": job, "scrape_timeout": SCRAPE_INTERVAL, "static_configs": statics}
+            for job, statics in jobs.items()
         ],
     }
     path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")

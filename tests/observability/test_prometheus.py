@@ -29,6 +29,8 @@ RELEASE = "obs"
 # Grafana's variables as the test resolves them. One minute covers the whole load phase.
 VARIABLES = {"namespace": NAMESPACE, "release": RELEASE, "__rate_interval": "1m"}
 RULES = _dashboard.REPO / "charts" / "fastapi-redis-mini" / "files" / "prometheus" / "rules.yaml"
+# Every api replica exports the same queue gauges; two of them catch a sum that should be a max.
+API_REPLICAS = 2
 # rate() sees a counter grow only after its first sample: scrapes between load rounds.
 ROUND_PAUSE = 3.0
 
@@ -46,40 +48,47 @@ def start_fast_worker(redis_url: str, metrics_port: int) -> Service:
 
 @dataclass
 class Stack:
-    api: Service
+    """Two api replicas and one worker on one Redis, scraped by one Prometheus."""
+
+    apis: list[Service]
     worker: Service
     worker_port: int
     prometheus: Prometheus
     redis_url: str
-    metrics_dir: Path
+    started: list[Service]
 
     def restart_worker(self) -> None:
         self.worker = start_fast_worker(self.redis_url, self.worker_port)
+        self.started.append(self.worker)
 
 
 @pytest.fixture
 def stack(prometheus_binary: str, redis_url: str, tmp_path: Path) -> Iterator[Stack]:
-    metrics_dir = tmp_path / "api-metrics"
-    api = start_api(redis_url, WEB_CONCURRENCY="2", PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
-    worker_port = free_port()
-    worker = start_fast_worker(redis_url, worker_port)
-    labels = {"namespace": NAMESPACE, "release": RELEASE}
-    targets = [
-        Target("api", api.base_url.removeprefix("http://"), {**labels, "pod": "api-0"}),
-        Target("worker", f"127.0.0.1:{worker_port}", {**labels, "pod": "worker-0"}),
-    ]
-    stack = None
+    started: list[Service] = []
     try:
+        for replica in range(API_REPLICAS):
+            metrics_dir = tmp_path / f"api-{replica}-metrics"
+            started.append(
+                start_api(redis_url, WEB_CONCURRENCY="2", PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
+            )
+        apis = list(started)
+        worker_port = free_port()
+        started.append(start_fast_worker(redis_url, worker_port))
+        labels = {"namespace": NAMESPACE, "release": RELEASE}
+        targets = [
+            Target("api", api.base_url.removeprefix("http://"), {**labels, "pod": f"api-{n}"})
+            for n, api in enumerate(apis)
+        ]
+        targets.append(Target("worker", f"127.0.0.1:{worker_port}", {**labels, "pod": "worker-0"}))
         with run_prometheus(prometheus_binary, tmp_path, targets, [RULES]) as prometheus:
-            stack = Stack(api, worker, worker_port, prometheus, redis_url, metrics_dir)
             prometheus.wait_for(
                 'count(up{job=~"api|worker"} == 1)',
-                lambda samples: single_value(samples) == 2,
-                what="both targets scraped",
+                lambda samples: single_value(samples) == len(targets),
+                what="every target scraped",
             )
-            yield stack
+            yield Stack(apis, started[-1], worker_port, prometheus, redis_url, started)
     finally:
-        for service in (api, worker, stack.worker if stack else worker):
+        for service in started:
             service.close()
 
 
@@ -127,7 +136,7 @@ def answers(prometheus: Prometheus, query: _dashboard.PanelQuery) -> bool:
 
 
 def test_every_dashboard_query_returns_data_from_a_real_prometheus(stack: Stack) -> None:
-    drive_load(stack.api)
+    drive_load(stack.apis[0])
     dashboard = _dashboard.load()
     queries = _dashboard.queries(dashboard)
     local = [query for query in queries if not query.needs_cluster]
@@ -189,6 +198,9 @@ def test_backlog_metric_follows_a_real_backlog(stack: Stack) -> None:
     waiting = next(
         query for query in _dashboard.queries(_dashboard.load()) if query.panel == "Waiting tasks"
     ).resolved(VARIABLES)
+    lag_per_replica = (
+        f'fastapi_redis_mini_stream_lag{{namespace="{NAMESPACE}", release="{RELEASE}"}}'
+    )
     backlog = 25
 
     try:
@@ -196,14 +208,26 @@ def test_backlog_metric_follows_a_real_backlog(stack: Stack) -> None:
     except subprocess.TimeoutExpired:
         pytest.fail(f"worker ignored SIGTERM for 20s:\n{stack.worker.log}")
     assert exit_code == 0, stack.worker.log
-    with httpx.Client(base_url=stack.api.base_url, timeout=30.0) as client:
-        task_ids = [
-            submit(client, f"backlog {uuid.uuid4().hex}", duration=0.01) for _ in range(backlog)
+
+    clients = [httpx.Client(base_url=api.base_url, timeout=30.0) for api in stack.apis]
+    try:
+        # Submitted through both replicas, as a Service would spread them.
+        submitted = [
+            (client, submit(client, f"backlog {uuid.uuid4().hex}", duration=0.01))
+            for number in range(backlog)
+            for client in [clients[number % len(clients)]]
         ]
+        # Each replica reports the whole backlog; the panel's max is what keeps it at N.
         stack.prometheus.wait_for(
-            waiting, lambda samples: single_value(samples) == backlog, what=f"lag {backlog}"
+            lag_per_replica,
+            lambda samples: [sample.value for sample in samples] == [backlog] * API_REPLICAS,
+            what=f"lag {backlog} from every api replica",
         )
+        assert single_value(stack.prometheus.query(waiting)) == backlog
 
         stack.restart_worker()
         stack.prometheus.wait_for(waiting, lambda samples: single_value(samples) == 0, what="lag 0")
-        assert {wait_final(client, task_id) for task_id in task_ids} == {"DONE"}
+        assert {wait_final(client, task_id) for client, task_id in submitted} == {"DONE"}
+    finally:
+        for client in clients:
+            client.close()
