@@ -16,7 +16,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from _support import BENCH_DIR, Process, Workspace, free_port, wait_http, wrk
+from _support import BENCH_DIR, Process, Workspace, free_port, tree_cpu_seconds, wait_http, wrk
 
 SCRIPTS = {"post_miss": "post_miss.lua", "post_hit": "post_hit.lua", "get": "get_task.lua"}
 LABELS = {
@@ -129,8 +129,15 @@ def measure_endpoint(
     env = {"TASK_ID": task_id, "BENCH_RUN_ID": uuid.uuid4().hex[:8]}
     results: dict[str, Any] = {"endpoint": LABELS[endpoint]}
     for server in (ours, bare):
+        cpu_before = tree_cpu_seconds(server.process.pid)
         result = wrk(server.base, script, seconds=seconds, connections=MAX_CONNECTIONS, env=env)
-        results[f"{server.name}_max"] = {**result, "rps": rps(result), "errors": errors(result)}
+        cpu = tree_cpu_seconds(server.process.pid) - cpu_before
+        results[f"{server.name}_max"] = {
+            **result,
+            "rps": rps(result),
+            "errors": errors(result),
+            "cpu_usec_per_request": cpu * 1e6 / max(result["requests"], 1),
+        }
     half_rate = results[f"{ours.name}_max"]["rps"] / 2
     delay_ms = max(1, round(1000 * PACED_CONNECTIONS / half_rate)) if half_rate > 0 else 1000
     results["paced_target_rps"] = half_rate
@@ -146,6 +153,12 @@ def measure_endpoint(
     ours_max, bare_max = results[f"{ours.name}_max"], results["bare_max"]
     ours_paced, bare_paced = results[f"{ours.name}_paced"], results["bare_paced"]
     results["rps_ratio"] = ours_max["rps"] / bare_max["rps"] if bare_max["rps"] else 0.0
+    # Server CPU per request hardly depends on what else the machine runs; rates do.
+    results["cpu_ratio"] = (
+        bare_max["cpu_usec_per_request"] / ours_max["cpu_usec_per_request"]
+        if ours_max["cpu_usec_per_request"]
+        else 0.0
+    )
     results["p99_ratio"] = (
         ours_paced["p99_us"] / bare_paced["p99_us"] if bare_paced["p99_us"] else 0.0
     )

@@ -141,6 +141,8 @@ def _rows(report: dict[str, Any]) -> list[tuple[str, list[list[str]]]]:
                 "api p99 ms",
                 "bare p99 ms",
                 "p99 ratio",
+                "CPU us/req api/bare",
+                "CPU ratio",
                 "errors",
             ]
         ]
@@ -155,6 +157,9 @@ def _rows(report: dict[str, Any]) -> list[tuple[str, list[list[str]]]]:
                     f"{e['api_paced']['p99_us'] / 1000:.1f}",
                     f"{e['bare_paced']['p99_us'] / 1000:.1f}",
                     f"{e['p99_ratio']:.2f}",
+                    f"{e['api_max']['cpu_usec_per_request']:.0f}/"
+                    f"{e['bare_max']['cpu_usec_per_request']:.0f}",
+                    f"{e['cpu_ratio']:.2f}",
                     str(
                         e["api_max"]["errors"]
                         + e["bare_max"]["errors"]
