@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "charts" / "fastapi-redis-mini" / "files" / "grafana" / "overview.json"
 GENERATOR = REPO / "tools" / "grafana_dashboard.py"
 
-# Series only a Kubernetes cluster provides; locally they can only be checked for syntax.
+# Series only a Kubernetes cluster provides (kube-state-metrics).
 CLUSTER_ONLY_PREFIXES = ("kube_",)
 
 
@@ -20,6 +20,7 @@ class PanelQuery:
     panel: str
     ref_id: str
     expr: str
+    legend: str
 
     @property
     def needs_cluster(self) -> bool:
@@ -51,7 +52,12 @@ def panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
 
 def queries(dashboard: dict[str, Any]) -> list[PanelQuery]:
     return [
-        PanelQuery(panel=panel["title"], ref_id=target["refId"], expr=target["expr"])
+        PanelQuery(
+            panel=panel["title"],
+            ref_id=target["refId"],
+            expr=target["expr"],
+            legend=target.get("legendFormat", ""),
+        )
         for panel in panels(dashboard)
         for target in panel.get("targets", [])
     ]

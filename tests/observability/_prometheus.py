@@ -27,6 +27,8 @@ class Target:
     job: str
     address: str
     labels: Mapping[str, str] = field(default_factory=dict)
+    # kube-state-metrics reports each object's own namespace; keep it over the target's.
+    honor_labels: bool = False
 
 
 @dataclass(frozen=True)
@@ -40,17 +42,22 @@ class QueryError(AssertionError):
 
 
 def write_config(path: Path, targets: Sequence[Target], rule_files: Sequence[Path]) -> None:
-    jobs: dict[str, list[dict[str, Any]]] = {}
+    jobs: dict[str, dict[str, Any]] = {}
     for target in targets:
-        static = {"targets": [target.address], "labels": dict(target.labels)}
-        jobs.setdefault(target.job, []).append(static)
+        job = jobs.setdefault(
+            target.job,
+            {
+                "job_name": target.job,
+                "scrape_timeout": SCRAPE_INTERVAL,
+                "honor_labels": target.honor_labels,
+                "static_configs": [],
+            },
+        )
+        job["static_configs"].append({"targets": [target.address], "labels": dict(target.labels)})
     config = {
         "global": {"scrape_interval": SCRAPE_INTERVAL, "evaluation_interval": SCRAPE_INTERVAL},
         "rule_files": [str(rule_file.resolve()) for rule_file in rule_files],
-        "scrape_configs": [
-            {"job_name": job, "scrape_timeout": SCRAPE_INTERVAL, "static_configs": statics}
-            for job, statics in jobs.items()
-        ],
+        "scrape_configs": list(jobs.values()),
     }
     path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
 
