@@ -40,13 +40,14 @@ def test_a_worker_waiting_for_redis_at_start_stays_live_and_then_works(
     server = RedisServer()  # its port is chosen now; the server starts later
     try:
         worker = launch.worker(server.url)
+        api = launch.api(server.url, wait=False)
         answers: list[int] = []
-        deadline = time.monotonic() + STALL_SECONDS + 5
+        deadline = time.monotonic() + STALL_SECONDS + 3
         while time.monotonic() < deadline:
             answers.append(httpx.get(worker.base_url + "/healthz", timeout=5).status_code)
             time.sleep(1.0)
         server.start()
-        api = launch.api(server.url)
+        api.wait_until_answers("/readyz", timeout=40)
         with httpx.Client(base_url=api.base_url, timeout=30) as client:
             task_id = client.post("/tasks", json={"prompt": "late"}).json()["task_id"]
             done = wait_until(

@@ -111,6 +111,7 @@ def test_redis_restart_under_load_loses_no_accepted_task(
 
     with httpx.Client(base_url=api.base_url, timeout=30) as client:
         tasks = collect(client, load.accepted, timeout=60)
+    all_done_after = time.monotonic() - back_at
     statuses = Counter(answer.status for answer in load.answers)
     figures = worker_figures(worker)
     tally = Tally.of(tasks)
@@ -121,6 +122,7 @@ def test_redis_restart_under_load_loses_no_accepted_task(
         worker_redis_errors=figures["redis_errors"],
         attempts=dict(Counter(task["attempts"] for task in tasks.values())),
         accepting_again_after_s=first_202_after_s,
+        all_final_after_restart_s=round(all_done_after, 1),
     )
     assert tally.lost == 0
     assert tally.done == tally.accepted
