@@ -13,6 +13,7 @@ from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.parser import text_string_to_metric_families
 
 from ..support.processes import start_api
+from ._services import ready
 
 pytestmark = pytest.mark.slow
 
@@ -60,8 +61,14 @@ def test_requests_through_three_processes_are_counted_exactly_once(
     redis_url: str, tmp_path: Path
 ) -> None:
     metrics_dir = tmp_path / "metrics"
-    api = start_api(
-        redis_url, WEB_CONCURRENCY=str(PROCESSES), PROMETHEUS_MULTIPROC_DIR=str(metrics_dir)
+    api = ready(
+        start_api(
+            redis_url,
+            wait=False,
+            WEB_CONCURRENCY=str(PROCESSES),
+            PROMETHEUS_MULTIPROC_DIR=str(metrics_dir),
+        ),
+        "/readyz",
     )
     try:
         labels = (("method", "GET"), ("route", ROUTE), ("status", "404"))

@@ -25,6 +25,7 @@ from ..support.redis_server import free_port
 from . import _dashboard
 from ._kube_state import Workload, serve_kube_state
 from ._prometheus import Prometheus, Target, run_prometheus, single_value
+from ._services import ready
 
 pytestmark = pytest.mark.slow
 
@@ -41,13 +42,15 @@ ROUND_PAUSE = 3.0
 
 def start_fast_worker(redis_url: str, metrics_port: int) -> Service:
     """A worker whose failing tasks reach FAILED, after one retry, within the test."""
-    return start_worker(
+    worker = start_worker(
         redis_url,
         metrics_port=metrics_port,
+        wait=False,
         MAX_RETRIES="1",
         RETRY_BACKOFF="0.05",
         RETRY_BACKOFF_MAX="0.1",
     )
+    return ready(worker, "/healthz")
 
 
 @dataclass
@@ -91,9 +94,14 @@ def stack(prometheus_binary: str, redis_url: str, tmp_path: Path) -> Iterator[St
     try:
         for replica in range(API_REPLICAS):
             metrics_dir = tmp_path / f"api-{replica}-metrics"
-            started.append(
-                start_api(redis_url, WEB_CONCURRENCY="2", PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
+            api = start_api(
+                redis_url,
+                wait=False,
+                WEB_CONCURRENCY="2",
+                PROMETHEUS_MULTIPROC_DIR=str(metrics_dir),
             )
+            started.append(api)
+            ready(api, "/readyz")
         apis = list(started)
         worker_port = free_port()
         started.append(start_fast_worker(redis_url, worker_port))

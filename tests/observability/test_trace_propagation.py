@@ -13,6 +13,7 @@ import pytest
 
 from ..support.processes import Service, start_api, start_worker
 from ._otlp import Collector, ReceivedSpan, run_collector
+from ._services import ready
 
 pytestmark = pytest.mark.slow
 
@@ -34,17 +35,23 @@ def traced(redis_url: str) -> Iterator[Traced]:
         endpoint = collector.endpoint
         # OTEL_BSP_SCHEDULE_DELAY: export within 0.1 s instead of the default 5 s.
         api = start_api(
-            redis_url, OTEL_EXPORTER_OTLP_ENDPOINT=endpoint, OTEL_BSP_SCHEDULE_DELAY="100"
+            redis_url,
+            wait=False,
+            OTEL_EXPORTER_OTLP_ENDPOINT=endpoint,
+            OTEL_BSP_SCHEDULE_DELAY="100",
         )
         worker = None
         try:
+            ready(api, "/readyz")
             worker = start_worker(
                 redis_url,
+                wait=False,
                 OTEL_EXPORTER_OTLP_ENDPOINT=endpoint,
                 OTEL_BSP_SCHEDULE_DELAY="100",
                 LOG_FORMAT="json",
                 MAX_RETRIES="0",
             )
+            ready(worker, "/healthz")
             yield Traced(api, worker, collector)
         finally:
             for service in (api, worker):
