@@ -20,10 +20,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from _api import LABELS, measure_endpoint, start_api, start_bare, warm_cache
+from _api import LABELS, SCRIPTS, measure_endpoint, start_api, start_bare, warm_cache
 from _e2e import end_to_end, memory_after
 from _report import print_table, targets, write_markdown
-from _support import ROOT, RedisServer, Workspace, require_wrk, start_redis, workspace
+from _support import ROOT, RedisServer, Workspace, require_wrk, start_redis, workspace, wrk
 from _workers import PEERS, drain_ours, drain_peer, spawn_worker, wait_worker_ready
 
 PEER_PYTHON = ROOT / ".venv-bench" / "bin" / "python"
@@ -126,6 +126,9 @@ def api_section(
         task_id = warm_cache(api)
     finally:
         warmer.stop()
+    for server in (api, bare):
+        # The first requests of a process import lazily and fill caches; keep them out.
+        wrk(server.base, SCRIPTS["get"], seconds=1, connections=8, env={"TASK_ID": task_id})
     results = []
     for endpoint in LABELS:
         log(f"api: {LABELS[endpoint]}")
