@@ -4,6 +4,8 @@ LOADTEST_HOST ?= http://127.0.0.1:8000
 LOADTEST_USERS ?= 50
 LOADTEST_SPAWN_RATE ?= 10
 LOADTEST_TIME ?= 60s
+# Users finish the task they are waiting on, so the last tasks are not cut off mid-poll.
+LOADTEST_STOP_TIMEOUT ?= 30
 LOADTEST_REPORTS := reports/loadtest
 BENCH_VENV := .venv-bench
 BENCH_LOCK := loadtest/bench/requirements.lock
@@ -19,6 +21,7 @@ loadtest-headless: $(VENV)/.synced ## LOADTEST_USERS users for LOADTEST_TIME aga
 	mkdir -p $(LOADTEST_REPORTS)
 	$(BIN)/locust -f $(LOCUSTFILE) --host $(LOADTEST_HOST) --headless \
 		--users $(LOADTEST_USERS) --spawn-rate $(LOADTEST_SPAWN_RATE) --run-time $(LOADTEST_TIME) \
+		--stop-timeout $(LOADTEST_STOP_TIMEOUT) \
 		--csv $(LOADTEST_REPORTS)/locust --html $(LOADTEST_REPORTS)/locust.html --only-summary
 
 # The peers (arq needs redis<6) live in their own venv, installed from a hashed lock.
