@@ -432,6 +432,7 @@ class _Completions:
     async def close(self) -> None:
         if self._listener is not None:
             self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
+            # A cancel landing inside a Redis read can be swallowed by the client: wait for
+            # the listener a bounded time rather than forever.
+            await asyncio.wait([self._listener], timeout=2)
             self._listener = None

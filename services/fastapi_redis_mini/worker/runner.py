@@ -65,6 +65,7 @@ class Worker:
         self._lost: set[str] = set()
         self._releasing = False
         self._stopping = asyncio.Event()
+        self._closed = asyncio.Event()  # set once draining is over: the helper loops end
         self._slot_free = asyncio.Event()
         self._flush_needed = asyncio.Event()
         self._tracer = trace.get_tracer(__name__)
@@ -104,9 +105,15 @@ class Worker:
             await self._consume_loop()
             await self._drain()
         finally:
-            for helper in helpers:
+            # The loops end on their own once closed is set. Cancelling is only the fallback:
+            # a cancel that lands inside a Redis command can be swallowed by the client, so
+            # nothing here waits on a cancelled task without a limit.
+            self._closed.set()
+            _, unfinished = await asyncio.wait(helpers, timeout=5)
+            for helper in unfinished:
                 helper.cancel()
-            await asyncio.gather(*helpers, return_exceptions=True)
+            if unfinished:
+                await asyncio.wait(unfinished, timeout=2)
         with contextlib.suppress(*RedisUnavailable):
             await self.queue.leave(self.consumer)
         log.info("stopped")
@@ -214,7 +221,9 @@ class Worker:
     async def _flush_loop(self) -> None:
         backoff = _Backoff()
         while True:
-            await self._flush_needed.wait()
+            await _first(self._flush_needed.wait(), self._closed.wait())
+            if self._closed.is_set() and not self._finished:
+                return
             self._flush_needed.clear()
             while self._finished:
                 batch = self._finished[:_FINISH_BATCH]
@@ -256,8 +265,8 @@ class Worker:
 
     async def _keep_alive_loop(self) -> None:
         interval = min(self.settings.claim_idle / 3, 10.0)
-        while True:
-            await asyncio.sleep(interval)
+        while not self._closed.is_set():
+            await _sleep_or_stop(interval, self._closed)
             # Entries whose outcome is not written yet are kept alive too: they are still ours.
             running = list(self._jobs.values())
             try:
@@ -285,8 +294,8 @@ class Worker:
         claim_every = max(self.settings.claim_idle / 2, 0.5)
         next_claim = time.monotonic() + claim_every
         next_trim = time.monotonic() + _TRIM_INTERVAL
-        while True:
-            await asyncio.sleep(_RETRY_PROMOTE_INTERVAL)
+        while not self._stopping.is_set():
+            await _sleep_or_stop(_RETRY_PROMOTE_INTERVAL, self._stopping)
             now = time.monotonic()
             try:
                 await self.queue.promote_due_retries(limit=1000)
