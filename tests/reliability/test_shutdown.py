@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
+from ..support.redis_server import RedisServer
 from ._chaos import Tally, collect, in_flight, submit_all, wait_until, worker_figures
 from .conftest import Launcher
 
@@ -118,3 +121,46 @@ def test_sigterm_lets_the_api_answer_requests_in_flight_then_exit_0(
     assert all(a.json()["status"] == "PENDING" for a in answers)
     assert exit_code == 0
     assert stopped_in >= 1.0  # it waited for the long-polls rather than cutting them off
+
+
+def test_sigterm_while_redis_is_down_exits_0_and_loses_nothing(launch: Launcher) -> None:
+    grace, chart_margin = 2.0, 15.0  # the chart gives pods shutdownGrace + 15 s by default
+    server = RedisServer(appendonly=True)
+    server.start()
+    try:
+        api = launch.api(server.url)
+        env = {"SHUTDOWN_GRACE": str(grace), "CLAIM_IDLE": "2", "MAX_CONCURRENCY": "4"}
+        leaving = launch.worker(server.url, env)
+        with httpx.Client(base_url=api.base_url, timeout=30) as client:
+            # Two finish inside the grace, two are released; no outcome can be written.
+            bodies = [
+                {"prompt": f"outage drain {i}", "params": {"duration": 1.0 if i < 2 else 4.0}}
+                for i in range(4)
+            ]
+            ids = submit_all(client, bodies)
+            assert wait_until(lambda: in_flight(leaving) == 4, 20), leaving.log
+            server.stop(kill=True)
+            stopping = time.monotonic()
+            leaving.signal(signal.SIGTERM)
+            try:
+                exit_code: int | None = leaving.process.wait(timeout=grace + chart_margin + 10)
+            except subprocess.TimeoutExpired:
+                exit_code = None
+            stopped_in = time.monotonic() - stopping
+            server.start()
+            launch.worker(server.url, env)
+            tasks = collect(client, ids, timeout=40)
+    finally:
+        server.close()
+    tally = Tally.of(tasks)
+    tally.report(
+        "sigterm-redis-down",
+        exit_code=exit_code,
+        stopped_in_s=round(stopped_in, 1),
+        grace_s=grace,
+        attempts=[task["attempts"] for task in tasks.values()],
+    )
+    assert exit_code == 0
+    assert stopped_in < grace + chart_margin
+    assert tally.lost == 0
+    assert tally.done == len(ids)
