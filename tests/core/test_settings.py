@@ -61,7 +61,7 @@ def test_a_service_with_a_bad_value_exits_at_once_with_one_line(module: str) -> 
         env={"MAX_CONCURRENCY": "0", "PATH": "/usr/bin:/bin"},
         capture_output=True,
         text=True,
-        timeout=30,
+        timeout=120,
     )
     assert completed.returncode == 2
     lines = completed.stderr.strip().splitlines()
@@ -76,7 +76,7 @@ def test_an_unknown_handler_stops_the_worker_with_its_name() -> None:
         env={"TASK_HANDLER": "no-such-model", "PATH": "/usr/bin:/bin"},
         capture_output=True,
         text=True,
-        timeout=30,
+        timeout=120,
     )
     assert completed.returncode != 0
     assert "TASK_HANDLER" in completed.stderr

@@ -101,6 +101,14 @@ class Service:
         self._log.close()
 
 
+def _wait_or_close(service: Service, path: str) -> None:
+    try:
+        service.wait_until_answers(path)
+    except BaseException:
+        service.close()  # a service that never became ready must not outlive the test
+        raise
+
+
 def start_api(
     redis_url: str,
     env: Mapping[str, str] | None = None,
@@ -114,11 +122,17 @@ def start_api(
     service = Service(
         "api",
         [sys.executable, "-m", "fastapi_redis_mini.api"],
-        service_env(redis_url, PORT=str(port), **{**(env or {}), **more}),
+        service_env(
+            redis_url,
+            PORT=str(port),
+            # Each api counts into its own directory; the api empties it at start.
+            PROMETHEUS_MULTIPROC_DIR=tempfile.mkdtemp(prefix="frm-metrics-"),
+            **{**(env or {}), **more},
+        ),
         f"http://127.0.0.1:{port}",
     )
     if wait:
-        service.wait_until_answers("/readyz")
+        _wait_or_close(service, "/readyz")
     return service
 
 
@@ -139,5 +153,5 @@ def start_worker(
         f"http://127.0.0.1:{port}",
     )
     if wait:
-        service.wait_until_answers("/healthz")
+        _wait_or_close(service, "/healthz")
     return service

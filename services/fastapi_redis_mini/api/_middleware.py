@@ -7,7 +7,7 @@ import time
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..core.telemetry import metrics
+from . import metrics
 
 
 class MetricsMiddleware:

@@ -66,6 +66,7 @@ class Settings(BaseSettings):
     prometheus_multiproc_dir: str | None = None
     # OpenTelemetry's standard variables; tracing is off unless one of them asks for it.
     otel_traces_exporter: str | None = None
+    otel_service_name: str | None = None
     otel_exporter_otlp_endpoint: str | None = None
     otel_exporter_otlp_traces_endpoint: str | None = None
 

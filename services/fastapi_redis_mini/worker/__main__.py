@@ -7,6 +7,7 @@ import contextlib
 import logging
 import signal
 
+import uvicorn
 import uvloop
 
 from ..core.handlers import TaskHandler, resolve_handler
@@ -20,6 +21,12 @@ from .runner import Worker
 log = logging.getLogger("fastapi_redis_mini.worker")
 
 
+async def _serve_http(server: uvicorn.Server) -> None:
+    # uvicorn leaves with SystemExit when it cannot bind; serve() reports that as one line.
+    with contextlib.suppress(SystemExit):
+        await server.serve()
+
+
 async def serve(settings: Settings, handler: TaskHandler) -> None:
     tracing = configure_tracing(settings, "fastapi-redis-mini-worker")
     queue = RedisTaskQueue(connect(settings), settings)
@@ -28,7 +35,19 @@ async def serve(settings: Settings, handler: TaskHandler) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, worker.stop)
     server = http_server(build_app(worker, queue, settings), settings.host, settings.metrics_port)
-    http = asyncio.create_task(server.serve(), name="http")
+    http = asyncio.create_task(_serve_http(server), name="http")
+    # A worker nobody can probe or scrape must not run: wait for the port before consuming.
+    for _ in range(200):
+        if server.started or http.done():
+            break
+        await asyncio.sleep(0.05)
+    if not server.started:
+        server.should_exit = True
+        await queue.close()
+        raise SystemExit(
+            f"fastapi-redis-mini: cannot serve /metrics on {settings.host}:{settings.metrics_port}"
+            " (METRICS_PORT)"
+        )
     try:
         await worker.run()
     finally:

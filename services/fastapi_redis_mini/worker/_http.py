@@ -52,5 +52,8 @@ class _QuietServer(uvicorn.Server):
 
 
 def http_server(app: Starlette, host: str, port: int) -> uvicorn.Server:
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off")
+    # log_config=None keeps uvicorn's lines in the service's own log format.
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level="warning", lifespan="off", log_config=None
+    )
     return _QuietServer(config)

@@ -25,7 +25,8 @@ from ..core.handlers import RetryableError, TaskHandler
 from ..core.queue import Delivery, Finish, FinishVerdict, Job, Outcome, StartVerdict, TaskQueue
 from ..core.redis_queue import RedisUnavailable
 from ..core.settings import Settings
-from ..core.telemetry import metrics
+from ..core.telemetry.metrics import redis_errors
+from . import metrics
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -135,7 +136,7 @@ class Worker:
                 await self._begin(deliveries)
                 backoff.reset()
             except RedisUnavailable as error:
-                metrics.redis_errors.labels("read").inc()
+                redis_errors.labels("read").inc()
                 log.warning("redis unavailable while reading (%s); retrying", error)
                 await _sleep_or_stop(backoff.next(), self._stopping)
 
@@ -232,7 +233,7 @@ class Worker:
                 except RedisUnavailable as error:
                     # The outcomes stay buffered and their entries unacknowledged: nothing is
                     # lost, and a worker that dies meanwhile leaves them to be reclaimed.
-                    metrics.redis_errors.labels("finish").inc()
+                    redis_errors.labels("finish").inc()
                     log.warning("redis unavailable while finishing (%s); retrying", error)
                     await asyncio.sleep(backoff.next())
                     continue
@@ -276,7 +277,7 @@ class Worker:
                     for job, reply in zip(chunk, replies, strict=True):
                         self._on_keep_alive(job, reply)
             except RedisUnavailable:
-                metrics.redis_errors.labels("keep_alive").inc()
+                redis_errors.labels("keep_alive").inc()
 
     def _on_keep_alive(self, job: Job, reply: str) -> None:
         run = self._runs.get(job.entry_id)
@@ -315,7 +316,7 @@ class Worker:
                     next_trim = now + _TRIM_INTERVAL
                     await self.queue.trim()
             except RedisUnavailable:
-                metrics.redis_errors.labels("maintenance").inc()
+                redis_errors.labels("maintenance").inc()
 
     # -- stopping
 
@@ -355,7 +356,7 @@ class _Backoff:
             try:
                 return await call()
             except RedisUnavailable as error:
-                metrics.redis_errors.labels(operation).inc()
+                redis_errors.labels(operation).inc()
                 log.warning("redis unavailable during %s (%s); retrying", operation, error)
                 await asyncio.sleep(self.next())
 

@@ -9,8 +9,8 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 
 from ...core.models import ErrorPublic, TaskCreate, TaskPublic, TaskSubmitted, request_signature
 from ...core.queue import CancelOutcome, SubmitOutcome, TaskQueue, TaskRecord
-from ...core.telemetry import metrics
 from ...core.telemetry.tracing import current_traceparent
+from .. import metrics
 from .._limits import TASK_ID, check_idempotency_key, check_task
 from ..deps import QueueDep, ScopeDep, SettingsDep, require_json
 from ..errors import BacklogFullError, ConflictError, TaskNotFoundError

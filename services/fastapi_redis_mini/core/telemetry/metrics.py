@@ -1,7 +1,9 @@
-"""Every Prometheus metric the service exports, defined once.
+"""What the api's and the worker's metrics share: naming, buckets, exposition.
 
-Under gunicorn the api runs several processes; prometheus_client's multiprocess mode
-(PROMETHEUS_MULTIPROC_DIR) lets each of them count into shared files, and /metrics merges them.
+Each service defines its own metrics next to its code (api/metrics.py, worker/metrics.py), so
+neither exports the other's series. Under gunicorn the api runs several processes;
+prometheus_client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR) lets each of them count into
+shared files, and /metrics merges them.
 The queue-depth gauges are not kept here: they are read from Redis at scrape time.
 """
 
@@ -12,8 +14,6 @@ from prometheus_client import (
     REGISTRY,
     CollectorRegistry,
     Counter,
-    Gauge,
-    Histogram,
     disable_created_metrics,
     generate_latest,
 )
@@ -29,63 +29,10 @@ NAMESPACE = "fastapi_redis_mini"
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
 # Latency buckets from 1 ms (an api call) to 10 minutes (a long inference task).
-_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
             120, 300, 600)  # fmt: skip
 
-# -- api
-http_requests = Counter(
-    "http_requests", "HTTP requests answered.", ["method", "route", "status"], namespace=NAMESPACE
-)
-http_request_duration = Histogram(
-    "http_request_duration_seconds",
-    "Time to answer an HTTP request.",
-    ["method", "route", "status"],
-    namespace=NAMESPACE,
-    buckets=_BUCKETS,
-)
-tasks_submitted = Counter(
-    "tasks_submitted",
-    "Task submissions by outcome: queued, cached, duplicate (Idempotency-Key) or rejected.",
-    ["outcome"],
-    namespace=NAMESPACE,
-)
-cache_hits = Counter(
-    "cache_hits", "Submissions answered from the result cache.", namespace=NAMESPACE
-)
-cache_misses = Counter("cache_misses", "Submissions that had to be queued.", namespace=NAMESPACE)
-
-# -- worker
-tasks_finished = Counter(
-    "tasks_finished", "Tasks finished, by final status.", ["status"], namespace=NAMESPACE
-)
-task_queue_wait = Histogram(
-    "task_queue_wait_seconds", "Time from submit to start.", namespace=NAMESPACE, buckets=_BUCKETS
-)
-task_run = Histogram(
-    "task_run_seconds", "Time from start to finish.", namespace=NAMESPACE, buckets=_BUCKETS
-)
-task_end_to_end = Histogram(
-    "task_end_to_end_seconds",
-    "Time from submit to finish.",
-    namespace=NAMESPACE,
-    buckets=_BUCKETS,
-)
-tasks_in_flight = Gauge(
-    "tasks_in_flight", "Tasks this worker is running.", namespace=NAMESPACE, multiprocess_mode="sum"
-)
-worker_concurrency_limit = Gauge(
-    "worker_concurrency_limit",
-    "MAX_CONCURRENCY of this worker.",
-    namespace=NAMESPACE,
-    multiprocess_mode="max",
-)
-tasks_reclaimed = Counter(
-    "tasks_reclaimed", "Entries taken over from a worker that stopped.", namespace=NAMESPACE
-)
-tasks_retried = Counter("tasks_retried", "Runs that failed and were retried.", namespace=NAMESPACE)
-tasks_dead_lettered = Counter(
-    "tasks_dead_lettered", "Tasks moved to the dead-letter stream.", namespace=NAMESPACE
-)
+# -- both services
 redis_errors = Counter(
     "redis_errors", "Redis calls that failed, by operation.", ["operation"], namespace=NAMESPACE
 )

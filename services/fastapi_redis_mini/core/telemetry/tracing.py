@@ -24,7 +24,8 @@ def configure_tracing(settings: Settings, service: str) -> bool:
     exporter_name = settings.tracing_exporter
     if exporter_name is None:
         return False
-    provider = TracerProvider(resource=Resource.create({SERVICE_NAME: service}))
+    name = settings.otel_service_name or service
+    provider = TracerProvider(resource=Resource.create({SERVICE_NAME: name}))
     exporter: SpanExporter
     if exporter_name == "console":
         exporter = ConsoleSpanExporter()

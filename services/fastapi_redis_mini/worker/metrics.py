@@ -1,0 +1,39 @@
+"""The worker's metrics: outcomes, the time tasks wait and run, and recovery counts."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from ..core.telemetry.metrics import BUCKETS, NAMESPACE
+
+tasks_finished = Counter(
+    "tasks_finished", "Tasks finished, by final status.", ["status"], namespace=NAMESPACE
+)
+task_queue_wait = Histogram(
+    "task_queue_wait_seconds", "Time from submit to start.", namespace=NAMESPACE, buckets=BUCKETS
+)
+task_run = Histogram(
+    "task_run_seconds", "Time from start to finish.", namespace=NAMESPACE, buckets=BUCKETS
+)
+task_end_to_end = Histogram(
+    "task_end_to_end_seconds",
+    "Time from submit to finish.",
+    namespace=NAMESPACE,
+    buckets=BUCKETS,
+)
+tasks_in_flight = Gauge(
+    "tasks_in_flight", "Tasks this worker is running.", namespace=NAMESPACE, multiprocess_mode="sum"
+)
+worker_concurrency_limit = Gauge(
+    "worker_concurrency_limit",
+    "MAX_CONCURRENCY of this worker.",
+    namespace=NAMESPACE,
+    multiprocess_mode="max",
+)
+tasks_reclaimed = Counter(
+    "tasks_reclaimed", "Entries taken over from a worker that stopped.", namespace=NAMESPACE
+)
+tasks_retried = Counter("tasks_retried", "Runs that failed and were retried.", namespace=NAMESPACE)
+tasks_dead_lettered = Counter(
+    "tasks_dead_lettered", "Tasks moved to the dead-letter stream.", namespace=NAMESPACE
+)
