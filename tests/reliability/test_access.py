@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -85,6 +86,9 @@ def test_an_idempotency_key_gives_back_the_first_task(redis_url: str, launch: La
         other_key = submit("charge card 42", "retry-2", A)
         other_tenant = submit("charge card 42", "retry-1", B)
         malformed = submit("charge card 42", "has space", A)
+        # Retries that overlap (a client timing out while the first is still in flight).
+        with ThreadPoolExecutor(10) as pool:
+            racing = list(pool.map(lambda _: submit("race", "retry-3", A), range(20)))
 
     assert first.status_code == 202
     task_id = first.json()["task_id"]
@@ -94,6 +98,8 @@ def test_an_idempotency_key_gives_back_the_first_task(redis_url: str, launch: La
     assert other_key.json()["task_id"] != task_id
     assert other_tenant.json()["task_id"] != task_id  # keys are scoped per tenant
     assert malformed.status_code == 422
+    assert len({r.json()["task_id"] for r in racing}) == 1
+    assert sorted(r.status_code for r in racing) == [200] * 19 + [202]
     assert malformed.json()["error"]["message"].startswith("Idempotency-Key")
 
 
