@@ -1,0 +1,66 @@
+"""A tiny run of the benchmark harness, so `make bench` cannot rot between real runs.
+
+The peers' section needs the bench venv (.venv-bench) and takes minutes, so it is left to
+`make bench`; everything else runs here with small N against the real api and worker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ..support.processes import REPO_ROOT
+
+pytestmark = pytest.mark.slow
+
+BENCH = REPO_ROOT / "loadtest" / "bench" / "run.py"
+
+
+@pytest.fixture(scope="module")
+def wrk_binary() -> str:
+    path = shutil.which("wrk")
+    if path is not None:
+        return path
+    message = "wrk is not installed (apt-get install -y wrk)"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{message}; CI=true requires it", pytrace=False)
+    pytest.skip(message)
+
+
+def test_bench_without_peers_measures_every_section_and_writes_both_reports(
+    wrk_binary: str, tmp_path: Path
+) -> None:
+    result = subprocess.run(
+        [sys.executable, str(BENCH), "--sections", "api,e2e,scale,memory",
+         "--tasks", "300", "--scale", "1,2", "--api-seconds", "1", "--e2e-tasks", "200",
+         "--memory-tasks", "200", "--out", str(tmp_path)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )  # fmt: skip
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert {e["endpoint"] for e in report["api"]["endpoints"]} == {
+        "POST /tasks (miss)",
+        "POST /tasks (hit)",
+        "GET /tasks/{id}",
+    }
+    for endpoint in report["api"]["endpoints"]:
+        for run in ("api_max", "bare_max", "api_paced", "bare_paced"):
+            assert endpoint[run]["requests"] > 0
+            assert endpoint[run]["errors"] == 0, (endpoint["endpoint"], run, endpoint[run])
+    assert report["e2e"]["done"] == 200
+    assert [run["completed"] for run in report["scale"]["runs"]] == [300, 300]
+    assert report["memory"]["tasks"] == 200
+    assert report["memory"]["after"]["redis_used_memory"] > 0
+    assert "## Api throughput" in (tmp_path / "bench.md").read_text()
+    assert "Targets" in result.stdout
