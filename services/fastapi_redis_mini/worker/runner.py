@@ -15,8 +15,8 @@ import random
 import secrets
 import socket
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Sequence
+from typing import Any
 
 import orjson
 from opentelemetry import propagate, trace
@@ -29,7 +29,6 @@ from ..core.telemetry.metrics import redis_errors
 from . import metrics
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 _FINISH_BATCH = 500
 _RETRY_PROMOTE_INTERVAL = 0.5
@@ -92,7 +91,8 @@ class Worker:
 
     async def run(self) -> None:
         metrics.worker_concurrency_limit.set(self.settings.max_concurrency)
-        await _Backoff().retry("ensure_group", self.queue.ensure_group)
+        if not await self._ensure_group():
+            return
         log.info(
             "consuming as %s (max_concurrency=%d, claim_idle=%gs)",
             self.consumer, self.settings.max_concurrency, self.settings.claim_idle,
@@ -110,14 +110,28 @@ class Worker:
             # a cancel that lands inside a Redis command can be swallowed by the client, so
             # nothing here waits on a cancelled task without a limit.
             self._closed.set()
-            _, unfinished = await asyncio.wait(helpers, timeout=5)
+            _, unfinished = await asyncio.wait(helpers, timeout=1)
             for helper in unfinished:
                 helper.cancel()
             if unfinished:
-                await asyncio.wait(unfinished, timeout=2)
-        with contextlib.suppress(*RedisUnavailable):
-            await self.queue.leave(self.consumer)
+                await asyncio.wait(unfinished, timeout=1)
+        # Every step of stopping is bounded, so a worker stops within SHUTDOWN_GRACE plus a
+        # few seconds even while Redis is unreachable; what it could not write stays pending
+        # and is reclaimed.
+        await _within(1.0, self.queue.leave(self.consumer))
         log.info("stopped")
+
+    async def _ensure_group(self) -> bool:
+        backoff = _Backoff()
+        while not self._stopping.is_set():
+            try:
+                await self.queue.ensure_group()
+                return True
+            except RedisUnavailable as error:
+                redis_errors.labels("ensure_group").inc()
+                log.warning("redis unavailable at start (%s); retrying", error)
+                await _sleep_or_stop(backoff.next(), self._stopping)
+        return False
 
     # -- reading and starting
 
@@ -223,7 +237,7 @@ class Worker:
         backoff = _Backoff()
         while True:
             await _first(self._flush_needed.wait(), self._closed.wait())
-            if self._closed.is_set() and not self._finished:
+            if self._closed.is_set():
                 return
             self._flush_needed.clear()
             while self._finished:
@@ -235,7 +249,9 @@ class Worker:
                     # lost, and a worker that dies meanwhile leaves them to be reclaimed.
                     redis_errors.labels("finish").inc()
                     log.warning("redis unavailable while finishing (%s); retrying", error)
-                    await asyncio.sleep(backoff.next())
+                    await _sleep_or_stop(backoff.next(), self._closed)
+                    if self._closed.is_set():
+                        return
                     continue
                 backoff.reset()
                 del self._finished[: len(batch)]
@@ -332,10 +348,13 @@ class Worker:
             self._releasing = True
             for run in list(self._runs.values()):
                 run.cancel()
-            await asyncio.gather(*self._runs.values(), return_exceptions=True)
-        while self._jobs and time.monotonic() < deadline + 5.0:
+            await asyncio.wait(list(self._runs.values()), timeout=1)
+        flush_until = max(deadline, time.monotonic()) + 2.0
+        while self._jobs and time.monotonic() < flush_until:
             self._flush_needed.set()
             await asyncio.sleep(0.05)
+        if self._jobs:
+            log.warning("%d outcomes unwritten; their tasks will be reclaimed", len(self._jobs))
 
 
 class _Backoff:
@@ -351,21 +370,22 @@ class _Backoff:
     def reset(self) -> None:
         self.attempt = 0
 
-    async def retry(self, operation: str, call: Callable[[], Awaitable[T]]) -> T:
-        while True:
-            try:
-                return await call()
-            except RedisUnavailable as error:
-                redis_errors.labels(operation).inc()
-                log.warning("redis unavailable during %s (%s); retrying", operation, error)
-                await asyncio.sleep(self.next())
-
 
 async def _first(*waits: Awaitable[Any]) -> None:
     tasks = [asyncio.ensure_future(w) for w in waits]
     _, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     for task in pending:
         task.cancel()
+
+
+async def _within(seconds: float, call: Awaitable[Any]) -> None:
+    """Run a best-effort call for at most `seconds`, whatever it raises or swallows."""
+    task = asyncio.ensure_future(call)
+    done, _ = await asyncio.wait([task], timeout=seconds)
+    if not done:
+        task.cancel()
+    elif not task.cancelled() and task.exception() is not None:
+        log.debug("best-effort call failed: %s", task.exception())
 
 
 async def _sleep_or_stop(seconds: float, stopping: asyncio.Event) -> None:
