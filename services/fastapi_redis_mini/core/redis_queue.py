@@ -50,7 +50,7 @@ RedisUnavailable = (RedisConnectionError, RedisTimeoutError)
 
 _TASK_FIELDS = (
     "status", "scope", "result", "error", "cached", "attempts",
-    "created_at", "started_at", "finished_at", "cancel", "signature",
+    "created_at", "started_at", "finished_at", "cancel",
 )  # fmt: skip
 _IDLE_CONSUMER_MS = 3_600_000
 
@@ -106,6 +106,7 @@ class RedisTaskQueue:
         self._promote = _load_script(redis, "promote")
         self._trim = _load_script(redis, "trim")
         self._cancel = _load_script(redis, "cancel")
+        self._read = _load_script(redis, "read")
         self._replay = _load_script(redis, "replay")
         self._prune = _load_script(redis, "prune_consumers")
         self._completions = _Completions(redis, self.keys.events)
@@ -136,6 +137,7 @@ class RedisTaskQueue:
             keys=[self.keys.task(task_id), self.keys.cache(signature, scope), self.keys.stream,
                   idempotency],
             args=[task_id, canonical_json(request.model_dump(mode="json")), signature, scope,
+                  self.keys.cache(signature, scope),
                   repr(time.time()), traceparent, s.cache_ttl, s.result_expiry,
                   s.idempotency_ttl if idempotency_key else 0],
         )  # fmt: skip
@@ -144,10 +146,10 @@ class RedisTaskQueue:
         return Submitted(task_id=reply[1], outcome=outcome, result=result)
 
     async def get(self, task_id: str, scope: str = "") -> TaskRecord | None:
-        values: list[str | None] = await self.redis.hmget(  # type: ignore[assignment]
-            self.keys.task(task_id), _TASK_FIELDS
+        values = await self._read(
+            keys=[self.keys.task(task_id)], args=[self.settings.cache_ttl, *_TASK_FIELDS]
         )
-        fields = dict(zip(_TASK_FIELDS, values, strict=True))
+        fields: dict[str, str | None] = dict(zip(_TASK_FIELDS, values, strict=True))
         if fields["status"] is None or (fields["scope"] or "") != scope:
             return None
         record = TaskRecord(
@@ -163,11 +165,6 @@ class RedisTaskQueue:
             finished_at=_float(fields["finished_at"]),
             cancel_requested=fields["cancel"] == "1",
         )
-        if record.status is TaskStatus.DONE and fields["result"]:
-            # Reading a finished task keeps its cached result warm.
-            await self.redis.expire(
-                self.keys.cache(fields["signature"] or "", scope), self.settings.cache_ttl
-            )
         return record
 
     async def wait(self, task_id: str, scope: str, seconds: float) -> TaskRecord | None:
