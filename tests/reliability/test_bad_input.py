@@ -85,3 +85,19 @@ async def test_unknown_top_level_fields_are_refused_but_params_keys_are_free(
     assert (accepted.status_code, plain.status_code) == (202, 202)
     # Unknown params keys are part of the signature: these are two different tasks.
     assert accepted.json()["task_id"] != plain.json()["task_id"]
+
+
+async def test_a_body_streamed_without_content_length_is_cut_off_at_the_limit(
+    client: httpx.AsyncClient, settings: Settings
+) -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b'{"prompt": "'
+        for _ in range(settings.max_body_bytes // 1000 + 1):
+            yield b"x" * 1000
+        yield b'"}'
+
+    response = await client.post(
+        "/tasks", content=chunks(), headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "payload_too_large"
