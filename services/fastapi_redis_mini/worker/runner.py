@@ -124,6 +124,7 @@ class Worker:
     async def _ensure_group(self) -> bool:
         backoff = _Backoff()
         while not self._stopping.is_set():
+            self.last_progress = time.monotonic()  # waiting for Redis is not a stall
             try:
                 await self.queue.ensure_group()
                 return True
