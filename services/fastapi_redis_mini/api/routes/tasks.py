@@ -49,18 +49,7 @@ class BacklogGate:
 
 
 def _public(record: TaskRecord) -> TaskPublic:
-    return TaskPublic(
-        task_id=record.task_id,
-        status=record.status,
-        result=record.result,
-        error=record.error,
-        cached=record.cached,
-        attempts=record.attempts,
-        created_at=record.created_at,
-        started_at=record.started_at,
-        finished_at=record.finished_at,
-        cancel_requested=record.cancel_requested,
-    )
+    return TaskPublic.model_validate(record, from_attributes=True)
 
 
 @router.post(
