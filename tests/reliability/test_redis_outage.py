@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import httpx
@@ -152,3 +153,41 @@ def _first_accept_delay(load: Load, accepted_before: int, back_at: float) -> flo
     """Seconds from the restart until the load's next 202, to the nearest tenth."""
     wait_until(lambda: len(load.accepted) > accepted_before, 30, interval=0.02)
     return round(time.monotonic() - back_at, 1)
+
+
+def timed(call: Callable[[], httpx.Response]) -> tuple[int | None, float]:
+    """The status of a request and how long it took; None when the client gave up."""
+    asked = time.monotonic()
+    try:
+        status: int | None = call().status_code
+    except httpx.TimeoutException:
+        status = None
+    return status, round(time.monotonic() - asked, 1)
+
+
+def test_a_frozen_redis_gets_clients_a_prompt_503_not_a_hung_request(launch: Launcher) -> None:
+    # SIGSTOP: connections stay open and nothing answers, as in a network partition or a
+    # Redis stalled on its disk; unlike a crash, no error arrives to fail fast on.
+    answer_within, give_up_after = 5.0, 15.0
+    server = RedisServer(appendonly=True)
+    server.start()
+    assert server.process is not None
+    try:
+        api = launch.api(server.url)
+        launch.worker(server.url)
+        with httpx.Client(base_url=api.base_url, timeout=give_up_after) as client:
+            before = client.post("/tasks", json={"prompt": "before the freeze"})
+            server.process.send_signal(signal.SIGSTOP)
+            submit = timed(lambda: client.post("/tasks", json={"prompt": "during the freeze"}))
+            ready = timed(lambda: client.get("/readyz"))
+            server.process.send_signal(signal.SIGCONT)
+            tasks = collect(client, [before.json()["task_id"]], timeout=30)
+    finally:
+        server.process.send_signal(signal.SIGCONT)
+        server.close()
+    tally = Tally.of(tasks)
+    tally.report("redis-frozen", submit_status_and_s=submit, readyz_status_and_s=ready)
+    assert tally.lost == 0
+    # Not an answer after socket timeouts and retries: a prompt 503 the client can act on.
+    assert submit[0] == 503
+    assert submit[1] < answer_within
