@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Iterator, Mapping
 
 import pytest
 
@@ -53,8 +53,26 @@ class Launcher:
             service.close()
 
 
+_FAILED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if report.failed:
+        item.stash[_FAILED] = True
+    return report
+
+
 @pytest.fixture
-def launch() -> Iterator[Launcher]:
+def launch(request: pytest.FixtureRequest) -> Iterator[Launcher]:
     launcher = Launcher()
     yield launcher
+    if request.node.stash.get(_FAILED, False):
+        # What each process said is the first thing to read when a chaos test fails in CI.
+        for service in launcher.started:
+            print(f"\n----- {service.name} (pid {service.pid}) log, last 60 lines -----")
+            print("\n".join(service.log.splitlines()[-60:]))
     launcher.close()
