@@ -31,7 +31,7 @@ async def test_dead_letters_are_listed_and_replayed(settings: Settings, redis_ur
     task_id = (await queue.submit(task, signature=request_signature(task))).task_id
     deliveries = await queue.read("w", count=1, block_ms=100)
     for _ in range(settings.max_deliveries + 1):
-        await queue.start("w", deliveries)
+        await queue.start("w", deliveries, alone=True)
     await queue.close()
 
     listed = admin(redis_url, "dead-letter", "list")

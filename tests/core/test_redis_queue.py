@@ -199,7 +199,9 @@ async def test_idle_entries_are_reclaimed_and_run_again(
     await asyncio.sleep(2.2)  # CLAIM_IDLE is 2 s in the test settings
     reclaimed = await queue.claim_idle("live-worker", 10)
     assert [d.task_id for d in reclaimed] == [job.task_id]
-    [rerun] = await queue.start("live-worker", reclaimed)
+    [held] = await queue.start("live-worker", reclaimed)
+    assert held.verdict is StartVerdict.SUSPECT  # it was in flight when its worker died
+    [rerun] = await queue.start("live-worker", reclaimed, alone=True)
     assert (rerun.verdict, rerun.attempts) == (StartVerdict.RUN, 2)
     assert await queue.finish("dead-worker", [done(job, "zombie")]) == [FinishVerdict.LOST]
     assert await queue.finish("live-worker", [done(rerun, "ok")]) == [FinishVerdict.WRITTEN]
@@ -220,8 +222,8 @@ async def test_a_task_delivered_too_often_is_dead_lettered(
 ) -> None:
     task_id = await submit(queue)
     deliveries = await queue.read(CONSUMER, count=10, block_ms=100)
-    for attempt in range(1, 6):  # MAX_DELIVERIES = 5
-        [job] = await queue.start(CONSUMER, deliveries)
+    for attempt in range(1, 6):  # MAX_DELIVERIES = 5; each redelivery runs alone
+        [job] = await queue.start(CONSUMER, deliveries, alone=attempt > 1)
         assert (job.verdict, job.attempts) == (StartVerdict.RUN, attempt)
     [job] = await queue.start(CONSUMER, deliveries)
     assert job.verdict is StartVerdict.DEAD
@@ -241,7 +243,7 @@ async def test_a_dead_letter_can_be_replayed(queue: RedisTaskQueue) -> None:
     task_id = await submit(queue)
     deliveries = await queue.read(CONSUMER, count=10, block_ms=100)
     for _ in range(6):
-        await queue.start(CONSUMER, deliveries)
+        await queue.start(CONSUMER, deliveries, alone=True)
     [letter] = await queue.dead_letters(10)
     assert await queue.replay_dead_letters([letter.entry_id]) == 1
     assert await queue.dead_letters(10) == []
@@ -307,3 +309,29 @@ async def test_stats_report_lag_and_pending(queue: RedisTaskQueue) -> None:
     await queue.start(CONSUMER, await queue.read(CONSUMER, count=2, block_ms=100))
     stats = await queue.stats()
     assert (stats.lag, stats.pending) == (3, 2)
+
+
+async def test_a_task_in_flight_when_its_worker_died_waits_to_run_alone(
+    queue: RedisTaskQueue,
+) -> None:
+    await submit(queue, prompt="innocent")
+    await submit(queue, prompt="poison")
+    deliveries = await queue.read("crashed", count=10, block_ms=100)
+    await queue.start("crashed", deliveries)  # both started, then the worker dies
+    held = await queue.start("heir", deliveries)
+    assert [j.verdict for j in held] == [StartVerdict.SUSPECT, StartVerdict.SUSPECT]
+    for job in held:  # a suspect left waiting costs no delivery
+        record = await queue.redis.hget(f"task:{job.task_id}", "deliveries")
+        assert record == "1"
+    [alone] = await queue.start("heir", deliveries[:1], alone=True)
+    assert (alone.verdict, alone.attempts) == (StartVerdict.RUN, 2)
+
+
+async def test_a_released_task_gives_its_delivery_back(queue: RedisTaskQueue) -> None:
+    task_id = await submit(queue)
+    [job] = await take(queue)
+    release = Finish(job, Outcome.RELEASE, due_at=time.time())
+    assert await queue.finish(CONSUMER, [release]) == [FinishVerdict.WRITTEN]
+    assert await queue.promote_due_retries(10) == 1
+    [again] = await take(queue)  # not a suspect: a stopping worker handed it back
+    assert (again.task_id, again.verdict, again.attempts) == (task_id, StartVerdict.RUN, 1)

@@ -125,9 +125,13 @@ def start_api(
         service_env(
             redis_url,
             PORT=str(port),
-            # Each api counts into its own directory; the api empties it at start.
-            PROMETHEUS_MULTIPROC_DIR=tempfile.mkdtemp(prefix="frm-metrics-"),
-            **{**(env or {}), **more},
+            # Each api counts into its own directory (the api empties it at start), unless
+            # the test names one.
+            **{
+                "PROMETHEUS_MULTIPROC_DIR": tempfile.mkdtemp(prefix="frm-metrics-"),
+                **(env or {}),
+                **more,
+            },
         ),
         f"http://127.0.0.1:{port}",
     )

@@ -64,6 +64,7 @@ class StartVerdict(StrEnum):
     SKIP = "skip"  # already final, or gone: acknowledged, nothing to do
     CANCELLED = "cancelled"  # cancelled before it started
     DEAD = "dead"  # reached MAX_DELIVERIES: FAILED and moved to the dead-letter stream
+    SUSPECT = "suspect"  # in flight when a worker died: left untouched until it can run alone
 
 
 @dataclass(slots=True)
@@ -157,7 +158,9 @@ class TaskQueue(Protocol):
 
     async def claim_idle(self, consumer: str, count: int) -> list[Delivery]: ...
 
-    async def start(self, consumer: str, deliveries: Sequence[Delivery]) -> list[Job]: ...
+    async def start(
+        self, consumer: str, deliveries: Sequence[Delivery], *, alone: bool = False
+    ) -> list[Job]: ...
 
     async def finish(self, consumer: str, finishes: Sequence[Finish]) -> list[FinishVerdict]: ...
 

@@ -74,10 +74,10 @@ def connect(settings: Settings) -> Redis:
         password=password,
         decode_responses=True,
         socket_connect_timeout=5,
-        socket_timeout=15,
+        socket_timeout=settings.redis_socket_timeout,
         socket_keepalive=True,
         health_check_interval=30,
-        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries=2),
+        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=1),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
     )
     return Redis.from_pool(pool)
@@ -260,7 +260,9 @@ class RedisTaskQueue:
         )
         return _deliveries(reply[1])
 
-    async def start(self, consumer: str, deliveries: Sequence[Delivery]) -> list[Job]:
+    async def start(
+        self, consumer: str, deliveries: Sequence[Delivery], *, alone: bool = False
+    ) -> list[Job]:
         if not deliveries:
             return []
         now = time.time()
@@ -270,7 +272,7 @@ class RedisTaskQueue:
             # The batch travels as one JSON argument: encoding one string is far cheaper for
             # the client than encoding hundreds of separate arguments.
             args=[self.keys.group, consumer, repr(now), self.settings.max_deliveries,
-                  orjson.dumps([(d.entry_id, d.task_id) for d in deliveries])],
+                  int(alone), orjson.dumps([(d.entry_id, d.task_id) for d in deliveries])],
         )  # fmt: skip
         jobs = []
         for d, row in zip(deliveries, reply, strict=True):

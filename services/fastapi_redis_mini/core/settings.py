@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     redis_url: str = "redis://localhost:6379/0"
     redis_password: SecretStr | None = None
     redis_max_connections: int = Field(default=64, ge=2, le=10000)
+    # Longer than the worker's 1 s blocking read; short enough that a frozen Redis becomes a
+    # prompt 503 rather than a hung request.
+    redis_socket_timeout: float = Field(default=2.0, ge=1.5, le=60)
     key_prefix: str = Field(default="", max_length=64, pattern=r"^[A-Za-z0-9_.:{}-]*$")
     queue_key: str = Field(default="task_stream", min_length=1, max_length=128)
     consumer_group: str = Field(default="workers", min_length=1, max_length=128)

@@ -61,6 +61,9 @@ class Worker:
         self._jobs: dict[str, Job] = {}  # entry id -> job, from start until its outcome is written
         self._runs: dict[str, asyncio.Task[None]] = {}  # entry id -> the handler's task
         self._finished: list[Finish] = []
+        # Suspects: delivered to us, not started, waiting to run alone (see start.lua).
+        self._suspects: dict[str, Job] = {}
+        self._alone: str | None = None  # the entry of the suspect running alone, if any
         self._cancel_requested: set[str] = set()
         self._lost: set[str] = set()
         self._releasing = False
@@ -82,6 +85,8 @@ class Worker:
         return len(self._runs)
 
     def _free_slots(self) -> int:
+        if self._suspects or self._alone in self._runs:
+            return 0  # nothing new runs beside a suspect, nor while suspects wait
         # A slot frees when its handler returns, so the next batch is read while the previous
         # outcomes are being written. Unwritten outcomes are capped too, so a slow Redis
         # cannot let them pile up.
@@ -140,6 +145,14 @@ class Worker:
         backoff = _Backoff()
         while not self._stopping.is_set():
             self.last_progress = time.monotonic()
+            if self._suspects and not self._runs:
+                try:
+                    await self._run_suspect_alone()
+                except RedisUnavailable as error:
+                    redis_errors.labels("start").inc()
+                    log.warning("redis unavailable while starting (%s); retrying", error)
+                    await _sleep_or_stop(backoff.next(), self._stopping)
+                continue
             free = self._free_slots()
             if free <= 0:
                 self._slot_free.clear()
@@ -159,16 +172,36 @@ class Worker:
         if not deliveries:
             return
         for job in await self.queue.start(self.consumer, deliveries):
-            if job.verdict is StartVerdict.RUN:
-                self._jobs[job.entry_id] = job
-                self._runs[job.entry_id] = asyncio.create_task(self._execute(job))
-            elif job.verdict is StartVerdict.DEAD:
-                metrics.tasks_dead_lettered.inc()
-                metrics.tasks_finished.labels("FAILED").inc()
-                log.warning("task dead-lettered", extra={"task_id": job.task_id})
-            elif job.verdict is StartVerdict.CANCELLED:
-                metrics.tasks_finished.labels("CANCELLED").inc()
+            self._take(job)
         metrics.tasks_in_flight.set(len(self._runs))
+
+    def _take(self, job: Job) -> None:
+        """Act on what start decided for one delivery."""
+        if job.verdict is StartVerdict.RUN:
+            self._jobs[job.entry_id] = job
+            self._runs[job.entry_id] = asyncio.create_task(self._execute(job))
+        elif job.verdict is StartVerdict.SUSPECT:
+            self._suspects[job.entry_id] = job
+            log.info(
+                "task was in flight when a worker died: it will run alone",
+                extra={"task_id": job.task_id},
+            )
+        elif job.verdict is StartVerdict.DEAD:
+            metrics.tasks_dead_lettered.inc()
+            metrics.tasks_finished.labels("FAILED").inc()
+            log.warning("task dead-lettered", extra={"task_id": job.task_id})
+        elif job.verdict is StartVerdict.CANCELLED:
+            metrics.tasks_finished.labels("CANCELLED").inc()
+
+    async def _run_suspect_alone(self) -> None:
+        entry_id, suspect = next(iter(self._suspects.items()))
+        delivery = Delivery(entry_id=entry_id, task_id=suspect.task_id)
+        [job] = await self.queue.start(self.consumer, [delivery], alone=True)
+        del self._suspects[entry_id]
+        self._take(job)
+        metrics.tasks_in_flight.set(len(self._runs))
+        if job.verdict is StartVerdict.RUN:
+            self._alone = entry_id
 
     # -- running one task
 
@@ -285,8 +318,9 @@ class Worker:
         interval = min(self.settings.claim_idle / 3, 10.0)
         while not self._closed.is_set():
             await _sleep_or_stop(interval, self._closed)
-            # Entries whose outcome is not written yet are kept alive too: they are still ours.
-            running = list(self._jobs.values())
+            # Entries whose outcome is not written yet, and suspects waiting to run alone, are
+            # kept alive too: they are still ours.
+            running = [*self._jobs.values(), *self._suspects.values()]
             try:
                 for start in range(0, len(running), _FINISH_BATCH):
                     chunk = running[start : start + _FINISH_BATCH]
@@ -297,8 +331,10 @@ class Worker:
                 redis_errors.labels("keep_alive").inc()
 
     def _on_keep_alive(self, job: Job, reply: str) -> None:
+        if reply == "lost":
+            self._suspects.pop(job.entry_id, None)  # another worker runs it now
         run = self._runs.get(job.entry_id)
-        if reply == "ok" or run is None:  # no run left to stop: its outcome is being written
+        if reply == "ok" or run is None:  # no run to stop: not started, or outcome on its way
             return
         if reply == "cancel":
             self._cancel_requested.add(job.entry_id)

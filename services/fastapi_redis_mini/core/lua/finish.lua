@@ -32,12 +32,15 @@ for i, item in ipairs(batch) do
       finished[#finished + 1] = task_id
     else
       -- RETRY or RELEASE: back to PENDING, to be appended to the stream again when due.
-      redis.call('HSET', key, 'status', 'PENDING', 'deliveries', '0')
+      -- A retry ends an attempt properly, so the delivery count starts again; a release
+      -- (a worker stopping mid-task) takes back the delivery and the attempt it counted.
+      redis.call('HSET', key, 'status', 'PENDING')
       redis.call('HDEL', key, 'owner')
       if outcome == 'RETRY' then
-        redis.call('HSET', key, 'error', payload)
+        redis.call('HSET', key, 'error', payload, 'deliveries', '0')
       else
         redis.call('HINCRBY', key, 'attempts', -1)
+        redis.call('HINCRBY', key, 'deliveries', -1)
       end
       redis.call('ZADD', retries, due, task_id)
     end

@@ -1,14 +1,18 @@
 -- Decide, for a batch of deliveries, which tasks this consumer runs, and mark those RUNNING.
 -- A task already final is only acknowledged, so a redelivery never runs it again or moves it
 -- back to RUNNING. A task delivered MAX_DELIVERIES times without finishing is failed and its
--- entry copied to the dead-letter stream.
+-- entry copied to the dead-letter stream. A task delivered before without finishing (it was in
+-- flight when a worker died) is a suspect: unless the worker starts it alone, it is left as it
+-- is, so that a poison task can only ever take itself down.
 -- KEYS: stream, dead_letter, task_1 .. task_n
--- ARGV: group, consumer, now, max_deliveries, JSON [[entry_1, task_id_1], ..]
+-- ARGV: group, consumer, now, max_deliveries, alone (1: the worker runs this batch alone),
+--       JSON [[entry_1, task_id_1], ..]
 -- Returns per delivery: {verdict, request, signature, scope, trace, created_at, attempts}
 local stream, dead = KEYS[1], KEYS[2]
 local group, consumer, now = ARGV[1], ARGV[2], ARGV[3]
 local max_deliveries = tonumber(ARGV[4])
-local batch = cjson.decode(ARGV[5])
+local alone = ARGV[5] == '1'
+local batch = cjson.decode(ARGV[6])
 local out, acks = {}, {}
 
 for i, delivery in ipairs(batch) do
@@ -33,6 +37,8 @@ for i, delivery in ipairs(batch) do
       'scope', t[6] or '', 'deliveries', deliveries, 'failed_at', now)
     acks[#acks + 1] = entry
     out[i] = {'dead'}
+  elseif deliveries > 0 and not alone then
+    out[i] = {'suspect'}
   else
     local attempts = tonumber(t[9] or '0') + 1
     redis.call('HSET', key, 'status', 'RUNNING', 'started_at', now, 'owner', consumer,
