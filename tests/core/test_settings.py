@@ -31,6 +31,7 @@ def test_api_keys_are_split_on_commas_and_never_shown() -> None:
         ("MAX_CONCURRENCY", "0"),
         ("REDIS_URL", "http://localhost:6379"),
         ("REDIS_URL", "redis://localhost:notaport/0"),
+        ("REDIS_URL", "redis://localhost:6379/0?ssl_cert_reqs=required"),
         ("CACHE_TTL", "-5"),
         ("TASK_TIMEOUT", "abc"),
         ("LOG_FORMAT", "xml"),

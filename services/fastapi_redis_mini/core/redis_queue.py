@@ -301,7 +301,7 @@ class RedisTaskQueue:
         reply = await self._finish(
             keys=keys,
             args=[self.keys.group, consumer, repr(time.time()), self.settings.cache_ttl,
-                  self.keys.events, orjson.dumps(batch)],
+                  self.keys.events, self.settings.result_expiry, orjson.dumps(batch)],
         )  # fmt: skip
         return [FinishVerdict(v) for v in reply]
 

@@ -97,6 +97,8 @@ class Settings(BaseSettings):
             parts.port  # noqa: B018 - urlsplit checks the port only when asked
         except ValueError as exc:
             raise ValueError(f"has a bad port ({exc})") from None
+        if parts.scheme != "rediss" and "ssl_" in parts.query:
+            raise ValueError("has ssl_* options but is not a rediss:// (TLS) URL")
         return value
 
     @field_validator("api_keys", mode="before")

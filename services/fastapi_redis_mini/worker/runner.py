@@ -168,19 +168,27 @@ class Worker:
                 log.warning("redis unavailable while reading (%s); retrying", error)
                 await _sleep_or_stop(backoff.next(), self._stopping)
 
-    async def _begin(self, deliveries: Sequence[Delivery]) -> None:
+    async def _begin(self, deliveries: Sequence[Delivery]) -> int:
+        """Start what was delivered; returns how many deliveries this worker took on."""
         if not deliveries:
-            return
+            return 0
+        taken = 0
         for job in await self.queue.start(self.consumer, deliveries):
-            self._take(job)
+            taken += self._take(job)
         metrics.tasks_in_flight.set(len(self._runs))
+        return taken
 
-    def _take(self, job: Job) -> None:
-        """Act on what start decided for one delivery."""
+    def _take(self, job: Job) -> bool:
+        """Act on what start decided for one delivery; False when it is left to others."""
         if job.verdict is StartVerdict.RUN:
             self._jobs[job.entry_id] = job
             self._runs[job.entry_id] = asyncio.create_task(self._execute(job))
         elif job.verdict is StartVerdict.SUSPECT:
+            if self._suspects:
+                # One suspect at a time per worker: the others are not kept alive here, so
+                # they go idle again and the next worker to claim takes them. Recovery from a
+                # crash is shared instead of queued behind one worker.
+                return False
             self._suspects[job.entry_id] = job
             log.info(
                 "task was in flight when a worker died: it will run alone",
@@ -192,6 +200,7 @@ class Worker:
             log.warning("task dead-lettered", extra={"task_id": job.task_id})
         elif job.verdict is StartVerdict.CANCELLED:
             metrics.tasks_finished.labels("CANCELLED").inc()
+        return True
 
     async def _run_suspect_alone(self) -> None:
         entry_id, suspect = next(iter(self._suspects.items()))
@@ -360,11 +369,13 @@ class Worker:
                     # Entries of our own that went idle (keep-alive could not reach Redis during
                     # an outage) are still running here: claiming them only resets their idle
                     # time, and they must not be started a second time.
-                    reclaimed = [d for d in claimed if d.entry_id not in self._jobs]
-                    if reclaimed:
-                        metrics.tasks_reclaimed.inc(len(reclaimed))
-                        log.info("reclaimed %d idle entries", len(reclaimed))
-                        await self._begin(reclaimed)
+                    reclaimed = [
+                        d for d in claimed if d.entry_id not in self._jobs | self._suspects
+                    ]
+                    taken = await self._begin(reclaimed)
+                    if taken:
+                        metrics.tasks_reclaimed.inc(taken)
+                        log.info("reclaimed %d idle entries", taken)
                 if now >= next_trim:
                     next_trim = now + _TRIM_INTERVAL
                     await self.queue.trim()

@@ -2,12 +2,13 @@
 -- An outcome is written only by the consumer that owns the run, and never over a final
 -- status: a late or duplicate run cannot overwrite a DONE result.
 -- KEYS: stream, retries, (task_i, cache_i) for each outcome
--- ARGV: group, consumer, now, cache_ttl, events_channel,
+-- ARGV: group, consumer, now, cache_ttl, events_channel, result_expiry,
 --       JSON [[entry_id, task_id, outcome, payload, due_at], ..]
 -- Returns per outcome: 'written', 'stale' or 'lost'
 local stream, retries = KEYS[1], KEYS[2]
 local group, consumer, now, cache_ttl, channel = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local batch = cjson.decode(ARGV[6])
+local result_expiry = ARGV[6]
+local batch = cjson.decode(ARGV[7])
 local out, acks, finished = {}, {}, {}
 
 for i, item in ipairs(batch) do
@@ -44,6 +45,8 @@ for i, item in ipairs(batch) do
       end
       redis.call('ZADD', retries, due, task_id)
     end
+    -- The task is kept RESULT_EXPIRY from its last change, not from its submission.
+    redis.call('EXPIRE', key, result_expiry)
     acks[#acks + 1] = entry
     out[i] = 'written'
   end
