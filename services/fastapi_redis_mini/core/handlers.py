@@ -57,11 +57,6 @@ HandlerFactory = Callable[[float], TaskHandler]
 HANDLERS: dict[str, HandlerFactory] = {"simulate": SimulatedInference}
 
 
-def register_handler(name: str, factory: HandlerFactory) -> None:
-    """Make a handler available under TASK_HANDLER=name; the factory gets MAX_TASK_DURATION."""
-    HANDLERS[name] = factory
-
-
 def resolve_handler(name: str, max_duration: float) -> TaskHandler:
     """A registered name, or "package.module:factory" for a handler that lives elsewhere."""
     if ":" in name:

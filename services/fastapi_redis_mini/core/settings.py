@@ -124,10 +124,6 @@ class Settings(BaseSettings):
             raise ValueError("RETRY_BACKOFF must not exceed RETRY_BACKOFF_MAX")
         return self
 
-    @property
-    def dead_letter_key(self) -> str:
-        return f"{self.queue_key}:dead"
-
 
 class SettingsError(SystemExit):
     """Raised at start when the environment holds a bad value; the message names the variable."""
