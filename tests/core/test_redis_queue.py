@@ -160,6 +160,62 @@ async def test_an_idempotency_key_returns_the_first_task(queue: RedisTaskQueue) 
     assert (await queue.stats()).stream_length == 1
 
 
+async def test_concurrent_submits_share_a_round_trip_and_keep_one_by_one_semantics(
+    queue: RedisTaskQueue, redis_client: redis.asyncio.Redis
+) -> None:
+    # A finished task, so that its prompt is a cache hit in the batch below.
+    await submit(queue, prompt="cached")
+    [job] = await take(queue)
+    await queue.finish(CONSUMER, [done(job, "from the cache")])
+    await redis_client.config_resetstat()
+    keyed = TaskCreate(prompt="keyed")
+    requests = [
+        (TaskCreate(prompt="cached"), None),
+        (keyed, "same-key"),
+        (keyed, "same-key"),
+        *((TaskCreate(prompt=f"new {i}"), None) for i in range(5)),
+    ]
+    answers = await asyncio.gather(
+        *(
+            queue.submit(task, signature=request_signature(task), idempotency_key=key)
+            for task, key in requests
+        )
+    )
+    info = await redis_client.info("commandstats")
+    assert info["cmdstat_evalsha"]["calls"] == 1  # eight submits, one script call
+    outcomes = [answer.outcome for answer in answers]
+    assert outcomes == [
+        SubmitOutcome.CACHED,
+        SubmitOutcome.QUEUED,
+        SubmitOutcome.DUPLICATE,  # the same key, earlier in the same batch, won
+        *[SubmitOutcome.QUEUED] * 5,
+    ]
+    assert answers[0].result == "from the cache"
+    assert answers[2].task_id == answers[1].task_id
+    assert len({answer.task_id for answer in answers}) == 7
+    assert (await queue.stats()).lag == 6
+    records = await asyncio.gather(*(queue.get(answer.task_id) for answer in answers))
+    assert [record.status if record else None for record in records] == [
+        TaskStatus.DONE,
+        *[TaskStatus.PENDING] * 7,
+    ]
+
+
+async def test_concurrent_reads_of_present_and_absent_tasks_get_their_own_answers(
+    queue: RedisTaskQueue,
+) -> None:
+    task_ids = [await submit(queue, prompt=f"read {i}") for i in range(3)]
+    asked = [task_ids[0], "0" * 32, task_ids[1], task_ids[2], "f" * 32]
+    records = await asyncio.gather(*(queue.get(task_id) for task_id in asked))
+    assert [record.task_id if record else None for record in records] == [
+        task_ids[0],
+        None,
+        task_ids[1],
+        task_ids[2],
+        None,
+    ]
+
+
 async def test_a_redelivered_final_task_is_only_acknowledged(queue: RedisTaskQueue) -> None:
     await submit(queue)
     deliveries = await queue.read(CONSUMER, count=10, block_ms=100)

@@ -12,6 +12,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
@@ -25,6 +26,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from .batching import Coalescer
 from .keys import Keys
 from .models import TaskCreate, TaskStatus, canonical_json
 from .queue import (
@@ -83,6 +85,16 @@ def connect(settings: Settings) -> Redis:
     return Redis.from_pool(pool)
 
 
+@dataclass(frozen=True, slots=True)
+class _NewTask:
+    task_id: str
+    request: str
+    signature: str
+    scope: str
+    idempotency_key: str | None
+    traceparent: str
+
+
 def _float(value: str | None) -> float | None:
     return float(value) if value else None
 
@@ -110,12 +122,18 @@ class RedisTaskQueue:
         self._replay = _load_script(redis, "replay")
         self._prune = _load_script(redis, "prune_consumers")
         self._completions = _Completions(redis, self.keys.events)
+        # The api's two hot paths: the submits and reads that meet in one process go to Redis
+        # together, one script call per batch (see Coalescer).
+        self._submits = Coalescer(self._submit_batch)
+        self._reads = Coalescer(self._read_batch)
 
     async def open(self) -> None:
         """Subscribe to completions, so that long-polls are woken as soon as a task finishes."""
         await self._completions.start()
 
     async def close(self) -> None:
+        await self._submits.close()
+        await self._reads.close()
         await self._completions.close()
         await self.redis.aclose()
 
@@ -130,26 +148,44 @@ class RedisTaskQueue:
         idempotency_key: str | None = None,
         traceparent: str = "",
     ) -> Submitted:
-        task_id = new_task_id()
+        task = _NewTask(
+            task_id=new_task_id(),
+            request=canonical_json(request.model_dump(mode="json")).decode(),
+            signature=signature,
+            scope=scope,
+            idempotency_key=idempotency_key,
+            traceparent=traceparent,
+        )
+        return await self._submits(task)
+
+    async def _submit_batch(self, tasks: Sequence[_NewTask]) -> list[Submitted]:
+        keys = [self.keys.stream]
+        batch = []
+        for t in tasks:
+            keys += (
+                self.keys.task(t.task_id),
+                self.keys.cache(t.signature, t.scope),
+                self.keys.idempotency(t.idempotency_key or "", t.scope),
+            )
+            batch.append((t.task_id, t.request, t.signature, t.scope, t.traceparent,
+                          int(t.idempotency_key is not None)))  # fmt: skip
         s = self.settings
-        idempotency = self.keys.idempotency(idempotency_key or "", scope)
         reply = await self._submit(
-            keys=[self.keys.task(task_id), self.keys.cache(signature, scope), self.keys.stream,
-                  idempotency],
-            args=[task_id, canonical_json(request.model_dump(mode="json")), signature, scope,
-                  self.keys.cache(signature, scope),
-                  repr(time.time()), traceparent, s.cache_ttl, s.result_expiry,
-                  s.idempotency_ttl if idempotency_key else 0],
+            keys=keys,
+            args=[repr(time.time()), s.cache_ttl, s.result_expiry, s.idempotency_ttl,
+                  orjson.dumps(batch)],
         )  # fmt: skip
-        outcome = SubmitOutcome(reply[0])
-        result = orjson.loads(reply[2]) if outcome is SubmitOutcome.CACHED else None
-        return Submitted(task_id=reply[1], outcome=outcome, result=result)
+        submitted = []
+        for row in reply:
+            outcome = SubmitOutcome(row[0])
+            result = orjson.loads(row[2]) if outcome is SubmitOutcome.CACHED else None
+            submitted.append(Submitted(task_id=row[1], outcome=outcome, result=result))
+        return submitted
 
     async def get(self, task_id: str, scope: str = "") -> TaskRecord | None:
-        values = await self._read(
-            keys=[self.keys.task(task_id)], args=[self.settings.cache_ttl, *_TASK_FIELDS]
+        fields: dict[str, str | None] = dict(
+            zip(_TASK_FIELDS, await self._reads(task_id), strict=True)
         )
-        fields: dict[str, str | None] = dict(zip(_TASK_FIELDS, values, strict=True))
         if fields["status"] is None or (fields["scope"] or "") != scope:
             return None
         record = TaskRecord(
@@ -166,6 +202,13 @@ class RedisTaskQueue:
             cancel_requested=fields["cancel"] == "1",
         )
         return record
+
+    async def _read_batch(self, task_ids: Sequence[str]) -> list[list[str | None]]:
+        reply: list[list[str | None]] = await self._read(
+            keys=[self.keys.task(task_id) for task_id in task_ids],
+            args=[self.settings.cache_ttl, *_TASK_FIELDS],
+        )
+        return reply
 
     async def wait(self, task_id: str, scope: str, seconds: float) -> TaskRecord | None:
         async with self._completions.watch(task_id) as finished:
