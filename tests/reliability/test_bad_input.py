@@ -64,6 +64,28 @@ async def test_params_with_lone_surrogates_get_422_not_500(
     assert response.json()["error"]["message"].startswith("params")
 
 
+@pytest.mark.parametrize(
+    "body",
+    [b'{"prompt": "caf\xe9"}', b'{"prompt": "x", "params": {"k": "\xff\xfe"}}'],
+    ids=["in-the-prompt", "in-params"],
+)
+async def test_bytes_that_are_not_utf8_get_422_not_400(
+    client: httpx.AsyncClient, body: bytes
+) -> None:
+    response = await post_raw(client, body)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_request"
+    assert error["message"].startswith("body: not valid JSON"), error
+
+
+async def test_a_body_that_is_not_json_gets_422_saying_so(client: httpx.AsyncClient) -> None:
+    for body in (b"", b"{", b"[1, 2]", b'"prompt"'):
+        response = await post_raw(client, body)
+        assert response.status_code == 422, (body, response.text)
+        assert response.json()["error"]["message"].startswith("body"), (body, response.text)
+
+
 @pytest.mark.parametrize("literal", [b"NaN", b"Infinity", b"-Infinity"])
 async def test_non_finite_numbers_in_params_are_refused(
     client: httpx.AsyncClient, literal: bytes

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import logging
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from ...core.redis_queue import RedisUnavailable
 from ...core.telemetry import metrics
-from ..deps import QueueDep, SettingsDep
+from ..deps import queue_of, settings_of
 
 router = APIRouter(tags=["operations"])
 log = logging.getLogger(__name__)
@@ -22,16 +22,17 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz", responses={503: {"description": "Redis is unreachable"}})
-async def readyz(queue: QueueDep) -> JSONResponse:
+async def readyz(request: Request) -> JSONResponse:
     """Readiness: Redis answers."""
-    if await queue.ping():
+    if await queue_of(request).ping():
         return JSONResponse({"status": "ok"})
     return JSONResponse({"status": "redis unavailable"}, status_code=503)
 
 
 @router.get("/metrics", include_in_schema=False)
-async def metrics_endpoint(queue: QueueDep, settings: SettingsDep) -> Response:
+async def metrics_endpoint(request: Request) -> Response:
     """Prometheus metrics of every api process, plus the queue's depth read from Redis."""
+    queue, settings = queue_of(request), settings_of(request)
     collector = None
     try:
         stats = await queue.stats()

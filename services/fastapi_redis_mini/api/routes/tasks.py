@@ -5,14 +5,22 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
+from fastapi import APIRouter, Query, Request, Response, status
+from pydantic import BaseModel
 
-from ...core.models import ErrorPublic, TaskCreate, TaskPublic, TaskSubmitted, request_signature
+from ...core.models import (
+    ErrorPublic,
+    TaskCreate,
+    TaskPublic,
+    TaskStatus,
+    TaskSubmitted,
+    request_signature,
+)
 from ...core.queue import CancelOutcome, SubmitOutcome, TaskQueue, TaskRecord
 from ...core.telemetry.tracing import current_traceparent
 from .. import metrics
 from .._limits import TASK_ID, check_idempotency_key, check_task
-from ..deps import QueueDep, ScopeDep, SettingsDep, require_json
+from ..deps import body_schema, json_body, queue_of, scope_of, settings_of
 from ..errors import BacklogFullError, ConflictError, TaskNotFoundError
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -52,27 +60,48 @@ def _public(record: TaskRecord) -> TaskPublic:
     return TaskPublic.model_validate(record, from_attributes=True)
 
 
+def _answer(model: BaseModel, status_code: int = status.HTTP_200_OK) -> Response:
+    """The route's answer, serialised once by pydantic; FastAPI passes a Response through."""
+    return Response(model.model_dump_json(), status_code, media_type="application/json")
+
+
+_IDEMPOTENCY_HEADER = {
+    "parameters": [
+        {
+            "name": "Idempotency-Key",
+            "in": "header",
+            "required": False,
+            "description": "Repeating a submit with the same key answers with the first task.",
+            "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+        }
+    ]
+}
+
+
 @router.post(
     "",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=TaskSubmitted,
-    dependencies=[Depends(require_json)],
     responses={200: {"model": TaskSubmitted, "description": "Answered from the result cache"}},
+    openapi_extra={**body_schema(TaskCreate), **_IDEMPOTENCY_HEADER},
 )
-async def submit_task(
-    task: TaskCreate,
-    request: Request,
-    response: Response,
-    queue: QueueDep,
-    settings: SettingsDep,
-    scope: ScopeDep,
-    idempotency_key: Annotated[str | None, Header()] = None,
-) -> TaskSubmitted:
+async def submit_task(request: Request) -> Response:
     """Queue a task, or answer at once from the result cache when an identical one finished."""
+    task = await json_body(request, TaskCreate)
+    settings = settings_of(request)
+    queue = queue_of(request)
+    scope = scope_of(request)
+    idempotency_key = request.headers.get("idempotency-key")
     check_task(task, settings)
     check_idempotency_key(idempotency_key)
     gate: BacklogGate = request.app.state.backlog_gate
     await gate.check(queue)
+    return await _submit(request, queue, task, scope, idempotency_key)
+
+
+async def _submit(
+    request: Request, queue: TaskQueue, task: TaskCreate, scope: str, idempotency_key: str | None
+) -> Response:
     submitted = await queue.submit(
         task,
         signature=request_signature(task),
@@ -83,43 +112,52 @@ async def submit_task(
     metrics.tasks_submitted.labels(submitted.outcome.value).inc()
     if submitted.outcome is SubmitOutcome.CACHED:
         metrics.cache_hits.inc()
-        response.status_code = status.HTTP_200_OK
-        return TaskSubmitted(
-            task_id=submitted.task_id, status="DONE", cached=True, result=submitted.result
+        return _answer(
+            TaskSubmitted(
+                task_id=submitted.task_id,
+                status=TaskStatus.DONE,
+                cached=True,
+                result=submitted.result,
+            )
         )
     if submitted.outcome is SubmitOutcome.DUPLICATE:
         record = await queue.get(submitted.task_id, scope)
         if record is not None:
-            response.status_code = status.HTTP_200_OK
-            return TaskSubmitted(
-                task_id=record.task_id,
-                status=record.status,
-                cached=record.cached,
-                result=record.result,
+            return _answer(
+                TaskSubmitted(
+                    task_id=record.task_id,
+                    status=record.status,
+                    cached=record.cached,
+                    result=record.result,
+                )
             )
         # The first task expired before its Idempotency-Key did: treat this as new work.
-        return await submit_task(task, request, response, queue, settings, scope, None)
+        return await _submit(request, queue, task, scope, None)
     metrics.cache_misses.inc()
-    return TaskSubmitted(task_id=submitted.task_id, status="PENDING", cached=False)
+    return _answer(
+        TaskSubmitted(task_id=submitted.task_id, status=TaskStatus.PENDING, cached=False),
+        status.HTTP_202_ACCEPTED,
+    )
 
 
 @router.get("/{task_id}", response_model=TaskPublic)
 async def get_task(
     task_id: str,
-    queue: QueueDep,
-    scope: ScopeDep,
+    request: Request,
     wait: Annotated[
         float | None,
         Query(gt=0, le=30, description="Seconds to wait for the task to finish (long-poll)."),
     ] = None,
-) -> TaskPublic:
+) -> Response:
     """Read a task's status, result and timestamps; with ?wait=S, wait up to S for it to end."""
+    queue = queue_of(request)
+    scope = scope_of(request)
     if not TASK_ID.fullmatch(task_id):
         raise TaskNotFoundError()
     record = await (queue.wait(task_id, scope, wait) if wait else queue.get(task_id, scope))
     if record is None:
         raise TaskNotFoundError()
-    return _public(record)
+    return _answer(_public(record))
 
 
 @router.delete(
@@ -128,8 +166,10 @@ async def get_task(
     response_model=TaskPublic,
     responses={409: {"model": ErrorPublic}},
 )
-async def cancel_task(task_id: str, queue: QueueDep, scope: ScopeDep) -> TaskPublic:
+async def cancel_task(task_id: str, request: Request) -> Response:
     """Cancel a task: a PENDING one never runs; a RUNNING one is stopped by its worker."""
+    queue = queue_of(request)
+    scope = scope_of(request)
     if not TASK_ID.fullmatch(task_id):
         raise TaskNotFoundError()
     outcome = await queue.cancel(task_id, scope)
@@ -140,4 +180,4 @@ async def cancel_task(task_id: str, queue: QueueDep, scope: ScopeDep) -> TaskPub
         raise TaskNotFoundError()
     if outcome is CancelOutcome.FINAL:
         raise ConflictError(f"task is already {record.status.value}")
-    return _public(record)
+    return _answer(_public(record), status.HTTP_202_ACCEPTED)
