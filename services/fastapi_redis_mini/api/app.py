@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 from .. import __version__
 from ..core.redis_queue import RedisTaskQueue, connect
+from ..core.runtime import tune_gc
 from ..core.settings import Settings, get_settings
 from ..core.telemetry.logging import configure_logging
 from ..core.telemetry.tracing import configure_tracing, shutdown_tracing
@@ -46,6 +47,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
+        # The routers' routes are served by the app's own router rather than included: an
+        # included router is matched through a second, nested router on every request.
+        routes=[*tasks.router.routes, *health.router.routes],
+        # Spans come from opentelemetry-instrumentation-fastapi below, when tracing is on;
+        # FastAPI's native telemetry would make a second set.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.settings = settings
     app.state.tracing = tracing
@@ -53,8 +60,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.api_key_digests = tuple(
         hashlib.sha256(key.get_secret_value().encode()).digest() for key in settings.api_keys
     )
-    app.include_router(tasks.router)
-    app.include_router(health.router)
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware)
@@ -69,4 +74,6 @@ def app_from_environment() -> FastAPI:
     """The factory gunicorn and uvicorn load in each worker process."""
     settings = get_settings()
     configure_logging(settings.log_format, settings.log_level, "api")
-    return create_app(settings)
+    app = create_app(settings)
+    tune_gc()
+    return app

@@ -12,6 +12,7 @@ import uvloop
 
 from ..core.handlers import TaskHandler, resolve_handler
 from ..core.redis_queue import RedisTaskQueue, connect
+from ..core.runtime import tune_gc
 from ..core.settings import Settings, load_settings_or_exit
 from ..core.telemetry.logging import configure_logging
 from ..core.telemetry.tracing import configure_tracing, shutdown_tracing
@@ -65,6 +66,7 @@ def main() -> None:
         handler = resolve_handler(settings.task_handler, settings.max_task_duration)
     except LookupError as error:
         raise SystemExit(f"fastapi-redis-mini: invalid configuration: {error}") from None
+    tune_gc()
     uvloop.run(serve(settings, handler))
 
 
