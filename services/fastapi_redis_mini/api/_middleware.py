@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -15,6 +16,8 @@ class MetricsMiddleware:
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
+        # The labelled series, looked up once per (method, route, status) rather than per request.
+        self._series: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -33,10 +36,17 @@ class MetricsMiddleware:
             await self.app(scope, receive, send_with_status)
         finally:
             route = scope.get("route")
-            template = getattr(route, "path", "unmatched")
-            labels = (scope["method"], template, str(status))
-            metrics.http_requests.labels(*labels).inc()
-            metrics.http_request_duration.labels(*labels).observe(time.perf_counter() - started)
+            key = (scope["method"], getattr(route, "path", "unmatched"), status)
+            series = self._series.get(key)
+            if series is None:
+                labels = (key[0], key[1], str(status))
+                series = (
+                    metrics.http_requests.labels(*labels),
+                    metrics.http_request_duration.labels(*labels),
+                )
+                self._series[key] = series
+            series[0].inc()
+            series[1].observe(time.perf_counter() - started)
 
 
 class BodyLimitMiddleware:
@@ -55,7 +65,9 @@ class BodyLimitMiddleware:
                 if not value.isdigit() or int(value) > self.max_bytes:
                     await self._refuse(send)
                     return
-                break
+                # The server delivers no more than the Content-Length it accepted.
+                await self.app(scope, receive, send)
+                return
         received = 0
 
         async def limited_receive() -> Message:

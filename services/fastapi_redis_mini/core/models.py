@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from enum import StrEnum
+from functools import cached_property
 from typing import Any
 
 import orjson
@@ -35,6 +36,11 @@ class TaskCreate(BaseModel):
         default_factory=dict,
         description="Handler options. The built-in handler reads duration, fail and model.",
     )
+
+    @cached_property
+    def canonical(self) -> bytes:
+        """The request as canonical JSON: what is stored, and what the signature hashes."""
+        return canonical_json(self.model_dump(mode="json"))
 
 
 class TaskSubmitted(BaseModel):
@@ -79,4 +85,4 @@ def canonical_json(value: Any) -> bytes:
 
 def request_signature(request: TaskCreate) -> str:
     """sha256 of the canonical JSON of the request body; the result cache is keyed by it."""
-    return hashlib.sha256(canonical_json(request.model_dump(mode="json"))).hexdigest()
+    return hashlib.sha256(request.canonical).hexdigest()

@@ -28,7 +28,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .batching import Coalescer
 from .keys import Keys
-from .models import TaskCreate, TaskStatus, canonical_json
+from .models import TaskCreate, TaskStatus
 from .queue import (
     CancelOutcome,
     DeadLetter,
@@ -150,7 +150,7 @@ class RedisTaskQueue:
     ) -> Submitted:
         task = _NewTask(
             task_id=new_task_id(),
-            request=canonical_json(request.model_dump(mode="json")).decode(),
+            request=request.canonical.decode(),
             signature=signature,
             scope=scope,
             idempotency_key=idempotency_key,

@@ -27,6 +27,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorPublic} for code in (401, 404, 413, 415, 422, 429, 503)
 }
 router = APIRouter(prefix="/tasks", tags=["tasks"], responses=_ERRORS)
+_SUBMITTED = {outcome: metrics.tasks_submitted.labels(outcome.value) for outcome in SubmitOutcome}
 
 
 class BacklogGate:
@@ -109,7 +110,7 @@ async def _submit(
         idempotency_key=idempotency_key,
         traceparent=current_traceparent() if request.app.state.tracing else "",
     )
-    metrics.tasks_submitted.labels(submitted.outcome.value).inc()
+    _SUBMITTED[submitted.outcome].inc()
     if submitted.outcome is SubmitOutcome.CACHED:
         metrics.cache_hits.inc()
         return _answer(
