@@ -148,3 +148,25 @@ async def test_openapi_describes_the_task_routes(client: httpx.AsyncClient) -> N
     schema = (await client.get("/openapi.json")).json()
     assert {"/tasks", "/tasks/{task_id}"} <= set(schema["paths"])
     assert schema["paths"]["/tasks"]["post"]["summary"] == "Submit Task"
+
+
+async def test_openapi_documents_what_the_request_routes_parse_themselves(
+    client: httpx.AsyncClient,
+) -> None:
+    # POST /tasks and GET /tasks/{id} read their body and parameters without FastAPI's
+    # parameter machinery; the document must still describe every one of them.
+    paths = (await client.get("/openapi.json")).json()["paths"]
+    submit = paths["/tasks"]["post"]
+    body = submit["requestBody"]["content"]["application/json"]["schema"]
+    assert body["required"] == ["prompt"]
+    assert set(body["properties"]) == {"prompt", "params"}
+    assert body["additionalProperties"] is False
+    assert [p["name"] for p in submit["parameters"]] == ["Idempotency-Key"]
+    assert set(submit["responses"]) >= {"200", "202", "401", "413", "415", "422", "429", "503"}
+    read = paths["/tasks/{task_id}"]["get"]
+    parameters = {p["name"]: p for p in read["parameters"]}
+    assert parameters["task_id"]["in"] == "path"
+    assert parameters["wait"]["schema"]["maximum"] == 30
+    assert read["responses"]["200"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/TaskPublic"
+    }

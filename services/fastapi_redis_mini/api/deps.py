@@ -11,10 +11,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-from fastapi import Request
+from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
 
 from ..core.queue import TaskQueue
@@ -113,3 +115,17 @@ def body_schema(model: type[BaseModel]) -> dict[str, Any]:
             "content": {"application/json": {"schema": model.model_json_schema()}},
         }
     }
+
+
+class RequestRoute(APIRoute):
+    """A documented route whose endpoint takes the Request and returns the Response itself.
+
+    FastAPI still builds the route's OpenAPI entry from its response_model and openapi_extra,
+    and errors raised in the endpoint still reach the app's handlers; only the per-request
+    machinery the endpoint has no use for (solving dependencies, reading and validating the
+    body, serialising a return value) is skipped.
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        endpoint: Callable[[Request], Coroutine[Any, Any, Response]] = self.endpoint
+        return endpoint

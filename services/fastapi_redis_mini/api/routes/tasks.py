@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Query, Request, Response, status
+from fastapi import APIRouter, Request, Response, status
 from pydantic import BaseModel
 
 from ...core.models import (
@@ -20,8 +20,8 @@ from ...core.queue import CancelOutcome, SubmitOutcome, TaskQueue, TaskRecord
 from ...core.telemetry.tracing import current_traceparent
 from .. import metrics
 from .._limits import TASK_ID, check_idempotency_key, check_task
-from ..deps import body_schema, json_body, queue_of, scope_of, settings_of
-from ..errors import BacklogFullError, ConflictError, TaskNotFoundError
+from ..deps import RequestRoute, body_schema, json_body, queue_of, scope_of, settings_of
+from ..errors import BacklogFullError, ConflictError, InvalidFieldError, TaskNotFoundError
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorPublic} for code in (401, 404, 413, 415, 422, 429, 503)
@@ -79,13 +79,6 @@ _IDEMPOTENCY_HEADER = {
 }
 
 
-@router.post(
-    "",
-    status_code=status.HTTP_202_ACCEPTED,
-    response_model=TaskSubmitted,
-    responses={200: {"model": TaskSubmitted, "description": "Answered from the result cache"}},
-    openapi_extra={**body_schema(TaskCreate), **_IDEMPOTENCY_HEADER},
-)
 async def submit_task(request: Request) -> Response:
     """Queue a task, or answer at once from the result cache when an identical one finished."""
     task = await json_body(request, TaskCreate)
@@ -98,6 +91,18 @@ async def submit_task(request: Request) -> Response:
     gate: BacklogGate = request.app.state.backlog_gate
     await gate.check(queue)
     return await _submit(request, queue, task, scope, idempotency_key)
+
+
+router.add_api_route(
+    "",
+    submit_task,
+    methods=["POST"],
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=TaskSubmitted,
+    responses={200: {"model": TaskSubmitted, "description": "Answered from the result cache"}},
+    openapi_extra={**body_schema(TaskCreate), **_IDEMPOTENCY_HEADER},
+    route_class_override=RequestRoute,
+)
 
 
 async def _submit(
@@ -141,16 +146,38 @@ async def _submit(
     )
 
 
-@router.get("/{task_id}", response_model=TaskPublic)
-async def get_task(
-    task_id: str,
-    request: Request,
-    wait: Annotated[
-        float | None,
-        Query(gt=0, le=30, description="Seconds to wait for the task to finish (long-poll)."),
-    ] = None,
-) -> Response:
+MAX_WAIT = 30.0
+_GET_PARAMETERS = {
+    "parameters": [
+        {"name": "task_id", "in": "path", "required": True, "schema": {"type": "string"}},
+        {
+            "name": "wait",
+            "in": "query",
+            "required": False,
+            "description": "Seconds to wait for the task to finish (long-poll).",
+            "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_WAIT},
+        },
+    ]
+}
+
+
+def _wait_seconds(request: Request) -> float | None:
+    value = request.query_params.get("wait")
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise InvalidFieldError("wait", "must be a number of seconds") from None
+    if not 0 < seconds <= MAX_WAIT:  # also refuses nan
+        raise InvalidFieldError("wait", f"must be more than 0 and at most {MAX_WAIT:g} seconds")
+    return seconds
+
+
+async def get_task(request: Request) -> Response:
     """Read a task's status, result and timestamps; with ?wait=S, wait up to S for it to end."""
+    task_id: str = request.path_params["task_id"]
+    wait = _wait_seconds(request)
     queue = queue_of(request)
     scope = scope_of(request)
     if not TASK_ID.fullmatch(task_id):
@@ -159,6 +186,16 @@ async def get_task(
     if record is None:
         raise TaskNotFoundError()
     return _answer(_public(record))
+
+
+router.add_api_route(
+    "/{task_id}",
+    get_task,
+    methods=["GET"],
+    response_model=TaskPublic,
+    openapi_extra=_GET_PARAMETERS,
+    route_class_override=RequestRoute,
+)
 
 
 @router.delete(
