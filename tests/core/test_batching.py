@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import pytest
 
+from fastapi_redis_mini.core import batching
 from fastapi_redis_mini.core.batching import Coalescer
 
 
@@ -42,10 +43,10 @@ async def test_calls_that_meet_share_a_batch_and_keep_their_order() -> None:
     assert run.batches == [list(range(20))]
 
 
-async def test_calls_arriving_during_a_batch_make_up_the_next_one() -> None:
+async def test_calls_arriving_while_every_slot_is_busy_make_up_the_next_batch() -> None:
     run = Recorder()
     run.release.clear()
-    coalescer = Coalescer(run)
+    coalescer = Coalescer(run, max_in_flight=1)
     first = asyncio.ensure_future(coalescer(1))
     await asyncio.sleep(0.01)
     later = [asyncio.ensure_future(coalescer(i)) for i in (2, 3, 4)]
@@ -55,6 +56,40 @@ async def test_calls_arriving_during_a_batch_make_up_the_next_one() -> None:
     assert await first == 10
     assert [await task for task in later] == [20, 30, 40]
     assert run.batches == [[1], [2, 3, 4]]
+
+
+async def test_a_second_call_does_not_wait_for_the_first_ones_round_trip() -> None:
+    run = Recorder()
+    run.release.clear()
+    coalescer = Coalescer(run, max_in_flight=2)
+    first = asyncio.ensure_future(coalescer(1))
+    await asyncio.sleep(0.01)
+    second = asyncio.ensure_future(coalescer(2))
+    await asyncio.sleep(0.01)
+    assert run.batches == [[1], [2]]  # both in flight at once
+    third = [asyncio.ensure_future(coalescer(i)) for i in (3, 4)]
+    await asyncio.sleep(0.01)
+    assert run.batches == [[1], [2]]  # both slots busy: 3 and 4 wait, together
+    run.release.set()
+    assert [await first, await second, *[await task for task in third]] == [10, 20, 30, 40]
+    assert run.batches == [[1], [2], [3, 4]]
+    assert not coalescer.busy
+
+
+async def test_close_cancels_calls_that_no_batch_will_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(batching, "CLOSE_GRACE", 0.05)
+    run = Recorder()
+    run.release.clear()
+    coalescer = Coalescer(run, max_in_flight=1)
+    in_flight = asyncio.ensure_future(coalescer(1))
+    await asyncio.sleep(0.01)
+    queued = asyncio.ensure_future(coalescer(2))
+    await asyncio.sleep(0.01)
+    await coalescer.close()  # the batch never returns: close gives up after its grace
+    assert in_flight.cancelled() and queued.cancelled()
+    assert not coalescer.busy
 
 
 async def test_batches_are_cut_at_max_batch() -> None:
@@ -93,7 +128,7 @@ async def test_a_wrong_number_of_results_is_an_error_not_a_misdelivery() -> None
 async def test_a_call_cancelled_before_its_batch_is_left_out() -> None:
     run = Recorder()
     run.release.clear()
-    coalescer = Coalescer(run)
+    coalescer = Coalescer(run, max_in_flight=1)
     first = asyncio.ensure_future(coalescer(1))
     await asyncio.sleep(0.01)
     dropped = asyncio.ensure_future(coalescer(2))
@@ -115,6 +150,8 @@ async def test_close_waits_for_the_batch_in_flight() -> None:
     assert await call == 40
 
 
-def test_max_batch_must_be_positive() -> None:
+def test_limits_must_be_positive() -> None:
     with pytest.raises(ValueError, match="max_batch"):
         Coalescer(Recorder(), max_batch=0)
+    with pytest.raises(ValueError, match="max_in_flight"):
+        Coalescer(Recorder(), max_in_flight=0)
