@@ -88,7 +88,8 @@ async def test_close_cancels_calls_that_no_batch_will_answer(
     queued = asyncio.ensure_future(coalescer(2))
     await asyncio.sleep(0.01)
     await coalescer.close()  # the batch never returns: close gives up after its grace
-    assert in_flight.cancelled() and queued.cancelled()
+    assert in_flight.cancelled()
+    assert queued.cancelled()
     assert not coalescer.busy
 
 
