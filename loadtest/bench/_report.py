@@ -152,20 +152,15 @@ def _rows(report: dict[str, Any]) -> list[tuple[str, list[list[str]]]]:
                     e["endpoint"],
                     f"{e['api_max']['rps']:.0f}",
                     f"{e['bare_max']['rps']:.0f}",
-                    f"{e['rps_ratio']:.2f}",
+                    _with_spread(e["rps_ratio"], e["rounds"]["rps_ratio"]),
                     f"{e['api_paced']['rps']:.0f}/{e['bare_paced']['rps']:.0f}",
                     f"{e['api_paced']['p99_us'] / 1000:.1f}",
                     f"{e['bare_paced']['p99_us'] / 1000:.1f}",
-                    f"{e['p99_ratio']:.2f}",
+                    _with_spread(e["p99_ratio"], e["rounds"]["p99_ratio"]),
                     f"{e['api_max']['cpu_usec_per_request']:.0f}/"
                     f"{e['bare_max']['cpu_usec_per_request']:.0f}",
                     f"{e['cpu_ratio']:.2f}",
-                    str(
-                        e["api_max"]["errors"]
-                        + e["bare_max"]["errors"]
-                        + e["api_paced"]["errors"]
-                        + e["bare_paced"]["errors"]
-                    ),
+                    str(e["errors"]),
                 ]
             )
         tables.append((f"Api throughput, gunicorn with {api['workers']} uvicorn workers", rows))
@@ -239,6 +234,13 @@ def print_table(report: dict[str, Any]) -> None:
             print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
             if n == 0:
                 print("  ".join("-" * width for width in widths))
+
+
+def _with_spread(median: float, rounds: list[float]) -> str:
+    """The median round's ratio, and the range over all rounds."""
+    if len(rounds) < 2:
+        return f"{median:.2f}"
+    return f"{median:.2f} ({min(rounds):.2f}-{max(rounds):.2f})"
 
 
 def write_markdown(report: dict[str, Any], path: Path) -> None:

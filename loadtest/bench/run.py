@@ -37,7 +37,10 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--tasks", type=int, help="no-op tasks per worker run [20000]")
     parser.add_argument("--concurrency", type=int, default=100, help="per worker process [100]")
     parser.add_argument("--api-workers", type=int, default=2, help="gunicorn workers [2]")
-    parser.add_argument("--api-seconds", type=float, help="seconds per wrk run [5]")
+    parser.add_argument("--api-seconds", type=float, help="seconds per wrk run [3]")
+    parser.add_argument(
+        "--api-rounds", type=int, help="rounds of alternating api and bare runs; median kept [3]"
+    )
     parser.add_argument("--e2e-tasks", type=int, help="tasks submitted at once over HTTP [10000]")
     parser.add_argument("--memory-tasks", type=int, help="tasks before reading memory [100000]")
     parser.add_argument("--scale", default="1,2,4", help="worker process counts [1,2,4]")
@@ -50,7 +53,8 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     quick = args.quick
     args.tasks = args.tasks or (5_000 if quick else 20_000)
-    args.api_seconds = args.api_seconds or (3.0 if quick else 5.0)
+    args.api_seconds = args.api_seconds or (2.0 if quick else 3.0)
+    args.api_rounds = args.api_rounds or (2 if quick else 3)
     args.e2e_tasks = args.e2e_tasks or (2_000 if quick else 10_000)
     args.memory_tasks = args.memory_tasks or (5_000 if quick else 100_000)
     args.scale = [int(n) for n in args.scale.split(",") if n]
@@ -132,7 +136,9 @@ def api_section(
     results = []
     for endpoint in LABELS:
         log(f"api: {LABELS[endpoint]}")
-        results.append(measure_endpoint(endpoint, api, bare, task_id, args.api_seconds))
+        results.append(
+            measure_endpoint(endpoint, api, bare, task_id, args.api_seconds, args.api_rounds)
+        )
     api.process.stop()
     bare.process.stop()
     return {"workers": args.api_workers, "endpoints": results}
@@ -215,6 +221,7 @@ def main(argv: Sequence[str]) -> int:
             "concurrency": args.concurrency,
             "api_workers": args.api_workers,
             "api_seconds": args.api_seconds,
+            "api_rounds": args.api_rounds,
             "e2e_tasks": args.e2e_tasks,
             "memory_tasks": args.memory_tasks,
             "scale": args.scale,

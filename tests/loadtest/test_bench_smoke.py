@@ -38,8 +38,8 @@ def test_bench_without_peers_measures_every_section_and_writes_both_reports(
 ) -> None:
     result = subprocess.run(
         [sys.executable, str(BENCH), "--sections", "api,e2e,scale,memory",
-         "--tasks", "300", "--scale", "1,2", "--api-seconds", "1", "--e2e-tasks", "200",
-         "--memory-tasks", "200", "--out", str(tmp_path)],
+         "--tasks", "300", "--scale", "1,2", "--api-seconds", "1", "--api-rounds", "2",
+         "--e2e-tasks", "200", "--memory-tasks", "200", "--out", str(tmp_path)],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
@@ -58,6 +58,11 @@ def test_bench_without_peers_measures_every_section_and_writes_both_reports(
         for run in ("api_max", "bare_max", "api_paced", "bare_paced"):
             assert endpoint[run]["requests"] > 0
             assert endpoint[run]["errors"] == 0, (endpoint["endpoint"], run, endpoint[run])
+        assert endpoint["errors"] == 0
+        # Both servers ran in every round, and the reported ratio is one of the rounds'.
+        assert len(endpoint["rounds"]["rps_ratio"]) == len(endpoint["rounds"]["p99_ratio"]) == 2
+        assert endpoint["rps_ratio"] in endpoint["rounds"]["rps_ratio"]
+        assert endpoint["p99_ratio"] in endpoint["rounds"]["p99_ratio"]
     assert report["e2e"]["done"] == 200
     assert [run["completed"] for run in report["scale"]["runs"]] == [300, 300]
     assert report["memory"]["tasks"] == 200
