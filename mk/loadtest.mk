@@ -12,7 +12,7 @@ BENCH_LOCK := loadtest/bench/requirements.lock
 BENCH_ARGS ?=
 PROFILE_ARGS ?=
 
-.PHONY: loadtest loadtest-headless bench bench-quick bench-tools bench-lock profile-worker profile-api flamegraph
+.PHONY: loadtest loadtest-headless bench bench-quick bench-tools bench-lock profile-worker profile-api api-ab flamegraph
 
 loadtest: $(VENV)/.synced ## Locust web UI on http://127.0.0.1:8089 against LOADTEST_HOST (default: make run's api)
 	$(BIN)/locust -f $(LOCUSTFILE) --host $(LOADTEST_HOST) --web-host 127.0.0.1 --web-port 8089
@@ -50,6 +50,9 @@ profile-worker: $(VENV)/.synced ## cProfile one worker draining 20k tasks: repor
 
 profile-api: $(VENV)/.synced bench-tools ## cProfile one api process under wrk (PROFILE_ARGS=--endpoint post_hit|get): .prof + hotspots
 	$(BIN)/python tools/profile.py api $(PROFILE_ARGS)
+
+api-ab: $(VENV)/.synced ## CPU per request of the api against the bare app, in one process (AB_ARGS=--endpoint hit|--gc default)
+	$(BIN)/python tools/api_ab.py $(AB_ARGS)
 
 flamegraph: $(VENV)/.synced bench-tools ## py-spy flame graphs of the worker and the api under load: reports/profile/*.svg
 	$(BIN)/python tools/profile.py worker --flamegraph $(PROFILE_ARGS)

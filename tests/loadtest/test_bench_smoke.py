@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -69,3 +70,21 @@ def test_bench_without_peers_measures_every_section_and_writes_both_reports(
     assert report["memory"]["after"]["redis_used_memory"] > 0
     assert "## Api throughput" in (tmp_path / "bench.md").read_text()
     assert "Targets" in result.stdout
+
+
+def test_the_in_process_api_comparison_runs_both_apps_to_the_end() -> None:
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "tools" / "api_ab.py"), "--rounds", "3",
+         "--concurrency", "5", "--endpoint", "hit"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    # Every request of both apps was answered from the cache, with no error in between.
+    for app in ("bare app", "api"):
+        line = rf"^  {app} +[\d.]+ µs CPU per request +statuses \[200\]$"
+        assert re.search(line, result.stdout, re.MULTILINE), result.stdout
+    assert re.search(r"^  api extra +-?[\d.]+ µs", result.stdout, re.MULTILINE), result.stdout
