@@ -75,18 +75,26 @@ def test_requests_through_three_processes_are_counted_exactly_once(
         before = scrape(api.base_url)
         assert ("fastapi_redis_mini_http_requests_total", labels) not in before
 
-        lookups(api.base_url)
+        # Which process accepts a connection is the kernel's choice, and on a busy machine one
+        # process can win every accept of a round. The count is only meaningful once more than
+        # one process has served requests, so send rounds until they have (at most five).
+        sent = 0
+        for _ in range(5):
+            lookups(api.base_url)
+            sent += REQUESTS
+            if len([count for count in requests_per_process(metrics_dir).values() if count]) > 1:
+                break
 
         after = scrape(api.base_url)
-        assert after[("fastapi_redis_mini_http_requests_total", labels)] == REQUESTS
-        assert after[("fastapi_redis_mini_http_request_duration_seconds_count", labels)] == REQUESTS
+        assert after[("fastapi_redis_mini_http_requests_total", labels)] == sent
+        assert after[("fastapi_redis_mini_http_request_duration_seconds_count", labels)] == sent
         raw_paths = [labels for _, labels in after if any("/tasks/" in v and "{" not in v
                                                           for _, v in labels)]  # fmt: skip
         assert not raw_paths, f"raw paths leaked into labels: {raw_paths[:3]}"
 
         # The total is only meaningful if more than one process served the requests.
         per_process = requests_per_process(metrics_dir)
-        assert sum(per_process.values()) == REQUESTS, per_process
+        assert sum(per_process.values()) == sent, per_process
         assert len([count for count in per_process.values() if count]) >= 2, per_process
     finally:
         api.close()
