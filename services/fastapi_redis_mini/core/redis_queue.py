@@ -1,7 +1,8 @@
 """The Redis Streams implementation of TaskQueue: the only module that talks to Redis.
 
 Every multi-step change of state is one Lua script (see lua/), so it is atomic, and batches
-of deliveries or outcomes travel in one round trip.
+travel in one round trip: a worker's deliveries and outcomes, and the api's submits and reads
+that meet in one process (see batching.Coalescer).
 """
 
 from __future__ import annotations
