@@ -9,6 +9,7 @@ import pytest
 import redis
 import redis.asyncio
 
+from fastapi_redis_mini.core.redis_queue import RedisTaskQueue, connect
 from fastapi_redis_mini.core.settings import Settings
 
 from .support.redis_server import RedisServer
@@ -47,3 +48,12 @@ async def redis_client(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
     client = redis.asyncio.Redis.from_url(redis_url, decode_responses=True)
     yield client
     await client.aclose()
+
+
+@pytest.fixture
+async def queue(settings: Settings) -> AsyncIterator[RedisTaskQueue]:
+    """The Redis queue on the test server, with its consumer group made."""
+    queue = RedisTaskQueue(connect(settings), settings)
+    await queue.ensure_group()
+    yield queue
+    await queue.close()

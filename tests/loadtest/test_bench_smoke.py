@@ -7,9 +7,7 @@ The peers' section needs the bench venv (.venv-bench) and takes minutes, so it i
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from ..support.processes import REPO_ROOT
+from ..support.tools import require_tool
 
 pytestmark = pytest.mark.slow
 
@@ -25,13 +24,7 @@ BENCH = REPO_ROOT / "loadtest" / "bench" / "run.py"
 
 @pytest.fixture(scope="module")
 def wrk_binary() -> str:
-    path = shutil.which("wrk")
-    if path is not None:
-        return path
-    message = "wrk is not installed (apt-get install -y wrk)"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"{message}; CI=true requires it", pytrace=False)
-    pytest.skip(message)
+    return require_tool("wrk", "wrk")
 
 
 def test_bench_without_peers_measures_every_section_and_writes_both_reports(

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import time
 import urllib.error
@@ -16,6 +14,7 @@ from playwright.sync_api import Page, sync_playwright
 
 from ..support.processes import REPO_ROOT
 from ..support.redis_server import free_port
+from ..support.tools import require_tool
 from .conftest import FAST_MIX, RunningService, locust_command, locust_env
 
 pytestmark = pytest.mark.slow
@@ -31,13 +30,7 @@ SWARM_TIMEOUT = 60.0
 @pytest.fixture(scope="module")
 def chromium() -> str:
     """Debian's chromium; under CI=true its absence fails the test instead of skipping it."""
-    path = CHROMIUM if os.access(CHROMIUM, os.X_OK) else shutil.which("chromium")
-    if path is not None:
-        return path
-    message = "chromium is not installed (apt-get install -y chromium)"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"{message}; CI=true requires it", pytrace=False)
-    pytest.skip(message)
+    return require_tool("chromium", "chromium", path=CHROMIUM)
 
 
 @pytest.fixture

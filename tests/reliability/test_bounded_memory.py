@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 
-import pytest
 import redis.asyncio
 
 from fastapi_redis_mini.core.models import TaskCreate, request_signature
 from fastapi_redis_mini.core.queue import Finish, Outcome
-from fastapi_redis_mini.core.redis_queue import RedisTaskQueue, connect
+from fastapi_redis_mini.core.redis_queue import RedisTaskQueue
 from fastapi_redis_mini.core.settings import Settings
 
 TASKS = 100_000
@@ -24,14 +22,6 @@ TRIM_EVERY = 5_000
 # XTRIM MINID ~ drops whole macro nodes only (stream-node-max-entries, 100 by default), so
 # up to one node of finished entries may stay, next to whatever is still pending.
 STREAM_BOUND = 200
-
-
-@pytest.fixture
-async def queue(settings: Settings) -> AsyncIterator[RedisTaskQueue]:
-    queue = RedisTaskQueue(connect(settings), settings)
-    await queue.ensure_group()
-    yield queue
-    await queue.close()
 
 
 async def submit(queue: RedisTaskQueue, first: int, count: int) -> list[TaskCreate]:
