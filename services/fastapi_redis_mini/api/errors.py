@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..core.redis_queue import RedisUnavailable
+from ..core.queue import QueueState, QueueUnavailable
 from ..core.telemetry import metrics
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,24 @@ class ConflictError(ServiceError):
     status_code, code = 409, "conflict"
 
 
+# Every state in which Redis cannot take a request: the error code a client sees, and the
+# seconds after which retrying is worth it (Retry-After). A state that lasts longer (loading a
+# large data set, a failover) asks for a longer wait.
+UNAVAILABLE: Mapping[QueueState, tuple[str, int]] = {
+    QueueState.UNREACHABLE: ("redis_unavailable", 2),
+    QueueState.OUT_OF_MEMORY: ("redis_out_of_memory", 5),
+    QueueState.READ_ONLY: ("redis_read_only", 2),
+    QueueState.CANNOT_PERSIST: ("redis_cannot_persist", 5),
+    QueueState.LOADING: ("redis_loading", 5),
+    QueueState.BUSY: ("redis_busy", 2),
+    QueueState.MASTER_DOWN: ("redis_master_down", 2),
+    QueueState.TRY_AGAIN: ("redis_try_again", 1),
+    QueueState.CLUSTER_DOWN: ("redis_cluster_down", 2),
+    QueueState.UNBLOCKED: ("redis_unblocked", 1),
+    QueueState.NO_REPLICAS: ("redis_no_replicas", 2),
+}
+
+
 def error_response(
     status: int, code: str, message: str, headers: Mapping[str, str] | None = None
 ) -> JSONResponse:
@@ -109,16 +127,15 @@ def install_error_handlers(app: FastAPI) -> None:
             error.headers,
         )
 
-    async def _redis_down(_: Request, error: Exception) -> JSONResponse:
+    @app.exception_handler(QueueUnavailable)
+    async def _redis_down(_: Request, error: QueueUnavailable) -> JSONResponse:
         metrics.redis_errors.labels("api").inc()
-        log.warning("redis unavailable: %s", type(error).__name__)
+        log.warning("redis cannot serve the request: %s", error)
+        code, retry_after = UNAVAILABLE[error.state]
         return error_response(
-            503, "redis_unavailable", "the task store is unavailable; retry shortly",
-            {"Retry-After": "2"},
+            503, code, f"the task store cannot serve requests now ({error.state.value}); "
+            "retry shortly", {"Retry-After": str(retry_after)},
         )  # fmt: skip
-
-    for error_type in RedisUnavailable:
-        app.add_exception_handler(error_type, _redis_down)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, error: Exception) -> JSONResponse:

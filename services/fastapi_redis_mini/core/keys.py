@@ -53,6 +53,11 @@ class Keys:
         return f"{self.prefix}{self.queue}:retry"
 
     @property
+    def probe(self) -> str:
+        """String the readiness probes write, to learn whether Redis accepts writes."""
+        return f"{self.prefix}{self.queue}:probe"
+
+    @property
     def events(self) -> str:
         """Pub/Sub channel announcing each task that reached a final status."""
         return f"{self.prefix}{self.queue}:events"

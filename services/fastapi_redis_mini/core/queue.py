@@ -14,6 +14,39 @@ from typing import Any, Protocol
 from .models import TaskCreate, TaskStatus
 
 
+class QueueState(StrEnum):
+    """Why the broker cannot serve a call right now; the same call may succeed later."""
+
+    UNREACHABLE = "unreachable"  # refused, dropped or timed out: no answer at all
+    # States the server reports (its error prefix in brackets), each passing on its own.
+    OUT_OF_MEMORY = "out_of_memory"  # [OOM] maxmemory reached under noeviction
+    READ_ONLY = "read_only"  # [READONLY] a replica, e.g. right after a failover
+    CANNOT_PERSIST = "cannot_persist"  # [MISCONF] the last background save failed
+    LOADING = "loading"  # [LOADING] still reading its data set at start
+    BUSY = "busy"  # [BUSY] a script or function runs past its time limit
+    MASTER_DOWN = "master_down"  # [MASTERDOWN] a replica lost its primary
+    TRY_AGAIN = "try_again"  # [TRYAGAIN] a cluster slot is being moved
+    CLUSTER_DOWN = "cluster_down"  # [CLUSTERDOWN] the cluster cannot serve
+    UNBLOCKED = "unblocked"  # [UNBLOCKED] a blocking read was ended by a role change
+    NO_REPLICAS = "no_replicas"  # [NOREPLICAS] too few replicas for min-replicas-to-write
+
+
+class QueueUnavailable(Exception):  # noqa: N818 - a state, as asyncio.QueueEmpty is
+    """The broker cannot serve this call now (`state` says why); retrying later may succeed.
+
+    Every other exception from a queue call is a defect (a bad command, a bad reply) and is
+    not retried.
+    """
+
+    def __init__(self, state: QueueState, detail: str) -> None:
+        super().__init__(f"{state.value}: {detail}")
+        self.state = state
+
+
+class QueueBusy(QueueUnavailable):
+    """The broker answered but refuses for now: a transient server state, not a lost link."""
+
+
 class SubmitOutcome(StrEnum):
     QUEUED = "queued"
     CACHED = "cached"
@@ -149,7 +182,9 @@ class TaskQueue(Protocol):
 
     async def stats(self) -> QueueStats: ...
 
-    async def ping(self) -> bool: ...
+    async def check_writable(self) -> None:
+        """Return when the broker accepts writes now; raise QueueUnavailable when not."""
+        ...
 
     # -- the worker side
     async def ensure_group(self) -> None: ...

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import orjson
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -24,7 +25,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .batching import Coalescer
@@ -38,7 +39,10 @@ from .queue import (
     FinishVerdict,
     Job,
     Outcome,
+    QueueBusy,
+    QueueState,
     QueueStats,
+    QueueUnavailable,
     StartVerdict,
     SubmitOutcome,
     Submitted,
@@ -48,8 +52,54 @@ from .settings import Settings
 
 log = logging.getLogger(__name__)
 
-RedisUnavailable = (RedisConnectionError, RedisTimeoutError)
-"""The errors that mean Redis cannot be reached right now (as opposed to a bad command)."""
+# The error prefixes of the server states that pass on their own. redis-py gives some their own
+# class (OutOfMemoryError, ReadOnlyError, BusyLoadingError, ...) and leaves the rest a plain
+# ResponseError, so the prefix, not the class, decides.
+_SERVER_STATES = {
+    "OOM": QueueState.OUT_OF_MEMORY,
+    "READONLY": QueueState.READ_ONLY,
+    "MISCONF": QueueState.CANNOT_PERSIST,
+    "LOADING": QueueState.LOADING,
+    "BUSY": QueueState.BUSY,
+    "MASTERDOWN": QueueState.MASTER_DOWN,
+    "TRYAGAIN": QueueState.TRY_AGAIN,
+    "CLUSTERDOWN": QueueState.CLUSTER_DOWN,
+    "UNBLOCKED": QueueState.UNBLOCKED,
+    "NOREPLICAS": QueueState.NO_REPLICAS,
+}
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def queue_error(error: RedisError) -> QueueUnavailable | None:
+    """The queue's error for a Redis error, or None when the error is a defect of ours."""
+    # redis-py strips the prefix from the message of the errors it maps and keeps it in
+    # status_code; the others keep it as their first word.
+    prefix = error.status_code or str(error).partition(" ")[0]
+    state = _SERVER_STATES.get(prefix)
+    if state is not None:
+        return QueueBusy(state, str(error))
+    if isinstance(error, (RedisConnectionError, RedisTimeoutError)):
+        return QueueUnavailable(QueueState.UNREACHABLE, str(error) or type(error).__name__)
+    return None
+
+
+def _translated(method: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+    """Raise the queue's own errors from a method, so no caller needs to know redis-py's."""
+
+    @functools.wraps(method)
+    async def call(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await method(*args, **kwargs)
+        except RedisError as error:
+            translated = queue_error(error)
+            if translated is None:
+                raise
+            raise translated from error
+
+    return call
+
 
 _TASK_FIELDS = (
     "status", "scope", "result", "error", "cached", "attempts",
@@ -140,6 +190,7 @@ class RedisTaskQueue:
 
     # -- the api side
 
+    @_translated
     async def submit(
         self,
         request: TaskCreate,
@@ -183,6 +234,7 @@ class RedisTaskQueue:
             submitted.append(Submitted(task_id=row[1], outcome=outcome, result=result))
         return submitted
 
+    @_translated
     async def get(self, task_id: str, scope: str = "") -> TaskRecord | None:
         fields: dict[str, str | None] = dict(
             zip(_TASK_FIELDS, await self._reads(task_id), strict=True)
@@ -211,6 +263,7 @@ class RedisTaskQueue:
         )
         return reply
 
+    @_translated
     async def wait(self, task_id: str, scope: str, seconds: float) -> TaskRecord | None:
         async with self._completions.watch(task_id) as finished:
             deadline = time.monotonic() + seconds
@@ -225,6 +278,7 @@ class RedisTaskQueue:
                     await asyncio.wait_for(finished.wait(), min(remaining, 5.0))
                 finished.clear()
 
+    @_translated
     async def cancel(self, task_id: str, scope: str = "") -> CancelOutcome:
         reply = await self._cancel(
             keys=[self.keys.task(task_id)],
@@ -232,6 +286,7 @@ class RedisTaskQueue:
         )
         return CancelOutcome(reply)
 
+    @_translated
     async def stats(self) -> QueueStats:
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.xlen(self.keys.stream)
@@ -267,14 +322,15 @@ class RedisTaskQueue:
             consumers=int(group["consumers"]),
         )
 
-    async def ping(self) -> bool:
-        try:
-            return bool(await self.redis.ping())
-        except RedisUnavailable:
-            return False
+    @_translated
+    async def check_writable(self) -> None:
+        # A write, not a PING: a server that answers but refuses writes (OOM, READONLY,
+        # MISCONF, ...) can take neither a submit nor an outcome, so it is not ready.
+        await self.redis.set(self.keys.probe, "1", px=10_000)
 
     # -- the worker side
 
+    @_translated
     async def ensure_group(self) -> None:
         try:
             await self.redis.xgroup_create(self.keys.stream, self.keys.group, id="0", mkstream=True)
@@ -282,6 +338,7 @@ class RedisTaskQueue:
             if "BUSYGROUP" not in str(error):
                 raise
 
+    @_translated
     async def read(self, consumer: str, count: int, block_ms: int) -> list[Delivery]:
         try:
             reply: Any = await self.redis.xreadgroup(
@@ -297,6 +354,7 @@ class RedisTaskQueue:
             return []
         return _deliveries(reply[0][1])
 
+    @_translated
     async def claim_idle(self, consumer: str, count: int) -> list[Delivery]:
         min_idle_ms = int(self.settings.claim_idle * 1000)
         reply = await self.redis.xautoclaim(
@@ -304,6 +362,7 @@ class RedisTaskQueue:
         )
         return _deliveries(reply[1])
 
+    @_translated
     async def start(
         self, consumer: str, deliveries: Sequence[Delivery], *, alone: bool = False
     ) -> list[Job]:
@@ -332,6 +391,7 @@ class RedisTaskQueue:
             jobs.append(job)
         return jobs
 
+    @_translated
     async def finish(self, consumer: str, finishes: Sequence[Finish]) -> list[FinishVerdict]:
         if not finishes:
             return []
@@ -349,6 +409,7 @@ class RedisTaskQueue:
         )  # fmt: skip
         return [FinishVerdict(v) for v in reply]
 
+    @_translated
     async def keep_alive(self, consumer: str, jobs: Sequence[Job]) -> list[str]:
         if not jobs:
             return []
@@ -358,6 +419,7 @@ class RedisTaskQueue:
         )
         return list(reply)
 
+    @_translated
     async def promote_due_retries(self, limit: int) -> int:
         return int(
             await self._promote(
@@ -365,11 +427,13 @@ class RedisTaskQueue:
             )
         )
 
+    @_translated
     async def trim(self) -> int:
         removed = int(await self._trim(keys=[self.keys.stream]))
         await self._prune(keys=[self.keys.stream], args=[self.keys.group, "", _IDLE_CONSUMER_MS])
         return removed
 
+    @_translated
     async def leave(self, consumer: str) -> None:
         await self._prune(
             keys=[self.keys.stream], args=[self.keys.group, consumer, _IDLE_CONSUMER_MS]
@@ -377,6 +441,7 @@ class RedisTaskQueue:
 
     # -- operators
 
+    @_translated
     async def dead_letters(self, count: int) -> list[DeadLetter]:
         entries: list[tuple[str, dict[str, str]]] = await self.redis.xrange(  # type: ignore[assignment]
             self.keys.dead_letter, count=count
@@ -386,6 +451,7 @@ class RedisTaskQueue:
             for entry_id, fields in entries
         ]
 
+    @_translated
     async def replay_dead_letters(self, entry_ids: Sequence[str]) -> int:
         if not entry_ids:
             return 0
@@ -464,8 +530,11 @@ class _Completions:
                         for task_id in message["data"].split():
                             for event in self._waiters.get(task_id, ()):
                                 event.set()
-            except RedisUnavailable:
+            except RedisError as error:
+                # Whatever Redis answers, subscribing again is all there is to do; meanwhile
+                # long-polls fall back to reading the task every 5 s.
                 self._subscribed.clear()
+                log.warning("completions subscription failed (%s); retrying", error)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
             finally:

@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ..core.queue import TaskQueue
+from ..core.queue import QueueUnavailable, TaskQueue
 from ..core.settings import Settings
 from ..core.telemetry import metrics
 from .runner import Worker
@@ -31,9 +31,11 @@ def build_app(worker: Worker, queue: TaskQueue, settings: Settings) -> Starlette
         return JSONResponse({"status": "ok", "in_flight": worker.in_flight})
 
     async def readyz(_: Request) -> Response:
-        if await queue.ping():
-            return JSONResponse({"status": "ok"})
-        return JSONResponse({"status": "redis unavailable"}, 503)
+        try:
+            await queue.check_writable()
+        except QueueUnavailable as error:
+            return JSONResponse({"status": f"redis {error.state.value}"}, 503)
+        return JSONResponse({"status": "ok"})
 
     return Starlette(
         routes=[

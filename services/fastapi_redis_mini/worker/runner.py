@@ -22,8 +22,16 @@ import orjson
 from opentelemetry import propagate, trace
 
 from ..core.handlers import RetryableError, TaskHandler
-from ..core.queue import Delivery, Finish, FinishVerdict, Job, Outcome, StartVerdict, TaskQueue
-from ..core.redis_queue import RedisUnavailable
+from ..core.queue import (
+    Delivery,
+    Finish,
+    FinishVerdict,
+    Job,
+    Outcome,
+    QueueUnavailable,
+    StartVerdict,
+    TaskQueue,
+)
 from ..core.settings import Settings
 from ..core.telemetry.metrics import redis_errors
 from . import metrics
@@ -133,7 +141,7 @@ class Worker:
             try:
                 await self.queue.ensure_group()
                 return True
-            except RedisUnavailable as error:
+            except QueueUnavailable as error:
                 redis_errors.labels("ensure_group").inc()
                 log.warning("redis unavailable at start (%s); retrying", error)
                 await _sleep_or_stop(backoff.next(), self._stopping)
@@ -148,7 +156,7 @@ class Worker:
             if self._suspects and not self._runs:
                 try:
                     await self._run_suspect_alone()
-                except RedisUnavailable as error:
+                except QueueUnavailable as error:
                     redis_errors.labels("start").inc()
                     log.warning("redis unavailable while starting (%s); retrying", error)
                     await _sleep_or_stop(backoff.next(), self._stopping)
@@ -163,7 +171,7 @@ class Worker:
                 deliveries = await self.queue.read(self.consumer, count, block_ms=1000)
                 await self._begin(deliveries)
                 backoff.reset()
-            except RedisUnavailable as error:
+            except QueueUnavailable as error:
                 redis_errors.labels("read").inc()
                 log.warning("redis unavailable while reading (%s); retrying", error)
                 await _sleep_or_stop(backoff.next(), self._stopping)
@@ -287,7 +295,7 @@ class Worker:
                 batch = self._finished[:_FINISH_BATCH]
                 try:
                     verdicts = await self.queue.finish(self.consumer, batch)
-                except RedisUnavailable as error:
+                except QueueUnavailable as error:
                     # The outcomes stay buffered and their entries unacknowledged: nothing is
                     # lost, and a worker that dies meanwhile leaves them to be reclaimed.
                     redis_errors.labels("finish").inc()
@@ -336,7 +344,7 @@ class Worker:
                     replies = await self.queue.keep_alive(self.consumer, chunk)
                     for job, reply in zip(chunk, replies, strict=True):
                         self._on_keep_alive(job, reply)
-            except RedisUnavailable:
+            except QueueUnavailable:
                 redis_errors.labels("keep_alive").inc()
 
     def _on_keep_alive(self, job: Job, reply: str) -> None:
@@ -379,7 +387,7 @@ class Worker:
                 if now >= next_trim:
                     next_trim = now + _TRIM_INTERVAL
                     await self.queue.trim()
-            except RedisUnavailable:
+            except QueueUnavailable:
                 redis_errors.labels("maintenance").inc()
 
     # -- stopping

@@ -7,9 +7,10 @@ import logging
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
-from ...core.redis_queue import RedisUnavailable
+from ...core.queue import QueueUnavailable
 from ...core.telemetry import metrics
 from ..deps import queue_of, settings_of
+from ..errors import UNAVAILABLE
 
 router = APIRouter(tags=["operations"])
 log = logging.getLogger(__name__)
@@ -21,12 +22,14 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", responses={503: {"description": "Redis is unreachable"}})
+@router.get("/readyz", responses={503: {"description": "Redis does not accept writes now"}})
 async def readyz(request: Request) -> JSONResponse:
-    """Readiness: Redis answers."""
-    if await queue_of(request).ping():
-        return JSONResponse({"status": "ok"})
-    return JSONResponse({"status": "redis unavailable"}, status_code=503)
+    """Readiness: Redis accepts writes, so a submit can be stored."""
+    try:
+        await queue_of(request).check_writable()
+    except QueueUnavailable as error:
+        return JSONResponse({"status": UNAVAILABLE[error.state][0]}, status_code=503)
+    return JSONResponse({"status": "ok"})
 
 
 @router.get("/metrics", include_in_schema=False)
@@ -37,7 +40,7 @@ async def metrics_endpoint(request: Request) -> Response:
     try:
         stats = await queue.stats()
         collector = metrics.QueueStateCollector(stats)
-    except RedisUnavailable:
+    except QueueUnavailable:
         metrics.redis_errors.labels("metrics").inc()
     body, content_type = metrics.render(settings.prometheus_multiproc_dir, collector)
     return Response(body, media_type=content_type)
