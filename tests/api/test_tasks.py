@@ -6,6 +6,7 @@ import asyncio
 import time
 
 import httpx
+import redis.asyncio
 
 from .conftest import ClientFactory
 
@@ -170,3 +171,29 @@ async def test_openapi_documents_what_the_request_routes_parse_themselves(
     assert read["responses"]["200"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/TaskPublic"
     }
+
+
+async def test_repeats_of_an_idempotency_key_after_its_task_expired_make_one_task(
+    make_client: ClientFactory, redis_client: redis.asyncio.Redis
+) -> None:
+    key = {"Idempotency-Key": "order-17"}
+
+    async def five_repeats(client: httpx.AsyncClient) -> set[str]:
+        answers = await asyncio.gather(
+            *(submit(client, {"prompt": "order"}, **key) for _ in range(5))
+        )
+        assert sorted(answer.status_code for answer in answers) == [200, 200, 200, 200, 202]
+        return {answer.json()["task_id"] for answer in answers}
+
+    async with make_client(worker=False, result_expiry=1) as client:
+        first = (await submit(client, {"prompt": "order"}, **key)).json()["task_id"]
+        await asyncio.sleep(2.2)
+        assert (await client.get(f"/tasks/{first}")).status_code == 404
+        [second] = await five_repeats(client)
+        assert second != first
+        # A key that outlived its task (as one written under a longer RESULT_EXPIRY can):
+        # it is taken over, once.
+        await redis_client.delete(f"task:{second}")
+        [third] = await five_repeats(client)
+        assert third != second
+        assert await redis_client.get("idempotency::order-17") == third

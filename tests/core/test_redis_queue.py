@@ -19,7 +19,8 @@ from fastapi_redis_mini.core.queue import (
     StartVerdict,
     SubmitOutcome,
 )
-from fastapi_redis_mini.core.redis_queue import RedisTaskQueue
+from fastapi_redis_mini.core.redis_queue import RedisTaskQueue, _NewTask, connect, new_task_id
+from fastapi_redis_mini.core.settings import Settings
 
 CONSUMER = "test-consumer"
 
@@ -158,6 +159,53 @@ async def test_an_idempotency_key_returns_the_first_task(queue: RedisTaskQueue) 
     assert second.outcome is SubmitOutcome.DUPLICATE
     assert second.task_id == first.task_id
     assert (await queue.stats()).stream_length == 1
+
+
+async def test_a_submit_script_sent_again_stores_the_task_once(
+    queue: RedisTaskQueue, redis_client: redis.asyncio.Redis
+) -> None:
+    # What the client does when it times out waiting for a reply: the same call, same ids.
+    tasks = [
+        _NewTask(new_task_id(), TaskCreate(prompt=f"p{i}").canonical.decode(), f"s{i}", "",
+                 "k" if i == 0 else None, "", None)
+        for i in range(3)
+    ]  # fmt: skip
+    first = await queue._submit_batch(tasks)
+    again = await queue._submit_batch(tasks)
+    assert again == first
+    assert [answer.outcome for answer in again] == [SubmitOutcome.QUEUED] * 3
+    entries: list[tuple[str, dict[str, str]]] = await redis_client.xrange("task_stream")  # type: ignore[assignment]
+    assert sorted(fields["task_id"] for _, fields in entries) == sorted(t.task_id for t in tasks)
+
+
+async def test_an_idempotency_key_expires_with_its_task(
+    settings: Settings, redis_client: redis.asyncio.Redis
+) -> None:
+    short = RedisTaskQueue(connect(settings), settings.model_copy(update={"result_expiry": 60}))
+    try:
+        await short.submit(TaskCreate(prompt="x"), signature="s", idempotency_key="k")
+    finally:
+        await short.close()
+    assert 0 < await redis_client.ttl("idempotency::k") <= 60
+
+
+async def test_an_idempotency_key_left_pointing_at_a_gone_task_is_taken_over_once(
+    queue: RedisTaskQueue, redis_client: redis.asyncio.Redis
+) -> None:
+    task = TaskCreate(prompt="once")
+    first = await queue.submit(task, signature="s", idempotency_key="k")
+    await redis_client.delete(f"task:{first.task_id}")
+    answers = await asyncio.gather(
+        *(
+            queue.submit(task, signature="s", idempotency_key="k", replacing=first.task_id)
+            for _ in range(5)
+        )
+    )
+    assert [answer.outcome for answer in answers] == [
+        SubmitOutcome.QUEUED, *[SubmitOutcome.DUPLICATE] * 4
+    ]  # fmt: skip
+    assert {answer.task_id for answer in answers} == {answers[0].task_id}
+    assert await redis_client.get("idempotency::k") == answers[0].task_id
 
 
 async def test_concurrent_submits_share_a_round_trip_and_keep_one_by_one_semantics(

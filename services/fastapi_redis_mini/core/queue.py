@@ -172,7 +172,14 @@ class TaskQueue(Protocol):
         scope: str = "",
         idempotency_key: str | None = None,
         traceparent: str = "",
-    ) -> Submitted: ...
+        replacing: str | None = None,
+    ) -> Submitted:
+        """Store a task, or answer from the cache or with the first task of idempotency_key.
+
+        `replacing` is the id of the key's first task when the caller found it gone: the key
+        then moves to the new task, atomically, unless it already points elsewhere.
+        """
+        ...
 
     async def get(self, task_id: str, scope: str = "") -> TaskRecord | None: ...
 

@@ -144,6 +144,7 @@ class _NewTask:
     scope: str
     idempotency_key: str | None
     traceparent: str
+    replacing: str | None
 
 
 def _float(value: str | None) -> float | None:
@@ -199,6 +200,7 @@ class RedisTaskQueue:
         scope: str = "",
         idempotency_key: str | None = None,
         traceparent: str = "",
+        replacing: str | None = None,
     ) -> Submitted:
         task = _NewTask(
             task_id=new_task_id(),
@@ -207,6 +209,7 @@ class RedisTaskQueue:
             scope=scope,
             idempotency_key=idempotency_key,
             traceparent=traceparent,
+            replacing=replacing,
         )
         return await self._submits(task)
 
@@ -219,8 +222,8 @@ class RedisTaskQueue:
                 self.keys.cache(t.signature, t.scope),
                 self.keys.idempotency(t.idempotency_key or "", t.scope),
             )
-            batch.append((t.task_id, t.request, t.signature, t.scope, t.traceparent,
-                          int(t.idempotency_key is not None)))  # fmt: skip
+            keyed: int | str = 0 if t.idempotency_key is None else (t.replacing or 1)
+            batch.append((t.task_id, t.request, t.signature, t.scope, t.traceparent, keyed))
         s = self.settings
         reply = await self._submit(
             keys=keys,

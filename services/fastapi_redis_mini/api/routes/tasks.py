@@ -111,8 +111,17 @@ router.add_api_route(
 )
 
 
+_MAX_TAKEOVERS = 3
+
+
 async def _submit(
-    request: Request, queue: TaskQueue, task: TaskCreate, scope: str, idempotency_key: str | None
+    request: Request,
+    queue: TaskQueue,
+    task: TaskCreate,
+    scope: str,
+    idempotency_key: str | None,
+    replacing: str | None = None,
+    takeovers: int = 0,
 ) -> Response:
     submitted = await queue.submit(
         task,
@@ -120,6 +129,7 @@ async def _submit(
         scope=scope,
         idempotency_key=idempotency_key,
         traceparent=current_traceparent() if request.app.state.tracing else "",
+        replacing=replacing,
     )
     _SUBMITTED[submitted.outcome].inc()
     if submitted.outcome is SubmitOutcome.CACHED:
@@ -143,8 +153,14 @@ async def _submit(
                     result=record.result,
                 )
             )
-        # The first task expired before its Idempotency-Key did: treat this as new work.
-        return await _submit(request, queue, task, scope, None)
+        # The key outlived its task (the key is set to expire with its task, so only a key
+        # written under a longer RESULT_EXPIRY can): take the key over for a new task. The
+        # takeover is atomic, so of N such requests one creates the task and the rest find it.
+        if takeovers >= _MAX_TAKEOVERS:
+            raise ConflictError("Idempotency-Key points at tasks that keep vanishing; retry")
+        return await _submit(
+            request, queue, task, scope, idempotency_key, submitted.task_id, takeovers + 1
+        )
     metrics.cache_misses.inc()
     return _answer(
         TaskSubmitted(task_id=submitted.task_id, status=TaskStatus.PENDING, cached=False),
