@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -21,9 +22,15 @@ from pydantic import BaseModel, ValidationError
 
 from ..core.queue import TaskQueue
 from ..core.settings import Settings
-from .errors import UnauthorizedError, UnsupportedMediaTypeError
+from .errors import InvalidFieldError, UnauthorizedError, UnsupportedMediaTypeError
 
 M = TypeVar("M", bound=BaseModel)
+
+# pydantic's parser refuses JSON nested deeper than this; the fallback parser below refuses
+# the same, well inside Python's own recursion limit, which json.loads would otherwise hit.
+MAX_BODY_DEPTH = 200
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_BRACKET = re.compile(rb"[\[\]{}]")
 
 
 def settings_of(request: Request) -> Settings:
@@ -84,11 +91,17 @@ async def json_body(request: Request, model: type[M]) -> M:
     try:
         return model.model_validate_json(body)
     except ValidationError as error:
-        if not any(item["type"] == "json_invalid" for item in error.errors()):
+        invalid_json = [item for item in error.errors() if item["type"] == "json_invalid"]
+        if not invalid_json:
             raise _invalid(error, body) from None
+        if "recursion limit" in str(invalid_json[0].get("ctx", {}).get("error", "")):
+            raise InvalidFieldError("body", f"nested deeper than {MAX_BODY_DEPTH} levels") from None
         first = error
     # pydantic's parser refuses some text Python's accepts, such as a lone surrogate escape.
-    # Reading it again with json lets the field checks name the field that holds it.
+    # Reading it again with json lets the field checks name the field that holds it; json
+    # recurses once per level, so the depth is checked first.
+    if _nesting(body) > MAX_BODY_DEPTH:
+        raise InvalidFieldError("body", f"nested deeper than {MAX_BODY_DEPTH} levels")
     try:
         data = json.loads(body)
     except ValueError:
@@ -97,6 +110,18 @@ async def json_body(request: Request, model: type[M]) -> M:
         return model.model_validate(data)
     except ValidationError as error:
         raise _invalid(error, body) from None
+
+
+def _nesting(body: bytes) -> int:
+    """How deep arrays and objects nest in a JSON text, without parsing it (linear time)."""
+    depth = deepest = 0
+    for bracket in _BRACKET.findall(_STRING.sub(b"", body)):
+        if bracket in (b"[", b"{"):
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth -= 1
+    return deepest
 
 
 def _invalid(error: ValidationError, body: bytes) -> RequestValidationError:

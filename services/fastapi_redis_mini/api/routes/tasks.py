@@ -87,10 +87,11 @@ _IDEMPOTENCY_HEADER = {
 
 async def submit_task(request: Request) -> Response:
     """Queue a task, or answer at once from the result cache when an identical one finished."""
+    # Who asks comes first: an unauthenticated body is never read, let alone parsed.
+    scope = scope_of(request)
     task = await json_body(request, TaskCreate)
     settings = settings_of(request)
     queue = queue_of(request)
-    scope = scope_of(request)
     idempotency_key = request.headers.get("idempotency-key")
     check_task(task, settings)
     check_idempotency_key(idempotency_key)
