@@ -35,6 +35,7 @@ def test_api_keys_are_split_on_commas_and_never_shown() -> None:
         ("CACHE_TTL", "-5"),
         ("TASK_TIMEOUT", "abc"),
         ("LOG_FORMAT", "xml"),
+        ("DOCS_ENABLED", "maybe"),
     ],
 )
 def test_a_bad_value_names_its_variable(

@@ -12,15 +12,13 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Page, sync_playwright
 
+from ..support.browser import CHROMIUM_FLAGS, require_chromium
 from ..support.processes import REPO_ROOT
 from ..support.redis_server import free_port
-from ..support.tools import require_tool
 from .conftest import FAST_MIX, RunningService, locust_command, locust_env
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 SCREENSHOT = REPO_ROOT / "reports" / "loadtest" / "locust-web-ui.png"
 TASK_ROWS = ("POST /tasks", "task end-to-end")
 ENOUGH_TASKS = 10
@@ -29,8 +27,7 @@ SWARM_TIMEOUT = 60.0
 
 @pytest.fixture(scope="module")
 def chromium() -> str:
-    """Debian's chromium; under CI=true its absence fails the test instead of skipping it."""
-    return require_tool("chromium", "chromium", path=CHROMIUM)
+    return require_chromium()
 
 
 @pytest.fixture

@@ -6,13 +6,18 @@ import time
 from typing import Any
 
 from starlette.exceptions import HTTPException
+from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import metrics
 
 
 class MetricsMiddleware:
-    """Counts and times every request by method, route template (never the raw path) and status."""
+    """Counts and times every request by method, route template (never the raw path) and status.
+
+    Static files (the docs pages' assets) are not counted: a file name is no route template,
+    and they would only add series.
+    """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -35,18 +40,23 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_with_status)
         finally:
-            route = scope.get("route")
-            key = (scope["method"], getattr(route, "path", "unmatched"), status)
-            series = self._series.get(key)
-            if series is None:
-                labels = (key[0], key[1], str(status))
-                series = (
-                    metrics.http_requests.labels(*labels),
-                    metrics.http_request_duration.labels(*labels),
-                )
-                self._series[key] = series
-            series[0].inc()
-            series[1].observe(time.perf_counter() - started)
+            # A Mount puts the app it hands the request to in the scope as its endpoint.
+            if not isinstance(scope.get("endpoint"), StaticFiles):
+                route = getattr(scope.get("route"), "path", "unmatched")
+                self._record(scope["method"], route, status, started)
+
+    def _record(self, method: str, route: str, status: int, started: float) -> None:
+        key = (method, route, status)
+        series = self._series.get(key)
+        if series is None:
+            labels = (method, route, str(status))
+            series = (
+                metrics.http_requests.labels(*labels),
+                metrics.http_request_duration.labels(*labels),
+            )
+            self._series[key] = series
+        series[0].inc()
+        series[1].observe(time.perf_counter() - started)
 
 
 class BodyLimitMiddleware:

@@ -16,7 +16,7 @@ from ..core.telemetry.logging import configure_logging
 from ..core.telemetry.tracing import configure_tracing, shutdown_tracing
 from ._middleware import BodyLimitMiddleware, MetricsMiddleware
 from .errors import install_error_handlers
-from .routes import health, tasks
+from .routes import docs, health, tasks
 
 DESCRIPTION = """
 Submit slow, inference-style tasks and read their results.
@@ -49,7 +49,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         # The routers' routes are served by the app's own router rather than included: an
         # included router is matched through a second, nested router on every request.
-        routes=[*tasks.router.routes, *health.router.routes],
+        routes=[
+            *tasks.router.routes,
+            *health.router.routes,
+            *(docs.routes if settings.docs_enabled else ()),
+        ],
+        # FastAPI's own pages load their assets from a CDN; routes/docs.py serves them instead.
+        docs_url=None,
+        redoc_url=None,
         # Spans come from opentelemetry-instrumentation-fastapi below, when tracing is on;
         # FastAPI's native telemetry would make a second set.
         telemetry={"tracing": False, "metrics": False, "logs": False},

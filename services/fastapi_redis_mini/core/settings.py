@@ -61,6 +61,8 @@ class Settings(BaseSettings):
     max_prompt_chars: int = Field(default=8192, ge=1)
     max_params_bytes: int = Field(default=4096, ge=2)
     max_params_depth: int = Field(default=5, ge=1)
+    # Swagger UI at /docs and ReDoc at /redoc; /openapi.json stays either way.
+    docs_enabled: bool = True
 
     # Telemetry
     log_format: Literal["json", "text"] = "json"
