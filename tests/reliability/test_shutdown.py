@@ -102,7 +102,7 @@ def test_tasks_longer_than_the_grace_are_released_and_another_worker_completes_t
 def test_sigterm_lets_the_api_answer_requests_in_flight_then_exit_0(
     redis_url: str, launch: Launcher
 ) -> None:
-    api = launch.api(redis_url, WEB_CONCURRENCY="2", SHUTDOWN_GRACE="10")
+    api = launch.api(redis_url, WEB_CONCURRENCY="2", DRAIN_TIMEOUT="10")
     with httpx.Client(base_url=api.base_url, timeout=30) as client:
         task_id = client.post("/tasks", json={"prompt": "nobody runs this"}).json()["task_id"]
         with ThreadPoolExecutor(4) as pool:

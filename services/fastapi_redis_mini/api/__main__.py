@@ -76,7 +76,7 @@ def main() -> None:
             "bind": f"{settings.host}:{settings.port}",
             "workers": settings.web_concurrency,
             "worker_class": "uvicorn_worker.UvicornWorker",
-            "graceful_timeout": math.ceil(settings.shutdown_grace),
+            "graceful_timeout": math.ceil(settings.drain_timeout),
             "timeout": 60,
             "keepalive": 5,
             "worker_exit": worker_exit,

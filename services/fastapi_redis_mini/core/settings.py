@@ -63,6 +63,8 @@ class Settings(BaseSettings):
     max_params_depth: int = Field(default=5, ge=1)
     # Swagger UI at /docs and ReDoc at /redoc; /openapi.json stays either way.
     docs_enabled: bool = True
+    # Seconds the api answers requests in flight after SIGTERM; the longest is a 30 s long-poll.
+    drain_timeout: PositiveSeconds = 35.0
 
     # Telemetry
     log_format: Literal["json", "text"] = "json"
