@@ -90,6 +90,8 @@ def test_schema_validation_catches_a_misspelt_field() -> None:
         ({"api": {"port": 70000}}, "port"),
         ({"externalRedis": {"url": "http://redis:6379"}}, "url"),
         ({"loadtest": {"job": {"runTime": "two minutes"}}}, "runTime"),
+        ({"redis": {"maxmemory": "lots"}}, "maxmemory"),
+        ({"clusterDomain": "cluster local"}, "clusterDomain"),
     ],
 )
 def test_values_schema_rejects_typos_and_wrong_types(
@@ -105,6 +107,32 @@ def test_values_schema_rejects_typos_and_wrong_types(
         (
             {"worker": {"shutdownGrace": 40, "terminationGracePeriodSeconds": 40}},
             "terminationGracePeriodSeconds .* must exceed worker.shutdownGrace",
+        ),
+        (
+            {"worker": {"taskTimeout": 60}},
+            r"worker.shutdownGrace \(30\) must be at least worker.taskTimeout \(60\)",
+        ),
+        (
+            {"worker": {"maxTaskDuration": 40, "taskTimeout": 30}},
+            r"worker.maxTaskDuration \(40\) must not exceed worker.taskTimeout \(30\)",
+        ),
+        (
+            {"api": {"drainTimeout": 40}},
+            r"api.terminationGracePeriodSeconds \(45\) must exceed api.preStopSeconds \+ "
+            r"api.drainTimeout \(5 \+ 40\)",
+        ),
+        (
+            {"redis": {"maxmemory": "512mb"}},
+            r"redis.maxmemory \(512mb = 536870912 bytes\) must be below "
+            r"redis.resources.limits.memory \(512Mi = 536870912 bytes\)",
+        ),
+        (
+            {"redis": {"maxmemory": "1g", "resources": {"limits": {"memory": "1Gi"}}}},
+            None,
+        ),
+        (
+            {"redis": {"resources": {"limits": {"memory": None}}}},
+            "redis.resources.limits.memory is required",
         ),
         (
             {
@@ -128,7 +156,10 @@ def test_values_schema_rejects_typos_and_wrong_types(
     ],
 )
 def test_chart_refuses_contradictory_values_with_a_clear_message(
-    values: dict[str, object], complaint: str
+    values: dict[str, object], complaint: str | None
 ) -> None:
+    if complaint is None:  # the edge that is still allowed: 1g (10^9 bytes) < 1Gi (2^30)
+        assert render(values)
+        return
     with pytest.raises(RenderError, match=complaint):
         render(values)

@@ -1,4 +1,4 @@
-"""The generated Redis password survives upgrades.
+"""The generated Redis password survives upgrades, and a new password rolls the pods.
 
 Helm's `lookup` reads the live Secret during an upgrade. A minimal Kubernetes API on loopback
 answers the two requests Helm makes for it, and the Helm Go SDK renders against it exactly as
@@ -37,9 +37,10 @@ CORE_RESOURCES = {
 
 
 class FakeApiServer(ThreadingHTTPServer):
-    """Serves the core API's resource list and, when set, one Secret; 404 for the rest."""
+    """Serves the core API's resource list and the Secrets it holds; 404 for the rest."""
 
     secret: dict[str, Any] | None = None
+    other_secrets: dict[str, dict[str, Any]]
     requests: list[str]
 
 
@@ -54,6 +55,8 @@ class _Handler(BaseHTTPRequestHandler):
             body = CORE_RESOURCES
         elif path == SECRET_PATH:
             body = self.server.secret
+        else:
+            body = self.server.other_secrets.get(path)
         if body is None:
             body = {
                 "kind": "Status",
@@ -82,6 +85,7 @@ class _Handler(BaseHTTPRequestHandler):
 def api_server() -> Iterator[FakeApiServer]:
     server = FakeApiServer(("127.0.0.1", 0), _Handler)
     server.requests = []
+    server.other_secrets = {}
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server
@@ -92,6 +96,27 @@ def api_server() -> Iterator[FakeApiServer]:
 
 def render_against(server: FakeApiServer, values: dict[str, Any]) -> dict[str, Any] | None:
     """The Redis Secret an upgrade against this API server would apply, or None."""
+    files = upgrade_files(server, values)
+    for document in yaml.safe_load_all(files.get(f"{CHART.name}/templates/redis-secret.yaml", "")):
+        if document:
+            secret: dict[str, Any] = document
+            return secret
+    return None
+
+
+def pod_templates(server: FakeApiServer, values: dict[str, Any]) -> dict[str, Any]:
+    """The pod template of each Deployment and StatefulSet an upgrade would apply, by name."""
+    templates = {}
+    for source, text in upgrade_files(server, values).items():
+        if not source.endswith(".yaml"):
+            continue
+        for document in yaml.safe_load_all(text):
+            if document and document["kind"] in ("Deployment", "StatefulSet"):
+                templates[document["metadata"]["name"]] = document["spec"]["template"]
+    return templates
+
+
+def upgrade_files(server: FakeApiServer, values: dict[str, Any]) -> dict[str, str]:
     import helm_python
 
     host, port = server.server_address[:2]
@@ -109,12 +134,10 @@ def render_against(server: FakeApiServer, values: dict[str, Any]) -> dict[str, A
         helm_python.Config(kubeconfig_content=kubeconfig, namespace=NAMESPACE) as config,
         helm_python.Chart.load(CHART) as chart,
     ):
-        files = config.render(chart, values, name=RELEASE, namespace=NAMESPACE, is_upgrade=True)
-    for document in yaml.safe_load_all(files.get(f"{CHART.name}/templates/redis-secret.yaml", "")):
-        if document:
-            secret: dict[str, Any] = document
-            return secret
-    return None
+        files: dict[str, str] = config.render(
+            chart, values, name=RELEASE, namespace=NAMESPACE, is_upgrade=True
+        )
+    return files
 
 
 def password(secret: dict[str, Any] | None) -> str:
@@ -143,9 +166,40 @@ def test_without_a_secret_in_the_cluster_a_new_password_is_generated(
     assert first != second
 
 
-def test_an_existing_secret_is_used_as_it_is_and_never_looked_up(
+def test_an_existing_secret_is_used_as_it_is_and_no_password_is_generated(
     api_server: FakeApiServer,
 ) -> None:
     values = {"redis": {"auth": {"existingSecret": "my-redis"}}}
     assert render_against(api_server, values) is None
     assert SECRET_PATH not in api_server.requests
+
+
+def _secret(name: str, key: str, password: bytes) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": name, "namespace": NAMESPACE},
+        "data": {key: base64.b64encode(password).decode()},
+    }
+
+
+def test_upgrades_keep_the_pods_while_the_generated_password_stays(
+    api_server: FakeApiServer,
+) -> None:
+    api_server.secret = _secret(SECRET_NAME, "redis-password", b"generated-at-install")
+    assert pod_templates(api_server, {}) == pod_templates(api_server, {})
+
+
+def test_rotating_an_existing_secret_rolls_redis_the_api_and_the_worker_on_upgrade(
+    api_server: FakeApiServer,
+) -> None:
+    values = {"redis": {"auth": {"existingSecret": "my-redis"}}}
+    path = f"/api/v1/namespaces/{NAMESPACE}/secrets/my-redis"
+    api_server.other_secrets[path] = _secret("my-redis", "redis-password", b"first")
+    before = pod_templates(api_server, values)
+    api_server.other_secrets[path] = _secret("my-redis", "redis-password", b"rotated")
+    after = pod_templates(api_server, values)
+    assert path in api_server.requests
+    for component in ("redis", "api", "worker"):
+        name = f"{RELEASE}-fastapi-redis-mini-{component}"
+        assert before[name] != after[name], f"{component} keeps the old password"

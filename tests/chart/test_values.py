@@ -45,6 +45,7 @@ FEATURE_BASE: list[tuple[str, Values]] = [
     ("externalRedis.", VALUE_SETS["external-redis"]),
     ("redis.enabled", VALUE_SETS["external-redis"]),
     ("networkPolicy.kedaNamespace", {"networkPolicy": {"enabled": True}, **VALUE_SETS["keda"]}),
+    ("clusterDomain", VALUE_SETS["keda"]),
     ("metrics.", VALUE_SETS["monitoring"]),
 ]
 
@@ -58,7 +59,9 @@ ALTERNATIVES: dict[str, Any] = {
     "redis.appendfsync": "always",
     "redis.maxmemory": "200mb",
     "redis.persistence.size": "2Gi",
-    "redis.image.tag": "7.4.3-bookworm",
+    "redis.image.tag": "7.4.7-bookworm",
+    "clusterDomain": "k8s.example.internal",
+    "worker.taskTimeout": 28,
     "externalRedis.url": "redis://other.example.internal:6379/0",
     "metrics.serviceMonitor.interval": "30s",
     "loadtest.job.runTime": "5m",

@@ -71,6 +71,56 @@ An environment value as text. Helm reads YAML numbers as floats, so 1000000 woul
 {{- include "frm.componentName" (list . "redis") }}
 {{- end }}
 
+{{/*
+The Redis Service's fully qualified name, for consumers in other namespaces (KEDA's
+operator runs in its own): a short name only resolves inside the release's namespace.
+*/}}
+{{- define "frm.redisServiceFqdn" -}}
+{{- printf "%s.%s.svc.%s" (include "frm.redisHost" .) .Release.Namespace (trimSuffix "." .Values.clusterDomain) }}
+{{- end }}
+
+{{/*
+Bytes in a Kubernetes quantity ("512Mi", "1G", "268435456") or a Redis size ("200mb", "1gb",
+"100m"). Redis reads k/m/g as powers of 1000 and kb/mb/gb as powers of 1024.
+*/}}
+{{- define "frm.bytes" -}}
+{{- $text := toString . }}
+{{- $match := regexFind "^[0-9]+(\\.[0-9]+)?" $text }}
+{{- if not $match }}{{ fail (printf "%q is not a memory size" $text) }}{{ end }}
+{{- $unit := lower (trimPrefix $match $text) }}
+{{- $units := dict "" 1 "k" 1000 "m" 1000000 "g" 1000000000 "t" 1000000000000 "ki" 1024 "kb" 1024 "mi" 1048576 "mb" 1048576 "gi" 1073741824 "gb" 1073741824 "ti" 1099511627776 "tb" 1099511627776 }}
+{{- if not (hasKey $units $unit) }}{{ fail (printf "%q has a unit the chart does not know" $text) }}{{ end }}
+{{- mulf (float64 $match) (index $units $unit) | floor | int64 }}
+{{- end }}
+
+{{/*
+Redis's maxmemory in bytes: redis.maxmemory when set, else redis.maxmemoryPercent of the
+container's memory limit. The rest of the limit is for the copy-on-write pages of the fork
+that rewrites the AOF, client buffers and allocator overhead. Without a maxmemory below the
+limit, noeviction never applies: the kernel kills Redis instead of Redis refusing writes.
+*/}}
+{{- define "frm.redisMaxmemory" -}}
+{{- $redis := .Values.redis }}
+{{- $limit := dig "limits" "memory" "" $redis.resources }}
+{{- if not $limit }}
+{{- fail "redis.resources.limits.memory is required: maxmemory is derived from it, and without it Redis can grow until the node kills it" }}
+{{- end }}
+{{- $limitBytes := include "frm.bytes" $limit | int64 }}
+{{- $bytes := 0 }}
+{{- if $redis.maxmemory }}
+{{- $bytes = include "frm.bytes" $redis.maxmemory | int64 }}
+{{- else }}
+{{- $bytes = div (mul $limitBytes (int64 $redis.maxmemoryPercent)) 100 }}
+{{- end }}
+{{- if ge $bytes $limitBytes }}
+{{- fail (printf "redis.maxmemory (%v = %d bytes) must be below redis.resources.limits.memory (%v = %d bytes), or the kernel kills Redis before it refuses writes" $redis.maxmemory $bytes $limit $limitBytes) }}
+{{- end }}
+{{- if le $bytes 0 }}
+{{- fail (printf "redis.maxmemory (%v) must be more than 0 bytes" $redis.maxmemory) }}
+{{- end }}
+{{- $bytes }}
+{{- end }}
+
 {{- define "frm.redisUrl" -}}
 {{- if .Values.redis.enabled }}
 {{- printf "redis://%s:%d/0" (include "frm.redisHost" .) (int .Values.redis.port) }}
@@ -84,6 +134,37 @@ An environment value as text. Helm reads YAML numbers as floats, so 1000000 woul
 {{- default (include "frm.componentName" (list . "redis")) .Values.redis.auth.existingSecret }}
 {{- else }}
 {{- required "externalRedis.existingSecret is required when redis.enabled=false" .Values.externalRedis.existingSecret }}
+{{- end }}
+{{- end }}
+
+{{/*
+The generated Redis password, base64-encoded: read back from the live Secret on upgrade,
+generated on install. It is worked out once per render and kept in .Values, so the Secret
+and the checksums on the pods that read it agree.
+*/}}
+{{- define "frm.redisGeneratedPassword" -}}
+{{- if not (hasKey .Values "frmGeneratedRedisPassword") }}
+{{- $password := randAlphaNum 32 | b64enc }}
+{{- with lookup "v1" "Secret" .Release.Namespace (include "frm.componentName" (list . "redis")) }}
+{{- with index .data $.Values.redis.auth.existingSecretPasswordKey }}{{ $password = . }}{{ end }}
+{{- end }}
+{{- $_ := set .Values "frmGeneratedRedisPassword" $password }}
+{{- end }}
+{{- .Values.frmGeneratedRedisPassword }}
+{{- end }}
+
+{{/*
+A checksum of the Redis password, for the pod templates of everything that reads it: a new
+password rolls Redis, the api and the worker together. A Secret the chart does not render is
+read with lookup, so `helm upgrade` after rotating it rolls them too; `helm template` cannot
+read it and gives a fixed checksum.
+*/}}
+{{- define "frm.redisSecretChecksum" -}}
+{{- if and .Values.redis.enabled (not .Values.redis.auth.existingSecret) }}
+{{- include "frm.redisGeneratedPassword" . | sha256sum }}
+{{- else }}
+{{- $secret := lookup "v1" "Secret" .Release.Namespace (include "frm.redisSecretName" .) }}
+{{- index (default (dict) (get $secret "data")) (include "frm.redisSecretKey" .) | default "" | sha256sum }}
 {{- end }}
 {{- end }}
 
