@@ -32,6 +32,7 @@ def service_env(redis_url: str, **overrides: str) -> dict[str, str]:
         WEB_CONCURRENCY="1",
         CLAIM_IDLE="30",
         SHUTDOWN_GRACE="10",
+        DRAIN_TIMEOUT="10",
     )
     env.update(overrides)
     return env
