@@ -439,3 +439,33 @@ async def test_a_released_task_gives_its_delivery_back(queue: RedisTaskQueue) ->
     assert await queue.promote_due_retries(10) == 1
     [again] = await take(queue)  # not a suspect: a stopping worker handed it back
     assert (again.task_id, again.verdict, again.attempts) == (task_id, StartVerdict.RUN, 1)
+
+
+async def test_stats_read_the_ages_of_the_oldest_waiting_and_pending_entries(
+    queue: RedisTaskQueue, redis_client: redis.asyncio.Redis
+) -> None:
+    empty = await queue.stats()
+    assert (empty.oldest_undelivered_age, empty.oldest_pending_age) == (0.0, 0.0)
+    seconds, _ = await redis_client.time()
+    # Entry ids carry the time they were added: these were added 90 s and 30 s ago.
+    for age in (90, 30):
+        await redis_client.xadd(
+            "task_stream", {"task_id": f"t{age}"}, id=f"{(seconds - age) * 1000}-0"
+        )
+    waiting = await queue.stats()
+    assert waiting.oldest_undelivered_age == pytest.approx(90, abs=2)
+    assert waiting.oldest_pending_age == 0.0
+    await queue.read(CONSUMER, count=1, block_ms=100)  # hands out the 90 s entry
+    handed = await queue.stats()
+    assert handed.oldest_undelivered_age == pytest.approx(30, abs=2)
+    assert handed.oldest_pending_age == pytest.approx(90, abs=2)
+    assert (handed.lag, handed.pending, handed.consumers) == (1, 1, 1)
+
+
+async def test_stats_count_the_tasks_waiting_out_a_retry(queue: RedisTaskQueue) -> None:
+    await submit(queue)
+    [job] = await take(queue)
+    retry = Finish(job, Outcome.RETRY, error="flaky", due_at=time.time() + 600)
+    assert await queue.finish(CONSUMER, [retry]) == [FinishVerdict.WRITTEN]
+    stats = await queue.stats()
+    assert (stats.retry_size, stats.lag, stats.pending) == (1, 0, 0)

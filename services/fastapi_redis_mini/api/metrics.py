@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Histogram
 
-from ..core.telemetry.metrics import BUCKETS, NAMESPACE
+from ..core.telemetry.metrics import HTTP_BUCKETS, NAMESPACE
 
 http_requests = Counter(
     "http_requests", "HTTP requests answered.", ["method", "route", "status"], namespace=NAMESPACE
@@ -14,7 +14,7 @@ http_request_duration = Histogram(
     "Time to answer an HTTP request.",
     ["method", "route", "status"],
     namespace=NAMESPACE,
-    buckets=BUCKETS,
+    buckets=HTTP_BUCKETS,
 )
 tasks_submitted = Counter(
     "tasks_submitted",

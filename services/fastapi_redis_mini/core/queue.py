@@ -142,7 +142,10 @@ class FinishVerdict(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class QueueStats:
-    """Queue depth as the stream and its consumer group report it."""
+    """Queue depth and ages as the stream and its consumer group report them.
+
+    Ages are seconds on the broker's clock, 0 when nothing is waiting.
+    """
 
     stream: str
     group: str
@@ -151,6 +154,9 @@ class QueueStats:
     pending: int
     dead_letter_length: int
     consumers: int = 0
+    oldest_undelivered_age: float = 0.0  # the oldest entry the group has not been handed
+    oldest_pending_age: float = 0.0  # the oldest entry handed out and not yet acknowledged
+    retry_size: int = 0  # tasks waiting out a retry backoff
 
 
 @dataclass(frozen=True, slots=True)

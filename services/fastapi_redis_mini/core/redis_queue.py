@@ -151,6 +151,13 @@ def _float(value: str | None) -> float | None:
     return float(value) if value else None
 
 
+def _age(entry_id: str, now_ms: int) -> float:
+    """Seconds since a stream entry was added (its id starts with that time in ms)."""
+    if not entry_id:
+        return 0.0
+    return max(0, now_ms - int(entry_id.split("-", 1)[0])) / 1000
+
+
 def _load_script(redis: Redis, name: str) -> AsyncScript:
     source = resources.files(__package__).joinpath("lua", f"{name}.lua").read_text()
     return redis.register_script(source)
@@ -173,6 +180,7 @@ class RedisTaskQueue:
         self._read = _load_script(redis, "read")
         self._replay = _load_script(redis, "replay")
         self._prune = _load_script(redis, "prune_consumers")
+        self._stats = _load_script(redis, "stats")
         self._completions = _Completions(redis, self.keys.events)
         # The api's two hot paths: the submits and reads that meet in one process go to Redis
         # together, one script call per batch (see Coalescer).
@@ -291,38 +299,25 @@ class RedisTaskQueue:
 
     @_translated
     async def stats(self) -> QueueStats:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.xlen(self.keys.stream)
-            pipe.xinfo_groups(self.keys.stream)
-            pipe.xlen(self.keys.dead_letter)
-            length, groups, dead = await pipe.execute(raise_on_error=False)
-        for value in (length, dead):
-            if isinstance(value, Exception):
-                raise value
-        group = next(
-            (g for g in groups if g["name"] == self.keys.group),
-            None,
-        ) if isinstance(groups, list) else None  # fmt: skip
-        if group is None:
-            return QueueStats(
-                stream=self.keys.stream,
-                group=self.keys.group,
-                stream_length=length,
-                lag=length,
-                pending=0,
-                dead_letter_length=dead,
-            )
-        lag = group.get("lag")
+        reply = await self._stats(
+            keys=[self.keys.stream, self.keys.dead_letter, self.keys.retries],
+            args=[self.keys.group],
+        )
+        length, found, consumers, pending, lag, undelivered, oldest_pending = reply[:7]
+        dead, retries, now_ms = reply[7:]
         return QueueStats(
             stream=self.keys.stream,
             group=self.keys.group,
-            stream_length=length,
+            stream_length=int(length),
             # Lag is undefined after deletions past the group's position; the stream length is
             # then the safe upper bound.
-            lag=int(lag) if lag is not None else length,
-            pending=int(group["pending"]),
-            dead_letter_length=dead,
-            consumers=int(group["consumers"]),
+            lag=int(lag) if int(lag) >= 0 else int(length),
+            pending=int(pending) if found else 0,
+            dead_letter_length=int(dead),
+            consumers=int(consumers),
+            oldest_undelivered_age=_age(undelivered, int(now_ms)),
+            oldest_pending_age=_age(oldest_pending, int(now_ms)),
+            retry_size=int(retries),
         )
 
     @_translated

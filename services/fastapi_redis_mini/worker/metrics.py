@@ -4,22 +4,30 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from ..core.telemetry.metrics import BUCKETS, NAMESPACE
+from ..core.telemetry.metrics import (
+    END_TO_END_BUCKETS,
+    NAMESPACE,
+    QUEUE_WAIT_BUCKETS,
+    RUN_BUCKETS,
+)
 
 tasks_finished = Counter(
     "tasks_finished", "Tasks finished, by final status.", ["status"], namespace=NAMESPACE
 )
 task_queue_wait = Histogram(
-    "task_queue_wait_seconds", "Time from submit to start.", namespace=NAMESPACE, buckets=BUCKETS
+    "task_queue_wait_seconds",
+    "Time from submit to start.",
+    namespace=NAMESPACE,
+    buckets=QUEUE_WAIT_BUCKETS,
 )
 task_run = Histogram(
-    "task_run_seconds", "Time from start to finish.", namespace=NAMESPACE, buckets=BUCKETS
+    "task_run_seconds", "Time from start to finish.", namespace=NAMESPACE, buckets=RUN_BUCKETS
 )
 task_end_to_end = Histogram(
     "task_end_to_end_seconds",
     "Time from submit to finish.",
     namespace=NAMESPACE,
-    buckets=BUCKETS,
+    buckets=END_TO_END_BUCKETS,
 )
 tasks_in_flight = Gauge(
     "tasks_in_flight", "Tasks this worker is running.", namespace=NAMESPACE, multiprocess_mode="sum"

@@ -36,11 +36,11 @@ async def readyz(request: Request) -> JSONResponse:
 async def metrics_endpoint(request: Request) -> Response:
     """Prometheus metrics of every api process, plus the queue's depth read from Redis."""
     queue, settings = queue_of(request), settings_of(request)
-    collector = None
+    stats = None
     try:
         stats = await queue.stats()
-        collector = metrics.QueueStateCollector(stats)
     except QueueUnavailable:
         metrics.redis_errors.labels("metrics").inc()
+    collector = metrics.QueueStateCollector(stats)
     body, content_type = metrics.render(settings.prometheus_multiproc_dir, collector)
     return Response(body, media_type=content_type)

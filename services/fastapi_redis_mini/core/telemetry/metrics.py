@@ -28,9 +28,17 @@ NAMESPACE = "fastapi_redis_mini"
 # The *_created series double the exposition for no use to dashboards or alerts.
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
-# Latency buckets from 1 ms (an api call) to 10 minutes (a long inference task).
-BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
-            120, 300, 600)  # fmt: skip
+# One bucket set per histogram, each with a bucket at every threshold its SLO may choose
+# (values.schema.json offers only these for metrics.slo.queueWait.thresholdSeconds).
+# Requests end by 60 s: gunicorn's timeout kills anything longer.
+HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# A real backlog waits for minutes to hours; the p99 must not flatten at the top bucket.
+QUEUE_WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15, 30, 60, 120, 300, 600,
+                      1200, 1800, 3600, 7200)  # fmt: skip
+# Runs end by TASK_TIMEOUT (60 s by default): fine steps up to it, and room past it.
+RUN_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15, 20, 30, 45, 60, 75, 90, 120, 180,
+               300, 600)  # fmt: skip
+END_TO_END_BUCKETS = tuple(sorted({*QUEUE_WAIT_BUCKETS, *RUN_BUCKETS}))
 
 # -- both services
 redis_errors = Counter(
@@ -39,23 +47,41 @@ redis_errors = Counter(
 
 
 class QueueStateCollector(Collector):
-    """Exposes one reading of the queue's depth, taken from Redis just before the scrape."""
+    """Exposes one reading of the queue, taken from Redis just before the scrape.
 
-    def __init__(self, stats: QueueStats) -> None:
+    When the reading failed (stats is None), only `redis_up 0` is exposed: a stale backlog
+    would look like a queue that stopped moving, and the alerts page on `redis_up` instead.
+    """
+
+    def __init__(self, stats: QueueStats | None) -> None:
         self.stats = stats
-        self.labels = [stats.stream, stats.group]
 
     def collect(self) -> list[GaugeMetricFamily]:
-        families = []
+        up = GaugeMetricFamily(
+            f"{NAMESPACE}_redis_up",
+            "1 when this scrape read the queue from Redis, 0 when Redis did not answer.",
+            value=1 if self.stats is not None else 0,
+        )
+        if self.stats is None:
+            return [up]
+        stats, labels = self.stats, [self.stats.stream, self.stats.group]
+        families = [up]
         for name, doc, value in (
-            ("stream_length", "Entries in the task stream (XLEN).", self.stats.stream_length),
-            ("stream_lag", "Entries not yet delivered to the consumer group.", self.stats.lag),
-            ("stream_pending", "Entries delivered but not yet acknowledged.", self.stats.pending),
-            ("dead_letter_length", "Entries in the dead-letter stream.",
-             self.stats.dead_letter_length),
+            ("stream_length", "Entries in the task stream (XLEN).", stats.stream_length),
+            ("stream_lag", "Entries not yet delivered to the consumer group.", stats.lag),
+            ("stream_pending", "Entries delivered but not yet acknowledged.", stats.pending),
+            ("dead_letter_length", "Entries in the dead-letter stream.", stats.dead_letter_length),
+            ("stream_consumers", "Consumers registered in the consumer group.", stats.consumers),
+            ("retry_set_size", "Tasks waiting out a retry backoff.", stats.retry_size),
+            ("stream_oldest_undelivered_age_seconds",
+             "Age of the oldest entry not yet delivered to the group; 0 when none waits.",
+             stats.oldest_undelivered_age),
+            ("stream_oldest_pending_age_seconds",
+             "Age of the oldest entry delivered and not yet acknowledged; 0 when none.",
+             stats.oldest_pending_age),
         ):  # fmt: skip
             family = GaugeMetricFamily(f"{NAMESPACE}_{name}", doc, labels=["stream", "group"])
-            family.add_metric(self.labels, value)
+            family.add_metric(labels, value)
             families.append(family)
         return families
 
