@@ -1,0 +1,63 @@
+"""Python client of the fastapi-redis-mini task service: submit, wait and retry safely.
+
+from fastapi_redis_mini_client import Client
+
+with Client("http://127.0.0.1:8000") as client:
+    result = client.run("summarise the design", {"duration": 2}, timeout=60)
+"""
+
+from ._core import RetryPolicy
+from .client import AsyncClient, Client
+from .errors import (
+    APIError,
+    BacklogFullError,
+    ConflictError,
+    InternalServerError,
+    InvalidRequestError,
+    NotFoundError,
+    PayloadTooLargeError,
+    RateLimitedError,
+    RedisUnavailableError,
+    RequestRefusedError,
+    ServerError,
+    ServiceUnavailableError,
+    ServiceUnreachableError,
+    TaskCancelledError,
+    TaskClientError,
+    TaskEndedError,
+    TaskFailedError,
+    TaskNotFoundError,
+    UnauthorizedError,
+    UnsupportedMediaTypeError,
+    WaitTimeoutError,
+)
+from .models import Task, TaskStatus
+
+__all__ = [
+    "APIError",
+    "AsyncClient",
+    "BacklogFullError",
+    "Client",
+    "ConflictError",
+    "InternalServerError",
+    "InvalidRequestError",
+    "NotFoundError",
+    "PayloadTooLargeError",
+    "RateLimitedError",
+    "RedisUnavailableError",
+    "RequestRefusedError",
+    "RetryPolicy",
+    "ServerError",
+    "ServiceUnavailableError",
+    "ServiceUnreachableError",
+    "Task",
+    "TaskCancelledError",
+    "TaskClientError",
+    "TaskEndedError",
+    "TaskFailedError",
+    "TaskNotFoundError",
+    "TaskStatus",
+    "UnauthorizedError",
+    "UnsupportedMediaTypeError",
+    "WaitTimeoutError",
+]
