@@ -1,0 +1,193 @@
+"""frm-client, the installed console script, against the real api and worker."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fastapi_redis_mini_client import Client
+
+from ..support.redis_server import free_port
+from .conftest import API_KEY, Stack
+
+
+@dataclass
+class Outcome:
+    code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.stdout)
+
+    @property
+    def error(self) -> dict[str, Any]:
+        body: dict[str, Any] = json.loads(self.stderr.strip().splitlines()[-1])["error"]
+        return body
+
+
+def script() -> str:
+    found = shutil.which("frm-client", path=str(Path(sys.executable).parent))
+    assert found is not None, "frm-client is not installed next to this Python (make setup)"
+    return found
+
+
+def env(url: str, api_key: str | None = API_KEY) -> dict[str, str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("FRM_")}
+    base["FRM_URL"] = url
+    if api_key is not None:
+        base["FRM_API_KEY"] = api_key
+    return base
+
+
+def frm(*args: str, url: str, api_key: str | None = API_KEY) -> Outcome:
+    done = subprocess.run(
+        [script(), *args], env=env(url, api_key), capture_output=True, text=True, timeout=60
+    )
+    return Outcome(done.returncode, done.stdout, done.stderr)
+
+
+def unique(text: str) -> str:
+    return f"{text} {uuid.uuid4().hex}"
+
+
+def test_submit_get_and_wait_print_the_task_and_exit_0(stack: Stack) -> None:
+    url = stack.api.base_url
+    submitted = frm("submit", unique("from the shell"), "--params", '{"duration": 0.3}', url=url)
+    assert submitted.code == 0, submitted.stderr
+    task_id = submitted.json["task_id"]
+    assert submitted.json["status"] == "PENDING"
+
+    read = frm("get", task_id, url=url)
+    assert read.code == 0
+    assert read.json["task_id"] == task_id
+
+    waited = frm("wait", task_id, "--timeout", "20", url=url)
+    assert waited.code == 0
+    assert waited.json["status"] == "DONE"
+    assert waited.json["result"]["model"] == "sim-1"
+
+
+def test_run_prints_the_result_and_exits_0(stack: Stack) -> None:
+    ran = frm("run", unique("run it"), "--params", '{"model": "m-9"}', url=stack.api.base_url)
+    assert ran.code == 0, ran.stderr
+    assert ran.json["model"] == "m-9"
+
+
+def test_a_failed_task_exits_1(stack: Stack) -> None:
+    url = stack.api.base_url
+    ran = frm("run", unique("fail"), "--params", '{"fail": true}', "--timeout", "20", url=url)
+    assert ran.code == 1
+    assert ran.stdout == ""
+    assert ran.error["code"] == "task_failed"
+    assert ran.error["task"]["status"] == "FAILED"
+
+    waited = frm("wait", ran.error["task"]["task_id"], url=url)
+    assert waited.code == 1
+    assert waited.json["status"] == "FAILED"
+
+
+def test_cancel_exits_0_a_cancelled_task_3_and_a_second_cancel_5(stack: Stack) -> None:
+    url = stack.api.base_url
+    task_id = frm("submit", unique("cancel"), "--params", '{"duration": 10}', url=url).json[
+        "task_id"
+    ]
+    cancelled = frm("cancel", task_id, url=url)
+    assert cancelled.code == 0
+    assert cancelled.json["task_id"] == task_id
+
+    waited = frm("wait", task_id, "--timeout", "20", url=url)
+    assert waited.code == 3
+    assert waited.json["status"] == "CANCELLED"
+
+    again = frm("cancel", task_id, url=url)
+    assert again.code == 5
+    assert again.error["code"] == "conflict"
+    assert again.error["status"] == 409
+
+
+def test_run_of_a_cancelled_task_exits_3(stack: Stack) -> None:
+    url, key, prompt = stack.api.base_url, uuid.uuid4().hex, unique("cancel my run")
+    params = {"duration": 10}
+    command = [script(), "run", prompt, "--params", json.dumps(params), "--idempotency-key", key]
+    with (
+        subprocess.Popen(
+            command, env=env(url), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        ) as running,
+        Client(url, API_KEY) as client,
+    ):
+        # The same key finds the run's task (or creates it first: one task either way).
+        client.cancel(client.submit(prompt, params, idempotency_key=key).task_id)
+        stdout, stderr = running.communicate(timeout=30)
+    assert running.returncode == 3, stderr
+    assert stdout == ""
+    assert json.loads(stderr)["error"]["code"] == "task_cancelled"
+
+
+def test_a_wait_that_times_out_exits_124_with_the_last_state(stack: Stack) -> None:
+    url = stack.api.base_url
+    task_id = frm("submit", unique("slow"), "--params", '{"duration": 5}', url=url).json["task_id"]
+    waited = frm("wait", task_id, "--timeout", "0.5", url=url)
+    assert waited.code == 124
+    assert waited.json["status"] in {"PENDING", "RUNNING"}
+    assert waited.error["code"] == "wait_timeout"
+
+
+def test_an_unknown_task_exits_4(stack: Stack) -> None:
+    read = frm("get", "f" * 32, url=stack.api.base_url)
+    assert read.code == 4
+    assert read.stdout == ""
+    assert read.error == {
+        "code": "task_not_found",
+        "message": "no task with this id",
+        "status": 404,
+    }
+
+
+@pytest.mark.parametrize("api_key", [None, "not-a-key"])
+def test_a_missing_or_wrong_api_key_exits_5(stack: Stack, api_key: str | None) -> None:
+    refused = frm("get", "f" * 32, url=stack.api.base_url, api_key=api_key)
+    assert refused.code == 5
+    assert refused.error["code"] == "unauthorized"
+
+
+def test_a_refused_body_exits_5_naming_the_field(stack: Stack) -> None:
+    refused = frm("submit", "x", "--params", '{"fail": "yes"}', url=stack.api.base_url)
+    assert refused.code == 5
+    assert refused.error["code"] == "invalid_request"
+    assert refused.error["message"].startswith("params.fail")
+
+
+def test_no_service_exits_6_after_the_retries() -> None:
+    gone = frm("--attempts", "2", "-v", "get", "f" * 32, url=f"http://127.0.0.1:{free_port()}")
+    assert gone.code == 6
+    assert gone.error["code"] == "unreachable"
+    assert "retry 1 of 1" in gone.stderr  # -v logs each retry
+
+
+@pytest.mark.parametrize(
+    ("args", "complaint"),
+    [
+        (["submit", "x", "--params", "[1]"], "--params: must be a JSON object"),
+        (["submit", "x", "--params", "{"], "--params: not valid JSON"),
+        (["wait", "abc", "--timeout", "-1"], "--timeout: must be 0 or more seconds"),
+        (["--attempts", "0", "get", "abc"], "--attempts: must be at least 1"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+        ([], "the following arguments are required: COMMAND"),
+    ],
+)
+def test_a_usage_error_exits_2_naming_the_argument(args: list[str], complaint: str) -> None:
+    wrong = frm(*args, url=f"http://127.0.0.1:{free_port()}")
+    assert wrong.code == 2
+    assert complaint in wrong.stderr
+    assert wrong.stdout == ""

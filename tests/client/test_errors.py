@@ -1,0 +1,211 @@
+"""Every error code the service answers with maps to its exception, provoked on the real api."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from fastapi_redis_mini.api import errors as service_errors
+from fastapi_redis_mini_client import (
+    APIError,
+    BacklogFullError,
+    ConflictError,
+    InvalidRequestError,
+    NotFoundError,
+    PayloadTooLargeError,
+    RateLimitedError,
+    RedisUnavailableError,
+    RequestRefusedError,
+    RetryPolicy,
+    ServerError,
+    ServiceUnavailableError,
+    ServiceUnreachableError,
+    TaskNotFoundError,
+    UnauthorizedError,
+    UnsupportedMediaTypeError,
+)
+from fastapi_redis_mini_client.errors import error_class, error_from_response
+
+from ..support.processes import Service, start_api
+from ..support.redis_server import free_port
+from .conftest import API_KEY, BlockingClient, Connect, Stack
+
+ONCE = RetryPolicy(attempts=1)
+
+
+def test_unauthorized(connect: Connect, stack: Stack) -> None:
+    with pytest.raises(UnauthorizedError) as raised:
+        connect(stack.api.base_url, "not-a-key").submit("x")
+    assert (raised.value.status_code, raised.value.code) == (401, "unauthorized")
+
+
+def test_task_not_found(client: BlockingClient) -> None:
+    with pytest.raises(TaskNotFoundError) as raised:
+        client.get("f" * 32)
+    assert (raised.value.status_code, raised.value.code) == (404, "task_not_found")
+
+
+def test_a_wrong_base_url_is_not_found_but_not_task_not_found(
+    connect: Connect, stack: Stack
+) -> None:
+    with pytest.raises(NotFoundError) as raised:
+        connect(stack.api.base_url + "/v9").get("f" * 32)
+    assert not isinstance(raised.value, TaskNotFoundError)
+    assert (raised.value.status_code, raised.value.code) == (404, "not_found")
+
+
+def test_conflict(client: BlockingClient) -> None:
+    task_id = client.submit(f"finished {uuid.uuid4().hex}").task_id
+    client.wait(task_id, timeout=20)
+    with pytest.raises(ConflictError) as raised:
+        client.cancel(task_id)
+    assert (raised.value.status_code, raised.value.code) == (409, "conflict")
+
+
+def test_payload_too_large(client: BlockingClient) -> None:
+    with pytest.raises(PayloadTooLargeError) as raised:
+        client.submit("x" * 70_000)  # above MAX_BODY_BYTES (64 KiB)
+    assert (raised.value.status_code, raised.value.code) == (413, "payload_too_large")
+
+
+def test_invalid_request_names_the_field(client: BlockingClient) -> None:
+    with pytest.raises(InvalidRequestError) as raised:
+        client.submit("x", {"duration": "soon"})
+    assert (raised.value.status_code, raised.value.code) == (422, "invalid_request")
+    assert raised.value.message.startswith("params.duration")
+
+
+def test_answers_the_client_never_provokes_map_too(stack: Stack) -> None:
+    # The client always sends JSON to routes that exist; other clients do not.
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    with httpx.Client(base_url=stack.api.base_url, headers=headers, timeout=10) as http:
+        not_json = http.post("/tasks", content=b"prompt=x", headers={"content-type": "text/plain"})
+        wrong_method = http.put("/tasks/" + "f" * 32, json={})
+    unsupported = error_from_response(not_json)
+    assert isinstance(unsupported, UnsupportedMediaTypeError)
+    assert unsupported.code == "unsupported_media_type"
+    not_allowed = error_from_response(wrong_method)
+    assert type(not_allowed) is RequestRefusedError
+    assert (not_allowed.status_code, not_allowed.code) == (405, "method_not_allowed")
+
+
+@pytest.fixture(scope="module")
+def no_redis_api() -> Iterator[Service]:
+    """An api whose Redis does not exist: every task route answers 503."""
+    api = start_api(f"redis://127.0.0.1:{free_port()}/0", wait=False)
+    try:
+        api.wait_until_answers("/healthz", timeout=40)
+        yield api
+    finally:
+        api.close()
+
+
+def test_redis_unavailable_is_retried_then_raised(connect: Connect, no_redis_api: Service) -> None:
+    client = connect(no_redis_api.base_url, None, retry=RetryPolicy(attempts=2, backoff=0.1))
+    began = time.monotonic()
+    with pytest.raises(RedisUnavailableError) as raised:
+        client.submit("x")
+    waited = time.monotonic() - began
+    error = raised.value
+    assert isinstance(error, ServiceUnavailableError)
+    assert (error.status_code, error.code) == (503, "redis_unavailable")
+    assert error.attempts == 2
+    # The retry waited out the answer's Retry-After, not the much shorter backoff.
+    assert error.retry_after is not None
+    assert error.retry_after > 0
+    assert waited >= error.retry_after
+
+
+def test_a_retry_after_above_the_policy_is_raised_at_once(
+    connect: Connect, no_redis_api: Service
+) -> None:
+    client = connect(no_redis_api.base_url, None, retry=RetryPolicy(retry_after_max=0.5))
+    with pytest.raises(RedisUnavailableError) as raised:
+        client.get("f" * 32)
+    assert raised.value.attempts == 1
+
+
+@pytest.fixture(scope="module")
+def backlog_api(stack: Stack) -> Iterator[Service]:
+    """An api on its own key prefix, which no worker reads, that refuses above one task."""
+    api = start_api(stack.redis.url, KEY_PREFIX=f"backlog-{uuid.uuid4().hex}:", MAX_BACKLOG="1")
+    try:
+        yield api
+    finally:
+        api.close()
+
+
+def test_backlog_full(connect: Connect, backlog_api: Service) -> None:
+    client = connect(backlog_api.base_url, None, retry=ONCE)
+    refused: BacklogFullError | None = None
+    for n in range(30):  # the api reads the backlog at most once a second: 2 s are enough
+        try:
+            client.submit(f"fill {n} {uuid.uuid4().hex}")
+        except BacklogFullError as error:
+            refused = error
+            break
+        time.sleep(0.2)
+    assert refused is not None, "no 429 after 30 submits"
+    assert isinstance(refused, RateLimitedError)
+    assert (refused.status_code, refused.code) == (429, "backlog_full")
+    assert refused.retry_after is not None
+
+
+def test_no_answer_at_all_is_service_unreachable(connect: Connect) -> None:
+    client = connect(f"http://127.0.0.1:{free_port()}", retry=RetryPolicy(attempts=3, backoff=0))
+    with pytest.raises(ServiceUnreachableError) as raised:
+        client.get("f" * 32)
+    assert isinstance(raised.value.__cause__, httpx.ConnectError)
+    assert "3 attempts" in str(raised.value)
+
+
+def _service_error_types() -> Iterator[type[service_errors.ServiceError]]:
+    pending = [service_errors.ServiceError]
+    while pending:
+        kind = pending.pop()
+        pending.extend(kind.__subclasses__())
+        yield kind
+
+
+@pytest.mark.parametrize("error_type", list(_service_error_types()), ids=lambda kind: kind.__name__)
+def test_every_service_error_type_maps_to_its_status_class(
+    error_type: type[service_errors.ServiceError],
+) -> None:
+    # Codes added to the service later land here too: each must map at least to the class
+    # of its status, so callers' handlers and the retry rules apply to it.
+    status, code = error_type.status_code, error_type.code
+    mapped = error_class(status, code)
+    assert issubclass(mapped, error_class(status, "a code nobody knows"))
+    assert mapped.retryable == (status in {429, 502, 503, 504})
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "expected"),
+    [
+        (503, "redis_out_of_memory", ServiceUnavailableError),
+        (503, "redis_read_only", ServiceUnavailableError),
+        (429, "quota_exceeded", RateLimitedError),
+        (404, "route_gone", NotFoundError),
+        (418, "teapot", RequestRefusedError),
+        (507, "insufficient_storage", ServerError),
+        (302, "found", APIError),
+    ],
+)
+def test_an_unknown_code_gets_the_class_of_its_status(
+    status: int, code: str, expected: type[APIError]
+) -> None:
+    assert error_class(status, code) is expected
+
+
+def test_a_gateways_html_error_is_a_retryable_unavailable_error() -> None:
+    # What a proxy in front answers while the api restarts: no JSON, no error shape.
+    answer = httpx.Response(502, text="<html>Bad Gateway</html>", headers={"Retry-After": "1"})
+    error = error_from_response(answer)
+    assert isinstance(error, ServiceUnavailableError)
+    assert error.retryable
+    assert (error.code, error.retry_after) == ("http_502", 1.0)
+    assert "Bad Gateway" in error.message
