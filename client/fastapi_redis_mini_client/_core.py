@@ -240,7 +240,9 @@ class Core:
                 "%s %s: %s; retry %d of %d in %.1f s",
                 call.method,
                 call.path,
-                failure,
+                failure
+                if isinstance(failure, APIError)
+                else f"{type(failure).__name__}: {failure}",
                 attempt,
                 self.retry.attempts - 1,
                 delay,
