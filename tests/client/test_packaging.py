@@ -1,0 +1,83 @@
+"""The client installs and imports without any of the server's dependencies."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from fastapi_redis_mini.core import models
+from fastapi_redis_mini_client import Task, TaskStatus
+
+from ..support.processes import REPO_ROOT
+
+SERVER_ONLY = {
+    "fastapi",
+    "fastapi-redis-mini",
+    "gunicorn",
+    "hiredis",
+    "orjson",
+    "prometheus-client",
+    "pydantic",
+    "pydantic-settings",
+    "python-json-logger",
+    "redis",
+    "starlette",
+    "uvicorn",
+}
+SERVER_MODULES = {name.replace("-", "_") for name in SERVER_ONLY} | {"prometheus_client"}
+
+
+def test_installing_the_client_pulls_in_none_of_the_servers_dependencies() -> None:
+    # What `pip install fastapi-redis-mini-client` resolves to, read from the lock file.
+    exported = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "uv"),
+            "export",
+            "--frozen",
+            "--package=fastapi-redis-mini-client",
+            "--no-dev",
+            "--no-hashes",
+            "--no-emit-project",
+            "--format=requirements-txt",
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    names = set(re.findall(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==", exported, re.MULTILINE))
+    assert "httpx" in names
+    assert not names & SERVER_ONLY
+    assert not {name for name in names if name.startswith("opentelemetry")}
+
+
+def test_importing_the_client_loads_no_server_module() -> None:
+    loaded = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import json, sys, fastapi_redis_mini_client, fastapi_redis_mini_client.cli; "
+            "print(json.dumps(sorted({name.split('.')[0] for name in sys.modules})))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    top_level = set(json.loads(loaded))
+    assert "httpx" in top_level
+    assert not top_level & SERVER_MODULES
+    assert "opentelemetry" not in top_level
+
+
+def test_the_client_reads_every_field_the_service_answers_with() -> None:
+    # The client keeps its own Task so that it needs no pydantic; this keeps the two in step.
+    client_fields = set(Task.__dataclass_fields__)
+    assert set(models.TaskPublic.model_fields) == client_fields
+    assert set(models.TaskSubmitted.model_fields) <= client_fields
+    assert {status.value for status in TaskStatus} == {s.value for s in models.TaskStatus}
+    assert {s.value for s in TaskStatus if s.is_final} == {s.value for s in models.FINAL_STATUSES}
