@@ -19,6 +19,8 @@ from fastapi_redis_mini_client import Client
 from ..support.redis_server import free_port
 from .conftest import API_KEY, Stack
 
+pytestmark = pytest.mark.slow
+
 
 @dataclass
 class Outcome:

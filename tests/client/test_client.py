@@ -23,6 +23,8 @@ from fastapi_redis_mini_client import (
 
 from .conftest import API_KEY, OTHER_API_KEY, BlockingClient, Connect, Stack
 
+pytestmark = pytest.mark.slow
+
 UNKNOWN_ID = "0" * 32
 
 
@@ -180,7 +182,6 @@ def test_a_task_of_another_api_key_is_not_found(connect: Connect, stack: Stack) 
         stranger.get(task_id)
 
 
-@pytest.mark.slow
 def test_wait_outlasts_a_task_longer_than_one_long_poll(stack: Stack) -> None:
     # 31 s: the shortest task one long-poll cannot see finish (the service refuses wait > 30),
     # so a DONE answer proves the wait went on in slices. Client and AsyncClient wait on the

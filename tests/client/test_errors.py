@@ -9,9 +9,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from fastapi_redis_mini.api import errors as service_errors
 from fastapi_redis_mini_client import (
-    APIError,
     BacklogFullError,
     ConflictError,
     InvalidRequestError,
@@ -21,18 +19,19 @@ from fastapi_redis_mini_client import (
     RedisUnavailableError,
     RequestRefusedError,
     RetryPolicy,
-    ServerError,
     ServiceUnavailableError,
     ServiceUnreachableError,
     TaskNotFoundError,
     UnauthorizedError,
     UnsupportedMediaTypeError,
 )
-from fastapi_redis_mini_client.errors import error_class, error_from_response
+from fastapi_redis_mini_client.errors import error_from_response
 
 from ..support.processes import Service, start_api
 from ..support.redis_server import free_port
 from .conftest import API_KEY, BlockingClient, Connect, Stack
+
+pytestmark = pytest.mark.slow
 
 ONCE = RetryPolicy(attempts=1)
 
@@ -161,51 +160,3 @@ def test_no_answer_at_all_is_service_unreachable(connect: Connect) -> None:
         client.get("f" * 32)
     assert isinstance(raised.value.__cause__, httpx.ConnectError)
     assert "3 attempts" in str(raised.value)
-
-
-def _service_error_types() -> Iterator[type[service_errors.ServiceError]]:
-    pending = [service_errors.ServiceError]
-    while pending:
-        kind = pending.pop()
-        pending.extend(kind.__subclasses__())
-        yield kind
-
-
-@pytest.mark.parametrize("error_type", list(_service_error_types()), ids=lambda kind: kind.__name__)
-def test_every_service_error_type_maps_to_its_status_class(
-    error_type: type[service_errors.ServiceError],
-) -> None:
-    # Codes added to the service later land here too: each must map at least to the class
-    # of its status, so callers' handlers and the retry rules apply to it.
-    status, code = error_type.status_code, error_type.code
-    mapped = error_class(status, code)
-    assert issubclass(mapped, error_class(status, "a code nobody knows"))
-    assert mapped.retryable == (status in {429, 502, 503, 504})
-
-
-@pytest.mark.parametrize(
-    ("status", "code", "expected"),
-    [
-        (503, "redis_out_of_memory", ServiceUnavailableError),
-        (503, "redis_read_only", ServiceUnavailableError),
-        (429, "quota_exceeded", RateLimitedError),
-        (404, "route_gone", NotFoundError),
-        (418, "teapot", RequestRefusedError),
-        (507, "insufficient_storage", ServerError),
-        (302, "found", APIError),
-    ],
-)
-def test_an_unknown_code_gets_the_class_of_its_status(
-    status: int, code: str, expected: type[APIError]
-) -> None:
-    assert error_class(status, code) is expected
-
-
-def test_a_gateways_html_error_is_a_retryable_unavailable_error() -> None:
-    # What a proxy in front answers while the api restarts: no JSON, no error shape.
-    answer = httpx.Response(502, text="<html>Bad Gateway</html>", headers={"Retry-After": "1"})
-    error = error_from_response(answer)
-    assert isinstance(error, ServiceUnavailableError)
-    assert error.retryable
-    assert (error.code, error.retry_after) == ("http_502", 1.0)
-    assert "Bad Gateway" in error.message
