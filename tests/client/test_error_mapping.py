@@ -44,6 +44,15 @@ def test_every_service_error_type_maps_to_its_status_class(
     assert mapped.retryable == (status in {429, 502, 503, 504})
 
 
+@pytest.mark.parametrize("code", sorted(code for code, _ in service_errors.UNAVAILABLE.values()))
+def test_every_state_of_redis_the_service_names_is_a_retried_unavailable_error(
+    code: str,
+) -> None:
+    mapped = error_class(503, code)
+    assert issubclass(mapped, ServiceUnavailableError)
+    assert mapped.retryable
+
+
 @pytest.mark.parametrize(
     ("status", "code", "expected"),
     [

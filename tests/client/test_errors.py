@@ -28,7 +28,7 @@ from fastapi_redis_mini_client import (
 from fastapi_redis_mini_client.errors import error_from_response
 
 from ..support.processes import Service, start_api
-from ..support.redis_server import free_port
+from ..support.redis_server import RedisServer, free_port
 from .conftest import API_KEY, BlockingClient, Connect, Stack
 
 pytestmark = pytest.mark.slow
@@ -126,6 +126,35 @@ def test_a_retry_after_above_the_policy_is_raised_at_once(
     with pytest.raises(RedisUnavailableError) as raised:
         client.get("f" * 32)
     assert raised.value.attempts == 1
+
+
+@pytest.fixture(scope="module")
+def full_redis_api() -> Iterator[Service]:
+    """An api whose Redis is out of memory: it refuses every write."""
+    server = RedisServer()
+    server.start()
+    api = start_api(server.url, wait=False)
+    try:
+        api.wait_until_answers("/readyz", timeout=40)
+        redis = server.client()
+        redis.config_set("maxmemory", "1")
+        redis.close()
+        yield api
+    finally:
+        api.close()
+        server.close()
+
+
+def test_a_503_code_the_client_has_no_class_for_is_a_service_unavailable_error(
+    connect: Connect, full_redis_api: Service
+) -> None:
+    with pytest.raises(ServiceUnavailableError) as raised:
+        connect(full_redis_api.base_url, None, retry=ONCE).submit("x")
+    error = raised.value
+    assert type(error) is ServiceUnavailableError
+    assert (error.status_code, error.code) == (503, "redis_out_of_memory")
+    assert error.retryable
+    assert error.retry_after is not None
 
 
 @pytest.fixture(scope="module")
