@@ -36,6 +36,10 @@ def test_api_keys_are_split_on_commas_and_never_shown() -> None:
         ("TASK_TIMEOUT", "abc"),
         ("LOG_FORMAT", "xml"),
         ("DOCS_ENABLED", "maybe"),
+        ("SUBMIT_RATE_PER_KEY", "-1"),
+        ("SUBMIT_RATE_PER_KEY", "nan"),
+        ("SUBMIT_BURST_PER_KEY", "0"),
+        ("MAX_UNFINISHED_PER_KEY", "-1"),
     ],
 )
 def test_a_bad_value_names_its_variable(
@@ -70,6 +74,24 @@ def test_a_service_with_a_bad_value_exits_at_once_with_one_line(module: str) -> 
     assert len(lines) == 1, completed.stderr
     assert "MAX_CONCURRENCY" in lines[0]
     assert "Traceback" not in completed.stderr
+
+
+@pytest.mark.parametrize("variable", ["SUBMIT_RATE_PER_KEY", "MAX_UNFINISHED_PER_KEY"])
+def test_a_quota_without_api_keys_stops_the_api_with_one_line(variable: str) -> None:
+    # Quotas are per API key: without keys there is nothing to count them against. The
+    # worker shares the configuration but not API_KEYS, so only the api checks this.
+    completed = subprocess.run(
+        [sys.executable, "-m", "fastapi_redis_mini.api"],
+        env={variable: "5", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert completed.returncode == 2
+    lines = completed.stderr.strip().splitlines()
+    assert len(lines) == 1, completed.stderr
+    assert f"{variable} limits each API key, so API_KEYS must be set" in lines[0]
+    assert Settings.model_validate({variable.lower(): 5}).quotas  # what the worker reads
 
 
 def test_an_unknown_handler_stops_the_worker_with_its_name() -> None:

@@ -60,7 +60,7 @@ def _prepare_metrics_dir(settings: Settings) -> str:
 
 
 def main() -> None:
-    settings = load_settings_or_exit()
+    settings = load_settings_or_exit(api=True)
     configure_logging(settings.log_format, settings.log_level, "api")
     # The worker processes read it through Settings, and prometheus_client reads it at import.
     metrics_dir = _prepare_metrics_dir(settings)

@@ -26,9 +26,10 @@ class ServiceError(Exception):
     code = "internal_error"
     headers: ClassVar[Mapping[str, str]] = {}
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, headers: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.extra_headers = headers or {}
 
 
 class TaskNotFoundError(ServiceError):
@@ -48,6 +49,17 @@ class UnauthorizedError(ServiceError):
 
 class BacklogFullError(ServiceError):
     status_code, code = 429, "backlog_full"
+    headers: ClassVar[Mapping[str, str]] = {"Retry-After": "5"}
+
+
+class RateLimitedError(ServiceError):
+    """The API key is over SUBMIT_RATE_PER_KEY; headers say when to retry."""
+
+    status_code, code = 429, "rate_limited"
+
+
+class TooManyUnfinishedError(ServiceError):
+    status_code, code = 429, "too_many_unfinished"
     headers: ClassVar[Mapping[str, str]] = {"Retry-After": "5"}
 
 
@@ -111,7 +123,8 @@ def _describe_validation(errors: Sequence[Any]) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service_error(_: Request, error: ServiceError) -> JSONResponse:
-        return error_response(error.status_code, error.code, error.message, error.headers)
+        headers = {**error.headers, **error.extra_headers}
+        return error_response(error.status_code, error.code, error.message, headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, error: RequestValidationError) -> JSONResponse:

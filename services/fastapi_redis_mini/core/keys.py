@@ -37,6 +37,14 @@ class Keys:
         """String mapping a client's Idempotency-Key to the task it created."""
         return f"{self.prefix}idempotency:{scope}:{key}"
 
+    def submit_quota(self, scope: str) -> str:
+        """Hash holding one API key's token bucket (tokens, refilled_at); gone once full."""
+        return f"{self.prefix}quota:{scope}"
+
+    def unfinished(self, scope: str) -> str:
+        """Sorted set of one API key's tasks not final yet, scored by when each expires (ms)."""
+        return f"{self.prefix}unfinished:{scope}"
+
     @property
     def stream(self) -> str:
         """The stream workers consume; entries carry only the task id."""

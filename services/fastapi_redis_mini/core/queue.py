@@ -51,6 +51,20 @@ class SubmitOutcome(StrEnum):
     QUEUED = "queued"
     CACHED = "cached"
     DUPLICATE = "duplicate"
+    # Refused, nothing stored: the API key is over its submit rate, or has too many tasks
+    # that are not final yet.
+    RATE_LIMITED = "rate_limited"
+    TOO_MANY_UNFINISHED = "too_many_unfinished"
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitQuota:
+    """Where an API key stands against its submit rate after this submit."""
+
+    limit: int  # submits a key may make at once (SUBMIT_BURST_PER_KEY)
+    window_seconds: int  # the time a drained allowance takes to refill
+    remaining: int  # whole submits left now
+    reset_seconds: int  # until the allowance is full again; refused: until one submit is
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +72,7 @@ class Submitted:
     task_id: str
     outcome: SubmitOutcome
     result: Any | None = None
+    quota: SubmitQuota | None = None  # only with a submit rate per key
 
 
 @dataclass(frozen=True, slots=True)

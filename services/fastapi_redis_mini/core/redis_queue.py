@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
@@ -45,6 +46,7 @@ from .queue import (
     QueueUnavailable,
     StartVerdict,
     SubmitOutcome,
+    SubmitQuota,
     Submitted,
     TaskRecord,
 )
@@ -147,6 +149,15 @@ class _NewTask:
     replacing: str | None
 
 
+def _quota(settings: Settings, tokens: int, reset_ms: int) -> SubmitQuota:
+    return SubmitQuota(
+        limit=settings.submit_burst_per_key,
+        window_seconds=math.ceil(settings.submit_burst_per_key / settings.submit_rate_per_key),
+        remaining=tokens,
+        reset_seconds=math.ceil(reset_ms / 1000),
+    )
+
+
 def _float(value: str | None) -> float | None:
     return float(value) if value else None
 
@@ -222,6 +233,9 @@ class RedisTaskQueue:
         return await self._submits(task)
 
     async def _submit_batch(self, tasks: Sequence[_NewTask]) -> list[Submitted]:
+        s = self.settings
+        # Quotas are per API key; without a key (scope "") there is nothing to count.
+        quotas = s.quotas
         keys = [self.keys.stream]
         batch = []
         for t in tasks:
@@ -230,19 +244,27 @@ class RedisTaskQueue:
                 self.keys.cache(t.signature, t.scope),
                 self.keys.idempotency(t.idempotency_key or "", t.scope),
             )
+            if quotas:
+                keys += (self.keys.submit_quota(t.scope), self.keys.unfinished(t.scope))
             keyed: int | str = 0 if t.idempotency_key is None else (t.replacing or 1)
             batch.append((t.task_id, t.request, t.signature, t.scope, t.traceparent, keyed))
-        s = self.settings
         reply = await self._submit(
             keys=keys,
             args=[repr(time.time()), s.cache_ttl, s.result_expiry, s.idempotency_ttl,
-                  orjson.dumps(batch)],
+                  repr(s.submit_rate_per_key), s.submit_burst_per_key, s.max_unfinished_per_key,
+                  int(quotas), orjson.dumps(batch)],
         )  # fmt: skip
         submitted = []
-        for row in reply:
-            outcome = SubmitOutcome(row[0])
-            result = orjson.loads(row[2]) if outcome is SubmitOutcome.CACHED else None
-            submitted.append(Submitted(task_id=row[1], outcome=outcome, result=result))
+        for outcome_name, task_id, result, tokens, reset_ms in reply:
+            outcome = SubmitOutcome(outcome_name)
+            submitted.append(
+                Submitted(
+                    task_id=task_id,
+                    outcome=outcome,
+                    result=orjson.loads(result) if outcome is SubmitOutcome.CACHED else None,
+                    quota=_quota(s, tokens, reset_ms) if tokens >= 0 else None,
+                )
+            )
         return submitted
 
     @_translated
@@ -292,7 +314,7 @@ class RedisTaskQueue:
     @_translated
     async def cancel(self, task_id: str, scope: str = "") -> CancelOutcome:
         reply = await self._cancel(
-            keys=[self.keys.task(task_id)],
+            keys=[self.keys.task(task_id), self.keys.unfinished(scope)],
             args=[scope, repr(time.time()), self.keys.events, task_id],
         )
         return CancelOutcome(reply)
@@ -397,7 +419,11 @@ class RedisTaskQueue:
         batch = []
         for f in finishes:
             job = f.job
-            keys += (self.keys.task(job.task_id), self.keys.cache(job.signature, job.scope))
+            keys += (
+                self.keys.task(job.task_id),
+                self.keys.cache(job.signature, job.scope),
+                self.keys.unfinished(job.scope),
+            )
             payload = f.result.decode() if f.outcome is Outcome.DONE else (f.error or "")
             batch.append((job.entry_id, job.task_id, f.outcome.value, payload, f.due_at))
         reply = await self._finish(

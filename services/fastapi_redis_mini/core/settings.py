@@ -65,6 +65,11 @@ class Settings(BaseSettings):
     docs_enabled: bool = True
     # Seconds the api answers requests in flight after SIGTERM; the longest is a 30 s long-poll.
     drain_timeout: PositiveSeconds = 35.0
+    # Quotas per API key (0: none): a token bucket of SUBMIT_BURST_PER_KEY submits refilled at
+    # SUBMIT_RATE_PER_KEY a second, and a cap on the tasks a key has that are not final yet.
+    submit_rate_per_key: float = Field(default=0.0, ge=0, le=1_000_000, allow_inf_nan=False)
+    submit_burst_per_key: int = Field(default=100, ge=1, le=1_000_000)
+    max_unfinished_per_key: int = Field(default=0, ge=0)
 
     # Telemetry
     log_format: Literal["json", "text"] = "json"
@@ -128,6 +133,20 @@ class Settings(BaseSettings):
             raise ValueError("RETRY_BACKOFF must not exceed RETRY_BACKOFF_MAX")
         return self
 
+    def check_api(self) -> None:
+        """What only the api needs to hold (the worker shares the rest but not API_KEYS)."""
+        for name in ("submit_rate_per_key", "max_unfinished_per_key"):
+            if getattr(self, name) and not self.api_keys:
+                raise SettingsError(
+                    f"invalid configuration: {name.upper()} limits each API key, "
+                    "so API_KEYS must be set"
+                )
+
+    @property
+    def quotas(self) -> bool:
+        """Whether submits are counted per key: a submit rate or a cap on unfinished tasks."""
+        return bool(self.submit_rate_per_key or self.max_unfinished_per_key)
+
 
 class SettingsError(SystemExit):
     """Raised at start when the environment holds a bad value; the message names the variable."""
@@ -153,10 +172,13 @@ def get_settings() -> Settings:
         raise SettingsError(describe_error(error)) from None
 
 
-def load_settings_or_exit() -> Settings:
+def load_settings_or_exit(*, api: bool = False) -> Settings:
     """Entry-point helper: print the one-line error to stderr and exit 2 on bad configuration."""
     try:
-        return get_settings()
+        settings = get_settings()
+        if api:
+            settings.check_api()
+        return settings
     except SettingsError as error:
         print(f"fastapi-redis-mini: {error}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -8,6 +8,7 @@ FastAPI's parameter handling.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import APIRouter, Request, Response, status
@@ -21,12 +22,19 @@ from ...core.models import (
     TaskSubmitted,
     request_signature,
 )
-from ...core.queue import CancelOutcome, SubmitOutcome, TaskQueue, TaskRecord
+from ...core.queue import CancelOutcome, SubmitOutcome, SubmitQuota, TaskQueue, TaskRecord
 from ...core.telemetry.tracing import current_traceparent
 from .. import metrics
 from .._limits import TASK_ID, check_idempotency_key, check_task
 from ..deps import RequestRoute, body_schema, json_body, queue_of, scope_of, settings_of
-from ..errors import BacklogFullError, ConflictError, InvalidFieldError, TaskNotFoundError
+from ..errors import (
+    BacklogFullError,
+    ConflictError,
+    InvalidFieldError,
+    RateLimitedError,
+    TaskNotFoundError,
+    TooManyUnfinishedError,
+)
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorPublic} for code in (401, 404, 413, 415, 422, 429, 503)
@@ -67,9 +75,23 @@ def _public(record: TaskRecord) -> TaskPublic:
     return TaskPublic.model_validate(record, from_attributes=True)
 
 
-def _answer(model: BaseModel, status_code: int = status.HTTP_200_OK) -> Response:
+def _answer(
+    model: BaseModel,
+    status_code: int = status.HTTP_200_OK,
+    headers: Mapping[str, str] | None = None,
+) -> Response:
     """The route's answer, serialised once by pydantic; FastAPI passes a Response through."""
-    return Response(model.model_dump_json(), status_code, media_type="application/json")
+    return Response(model.model_dump_json(), status_code, headers, "application/json")
+
+
+def _rate_limit_fields(quota: SubmitQuota | None) -> dict[str, str] | None:
+    """The RateLimit-Policy and RateLimit fields of draft-ietf-httpapi-ratelimit-headers-09."""
+    if quota is None:
+        return None
+    return {
+        "RateLimit-Policy": f'"submits";q={quota.limit};w={quota.window_seconds}',
+        "RateLimit": f'"submits";r={quota.remaining};t={quota.reset_seconds}',
+    }
 
 
 _IDEMPOTENCY_HEADER = {
@@ -133,6 +155,19 @@ async def _submit(
         replacing=replacing,
     )
     _SUBMITTED[submitted.outcome].inc()
+    fields = _rate_limit_fields(submitted.quota)
+    if submitted.outcome is SubmitOutcome.RATE_LIMITED:
+        retry_after = max(1, submitted.quota.reset_seconds if submitted.quota else 1)
+        raise RateLimitedError(
+            f"over SUBMIT_RATE_PER_KEY for this API key; retry in {retry_after} s",
+            headers={"Retry-After": str(retry_after), **(fields or {})},
+        )
+    if submitted.outcome is SubmitOutcome.TOO_MANY_UNFINISHED:
+        raise TooManyUnfinishedError(
+            f"this API key has {settings_of(request).max_unfinished_per_key} tasks that are "
+            "not final yet (MAX_UNFINISHED_PER_KEY); retry once some finish",
+            headers=fields,
+        )
     if submitted.outcome is SubmitOutcome.CACHED:
         metrics.cache_hits.inc()
         return _answer(
@@ -141,7 +176,8 @@ async def _submit(
                 status=TaskStatus.DONE,
                 cached=True,
                 result=submitted.result,
-            )
+            ),
+            headers=fields,
         )
     if submitted.outcome is SubmitOutcome.DUPLICATE:
         record = await queue.get(submitted.task_id, scope)
@@ -152,7 +188,8 @@ async def _submit(
                     status=record.status,
                     cached=record.cached,
                     result=record.result,
-                )
+                ),
+                headers=fields,
             )
         # The key outlived its task (the key is set to expire with its task, so only a key
         # written under a longer RESULT_EXPIRY can): take the key over for a new task. The
@@ -166,6 +203,7 @@ async def _submit(
     return _answer(
         TaskSubmitted(task_id=submitted.task_id, status=TaskStatus.PENDING, cached=False),
         status.HTTP_202_ACCEPTED,
+        fields,
     )
 
 

@@ -1,7 +1,8 @@
 -- Write the outcomes of a batch of runs and acknowledge their entries, in one atomic step.
 -- An outcome is written only by the consumer that owns the run, and never over a final
 -- status: a late or duplicate run cannot overwrite a DONE result.
--- KEYS: stream, retries, (task_i, cache_i) for each outcome
+-- A final outcome also takes the task off its API key's set of unfinished tasks.
+-- KEYS: stream, retries, (task_i, cache_i, unfinished_i) for each outcome
 -- ARGV: group, consumer, now, cache_ttl, events_channel, result_expiry,
 --       JSON [[entry_id, task_id, outcome, payload, due_at], ..]
 -- Returns per outcome: 'written', 'stale' or 'lost'
@@ -12,7 +13,7 @@ local batch = cjson.decode(ARGV[7])
 local out, acks, finished = {}, {}, {}
 
 for i, item in ipairs(batch) do
-  local key, cache = KEYS[2 * i + 1], KEYS[2 * i + 2]
+  local key, cache, unfinished = KEYS[3 * i], KEYS[3 * i + 1], KEYS[3 * i + 2]
   local entry, task_id, outcome, payload, due = item[1], item[2], item[3], item[4], item[5]
   local t = redis.call('HMGET', key, 'status', 'owner')
   local status = t[1]
@@ -26,10 +27,12 @@ for i, item in ipairs(batch) do
       redis.call('HSET', key, 'status', 'DONE', 'result', payload, 'finished_at', now)
       redis.call('HDEL', key, 'owner', 'error')
       redis.call('SET', cache, payload, 'EX', cache_ttl)
+      redis.call('ZREM', unfinished, task_id)
       finished[#finished + 1] = task_id
     elseif outcome == 'FAILED' or outcome == 'CANCELLED' then
       redis.call('HSET', key, 'status', outcome, 'error', payload, 'finished_at', now)
       redis.call('HDEL', key, 'owner')
+      redis.call('ZREM', unfinished, task_id)
       finished[#finished + 1] = task_id
     else
       -- RETRY or RELEASE: back to PENDING, to be appended to the stream again when due.

@@ -6,54 +6,114 @@
 -- A client's Idempotency-Key maps to the first task it created, and never outlives that task:
 -- it expires after IDEMPOTENCY_TTL or with the task, whichever comes first, so a key whose
 -- task is gone is free and the next submit with it creates exactly one new task.
--- KEYS: stream, then per task: task, cache, idempotency
--- ARGV: now, cache_ttl, result_expiry, idempotency_ttl,
+-- With quotas, each submit of an API key takes a token from its bucket (rate, burst), and a
+-- submit that would be queued is refused while the key has max_unfinished tasks not final.
+-- KEYS: stream, then per task: task, cache, idempotency[, quota bucket, unfinished set]
+-- ARGV: now, cache_ttl, result_expiry, idempotency_ttl, rate (tokens a second; 0: none),
+--       burst, max_unfinished (0: none), quota_keys (1: KEYS carry the two quota keys),
 --       JSON [[task_id, request, signature, scope, trace, idempotency], ..]
 --       where idempotency is 0 (no key), 1 (a key), or the id of a task the caller found gone
 --       that the key may still point at (then the key is taken over for this task)
--- Returns per task: {'queued', task_id} | {'cached', task_id, result} | {'duplicate', first_id}
+-- Returns per task: {outcome, task_id, result, tokens_left, reset_ms}, outcome one of
+-- 'queued', 'cached' (result set), 'duplicate' (task_id: the key's first task),
+-- 'rate_limited' (reset_ms: until a token is back), 'too_many_unfinished';
+-- tokens_left is -1 without a rate; reset_ms is until the bucket is full again.
 local stream, now, cache_ttl, result_expiry, idempotency_ttl =
   KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-local batch = cjson.decode(ARGV[5])
+local rate, burst, max_unfinished = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local stride = ARGV[8] == '1' and 5 or 3
+local batch = cjson.decode(ARGV[9])
 local out = {}
+local now_ms = nil
+
+local function clock()
+  if not now_ms then
+    -- The server's clock: every api process fills and drains the same buckets.
+    local t = redis.call('TIME')
+    now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  return now_ms
+end
+
+-- Takes one token; returns whether there was one, the whole tokens left, and the ms until
+-- the bucket is full again (or, when refused, until the next token).
+local function take_token(bucket)
+  local b = redis.call('HMGET', bucket, 'tokens', 'at')
+  local at = tonumber(b[2]) or clock()
+  local tokens = math.min(burst, (tonumber(b[1]) or burst) + (clock() - at) * rate / 1000)
+  if tokens < 1 then
+    return false, 0, math.ceil((1 - tokens) * 1000 / rate)
+  end
+  tokens = tokens - 1
+  redis.call('HSET', bucket, 'tokens', tostring(tokens), 'at', clock())
+  local full_ms = math.ceil((burst - tokens) * 1000 / rate)
+  -- A full bucket is the same as none: the key goes once it would have refilled.
+  redis.call('PEXPIRE', bucket, full_ms + 1000)
+  return true, math.floor(tokens), full_ms
+end
 
 for i, task in ipairs(batch) do
-  local key, cache, idempotency = KEYS[3 * i - 1], KEYS[3 * i], KEYS[3 * i + 1]
+  local base = stride * (i - 1) + 1
+  local key, cache, idempotency = KEYS[base + 1], KEYS[base + 2], KEYS[base + 3]
+  local bucket, unfinished = KEYS[base + 4], KEYS[base + 5]
   local task_id, request, signature, scope, trace, keyed =
     task[1], task[2], task[3], task[4], task[5], task[6]
-  local existing = keyed ~= 0 and redis.call('GET', idempotency)
-  if existing == keyed then
-    existing = false
-  end
   local stored = redis.call('HMGET', key, 'status', 'cached', 'result')
   if stored[1] then
-    -- This very submit ran before: answer as then, change nothing.
+    -- This very submit ran before: answer as then, change nothing, count nothing.
     if stored[2] == '1' then
-      out[i] = {'cached', task_id, stored[3]}
+      out[i] = {'cached', task_id, stored[3], -1, 0}
     else
-      out[i] = {'queued', task_id}
+      out[i] = {'queued', task_id, '', -1, 0}
     end
-  elseif existing then
-    out[i] = {'duplicate', existing}
   else
-    local hit = redis.call('GET', cache)
-    if hit then
-      redis.call('EXPIRE', cache, cache_ttl)
-      redis.call('HSET', key, 'status', 'DONE', 'request', request, 'signature', signature,
-        'scope', scope, 'cache_key', cache, 'created_at', now, 'started_at', now,
-        'finished_at', now, 'result', hit, 'cached', '1', 'attempts', '0')
-      out[i] = {'cached', task_id, hit}
-    else
-      redis.call('HSET', key, 'status', 'PENDING', 'request', request, 'signature', signature,
-        'scope', scope, 'cache_key', cache, 'created_at', now, 'trace', trace,
-        'attempts', '0', 'deliveries', '0')
-      redis.call('XADD', stream, '*', 'task_id', task_id)
-      out[i] = {'queued', task_id}
+    local existing = keyed ~= 0 and redis.call('GET', idempotency)
+    if existing == keyed then
+      existing = false
     end
-    redis.call('EXPIRE', key, result_expiry)
-    if keyed ~= 0 then
-      -- Set in the same instant as the task's TTL, and a task's TTL is only ever extended.
-      redis.call('SET', idempotency, task_id, 'EX', math.min(idempotency_ttl, result_expiry))
+    local hit = not existing and redis.call('GET', cache)
+    local refused = nil
+    if not existing and not hit and max_unfinished > 0 then
+      redis.call('ZREMRANGEBYSCORE', unfinished, '-inf', clock())
+      if redis.call('ZCARD', unfinished) >= max_unfinished then
+        refused = 'too_many_unfinished'
+      end
+    end
+    local allowed, tokens, reset_ms = true, -1, 0
+    if not refused and rate > 0 then
+      allowed, tokens, reset_ms = take_token(bucket)
+      if not allowed then
+        refused = 'rate_limited'
+      end
+    end
+    if refused then
+      out[i] = {refused, '', '', tokens, reset_ms}
+    elseif existing then
+      out[i] = {'duplicate', existing, '', tokens, reset_ms}
+    else
+      if hit then
+        redis.call('EXPIRE', cache, cache_ttl)
+        redis.call('HSET', key, 'status', 'DONE', 'request', request, 'signature', signature,
+          'scope', scope, 'cache_key', cache, 'created_at', now, 'started_at', now,
+          'finished_at', now, 'result', hit, 'cached', '1', 'attempts', '0')
+        out[i] = {'cached', task_id, hit, tokens, reset_ms}
+      else
+        redis.call('HSET', key, 'status', 'PENDING', 'request', request, 'signature', signature,
+          'scope', scope, 'cache_key', cache, 'created_at', now, 'trace', trace,
+          'attempts', '0', 'deliveries', '0')
+        redis.call('XADD', stream, '*', 'task_id', task_id)
+        if max_unfinished > 0 then
+          -- Scored by when the task expires, so one that never finishes stops counting then.
+          redis.call('ZADD', unfinished, clock() + result_expiry * 1000, task_id)
+          redis.call('PEXPIRE', unfinished, result_expiry * 1000)
+        end
+        out[i] = {'queued', task_id, '', tokens, reset_ms}
+      end
+      redis.call('EXPIRE', key, result_expiry)
+      if keyed ~= 0 then
+        -- Set in the same instant as the task's TTL, and a task's TTL is only ever extended.
+        redis.call('SET', idempotency, task_id, 'EX', math.min(idempotency_ttl, result_expiry))
+      end
     end
   end
 end
