@@ -47,6 +47,7 @@ VALUE_SETS: dict[str, Values] = {
             "prometheusRule": {"enabled": True},
         },
         "api": {"apiKeys": {"existingSecret": "api-keys"}},
+        "redis": {"metrics": {"enabled": True}},
     },
 }
 

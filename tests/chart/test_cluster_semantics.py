@@ -152,7 +152,7 @@ def test_prometheus_finds_every_service_monitor_and_each_selects_its_service() -
     assert "serviceMonitorNamespaceSelector" not in spec  # empty: every namespace
     objects = render_set("monitoring")
     monitors = find(objects, "ServiceMonitor")
-    assert {component_of(m) for m in monitors} == {"api", "worker"}
+    assert {component_of(m) for m in monitors} == {"api", "worker", "redis"}
     for monitor in monitors:
         # Without spec.namespaceSelector a ServiceMonitor selects Services in its own namespace.
         assert "namespaceSelector" not in monitor.manifest["spec"]

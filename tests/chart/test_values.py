@@ -47,6 +47,7 @@ FEATURE_BASE: list[tuple[str, Values]] = [
     ("networkPolicy.kedaNamespace", {"networkPolicy": {"enabled": True}, **VALUE_SETS["keda"]}),
     ("clusterDomain", VALUE_SETS["keda"]),
     ("metrics.", VALUE_SETS["monitoring"]),
+    ("redis.metrics.", VALUE_SETS["monitoring"]),
 ]
 
 # Other valid values for leaves whose type alone does not give one.

@@ -390,6 +390,7 @@ def test_service_monitors_scrape_api_and_worker_with_the_prometheus_selector_lab
         m.manifest["metadata"]["labels"]["app.kubernetes.io/component"] for m in monitors
     ) == [
         "api",
+        "redis",
         "worker",
     ]
     for monitor in monitors:
@@ -412,7 +413,10 @@ def test_service_monitors_scrape_api_and_worker_with_the_prometheus_selector_lab
 def test_prometheus_rule_carries_the_rules_file_unchanged() -> None:
     rule = only(render_set("monitoring"), "PrometheusRule")
     shipped = yaml.safe_load((CHART / "files" / "prometheus" / "rules.yaml").read_text())
-    assert rule["spec"]["groups"] == shipped["groups"]
+    # First the release's thresholds, then the file's groups as they are.
+    config, *groups = rule["spec"]["groups"]
+    assert config["name"] == "fastapi-redis-mini.config"
+    assert groups == shipped["groups"]
     assert find(render_set("defaults"), "PrometheusRule") == []
 
 
