@@ -66,7 +66,9 @@ def main() -> None:
     metrics_dir = _prepare_metrics_dir(settings)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
 
-    def worker_exit(server: Any, worker: Any) -> None:
+    # child_exit runs in the arbiter after it reaps a worker, however the worker died;
+    # worker_exit runs inside the worker and is skipped by SIGKILL and the OOM killer.
+    def child_exit(server: Any, worker: Any) -> None:
         from ..core.telemetry import metrics
 
         metrics.mark_process_dead(worker.pid, metrics_dir)
@@ -79,7 +81,7 @@ def main() -> None:
             "graceful_timeout": math.ceil(settings.drain_timeout),
             "timeout": 60,
             "keepalive": 5,
-            "worker_exit": worker_exit,
+            "child_exit": child_exit,
             "accesslog": None,
             "logger_class": _Logger,
             "errorlog": "-",
