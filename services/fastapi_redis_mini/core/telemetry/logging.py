@@ -9,9 +9,26 @@ from __future__ import annotations
 
 import logging
 import sys
+from datetime import datetime
 
 from opentelemetry import trace
 from pythonjsonlogger.json import JsonFormatter
+
+
+def _timestamp(record: logging.LogRecord) -> str:
+    """ISO 8601 with milliseconds and the UTC offset, so lines from any zone sort and compare."""
+    moment = datetime.fromtimestamp(record.created).astimezone()
+    return moment.isoformat(timespec="milliseconds")
+
+
+class _JsonFormatter(JsonFormatter):
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
+        return _timestamp(record)
+
+
+class _TextFormatter(logging.Formatter):
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
+        return datetime.fromtimestamp(record.created).astimezone().strftime("%H:%M:%S%z")
 
 
 class _TraceContext(logging.Filter):
@@ -28,7 +45,7 @@ def configure_logging(log_format: str, level: str, service: str) -> None:
     handler.addFilter(_TraceContext())
     if log_format == "json":
         handler.setFormatter(
-            JsonFormatter(
+            _JsonFormatter(
                 "{asctime}{levelname}{name}{message}",
                 style="{",
                 rename_fields={"levelname": "level", "asctime": "time", "name": "logger"},
@@ -37,7 +54,7 @@ def configure_logging(log_format: str, level: str, service: str) -> None:
         )
     else:
         handler.setFormatter(
-            logging.Formatter(f"%(asctime)s {service:<6} %(levelname)-7s %(message)s", "%H:%M:%S")
+            _TextFormatter(f"%(asctime)s {service:<6} %(levelname)-7s %(message)s")
         )
     root = logging.getLogger()
     root.handlers[:] = [handler]
