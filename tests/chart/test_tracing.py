@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from .helm import RenderError, render
+from .helm import RenderError, Values, render
 
 
-def config_of(values: dict[str, object]) -> dict[str, str]:
+def config_of(values: Values) -> dict[str, str]:
     (configmap,) = [
         o.manifest for o in render(values) if o.kind == "ConfigMap" and o.name.endswith("-mini")
     ]
@@ -20,7 +20,7 @@ def test_tracing_stays_off_by_default() -> None:
 
 
 def test_otel_values_become_the_sdks_variables_for_api_and_worker() -> None:
-    values = {
+    values: Values = {
         "otel": {
             "endpoint": "http://otel-collector.observability:4318",
             "tracesSampler": "parentbased_traceidratio",
