@@ -20,6 +20,7 @@ from gunicorn.glogging import Logger as GunicornLogger
 
 from ..core.settings import Settings, load_settings_or_exit
 from ..core.telemetry.logging import configure_logging
+from .drain import marker_path
 
 
 class _Logger(GunicornLogger):  # type: ignore[misc]
@@ -64,6 +65,9 @@ def main() -> None:
     configure_logging(settings.log_format, settings.log_level, "api")
     # The worker processes read it through Settings, and prometheus_client reads it at import.
     metrics_dir = _prepare_metrics_dir(settings)
+    # /tmp outlives a container restart inside the pod; a marker left by an earlier preStop
+    # hook would have this process close every connection.
+    marker_path().unlink(missing_ok=True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
 
     # child_exit runs in the arbiter after it reaps a worker, however the worker died;

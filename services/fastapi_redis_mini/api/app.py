@@ -15,6 +15,7 @@ from ..core.settings import Settings, get_settings
 from ..core.telemetry.logging import configure_logging
 from ..core.telemetry.tracing import configure_tracing, shutdown_tracing
 from ._middleware import BodyLimitMiddleware, MetricsMiddleware
+from .drain import DrainMiddleware, marker_path
 from .errors import install_error_handlers
 from .routes import docs, health, tasks
 
@@ -70,6 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware)
+    app.add_middleware(DrainMiddleware, marker=marker_path())
     if tracing:
         from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 
