@@ -496,3 +496,13 @@ def test_the_dashboards_scaling_panel_finds_the_charts_worker_and_its_autoscaler
             assert patterns, f"the dashboard selects no {label}"
             for pattern in patterns:
                 assert re.fullmatch(pattern.replace("$release", release), name), (pattern, name)
+
+
+def test_the_headless_locust_run_is_a_hook_that_replaces_the_last_run() -> None:
+    # A Job's template is immutable and its TTL deletes it: as a release resource it could
+    # not run again with new values, and `--reuse-values` would bring back a finished run.
+    (job,) = find(render_set("loadtest"), "Job")
+    annotations = job.manifest["metadata"]["annotations"]
+    assert set(annotations["helm.sh/hook"].split(",")) == {"post-install", "post-upgrade"}
+    assert "before-hook-creation" in annotations["helm.sh/hook-delete-policy"].split(",")
+    assert job.is_hook
