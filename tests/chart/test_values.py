@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -178,12 +179,26 @@ def test_the_chart_readme_documents_no_value_that_does_not_exist() -> None:
 def test_the_charts_locustfile_is_the_repos_own(tmp_path: Path) -> None:
     import helm_python
 
-    link = CHART / "files" / "locustfile.py"
+    shipped = CHART / "files" / "locustfile.py"
     source = REPO / "loadtest" / "locustfile.py"
-    assert link.is_symlink(), "a copy would drift from loadtest/locustfile.py"
-    assert link.resolve() == source.resolve()
+    # A symlink holds only a path on a checkout without symlinks, and Locust would fail on it.
+    assert not shipped.is_symlink(), "ship the file itself"
+    assert shipped.read_bytes() == source.read_bytes(), (
+        "the chart's copy drifted: cp loadtest/locustfile.py charts/fastapi-redis-mini/files/"
+    )
     archive = helm_python.package(CHART, destination=tmp_path)
     with tarfile.open(archive) as packaged:
         member = packaged.extractfile(f"{CHART.name}/files/locustfile.py")
         assert member is not None, "helm package left the locustfile out"
         assert member.read() == source.read_bytes()
+
+
+def test_a_locustfile_that_is_only_a_path_fails_the_render_by_name(tmp_path: Path) -> None:
+    import helm_python
+
+    # What a symlink becomes on a checkout without symlinks: a file holding the link's target.
+    chart = tmp_path / CHART.name
+    shutil.copytree(CHART, chart)
+    (chart / "files" / "locustfile.py").write_text("../../../loadtest/locustfile.py")
+    with pytest.raises(helm_python.HelmError, match=r"files/locustfile.py holds no Locust user"):
+        helm_python.Chart.load(chart).render(VALUE_SETS["loadtest"], name="demo", namespace="t")
