@@ -10,7 +10,6 @@ K8S_CHART := charts/fastapi-redis-mini
 # How the worker scales: keda, prometheus-adapter or cpu. KEDA and prometheus-adapter both
 # serve the external metrics API, so a cluster gets one of them.
 SCALER ?= keda
-DEV_IMAGE_TAG ?= dev
 
 # The add-on charts, pinned.
 METRICS_SERVER_VERSION := 3.12.2
@@ -68,15 +67,26 @@ dev: ## skaffold dev on the kind cluster: build, load, deploy, port-forward api 
 	$(call require-scaler)
 	skaffold dev --kube-context $(K8S_CONTEXT) --profile $(K8S_SKAFFOLD_PROFILES)
 
-deploy: ## Build the images, load them into kind and helm upgrade --install the chart (with Locust)
+# Each image is tagged with the first 12 hex digits of its own ID, a digest of its content (as
+# skaffold tags local builds), so changed code gets a new tag and helm rolls the pods, and an
+# unchanged build rolls nothing. A fixed tag with IfNotPresent kept the old code running.
+deploy: ## Build the images, tag each by its content, load them into kind, helm upgrade --install (with Locust), helm test
 	$(call require-tools,docker kind helm kubectl)
 	$(call require-scaler)
-	docker build -f services/Dockerfile --target api -t fastapi-redis-mini-api:$(DEV_IMAGE_TAG) .
-	docker build -f services/Dockerfile --target worker -t fastapi-redis-mini-worker:$(DEV_IMAGE_TAG) .
+	@set -euo pipefail; \
+	for target in api worker; do \
+		echo "+ docker build --quiet --file services/Dockerfile --target $$target ." >&2; \
+		id=$$(docker build --quiet --file services/Dockerfile --target "$$target" .); \
+		id=$${id##*sha256:}; \
+		if [ -z "$$id" ]; then echo "make deploy: docker build printed no image ID for $$target" >&2; exit 1; fi; \
+		declare "tag_$$target=$${id:0:12}"; \
+		(set -x; docker tag "$$id" "fastapi-redis-mini-$$target:$${id:0:12}"); \
+	done; \
+	set -x; \
 	kind load docker-image --name $(K8S_CLUSTER) \
-		fastapi-redis-mini-api:$(DEV_IMAGE_TAG) fastapi-redis-mini-worker:$(DEV_IMAGE_TAG)
+		"fastapi-redis-mini-api:$$tag_api" "fastapi-redis-mini-worker:$$tag_worker"; \
 	$(K8S_HELM) upgrade --install $(K8S_RELEASE) $(K8S_CHART) -n $(K8S_NAMESPACE) --create-namespace --wait \
-		--set api.image.tag=$(DEV_IMAGE_TAG) --set worker.image.tag=$(DEV_IMAGE_TAG) \
+		--set api.image.tag="$$tag_api" --set worker.image.tag="$$tag_worker" \
 		--set worker.autoscaling.keda.enabled=$(if $(filter keda,$(SCALER)),true,false) \
 		--set worker.autoscaling.prometheusAdapter.enabled=$(if $(filter prometheus-adapter,$(SCALER)),true,false) \
 		--set loadtest.enabled=true \

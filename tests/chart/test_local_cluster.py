@@ -131,8 +131,8 @@ def test_kind_cluster_has_one_control_plane_and_two_workers() -> None:
 def test_kind_runs_a_kubernetes_version_the_chart_is_validated_against() -> None:
     versions = {node["image"] for node in load(KIND_CONFIG)["nodes"]}
     (image,) = versions
-    match = re.fullmatch(r"kindest/node:v(\d+)\.(\d+)\.\d+", image)
-    assert match, f"pin the node image to a version: {image}"
+    match = re.fullmatch(r"kindest/node:v(\d+)\.(\d+)\.\d+@sha256:[0-9a-f]{64}", image)
+    assert match, f"pin the node image to a version and its digest: {image}"
     minor = int(match.group(2))
     oldest = int(kube_schema.OLDEST.split(".")[1])
     newest = int(kube_schema.NEWEST.split(".")[1])
@@ -227,7 +227,9 @@ def test_every_k8s_make_target_describes_itself() -> None:
         assert re.search(r"## \S", line), f"{target} has no ## description"
 
 
-def _make(target: str, path: str, *args: str) -> subprocess.CompletedProcess[str]:
+def _make(
+    target: str, path: str, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     make = shutil.which("make")
     if make is None:
         pytest.skip("make is not installed")
@@ -235,7 +237,7 @@ def _make(target: str, path: str, *args: str) -> subprocess.CompletedProcess[str
         [make, "--no-print-directory", "-C", str(REPO), target, *args],
         capture_output=True,
         text=True,
-        env={**os.environ, "PATH": path},
+        env={**os.environ, **(env or {}), "PATH": path},
         timeout=60,
         check=False,
     )
@@ -253,7 +255,11 @@ def test_each_k8s_target_names_the_tools_it_is_missing(target: str, tmp_path: Pa
 
 @pytest.fixture
 def recording_tools(tmp_path: Path) -> tuple[str, Path]:
-    """A PATH whose kind, helm, kubectl, skaffold and docker only append their argv to a log."""
+    """A PATH whose kind, helm, kubectl, skaffold and docker only append their argv to a log.
+
+    `docker build --quiet` also prints an image ID, as the real one does: a digest of its
+    arguments and of IMAGE_CONTENT, which stands for the code being built.
+    """
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     log = tmp_path / "calls.log"
@@ -261,6 +267,13 @@ def recording_tools(tmp_path: Path) -> tuple[str, Path]:
         stub = bin_dir / tool
         stub.write_text(f'#!/bin/sh\necho "{tool} $*" >> "{log}"\n')
         stub.chmod(0o755)
+    (bin_dir / "docker").write_text(
+        f'#!/bin/sh\necho "docker $*" >> "{log}"\n'
+        'if [ "$1 $2" = "build --quiet" ]; then\n'
+        '  digest=$(printf "%s" "$* ${IMAGE_CONTENT:-}" | sha256sum | cut -c1-64)\n'
+        '  echo "sha256:$digest"\n'
+        "fi\n"
+    )
     system = os.pathsep.join(p for p in ("/usr/local/bin", "/usr/bin", "/bin") if Path(p).is_dir())
     return f"{bin_dir}{os.pathsep}{system}", log
 
@@ -321,3 +334,46 @@ def test_deploy_installs_the_chart_with_values_that_exist_then_runs_helm_test(
     for key in re.findall(r"--set ([^=]+)=", install):
         assert has_value(key), key
     assert calls[-1] == "helm --kube-context kind-fastapi-redis-mini test frm -n fastapi-redis-mini"
+
+
+def _deployed_tags(calls: list[str]) -> dict[str, str]:
+    (install,) = [c for c in calls if " upgrade --install frm " in c]
+    return dict(re.findall(r"--set (api|worker)\.image\.tag=(\S+)", install))
+
+
+def test_deploy_tags_each_image_by_its_content_so_new_code_rolls_out(
+    recording_tools: tuple[str, Path],
+) -> None:
+    path, log = recording_tools
+    deployed = []
+    for content in ("first build", "first build", "changed code"):
+        log.write_text("")
+        result = _make("deploy", path, env={"IMAGE_CONTENT": content})
+        assert result.returncode == 0, result.stderr
+        calls = log.read_text().splitlines()
+        tags = _deployed_tags(calls)
+        assert set(tags) == {"api", "worker"}
+        for component, tag in tags.items():
+            assert re.fullmatch(r"[0-9a-f]{12}", tag), tag
+            image = f"fastapi-redis-mini-{component}:{tag}"
+            (load,) = [c for c in calls if c.startswith("kind load docker-image")]
+            assert image in load.split(), f"{image} was not loaded into kind"
+            assert any(c.startswith("docker tag ") and c.endswith(f" {image}") for c in calls)
+        assert tags["api"] != tags["worker"]
+        deployed.append(tags)
+    assert deployed[0] == deployed[1], "an unchanged build must not roll the pods"
+    assert deployed[2]["api"] != deployed[0]["api"], "changed code must get a new tag"
+    assert deployed[2]["worker"] != deployed[0]["worker"]
+
+
+def test_deploy_stops_when_docker_build_gives_no_image_id(
+    recording_tools: tuple[str, Path],
+) -> None:
+    path, log = recording_tools
+    (Path(path.split(os.pathsep)[0]) / "docker").write_text(
+        f'#!/bin/sh\necho "docker $*" >> "{log}"\n'
+    )
+    result = _make("deploy", path)
+    assert result.returncode != 0
+    assert "docker build printed no image ID for api" in result.stderr
+    assert "upgrade --install" not in log.read_text()
