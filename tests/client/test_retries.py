@@ -144,3 +144,25 @@ def test_a_submit_whose_answer_was_lost_is_retried_into_the_same_task(
     done = direct.wait(task.task_id, timeout=30)
     assert done.status is TaskStatus.DONE
     assert done.attempts == 1
+
+
+def test_a_cancel_whose_answer_was_lost_returns_the_cancelled_task(
+    connect: Connect,
+    own_stack: tuple[RedisServer, ExitStack],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # No worker: the task stays PENDING, so the first DELETE cancels it outright and the
+    # retry meets a final task (409). That conflict is this call's own doing.
+    caplog.set_level(logging.INFO, logger="fastapi_redis_mini_client")
+    server, started = own_stack
+    api = start(started, lambda: start_api(server.url))
+    api_port = int(api.base_url.rsplit(":", 1)[1])
+    task_id = connect(api.base_url, None).submit(f"cancel once {uuid.uuid4().hex}").task_id
+
+    with AnswerDroppingProxy(api_port, drop=1) as proxy:
+        cancelled = connect(proxy.url, None, retry=PATIENT).cancel(task_id)
+        assert proxy.dropped == 1
+
+    assert retries_logged(caplog, "RemoteProtocolError") == 1
+    assert cancelled.task_id == task_id
+    assert cancelled.status is TaskStatus.CANCELLED
