@@ -28,6 +28,7 @@ from .errors import (
     TaskFailedError,
     TaskNotFoundError,
     UnauthorizedError,
+    UnexpectedResponseError,
     UnsupportedMediaTypeError,
     WaitTimeoutError,
 )
@@ -58,6 +59,7 @@ __all__ = [
     "TaskNotFoundError",
     "TaskStatus",
     "UnauthorizedError",
+    "UnexpectedResponseError",
     "UnsupportedMediaTypeError",
     "WaitTimeoutError",
 ]

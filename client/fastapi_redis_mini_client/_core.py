@@ -26,6 +26,7 @@ from .errors import (
     ServiceUnreachableError,
     TaskCancelledError,
     TaskFailedError,
+    UnexpectedResponseError,
     WaitTimeoutError,
     error_from_response,
 )
@@ -155,11 +156,11 @@ class Core:
             headers={"Idempotency-Key": key},
         )
         response = yield from self._exchange(call)
-        return Task.from_json(response.json())
+        return task_of(response)
 
     def get(self, task_id: str) -> Flow[Task]:
         response = yield from self._exchange(Call("GET", _task_path(task_id)))
-        return Task.from_json(response.json())
+        return task_of(response)
 
     def wait(self, task_id: str, timeout: float | None) -> Flow[Task]:
         """Long-poll in slices of at most 30 s until the task is final or `timeout` passes."""
@@ -177,7 +178,7 @@ class Core:
             poll = min(left, MAX_POLL_SECONDS)
             call = Call("GET", _task_path(task_id), params={"wait": f"{poll:.3f}"}, long_poll=poll)
             response = yield from self._exchange(call, deadline)
-            task = Task.from_json(response.json())
+            task = task_of(response)
             if task.is_final:
                 return task
 
@@ -192,7 +193,7 @@ class Core:
                 if task.status is TaskStatus.CANCELLED:
                     return task
             raise
-        return Task.from_json(response.json())
+        return task_of(response)
 
     def run(
         self,
@@ -248,6 +249,14 @@ class Core:
                 delay,
             )
             yield Sleep(delay)
+
+
+def task_of(response: httpx.Response) -> Task:
+    """The task a success answer carries; UnexpectedResponseError for anything else."""
+    try:
+        return Task.from_json(response.json())
+    except (ValueError, KeyError, TypeError) as error:
+        raise UnexpectedResponseError(response.status_code, response.text) from error
 
 
 def outcome(task: Task) -> Any:

@@ -25,6 +25,7 @@ from .errors import (
     ServiceUnreachableError,
     TaskCancelledError,
     TaskFailedError,
+    UnexpectedResponseError,
     WaitTimeoutError,
 )
 from .models import Task, TaskStatus
@@ -39,7 +40,7 @@ class Exit(IntEnum):
     TASK_CANCELLED = 3
     NOT_FOUND = 4  # no such task (or it belongs to another API key)
     REFUSED = 5  # the service refused the request: 401, 409 (already final), 413, 415, 422
-    UNAVAILABLE = 6  # no answer, 429 or 5xx, still so after every retry
+    UNAVAILABLE = 6  # no answer, 429 or 5xx after every retry, or not the service's answer
     TIMEOUT = 124  # wait or run: not final within --timeout (as timeout(1))
 
 
@@ -55,7 +56,8 @@ exit codes:
   3    the task was CANCELLED (wait, run)
   4    no such task
   5    the service refused the request (401, 409 already final, 413, 415, 422)
-  6    the service was unreachable or unavailable (429, 5xx) after every retry
+  6    the service was unreachable or unavailable (429, 5xx) after every retry,
+       or what answered is not the service
   124  the task was not final within --timeout (wait, run)
 """
 
@@ -86,6 +88,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             return _fail(_exit_of(error), error.code, error.message, status=error.status_code)
         except ServiceUnreachableError as error:
             return _fail(Exit.UNAVAILABLE, "unreachable", str(error))
+        except UnexpectedResponseError as error:
+            return _fail(Exit.UNAVAILABLE, "unexpected_response", str(error))
 
 
 def _exit_of(error: APIError) -> Exit:

@@ -112,6 +112,15 @@ class ServiceUnreachableError(TaskClientError):
     """No answer at all (connection refused or reset, timeout) after every retry."""
 
 
+class UnexpectedResponseError(TaskClientError):
+    """A success status whose body is not a task: the base URL may point at another server."""
+
+    def __init__(self, status_code: int, body: str) -> None:
+        super().__init__(f"{status_code} answer that is not a task: {body[:200]!r}")
+        self.status_code = status_code
+        self.body = body
+
+
 class TaskEndedError(TaskClientError):
     """A task ended without a result; `task` is its final state."""
 

@@ -42,6 +42,8 @@ class Task:
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> Task:
         """Build from an answer's JSON; fields this client does not know yet are ignored."""
+        if not isinstance(body, dict):
+            raise TypeError(f"a task is a JSON object, not {type(body).__name__}")
         known = {field.name for field in dataclasses.fields(cls)}
         values = {name: value for name, value in body.items() if name in known}
         values["status"] = TaskStatus(body["status"])

@@ -20,7 +20,9 @@ from fastapi_redis_mini_client import (
     RetryPolicy,
     ServerError,
     ServiceUnavailableError,
+    UnexpectedResponseError,
 )
+from fastapi_redis_mini_client._core import task_of
 from fastapi_redis_mini_client.errors import error_class, error_from_response, retry_after_seconds
 
 
@@ -112,3 +114,21 @@ def test_the_backoff_doubles_to_its_cap_and_never_undercuts_retry_after() -> Non
 def test_a_bad_retry_policy_fails_naming_the_field(options: dict[str, Any], field: str) -> None:
     with pytest.raises(ValueError, match=f"^RetryPolicy.{field} must be"):
         RetryPolicy(**options)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        httpx.Response(200, text="<html>a login page</html>"),
+        httpx.Response(200, json={"status": "ok"}),
+        httpx.Response(200, json={"task_id": "abc", "status": "SLEEPING"}),
+        httpx.Response(200, json=["not", "an", "object"]),
+    ],
+    ids=["html", "no-task-id", "unknown-status", "a-list"],
+)
+def test_a_success_answer_that_is_not_a_task_is_an_unexpected_response(
+    answer: httpx.Response,
+) -> None:
+    with pytest.raises(UnexpectedResponseError) as raised:
+        task_of(answer)
+    assert raised.value.status_code == 200
