@@ -26,6 +26,9 @@ SERVICE_ENV = {
     # Long enough for a task that outlasts one 30 s long-poll.
     "MAX_TASK_DURATION": "35",
     "TASK_TIMEOUT": "60",
+    # The worker hears of a cancel at its keep-alive, every CLAIM_IDLE/3 s: 1 s, well within
+    # the 10 s tasks the cancel tests stop.
+    "CLAIM_IDLE": "3",
 }
 # Retries fast enough for a test; the outage tests pass their own.
 FAST_RETRY = RetryPolicy(attempts=4, backoff=0.1, backoff_max=0.5)
