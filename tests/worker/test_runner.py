@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import Any
 
+import httpx
 import pytest
+import redis.asyncio
 
 from fastapi_redis_mini.core.handlers import SimulatedInference, TaskHandler
 from fastapi_redis_mini.core.models import TaskCreate, TaskStatus, request_signature
-from fastapi_redis_mini.core.queue import TaskRecord
+from fastapi_redis_mini.core.queue import Finish, FinishVerdict, Job, TaskRecord
 from fastapi_redis_mini.core.redis_queue import RedisTaskQueue, connect
 from fastapi_redis_mini.core.settings import Settings
-from fastapi_redis_mini.worker.runner import Worker
+from fastapi_redis_mini.worker._http import build_app
+from fastapi_redis_mini.worker.runner import Worker, WorkerFailed
 
 from ..support.handlers import FlakyThenFine, hang, not_json
 
@@ -150,3 +154,64 @@ async def test_tasks_past_the_grace_are_released_not_lost(
     record = await wait_final(queue, task_id)
     await stop(finisher, running)
     assert record.status is TaskStatus.DONE
+
+
+class SlowToFinish(RedisTaskQueue):
+    """The real queue, but outcomes take `delay` seconds to be written: they stay buffered."""
+
+    delay = 1.5
+
+    async def finish(self, consumer: str, finishes: Sequence[Finish]) -> list[FinishVerdict]:
+        await asyncio.sleep(self.delay)
+        return await super().finish(consumer, finishes)
+
+
+async def test_a_task_never_runs_again_while_its_outcome_is_buffered(
+    queue: RedisTaskQueue, settings: Settings, submit: Submit, redis_client: redis.asyncio.Redis
+) -> None:
+    calls: list[str] = []
+
+    async def count(prompt: str, params: Mapping[str, Any]) -> Any:
+        calls.append(prompt)
+        return {"ok": True}
+
+    task_id = await submit("twice in the stream")
+    # A second entry for the same task, as a submit sent twice after a timeout leaves.
+    await redis_client.xadd(queue.keys.stream, {"task_id": task_id})
+    worker = Worker(SlowToFinish(connect(settings), settings), count, settings)
+    running = asyncio.create_task(worker.run())
+    record = await wait_final(queue, task_id)
+    # The second entry is only acknowledged once reclaimed (CLAIM_IDLE 2 s): it never runs.
+    deadline = time.monotonic() + 15
+    while (await redis_client.xpending(queue.keys.stream, queue.keys.group))["pending"]:
+        assert time.monotonic() < deadline, "the second entry was never acknowledged"
+        await asyncio.sleep(0.1)
+    await stop(worker, running)
+    assert (record.status, record.attempts) == (TaskStatus.DONE, 1)
+    assert calls == ["twice in the stream"]
+
+
+class BrokenKeepAlive(RedisTaskQueue):
+    """The real queue with a defect in one call: keep-alive raises what no loop expects."""
+
+    async def keep_alive(self, consumer: str, jobs: Sequence[Job]) -> list[str]:
+        raise RuntimeError("a defect in keep-alive")
+
+
+async def test_a_loop_that_dies_fails_healthz_and_ends_the_worker(
+    settings: Settings, submit: Submit
+) -> None:
+    await submit(duration=0.8)  # keep-alive has something to keep while it runs
+    configured = settings.model_copy(update={"claim_idle": 0.6})
+    queue = BrokenKeepAlive(connect(configured), configured)
+    worker = Worker(queue, SimulatedInference(1), configured)
+    app = build_app(worker, queue, configured)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://worker") as client:
+        assert (await client.get("/healthz")).status_code == 200
+        with pytest.raises(WorkerFailed, match="keep-alive loop ended with RuntimeError"):
+            await asyncio.wait_for(worker.run(), 20)
+        health = await client.get("/healthz")
+    await queue.close()
+    assert health.status_code == 503
+    assert health.json()["status"] == "failed"

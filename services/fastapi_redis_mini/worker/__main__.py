@@ -17,7 +17,7 @@ from ..core.settings import Settings, load_settings_or_exit
 from ..core.telemetry.logging import configure_logging
 from ..core.telemetry.tracing import configure_tracing, shutdown_tracing
 from ._http import build_app, http_server
-from .runner import Worker
+from .runner import Worker, WorkerFailed
 
 log = logging.getLogger("fastapi_redis_mini.worker")
 
@@ -37,6 +37,13 @@ async def serve(settings: Settings, handler: TaskHandler) -> None:
         loop.add_signal_handler(signum, worker.stop)
     server = http_server(build_app(worker, queue, settings), settings.host, settings.metrics_port)
     http = asyncio.create_task(_serve_http(server), name="http")
+
+    def http_ended(_: asyncio.Task[None]) -> None:
+        # Without its HTTP side nobody can probe or scrape the worker: losing it is a failure.
+        if not server.should_exit:
+            worker.fail("the HTTP server (/healthz, /metrics) ended")
+
+    http.add_done_callback(http_ended)
     # A worker nobody can probe or scrape must not run: wait for the port before consuming.
     for _ in range(200):
         if server.started or http.done():
@@ -67,7 +74,11 @@ def main() -> None:
     except LookupError as error:
         raise SystemExit(f"fastapi-redis-mini: invalid configuration: {error}") from None
     tune_gc()
-    uvloop.run(serve(settings, handler))
+    try:
+        uvloop.run(serve(settings, handler))
+    except WorkerFailed as error:
+        # The traceback is logged where the loop ended; Kubernetes restarts the container.
+        raise SystemExit(f"fastapi-redis-mini: worker failed: {error}") from None
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ def build_app(worker: Worker, queue: TaskQueue, settings: Settings) -> Starlette
         return Response(body, media_type=content_type)
 
     async def healthz(_: Request) -> Response:
+        if worker.failure is not None:
+            return JSONResponse({"status": "failed", "reason": worker.failure}, 503)
         stalled = time.monotonic() - worker.last_progress
         if stalled > _STALL_SECONDS:
             return JSONResponse({"status": "stalled", "seconds": round(stalled, 1)}, 503)

@@ -15,7 +15,7 @@ import random
 import secrets
 import socket
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Coroutine, Sequence
 from typing import Any
 
 import orjson
@@ -35,6 +35,7 @@ from ..core.queue import (
 from ..core.settings import Settings
 from ..core.telemetry.metrics import redis_errors
 from . import metrics
+from .inflight import InFlight, Phase, StopReason, decide
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +44,22 @@ _RETRY_PROMOTE_INTERVAL = 0.5
 _TRIM_INTERVAL = 10.0
 
 
+class WorkerFailed(Exception):  # noqa: N818 - named for what happened, as it is logged
+    """A loop of the worker ended unexpectedly: the process must exit and be restarted."""
+
+
 def consumer_name() -> str:
     """Unique per process, and readable in XINFO CONSUMERS: host, pid and a random suffix."""
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
 class Worker:
-    """Consumes the task stream until stop() is called, then drains within SHUTDOWN_GRACE."""
+    """Consumes the task stream until stop() is called, then drains within SHUTDOWN_GRACE.
+
+    If one of its loops ends unexpectedly, the worker logs why, fails /healthz, stops as it
+    would on SIGTERM and then run() raises WorkerFailed: a live worker with a dead loop
+    would hold its entries and do nothing with them.
+    """
 
     def __init__(
         self,
@@ -66,15 +76,10 @@ class Worker:
         self.consumer = consumer or consumer_name()
         self.tracing = tracing
         self.last_progress = time.monotonic()
-        self._jobs: dict[str, Job] = {}  # entry id -> job, from start until its outcome is written
-        self._runs: dict[str, asyncio.Task[None]] = {}  # entry id -> the handler's task
-        self._finished: list[Finish] = []
-        # Suspects: delivered to us, not started, waiting to run alone (see start.lua).
-        self._suspects: dict[str, Job] = {}
-        self._alone: str | None = None  # the entry of the suspect running alone, if any
-        self._cancel_requested: set[str] = set()
-        self._lost: set[str] = set()
-        self._releasing = False
+        self.failure: str | None = None  # why the worker is going down, once it is
+        self._tasks: dict[str, InFlight] = {}  # task id -> what this worker holds of it
+        self._phases = dict.fromkeys(Phase, 0)  # how many records are in each phase
+        self._finished: list[Finish] = []  # outcomes waiting to be written, oldest first
         self._stopping = asyncio.Event()
         self._closed = asyncio.Event()  # set once draining is over: the helper loops end
         self._slot_free = asyncio.Event()
@@ -84,39 +89,62 @@ class Worker:
     def stop(self) -> None:
         """Stop reading; run() returns once in-flight tasks are finished or released."""
         if not self._stopping.is_set():
-            log.info("stopping: finishing %d in-flight tasks", len(self._runs))
+            log.info("stopping: finishing %d in-flight tasks", self.in_flight)
             self._stopping.set()
+
+    def fail(self, reason: str, error: BaseException | None = None) -> None:
+        """Something the worker cannot do without has ended: stop, and make run() raise."""
+        if self.failure is None:
+            self.failure = reason
+            log.error("%s; the worker stops and exits", reason, exc_info=error)
+        self.stop()
 
     @property
     def in_flight(self) -> int:
         """Tasks whose handler is running."""
-        return len(self._runs)
+        return self._phases[Phase.RUNNING] + self._phases[Phase.ALONE]
+
+    def _hold(self, record: InFlight) -> None:
+        self._tasks[record.job.task_id] = record
+        self._phases[record.phase] += 1
+
+    def _move(self, record: InFlight, phase: Phase) -> None:
+        self._phases[record.phase] -= 1
+        self._phases[phase] += 1
+        record.phase = phase
+
+    def _let_go(self, record: InFlight) -> None:
+        if self._tasks.pop(record.job.task_id, None) is record:
+            self._phases[record.phase] -= 1
+        self._slot_free.set()
 
     def _free_slots(self) -> int:
-        if self._suspects or self._alone in self._runs:
+        if self._phases[Phase.WAITING] or self._phases[Phase.ALONE]:
             return 0  # nothing new runs beside a suspect, nor while suspects wait
         # A slot frees when its handler returns, so the next batch is read while the previous
-        # outcomes are being written. Unwritten outcomes are capped too, so a slow Redis
-        # cannot let them pile up.
-        running = self.settings.max_concurrency - len(self._runs)
-        unwritten = 2 * self.settings.max_concurrency - len(self._jobs)
+        # outcomes are being written. Unwritten outcomes are capped too, so a Redis that
+        # refuses writes cannot let them pile up.
+        running = self.settings.max_concurrency - self.in_flight
+        unwritten = 2 * self.settings.max_concurrency - len(self._tasks)
         return min(running, unwritten)
 
     async def run(self) -> None:
         metrics.worker_concurrency_limit.set(self.settings.max_concurrency)
         if not await self._ensure_group():
+            self._raise_if_failed()
             return
         log.info(
             "consuming as %s (max_concurrency=%d, claim_idle=%gs)",
             self.consumer, self.settings.max_concurrency, self.settings.claim_idle,
         )  # fmt: skip
+        consume = self._loop(self._consume_loop(), "consume", self._stopping)
         helpers = [
-            asyncio.create_task(self._flush_loop(), name="flush"),
-            asyncio.create_task(self._keep_alive_loop(), name="keep-alive"),
-            asyncio.create_task(self._maintenance_loop(), name="maintenance"),
+            self._loop(self._flush_loop(), "flush", self._closed),
+            self._loop(self._keep_alive_loop(), "keep-alive", self._closed),
+            self._loop(self._maintenance_loop(), "maintenance", self._stopping),
         ]
         try:
-            await self._consume_loop()
+            await asyncio.wait([consume])
             await self._drain()
         finally:
             # The loops end on their own once closed is set. Cancelling is only the fallback:
@@ -133,6 +161,31 @@ class Worker:
         # and is reclaimed.
         await _within(1.0, self.queue.leave(self.consumer))
         log.info("stopped")
+        self._raise_if_failed()
+
+    def _raise_if_failed(self) -> None:
+        if self.failure is not None:
+            raise WorkerFailed(self.failure)
+
+    def _loop(
+        self, body: Coroutine[Any, Any, None], name: str, ends_with: asyncio.Event
+    ) -> asyncio.Task[None]:
+        """Start one of the worker's loops, watched: it may end only once `ends_with` is set."""
+
+        def ended(task: asyncio.Task[None]) -> None:
+            if task.cancelled():
+                if not self._closed.is_set():
+                    self.fail(f"the {name} loop was cancelled")
+                return
+            error = task.exception()
+            if error is not None:
+                self.fail(f"the {name} loop ended with {type(error).__name__}: {error}", error)
+            elif not ends_with.is_set():
+                self.fail(f"the {name} loop ended unexpectedly")
+
+        task = asyncio.create_task(body, name=name)
+        task.add_done_callback(ended)
+        return task
 
     async def _ensure_group(self) -> bool:
         backoff = _Backoff()
@@ -143,7 +196,7 @@ class Worker:
                 return True
             except QueueUnavailable as error:
                 redis_errors.labels("ensure_group").inc()
-                log.warning("redis unavailable at start (%s); retrying", error)
+                log.warning("redis cannot create the group (%s); retrying", error)
                 await _sleep_or_stop(backoff.next(), self._stopping)
         return False
 
@@ -153,12 +206,13 @@ class Worker:
         backoff = _Backoff()
         while not self._stopping.is_set():
             self.last_progress = time.monotonic()
-            if self._suspects and not self._runs:
+            if self._phases[Phase.WAITING] and not self.in_flight:
                 try:
                     await self._run_suspect_alone()
+                    backoff.reset()
                 except QueueUnavailable as error:
                     redis_errors.labels("start").inc()
-                    log.warning("redis unavailable while starting (%s); retrying", error)
+                    log.warning("redis cannot start a task (%s); retrying", error)
                     await _sleep_or_stop(backoff.next(), self._stopping)
                 continue
             free = self._free_slots()
@@ -169,35 +223,56 @@ class Worker:
             try:
                 count = min(free, self.settings.read_batch)
                 deliveries = await self.queue.read(self.consumer, count, block_ms=1000)
-                await self._begin(deliveries)
                 backoff.reset()
             except QueueUnavailable as error:
                 redis_errors.labels("read").inc()
-                log.warning("redis unavailable while reading (%s); retrying", error)
+                log.warning("redis cannot be read (%s); retrying", error)
                 await _sleep_or_stop(backoff.next(), self._stopping)
+                continue
+            await self._begin(deliveries)
 
     async def _begin(self, deliveries: Sequence[Delivery]) -> int:
-        """Start what was delivered; returns how many deliveries this worker took on."""
-        if not deliveries:
+        """Start what was delivered; returns how many deliveries this worker took on.
+
+        A delivery of a task this worker already holds is left alone: its entry goes idle and
+        is reclaimed once this worker has written the task's outcome, and then only
+        acknowledged. Deliveries that Redis refuses to start are tried again (they are
+        already ours) until it accepts or the worker stops.
+        """
+        fresh = [d for d in deliveries if d.task_id not in self._tasks]
+        if not fresh:
             return 0
+        backoff = _Backoff()
+        while True:
+            try:
+                jobs = await self.queue.start(self.consumer, fresh)
+                break
+            except QueueUnavailable as error:
+                redis_errors.labels("start").inc()
+                log.warning("redis cannot start tasks (%s); retrying", error)
+                if self._stopping.is_set():
+                    return 0  # left pending: another worker reclaims them
+                self.last_progress = time.monotonic()
+                await _sleep_or_stop(backoff.next(), self._stopping)
         taken = 0
-        for job in await self.queue.start(self.consumer, deliveries):
+        for job in jobs:
             taken += self._take(job)
-        metrics.tasks_in_flight.set(len(self._runs))
+        metrics.tasks_in_flight.set(self.in_flight)
         return taken
 
-    def _take(self, job: Job) -> bool:
+    def _take(self, job: Job, *, alone: bool = False) -> bool:
         """Act on what start decided for one delivery; False when it is left to others."""
         if job.verdict is StartVerdict.RUN:
-            self._jobs[job.entry_id] = job
-            self._runs[job.entry_id] = asyncio.create_task(self._execute(job))
+            record = InFlight(job, Phase.ALONE if alone else Phase.RUNNING)
+            self._hold(record)
+            record.run = asyncio.create_task(self._execute(record))
         elif job.verdict is StartVerdict.SUSPECT:
-            if self._suspects:
+            if self._phases[Phase.WAITING] or job.task_id in self._tasks:
                 # One suspect at a time per worker: the others are not kept alive here, so
                 # they go idle again and the next worker to claim takes them. Recovery from a
                 # crash is shared instead of queued behind one worker.
                 return False
-            self._suspects[job.entry_id] = job
+            self._hold(InFlight(job, Phase.WAITING))
             log.info(
                 "task was in flight when a worker died: it will run alone",
                 extra={"task_id": job.task_id},
@@ -211,65 +286,50 @@ class Worker:
         return True
 
     async def _run_suspect_alone(self) -> None:
-        entry_id, suspect = next(iter(self._suspects.items()))
-        delivery = Delivery(entry_id=entry_id, task_id=suspect.task_id)
+        suspect = next(r for r in self._tasks.values() if r.phase is Phase.WAITING)
+        delivery = Delivery(entry_id=suspect.job.entry_id, task_id=suspect.job.task_id)
         [job] = await self.queue.start(self.consumer, [delivery], alone=True)
-        del self._suspects[entry_id]
-        self._take(job)
-        metrics.tasks_in_flight.set(len(self._runs))
-        if job.verdict is StartVerdict.RUN:
-            self._alone = entry_id
+        self._let_go(suspect)
+        self._take(job, alone=True)
+        metrics.tasks_in_flight.set(self.in_flight)
 
     # -- running one task
 
-    async def _execute(self, job: Job) -> None:
+    async def _execute(self, record: InFlight) -> None:
+        job = record.job
         metrics.task_queue_wait.observe(max(0.0, job.started_at - job.created_at))
-        finish: Finish | None
+        finish: Finish | None = None
         try:
             with self._span(job):
-                finish = await self._run_handler(job)
+                finish = await self._run_handler(record)
         finally:
-            self._runs.pop(job.entry_id, None)
+            if finish is None:  # another worker took the entry over; its outcome is theirs
+                self._let_go(record)
+            else:
+                self._move(record, Phase.WRITING)
+                self._finished.append(finish)
+                self._flush_needed.set()
             self._slot_free.set()
-        if finish is None:  # another worker took the entry over; its outcome is theirs
-            self._forget(job.entry_id)
-            return
-        self._finished.append(finish)
-        self._flush_needed.set()
 
-    async def _run_handler(self, job: Job) -> Finish | None:
-        timeout = self.settings.task_timeout
+    async def _run_handler(self, record: InFlight) -> Finish | None:
+        job = record.job
+        ended: BaseException | None = None
+        result = b""
         try:
-            async with asyncio.timeout(timeout):
-                result = await self.handler(job.prompt, job.params)
-            return Finish(job, Outcome.DONE, result=orjson.dumps(result))
-        except TimeoutError:
-            return Finish(job, Outcome.FAILED, error=f"timeout after {timeout:g}s")
-        except RetryableError as error:
-            return self._retry_or_fail(job, error)
-        except asyncio.CancelledError:
-            if job.entry_id in self._lost:
-                return None
-            if job.entry_id in self._cancel_requested:
-                return Finish(job, Outcome.CANCELLED, error="cancelled while running")
-            if self._releasing:
-                return Finish(job, Outcome.RELEASE, due_at=time.time())
-            raise
+            async with asyncio.timeout(self.settings.task_timeout):
+                output = await self.handler(job.prompt, job.params)
+            result = orjson.dumps(output)
+        except asyncio.CancelledError as error:
+            if record.stop is None:
+                raise  # not cancelled by this worker: the process is going down
+            ended = error
         except Exception as error:
-            log.warning("task failed: %s", type(error).__name__, extra={"task_id": job.task_id})
-            return Finish(job, Outcome.FAILED, error=f"{type(error).__name__}: {error}")
-
-    def _retry_or_fail(self, job: Job, error: RetryableError) -> Finish:
-        description = f"{type(error).__name__}: {error}"
-        if job.attempts > self.settings.max_retries:
-            return Finish(
-                job, Outcome.FAILED, error=f"gave up after {job.attempts} attempts: {description}"
-            )
-        ceiling = min(
-            self.settings.retry_backoff * 2 ** (job.attempts - 1), self.settings.retry_backoff_max
+            if not isinstance(error, TimeoutError | RetryableError):
+                log.warning("task failed: %s", type(error).__name__, extra={"task_id": job.task_id})
+            ended = error
+        return decide(
+            job, ended, result, record.stop, self.settings, now=time.time(), jitter=random.random()
         )
-        delay = random.uniform(ceiling / 2, ceiling)  # jitter spreads out a burst of retries
-        return Finish(job, Outcome.RETRY, error=description, due_at=time.time() + delay)
 
     def _span(self, job: Job) -> contextlib.AbstractContextManager[Any]:
         if not self.tracing:
@@ -299,7 +359,7 @@ class Worker:
                     # The outcomes stay buffered and their entries unacknowledged: nothing is
                     # lost, and a worker that dies meanwhile leaves them to be reclaimed.
                     redis_errors.labels("finish").inc()
-                    log.warning("redis unavailable while finishing (%s); retrying", error)
+                    log.warning("redis cannot take outcomes (%s); retrying", error)
                     await _sleep_or_stop(backoff.next(), self._closed)
                     if self._closed.is_set():
                         return
@@ -310,10 +370,11 @@ class Worker:
 
     def _record(self, batch: Sequence[Finish], verdicts: Sequence[FinishVerdict]) -> None:
         now = time.time()
-        metrics.tasks_in_flight.set(len(self._runs))
         for finish, verdict in zip(batch, verdicts, strict=True):
             job = finish.job
-            self._forget(job.entry_id)
+            record = self._tasks.get(job.task_id)
+            if record is not None and record.job is job:
+                self._let_go(record)
             if verdict is not FinishVerdict.WRITTEN:
                 continue
             if finish.outcome is Outcome.RETRY:
@@ -322,12 +383,7 @@ class Worker:
                 metrics.tasks_finished.labels(finish.outcome.value).inc()
                 metrics.task_run.observe(max(0.0, now - job.started_at))
                 metrics.task_end_to_end.observe(max(0.0, now - job.created_at))
-
-    def _forget(self, entry_id: str) -> None:
-        self._jobs.pop(entry_id, None)
-        self._cancel_requested.discard(entry_id)
-        self._lost.discard(entry_id)
-        self._slot_free.set()
+        metrics.tasks_in_flight.set(self.in_flight)
 
     # -- keeping entries, reclaiming others', housekeeping
 
@@ -335,38 +391,44 @@ class Worker:
         interval = min(self.settings.claim_idle / 3, 10.0)
         while not self._closed.is_set():
             await _sleep_or_stop(interval, self._closed)
-            # Entries whose outcome is not written yet, and suspects waiting to run alone, are
-            # kept alive too: they are still ours.
-            running = [*self._jobs.values(), *self._suspects.values()]
+            # Every task held is kept alive: a suspect waiting to run alone and an outcome not
+            # yet written are still this worker's.
+            held = list(self._tasks.values())
             try:
-                for start in range(0, len(running), _FINISH_BATCH):
-                    chunk = running[start : start + _FINISH_BATCH]
-                    replies = await self.queue.keep_alive(self.consumer, chunk)
-                    for job, reply in zip(chunk, replies, strict=True):
-                        self._on_keep_alive(job, reply)
-            except QueueUnavailable:
+                for start in range(0, len(held), _FINISH_BATCH):
+                    chunk = held[start : start + _FINISH_BATCH]
+                    replies = await self.queue.keep_alive(self.consumer, [r.job for r in chunk])
+                    for record, reply in zip(chunk, replies, strict=True):
+                        self._on_keep_alive(record, reply)
+            except QueueUnavailable as error:
                 redis_errors.labels("keep_alive").inc()
+                log.warning("redis cannot keep entries alive (%s); retrying", error)
 
-    def _on_keep_alive(self, job: Job, reply: str) -> None:
-        if reply == "lost":
-            self._suspects.pop(job.entry_id, None)  # another worker runs it now
-        run = self._runs.get(job.entry_id)
-        if reply == "ok" or run is None:  # no run to stop: not started, or outcome on its way
+    def _on_keep_alive(self, record: InFlight, reply: str) -> None:
+        if reply == "ok":
             return
+        if record.phase is Phase.WAITING:
+            if reply == "lost":
+                self._let_go(record)  # another worker runs it now
+            return
+        if record.phase is Phase.WRITING or record.run is None or record.stop is not None:
+            return  # no run to stop: its outcome is on its way, or it is stopping already
         if reply == "cancel":
-            self._cancel_requested.add(job.entry_id)
-            log.info("cancelling at the client's request", extra={"task_id": job.task_id})
+            record.stop = StopReason.CANCELLED
+            log.info("cancelling at the client's request", extra={"task_id": record.job.task_id})
         else:
-            self._lost.add(job.entry_id)
-            log.warning("entry taken over by another worker", extra={"task_id": job.task_id})
-        run.cancel()
+            record.stop = StopReason.LOST
+            log.warning("entry taken over by another worker", extra={"task_id": record.job.task_id})
+        record.run.cancel()
 
     async def _maintenance_loop(self) -> None:
         claim_every = max(self.settings.claim_idle / 2, 0.5)
         next_claim = time.monotonic() + claim_every
         next_trim = time.monotonic() + _TRIM_INTERVAL
+        backoff = _Backoff()
+        pause = _RETRY_PROMOTE_INTERVAL
         while not self._stopping.is_set():
-            await _sleep_or_stop(_RETRY_PROMOTE_INTERVAL, self._stopping)
+            await _sleep_or_stop(pause, self._stopping)
             now = time.monotonic()
             try:
                 await self.queue.promote_due_retries(limit=1000)
@@ -374,43 +436,54 @@ class Worker:
                 if now >= next_claim and free > 0 and not self._stopping.is_set():
                     next_claim = now + claim_every
                     claimed = await self.queue.claim_idle(self.consumer, free)
-                    # Entries of our own that went idle (keep-alive could not reach Redis during
-                    # an outage) are still running here: claiming them only resets their idle
-                    # time, and they must not be started a second time.
-                    reclaimed = [
-                        d for d in claimed if d.entry_id not in self._jobs | self._suspects
-                    ]
-                    taken = await self._begin(reclaimed)
+                    # Entries of tasks held here went idle because keep-alive could not reach
+                    # Redis, or are a second entry of one task: claiming them only reset their
+                    # idle time, and they must not start a second run (_begin skips them).
+                    taken = await self._begin(claimed)
                     if taken:
                         metrics.tasks_reclaimed.inc(taken)
                         log.info("reclaimed %d idle entries", taken)
                 if now >= next_trim:
                     next_trim = now + _TRIM_INTERVAL
                     await self.queue.trim()
-            except QueueUnavailable:
+                backoff.reset()
+                pause = _RETRY_PROMOTE_INTERVAL
+            except QueueUnavailable as error:
                 redis_errors.labels("maintenance").inc()
+                log.warning("redis cannot run maintenance (%s); retrying", error)
+                pause = max(_RETRY_PROMOTE_INTERVAL, backoff.next())
 
     # -- stopping
 
     async def _drain(self) -> None:
         grace = self.settings.shutdown_grace
         deadline = time.monotonic() + grace
-        if self._runs:
-            await asyncio.wait(list(self._runs.values()), timeout=grace)
-        if self._runs:
+        runs = self._runs()
+        if runs:
+            await asyncio.wait([r.run for r in runs if r.run is not None], timeout=grace)
+        runs = self._runs()
+        if runs:
             # Past the grace: hand the rest back to the queue at once instead of leaving them
             # for CLAIM_IDLE, and never write a half-finished result.
-            log.warning("grace of %gs over: releasing %d tasks", grace, len(self._runs))
-            self._releasing = True
-            for run in list(self._runs.values()):
-                run.cancel()
-            await asyncio.wait(list(self._runs.values()), timeout=1)
+            log.warning("grace of %gs over: releasing %d tasks", grace, len(runs))
+            for record in runs:
+                if record.stop is None:
+                    record.stop = StopReason.RELEASED
+                if record.run is not None:
+                    record.run.cancel()
+            await asyncio.wait([r.run for r in runs if r.run is not None], timeout=1)
         flush_until = max(deadline, time.monotonic()) + 2.0
-        while self._jobs and time.monotonic() < flush_until:
+        while self._phases[Phase.WRITING] and time.monotonic() < flush_until:
             self._flush_needed.set()
             await asyncio.sleep(0.05)
-        if self._jobs:
-            log.warning("%d outcomes unwritten; their tasks will be reclaimed", len(self._jobs))
+        if self._phases[Phase.WRITING]:
+            log.warning(
+                "%d outcomes unwritten; their tasks will be reclaimed",
+                self._phases[Phase.WRITING],
+            )
+
+    def _runs(self) -> list[InFlight]:
+        return [r for r in self._tasks.values() if r.phase in (Phase.RUNNING, Phase.ALONE)]
 
 
 class _Backoff:

@@ -1,0 +1,80 @@
+"""What a worker holds about each task it took on, and the decision on how a run ended.
+
+One `InFlight` record per task, from the moment start.lua hands it over until its outcome is
+written: a worker never holds two records for one task, so it never starts a task again while
+that task's own outcome is still waiting to be written. `decide` is the whole decision on a
+run's outcome, a pure function of how the run ended and why it was stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from enum import Enum, StrEnum
+
+from ..core.handlers import RetryableError
+from ..core.queue import Finish, Job, Outcome
+from ..core.settings import Settings
+
+
+class Phase(Enum):
+    WAITING = "waiting"  # a suspect: not started, waits until it can run alone
+    RUNNING = "running"  # its handler runs beside others
+    ALONE = "alone"  # a suspect whose handler runs with nothing beside it
+    WRITING = "writing"  # the handler ended; its outcome waits to be written
+
+
+class StopReason(StrEnum):
+    """Why the worker cancelled a run before its handler returned."""
+
+    CANCELLED = "cancelled"  # a client asked to cancel the task
+    LOST = "lost"  # another worker took the entry over: the outcome is theirs
+    RELEASED = "released"  # the shutdown grace ran out: the task goes back to the queue
+
+
+@dataclass(slots=True, eq=False)
+class InFlight:
+    """One task this worker took on: what to run, how far it got, and why it was stopped."""
+
+    job: Job
+    phase: Phase
+    run: asyncio.Task[None] | None = None
+    stop: StopReason | None = None
+
+
+def decide(
+    job: Job,
+    ended: BaseException | None,
+    result: bytes,
+    stop: StopReason | None,
+    settings: Settings,
+    *,
+    now: float,
+    jitter: float,
+) -> Finish | None:
+    """The outcome to write for a run, or None when it is not this worker's to write.
+
+    `ended` is what the handler raised (None: it returned `result`, already JSON); a
+    CancelledError means the worker stopped it, for the `stop` reason. `jitter` in [0, 1)
+    spreads the retries of a burst of failures.
+    """
+    if stop is StopReason.LOST:
+        return None
+    if isinstance(ended, asyncio.CancelledError):
+        if stop is StopReason.CANCELLED:
+            return Finish(job, Outcome.CANCELLED, error="cancelled while running")
+        return Finish(job, Outcome.RELEASE, due_at=now)
+    if ended is None:
+        return Finish(job, Outcome.DONE, result=result)
+    if isinstance(ended, TimeoutError):
+        return Finish(job, Outcome.FAILED, error=f"timeout after {settings.task_timeout:g}s")
+    description = f"{type(ended).__name__}: {ended}"
+    if not isinstance(ended, RetryableError):
+        return Finish(job, Outcome.FAILED, error=description)
+    if job.attempts > settings.max_retries:
+        return Finish(
+            job, Outcome.FAILED, error=f"gave up after {job.attempts} attempts: {description}"
+        )
+    ceiling = min(settings.retry_backoff * 2 ** (job.attempts - 1), settings.retry_backoff_max)
+    delay = ceiling / 2 + jitter * ceiling / 2
+    return Finish(job, Outcome.RETRY, error=description, due_at=now + delay)
