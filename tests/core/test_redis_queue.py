@@ -469,3 +469,88 @@ async def test_stats_count_the_tasks_waiting_out_a_retry(queue: RedisTaskQueue) 
     assert await queue.finish(CONSUMER, [retry]) == [FinishVerdict.WRITTEN]
     stats = await queue.stats()
     assert (stats.retry_size, stats.lag, stats.pending) == (1, 0, 0)
+
+
+async def next_event(pubsub: redis.asyncio.client.PubSub, seconds: float = 2.0) -> str | None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.1)
+        if message is not None:
+            data: str = message["data"]
+            return data
+    return None
+
+
+async def test_a_task_cancelled_at_its_start_is_announced_at_once(
+    queue: RedisTaskQueue, redis_client: redis.asyncio.Redis
+) -> None:
+    task_id = await submit(queue)
+    deliveries = await queue.read(CONSUMER, count=10, block_ms=100)
+    await queue.start(CONSUMER, deliveries)
+    assert await queue.cancel(task_id) is CancelOutcome.REQUESTED
+    async with redis_client.pubsub() as pubsub:
+        await pubsub.subscribe(queue.keys.events)
+        # Its worker died; the redelivery finds the cancel request before running it again.
+        [job] = await queue.start("another-worker", deliveries)
+        assert job.verdict is StartVerdict.CANCELLED
+        assert await next_event(pubsub) == task_id
+
+
+async def test_a_dead_lettered_task_is_announced_and_the_dead_letters_are_capped(
+    settings: Settings, redis_client: redis.asyncio.Redis
+) -> None:
+    configured = settings.model_copy(update={"max_deliveries": 1, "dead_letter_maxlen": 2})
+    queue = RedisTaskQueue(connect(configured), configured)
+    await queue.ensure_group()
+    try:
+        async with redis_client.pubsub() as pubsub:
+            await pubsub.subscribe(queue.keys.events)
+            dead = []
+            for n in range(3):
+                task_id = await submit(queue, f"poison {n}")
+                deliveries = await queue.read(CONSUMER, count=10, block_ms=100)
+                [first] = await queue.start(CONSUMER, deliveries)
+                [job] = await queue.start(CONSUMER, deliveries, alone=True)
+                assert (first.verdict, job.verdict) == (StartVerdict.RUN, StartVerdict.DEAD)
+                assert await next_event(pubsub) == task_id
+                dead.append(task_id)
+        letters = await queue.dead_letters(10)
+    finally:
+        await queue.close()
+    assert [letter.task_id for letter in letters] == dead[1:]  # the oldest went first
+
+
+async def test_starting_a_task_renews_its_expiry(
+    queue: RedisTaskQueue, redis_client: redis.asyncio.Redis
+) -> None:
+    task_id = await submit(queue)
+    await redis_client.expire(queue.keys.task(task_id), 5)  # near the end of RESULT_EXPIRY
+    await take(queue)
+    assert await redis_client.ttl(queue.keys.task(task_id)) > 86000
+
+
+async def test_claiming_goes_on_past_live_entries_instead_of_starting_over(
+    settings: Settings, redis_client: redis.asyncio.Redis
+) -> None:
+    configured = settings.model_copy(update={"claim_idle": 0.2})
+    queue = RedisTaskQueue(connect(configured), configured)
+    await queue.ensure_group()
+    try:
+        for n in range(30):
+            await submit(queue, f"live {n}")
+        live = await queue.read("live-worker", count=30, block_ms=100)
+        orphans = [await submit(queue, f"orphan {n}") for n in range(3)]
+        await queue.read("dead-worker", count=10, block_ms=100)
+        await asyncio.sleep(0.3)
+        # The live worker keeps its 30 entries fresh; they come first in the pending list.
+        await redis_client.xclaim(
+            queue.keys.stream, queue.keys.group, "live-worker", 0,
+            [d.entry_id for d in live], justid=True,
+        )  # fmt: skip
+        # One entry per call: XAUTOCLAIM looks at 10 pending entries per requested one.
+        claimed = []
+        for _ in range(6):
+            claimed += await queue.claim_idle("claimer", 1)
+    finally:
+        await queue.close()
+    assert sorted(d.task_id for d in claimed) == sorted(orphans)

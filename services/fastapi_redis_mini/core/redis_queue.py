@@ -193,6 +193,7 @@ class RedisTaskQueue:
         self._prune = _load_script(redis, "prune_consumers")
         self._stats = _load_script(redis, "stats")
         self._completions = _Completions(redis, self.keys.events)
+        self._claim_cursors: dict[str, str] = {}  # consumer -> where its XAUTOCLAIM scan is
         # The api's two hot paths: the submits and reads that meet in one process go to Redis
         # together, one script call per batch (see Coalescer).
         self._submits = Coalescer(self._submit_batch)
@@ -377,9 +378,13 @@ class RedisTaskQueue:
     @_translated
     async def claim_idle(self, consumer: str, count: int) -> list[Delivery]:
         min_idle_ms = int(self.settings.claim_idle * 1000)
+        # The scan goes on where the last one stopped, so idle entries far down the pending
+        # list are reached too instead of waiting behind the first `count` live ones.
+        cursor = self._claim_cursors.get(consumer, "0-0")
         reply = await self.redis.xautoclaim(
-            self.keys.stream, self.keys.group, consumer, min_idle_ms, "0-0", count=count
+            self.keys.stream, self.keys.group, consumer, min_idle_ms, cursor, count=count
         )
+        self._claim_cursors[consumer] = reply[0]
         return _deliveries(reply[1])
 
     @_translated
@@ -395,7 +400,9 @@ class RedisTaskQueue:
             # The batch travels as one JSON argument: encoding one string is far cheaper for
             # the client than encoding hundreds of separate arguments.
             args=[self.keys.group, consumer, repr(now), self.settings.max_deliveries,
-                  int(alone), orjson.dumps([(d.entry_id, d.task_id) for d in deliveries])],
+                  int(alone), orjson.dumps([(d.entry_id, d.task_id) for d in deliveries]),
+                  self.settings.result_expiry, self.keys.events,
+                  self.settings.dead_letter_maxlen],
         )  # fmt: skip
         jobs = []
         for d, row in zip(deliveries, reply, strict=True):

@@ -45,6 +45,7 @@ class Settings(BaseSettings):
     max_task_duration: PositiveSeconds = 30.0
     claim_idle: PositiveSeconds = 30.0
     max_deliveries: int = Field(default=5, ge=1)
+    dead_letter_maxlen: int = Field(default=10000, ge=1)
     max_retries: int = Field(default=3, ge=0)
     retry_backoff: PositiveSeconds = 0.5
     retry_backoff_max: PositiveSeconds = 30.0

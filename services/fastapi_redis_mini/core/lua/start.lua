@@ -4,16 +4,19 @@
 -- entry copied to the dead-letter stream. A task delivered before without finishing (it was in
 -- flight when a worker died) is a suspect: unless the worker starts it alone, it is left as it
 -- is, so that a poison task can only ever take itself down.
+-- Every change here renews the task's RESULT_EXPIRY, so a task started late in its life cannot
+-- expire while it runs; a task that becomes final here is announced like finish.lua does.
 -- KEYS: stream, dead_letter, task_1 .. task_n
 -- ARGV: group, consumer, now, max_deliveries, alone (1: the worker runs this batch alone),
---       JSON [[entry_1, task_id_1], ..]
+--       JSON [[entry_1, task_id_1], ..], result_expiry, events_channel, dead_letter_maxlen
 -- Returns per delivery: {verdict, request, signature, scope, trace, created_at, attempts}
 local stream, dead = KEYS[1], KEYS[2]
 local group, consumer, now = ARGV[1], ARGV[2], ARGV[3]
 local max_deliveries = tonumber(ARGV[4])
 local alone = ARGV[5] == '1'
 local batch = cjson.decode(ARGV[6])
-local out, acks = {}, {}
+local result_expiry, channel, dead_maxlen = ARGV[7], ARGV[8], ARGV[9]
+local out, acks, finished = {}, {}, {}
 
 for i, delivery in ipairs(batch) do
   local key, entry, task_id = KEYS[i + 2], delivery[1], delivery[2]
@@ -27,15 +30,19 @@ for i, delivery in ipairs(batch) do
   elseif t[3] == '1' then
     redis.call('HSET', key, 'status', 'CANCELLED', 'finished_at', now,
       'error', 'cancelled before it started')
+    redis.call('EXPIRE', key, result_expiry)
     acks[#acks + 1] = entry
+    finished[#finished + 1] = task_id
     out[i] = {'cancelled'}
   elseif deliveries >= max_deliveries then
     local message = 'dead-lettered: delivered ' .. deliveries ..
       ' times without finishing (MAX_DELIVERIES=' .. max_deliveries .. ')'
     redis.call('HSET', key, 'status', 'FAILED', 'finished_at', now, 'error', message)
-    redis.call('XADD', dead, '*', 'task_id', task_id, 'entry_id', entry,
+    redis.call('EXPIRE', key, result_expiry)
+    redis.call('XADD', dead, 'MAXLEN', dead_maxlen, '*', 'task_id', task_id, 'entry_id', entry,
       'scope', t[6] or '', 'deliveries', deliveries, 'failed_at', now)
     acks[#acks + 1] = entry
+    finished[#finished + 1] = task_id
     out[i] = {'dead'}
   elseif deliveries > 0 and not alone then
     out[i] = {'suspect'}
@@ -43,10 +50,14 @@ for i, delivery in ipairs(batch) do
     local attempts = tonumber(t[9] or '0') + 1
     redis.call('HSET', key, 'status', 'RUNNING', 'started_at', now, 'owner', consumer,
       'attempts', attempts, 'deliveries', deliveries + 1)
+    redis.call('EXPIRE', key, result_expiry)
     out[i] = {'run', t[4], t[5] or '', t[6] or '', t[7] or '', t[8] or '0', attempts}
   end
 end
 if #acks > 0 then
   redis.call('XACK', stream, group, unpack(acks))
+end
+if #finished > 0 then
+  redis.call('PUBLISH', channel, table.concat(finished, ' '))
 end
 return out
