@@ -217,8 +217,10 @@ class Worker:
                 continue
             free = self._free_slots()
             if free <= 0:
+                # Bounded, so that a worker whose outcomes Redis refuses for long still shows
+                # progress: it is waiting for Redis, not stalled.
                 self._slot_free.clear()
-                await _first(self._slot_free.wait(), self._stopping.wait())
+                await _first(self._slot_free.wait(), self._stopping.wait(), at_most=1.0)
                 continue
             try:
                 count = min(free, self.settings.read_batch)
@@ -500,9 +502,9 @@ class _Backoff:
         self.attempt = 0
 
 
-async def _first(*waits: Awaitable[Any]) -> None:
+async def _first(*waits: Awaitable[Any], at_most: float | None = None) -> None:
     tasks = [asyncio.ensure_future(w) for w in waits]
-    _, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    _, pending = await asyncio.wait(tasks, timeout=at_most, return_when=asyncio.FIRST_COMPLETED)
     for task in pending:
         task.cancel()
 
