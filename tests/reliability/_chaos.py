@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import re
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -65,6 +66,61 @@ def collect(client: httpx.Client, task_ids: Iterable[str], timeout: float) -> di
 
     with ThreadPoolExecutor(16) as pool:
         return {task["task_id"]: task for task in pool.map(final, task_ids)}
+
+
+@dataclass
+class Answer:
+    status: int
+    body: str
+    retry_after: str | None
+    content_type: str
+
+
+@dataclass
+class Load:
+    """One client submitting tasks back to back, keeping every answer; bounded in count."""
+
+    base_url: str
+    limit: int = 3000
+    label: str = "outage"  # the prompts' prefix, so two loads never share a cached result
+    accepted: list[str] = field(default_factory=list)
+    answers: list[Answer] = field(default_factory=list)
+    transport_errors: int = 0
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        with httpx.Client(base_url=self.base_url, timeout=15) as client:
+            for n in range(self.limit):
+                if self._stop.is_set():
+                    return
+                body = {"prompt": f"{self.label} {n}", "params": {"duration": 0.1}}
+                try:
+                    response = client.post("/tasks", json=body)
+                except httpx.TransportError:
+                    self.transport_errors += 1
+                    time.sleep(0.05)
+                    continue
+                self.answers.append(
+                    Answer(
+                        response.status_code,
+                        response.text,
+                        response.headers.get("retry-after"),
+                        response.headers.get("content-type", ""),
+                    )
+                )
+                if response.status_code == 202:
+                    self.accepted.append(response.json()["task_id"])
+                time.sleep(0.01)
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
 
 from fastapi_redis_mini.core.models import TaskCreate, TaskStatus, request_signature
-from fastapi_redis_mini.core.queue import Job
+from fastapi_redis_mini.core.queue import Job, QueueState, QueueUnavailable
 from fastapi_redis_mini.core.redis_queue import RedisTaskQueue, connect
 from fastapi_redis_mini.core.settings import Settings
 from fastapi_redis_mini.worker.runner import Worker
@@ -33,7 +32,7 @@ class LapsingKeepAlive(RedisTaskQueue):
 
     async def keep_alive(self, consumer: str, jobs: Sequence[Job]) -> list[str]:
         if time.monotonic() < self.lapse_until:
-            raise RedisConnectionError("keep-alive lapse injected by the test")
+            raise QueueUnavailable(QueueState.UNREACHABLE, "keep-alive lapse injected by the test")
         return await super().keep_alive(consumer, jobs)
 
 

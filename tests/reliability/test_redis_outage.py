@@ -3,76 +3,20 @@
 from __future__ import annotations
 
 import signal
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 
 import httpx
 import pytest
 
 from ..support.redis_server import RedisServer
-from ._chaos import Tally, collect, wait_until, worker_figures
+from ._chaos import Load, Tally, collect, wait_until, worker_figures
 from .conftest import Launcher
 
 pytestmark = pytest.mark.slow
 
 OUTAGE_SECONDS = 3.0
-
-
-@dataclass
-class Answer:
-    status: int
-    body: str
-    retry_after: str | None
-    content_type: str
-
-
-@dataclass
-class Load:
-    """One client submitting tasks back to back, keeping every answer; bounded in count."""
-
-    base_url: str
-    limit: int = 3000
-    accepted: list[str] = field(default_factory=list)
-    answers: list[Answer] = field(default_factory=list)
-    transport_errors: int = 0
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-
-    def _run(self) -> None:
-        with httpx.Client(base_url=self.base_url, timeout=15) as client:
-            for n in range(self.limit):
-                if self._stop.is_set():
-                    return
-                body = {"prompt": f"outage {n}", "params": {"duration": 0.1}}
-                try:
-                    response = client.post("/tasks", json=body)
-                except httpx.TransportError:
-                    self.transport_errors += 1
-                    time.sleep(0.05)
-                    continue
-                self.answers.append(
-                    Answer(
-                        response.status_code,
-                        response.text,
-                        response.headers.get("retry-after"),
-                        response.headers.get("content-type", ""),
-                    )
-                )
-                if response.status_code == 202:
-                    self.accepted.append(response.json()["task_id"])
-                time.sleep(0.01)
 
 
 @pytest.fixture(params=["everysec", "always"])

@@ -58,6 +58,7 @@ class RedisServer:
         self.password = password
         self.data_dir = Path(tempfile.mkdtemp(prefix="frm-redis-"))
         self.process: subprocess.Popen[bytes] | None = None
+        self.extra_args: list[str] = []  # more `--name value` options for the next start
 
     @property
     def url(self) -> str:
@@ -67,7 +68,8 @@ class RedisServer:
     def kind(self) -> str:
         return "redis" if self.binary == REDIS_BINARY else "valkey"
 
-    def start(self, timeout: float = 10.0) -> None:
+    def start(self, timeout: float = 10.0, *, until_loaded: bool = True) -> None:
+        """Start and wait until it answers; with until_loaded=False, LOADING counts as an answer."""
         args = [
             self.binary,
             "--port", str(self.port),
@@ -81,6 +83,7 @@ class RedisServer:
         ]  # fmt: skip
         if self.password is not None:
             args += ["--requirepass", self.password]
+        args += self.extra_args
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         client = redis.Redis(port=self.port, password=self.password, socket_connect_timeout=0.5)
@@ -89,7 +92,12 @@ class RedisServer:
                 if client.ping():
                     client.close()
                     return
-            except (redis.ConnectionError, redis.BusyLoadingError):
+            except redis.BusyLoadingError:
+                if not until_loaded:
+                    client.close()
+                    return
+                time.sleep(0.05)
+            except redis.ConnectionError:
                 time.sleep(0.05)
         raise RuntimeError(f"{self.binary} did not answer on port {self.port} in {timeout}s")
 
