@@ -28,7 +28,15 @@ def outcome(
     attempts: int = 1,
     jitter: float = 0.0,
 ) -> Finish | None:
-    return decide(job(attempts), ended, b'{"a":1}', stop, SETTINGS, now=NOW, jitter=jitter)
+    return decide(
+        job(attempts),
+        ended,
+        b'{"a":1}',
+        stop,
+        SETTINGS,
+        clock=lambda: NOW,
+        jitter=lambda: jitter,
+    )
 
 
 def test_a_returned_result_is_done_with_that_result() -> None:

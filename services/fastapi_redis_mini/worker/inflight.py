@@ -9,6 +9,9 @@ run's outcome, a pure function of how the run ended and why it was stopped.
 from __future__ import annotations
 
 import asyncio
+import random
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum, StrEnum
 
@@ -49,21 +52,22 @@ def decide(
     stop: StopReason | None,
     settings: Settings,
     *,
-    now: float,
-    jitter: float,
+    clock: Callable[[], float] = time.time,
+    jitter: Callable[[], float] = random.random,
 ) -> Finish | None:
     """The outcome to write for a run, or None when it is not this worker's to write.
 
     `ended` is what the handler raised (None: it returned `result`, already JSON); a
-    CancelledError means the worker stopped it, for the `stop` reason. `jitter` in [0, 1)
-    spreads the retries of a burst of failures.
+    CancelledError means the worker stopped it, for the `stop` reason. `jitter` gives a
+    number in [0, 1) that spreads the retries of a burst of failures. Both are called only
+    when needed, which keeps a DONE outcome, the common one, cheap.
     """
     if stop is StopReason.LOST:
         return None
     if isinstance(ended, asyncio.CancelledError):
         if stop is StopReason.CANCELLED:
             return Finish(job, Outcome.CANCELLED, error="cancelled while running")
-        return Finish(job, Outcome.RELEASE, due_at=now)
+        return Finish(job, Outcome.RELEASE, due_at=clock())
     if ended is None:
         return Finish(job, Outcome.DONE, result=result)
     if isinstance(ended, TimeoutError):
@@ -76,5 +80,5 @@ def decide(
             job, Outcome.FAILED, error=f"gave up after {job.attempts} attempts: {description}"
         )
     ceiling = min(settings.retry_backoff * 2 ** (job.attempts - 1), settings.retry_backoff_max)
-    delay = ceiling / 2 + jitter * ceiling / 2
-    return Finish(job, Outcome.RETRY, error=description, due_at=now + delay)
+    delay = ceiling / 2 + jitter() * ceiling / 2
+    return Finish(job, Outcome.RETRY, error=description, due_at=clock() + delay)

@@ -329,9 +329,7 @@ class Worker:
             if not isinstance(error, TimeoutError | RetryableError):
                 log.warning("task failed: %s", type(error).__name__, extra={"task_id": job.task_id})
             ended = error
-        return decide(
-            job, ended, result, record.stop, self.settings, now=time.time(), jitter=random.random()
-        )
+        return decide(job, ended, result, record.stop, self.settings)
 
     def _span(self, job: Job) -> contextlib.AbstractContextManager[Any]:
         if not self.tracing:
