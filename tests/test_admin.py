@@ -12,6 +12,8 @@ from fastapi_redis_mini.core.models import TaskCreate, request_signature
 from fastapi_redis_mini.core.redis_queue import RedisTaskQueue, connect
 from fastapi_redis_mini.core.settings import Settings
 
+from .support.redis_server import free_port
+
 
 def admin(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -47,3 +49,10 @@ async def test_dead_letters_are_listed_and_replayed(settings: Settings, redis_ur
     assert client.xlen("task_stream:dead") == 0
     client.close()
     assert '"dead_letter_length":0' in admin(redis_url, "stats").stdout
+
+
+def test_an_unreachable_redis_is_one_line_not_a_traceback() -> None:
+    answer = admin(f"redis://127.0.0.1:{free_port()}/0", "stats")
+    assert answer.returncode == 1
+    assert answer.stderr.startswith("redis cannot serve this now (unreachable:")
+    assert "Traceback" not in answer.stderr

@@ -15,6 +15,7 @@ import sys
 
 import orjson
 
+from .core.queue import QueueUnavailable
 from .core.redis_queue import RedisTaskQueue, connect
 from .core.settings import load_settings_or_exit
 
@@ -44,6 +45,9 @@ async def _run(args: argparse.Namespace) -> int:
         replayed = await queue.replay_dead_letters(entry_ids)
         print(f"replayed {replayed} of {len(entry_ids)} dead-lettered tasks")
         return 0
+    except QueueUnavailable as error:
+        print(f"redis cannot serve this now ({error}); try again shortly", file=sys.stderr)
+        return 1
     finally:
         await queue.close()
 
