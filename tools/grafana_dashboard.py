@@ -156,13 +156,14 @@ def single_stat(
 
 
 def variables() -> list[dashboard.DatasourceVariable | dashboard.QueryVariable]:
-    any_series = f'{{__name__=~"{PREFIX}.+"}}'
+    # One series every api scrape exports, so the lookup never scans every metric name.
+    anchor = f"{PREFIX}redis_up"
     namespace = (
         dashboard.QueryVariable("namespace")
         .id("namespace")
         .label("Namespace")
         .datasource(DATASOURCE)
-        .query(f"label_values({any_series}, namespace)")
+        .query(f"label_values({anchor}, namespace)")
         .refresh(model.VariableRefresh.ON_TIME_RANGE_CHANGED)
         .sort(model.VariableSort.ALPHABETICAL_ASC)
     )
@@ -171,7 +172,7 @@ def variables() -> list[dashboard.DatasourceVariable | dashboard.QueryVariable]:
         .id("release")
         .label("Release")
         .datasource(DATASOURCE)
-        .query(f'label_values({{__name__=~"{PREFIX}.+", namespace="$namespace"}}, release)')
+        .query(f'label_values({anchor}{{namespace="$namespace"}}, release)')
         .refresh(model.VariableRefresh.ON_TIME_RANGE_CHANGED)
         .sort(model.VariableSort.ALPHABETICAL_ASC)
     )
@@ -211,17 +212,30 @@ def api_row() -> list[Builder[model.Panel]]:
             ],
         ),
         graph(
-            "Request latency",
-            "Client request duration percentiles (probes and scrapes excluded).",
+            "Submit latency",
+            "POST /tasks duration percentiles, the latency clients wait to have a task queued.",
             "s",
-            quantiles("http_request_duration_seconds", CLIENT_ROUTES),
+            quantiles("http_request_duration_seconds", 'method="POST"', 'route="/tasks"'),
+        ),
+        graph(
+            "p99 latency by route",
+            "Each route and method apart, probes and scrapes excluded. GET /tasks/{task_id} "
+            "includes long-polls (?wait=, up to 30 s), so it is no latency objective.",
+            "s",
+            [
+                Query(
+                    "histogram_quantile(0.99, sum by (le, method, route) "
+                    f"({rate('http_request_duration_seconds_bucket', CLIENT_ROUTES)}))",
+                    "{{method}} {{route}}",
+                )
+            ],
         ),
     ]
 
 
 def tasks_row() -> list[Builder[model.Panel]]:
-    hits = f"sum({rate('cache_hits_total')})"
-    misses = f"sum({rate('cache_misses_total')})"
+    hits = f"""sum({rate("tasks_submitted_total", 'outcome="cached"')})"""
+    misses = f"""sum({rate("tasks_submitted_total", 'outcome="queued"')})"""
     return [
         graph(
             "Tasks submitted by outcome",
@@ -241,7 +255,7 @@ def tasks_row() -> list[Builder[model.Panel]]:
         ),
         graph(
             "Cache hit ratio",
-            "Share of submissions answered from the result cache.",
+            "Share of cached among cached and queued submissions.",
             "percentunit",
             [Query(f"{hits} / ({hits} + {misses})", "hit ratio")],
         ),
@@ -277,6 +291,105 @@ def queue_row() -> list[Builder[model.Panel]]:
             "short",
             [Query(f"sum({queue_gauge('dead_letter_length')})", "dead letter")],
             warn_above=1,
+        ),
+        graph(
+            "Oldest task ages",
+            "waiting: the oldest entry no worker has been handed yet; pending: the oldest "
+            "entry handed out and not acknowledged. Both are 0 when there is none.",
+            "s",
+            [
+                Query(queue_gauge("stream_oldest_undelivered_age_seconds"), "waiting"),
+                Query(queue_gauge("stream_oldest_pending_age_seconds"), "pending"),
+            ],
+            width=12,
+        ),
+        graph(
+            "Retries waiting, consumers, Redis reachable",
+            "Tasks waiting out a retry backoff; consumers in the group; 1 while every api "
+            "replica reads the queue from Redis.",
+            "short",
+            [
+                Query(queue_gauge("retry_set_size"), "retries waiting"),
+                Query(queue_gauge("stream_consumers"), "consumers"),
+                Query(f"min({metric('redis_up')})", "redis up"),
+            ],
+            width=12,
+        ),
+    ]
+
+
+def slo_row() -> list[Builder[model.Panel]]:
+    ratio = f"fastapi_redis_mini:slo_error_ratio:rate1h{{{SELECTOR}}}"
+    objective = f"fastapi_redis_mini:slo_objective{{{SELECTOR}}}"
+    return [
+        graph(
+            "Error ratio by objective (1 h)",
+            "Share of bad events over the last hour: submit_availability (POST /tasks 5xx "
+            "or 429), queue_wait (tasks that started later than the threshold), task_success "
+            "(FAILED among DONE and FAILED).",
+            "percentunit",
+            [Query(f"max by (slo) ({ratio})", "{{slo}}")],
+            width=12,
+        ),
+        graph(
+            "Error budget burn rate (1 h)",
+            "The hourly error ratio over the objective's budget: 1 spends the budget in "
+            "exactly 30 days; 14.4 pages (with the 5-minute window), 6 pages over 6 hours.",
+            "short",
+            [
+                Query(
+                    f"max by (slo) ({ratio} / on (namespace, release, slo) (1 - {objective}))",
+                    "{{slo}}",
+                )
+            ],
+            width=12,
+        ),
+    ]
+
+
+def redis_row() -> list[Builder[model.Panel]]:
+    """From the redis_exporter sidecar (redis.metrics.enabled)."""
+    exporter = f"{{{SELECTOR}}}"
+    limit = (
+        'max by (pod) (kube_pod_container_resource_limits{namespace="$namespace", '
+        'container="redis", resource="memory"} '
+        f"and on (namespace, pod) redis_memory_used_bytes{exporter})"
+    )
+    return [
+        graph(
+            "Redis memory",
+            "used and RSS against maxmemory (writes are refused beyond it) and the "
+            "container's memory limit (the kernel kills Redis beyond it).",
+            "bytes",
+            [
+                Query(f"max by (pod) (redis_memory_used_bytes{exporter})", "used {{pod}}"),
+                Query(f"max by (pod) (redis_memory_used_rss_bytes{exporter})", "rss {{pod}}"),
+                Query(f"max by (pod) (redis_memory_max_bytes{exporter})", "maxmemory {{pod}}"),
+                Query(limit, "limit {{pod}}"),
+            ],
+        ),
+        graph(
+            "Redis clients",
+            "Connected clients, and connections refused at maxclients.",
+            "short",
+            [
+                Query(f"max by (pod) (redis_connected_clients{exporter})", "connected {{pod}}"),
+                Query(
+                    f"max by (pod) (rate(redis_rejected_connections_total{exporter}"
+                    f"[{RATE_WINDOW}]))",
+                    "rejected/s {{pod}}",
+                ),
+            ],
+        ),
+        graph(
+            "Redis keys and persistence",
+            "Keys per database (tasks, cached results, idempotency keys); the last "
+            "append-only-file write: 1 ok, 0 failed (Redis then refuses writes).",
+            "short",
+            [
+                Query(f"max by (pod, db) (redis_db_keys{exporter})", "keys {{db}}"),
+                Query(f"min by (pod) (redis_aof_last_write_status{exporter})", "AOF write ok"),
+            ],
         ),
     ]
 
@@ -350,11 +463,15 @@ def scaling_row() -> list[Builder[model.Panel]]:
     return [
         graph(
             "Worker replicas and autoscaler",
-            "From kube-state-metrics. desired above current means the autoscaler is still "
-            "scaling out; desired at max means it cannot scale further.",
+            "From kube-state-metrics. Available replicas are the ones serving; desired above "
+            "current means the autoscaler is still scaling out; desired at max means it "
+            "cannot scale further.",
             "short",
             [
-                Query(f"sum(kube_deployment_status_replicas{{{deployment}}})", "replicas"),
+                Query(
+                    f"sum(kube_deployment_status_replicas_available{{{deployment}}})",
+                    "replicas available",
+                ),
                 Query(
                     f"sum(kube_horizontalpodautoscaler_status_current_replicas{{{hpa}}})",
                     "HPA current",
@@ -380,9 +497,11 @@ ROWS = (
     ("Api: traffic, errors, latency", api_row),
     ("Tasks: throughput and cache", tasks_row),
     ("Queue: is work piling up?", queue_row),
+    ("Objectives: is the error budget burning?", slo_row),
     ("Task latency: waiting and running", latency_row),
     ("Workers", workers_row),
     ("Scaling: is the autoscaler keeping up?", scaling_row),
+    ("Redis: memory, clients, persistence", redis_row),
 )
 
 

@@ -15,3 +15,8 @@ def promtool() -> str:
 @pytest.fixture(scope="session")
 def prometheus_binary() -> str:
     return require_tool("prometheus", "prometheus")
+
+
+@pytest.fixture(scope="session")
+def redis_exporter_binary() -> str:
+    return require_tool("prometheus-redis-exporter", "prometheus-redis-exporter")
