@@ -235,7 +235,7 @@ class Core:
                 if isinstance(failure, APIError):
                     raise failure
                 raise ServiceUnreachableError(
-                    f"{call.method} {call.path}: no answer after {attempt} attempts ({failure!r})"
+                    f"{call.method} {call.path}: no answer in {attempt} attempt(s) ({failure!r})"
                 ) from failure
             log.info(
                 "%s %s: %s; retry %d of %d in %.1f s",

@@ -42,6 +42,7 @@ class Exit(IntEnum):
     REFUSED = 5  # the service refused the request: 401, 409 (already final), 413, 415, 422
     UNAVAILABLE = 6  # no answer, 429 or 5xx after every retry, or not the service's answer
     TIMEOUT = 124  # wait or run: not final within --timeout (as timeout(1))
+    INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as shells report it)
 
 
 EPILOG = """\
@@ -59,6 +60,7 @@ exit codes:
   6    the service was unreachable or unavailable (429, 5xx) after every retry,
        or what answered is not the service
   124  the task was not final within --timeout (wait, run)
+  130  interrupted (Ctrl-C); a submitted task goes on running
 """
 
 
@@ -90,6 +92,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             return _fail(Exit.UNAVAILABLE, "unreachable", str(error))
         except UnexpectedResponseError as error:
             return _fail(Exit.UNAVAILABLE, "unexpected_response", str(error))
+        except KeyboardInterrupt:
+            return _fail(Exit.INTERRUPTED, "interrupted", "stopped by the user")
 
 
 def _exit_of(error: APIError) -> Exit:

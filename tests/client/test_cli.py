@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import uuid
@@ -193,3 +194,19 @@ def test_a_usage_error_exits_2_naming_the_argument(args: list[str], complaint: s
     assert wrong.code == 2
     assert complaint in wrong.stderr
     assert wrong.stdout == ""
+
+
+def test_ctrl_c_exits_130_without_a_traceback() -> None:
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens: the command keeps retrying
+    command = [script(), "--attempts", "50", "-v", "get", "f" * 32]
+    with subprocess.Popen(
+        command, env=env(url), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as running:
+        assert running.stderr is not None
+        assert "retry 1 of 49" in running.stderr.readline()  # it is running, not importing
+        running.send_signal(signal.SIGINT)
+        stdout, stderr = running.communicate(timeout=20)
+    assert running.returncode == 130
+    assert stdout == ""
+    assert "Traceback" not in stderr
+    assert json.loads(stderr.splitlines()[-1])["error"]["code"] == "interrupted"

@@ -188,4 +188,4 @@ def test_no_answer_at_all_is_service_unreachable(connect: Connect) -> None:
     with pytest.raises(ServiceUnreachableError) as raised:
         client.get("f" * 32)
     assert isinstance(raised.value.__cause__, httpx.ConnectError)
-    assert "3 attempts" in str(raised.value)
+    assert "no answer in 3 attempt(s)" in str(raised.value)
