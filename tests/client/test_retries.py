@@ -166,3 +166,29 @@ def test_a_cancel_whose_answer_was_lost_returns_the_cancelled_task(
     assert retries_logged(caplog, "RemoteProtocolError") == 1
     assert cancelled.task_id == task_id
     assert cancelled.status is TaskStatus.CANCELLED
+
+
+def test_wait_rides_out_an_api_restart(
+    connect: Connect,
+    own_stack: tuple[RedisServer, ExitStack],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="fastapi_redis_mini_client")
+    server, started = own_stack
+    port = free_port()
+    api = start(started, lambda: start_api(server.url, port=port))
+    start(started, lambda: start_worker(server.url))
+    client = connect(api.base_url, None, retry=PATIENT)
+    task_id = client.submit(f"wait across a restart {uuid.uuid4().hex}", {"duration": 3}).task_id
+
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(client.wait, task_id, 90)
+        # Whether the long-poll is cut off or not yet sent, the kill costs the wait a request.
+        time.sleep(0.5)
+        api.kill()
+        wait_for(lambda: retries_logged(caplog, "GET") >= 1, 20)
+        start(started, lambda: start_api(server.url, port=port, wait=False))
+        done = waiting.result(timeout=120)
+
+    assert done.status is TaskStatus.DONE
+    assert done.task_id == task_id
