@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import httpx
 import redis.asyncio
+
+from fastapi_redis_mini.core.models import TASK_ID_PATTERN, TaskCreate
 
 from .conftest import ClientFactory
 
@@ -109,10 +112,10 @@ async def test_invalid_bodies_get_422_naming_the_field(client: httpx.AsyncClient
 
 async def test_wait_outside_its_range_is_refused(client: httpx.AsyncClient) -> None:
     task_id = (await submit(client, {"prompt": "x"})).json()["task_id"]
-    for wait in ("0", "31", "soon"):
+    for wait in ("0", "31", "soon", "nan", "inf"):
         response = await client.get(f"/tasks/{task_id}", params={"wait": wait})
         assert response.status_code == 422
-        assert "wait" in response.json()["error"]["message"]
+        assert response.json()["error"]["message"].startswith("wait: "), wait
 
 
 async def test_cancel_of_a_pending_task(make_client: ClientFactory) -> None:
@@ -151,26 +154,64 @@ async def test_openapi_describes_the_task_routes(client: httpx.AsyncClient) -> N
     assert schema["paths"]["/tasks"]["post"]["summary"] == "Submit Task"
 
 
+async def test_openapi_operation_ids_are_the_endpoint_names(client: httpx.AsyncClient) -> None:
+    # Generated clients name their calls after these.
+    paths = (await client.get("/openapi.json")).json()["paths"]
+    assert {
+        (method, path): operation["operationId"]
+        for path, operations in paths.items()
+        for method, operation in operations.items()
+    } == {
+        ("post", "/tasks"): "submit_task",
+        ("get", "/tasks/{task_id}"): "get_task",
+        ("delete", "/tasks/{task_id}"): "cancel_task",
+        ("get", "/healthz"): "healthz",
+        ("get", "/readyz"): "readyz",
+    }
+
+
 async def test_openapi_documents_what_the_request_routes_parse_themselves(
     client: httpx.AsyncClient,
 ) -> None:
-    # POST /tasks and GET /tasks/{id} read their body and parameters without FastAPI's
-    # parameter machinery; the document must still describe every one of them.
-    paths = (await client.get("/openapi.json")).json()["paths"]
+    # The task routes read their body and parameters without FastAPI's parameter machinery;
+    # the document must still describe every one of them, from the models they parse with.
+    document = (await client.get("/openapi.json")).json()
+    paths, components = document["paths"], document["components"]["schemas"]
     submit = paths["/tasks"]["post"]
-    body = submit["requestBody"]["content"]["application/json"]["schema"]
-    assert body["required"] == ["prompt"]
-    assert set(body["properties"]) == {"prompt", "params"}
-    assert body["additionalProperties"] is False
-    assert [p["name"] for p in submit["parameters"]] == ["Idempotency-Key"]
-    assert set(submit["responses"]) >= {"200", "202", "401", "413", "415", "422", "429", "503"}
-    read = paths["/tasks/{task_id}"]["get"]
-    parameters = {p["name"]: p for p in read["parameters"]}
-    assert parameters["task_id"]["in"] == "path"
-    assert parameters["wait"]["schema"]["maximum"] == 30
-    assert read["responses"]["200"]["content"]["application/json"]["schema"] == {
-        "$ref": "#/components/schemas/TaskPublic"
+    assert submit["requestBody"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/TaskCreate"
     }
+    assert components["TaskCreate"] == TaskCreate.model_json_schema()
+    [key] = submit["parameters"]
+    assert (key["name"], key["in"], key["required"]) == ("Idempotency-Key", "header", False)
+    [key_schema, _null] = key["schema"]["anyOf"]
+    assert (key_schema["minLength"], key_schema["maxLength"]) == (1, 255)
+    assert set(submit["responses"]) >= {"200", "202", "401", "413", "415", "422", "429", "503"}
+    for method in ("get", "delete"):
+        operation = paths["/tasks/{task_id}"][method]
+        parameters = {p["name"]: p for p in operation["parameters"]}
+        assert parameters["task_id"]["in"] == "path"
+        assert parameters["task_id"]["schema"]["pattern"] == TASK_ID_PATTERN
+        assert operation["responses"]["202" if method == "delete" else "200"]["content"][
+            "application/json"
+        ]["schema"] == {"$ref": "#/components/schemas/TaskPublic"}
+    [wait, _null] = parameters_of(paths["/tasks/{task_id}"]["get"])["wait"]["schema"]["anyOf"]
+    assert (wait["exclusiveMinimum"], wait["maximum"]) == (0, 30)
+
+
+def parameters_of(operation: dict[str, Any]) -> dict[str, Any]:
+    return {parameter["name"]: parameter for parameter in operation["parameters"]}
+
+
+async def test_an_idempotency_key_outside_its_limits_is_refused_naming_the_header(
+    client: httpx.AsyncClient,
+) -> None:
+    for key in ("x" * 256, "two words"):
+        response = await submit(client, {"prompt": "x"}, **{"Idempotency-Key": key})
+        assert response.status_code == 422, key
+        assert response.json()["error"]["message"].startswith("Idempotency-Key: "), key
+    accepted = await submit(client, {"prompt": "x"}, **{"Idempotency-Key": "k" * 255})
+    assert accepted.status_code == 202
 
 
 async def test_repeats_of_an_idempotency_key_after_its_task_expired_make_one_task(

@@ -1,19 +1,47 @@
-"""Limits on what a submit may carry, checked before anything reaches Redis."""
+"""Limits on what the task routes accept, checked before anything reaches Redis.
+
+The models here are what the routes parse their query and headers with, and what their
+OpenAPI entries are built from, so the limits are written once.
+"""
 
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
 import orjson
+from pydantic import BaseModel, Field
 
 from ..core.models import TaskCreate
 from ..core.settings import Settings
 from .errors import InvalidFieldError
 
-TASK_ID = re.compile(r"[0-9a-f]{32}")
-IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
+MAX_WAIT = 30.0
+
+
+class SubmitHeaders(BaseModel):
+    """The header a submit reads besides the API key."""
+
+    idempotency_key: str | None = Field(
+        default=None,
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=255,
+        pattern=r"^[\x21-\x7e]+$",  # visible ASCII, no spaces
+        description="Repeating a submit with the same key answers with the first task.",
+    )
+
+
+class ReadQuery(BaseModel):
+    """The query of GET /tasks/{task_id}."""
+
+    wait: float | None = Field(
+        default=None,
+        gt=0,
+        le=MAX_WAIT,
+        allow_inf_nan=False,
+        description="Seconds to wait for the task to finish (long-poll).",
+    )
 
 
 def _depth(value: Any) -> int:
@@ -55,10 +83,3 @@ def check_task(task: TaskCreate, settings: Settings) -> None:
             raise InvalidFieldError(f"params.{flag}", "must be true or false")
     if "model" in params and not isinstance(params["model"], str):
         raise InvalidFieldError("params.model", "must be a string")
-
-
-def check_idempotency_key(value: str | None) -> None:
-    if value is not None and not IDEMPOTENCY_KEY.fullmatch(value):
-        raise InvalidFieldError(
-            "Idempotency-Key", "must be 1 to 255 visible ASCII characters without spaces"
-        )

@@ -15,6 +15,7 @@ from ..core.settings import Settings, get_settings
 from ..core.telemetry.logging import configure_logging
 from ..core.telemetry.tracing import configure_tracing, shutdown_tracing
 from ._middleware import BodyLimitMiddleware, MetricsMiddleware
+from .deps import operation_id
 from .drain import DrainMiddleware, marker_path
 from .errors import install_error_handlers
 from .routes import docs, health, tasks
@@ -61,6 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Spans come from opentelemetry-instrumentation-fastapi below, when tracing is on;
         # FastAPI's native telemetry would make a second set.
         telemetry={"tracing": False, "metrics": False, "logs": False},
+        generate_unique_id_function=operation_id,
     )
     app.state.settings = settings
     app.state.tracing = tracing

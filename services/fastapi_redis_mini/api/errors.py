@@ -114,7 +114,10 @@ def _describe_validation(errors: Sequence[Any]) -> str:
                 f"body: not valid JSON ({item.get('ctx', {}).get('error', 'parse error')})"
             )
             continue
-        location = [str(p) for p in item.get("loc", ()) if p != "body"]
+        # ("body", "params", "duration") reads params.duration, ("query", "wait") wait.
+        location = [str(part) for part in item.get("loc", ())]
+        if location and location[0] in ("body", "query", "header", "path"):
+            location = location[1:]
         field = ".".join(location) or "body"
         parts.append(f"{field}: {item.get('msg', 'invalid')}")
     return "; ".join(parts)

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from enum import StrEnum
 from functools import cached_property
-from typing import Any
+from typing import Annotated, Any
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+# UUID4s in hex. The api answers 404, not 422, for an id that does not match: it names no task.
+TASK_ID_PATTERN = r"^[0-9a-f]{32}$"
+TaskId = Annotated[str, StringConstraints(pattern=TASK_ID_PATTERN)]
+is_task_id = re.compile(TASK_ID_PATTERN).fullmatch
 
 
 class TaskStatus(StrEnum):
@@ -46,7 +52,7 @@ class TaskCreate(BaseModel):
 class TaskSubmitted(BaseModel):
     """The answer to a submit: a queued task, or a result served from the cache."""
 
-    task_id: str
+    task_id: TaskId
     status: TaskStatus
     cached: bool
     result: Any | None = None
@@ -55,7 +61,7 @@ class TaskSubmitted(BaseModel):
 class TaskPublic(BaseModel):
     """A task as clients see it."""
 
-    task_id: str
+    task_id: TaskId
     status: TaskStatus
     result: Any | None = None
     error: str | None = None

@@ -6,23 +6,34 @@ import logging
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 from ...core.queue import QueueUnavailable
 from ...core.telemetry import metrics
-from ..deps import queue_of, settings_of
+from ..deps import operation_id, queue_of, settings_of
 from ..errors import UNAVAILABLE
 
-router = APIRouter(tags=["operations"])
+router = APIRouter(tags=["operations"], generate_unique_id_function=operation_id)
 log = logging.getLogger(__name__)
 
 
+class Health(BaseModel):
+    """A probe's answer: "ok", or what keeps the api from being ready."""
+
+    status: str
+
+
 @router.get("/healthz")
-async def healthz() -> dict[str, str]:
+async def healthz() -> Health:
     """Liveness: the process is up and serving."""
-    return {"status": "ok"}
+    return Health(status="ok")
 
 
-@router.get("/readyz", responses={503: {"description": "Redis does not accept writes now"}})
+@router.get(
+    "/readyz",
+    response_model=Health,
+    responses={503: {"model": Health, "description": "Redis does not accept writes now"}},
+)
 async def readyz(request: Request) -> JSONResponse:
     """Readiness: Redis accepts writes, so a submit can be stored."""
     try:

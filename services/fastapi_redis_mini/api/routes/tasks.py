@@ -1,8 +1,9 @@
 """POST /tasks, GET /tasks/{task_id}, DELETE /tasks/{task_id}.
 
-The two routes every client calls in a loop, submit and read, are RequestRoutes: they parse
-their own input, which their OpenAPI entries declare through openapi_extra. DELETE keeps
-FastAPI's parameter handling.
+The three are RequestRoutes: each parses its own input, with the pydantic models that
+`parses` hands FastAPI for their OpenAPI entries. Submit and read are what every client calls
+in a loop, and FastAPI's per-request parameter handling would cost more than their Redis
+round trip (docs/BENCHMARKS.md); cancel reads the same way as read.
 """
 
 from __future__ import annotations
@@ -17,20 +18,30 @@ from pydantic import BaseModel
 from ...core.models import (
     ErrorPublic,
     TaskCreate,
+    TaskId,
     TaskPublic,
     TaskStatus,
     TaskSubmitted,
+    is_task_id,
     request_signature,
 )
 from ...core.queue import CancelOutcome, SubmitOutcome, SubmitQuota, TaskQueue, TaskRecord
 from ...core.telemetry.tracing import current_traceparent
 from .. import metrics
-from .._limits import TASK_ID, check_idempotency_key, check_task
-from ..deps import RequestRoute, body_schema, json_body, queue_of, scope_of, settings_of
+from .._limits import ReadQuery, SubmitHeaders, check_task
+from ..deps import (
+    RequestRoute,
+    json_body,
+    operation_id,
+    parses,
+    queue_of,
+    scope_of,
+    settings_of,
+    validated,
+)
 from ..errors import (
     BacklogFullError,
     ConflictError,
-    InvalidFieldError,
     RateLimitedError,
     TaskNotFoundError,
     TooManyUnfinishedError,
@@ -39,7 +50,13 @@ from ..errors import (
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorPublic} for code in (401, 404, 413, 415, 422, 429, 503)
 }
-router = APIRouter(prefix="/tasks", tags=["tasks"], responses=_ERRORS)
+router = APIRouter(
+    prefix="/tasks",
+    tags=["tasks"],
+    responses=_ERRORS,
+    route_class=RequestRoute,
+    generate_unique_id_function=operation_id,
+)
 _SUBMITTED = {outcome: metrics.tasks_submitted.labels(outcome.value) for outcome in SubmitOutcome}
 _REJECTED = metrics.tasks_submitted.labels("rejected")
 
@@ -94,19 +111,21 @@ def _rate_limit_fields(quota: SubmitQuota | None) -> dict[str, str] | None:
     }
 
 
-_IDEMPOTENCY_HEADER = {
-    "parameters": [
-        {
-            "name": "Idempotency-Key",
-            "in": "header",
-            "required": False,
-            "description": "Repeating a submit with the same key answers with the first task.",
-            "schema": {"type": "string", "minLength": 1, "maxLength": 255},
-        }
-    ]
-}
+def _idempotency_key(request: Request) -> str | None:
+    value = request.headers.get("idempotency-key")
+    if value is None:
+        return None
+    return validated(SubmitHeaders, {"Idempotency-Key": value}, "header").idempotency_key
 
 
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=TaskSubmitted,
+    response_description="Queued",
+    responses={200: {"model": TaskSubmitted, "description": "Answered from the result cache"}},
+)
+@parses(headers=SubmitHeaders, body=TaskCreate)
 async def submit_task(request: Request) -> Response:
     """Queue a task, or answer at once from the result cache when an identical one finished."""
     # Who asks comes first: an unauthenticated body is never read, let alone parsed.
@@ -114,24 +133,11 @@ async def submit_task(request: Request) -> Response:
     task = await json_body(request, TaskCreate)
     settings = settings_of(request)
     queue = queue_of(request)
-    idempotency_key = request.headers.get("idempotency-key")
+    idempotency_key = _idempotency_key(request)
     check_task(task, settings)
-    check_idempotency_key(idempotency_key)
     gate: BacklogGate = request.app.state.backlog_gate
     await gate.check(queue)
     return await _submit(request, queue, task, scope, idempotency_key)
-
-
-router.add_api_route(
-    "",
-    submit_task,
-    methods=["POST"],
-    status_code=status.HTTP_202_ACCEPTED,
-    response_model=TaskSubmitted,
-    responses={200: {"model": TaskSubmitted, "description": "Answered from the result cache"}},
-    openapi_extra={**body_schema(TaskCreate), **_IDEMPOTENCY_HEADER},
-    route_class_override=RequestRoute,
-)
 
 
 _MAX_TAKEOVERS = 3
@@ -207,41 +213,22 @@ async def _submit(
     )
 
 
-MAX_WAIT = 30.0
-_GET_PARAMETERS = {
-    "parameters": [
-        {"name": "task_id", "in": "path", "required": True, "schema": {"type": "string"}},
-        {
-            "name": "wait",
-            "in": "query",
-            "required": False,
-            "description": "Seconds to wait for the task to finish (long-poll).",
-            "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_WAIT},
-        },
-    ]
-}
-
-
 def _wait_seconds(request: Request) -> float | None:
     value = request.query_params.get("wait")
     if value is None:
         return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise InvalidFieldError("wait", "must be a number of seconds") from None
-    if not 0 < seconds <= MAX_WAIT:  # also refuses nan
-        raise InvalidFieldError("wait", f"must be more than 0 and at most {MAX_WAIT:g} seconds")
-    return seconds
+    return validated(ReadQuery, {"wait": value}, "query").wait
 
 
+@router.get("/{task_id}", response_model=TaskPublic)
+@parses(task_id=TaskId, query=ReadQuery)
 async def get_task(request: Request) -> Response:
     """Read a task's status, result and timestamps; with ?wait=S, wait up to S for it to end."""
     task_id: str = request.path_params["task_id"]
     wait = _wait_seconds(request)
     queue = queue_of(request)
     scope = scope_of(request)
-    if not TASK_ID.fullmatch(task_id):
+    if not is_task_id(task_id):
         raise TaskNotFoundError()
     record = await (queue.wait(task_id, scope, wait) if wait else queue.get(task_id, scope))
     if record is None:
@@ -249,27 +236,20 @@ async def get_task(request: Request) -> Response:
     return _answer(_public(record))
 
 
-router.add_api_route(
-    "/{task_id}",
-    get_task,
-    methods=["GET"],
-    response_model=TaskPublic,
-    openapi_extra=_GET_PARAMETERS,
-    route_class_override=RequestRoute,
-)
-
-
 @router.delete(
     "/{task_id}",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=TaskPublic,
+    response_description="Cancelled, or asked to stop when it is running",
     responses={409: {"model": ErrorPublic}},
 )
-async def cancel_task(task_id: str, request: Request) -> Response:
+@parses(task_id=TaskId)
+async def cancel_task(request: Request) -> Response:
     """Cancel a task: a PENDING one never runs; a RUNNING one is stopped by its worker."""
+    task_id: str = request.path_params["task_id"]
     queue = queue_of(request)
     scope = scope_of(request)
-    if not TASK_ID.fullmatch(task_id):
+    if not is_task_id(task_id):
         raise TaskNotFoundError()
     outcome = await queue.cancel(task_id, scope)
     if outcome is CancelOutcome.NOT_FOUND:
