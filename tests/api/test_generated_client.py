@@ -48,16 +48,14 @@ class Generated:
     def module(self, name: str) -> Any:
         return importlib.import_module(f"{PACKAGE}.{name}")
 
-    def client(self, *, authenticated: bool = True) -> Any:
+    def client(self, *, authenticated: bool = True, api: Service | None = None) -> Any:
+        base_url = (api or self.api).base_url
         if authenticated:
             return self.package.AuthenticatedClient(
-                base_url=self.api.base_url,
-                token=API_KEY,
-                timeout=TIMEOUT,
-                raise_on_unexpected_status=True,
+                base_url=base_url, token=API_KEY, timeout=TIMEOUT, raise_on_unexpected_status=True
             )
         return self.package.Client(
-            base_url=self.api.base_url, timeout=TIMEOUT, raise_on_unexpected_status=True
+            base_url=base_url, timeout=TIMEOUT, raise_on_unexpected_status=True
         )
 
     def task(self, prompt: str, **params: object) -> Any:
@@ -232,6 +230,30 @@ def test_error_answers_parse_as_the_documented_error(generated: Generated) -> No
             client=client, body=generated.task("x"), idempotency_key="two words"
         )
         assert error_of(keyed, 422).message.startswith("Idempotency-Key: ")
+
+
+def test_a_key_over_its_submit_rate_gets_a_429(
+    generated: Generated, redis_server: RedisServer
+) -> None:
+    submit_task = generated.module("api.tasks.submit_task")
+    limited = start_api(
+        redis_server.url,
+        API_KEYS=API_KEY,
+        SUBMIT_RATE_PER_KEY="0.01",
+        SUBMIT_BURST_PER_KEY="1",
+        KEY_PREFIX="rate:",
+    )
+    try:
+        with generated.client(api=limited) as client:
+            first = submit_task.sync_detailed(client=client, body=generated.task("one"))
+            second = submit_task.sync_detailed(client=client, body=generated.task("two"))
+    finally:
+        limited.close()
+    assert first.status_code == 202
+    assert second.status_code == 429, second.content
+    assert second.parsed.error.code == "rate_limited"
+    assert second.headers["Retry-After"].isdigit()
+    assert second.headers["RateLimit"].startswith('"submits";r=0;')
 
 
 def test_a_backlog_above_max_backlog_is_a_429(generated: Generated) -> None:
