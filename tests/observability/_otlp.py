@@ -7,7 +7,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
@@ -25,6 +25,10 @@ class ReceivedSpan:
     trace_id: str
     span_id: str
     parent_span_id: str
+    kind: int = 0  # opentelemetry.proto.trace.v1.Span.SpanKind
+    status_code: int = 0  # opentelemetry.proto.trace.v1.Status.StatusCode: 2 is ERROR
+    events: tuple[str, ...] = ()
+    attributes: dict[str, str | int] = field(default_factory=dict)
 
     def __str__(self) -> str:
         return f"{self.service}:{self.name} {self.trace_id}/{self.span_id}<-{self.parent_span_id}"
@@ -58,6 +62,13 @@ class Collector:
                             trace_id=span.trace_id.hex(),
                             span_id=span.span_id.hex(),
                             parent_span_id=span.parent_span_id.hex(),
+                            kind=span.kind,
+                            status_code=span.status.code,
+                            events=tuple(event.name for event in span.events),
+                            attributes={
+                                a.key: a.value.string_value or a.value.int_value
+                                for a in span.attributes
+                            },
                         )
                     )
         with self._lock:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
+from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from ..support.processes import Service, start_api, start_worker
 from ._otlp import Collector, ReceivedSpan, run_collector
@@ -20,6 +21,15 @@ pytestmark = pytest.mark.slow
 API_SERVICE = "fastapi-redis-mini-api"
 WORKER_SERVICE = "fastapi-redis-mini-worker"
 SPAN_WAIT = 30.0
+CONSUMER = Span.SpanKind.SPAN_KIND_CONSUMER
+UNSET, ERROR = Status.StatusCode.STATUS_CODE_UNSET, Status.StatusCode.STATUS_CODE_ERROR
+MESSAGING = (
+    "messaging.system",
+    "messaging.operation.type",
+    "messaging.destination.name",
+    "messaging.consumer.group.name",
+    "task.id",
+)
 
 
 @dataclass
@@ -90,10 +100,12 @@ def submit_span(collector: Collector, accept_parent: str) -> ReceivedSpan:
 def run_span(collector: Collector, trace_id: str) -> ReceivedSpan:
     return collector.wait_for(
         lambda span: (
-            span.service == WORKER_SERVICE and span.name == "task.run" and span.trace_id == trace_id
+            span.service == WORKER_SERVICE
+            and span.name == "process task_stream"
+            and span.trace_id == trace_id
         ),
         SPAN_WAIT,
-        f"task.run from {WORKER_SERVICE} in trace {trace_id}",
+        f"process task_stream from {WORKER_SERVICE} in trace {trace_id}",
     )
 
 
@@ -105,6 +117,24 @@ def test_worker_span_is_a_child_of_the_submitting_request_span(traced: Traced) -
 
     assert run.trace_id == request.trace_id
     assert run.parent_span_id == request.span_id
+
+
+def test_worker_span_follows_the_messaging_conventions_and_a_done_run_is_no_error(
+    traced: Traced,
+) -> None:
+    task_id, status = run_task(traced.api, headers={})
+    assert status == "DONE"
+    run = run_span(traced.collector, submit_span(traced.collector, accept_parent="").trace_id)
+    assert run.kind == CONSUMER
+    assert {key: run.attributes[key] for key in MESSAGING} == {
+        "messaging.system": "redis",
+        "messaging.operation.type": "process",
+        "messaging.destination.name": "task_stream",
+        "messaging.consumer.group.name": "workers",
+        "task.id": task_id,
+    }
+    assert str(run.attributes["messaging.message.id"]).count("-") == 1  # a stream entry id
+    assert (run.status_code, run.events) == (UNSET, ())
 
 
 def test_a_client_trace_continues_through_the_api_into_the_worker(traced: Traced) -> None:
@@ -134,3 +164,11 @@ def test_worker_log_lines_carry_the_task_id_and_its_trace(traced: Traced) -> Non
     for record in about_task:
         assert record.get("trace_id") == run.trace_id, record
         assert record.get("span_id") == run.span_id, record
+    # The run failed: its span says so, with the exception, and one line says how it ended.
+    assert run.status_code == ERROR
+    assert "exception" in run.events
+    (finished,) = [r for r in about_task if r["message"].startswith("task finished")]
+    assert (finished["status"], finished["attempt"]) == ("FAILED", 1), finished
+    assert finished["reason"] == "TaskFailedError: simulated failure requested by params.fail"
+    assert finished["duration_seconds"] >= 0, finished
+    assert finished["level"] == "INFO"
