@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Coroutine, Sequence
 from typing import Any
 
 import orjson
-from opentelemetry import propagate, trace
+from opentelemetry import trace
 
 from ..core.handlers import RetryableError, TaskHandler
 from ..core.queue import (
@@ -34,7 +34,7 @@ from ..core.queue import (
 )
 from ..core.settings import Settings
 from ..core.telemetry.metrics import redis_errors
-from . import metrics
+from . import _telemetry, metrics
 from .inflight import InFlight, Phase, StopReason, decide
 
 log = logging.getLogger(__name__)
@@ -329,17 +329,16 @@ class Worker:
             if not isinstance(error, TimeoutError | RetryableError):
                 log.warning("task failed: %s", type(error).__name__, extra={"task_id": job.task_id})
             ended = error
-        return decide(job, ended, result, record.stop, self.settings)
+        finish = decide(job, ended, result, record.stop, self.settings)
+        _telemetry.run_ended(finish, ended, max(0.0, time.time() - job.started_at))
+        return finish
 
     def _span(self, job: Job) -> contextlib.AbstractContextManager[Any]:
         if not self.tracing:
             return contextlib.nullcontext()
-        parent = propagate.extract({"traceparent": job.traceparent} if job.traceparent else {})
-        return self._tracer.start_as_current_span(
-            "task.run",
-            context=parent,
-            kind=trace.SpanKind.CONSUMER,
-            attributes={"task.id": job.task_id, "task.attempt": job.attempts},
+        s = self.settings
+        return _telemetry.task_span(
+            self._tracer, job, queue=s.queue_key, group=s.consumer_group, consumer=self.consumer
         )
 
     # -- writing outcomes
