@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
 from .. import __version__
-from ..core.redis_queue import RedisTaskQueue, connect
 from ..core.runtime import tune_gc
 from ..core.settings import Settings, get_settings
 from ..core.telemetry.logging import configure_logging
@@ -19,6 +17,7 @@ from .deps import operation_id
 from .drain import DrainMiddleware, marker_path
 from .errors import install_error_handlers
 from .routes import docs, health, tasks
+from .state import ApiState
 
 DESCRIPTION = """
 Submit slow, inference-style tasks and read their results.
@@ -35,13 +34,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        queue = RedisTaskQueue(connect(settings), settings)
-        app.state.queue = queue
-        await queue.open()
         try:
-            yield
+            async with ApiState.opened(settings, tracing=tracing) as state:
+                app.state.api = state
+                yield
         finally:
-            await queue.close()
             shutdown_tracing()
 
     app = FastAPI(
@@ -63,12 +60,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # FastAPI's native telemetry would make a second set.
         telemetry={"tracing": False, "metrics": False, "logs": False},
         generate_unique_id_function=operation_id,
-    )
-    app.state.settings = settings
-    app.state.tracing = tracing
-    app.state.backlog_gate = tasks.BacklogGate(settings.max_backlog)
-    app.state.api_key_digests = tuple(
-        hashlib.sha256(key.get_secret_value().encode()).digest() for key in settings.api_keys
     )
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)

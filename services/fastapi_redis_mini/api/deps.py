@@ -1,4 +1,4 @@
-"""What a task route needs from its request: the queue, the settings, the tenant, the body.
+"""What a task route reads from its request: the tenant, the body, the query and headers.
 
 These are plain functions that the routes call, not FastAPI dependencies. Solving declared
 dependencies is most of FastAPI's own cost on a request, and on `POST /tasks` it cost more
@@ -8,8 +8,6 @@ JSON parser straight from the bytes, in one pass, rather than by `json.loads` fi
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import re
 from collections.abc import Callable, Coroutine, Mapping
@@ -21,9 +19,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
 
-from ..core.queue import TaskQueue
-from ..core.settings import Settings
 from .errors import InvalidFieldError, UnauthorizedError, UnsupportedMediaTypeError
+from .state import ApiKeys
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -34,42 +31,18 @@ _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 _BRACKET = re.compile(rb"[\[\]{}]")
 
 
-def settings_of(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
-
-
-def queue_of(request: Request) -> TaskQueue:
-    queue: TaskQueue = request.app.state.queue
-    return queue
-
-
-def _digest(key: str) -> bytes:
-    return hashlib.sha256(key.encode()).digest()
-
-
-def scope_of(request: Request) -> str:
-    """The tenant a request acts for: "" when API_KEYS is unset, else a digest of its key.
-
-    Keys are compared as SHA-256 digests with hmac.compare_digest against every configured key,
-    so neither the comparison nor the loop leaks which key matched, or how much of one did.
-    """
-    digests: tuple[bytes, ...] = request.app.state.api_key_digests
-    if not digests:
+def tenant_of(request: Request, api_keys: ApiKeys) -> str:
+    """The tenant a request acts for: "" when API_KEYS is unset, else that of its key."""
+    if not api_keys.required:
         return ""
     presented = request.headers.get("x-api-key")
     authorization = request.headers.get("authorization", "")
     if presented is None and authorization[:7].lower() == "bearer ":
         presented = authorization[7:].strip()
-    if not presented:
+    tenant = api_keys.tenant(presented) if presented else None
+    if tenant is None:
         raise UnauthorizedError()
-    candidate = _digest(presented)
-    matched = False
-    for digest in digests:
-        matched |= hmac.compare_digest(candidate, digest)
-    if not matched:
-        raise UnauthorizedError()
-    return candidate.hex()[:16]
+    return tenant
 
 
 def require_json(request: Request) -> None:

@@ -10,8 +10,9 @@ from pydantic import BaseModel
 
 from ...core.queue import QueueUnavailable
 from ...core.telemetry import metrics
-from ..deps import operation_id, queue_of, settings_of
+from ..deps import operation_id
 from ..errors import UNAVAILABLE
+from ..state import api_state
 
 router = APIRouter(tags=["operations"], generate_unique_id_function=operation_id)
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ async def healthz() -> Health:
 async def readyz(request: Request) -> JSONResponse:
     """Readiness: Redis accepts writes, so a submit can be stored."""
     try:
-        await queue_of(request).check_writable()
+        await api_state(request).queue.check_writable()
     except QueueUnavailable as error:
         return JSONResponse({"status": UNAVAILABLE[error.state][0]}, status_code=503)
     return JSONResponse({"status": "ok"})
@@ -46,12 +47,12 @@ async def readyz(request: Request) -> JSONResponse:
 @router.get("/metrics", include_in_schema=False)
 async def metrics_endpoint(request: Request) -> Response:
     """Prometheus metrics of every api process, plus the queue's depth read from Redis."""
-    queue, settings = queue_of(request), settings_of(request)
+    state = api_state(request)
     stats = None
     try:
-        stats = await queue.stats()
+        stats = await state.queue.stats()
     except QueueUnavailable:
         metrics.redis_errors.labels("metrics").inc()
     collector = metrics.QueueStateCollector(stats)
-    body, content_type = metrics.render(settings.prometheus_multiproc_dir, collector)
+    body, content_type = metrics.render(state.settings.prometheus_multiproc_dir, collector)
     return Response(body, media_type=content_type)

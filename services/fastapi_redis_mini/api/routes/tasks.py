@@ -8,7 +8,6 @@ round trip (docs/BENCHMARKS.md); cancel reads the same way as read.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,7 +24,7 @@ from ...core.models import (
     is_task_id,
     request_signature,
 )
-from ...core.queue import CancelOutcome, SubmitOutcome, SubmitQuota, TaskQueue, TaskRecord
+from ...core.queue import CancelOutcome, SubmitOutcome, SubmitQuota, TaskRecord
 from ...core.telemetry.tracing import current_traceparent
 from .. import metrics
 from .._limits import ReadQuery, SubmitHeaders, check_task
@@ -34,18 +33,16 @@ from ..deps import (
     json_body,
     operation_id,
     parses,
-    queue_of,
-    scope_of,
-    settings_of,
+    tenant_of,
     validated,
 )
 from ..errors import (
-    BacklogFullError,
     ConflictError,
     RateLimitedError,
     TaskNotFoundError,
     TooManyUnfinishedError,
 )
+from ..state import ApiState, api_state
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorPublic} for code in (401, 404, 413, 415, 422, 429, 503)
@@ -58,34 +55,6 @@ router = APIRouter(
     generate_unique_id_function=operation_id,
 )
 _SUBMITTED = {outcome: metrics.tasks_submitted.labels(outcome.value) for outcome in SubmitOutcome}
-_REJECTED = metrics.tasks_submitted.labels("rejected")
-
-
-class BacklogGate:
-    """Refuses new work while the consumer group's lag is above MAX_BACKLOG.
-
-    The lag is read at most once a second per process, so the check costs one Redis call a
-    second rather than one per request.
-    """
-
-    def __init__(self, limit: int, refresh_seconds: float = 1.0) -> None:
-        self.limit = limit
-        self.refresh_seconds = refresh_seconds
-        self._lag = 0
-        self._read_at = float("-inf")
-
-    async def check(self, queue: TaskQueue) -> None:
-        if self.limit <= 0:
-            return
-        now = time.monotonic()
-        if now - self._read_at >= self.refresh_seconds:
-            self._read_at = now
-            self._lag = (await queue.stats()).lag
-        if self._lag > self.limit:
-            _REJECTED.inc()
-            raise BacklogFullError(
-                f"backlog of {self._lag} tasks is above MAX_BACKLOG={self.limit}; retry later"
-            )
 
 
 def _public(record: TaskRecord) -> TaskPublic:
@@ -128,36 +97,33 @@ def _idempotency_key(request: Request) -> str | None:
 @parses(headers=SubmitHeaders, body=TaskCreate)
 async def submit_task(request: Request) -> Response:
     """Queue a task, or answer at once from the result cache when an identical one finished."""
+    state = api_state(request)
     # Who asks comes first: an unauthenticated body is never read, let alone parsed.
-    scope = scope_of(request)
+    scope = tenant_of(request, state.api_keys)
     task = await json_body(request, TaskCreate)
-    settings = settings_of(request)
-    queue = queue_of(request)
     idempotency_key = _idempotency_key(request)
-    check_task(task, settings)
-    gate: BacklogGate = request.app.state.backlog_gate
-    await gate.check(queue)
-    return await _submit(request, queue, task, scope, idempotency_key)
+    check_task(task, state.settings)
+    await state.backlog.check(state.queue)
+    return await _submit(state, task, scope, idempotency_key)
 
 
 _MAX_TAKEOVERS = 3
 
 
 async def _submit(
-    request: Request,
-    queue: TaskQueue,
+    state: ApiState,
     task: TaskCreate,
     scope: str,
     idempotency_key: str | None,
     replacing: str | None = None,
     takeovers: int = 0,
 ) -> Response:
-    submitted = await queue.submit(
+    submitted = await state.queue.submit(
         task,
         signature=request_signature(task),
         scope=scope,
         idempotency_key=idempotency_key,
-        traceparent=current_traceparent() if request.app.state.tracing else "",
+        traceparent=current_traceparent() if state.tracing else "",
         replacing=replacing,
     )
     _SUBMITTED[submitted.outcome].inc()
@@ -170,7 +136,7 @@ async def _submit(
         )
     if submitted.outcome is SubmitOutcome.TOO_MANY_UNFINISHED:
         raise TooManyUnfinishedError(
-            f"this API key has {settings_of(request).max_unfinished_per_key} tasks that are "
+            f"this API key has {state.settings.max_unfinished_per_key} tasks that are "
             "not final yet (MAX_UNFINISHED_PER_KEY); retry once some finish",
             headers=fields,
         )
@@ -186,7 +152,7 @@ async def _submit(
             headers=fields,
         )
     if submitted.outcome is SubmitOutcome.DUPLICATE:
-        record = await queue.get(submitted.task_id, scope)
+        record = await state.queue.get(submitted.task_id, scope)
         if record is not None:
             return _answer(
                 TaskSubmitted(
@@ -202,9 +168,7 @@ async def _submit(
         # takeover is atomic, so of N such requests one creates the task and the rest find it.
         if takeovers >= _MAX_TAKEOVERS:
             raise ConflictError("Idempotency-Key points at tasks that keep vanishing; retry")
-        return await _submit(
-            request, queue, task, scope, idempotency_key, submitted.task_id, takeovers + 1
-        )
+        return await _submit(state, task, scope, idempotency_key, submitted.task_id, takeovers + 1)
     metrics.cache_misses.inc()
     return _answer(
         TaskSubmitted(task_id=submitted.task_id, status=TaskStatus.PENDING, cached=False),
@@ -224,12 +188,13 @@ def _wait_seconds(request: Request) -> float | None:
 @parses(task_id=TaskId, query=ReadQuery)
 async def get_task(request: Request) -> Response:
     """Read a task's status, result and timestamps; with ?wait=S, wait up to S for it to end."""
+    state = api_state(request)
     task_id: str = request.path_params["task_id"]
     wait = _wait_seconds(request)
-    queue = queue_of(request)
-    scope = scope_of(request)
+    scope = tenant_of(request, state.api_keys)
     if not is_task_id(task_id):
         raise TaskNotFoundError()
+    queue = state.queue
     record = await (queue.wait(task_id, scope, wait) if wait else queue.get(task_id, scope))
     if record is None:
         raise TaskNotFoundError()
@@ -246,11 +211,12 @@ async def get_task(request: Request) -> Response:
 @parses(task_id=TaskId)
 async def cancel_task(request: Request) -> Response:
     """Cancel a task: a PENDING one never runs; a RUNNING one is stopped by its worker."""
+    state = api_state(request)
     task_id: str = request.path_params["task_id"]
-    queue = queue_of(request)
-    scope = scope_of(request)
+    scope = tenant_of(request, state.api_keys)
     if not is_task_id(task_id):
         raise TaskNotFoundError()
+    queue = state.queue
     outcome = await queue.cancel(task_id, scope)
     if outcome is CancelOutcome.NOT_FOUND:
         raise TaskNotFoundError()

@@ -1,0 +1,107 @@
+"""What the api's routes share, built once per process: one typed ApiState, one accessor."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import Request
+from pydantic import SecretStr
+
+from ..core.queue import TaskQueue
+from ..core.redis_queue import RedisTaskQueue, connect
+from ..core.settings import Settings
+from . import metrics
+from .errors import BacklogFullError
+
+_REJECTED = metrics.tasks_submitted.labels("rejected")
+
+
+class ApiKeys:
+    """The configured API keys, kept only as SHA-256 digests, and the tenant each one names."""
+
+    def __init__(self, keys: Iterable[SecretStr]) -> None:
+        self._digests = tuple(self._digest(key.get_secret_value()) for key in keys)
+
+    @staticmethod
+    def _digest(key: str) -> bytes:
+        return hashlib.sha256(key.encode()).digest()
+
+    @property
+    def required(self) -> bool:
+        return bool(self._digests)
+
+    def tenant(self, presented: str) -> str | None:
+        """The tenant of a presented key (a prefix of its digest), or None if it is not one.
+
+        The digest is compared with hmac.compare_digest against every configured key, so
+        neither the comparison nor the loop leaks which key matched, or how much of one did.
+        """
+        candidate = self._digest(presented)
+        matched = False
+        for digest in self._digests:
+            matched |= hmac.compare_digest(candidate, digest)
+        return candidate.hex()[:16] if matched else None
+
+
+class BacklogGate:
+    """Refuses new work while the consumer group's lag is above MAX_BACKLOG.
+
+    The lag is read at most once a second per process, so the check costs one Redis call a
+    second rather than one per request.
+    """
+
+    def __init__(self, limit: int, refresh_seconds: float = 1.0) -> None:
+        self.limit = limit
+        self.refresh_seconds = refresh_seconds
+        self._lag = 0
+        self._read_at = float("-inf")
+
+    async def check(self, queue: TaskQueue) -> None:
+        if self.limit <= 0:
+            return
+        now = time.monotonic()
+        if now - self._read_at >= self.refresh_seconds:
+            self._read_at = now
+            self._lag = (await queue.stats()).lag
+        if self._lag > self.limit:
+            _REJECTED.inc()
+            raise BacklogFullError(
+                f"backlog of {self._lag} tasks is above MAX_BACKLOG={self.limit}; retry later"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class ApiState:
+    settings: Settings
+    queue: TaskQueue
+    api_keys: ApiKeys
+    backlog: BacklogGate
+    tracing: bool
+
+    @classmethod
+    @asynccontextmanager
+    async def opened(cls, settings: Settings, *, tracing: bool) -> AsyncIterator[ApiState]:
+        """The state for the app's lifespan: the queue opened on entry and closed on exit."""
+        queue = RedisTaskQueue(connect(settings), settings)
+        try:
+            await queue.open()
+            yield cls(
+                settings=settings,
+                queue=queue,
+                api_keys=ApiKeys(settings.api_keys),
+                backlog=BacklogGate(settings.max_backlog),
+                tracing=tracing,
+            )
+        finally:
+            await queue.close()
+
+
+def api_state(request: Request) -> ApiState:
+    """The ApiState of the app serving `request` (the app's lifespan sets it)."""
+    state: ApiState = request.app.state.api
+    return state
