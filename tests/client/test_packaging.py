@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from fastapi_redis_mini.core import models
 from fastapi_redis_mini_client import Task, TaskStatus
 
@@ -81,3 +83,40 @@ def test_the_client_reads_every_field_the_service_answers_with() -> None:
     assert set(models.TaskSubmitted.model_fields) <= client_fields
     assert {status.value for status in TaskStatus} == {s.value for s in models.TaskStatus}
     assert {s.value for s in TaskStatus if s.is_final} == {s.value for s in models.FINAL_STATUSES}
+
+
+@pytest.mark.slow
+def test_the_client_wheel_installs_alone_into_an_empty_environment(tmp_path: Path) -> None:
+    uv = str(Path(sys.executable).parent / "uv")
+
+    def run(*args: str | Path) -> str:
+        done = subprocess.run(
+            [str(arg) for arg in args],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    run(
+        uv,
+        "build",
+        "--package=fastapi-redis-mini-client",
+        "--wheel",
+        "--out-dir",
+        tmp_path / "dist",
+    )
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    python = tmp_path / "venv" / "bin" / "python"
+    run(uv, "venv", "--quiet", "--python", sys.executable, tmp_path / "venv")
+    run(uv, "pip", "install", "--quiet", "--python", python, wheel)
+
+    installed = run(uv, "pip", "freeze", "--python", python)
+    names = {re.split(r"[=@ ]", line)[0].lower() for line in installed.splitlines() if line}
+    assert {"fastapi-redis-mini-client", "httpx"} <= names
+    assert not names & SERVER_ONLY
+    assert not {name for name in names if name.startswith("opentelemetry")}
+    help_text = run(tmp_path / "venv" / "bin" / "frm-client", "--help")
+    assert "exit codes:" in help_text
