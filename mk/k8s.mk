@@ -38,7 +38,7 @@ define require-scaler
 *) echo "make $@: SCALER must be keda, prometheus-adapter or cpu, not '$(SCALER)'" >&2; exit 1;; esac
 endef
 
-.PHONY: cluster-up cluster-down dev deploy loadtest-ui grafana
+.PHONY: cluster-up cluster-down dev deploy loadtest-ui grafana smoke
 
 cluster-up: ## Create the kind cluster with metrics-server, Prometheus+Grafana and the SCALER (keda|prometheus-adapter|cpu)
 	$(call require-tools,kind helm kubectl)
@@ -100,3 +100,7 @@ loadtest-ui: ## Port-forward the Locust web UI to http://localhost:8089
 grafana: ## Port-forward Grafana to http://localhost:3000 (admin / admin)
 	$(call require-tools,kubectl)
 	$(K8S_KUBECTL) -n monitoring port-forward svc/kube-prometheus-stack-grafana 3000:80
+
+smoke: ## Check a release on the current kube context: helm test, tasks, Locust, scale-out, drained queue (SMOKE_* settings)
+	$(call require-tools,helm kubectl curl)
+	tools/k8s/smoke.sh
