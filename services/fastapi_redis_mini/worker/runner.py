@@ -78,7 +78,7 @@ class Worker:
         self.last_progress = time.monotonic()
         self.failure: str | None = None  # why the worker is going down, once it is
         self._tasks: dict[str, InFlight] = {}  # task id -> what this worker holds of it
-        self._phases = dict.fromkeys(Phase, 0)  # how many records are in each phase
+        self._phases = [0] * len(Phase)  # how many records are in each phase
         self._finished: list[Finish] = []  # outcomes waiting to be written, oldest first
         self._stopping = asyncio.Event()
         self._closed = asyncio.Event()  # set once draining is over: the helper loops end
@@ -373,7 +373,8 @@ class Worker:
             job = finish.job
             record = self._tasks.get(job.task_id)
             if record is not None and record.job is job:
-                self._let_go(record)
+                del self._tasks[job.task_id]
+                self._phases[Phase.WRITING] -= 1
             if verdict is not FinishVerdict.WRITTEN:
                 continue
             if finish.outcome is Outcome.RETRY:
@@ -382,6 +383,7 @@ class Worker:
                 metrics.tasks_finished.labels(finish.outcome.value).inc()
                 metrics.task_run.observe(max(0.0, now - job.started_at))
                 metrics.task_end_to_end.observe(max(0.0, now - job.created_at))
+        self._slot_free.set()  # written outcomes make room for more (see _free_slots)
         metrics.tasks_in_flight.set(self.in_flight)
 
     # -- keeping entries, reclaiming others', housekeeping
