@@ -70,15 +70,15 @@ def end_to_end(api: Server, url: str, tasks: int, timeout: float = 300.0) -> dic
 def memory_after(
     api: Server, worker: Process, redis_server: RedisServer, url: str, tasks: int
 ) -> dict[str, Any]:
-    """Push `tasks` cache misses through the api with a worker running, then read memory."""
+    """Push `tasks` cache misses through the api with a worker running, then read memory;
+    then send every request again (all cache hits) and read Redis's memory once more."""
     before = {
         "api_rss_kib": tree_rss_kib(api.process.pid),
         "worker_rss_kib": rss_kib(worker.pid),
         "redis_used_memory": redis_server.used_memory(),
     }
-    answers = asyncio.run(
-        send_all("127.0.0.1", api.port, _miss_requests(api.port, tasks, "memory"), 100)
-    )
+    requests = _miss_requests(api.port, tasks, "memory")
+    answers = asyncio.run(send_all("127.0.0.1", api.port, requests, 100))
     accepted = sum(1 for status, _ in answers if status == 202)
     asyncio.run(wait_idle(url, time.perf_counter() + 300))
     after = {
@@ -86,4 +86,18 @@ def memory_after(
         "worker_rss_kib": rss_kib(worker.pid),
         "redis_used_memory": redis_server.used_memory(),
     }
-    return {"tasks": accepted, "before": before, "after": after}
+    # Then as many cache hits, every one of the prompts again: a hit must store nothing.
+    hit_answers = asyncio.run(send_all("127.0.0.1", api.port, requests, 100))
+    hits = sum(1 for status, _ in hit_answers if status == 200)
+    after_hits = {**after, "redis_used_memory": redis_server.used_memory()}
+    return {
+        "tasks": accepted,
+        "hits": hits,
+        "before": before,
+        "after": after,
+        "after_hits": after_hits,
+        "redis_bytes_per_task": (after["redis_used_memory"] - before["redis_used_memory"])
+        / max(1, accepted),
+        "redis_bytes_per_hit": (after_hits["redis_used_memory"] - after["redis_used_memory"])
+        / max(1, hits),
+    }

@@ -216,6 +216,24 @@ def _rows(report: dict[str, Any]) -> list[tuple[str, list[list[str]]]]:
                     f"{m['redis_used_memory'] / 2**20:.0f} MiB",
                 ]
             )
+        if "redis_bytes_per_task" in memory:
+            rows.append(
+                [
+                    f"then {memory['hits']} cache hits",
+                    "",
+                    "",
+                    f"{memory['after_hits']['redis_used_memory'] / 2**20:.0f} MiB",
+                ]
+            )
+            rows.append(
+                [
+                    "Redis bytes",
+                    "",
+                    "",
+                    f"{memory['redis_bytes_per_task']:.0f} per task, "
+                    f"{memory['redis_bytes_per_hit']:.0f} per hit",
+                ]
+            )
         tables.append(("Memory", rows))
     if report.get("targets"):
         rows = [["target", "measured", "goal", "met"]]

@@ -60,8 +60,10 @@ async def test_an_identical_submit_is_a_cache_hit(client: httpx.AsyncClient) -> 
     assert again.status_code == 200
     hit = again.json()
     assert (hit["status"], hit["cached"], hit["result"]) == ("DONE", True, done["result"])
+    # The hit names the task that computed the result, which GET still shows.
+    assert hit["task_id"] == first["task_id"]
     stored = (await client.get(f"/tasks/{hit['task_id']}")).json()
-    assert (stored["status"], stored["cached"]) == ("DONE", True)
+    assert (stored["status"], stored["result"]) == ("DONE", done["result"])
 
 
 async def test_a_failing_task_is_failed_with_its_error(client: httpx.AsyncClient) -> None:

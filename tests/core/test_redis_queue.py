@@ -77,7 +77,13 @@ async def test_a_run_goes_pending_running_done_and_fills_the_cache(
     assert (record.status, record.result) == (TaskStatus.DONE, {"answer": 42})
     assert record.finished_at is not None
     assert record.finished_at >= record.started_at  # type: ignore[operator]
-    assert await redis_client.get(f"cache:{job.signature}") == '{"answer":42}'
+    # The cached result names the task that computed it and when that task expires.
+    cached: str = await redis_client.get(f"cache:{job.signature}")  # type: ignore[assignment]
+    task_ttl = await redis_client.ttl(f"task:{task_id}")
+    named, expires_at, result = cached.split(":", 2)
+    assert (named, result) == (task_id, '{"answer":42}')
+    assert int(expires_at) == pytest.approx(time.time() + task_ttl, abs=2)
+    assert 0 < await redis_client.ttl(f"cache:{job.signature}") <= task_ttl
     assert 0 < await redis_client.ttl(f"cache:{job.signature}") <= 600
     assert (await queue.stats()).pending == 0
 
@@ -90,11 +96,55 @@ async def test_an_identical_submit_is_answered_from_the_cache(queue: RedisTaskQu
     again = await queue.submit(task, signature=request_signature(task))
     assert again.outcome is SubmitOutcome.CACHED
     assert again.result == "result"
-    assert again.task_id != task_id
+    # The answer names the task that computed the result, and stores nothing new.
+    assert again.task_id == task_id
     record = await queue.get(again.task_id)
     assert record is not None
-    assert (record.status, record.cached) == (TaskStatus.DONE, True)
+    assert (record.status, record.result) == (TaskStatus.DONE, "result")
     assert (await queue.stats()).stream_length == 1
+
+
+async def test_cache_hits_store_nothing_however_many(
+    queue: RedisTaskQueue, redis_client: redis.asyncio.Redis
+) -> None:
+    task_id = await submit(queue)
+    [job] = await take(queue)
+    await queue.finish(CONSUMER, [done(job, "result")])
+    before = await redis_client.dbsize()
+    task = TaskCreate(prompt="hello", params={})
+    hits = await asyncio.gather(
+        *(
+            queue.submit(task, signature=request_signature(task), idempotency_key=key)
+            for key in (None, None, None, "k1", "k2")
+        )
+    )
+    assert {hit.outcome for hit in hits} == {SubmitOutcome.CACHED}
+    assert {hit.task_id for hit in hits} == {task_id}
+    # Only the two Idempotency-Keys are new, and they expire with the task they name.
+    assert await redis_client.dbsize() == before + 2
+    task_ttl = await redis_client.ttl(f"task:{task_id}")
+    assert 0 < await redis_client.ttl("idempotency::k1") <= task_ttl
+
+
+async def test_a_cached_result_never_outlives_the_task_it_names(
+    settings: Settings, redis_client: redis.asyncio.Redis
+) -> None:
+    short = settings.model_copy(update={"result_expiry": 2, "cache_ttl": 600})
+    queue = RedisTaskQueue(connect(short), short)
+    try:
+        await queue.ensure_group()
+        task_id = await submit(queue)
+        [job] = await take(queue)
+        await queue.finish(CONSUMER, [done(job, "result")])
+        task = TaskCreate(prompt="hello", params={})
+        hit = await queue.submit(task, signature=request_signature(task))
+        assert (hit.outcome, hit.task_id) == (SubmitOutcome.CACHED, task_id)
+        assert await redis_client.ttl(f"cache:{job.signature}") <= 2
+        await asyncio.sleep(3.1)
+        after = await queue.submit(task, signature=request_signature(task))
+    finally:
+        await queue.close()
+    assert after.outcome is SubmitOutcome.QUEUED
 
 
 async def test_a_cache_hit_refreshes_the_ttl_and_the_entry_expires_unread(
@@ -368,6 +418,23 @@ async def test_a_retry_goes_back_to_pending_and_returns_when_due(queue: RedisTas
     assert await queue.promote_due_retries(10) == 1
     [again] = await take(queue)
     assert (again.task_id, again.attempts) == (task_id, 2)
+
+
+async def test_due_retries_of_tasks_gone_or_cancelled_are_dropped_not_queued(
+    queue: RedisTaskQueue, redis_client: redis.asyncio.Redis
+) -> None:
+    ids = [await submit(queue, prompt=f"r{i}") for i in range(3)]
+    jobs = await take(queue)
+    due = time.time() - 1
+    await queue.finish(CONSUMER, [Finish(j, Outcome.RETRY, error="busy", due_at=due) for j in jobs])
+    await redis_client.delete(f"task:{ids[0]}")  # expired while it waited
+    assert await queue.cancel(ids[1]) is CancelOutcome.CANCELLED
+    length = await redis_client.xlen("task_stream")
+    assert await queue.promote_due_retries(10) == 1
+    assert await redis_client.zcard("task_stream:retry") == 0
+    entries: list[tuple[str, dict[str, str]]] = await redis_client.xrange("task_stream")  # type: ignore[assignment]
+    assert len(entries) == length + 1
+    assert entries[-1][1]["task_id"] == ids[2]
 
 
 async def test_cancel_of_a_pending_task_means_it_never_runs(queue: RedisTaskQueue) -> None:

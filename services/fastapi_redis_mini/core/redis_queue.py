@@ -452,9 +452,18 @@ class RedisTaskQueue:
 
     @_translated
     async def promote_due_retries(self, limit: int) -> int:
+        # Two round trips, once per maintenance pass: the script must name each task's key,
+        # so the due ids are read first. The script checks again that each is still due.
+        now = repr(time.time())
+        due: list[str] = await self.redis.zrangebyscore(  # type: ignore[assignment]
+            self.keys.retries, "-inf", now, start=0, num=limit
+        )
+        if not due:
+            return 0
         return int(
             await self._promote(
-                keys=[self.keys.retries, self.keys.stream], args=[repr(time.time()), limit]
+                keys=[self.keys.retries, self.keys.stream, *map(self.keys.task, due)],
+                args=[now, *due],
             )
         )
 

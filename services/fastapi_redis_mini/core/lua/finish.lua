@@ -7,8 +7,9 @@
 --       JSON [[entry_id, task_id, outcome, payload, due_at], ..]
 -- Returns per outcome: 'written', 'stale' or 'lost'
 local stream, retries = KEYS[1], KEYS[2]
-local group, consumer, now, cache_ttl, channel = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local result_expiry = ARGV[6]
+local group, consumer, now, channel = ARGV[1], ARGV[2], ARGV[3], ARGV[5]
+local cache_ttl = tonumber(ARGV[4])
+local result_expiry = tonumber(ARGV[6])
 local batch = cjson.decode(ARGV[7])
 local out, acks, finished = {}, {}, {}
 
@@ -26,7 +27,11 @@ for i, item in ipairs(batch) do
     if outcome == 'DONE' then
       redis.call('HSET', key, 'status', 'DONE', 'result', payload, 'finished_at', now)
       redis.call('HDEL', key, 'owner', 'error')
-      redis.call('SET', cache, payload, 'EX', cache_ttl)
+      -- The cached result names its task and when that task expires, and never outlives
+      -- it: a cache hit answers with this task's id, which GET must still find.
+      local expires_at = tonumber(redis.call('TIME')[1]) + result_expiry
+      redis.call('SET', cache, task_id .. ':' .. expires_at .. ':' .. payload,
+        'EX', math.min(cache_ttl, result_expiry))
       redis.call('ZREM', unfinished, task_id)
       finished[#finished + 1] = task_id
     elseif outcome == 'FAILED' or outcome == 'CANCELLED' then

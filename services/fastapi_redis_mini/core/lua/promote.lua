@@ -1,9 +1,21 @@
--- Append the tasks whose retry backoff has run out to the stream again.
--- KEYS: retries, stream
--- ARGV: now, limit
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
-for _, task_id in ipairs(due) do
-  redis.call('XADD', KEYS[2], '*', 'task_id', task_id)
-  redis.call('ZREM', KEYS[1], task_id)
+-- Append the tasks whose retry backoff has run out to the stream again. An entry whose task
+-- is gone (expired) or no longer PENDING (cancelled while it waited) is only dropped, so the
+-- retry set holds no more than the tasks waiting out a backoff.
+-- KEYS: retries, stream, task_1 .. task_n
+-- ARGV: now, task_id_1 .. task_id_n (read from the retry set just before, due by then)
+-- Returns the number of tasks appended to the stream.
+local retries, stream, now = KEYS[1], KEYS[2], tonumber(ARGV[1])
+local appended = 0
+for i = 2, #ARGV do
+  local task_id = ARGV[i]
+  local due = tonumber(redis.call('ZSCORE', retries, task_id))
+  -- Gone from the set, or due later (retried again meanwhile): another call's, or not yet.
+  if due and due <= now then
+    redis.call('ZREM', retries, task_id)
+    if redis.call('HGET', KEYS[i + 1], 'status') == 'PENDING' then
+      redis.call('XADD', stream, '*', 'task_id', task_id)
+      appended = appended + 1
+    end
+  end
 end
-return #due
+return appended

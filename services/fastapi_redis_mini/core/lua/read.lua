@@ -9,8 +9,10 @@ for i, key in ipairs(KEYS) do
   local values = redis.call('HMGET', key, unpack(fields))
   if values[1] == 'DONE' then
     local cache = redis.call('HGET', key, 'cache_key')
-    if cache then
-      redis.call('EXPIRE', cache, ARGV[1])
+    local left = redis.call('TTL', key)
+    if cache and left > 0 then
+      -- A cached result never outlives the task it names (see finish.lua).
+      redis.call('EXPIRE', cache, math.min(tonumber(ARGV[1]), left))
     end
   end
   out[i] = values

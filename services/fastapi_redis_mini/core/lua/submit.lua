@@ -15,7 +15,8 @@
 --       where idempotency is 0 (no key), 1 (a key), or the id of a task the caller found gone
 --       that the key may still point at (then the key is taken over for this task)
 -- Returns per task: {outcome, task_id, result, tokens_left, reset_ms}, outcome one of
--- 'queued', 'cached' (result set), 'duplicate' (task_id: the key's first task),
+-- 'queued', 'cached' (task_id: the task that computed the result), 'duplicate' (task_id: the
+-- key's first task),
 -- 'rate_limited' (reset_ms: until a token is back), 'too_many_unfinished';
 -- tokens_left is -1 without a rate; reset_ms is until the bucket is full again.
 local stream, now, cache_ttl, result_expiry, idempotency_ttl =
@@ -52,26 +53,40 @@ local function take_token(bucket)
   return true, math.floor(tokens), full_ms
 end
 
+-- A cached result is "task_id:expires_at:result" (finish.lua): the result, the task that
+-- computed it, and the seconds that task has left. Anything else is no hit.
+local function cached_result(cache)
+  local value = redis.call('GET', cache)
+  if not value then
+    return false, nil, 0
+  end
+  local id, expires_at, at = string.match(value, '^(%x+):(%d+):()')
+  local left = expires_at and tonumber(expires_at) - math.floor(clock() / 1000) or 0
+  if left < 1 then
+    return false, nil, 0
+  end
+  return string.sub(value, at), id, left
+end
+
 for i, task in ipairs(batch) do
   local base = stride * (i - 1) + 1
   local key, cache, idempotency = KEYS[base + 1], KEYS[base + 2], KEYS[base + 3]
   local bucket, unfinished = KEYS[base + 4], KEYS[base + 5]
   local task_id, request, signature, scope, trace, keyed =
     task[1], task[2], task[3], task[4], task[5], task[6]
-  local stored = redis.call('HMGET', key, 'status', 'cached', 'result')
-  if stored[1] then
-    -- This very submit ran before: answer as then, change nothing, count nothing.
-    if stored[2] == '1' then
-      out[i] = {'cached', task_id, stored[3], -1, 0}
-    else
-      out[i] = {'queued', task_id, '', -1, 0}
-    end
+  if redis.call('EXISTS', key) == 1 then
+    -- This very submit ran before and queued its task: answer as then, change nothing, count
+    -- nothing. (A hit stores nothing, so sent again it is simply answered again.)
+    out[i] = {'queued', task_id, '', -1, 0}
   else
     local existing = keyed ~= 0 and redis.call('GET', idempotency)
     if existing == keyed then
       existing = false
     end
-    local hit = not existing and redis.call('GET', cache)
+    local hit, hit_id, hit_left = false, nil, 0
+    if not existing then
+      hit, hit_id, hit_left = cached_result(cache)
+    end
     local refused = nil
     if not existing and not hit and max_unfinished > 0 then
       redis.call('ZREMRANGEBYSCORE', unfinished, '-inf', clock())
@@ -92,11 +107,13 @@ for i, task in ipairs(batch) do
       out[i] = {'duplicate', existing, '', tokens, reset_ms}
     else
       if hit then
-        redis.call('EXPIRE', cache, cache_ttl)
-        redis.call('HSET', key, 'status', 'DONE', 'request', request, 'signature', signature,
-          'scope', scope, 'cache_key', cache, 'created_at', now, 'started_at', now,
-          'finished_at', now, 'result', hit, 'cached', '1', 'attempts', '0')
-        out[i] = {'cached', task_id, hit, tokens, reset_ms}
+        -- Answered with the task that computed the result; nothing new is stored, so hits
+        -- cost no memory however many there are.
+        redis.call('EXPIRE', cache, math.min(cache_ttl, hit_left))
+        if keyed ~= 0 then
+          redis.call('SET', idempotency, hit_id, 'EX', math.min(idempotency_ttl, hit_left))
+        end
+        out[i] = {'cached', hit_id, hit, tokens, reset_ms}
       else
         redis.call('HSET', key, 'status', 'PENDING', 'request', request, 'signature', signature,
           'scope', scope, 'cache_key', cache, 'created_at', now, 'trace', trace,
@@ -107,12 +124,12 @@ for i, task in ipairs(batch) do
           redis.call('ZADD', unfinished, clock() + result_expiry * 1000, task_id)
           redis.call('PEXPIRE', unfinished, result_expiry * 1000)
         end
+        redis.call('EXPIRE', key, result_expiry)
+        if keyed ~= 0 then
+          -- Set in the same instant as the task's TTL, and a task's TTL is only ever extended.
+          redis.call('SET', idempotency, task_id, 'EX', math.min(idempotency_ttl, result_expiry))
+        end
         out[i] = {'queued', task_id, '', tokens, reset_ms}
-      end
-      redis.call('EXPIRE', key, result_expiry)
-      if keyed ~= 0 then
-        -- Set in the same instant as the task's TTL, and a task's TTL is only ever extended.
-        redis.call('SET', idempotency, task_id, 'EX', math.min(idempotency_ttl, result_expiry))
       end
     end
   end
