@@ -18,6 +18,7 @@ from typing import Any
 from gunicorn.app.base import BaseApplication
 from gunicorn.glogging import Logger as GunicornLogger
 
+from ..core.redis_queue import exit_unless_durable_acks
 from ..core.settings import Settings, load_settings_or_exit
 from ..core.telemetry.logging import configure_logging
 from .drain import marker_path
@@ -63,6 +64,7 @@ def _prepare_metrics_dir(settings: Settings) -> str:
 def main() -> None:
     settings = load_settings_or_exit(api=True)
     configure_logging(settings.log_format, settings.log_level, "api")
+    exit_unless_durable_acks(settings)
     # The worker processes read it through Settings, and prometheus_client reads it at import.
     metrics_dir = _prepare_metrics_dir(settings)
     # /tmp outlives a container restart inside the pod; a marker left by an earlier preStop

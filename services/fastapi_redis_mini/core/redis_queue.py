@@ -12,6 +12,7 @@ import contextlib
 import functools
 import logging
 import math
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
@@ -26,7 +27,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .batching import Coalescer
@@ -108,6 +109,55 @@ _TASK_FIELDS = (
     "created_at", "started_at", "finished_at", "cancel",
 )  # fmt: skip
 _IDLE_CONSUMER_MS = 3_600_000
+
+
+async def check_durable_acks(settings: Settings) -> str | None:
+    """At start: why the server cannot give the DURABLE_ACKS asked for, or None when it can.
+
+    A server that cannot be reached is not judged (None, and a warning): the services start
+    and wait for Redis as they always do.
+    """
+    if settings.durable_acks == "none":
+        return None
+    redis = connect(settings)
+    try:
+        info = await redis.info("server")
+        version = info.get("valkey_version") and f"Valkey {info['valkey_version']}"
+        version = version or f"Redis {info.get('redis_version', '?')}"
+        if settings.durable_acks == "fsync":
+            try:
+                await redis.execute_command("WAITAOF", 1, 0, 1)  # type: ignore[no-untyped-call]
+            except ResponseError as error:
+                if "appendonly" in str(error):
+                    return "DURABLE_ACKS=fsync needs the Redis server's appendonly yes"
+                return (
+                    f"DURABLE_ACKS=fsync needs WAITAOF (Redis 7.2 or later, or Valkey); "
+                    f"the server is {version}"
+                )
+            return None
+        replication = await redis.info("replication")
+        if replication.get("role") != "master":
+            return "DURABLE_ACKS=replica: REDIS_URL names a replica, which takes no writes"
+        if not int(replication.get("connected_slaves", 0)):
+            log.warning(
+                "DURABLE_ACKS=replica but no replica is attached yet: submits answer 503 "
+                "redis_no_replicas until one is"
+            )
+        return None
+    except (RedisConnectionError, RedisTimeoutError) as error:
+        log.warning("DURABLE_ACKS=%s not checked: Redis unreachable at start (%s)",
+                    settings.durable_acks, error)  # fmt: skip
+        return None
+    finally:
+        await redis.aclose()
+
+
+def exit_unless_durable_acks(settings: Settings) -> None:
+    """Entry-point helper: one line on stderr and exit 2 when DURABLE_ACKS cannot be given."""
+    problem = asyncio.run(check_durable_acks(settings))
+    if problem is not None:
+        print(f"fastapi-redis-mini: invalid configuration: {problem}", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def new_task_id() -> str:
@@ -194,10 +244,58 @@ class RedisTaskQueue:
         self._stats = _load_script(redis, "stats")
         self._completions = _Completions(redis, self.keys.events)
         self._claim_cursors: dict[str, str] = {}  # consumer -> where its XAUTOCLAIM scan is
+        wait_ms = int(settings.durable_ack_timeout * 1000)
+        self._durable_wait: tuple[str | int, ...] | None = {
+            "none": None,
+            "fsync": ("WAITAOF", 1, 0, wait_ms),
+            "replica": ("WAIT", 1, wait_ms),
+        }[settings.durable_acks]
         # The api's two hot paths: the submits and reads that meet in one process go to Redis
         # together, one script call per batch (see Coalescer).
         self._submits = Coalescer(self._submit_batch)
         self._reads = Coalescer(self._read_batch)
+
+    async def _call(self, script: AsyncScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """Run a script that records work acknowledged to someone; with DURABLE_ACKS, return
+        only once the server confirms its writes reached the disk, or a replica.
+
+        WAITAOF and WAIT count the writes of the connection they are sent on, so they go in
+        one pipeline with the script, on its connection: one round trip, and one wait for the
+        whole batch the script carries (a group commit).
+        """
+        if self._durable_wait is None:
+            return await script(keys=keys, args=args)
+        for _ in range(2):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+                pipe.execute_command(*self._durable_wait)
+                reply, confirmed = await pipe.execute(raise_on_error=False)
+            if isinstance(reply, NoScriptError):
+                # Redis lost its scripts (a restart): the script did not run; load it, again.
+                await self.redis.script_load(script.script)
+                continue
+            for value in (reply, confirmed):
+                if isinstance(value, Exception):
+                    raise value
+            self._check_confirmed(confirmed)
+            return reply
+        raise NoScriptError("the script vanished again right after it was loaded")
+
+    def _check_confirmed(self, confirmed: Any) -> None:
+        timeout = self.settings.durable_ack_timeout
+        if self.settings.durable_acks == "fsync":
+            if int(confirmed[0]) < 1:
+                raise QueueBusy(
+                    QueueState.CANNOT_PERSIST,
+                    f"the write was not confirmed on disk within {timeout:g} s "
+                    "(DURABLE_ACKS=fsync, DURABLE_ACK_TIMEOUT)",
+                )
+        elif int(confirmed) < 1:
+            raise QueueBusy(
+                QueueState.NO_REPLICAS,
+                f"no replica confirmed the write within {timeout:g} s "
+                "(DURABLE_ACKS=replica, DURABLE_ACK_TIMEOUT)",
+            )
 
     async def open(self) -> None:
         """Subscribe to completions, so that long-polls are woken as soon as a task finishes."""
@@ -249,8 +347,9 @@ class RedisTaskQueue:
                 keys += (self.keys.submit_quota(t.scope), self.keys.unfinished(t.scope))
             keyed: int | str = 0 if t.idempotency_key is None else (t.replacing or 1)
             batch.append((t.task_id, t.request, t.signature, t.scope, t.traceparent, keyed))
-        reply = await self._submit(
-            keys=keys,
+        reply = await self._call(
+            self._submit,
+            keys,
             args=[repr(time.time()), s.cache_ttl, s.result_expiry, s.idempotency_ttl,
                   repr(s.submit_rate_per_key), s.submit_burst_per_key, s.max_unfinished_per_key,
                   int(quotas), orjson.dumps(batch)],
@@ -433,8 +532,9 @@ class RedisTaskQueue:
             )
             payload = f.result.decode() if f.outcome is Outcome.DONE else (f.error or "")
             batch.append((job.entry_id, job.task_id, f.outcome.value, payload, f.due_at))
-        reply = await self._finish(
-            keys=keys,
+        reply = await self._call(
+            self._finish,
+            keys,
             args=[self.keys.group, consumer, repr(time.time()), self.settings.cache_ttl,
                   self.keys.events, self.settings.result_expiry, orjson.dumps(batch)],
         )  # fmt: skip

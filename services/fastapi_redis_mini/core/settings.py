@@ -36,6 +36,10 @@ class Settings(BaseSettings):
     cache_ttl: int = Field(default=600, gt=0)
     result_expiry: int = Field(default=86400, gt=0)
     idempotency_ttl: int = Field(default=86400, gt=0)
+    # When a 202 (and a worker's outcome) is acknowledged: "none" once Redis has it in memory,
+    # "fsync" once it is on Redis's disk (WAITAOF), "replica" once a replica has it (WAIT).
+    durable_acks: Literal["none", "fsync", "replica"] = "none"
+    durable_ack_timeout: PositiveSeconds = 1.0
 
     # The worker
     max_concurrency: int = Field(default=5, ge=1, le=10000)
@@ -132,6 +136,12 @@ class Settings(BaseSettings):
             )
         if self.retry_backoff > self.retry_backoff_max:
             raise ValueError("RETRY_BACKOFF must not exceed RETRY_BACKOFF_MAX")
+        if self.durable_ack_timeout >= self.redis_socket_timeout:
+            raise ValueError(
+                "DURABLE_ACK_TIMEOUT must be below REDIS_SOCKET_TIMEOUT "
+                f"({self.durable_ack_timeout:g} >= {self.redis_socket_timeout:g}): the wait "
+                "is one Redis command"
+            )
         return self
 
     def check_api(self) -> None:

@@ -11,7 +11,7 @@ import uvicorn
 import uvloop
 
 from ..core.handlers import TaskHandler, resolve_handler
-from ..core.redis_queue import RedisTaskQueue, connect
+from ..core.redis_queue import RedisTaskQueue, connect, exit_unless_durable_acks
 from ..core.runtime import tune_gc
 from ..core.settings import Settings, load_settings_or_exit
 from ..core.telemetry.logging import configure_logging
@@ -69,6 +69,7 @@ async def serve(settings: Settings, handler: TaskHandler) -> None:
 def main() -> None:
     settings = load_settings_or_exit()
     configure_logging(settings.log_format, settings.log_level, "worker")
+    exit_unless_durable_acks(settings)
     try:
         handler = resolve_handler(settings.task_handler, settings.max_task_duration)
     except LookupError as error:
