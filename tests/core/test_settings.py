@@ -40,6 +40,8 @@ def test_api_keys_are_split_on_commas_and_never_shown() -> None:
         ("SUBMIT_RATE_PER_KEY", "nan"),
         ("SUBMIT_BURST_PER_KEY", "0"),
         ("MAX_UNFINISHED_PER_KEY", "-1"),
+        ("DURABLE_ACKS", "always"),
+        ("DURABLE_ACK_TIMEOUT", "5"),  # not below REDIS_SOCKET_TIMEOUT (2)
     ],
 )
 def test_a_bad_value_names_its_variable(

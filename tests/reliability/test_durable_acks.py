@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -10,6 +12,7 @@ import httpx
 import pytest
 import redis
 
+from ..support.processes import service_env
 from ..support.redis_server import RedisServer
 from ._chaos import collect, wait_until
 from .conftest import Launcher
@@ -193,3 +196,23 @@ def test_replica_without_a_replica_answers_503_after_the_timeout(launch: Launche
     assert answer.headers["retry-after"]
     assert 0.5 <= seconds < 5
     assert "Traceback" not in api.log
+
+
+@pytest.mark.parametrize("module", ["fastapi_redis_mini.api", "fastapi_redis_mini.worker"])
+def test_fsync_against_a_server_without_appendonly_stops_at_start_with_one_line(
+    module: str, redis_url: str
+) -> None:
+    completed = subprocess.run(
+        [sys.executable, "-m", module],
+        env={**service_env(redis_url), "DURABLE_ACKS": "fsync"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    lines = completed.stderr.strip().splitlines()
+    print(f"\nreliability[durable-acks-start]: {module} exit={completed.returncode} {lines}")
+    assert completed.returncode == 2
+    assert len(lines) == 1, completed.stderr
+    # Debian's Redis 7.0 has no WAITAOF at all; Valkey has it but refuses it without AOF.
+    assert "DURABLE_ACKS=fsync needs" in lines[0]
+    assert "Traceback" not in completed.stderr
