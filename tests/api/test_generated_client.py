@@ -174,7 +174,7 @@ def test_submit_wait_and_a_cache_hit(generated: Generated) -> None:
         assert isinstance(hit.parsed, models.TaskSubmitted)
         assert (hit.parsed.status, hit.parsed.cached) == (models.TaskStatus.DONE, True)
         assert hit.parsed.result == done.parsed.result
-        assert hit.parsed.task_id != task_id
+        assert hit.parsed.task_id == task_id  # a hit names the task that computed the result
 
 
 def test_cancel_of_a_running_task(generated: Generated) -> None:
