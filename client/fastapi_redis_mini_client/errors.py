@@ -81,13 +81,17 @@ class InvalidRequestError(RequestRefusedError):
 
 
 class RateLimitedError(RequestRefusedError):
-    """429: come back later; retried while its Retry-After is short enough."""
+    """429 (rate_limited: over SUBMIT_RATE_PER_KEY); retried while its Retry-After is short."""
 
     retryable = True
 
 
 class BacklogFullError(RateLimitedError):
     """429 backlog_full: the queue holds more than the service's MAX_BACKLOG."""
+
+
+class TooManyUnfinishedError(RateLimitedError):
+    """429 too_many_unfinished: this API key has MAX_UNFINISHED_PER_KEY tasks not final yet."""
 
 
 class ServerError(APIError):
@@ -162,6 +166,8 @@ _BY_CODE: dict[tuple[int, str], type[APIError]] = {
     (415, "unsupported_media_type"): UnsupportedMediaTypeError,
     (422, "invalid_request"): InvalidRequestError,
     (429, "backlog_full"): BacklogFullError,
+    (429, "rate_limited"): RateLimitedError,
+    (429, "too_many_unfinished"): TooManyUnfinishedError,
     (500, "internal_error"): InternalServerError,
     (503, "redis_unavailable"): RedisUnavailableError,
 }

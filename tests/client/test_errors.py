@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from fastapi_redis_mini_client import (
     ServiceUnavailableError,
     ServiceUnreachableError,
     TaskNotFoundError,
+    TooManyUnfinishedError,
     UnauthorizedError,
     UnsupportedMediaTypeError,
 )
@@ -181,6 +183,59 @@ def test_backlog_full(connect: Connect, backlog_api: Service) -> None:
     assert isinstance(refused, RateLimitedError)
     assert (refused.status_code, refused.code) == (429, "backlog_full")
     assert refused.retry_after is not None
+
+
+def start_quota_api(stack: Stack, **env: str) -> Service:
+    """An api with per-key quotas on its own key prefix, which no worker reads."""
+    return start_api(
+        stack.redis.url, {"API_KEYS": API_KEY, "KEY_PREFIX": f"quota-{uuid.uuid4().hex}:", **env}
+    )
+
+
+@pytest.fixture(scope="module")
+def rate_api(stack: Stack) -> Iterator[Service]:
+    api = start_quota_api(stack, SUBMIT_RATE_PER_KEY="0.01", SUBMIT_BURST_PER_KEY="1")
+    try:
+        yield api
+    finally:
+        api.close()
+
+
+@pytest.fixture(scope="module")
+def unfinished_api(stack: Stack) -> Iterator[Service]:
+    api = start_quota_api(stack, MAX_UNFINISHED_PER_KEY="1")
+    try:
+        yield api
+    finally:
+        api.close()
+
+
+def test_rate_limited_with_a_long_retry_after_is_raised_at_once(
+    connect: Connect, rate_api: Service
+) -> None:
+    # One submit a 100 s: the Retry-After is above the policy's 30 s, so no retry waits it out.
+    client = connect(rate_api.base_url, retry=RetryPolicy())
+    with contextlib.suppress(RateLimitedError):
+        client.submit(f"spends the burst {uuid.uuid4().hex}")  # (the other kind spent it)
+    began = time.monotonic()
+    with pytest.raises(RateLimitedError) as raised:
+        client.submit(f"over the rate {uuid.uuid4().hex}")
+    assert time.monotonic() - began < 5.0
+    error = raised.value
+    assert type(error) is RateLimitedError
+    assert (error.status_code, error.code, error.attempts) == (429, "rate_limited", 1)
+    assert error.retry_after is not None
+    assert error.retry_after > 30
+
+
+def test_too_many_unfinished(connect: Connect, unfinished_api: Service) -> None:
+    client = connect(unfinished_api.base_url, retry=ONCE)
+    with contextlib.suppress(TooManyUnfinishedError):
+        client.submit(f"never runs {uuid.uuid4().hex}")  # (the other kind's may be there)
+    with pytest.raises(TooManyUnfinishedError) as raised:
+        client.submit(f"one too many {uuid.uuid4().hex}")
+    assert isinstance(raised.value, RateLimitedError)
+    assert (raised.value.status_code, raised.value.code) == (429, "too_many_unfinished")
 
 
 def test_no_answer_at_all_is_service_unreachable(connect: Connect) -> None:
