@@ -169,14 +169,13 @@ class LongPollers:
 
 # The late long-poll waits this long past SIGTERM, so the drain has something to answer.
 LATE_WAIT_AFTER_SIGTERM = 2
-LATE_ANSWERS: list[int] = []
 
 
-def late_long_poll(pod_url: str, pause: float) -> None:
+def late_long_poll(pod_url: str, pause: float, answers: list[int]) -> None:
     with httpx.Client(base_url=pod_url, timeout=60) as client:
         task_id = client.post("/tasks", json={"prompt": "in flight at SIGTERM"}).json()["task_id"]
         wait = pause + LATE_WAIT_AFTER_SIGTERM
-        LATE_ANSWERS.append(client.get(f"/tasks/{task_id}?wait={wait:g}").status_code)
+        answers.append(client.get(f"/tasks/{task_id}?wait={wait:g}").status_code)
 
 
 @pytest.fixture
@@ -235,10 +234,19 @@ def test_stopping_an_api_pod_under_load_fails_no_request(
     load_seconds = (
         LOAD_BEFORE_STOP_SECONDS + pause + LONG_POLL_SECONDS + 3 + LOAD_AFTER_EXIT_SECONDS
     )
+    late_answers: list[int] = []
     with Balancer(ports) as service:
         base = f"http://127.0.0.1:{service.port}"
         wrk_run = subprocess.Popen(
-            [wrk, "-t2", "-c8", f"-d{int(load_seconds)}s", f"{base}/tasks/{task_id}"],
+            [
+                wrk,
+                "-t2",
+                "-c8",
+                "--timeout",
+                "10s",
+                f"-d{int(load_seconds)}s",
+                f"{base}/tasks/{task_id}",
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -248,7 +256,9 @@ def test_stopping_an_api_pod_under_load_fails_no_request(
             served_before = service.connections[ports[0]]
             # A request that reached the pod just before its endpoint went, still in flight
             # when SIGTERM comes: the drain must answer it.
-            in_flight = threading.Thread(target=late_long_poll, args=(leaving.base_url, pause))
+            in_flight = threading.Thread(
+                target=late_long_poll, args=(leaving.base_url, pause, late_answers)
+            )
             in_flight.start()
             # The kubelet: endpoints go, the preStop hook runs, then SIGTERM to PID 1.
             stopping = time.monotonic()
@@ -271,7 +281,7 @@ def test_stopping_an_api_pod_under_load_fails_no_request(
         f"connections={dict(service.connections)} refused={service.refused}"
     )
     assert exit_code == 0, leaving.log
-    assert LATE_ANSWERS == [200], "the request in flight at SIGTERM was not answered"
+    assert late_answers == [200], "the request in flight at SIGTERM was not answered"
     assert pause + LATE_WAIT_AFTER_SIGTERM <= stopped_in < grace
     assert served_before > 0, "the stopped pod served nothing: the test proved nothing"
     assert figures["requests"] > 0
