@@ -22,7 +22,7 @@ def test_tracing_stays_off_by_default() -> None:
 def test_otel_values_become_the_sdks_variables_for_api_and_worker() -> None:
     values: Values = {
         "otel": {
-            "endpoint": "http://otel-collector.observability:4318",
+            "exporterOtlpEndpoint": "http://otel-collector.observability:4318",
             "tracesSampler": "parentbased_traceidratio",
             "tracesSamplerArg": "0.25",
             "resourceAttributes": "deployment.environment=prod",
@@ -45,7 +45,7 @@ def test_otel_values_become_the_sdks_variables_for_api_and_worker() -> None:
 @pytest.mark.parametrize(
     ("otel", "field"),
     [
-        ({"endpoint": "collector:4318"}, "otel.endpoint"),
+        ({"exporterOtlpEndpoint": "collector:4318"}, "otel.exporterOtlpEndpoint"),
         ({"tracesSampler": "sometimes"}, "otel.tracesSampler"),
         ({"tracesSamplerArg": "1.5"}, "otel.tracesSamplerArg"),
         ({"resourceAttributes": "no equals sign"}, "otel.resourceAttributes"),

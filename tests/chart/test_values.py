@@ -56,7 +56,7 @@ ALTERNATIVES: dict[str, Any] = {
     "config.keyPrefix": "blue:",
     "config.logFormat": "text",
     "config.logLevel": "DEBUG",
-    "otel.endpoint": "http://otel-collector.observability:4318",
+    "otel.exporterOtlpEndpoint": "http://otel-collector.observability:4318",
     "otel.tracesSampler": "always_on",
     "otel.tracesSamplerArg": "0.25",
     "otel.resourceAttributes": "deployment.environment=prod",

@@ -86,6 +86,10 @@ class Settings(BaseSettings):
     otel_service_name: str | None = None
     otel_exporter_otlp_endpoint: str | None = None
     otel_exporter_otlp_traces_endpoint: str | None = None
+    # Read by the SDK itself; declared so the chart's ConfigMap holds only known settings.
+    otel_traces_sampler: str | None = None
+    otel_traces_sampler_arg: str | None = None
+    otel_resource_attributes: str | None = None
 
     @property
     def tracing_exporter(self) -> str | None:
