@@ -12,6 +12,7 @@ import redis.asyncio
 from fastapi_redis_mini.core.redis_queue import RedisTaskQueue, connect
 from fastapi_redis_mini.core.settings import Settings
 
+from .support.redis_cluster import RedisCluster
 from .support.redis_server import RedisServer
 
 
@@ -26,6 +27,24 @@ def redis_server() -> Iterator[RedisServer]:
     server.start()
     yield server
     server.close()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisCluster]:
+    """A 6-node Redis Cluster (3 masters, 3 replicas) for the session, started on first use."""
+    cluster = RedisCluster()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture
+def redis_cluster_url(redis_cluster: RedisCluster) -> str:
+    """One node's URL of the session cluster, every master emptied before the test."""
+    redis_cluster.flush()
+    return redis_cluster.url
 
 
 @pytest.fixture

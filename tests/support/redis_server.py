@@ -49,9 +49,10 @@ class RedisServer:
         appendonly: bool = False,
         appendfsync: str = "everysec",
         password: str | None = None,
+        port: int | None = None,
     ) -> None:
         self.binary = server_binary()
-        self.port = free_port()
+        self.port = port if port is not None else free_port()
         self.appendonly = appendonly
         self.appendfsync = appendfsync
         # requirepass; `url` leaves it out, so a test chooses how the service gets it.

