@@ -54,12 +54,18 @@ def api_env(url: str, port: int, workers: int, space: Workspace, name: str) -> d
     }
 
 
-def start_api(space: Workspace, url: str, workers: int, name: str = "api") -> Server:
+def start_api(
+    space: Workspace,
+    url: str,
+    workers: int,
+    name: str = "api",
+    env: dict[str, str] | None = None,
+) -> Server:
     port = free_port()
     process = space.spawn(
         name,
         [sys.executable, "-m", "fastapi_redis_mini.api"],
-        api_env(url, port, workers, space, name),
+        {**api_env(url, port, workers, space, name), **(env or {})},
     )
     server = Server(name, process, port)
     wait_http(f"{server.base}/readyz", process)
@@ -213,4 +219,30 @@ def measure_endpoint(
         "errors": sum(
             r[side]["errors"] for r in (*max_rounds, *paced_rounds) for side in ("ours", "bare")
         ),
+    }
+
+
+def measure_durable_acks(servers: dict[str, Server], seconds: float, rounds: int) -> dict[str, Any]:
+    """POST /tasks misses at MAX_CONNECTIONS on apis that differ only in DURABLE_ACKS.
+
+    The apis take turns within each round, in alternating order, so a burst of other load
+    falls on both; the round with the median fsync/none rps ratio is reported.
+    """
+    env = {"BENCH_RUN_ID": uuid.uuid4().hex[:8]}
+    names = list(servers)
+    kept: list[dict[str, Any]] = []
+    for n in range(rounds):
+        order = names if n % 2 == 0 else names[::-1]
+        runs = {
+            name: _max_rate(servers[name], SCRIPTS["post_miss"], seconds, env) for name in order
+        }
+        kept.append({"runs": runs, "rps_ratio": _ratio(runs["fsync"]["rps"], runs["none"]["rps"])})
+    median = _median_round(kept, "rps_ratio")
+    return {
+        "connections": MAX_CONNECTIONS,
+        "rps": {name: run["rps"] for name, run in median["runs"].items()},
+        "p99_us": {name: run["p99_us"] for name, run in median["runs"].items()},
+        "errors": sum(run["errors"] for r in kept for run in r["runs"].values()),
+        "rps_ratio": median["rps_ratio"],
+        "rounds": [r["rps_ratio"] for r in kept],
     }

@@ -8,6 +8,9 @@ from typing import Any
 WORKER_GOAL = 8.0
 API_GOALS = {"POST /tasks (miss)": 0.7, "POST /tasks (hit)": 0.8}
 P99_GOAL = 2.0
+# DURABLE_ACKS=fsync against none, POST /tasks misses at 50 connections, on appendfsync always.
+DURABLE_GOAL = 0.5
+MAX_CONNECTIONS_DURABLE = 50
 
 
 def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -40,6 +43,16 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
                     at_least=False,
                 )
             )
+    durable = report.get("durable")
+    if durable and "always" in durable:
+        verdicts.append(
+            _verdict(
+                "POST /tasks (miss) rps, DURABLE_ACKS fsync / none (appendfsync always)",
+                durable["always"]["rps_ratio"],
+                DURABLE_GOAL,
+                at_least=True,
+            )
+        )
     return verdicts
 
 
@@ -179,6 +192,26 @@ def _rows(report: dict[str, Any]) -> list[tuple[str, list[list[str]]]]:
             ],
         ]
         tables.append(("End to end over HTTP, one api, one worker", rows))
+    durable = report.get("durable")
+    if durable:
+        rows = [["appendfsync", "DURABLE_ACKS", "rps", "p99", "fsync / none rps (rounds)"]]
+        for appendfsync, result in durable.items():
+            for mode in ("none", "fsync"):
+                rows.append(
+                    [
+                        appendfsync,
+                        mode,
+                        f"{result['rps'][mode]:.0f}",
+                        f"{result['p99_us'][mode] / 1000:.1f} ms",
+                        ""
+                        if mode == "none"
+                        else f"{result['rps_ratio']:.2f} "
+                        f"({', '.join(f'{r:.2f}' for r in result['rounds'])})",
+                    ]
+                )
+        tables.append(
+            (f"POST /tasks misses, {MAX_CONNECTIONS_DURABLE} connections, by DURABLE_ACKS", rows)
+        )
     scale = report.get("scale")
     if scale:
         rows = [

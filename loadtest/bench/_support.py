@@ -159,14 +159,21 @@ class RedisServer:
             return f"{name} {info.get('valkey_version') or info.get('redis_version')}"
 
 
-def start_redis(space: Workspace) -> RedisServer:
+def start_redis(
+    space: Workspace, *, appendfsync: str | None = None, name: str = "redis"
+) -> RedisServer:
+    """A server without persistence, or with the append-only file and this appendfsync."""
     port = free_port()
+    directory = space.root / name
+    directory.mkdir(exist_ok=True)
     argv = [
         redis_binary(),
-        "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-        "--dir", str(space.root),
+        "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+        "--appendonly", "yes" if appendfsync else "no",
+        "--appendfsync", appendfsync or "everysec",
+        "--dir", str(directory),
     ]  # fmt: skip
-    server = RedisServer(space.spawn("redis", argv), port)
+    server = RedisServer(space.spawn(name, argv), port)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         with contextlib.suppress(redis.ConnectionError), server.client() as client:

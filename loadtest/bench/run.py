@@ -20,14 +20,22 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from _api import LABELS, SCRIPTS, measure_endpoint, start_api, start_bare, warm_cache
+from _api import (
+    LABELS,
+    SCRIPTS,
+    measure_durable_acks,
+    measure_endpoint,
+    start_api,
+    start_bare,
+    warm_cache,
+)
 from _e2e import end_to_end, memory_after
 from _report import print_table, targets, write_markdown
 from _support import ROOT, RedisServer, Workspace, require_wrk, start_redis, workspace, wrk
 from _workers import PEERS, drain_ours, drain_peer, spawn_worker, wait_worker_ready
 
 PEER_PYTHON = ROOT / ".venv-bench" / "bin" / "python"
-SECTIONS = ("worker", "api", "e2e", "scale", "memory")
+SECTIONS = ("worker", "api", "durable", "e2e", "scale", "memory")
 Report = dict[str, Any]
 
 
@@ -198,9 +206,34 @@ def memory_section(
         api.process.stop()
 
 
+def durable_section(
+    space: Workspace, redis_server: RedisServer, args: argparse.Namespace, report: Report
+) -> Any:
+    """POST /tasks misses with DURABLE_ACKS=fsync against none, on Redis with its AOF."""
+    results = {}
+    for appendfsync in ("everysec", "always"):
+        aof = start_redis(space, appendfsync=appendfsync, name=f"redis-aof-{appendfsync}")
+        servers = {
+            mode: start_api(
+                space, aof.url, args.api_workers, name=f"api-{mode}-{appendfsync}",
+                env={"DURABLE_ACKS": mode},
+            )
+            for mode in ("none", "fsync")
+        }  # fmt: skip
+        log(f"durable: POST /tasks misses, DURABLE_ACKS fsync against none, {appendfsync}")
+        try:
+            results[appendfsync] = measure_durable_acks(servers, args.api_seconds, args.api_rounds)
+        finally:
+            for server in servers.values():
+                server.process.stop()
+            aof.process.stop()
+    return results
+
+
 RUNNERS: dict[str, Callable[[Workspace, RedisServer, argparse.Namespace, Report], Any]] = {
     "worker": worker_section,
     "api": api_section,
+    "durable": durable_section,
     "e2e": e2e_section,
     "scale": scale_section,
     "memory": memory_section,

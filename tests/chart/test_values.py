@@ -56,6 +56,7 @@ ALTERNATIVES: dict[str, Any] = {
     "config.keyPrefix": "blue:",
     "config.logFormat": "text",
     "config.logLevel": "DEBUG",
+    "config.durableAcks": "fsync",
     "otel.exporterOtlpEndpoint": "http://otel-collector.observability:4318",
     "otel.tracesSampler": "always_on",
     "otel.tracesSamplerArg": "0.25",

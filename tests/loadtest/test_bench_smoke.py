@@ -31,7 +31,7 @@ def test_bench_without_peers_measures_every_section_and_writes_both_reports(
     wrk_binary: str, tmp_path: Path
 ) -> None:
     result = subprocess.run(
-        [sys.executable, str(BENCH), "--sections", "api,e2e,scale,memory",
+        [sys.executable, str(BENCH), "--sections", "api,durable,e2e,scale,memory",
          "--tasks", "300", "--scale", "1,2", "--api-seconds", "1", "--api-rounds", "2",
          "--e2e-tasks", "200", "--memory-tasks", "200", "--out", str(tmp_path)],
         cwd=REPO_ROOT,
@@ -59,7 +59,13 @@ def test_bench_without_peers_measures_every_section_and_writes_both_reports(
         assert endpoint["p99_ratio"] in endpoint["rounds"]["p99_ratio"]
     assert report["e2e"]["done"] == 200
     assert [run["completed"] for run in report["scale"]["runs"]] == [300, 300]
+    for appendfsync in ("everysec", "always"):
+        durable = report["durable"][appendfsync]
+        assert durable["errors"] == 0, durable
+        assert min(durable["rps"]["none"], durable["rps"]["fsync"]) > 0
+        assert durable["rps_ratio"] in durable["rounds"]
     assert report["memory"]["tasks"] == 200
+    assert report["memory"]["hits"] == 200
     assert report["memory"]["after"]["redis_used_memory"] > 0
     assert "## Api throughput" in (tmp_path / "bench.md").read_text()
     assert "Targets" in result.stdout
