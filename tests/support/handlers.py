@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
 
 from fastapi_redis_mini.core.handlers import RetryableError, SimulatedInference, TaskHandler
 
@@ -47,3 +49,33 @@ class FlakyThenFine:
 
 async def not_json(prompt: str, params: Mapping[str, Any]) -> Any:
     return {"a set": {1, 2}}
+
+
+class TranslateParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    target: Literal["de", "fr"]
+
+
+class Translator:
+    """A handler with a Params model of its own, which the api checks every submit against."""
+
+    Params = TranslateParams
+
+    def __init__(self, max_duration: float) -> None:
+        self.max_duration = max_duration
+
+    async def __call__(self, prompt: str, params: Mapping[str, Any]) -> Any:
+        return {"translation": f"[{TranslateParams.model_validate(params).target}] {prompt}"}
+
+
+class NotAModel:
+    """A factory whose Params is not a pydantic model: the api refuses to start with it."""
+
+    Params = dict
+
+    def __init__(self, max_duration: float) -> None:
+        self.max_duration = max_duration
+
+    async def __call__(self, prompt: str, params: Mapping[str, Any]) -> Any:
+        return None

@@ -18,6 +18,7 @@ from typing import Any
 from gunicorn.app.base import BaseApplication
 from gunicorn.glogging import Logger as GunicornLogger
 
+from ..core.handlers import handler_params
 from ..core.redis_queue import exit_unless_durable_acks
 from ..core.settings import Settings, load_settings_or_exit
 from ..core.telemetry.logging import configure_logging
@@ -64,6 +65,11 @@ def _prepare_metrics_dir(settings: Settings) -> str:
 def main() -> None:
     settings = load_settings_or_exit(api=True)
     configure_logging(settings.log_format, settings.log_level, "api")
+    try:
+        # Submits are checked with the handler's Params, so its module must load here too.
+        handler_params(settings.task_handler)
+    except LookupError as error:
+        raise SystemExit(f"fastapi-redis-mini: invalid configuration: {error}") from None
     exit_unless_durable_acks(settings)
     # The worker processes read it through Settings, and prometheus_client reads it at import.
     metrics_dir = _prepare_metrics_dir(settings)

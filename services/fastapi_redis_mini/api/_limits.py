@@ -12,8 +12,10 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, Field
 
+from ..core.handlers import MAX_TASK_DURATION
 from ..core.models import TaskCreate
 from ..core.settings import Settings
+from .deps import validated
 from .errors import InvalidFieldError
 
 MAX_WAIT = 30.0
@@ -55,8 +57,12 @@ def _depth(value: Any) -> int:
     return 0
 
 
-def check_task(task: TaskCreate, settings: Settings) -> None:
-    """Raise InvalidFieldError naming the first field that breaks a limit."""
+def check_task(task: TaskCreate, settings: Settings, params_model: type[BaseModel] | None) -> None:
+    """Raise a 422 naming the first field that breaks a limit.
+
+    The size and depth limits hold for any handler; what the params mean is the handler's,
+    checked with the Params model it declares (core/handlers.py), if it declares one.
+    """
     if len(task.prompt) > settings.max_prompt_chars:
         raise InvalidFieldError("prompt", f"longer than {settings.max_prompt_chars} characters")
     params = task.params
@@ -71,15 +77,6 @@ def check_task(task: TaskCreate, settings: Settings) -> None:
         raise InvalidFieldError("params", f"nested deeper than {settings.max_params_depth}")
     if len(encoded) > settings.max_params_bytes:
         raise InvalidFieldError("params", f"larger than {settings.max_params_bytes} bytes")
-    duration = params.get("duration", 0)
-    if isinstance(duration, bool) or not isinstance(duration, int | float):
-        raise InvalidFieldError("params.duration", "must be a number of seconds")
-    if not 0 <= duration <= settings.max_task_duration:
-        raise InvalidFieldError(
-            "params.duration", f"must be between 0 and {settings.max_task_duration:g} seconds"
-        )
-    for flag in ("fail", "retryable"):
-        if flag in params and not isinstance(params[flag], bool):
-            raise InvalidFieldError(f"params.{flag}", "must be true or false")
-    if "model" in params and not isinstance(params["model"], str):
-        raise InvalidFieldError("params.model", "must be a string")
+    if params_model is not None:
+        context = {MAX_TASK_DURATION: settings.max_task_duration}
+        validated(params_model, params, "body", "params", context=context)

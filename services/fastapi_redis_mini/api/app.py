@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from .. import __version__
+from ..core.handlers import handler_params
 from ..core.runtime import tune_gc
 from ..core.settings import Settings, get_settings
 from ..core.telemetry.logging import configure_logging
@@ -30,12 +31,14 @@ identical request finished recently. Workers run queued tasks in the background;
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    # Read before anything starts, so that a TASK_HANDLER the api cannot load stops it at once.
+    params = handler_params(settings.task_handler)
     tracing = configure_tracing(settings, "fastapi-redis-mini-api")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
-            async with ApiState.opened(settings, tracing=tracing) as state:
+            async with ApiState.opened(settings, tracing=tracing, handler_params=params) as state:
                 app.state.api = state
                 yield
         finally:

@@ -106,13 +106,18 @@ def _invalid(error: ValidationError, body: bytes) -> RequestValidationError:
     return RequestValidationError(errors, body=body)
 
 
-def validated(model: type[M], values: Mapping[str, Any], location: str) -> M:
-    """`values` (query parameters or headers) as `model`; a 422 naming the field otherwise."""
+def validated(
+    model: type[M],
+    values: Mapping[str, Any],
+    *location: str,
+    context: Mapping[str, Any] | None = None,
+) -> M:
+    """`values` as `model`; otherwise a 422 naming the field, found at `location` ("query")."""
     try:
-        return model.model_validate(values)
+        return model.model_validate(values, context=context)
     except ValidationError as error:
         errors = [
-            {**item, "loc": (location, *item["loc"])}
+            {**item, "loc": (*location, *item["loc"])}
             for item in error.errors(include_url=False, include_input=False)
         ]
         raise RequestValidationError(errors) from None

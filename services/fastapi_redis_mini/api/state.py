@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from fastapi import Request
-from pydantic import SecretStr
+from pydantic import BaseModel, SecretStr
 
 from ..core.queue import TaskQueue
 from ..core.redis_queue import RedisTaskQueue, connect
@@ -82,10 +82,14 @@ class ApiState:
     api_keys: ApiKeys
     backlog: BacklogGate
     tracing: bool
+    # The Params model of TASK_HANDLER, which every submit's params must satisfy.
+    handler_params: type[BaseModel] | None
 
     @classmethod
     @asynccontextmanager
-    async def opened(cls, settings: Settings, *, tracing: bool) -> AsyncIterator[ApiState]:
+    async def opened(
+        cls, settings: Settings, *, tracing: bool, handler_params: type[BaseModel] | None
+    ) -> AsyncIterator[ApiState]:
         """The state for the app's lifespan: the queue opened on entry and closed on exit."""
         queue = RedisTaskQueue(connect(settings), settings)
         try:
@@ -96,6 +100,7 @@ class ApiState:
                 api_keys=ApiKeys(settings.api_keys),
                 backlog=BacklogGate(settings.max_backlog),
                 tracing=tracing,
+                handler_params=handler_params,
             )
         finally:
             await queue.close()

@@ -8,6 +8,16 @@ import importlib
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol, cast
 
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictStr,
+    ValidationInfo,
+    field_validator,
+)
+
 
 class RetryableError(Exception):
     """Raise from a handler when trying again later may succeed (a busy model, a flaky network)."""
@@ -23,25 +33,53 @@ class TaskHandler(Protocol):
     async def __call__(self, prompt: str, params: Mapping[str, Any]) -> Any: ...
 
 
-class SimulatedInference:
-    """Stands in for a model: waits params.duration seconds, then answers deterministically.
+# What a Params model's validators find in their ValidationInfo.context.
+MAX_TASK_DURATION = "max_task_duration"
 
-    params: duration (seconds, float, capped by MAX_TASK_DURATION), fail (bool: raise),
-    retryable (bool: with fail, raise RetryableError), model (str: echoed back).
-    """
+
+class SimulateParams(BaseModel):
+    """The params the built-in handler reads. Other keys pass: they are part of the signature."""
+
+    model_config = ConfigDict(extra="allow")
+
+    duration: float = Field(
+        default=0.0,
+        ge=0,
+        strict=True,
+        allow_inf_nan=False,
+        description="Seconds to take, at most MAX_TASK_DURATION.",
+    )
+    fail: StrictBool = Field(default=False, description="Fail the task.")
+    retryable: StrictBool = Field(default=False, description="With fail: fail it retryably.")
+    model: StrictStr = Field(default="sim-1", description="Echoed back in the result.")
+
+    @field_validator("duration")
+    @classmethod
+    def _at_most_max_task_duration(cls, value: float, info: ValidationInfo) -> float:
+        limit = (info.context or {}).get(MAX_TASK_DURATION)
+        if limit is not None and value > limit:
+            raise ValueError(f"must be at most MAX_TASK_DURATION ({limit:g} seconds)")
+        return value
+
+
+class SimulatedInference:
+    """Stands in for a model: waits params.duration seconds, then answers deterministically."""
+
+    Params = SimulateParams
 
     def __init__(self, max_duration: float) -> None:
         self.max_duration = max_duration
 
     async def __call__(self, prompt: str, params: Mapping[str, Any]) -> Any:
-        duration = min(float(params.get("duration", 0.0) or 0.0), self.max_duration)
+        options = SimulateParams.model_validate(params)
+        duration = min(options.duration, self.max_duration)
         if duration > 0:
             await asyncio.sleep(duration)
-        if params.get("fail"):
-            if params.get("retryable"):
+        if options.fail:
+            if options.retryable:
                 raise RetryableError("simulated transient failure")
             raise TaskFailedError("simulated failure requested by params.fail")
-        model = str(params.get("model", "sim-1"))
+        model = options.model
         digest = hashlib.sha256(f"{model}\0{prompt}".encode()).hexdigest()[:16]
         words = prompt.split()
         return {
@@ -57,18 +95,33 @@ HandlerFactory = Callable[[float], TaskHandler]
 HANDLERS: dict[str, HandlerFactory] = {"simulate": SimulatedInference}
 
 
-def resolve_handler(name: str, max_duration: float) -> TaskHandler:
-    """A registered name, or "package.module:factory" for a handler that lives elsewhere."""
+def _factory(name: str) -> HandlerFactory:
     if ":" in name:
         module_name, _, attribute = name.partition(":")
         try:
             factory = getattr(importlib.import_module(module_name), attribute)
         except (ImportError, AttributeError) as error:
             raise LookupError(f"TASK_HANDLER: cannot load {name!r} ({error})") from None
-        return cast(HandlerFactory, factory)(max_duration)
+        return cast(HandlerFactory, factory)
     try:
-        factory = HANDLERS[name]
+        return HANDLERS[name]
     except KeyError:
         known = ", ".join(sorted(HANDLERS))
         raise LookupError(f"TASK_HANDLER: unknown handler {name!r} (known: {known})") from None
-    return factory(max_duration)
+
+
+def resolve_handler(name: str, max_duration: float) -> TaskHandler:
+    """A registered name, or "package.module:factory" for a handler that lives elsewhere."""
+    return _factory(name)(max_duration)
+
+
+def handler_params(name: str) -> type[BaseModel] | None:
+    """The Params model the handler's factory declares, if any, without making the handler.
+
+    The api validates every submit's params with it, passing MAX_TASK_DURATION in the
+    validation context, so a bad parameter is a 422 naming it rather than a failed task.
+    """
+    params = getattr(_factory(name), "Params", None)
+    if params is not None and not (isinstance(params, type) and issubclass(params, BaseModel)):
+        raise LookupError(f"TASK_HANDLER: {name!r} has a Params that is not a pydantic model")
+    return params

@@ -40,7 +40,8 @@ class TaskCreate(BaseModel):
     prompt: str = Field(min_length=1, description="The input text of the task.")
     params: dict[str, Any] = Field(
         default_factory=dict,
-        description="Handler options. The built-in handler reads duration, fail and model.",
+        description="Handler options, checked with the Params model of the handler. The "
+        "built-in handler reads duration, fail, retryable and model; other keys pass.",
     )
 
     @cached_property
