@@ -102,6 +102,24 @@ def test_keda_reaches_redis_by_a_name_resolvable_from_namespace_keda(domain: str
     assert is_fully_qualified(host, domain), "other namespaces get fully qualified names"
 
 
+def test_keda_reaches_an_external_redis_named_by_a_bare_service_name_of_the_namespace() -> None:
+    # REDIS_URL may name a Redis Service of the release's namespace by its bare name: the api
+    # and the worker resolve it there, and KEDA must reach the same Service from its own.
+    values = {
+        **VALUE_SETS["keda"],
+        "redis": {"enabled": False},
+        "externalRedis": {"url": "redis://shared-redis:6380/1", "existingSecret": "s"},
+    }
+    objects = render(values)
+    shared = Service("shared-redis", NAMESPACE)
+    url_host = urlsplit(settings_of(objects)["REDIS_URL"]).hostname
+    assert resolve(str(url_host), NAMESPACE, [shared]) == shared
+    (trigger,) = only(objects, "ScaledObject")["spec"]["triggers"]
+    host, _, port = trigger["metadata"]["address"].rpartition(":")
+    assert resolve(host, KEDA_NAMESPACE, [shared]) == shared
+    assert port == "6380"
+
+
 def test_the_resolver_model_refuses_a_short_name_from_another_namespace() -> None:
     objects = render_set("keda")
     redis = only(objects, "Service", "redis")["metadata"]["name"]
