@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -185,6 +186,14 @@ def test_images_run_under_the_charts_own_settings_and_finish_a_task(
                         what="the helm test pod",
                     )
                     assert exit_code == 0, test_pod.logs()
+
+                # The api's preStop hook, run as the kubelet runs it: inside the container,
+                # as its user, on its read-only root. From then on answers close connections.
+                api_spec = pod_spec(api_workload)["containers"][0]
+                docker("exec", api.name, *api_spec["lifecycle"]["preStop"]["exec"]["command"])
+                time.sleep(0.5)  # the api looks for the hook's marker every quarter second
+                leaving = httpx.get(f"{base}/healthz", timeout=10)
+                assert leaving.headers.get("connection") == "close"
 
                 # A scale-down: SIGTERM while a task runs, with the rendered grace period.
                 running = httpx.post(

@@ -24,7 +24,7 @@ KIND_CONFIG = REPO / "kind-config.yaml"
 K8S = REPO / "k8s"
 MAKEFILE = REPO / "mk" / "k8s.mk"
 CURRENT_SKAFFOLD_SCHEMAS = {"skaffold/v4beta13", "skaffold/v4beta14"}
-MAKE_TARGETS = ["cluster-up", "cluster-down", "dev", "deploy", "loadtest-ui", "grafana"]
+MAKE_TARGETS = ["cluster-up", "cluster-down", "dev", "deploy", "loadtest-ui", "grafana", "smoke"]
 K8S_TOOLS = ["kind", "helm", "kubectl", "skaffold", "docker"]
 
 
