@@ -201,6 +201,27 @@ def test_prometheus_adapter_reads_the_lag_scraped_in_the_hpas_own_namespace() ->
     assert resolve(str(host), MONITORING_NAMESPACE, [prometheus_service]) == prometheus_service
 
 
+def test_grafanas_sidecar_finds_each_releases_dashboard_under_its_own_file_name() -> None:
+    values = yaml.safe_load((K8S / "kube-prometheus-stack-values.yaml").read_text())
+    sidecar = values["grafana"]["sidecar"]["dashboards"]
+    # The sidecar watches ConfigMaps by label in every namespace ("ALL"), then writes each
+    # key as a file of that name into one folder that Grafana reads.
+    assert sidecar["searchNamespace"] == "ALL"
+    files: dict[str, str] = {}
+    for release in ("blue", "green"):
+        found = [
+            o
+            for o in render(release=release)
+            if o.kind == "ConfigMap"
+            and o.manifest["metadata"]["labels"].get(sidecar["label"]) == sidecar["labelValue"]
+        ]
+        assert len(found) == 1, f"release {release}: the sidecar finds {len(found)} ConfigMaps"
+        for key in found[0].manifest["data"]:
+            assert key not in files, f"{release} overwrites {files.get(key)}'s {key}"
+            files[key] = release
+    assert set(files.values()) == {"blue", "green"}
+
+
 # -- NetworkPolicy -----------------------------------------------------------------------
 
 
