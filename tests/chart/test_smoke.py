@@ -293,3 +293,25 @@ def test_make_smoke_names_the_tool_it_is_missing(tool: str, tmp_path: Path) -> N
     )
     assert result.returncode != 0
     assert f"make smoke: missing {tool}" in result.stderr
+
+
+def test_docs_end_by_explaining_every_check_the_report_can_show() -> None:
+    import re
+
+    script = SCRIPT.read_text()
+    checks = set(re.findall(r'result (?:PASS|FAIL) "?([a-z][a-z -]*[a-z])"? ', script))
+    assert {"release", "helm test", "autoscaler", "queue"} <= checks
+    docs = (REPO / "docs" / "kubernetes.md").read_text()
+    headings = re.findall(r"^## (.+)$", docs, re.MULTILINE)
+    assert headings[-1] == "The smoke test"
+    smoke_section = docs.rpartition("## The smoke test")[2]
+    explained = set(re.findall(r"^\| `([^`]+)` \|", smoke_section, re.MULTILINE))
+    assert checks == explained
+
+
+def test_a_worker_that_never_scales_out_fails_the_autoscaler_check(tmp_path: Path) -> None:
+    result, _ = run_smoke(tmp_path, scenario(worker_replicas=["1"]))
+    assert result.returncode == 1
+    assert report(result)["autoscaler"] == (
+        "FAIL ScaledObject Ready, but the worker stayed at 1 replicas (min 1)"
+    )

@@ -233,7 +233,7 @@ if [[ -z $scaler ]]; then
 elif [[ $ready != True ]]; then
     result FAIL autoscaler "${scaler} not Ready: ${message:-no condition reported}"
 elif ((most <= ${minimum:-1})); then
-    result FAIL "scale-out" "${scaler} Ready, but the worker stayed at ${most} replicas (min ${minimum})"
+    result FAIL autoscaler "${scaler} Ready, but the worker stayed at ${most} replicas (min ${minimum})"
 else
     result PASS autoscaler "${scaler} Ready; the worker scaled out to ${most} (min ${minimum})"
 fi
