@@ -413,8 +413,10 @@ class RedisTaskQueue:
 
     @_translated
     async def cancel(self, task_id: str, scope: str = "") -> CancelOutcome:
-        reply = await self._cancel(
-            keys=[self.keys.task(task_id), self.keys.unfinished(scope)],
+        # A cancel's 202 is an acknowledgement too: with DURABLE_ACKS it waits like a submit.
+        reply = await self._call(
+            self._cancel,
+            [self.keys.task(task_id), self.keys.unfinished(scope)],
             args=[scope, repr(time.time()), self.keys.events, task_id],
         )
         return CancelOutcome(reply)

@@ -16,8 +16,7 @@
 --       that the key may still point at (then the key is taken over for this task)
 -- Returns per task: {outcome, task_id, result, tokens_left, reset_ms}, outcome one of
 -- 'queued', 'cached' (task_id: the task that computed the result), 'duplicate' (task_id: the
--- key's first task),
--- 'rate_limited' (reset_ms: until a token is back), 'too_many_unfinished';
+-- key's first task), 'rate_limited' (reset_ms: until a token is back), 'too_many_unfinished';
 -- tokens_left is -1 without a rate; reset_ms is until the bucket is full again.
 local stream, now, cache_ttl, result_expiry, idempotency_ttl =
   KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
