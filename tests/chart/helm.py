@@ -32,8 +32,23 @@ VALUE_SETS: dict[str, Values] = {
     "keda": {"worker": {"autoscaling": {"keda": {"enabled": True}}}},
     "prometheus-adapter": {"worker": {"autoscaling": {"prometheusAdapter": {"enabled": True}}}},
     "external-redis": {
-        "redis": {"enabled": False},
+        "redis": {"mode": "external"},
         "externalRedis": {"url": EXTERNAL_REDIS_URL, "existingSecret": "managed-redis"},
+    },
+    "external-redis-tls-ca": {
+        "redis": {"mode": "external"},
+        "externalRedis": {
+            "url": EXTERNAL_REDIS_URL,
+            "existingSecret": "managed-redis",
+            "tls": {"caSecret": "managed-redis-ca"},
+        },
+        "worker": {"autoscaling": {"keda": {"enabled": True}}},
+    },
+    "redis-cluster": {"redis": {"mode": "cluster"}},
+    "redis-cluster-keda-networkpolicy": {
+        "redis": {"mode": "cluster", "metrics": {"enabled": True}},
+        "worker": {"autoscaling": {"keda": {"enabled": True}}},
+        "networkPolicy": {"enabled": True},
     },
     "persistence-off": {"redis": {"persistence": {"enabled": False}}},
     "loadtest": {"loadtest": {"enabled": True, "job": {"enabled": True}}},

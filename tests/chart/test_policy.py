@@ -25,7 +25,7 @@ RECOMMENDED_LABELS = {
 # The service's own long-running processes, and the uid each runs as.
 SERVICE_USERS = {"api": 10001, "worker": 10001, "redis": 999}
 # Run-to-completion pods and Locust's workers serve nothing a probe could ask.
-UNPROBED = {"locust-worker", "locust-job", "test"}
+UNPROBED = {"locust-worker", "locust-job", "redis-cluster-create", "test"}
 
 ALL_SETS = pytest.mark.parametrize("value_set", VALUE_SETS)
 

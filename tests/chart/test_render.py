@@ -146,11 +146,11 @@ def test_values_schema_rejects_typos_and_wrong_types(
             "not both",
         ),
         (
-            {"redis": {"enabled": False}, "externalRedis": {"existingSecret": "s"}},
+            {"redis": {"mode": "external"}, "externalRedis": {"existingSecret": "s"}},
             "externalRedis.url",
         ),
         (
-            {"redis": {"enabled": False}, "externalRedis": {"url": "redis://r:6379/0"}},
+            {"redis": {"mode": "external"}, "externalRedis": {"url": "redis://r:6379/0"}},
             "externalRedis.existingSecret",
         ),
     ],

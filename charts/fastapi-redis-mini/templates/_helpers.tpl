@@ -121,20 +121,78 @@ limit, noeviction never applies: the kernel kills Redis instead of Redis refusin
 {{- $bytes }}
 {{- end }}
 
+{{/* "true" when the chart runs Redis itself (redis.mode standalone or cluster). */}}
+{{- define "frm.redisDeployed" -}}
+{{- if ne .Values.redis.mode "external" }}true{{ end }}
+{{- end }}
+
+{{/* Where the api and worker mount externalRedis.tls.caSecret. */}}
+{{- define "frm.redisCaDir" -}}/etc/fastapi-redis-mini/redis-ca{{- end }}
+
+{{/*
+REDIS_URL. In cluster mode it names the headless Service, which resolves to every pod: the
+client discovers the cluster from whichever answers. An external CA is passed to the client
+as the URL's ssl_ca_certs option.
+*/}}
 {{- define "frm.redisUrl" -}}
-{{- if .Values.redis.enabled }}
+{{- if include "frm.redisDeployed" . }}
 {{- printf "redis://%s:%d/0" (include "frm.redisHost" .) (int .Values.redis.port) }}
 {{- else }}
-{{- required "externalRedis.url is required when redis.enabled=false" .Values.externalRedis.url }}
+{{- $url := required "externalRedis.url is required when redis.mode=external" .Values.externalRedis.url }}
+{{- with .Values.externalRedis.tls.caSecret }}
+{{- if not (hasPrefix "rediss://" $url) }}
+{{- fail (printf "externalRedis.tls.caSecret (%s) needs a rediss:// externalRedis.url" .) }}
+{{- end }}
+{{- $url = printf "%s%sssl_ca_certs=%s/%s" $url (ternary "&" "?" (contains "?" $url)) (include "frm.redisCaDir" $) $.Values.externalRedis.tls.caKey }}
+{{- end }}
+{{- $url }}
 {{- end }}
 {{- end }}
 
 {{- define "frm.redisSecretName" -}}
-{{- if .Values.redis.enabled }}
+{{- if include "frm.redisDeployed" . }}
 {{- default (include "frm.componentName" (list . "redis")) .Values.redis.auth.existingSecret }}
 {{- else }}
-{{- required "externalRedis.existingSecret is required when redis.enabled=false" .Values.externalRedis.existingSecret }}
+{{- required "externalRedis.existingSecret is required when redis.mode=external" .Values.externalRedis.existingSecret }}
 {{- end }}
+{{- end }}
+
+{{/* The external Redis's CA certificate, for the api and worker pods (REDIS_URL's ssl_ca_certs). */}}
+{{- define "frm.redisCaMount" -}}
+{{- if and (not (include "frm.redisDeployed" .)) .Values.externalRedis.tls.caSecret }}
+- name: redis-ca
+  mountPath: {{ include "frm.redisCaDir" . }}
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "frm.redisCaVolume" -}}
+{{- if and (not (include "frm.redisDeployed" .)) .Values.externalRedis.tls.caSecret }}
+- name: redis-ca
+  secret:
+    secretName: {{ .Values.externalRedis.tls.caSecret }}
+    items:
+      - key: {{ .Values.externalRedis.tls.caKey }}
+        path: {{ .Values.externalRedis.tls.caKey }}
+{{- end }}
+{{- end }}
+
+{{/* Cluster mode: pod count, and each pod's stable DNS name under the headless Service. */}}
+{{- define "frm.redisClusterNodeCount" -}}
+{{- mul (int .Values.redis.cluster.masters) (add 1 (int .Values.redis.cluster.replicasPerMaster)) }}
+{{- end }}
+
+{{- define "frm.redisPodDomain" -}}
+{{- printf "%s.%s.svc.%s" (include "frm.redisHost" .) .Release.Namespace (trimSuffix "." .Values.clusterDomain) }}
+{{- end }}
+
+{{/* "host:port host:port ...": every cluster node, as the create Job and KEDA dial them. */}}
+{{- define "frm.redisClusterNodes" -}}
+{{- $nodes := list }}
+{{- range $i := until (int (include "frm.redisClusterNodeCount" .)) }}
+{{- $nodes = append $nodes (printf "%s-%d.%s:%d" (include "frm.redisHost" $) $i (include "frm.redisPodDomain" $) (int $.Values.redis.port)) }}
+{{- end }}
+{{- join " " $nodes }}
 {{- end }}
 
 {{/*
@@ -160,7 +218,7 @@ read with lookup, so `helm upgrade` after rotating it rolls them too; `helm temp
 read it and gives a fixed checksum.
 */}}
 {{- define "frm.redisSecretChecksum" -}}
-{{- if and .Values.redis.enabled (not .Values.redis.auth.existingSecret) }}
+{{- if and (include "frm.redisDeployed" .) (not .Values.redis.auth.existingSecret) }}
 {{- include "frm.redisGeneratedPassword" . | sha256sum }}
 {{- else }}
 {{- $secret := lookup "v1" "Secret" .Release.Namespace (include "frm.redisSecretName" .) }}
@@ -169,7 +227,7 @@ read it and gives a fixed checksum.
 {{- end }}
 
 {{- define "frm.redisSecretKey" -}}
-{{- if .Values.redis.enabled }}
+{{- if include "frm.redisDeployed" . }}
 {{- .Values.redis.auth.existingSecretPasswordKey }}
 {{- else }}
 {{- .Values.externalRedis.existingSecretPasswordKey }}

@@ -1,0 +1,244 @@
+"""redis.mode: what cluster and external render, and the combinations the schema refuses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from .helm import (
+    NAMESPACE,
+    VALUE_SETS,
+    RenderError,
+    Values,
+    find,
+    only,
+    pod_spec,
+    render,
+    render_set,
+)
+from .test_values import merge
+
+FULLNAME = "demo-fastapi-redis-mini"
+HEADLESS = f"{FULLNAME}-redis"
+POD_DOMAIN = f"{HEADLESS}.{NAMESPACE}.svc.cluster.local"
+
+
+def redis_container(objects: list[Any]) -> dict[str, Any]:
+    statefulset = only(objects, "StatefulSet", "redis")
+    (container,) = [c for c in pod_spec(statefulset)["containers"] if c["name"] == "redis"]
+    found: dict[str, Any] = container
+    return found
+
+
+def config_lines(objects: list[Any]) -> list[str]:
+    text: str = only(objects, "ConfigMap", "redis")["data"]["redis.conf"]
+    return text.splitlines()
+
+
+@pytest.mark.parametrize(("masters", "replicas"), [(3, 1), (3, 0), (4, 2)])
+def test_cluster_mode_runs_one_pod_per_node_started_together(masters: int, replicas: int) -> None:
+    objects = render(
+        {
+            "redis": {
+                "mode": "cluster",
+                "cluster": {"masters": masters, "replicasPerMaster": replicas},
+            }
+        }
+    )
+    statefulset = only(objects, "StatefulSet", "redis")
+    assert statefulset["spec"]["replicas"] == masters * (1 + replicas)
+    assert statefulset["spec"]["podManagementPolicy"] == "Parallel"
+    job = only(objects, "Job", "redis-cluster-create")
+    env = {e["name"]: e.get("value") for e in pod_spec(job)["containers"][0]["env"]}
+    assert env["REDIS_NODES"].split() == [
+        f"{HEADLESS}-{i}.{POD_DOMAIN}:6379" for i in range(masters * (1 + replicas))
+    ]
+    assert env["REDIS_CLUSTER_REPLICAS"] == str(replicas)
+
+
+def test_cluster_nodes_keep_their_identity_on_their_volume_and_announce_their_dns_name() -> None:
+    objects = render_set("redis-cluster")
+    lines = config_lines(objects)
+    for line in (
+        "cluster-enabled yes",
+        "cluster-config-file /data/nodes.conf",
+        "cluster-node-timeout 5000",
+        "cluster-preferred-endpoint-type hostname",
+        "appendonly yes",
+        "maxmemory-policy noeviction",
+    ):
+        assert line in lines
+    container = redis_container(objects)
+    script = container["command"][-1]
+    assert f'cluster-announce-hostname "%s.{POD_DOMAIN}"' in script
+    assert '"$(hostname)"' in script
+    assert "masterauth" in script  # replicas authenticate to their master
+    assert {"name": "bus", "containerPort": 16379, "protocol": "TCP"} in container["ports"]
+    statefulset = only(objects, "StatefulSet", "redis")
+    assert [c["metadata"]["name"] for c in statefulset["spec"]["volumeClaimTemplates"]] == ["data"]
+    service = only(objects, "Service", "redis")
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["publishNotReadyAddresses"] is True
+    assert statefulset["spec"]["serviceName"] == service["metadata"]["name"] == HEADLESS
+
+
+def test_standalone_mode_renders_no_cluster_objects() -> None:
+    objects = render_set("defaults")
+    assert "cluster-enabled yes" not in config_lines(objects)
+    assert find(objects, "Job", "redis-cluster-create") == []
+    assert find(objects, "PodDisruptionBudget", "redis") == []
+    assert only(objects, "StatefulSet", "redis")["spec"]["replicas"] == 1
+    assert "publishNotReadyAddresses" not in only(objects, "Service", "redis")["spec"]
+
+
+def test_the_create_job_is_a_hook_rerun_on_every_install_and_upgrade() -> None:
+    job = only(render_set("redis-cluster"), "Job", "redis-cluster-create")
+    annotations = job["metadata"]["annotations"]
+    assert annotations["helm.sh/hook"] == "post-install,post-upgrade"
+    assert "before-hook-creation" in annotations["helm.sh/hook-delete-policy"]
+    assert job["spec"]["activeDeadlineSeconds"] == 600
+    env = {e["name"]: e for e in pod_spec(job)["containers"][0]["env"]}
+    assert env["REDISCLI_AUTH"]["valueFrom"]["secretKeyRef"]["name"] == HEADLESS
+
+
+@pytest.mark.parametrize(
+    ("preset", "key"),
+    [
+        ("soft", "preferredDuringSchedulingIgnoredDuringExecution"),
+        ("hard", "requiredDuringSchedulingIgnoredDuringExecution"),
+    ],
+)
+def test_cluster_pods_spread_over_nodes(preset: str, key: str) -> None:
+    objects = render({"redis": {"mode": "cluster", "cluster": {"podAntiAffinityPreset": preset}}})
+    statefulset = only(objects, "StatefulSet", "redis")
+    anti = pod_spec(statefulset)["affinity"]["podAntiAffinity"]
+    assert list(anti) == [key]
+    (term,) = anti[key]
+    term = term.get("podAffinityTerm", term)
+    assert term["topologyKey"] == "kubernetes.io/hostname"
+    pod_labels = statefulset["spec"]["template"]["metadata"]["labels"]
+    assert term["labelSelector"]["matchLabels"].items() <= pod_labels.items()
+
+
+def test_an_explicit_affinity_replaces_the_preset() -> None:
+    mine = {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["redis"]}]}
+                ]
+            }
+        }
+    }
+    objects = render({"redis": {"mode": "cluster", "affinity": mine}})
+    assert pod_spec(only(objects, "StatefulSet", "redis"))["affinity"] == mine
+
+
+def test_a_budget_lets_a_drain_take_one_cluster_pod_at_a_time() -> None:
+    objects = render_set("redis-cluster")
+    budget = only(objects, "PodDisruptionBudget", "redis")
+    assert budget["spec"]["maxUnavailable"] == 1
+    pod_labels = only(objects, "StatefulSet", "redis")["spec"]["template"]["metadata"]["labels"]
+    assert budget["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+
+
+def test_keda_reads_the_lag_through_the_cluster_scaler_in_cluster_mode() -> None:
+    objects = render(merge(VALUE_SETS["redis-cluster"], VALUE_SETS["keda"]))
+    (trigger,) = only(objects, "ScaledObject", "worker")["spec"]["triggers"]
+    assert trigger["type"] == "redis-cluster-streams"
+    assert trigger["metadata"]["addresses"] == f"{POD_DOMAIN}:6379"
+    assert "databaseIndex" not in trigger["metadata"]
+
+
+def test_network_policy_lets_nodes_gossip_and_the_create_job_join_them() -> None:
+    objects = render_set("redis-cluster-keda-networkpolicy")
+    (policy,) = find(objects, "NetworkPolicy")
+    rules = policy.manifest["spec"]["ingress"]
+    peers = {
+        rule["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"]: rule["ports"]
+        for rule in rules
+        if "from" in rule and len(rule["from"]) == 1 and "podSelector" in rule["from"][0]
+    }
+    assert {"port": "bus", "protocol": "TCP"} in peers["redis"]
+    assert peers["redis-cluster-create"] == [{"port": "redis", "protocol": "TCP"}]
+
+
+def test_external_mode_deploys_no_redis_and_mounts_the_ca_for_a_tls_url() -> None:
+    objects = render_set("external-redis-tls-ca")
+    assert find(objects, "StatefulSet", "redis") == []
+    assert find(objects, "Job", "redis-cluster-create") == []
+    url = only(objects, "ConfigMap", "config")["data"]["REDIS_URL"]
+    assert url == (
+        "rediss://redis.example.internal:6380/2"
+        "?ssl_ca_certs=/etc/fastapi-redis-mini/redis-ca/ca.crt"
+    )
+    for component in ("api", "worker"):
+        spec = pod_spec(only(objects, "Deployment", component))
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert volumes["redis-ca"]["secret"]["secretName"] == "managed-redis-ca"
+        mounts = {m["name"]: m for m in spec["containers"][0]["volumeMounts"]}
+        assert mounts["redis-ca"]["mountPath"] == "/etc/fastapi-redis-mini/redis-ca"
+    auth = only(objects, "TriggerAuthentication", "worker")
+    assert {"parameter": "ca", "name": "managed-redis-ca", "key": "ca.crt"} in auth["spec"][
+        "secretTargetRef"
+    ]
+
+
+def test_external_mode_without_a_ca_keeps_the_url_as_given() -> None:
+    objects = render_set("external-redis")
+    url = only(objects, "ConfigMap", "config")["data"]["REDIS_URL"]
+    assert url == "rediss://redis.example.internal:6380/2"
+    spec = pod_spec(only(objects, "Deployment", "api"))
+    assert "redis-ca" not in {v["name"] for v in spec["volumes"]}
+
+
+EXTERNAL = {"url": "redis://r.example:6379/0", "existingSecret": "s"}
+
+
+@pytest.mark.parametrize(
+    ("values", "field"),
+    [
+        (
+            {"redis": {"mode": "cluster", "persistence": {"enabled": False}}},
+            "/redis/persistence/enabled",
+        ),
+        ({"redis": {"mode": "cluster", "cluster": {"masters": 2}}}, "/redis/cluster/masters"),
+        ({"redis": {"mode": "sentinel"}}, "/redis/mode"),
+        ({"redis": {"enabled": False}}, "'enabled' not allowed"),
+        ({"externalRedis": EXTERNAL}, "/externalRedis/url"),
+        (
+            {"redis": {"mode": "cluster"}, "externalRedis": {"existingSecret": "s"}},
+            "/externalRedis/existingSecret",
+        ),
+        (
+            {"redis": {"mode": "external"}, "externalRedis": {"existingSecret": "s"}},
+            "/externalRedis/url",
+        ),
+        (
+            {"redis": {"mode": "external"}, "externalRedis": {"url": EXTERNAL["url"]}},
+            "/externalRedis/existingSecret",
+        ),
+        (
+            {
+                "redis": {"mode": "external"},
+                "externalRedis": {**EXTERNAL, "tls": {"caSecret": "ca"}},
+            },
+            "/externalRedis/url': 'redis://r.example:6379/0' does not match pattern '\\^rediss://'",
+        ),
+    ],
+)
+def test_the_schema_refuses_bad_redis_combinations_naming_the_field(
+    values: Values, field: str
+) -> None:
+    with pytest.raises(RenderError, match=field):
+        render(values)
+
+
+def test_the_allowed_combinations_render() -> None:
+    for values in (
+        {"redis": {"mode": "external"}, "externalRedis": EXTERNAL},
+        {"redis": {"mode": "cluster", "cluster": {"replicasPerMaster": 0}}},
+        {"redis": {"mode": "standalone", "persistence": {"enabled": False}}},
+    ):
+        assert render(values)
