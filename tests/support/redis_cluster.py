@@ -12,6 +12,7 @@ and its bus port stays below 32768 too.
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import socket
@@ -76,13 +77,18 @@ class RedisCluster:
     `close()` stops only this cluster's own processes and removes their directories.
     """
 
-    def __init__(self, *, masters: int = 3, replicas_per_master: int = 1) -> None:
+    def __init__(
+        self, *, masters: int = 3, replicas_per_master: int = 1, password: str | None = None
+    ) -> None:
         self.masters = masters
         self.replicas_per_master = replicas_per_master
+        self.password = password
         ports = cluster_ports(masters * (1 + replicas_per_master))
-        self.nodes = [RedisServer(port=port) for port in ports]
+        self.nodes = [RedisServer(port=port, password=password) for port in ports]
         for node in self.nodes:
             node.extra_args = list(CLUSTER_ARGS)
+            if password is not None:  # replicas authenticate to their master
+                node.extra_args += ["--masterauth", password]
 
     @property
     def kind(self) -> str:
@@ -105,10 +111,19 @@ class RedisCluster:
         """Join the nodes with `redis-cli --cluster create`, then wait until all agree."""
         command = [redis_cli(), "--cluster", "create", *self.addresses]
         command += ["--cluster-replicas", str(self.replicas_per_master), "--cluster-yes"]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        result = subprocess.run(
+            command, capture_output=True, text=True, timeout=timeout, env=self.cli_env()
+        )
         if result.returncode != 0:
             raise RuntimeError(f"{' '.join(command)} failed:\n{result.stdout}{result.stderr}")
         self.wait_ok(timeout)
+
+    def cli_env(self) -> dict[str, str]:
+        """The environment for redis-cli: REDISCLI_AUTH carries the password, as in the chart."""
+        env = dict(os.environ)
+        if self.password is not None:
+            env["REDISCLI_AUTH"] = self.password
+        return env
 
     def start(self) -> None:
         self.start_nodes()
@@ -161,9 +176,10 @@ class RedisCluster:
 
     def flush(self) -> None:
         """Empty every master (replicas follow)."""
-        for port, role in self.roles().items():
-            if role == "master":
-                client = redis.Redis(port=port)
+        roles = self.roles()
+        for node in self.nodes:
+            if roles[node.port] == "master":
+                client = node.client()
                 try:
                     client.flushall()
                 finally:
