@@ -107,7 +107,7 @@ def test_keda_reaches_an_external_redis_named_by_a_bare_service_name_of_the_name
     # and the worker resolve it there, and KEDA must reach the same Service from its own.
     values = {
         **VALUE_SETS["keda"],
-        "redis": {"enabled": False},
+        "redis": {"mode": "external"},
         "externalRedis": {"url": "redis://shared-redis:6380/1", "existingSecret": "s"},
     }
     objects = render(values)
