@@ -114,7 +114,9 @@ class Worker:
         record.phase = phase
 
     def _let_go(self, record: InFlight) -> None:
-        if self._tasks.pop(record.job.task_id, None) is record:
+        task_id = record.job.task_id
+        if self._tasks.get(task_id) is record:
+            del self._tasks[task_id]
             self._phases[record.phase] -= 1
         self._slot_free.set()
 
