@@ -672,11 +672,14 @@ class _Completions:
                         for task_id in message["data"].split():
                             for event in self._waiters.get(task_id, ()):
                                 event.set()
-            except RedisError as error:
-                # Whatever Redis answers, subscribing again is all there is to do; meanwhile
-                # long-polls fall back to reading the task every 5 s.
+            except Exception as error:
+                # Whatever went wrong, subscribing again is all there is to do, so this loop
+                # never ends on its own; meanwhile long-polls read the task every 5 s.
                 self._subscribed.clear()
-                log.warning("completions subscription failed (%s); retrying", error)
+                if isinstance(error, RedisError):
+                    log.warning("completions subscription failed (%s); retrying", error)
+                else:
+                    log.exception("completions listener failed; subscribing again")
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
             finally:
