@@ -241,11 +241,13 @@ class Worker:
         A delivery of a task this worker already holds is left alone: its entry goes idle and
         is reclaimed once this worker has written the task's outcome, and then only
         acknowledged. Deliveries that Redis refuses to start are tried again (they are
-        already ours) until it accepts or the worker stops.
+        already ours) for up to CLAIM_IDLE/2: past that, another worker may have reclaimed and
+        started them, so they are left pending for whoever claims them next.
         """
         fresh = [d for d in deliveries if d.task_id not in self._tasks]
         if not fresh:
             return 0
+        give_up_at = time.monotonic() + self.settings.claim_idle / 2
         backoff = _Backoff()
         while True:
             try:
@@ -253,11 +255,13 @@ class Worker:
                 break
             except QueueUnavailable as error:
                 redis_errors.labels("start").inc()
+                if self._stopping.is_set() or time.monotonic() >= give_up_at:
+                    log.warning("redis cannot start tasks (%s); left to be reclaimed", error)
+                    return 0
                 log.warning("redis cannot start tasks (%s); retrying", error)
-                if self._stopping.is_set():
-                    return 0  # left pending: another worker reclaims them
                 self.last_progress = time.monotonic()
-                await _sleep_or_stop(backoff.next(), self._stopping)
+                pause = min(backoff.next(), give_up_at - time.monotonic())
+                await _sleep_or_stop(max(pause, 0.0), self._stopping)
         taken = 0
         for job in jobs:
             taken += self._take(job)
