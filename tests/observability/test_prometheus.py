@@ -28,6 +28,7 @@ from . import _dashboard
 from ._kube_state import MemoryLimit, Workload, serve_kube_state
 from ._prometheus import Prometheus, Target, run_prometheus, single_value
 from ._services import ready
+from ._thresholds import chart_threshold_rules
 
 pytestmark = pytest.mark.slow
 
@@ -80,18 +81,6 @@ def chart_worker_names(release: str) -> tuple[str, str, str, str]:
     (api,) = [name for name in deployments if name.endswith("-api")]
     (redis,) = [o.name for o in objects if o.kind == "StatefulSet"]
     return worker, hpa, api, f"{redis}-0"
-
-
-def chart_threshold_rules(path: Path) -> Path:
-    """The release's threshold group from the chart's PrometheusRule, in this test's namespace."""
-    values = {"metrics": {"prometheusRule": {"enabled": True}}}
-    (rule,) = [o for o in helm.render(values, release=RELEASE) if o.kind == "PrometheusRule"]
-    (config,) = [g for g in rule.manifest["spec"]["groups"] if g["name"].endswith(".config")]
-    for record in config["rules"]:
-        assert record["labels"]["release"] == RELEASE
-        record["labels"]["namespace"] = NAMESPACE
-    path.write_text(yaml.safe_dump({"groups": [config]}), encoding="utf-8")
-    return path
 
 
 @contextmanager
@@ -165,7 +154,7 @@ def stack(
                     Target("redis", exporter, {**labels, "pod": redis_pod}),
                     Target("kube-state-metrics", kube_state, honor_labels=True),
                 ],
-                [RULES, chart_threshold_rules(tmp_path / "thresholds.yaml")],
+                [RULES, chart_threshold_rules(tmp_path / "thresholds.yaml", RELEASE, NAMESPACE)],
             ) as prometheus,
         ):
             targets.append(Target("redis", exporter))
