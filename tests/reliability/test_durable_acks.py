@@ -157,6 +157,8 @@ def pair() -> Iterator[Pair]:
 def test_replica_every_202_survives_losing_the_primary(pair: Pair, launch: Launcher) -> None:
     api = launch.api(pair.primary.url, DURABLE_ACKS="replica", WEB_CONCURRENCY="2")
     accepted, statuses = submit_many(api.base_url, SUBMITS, "replica")
+    # A cancel's 202 is an acknowledgement too.
+    cancelled = httpx.delete(f"{api.base_url}/tasks/{accepted[0]}", timeout=20)
     pair.primary.stop(kill=True)  # right after the last 202, gone for good
     with pair.replica.client() as client:
         client.replicaof("NO", "ONE")
@@ -169,11 +171,14 @@ def test_replica_every_202_survives_losing_the_primary(pair: Pair, launch: Launc
     done = sum(task["status"] == "DONE" for task in tasks.values())
     print(
         f"\nreliability[durable-acks-replica]: answers={statuses} accepted={len(accepted)} "
-        f"on_promoted_replica: hashes={hashes} stream_entries={entries} done={done}"
+        f"on_promoted_replica: hashes={hashes} stream_entries={entries} done={done} "
+        f"cancelled={tasks[accepted[0]]['status']}"
     )
     assert statuses == {202: SUBMITS}
+    assert cancelled.status_code == 202
     assert (hashes, entries) == (len(accepted), len(accepted))
-    assert done == len(accepted)
+    assert tasks[accepted[0]]["status"] == "CANCELLED"
+    assert done == len(accepted) - 1
 
 
 def test_replica_without_a_replica_answers_503_after_the_timeout(launch: Launcher) -> None:
