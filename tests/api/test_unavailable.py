@@ -9,6 +9,8 @@ import httpx
 import pytest
 
 from fastapi_redis_mini.api.app import create_app
+from fastapi_redis_mini.api.errors import UNAVAILABLE
+from fastapi_redis_mini.core.queue import QueueState
 from fastapi_redis_mini.core.settings import Settings
 
 from ..support import faults
@@ -74,3 +76,12 @@ async def test_an_unreachable_redis_is_a_503_redis_unavailable(
     assert submitted.status_code == 503
     assert submitted.json()["error"]["code"] == "redis_unavailable"
     assert ready.json() == {"status": "redis_unavailable"}
+
+
+def test_every_queue_state_has_its_own_code_and_a_retry_after() -> None:
+    # A state missing here would turn its 503 into a KeyError, and so into a 500.
+    assert set(UNAVAILABLE) == set(QueueState)
+    codes = [code for code, _ in UNAVAILABLE.values()]
+    assert len(set(codes)) == len(codes)
+    assert all(code.startswith("redis_") for code in codes)
+    assert all(retry_after > 0 for _, retry_after in UNAVAILABLE.values())
