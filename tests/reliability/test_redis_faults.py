@@ -142,6 +142,8 @@ def ride_out(
             ):
                 ready, state = probe(api, "/readyz")
                 alive, _ = probe(worker, "/healthz")
+                if lasting is not None and not lasting(server):
+                    break  # the fault ended during these probes: they tell nothing about it
                 probes.update([f"api readyz {ready} {state}", f"worker healthz {alive}"])
                 time.sleep(0.2)
             accepted_during = len(load.accepted)
