@@ -6,6 +6,9 @@ from typing import Any
 
 import pytest
 
+from fastapi_redis_mini.core.keys import Keys
+from fastapi_redis_mini.core.settings import Settings
+
 from .helm import (
     NAMESPACE,
     VALUE_SETS,
@@ -149,6 +152,26 @@ def test_keda_reads_the_lag_through_the_cluster_scaler_in_cluster_mode() -> None
     assert trigger["type"] == "redis-cluster-streams"
     assert trigger["metadata"]["addresses"] == f"{POD_DOMAIN}:6379"
     assert "databaseIndex" not in trigger["metadata"]
+    # The stream's name on a cluster, as the queue's keys build it.
+    settings = Settings(key_prefix="blue:")
+    objects = render(
+        merge(
+            merge(VALUE_SETS["redis-cluster"], VALUE_SETS["keda"]),
+            {"config": {"keyPrefix": "blue:"}},
+        )
+    )
+    (trigger,) = only(objects, "ScaledObject", "worker")["spec"]["triggers"]
+    assert trigger["metadata"]["stream"] == Keys.from_settings(settings, cluster=True).stream
+
+
+@pytest.mark.parametrize(("mode", "setting"), [("standalone", "false"), ("cluster", "true")])
+def test_the_service_is_told_which_kind_of_redis_the_chart_deployed(
+    mode: str, setting: str
+) -> None:
+    data = only(render({"redis": {"mode": mode}}), "ConfigMap", "config")["data"]
+    assert data["REDIS_CLUSTER"] == setting
+    external = only(render_set("external-redis"), "ConfigMap", "config")["data"]
+    assert "REDIS_CLUSTER" not in external  # asked at start: auto
 
 
 def test_network_policy_lets_nodes_gossip_and_the_create_job_join_them() -> None:

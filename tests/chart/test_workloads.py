@@ -83,7 +83,7 @@ def test_each_setting_comes_from_the_value_of_its_camel_case_name() -> None:
         for name, value in group.items():
             env = next(key for key in data if camel(key) == name)
             assert data[env] == str(value), env
-    derived = {"REDIS_URL", "HOST"}
+    derived = {"REDIS_URL", "REDIS_CLUSTER", "HOST"}  # from redis.mode and where Redis is
     defaults = yaml.safe_load((CHART / "values.yaml").read_text())
     for key in set(data) - derived:
         if key.startswith("OTEL_"):  # otel.<name> becomes OTEL_<NAME>

@@ -14,11 +14,9 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from redis.asyncio import Redis
-
 from fastapi_redis_mini.core.models import TaskCreate, TaskStatus, request_signature
 from fastapi_redis_mini.core.queue import Job, QueueState, QueueUnavailable
-from fastapi_redis_mini.core.redis_queue import RedisTaskQueue, connect
+from fastapi_redis_mini.core.redis_queue import Client, RedisTaskQueue, connect
 from fastapi_redis_mini.core.settings import Settings
 from fastapi_redis_mini.worker.runner import Worker
 
@@ -26,7 +24,7 @@ from fastapi_redis_mini.worker.runner import Worker
 class LapsingKeepAlive(RedisTaskQueue):
     """The real queue, except that keep-alive calls fail until `lapse_until` (monotonic)."""
 
-    def __init__(self, redis: Redis, settings: Settings, lapse_seconds: float) -> None:
+    def __init__(self, redis: Client, settings: Settings, lapse_seconds: float) -> None:
         super().__init__(redis, settings)
         self.lapse_until = time.monotonic() + lapse_seconds
 

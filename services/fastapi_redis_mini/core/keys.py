@@ -16,10 +16,14 @@ class Keys:
     group: str
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Keys:
-        return cls(
-            prefix=settings.key_prefix, queue=settings.queue_key, group=settings.consumer_group
-        )
+    def from_settings(cls, settings: Settings, *, cluster: bool = False) -> Keys:
+        """On a Redis Cluster every key starts with one hash tag, `{<prefix><queue>}:`, so all
+        of them share a slot: each script touches keys of that slot only. On a single server
+        the names stay as they were, so no migration is needed."""
+        prefix = settings.key_prefix
+        if cluster:
+            prefix = f"{{{prefix}{settings.queue_key}}}:"
+        return cls(prefix=prefix, queue=settings.queue_key, group=settings.consumer_group)
 
     def task(self, task_id: str) -> str:
         """Hash holding one task's status, request, result and timestamps."""

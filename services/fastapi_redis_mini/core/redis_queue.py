@@ -18,10 +18,11 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeAlias, TypeVar
 
 import orjson
-from redis.asyncio import BlockingConnectionPool, Redis
+import redis as sync_redis
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
@@ -54,6 +55,9 @@ from .queue import (
 from .settings import Settings
 
 log = logging.getLogger(__name__)
+
+# A single server's client, or a Redis Cluster's (REDIS_CLUSTER).
+Client: TypeAlias = Redis | RedisCluster
 
 # The error prefixes of the server states that pass on their own. redis-py gives some their own
 # class (OutOfMemoryError, ReadOnlyError, BusyLoadingError, ...) and leaves the rest a plain
@@ -120,6 +124,11 @@ async def check_durable_acks(settings: Settings) -> str | None:
     if settings.durable_acks == "none":
         return None
     redis = connect(settings)
+    if isinstance(redis, RedisCluster):
+        # WAIT and WAITAOF count the writes of their own connection, which a cluster client
+        # picks per node; the cluster's group commit is not built yet.
+        await redis.aclose()
+        return f"DURABLE_ACKS={settings.durable_acks} is not supported on a Redis Cluster yet"
     try:
         info = await redis.info("server")
         version = info.get("valkey_version") and f"Valkey {info['valkey_version']}"
@@ -165,13 +174,46 @@ def new_task_id() -> str:
     return uuid.uuid4().hex
 
 
-def connect(settings: Settings) -> Redis:
+def is_cluster(settings: Settings) -> bool:
+    """Whether REDIS_URL is a Redis Cluster: REDIS_CLUSTER, or with "auto" the server's own
+    INFO cluster, asked once at start (a server that does not answer counts as a single one)."""
+    if settings.redis_cluster != "auto":
+        return settings.redis_cluster == "true"
+    password = settings.redis_password.get_secret_value() if settings.redis_password else None
+    probe = sync_redis.Redis.from_url(
+        settings.redis_url, password=password, socket_connect_timeout=5, socket_timeout=5
+    )
+    try:
+        return bool(int(probe.info("cluster").get("cluster_enabled", 0)))
+    except sync_redis.RedisError as error:
+        # Info, not a warning: the services go on to wait for Redis and say so themselves.
+        log.info("REDIS_CLUSTER=auto: Redis unreachable at start (%s); using a single "
+                 "server's client", error)  # fmt: skip
+        return False
+    finally:
+        probe.close()
+
+
+def connect(settings: Settings) -> Client:
     """One pooled client per process; commands are retried briefly on a dropped connection.
 
     The pool blocks (up to 5 s) when all REDIS_MAX_CONNECTIONS are busy instead of failing, so
-    a burst of requests queues for a connection rather than erroring.
+    a burst of requests queues for a connection rather than erroring. On a Redis Cluster the
+    cluster client finds every node from the one REDIS_URL names, and follows MOVED and ASK.
     """
     password = settings.redis_password.get_secret_value() if settings.redis_password else None
+    if is_cluster(settings):
+        return RedisCluster.from_url(
+            settings.redis_url,
+            max_connections=settings.redis_max_connections,
+            password=password,
+            decode_responses=True,
+            socket_connect_timeout=5,
+            socket_timeout=settings.redis_socket_timeout,
+            socket_keepalive=True,
+            health_check_interval=30,
+            retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=1),
+        )
     pool = BlockingConnectionPool.from_url(
         settings.redis_url,
         max_connections=settings.redis_max_connections,
@@ -219,7 +261,7 @@ def _age(entry_id: str, now_ms: int) -> float:
     return max(0, now_ms - int(entry_id.split("-", 1)[0])) / 1000
 
 
-def _load_script(redis: Redis, name: str) -> AsyncScript:
+def _load_script(redis: Client, name: str) -> AsyncScript:
     source = resources.files(__package__).joinpath("lua", f"{name}.lua").read_text()
     return redis.register_script(source)
 
@@ -227,10 +269,10 @@ def _load_script(redis: Redis, name: str) -> AsyncScript:
 class RedisTaskQueue:
     """Tasks in `task:{id}` hashes, results in `cache:{signature}`, work in a consumer group."""
 
-    def __init__(self, redis: Redis, settings: Settings) -> None:
+    def __init__(self, redis: Client, settings: Settings) -> None:
         self.redis = redis
         self.settings = settings
-        self.keys = Keys.from_settings(settings)
+        self.keys = Keys.from_settings(settings, cluster=isinstance(redis, RedisCluster))
         self._submit = _load_script(redis, "submit")
         self._start = _load_script(redis, "start")
         self._finish = _load_script(redis, "finish")
@@ -630,7 +672,7 @@ def _deliveries(entries: Sequence[Any]) -> list[Delivery]:
 class _Completions:
     """One Pub/Sub subscription per process that wakes the long-polls waiting on a task."""
 
-    def __init__(self, redis: Redis, channel: str) -> None:
+    def __init__(self, redis: Client, channel: str) -> None:
         self._redis = redis
         self._channel = channel
         self._waiters: dict[str, set[asyncio.Event]] = {}
@@ -663,6 +705,10 @@ class _Completions:
         while True:
             pubsub: PubSub = self._redis.pubsub(ignore_subscribe_messages=True)
             try:
+                if isinstance(self._redis, RedisCluster):
+                    # A cluster client learns the slots on its first command; the pub/sub
+                    # needs them to pick a node, and may come first.
+                    await self._redis.initialize()
                 await pubsub.subscribe(self._channel)
                 self._subscribed.set()
                 backoff = 0.1

@@ -40,6 +40,10 @@ class Settings(BaseSettings):
     # "fsync" once it is on Redis's disk (WAITAOF), "replica" once a replica has it (WAIT).
     durable_acks: Literal["none", "fsync", "replica"] = "none"
     durable_ack_timeout: PositiveSeconds = 1.0
+    # Redis Cluster: "true" uses the cluster client, "false" a single server's, and "auto"
+    # asks the server at start (INFO cluster's cluster_enabled); an unreachable server
+    # counts as a single one, so set it for a cluster whose start may find Redis down.
+    redis_cluster: Literal["auto", "true", "false"] = "auto"
 
     # The worker
     max_concurrency: int = Field(default=5, ge=1, le=10000)

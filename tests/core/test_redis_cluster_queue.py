@@ -1,0 +1,171 @@
+"""The queue on a real Redis Cluster (3 masters, 3 replicas): found by REDIS_CLUSTER=auto, every
+key in one slot, and the task's whole life through the cluster client."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import orjson
+import pytest
+import redis
+from redis.asyncio import RedisCluster
+from redis.crc import key_slot
+
+from fastapi_redis_mini.core.keys import Keys
+from fastapi_redis_mini.core.models import TaskCreate, TaskStatus, request_signature
+from fastapi_redis_mini.core.queue import (
+    CancelOutcome,
+    Finish,
+    FinishVerdict,
+    Job,
+    Outcome,
+    StartVerdict,
+    SubmitOutcome,
+)
+from fastapi_redis_mini.core.redis_queue import (
+    RedisTaskQueue,
+    check_durable_acks,
+    connect,
+    is_cluster,
+)
+from fastapi_redis_mini.core.settings import Settings
+
+from ..support.redis_cluster import RedisCluster as LocalCluster
+
+CONSUMER = "cluster-consumer"
+
+
+def every_key(keys: Keys) -> list[str]:
+    return [
+        keys.task("0" * 32),
+        keys.cache("f" * 64),
+        keys.cache("f" * 64, scope="tenant"),
+        keys.idempotency("client-key", scope="tenant"),
+        keys.submit_quota("tenant"),
+        keys.unfinished("tenant"),
+        keys.stream,
+        keys.dead_letter,
+        keys.retries,
+        keys.probe,
+    ]
+
+
+@pytest.fixture
+async def cluster_queue(redis_cluster_url: str) -> AsyncIterator[RedisTaskQueue]:
+    settings = Settings(redis_url=redis_cluster_url, claim_idle=2.0, log_format="text")
+    queue = RedisTaskQueue(connect(settings), settings)
+    await queue.ensure_group()
+    yield queue
+    await queue.close()
+
+
+async def submit(queue: RedisTaskQueue, prompt: str, key: str | None = None) -> tuple[str, str]:
+    task = TaskCreate(prompt=prompt, params={})
+    submitted = await queue.submit(task, signature=request_signature(task), idempotency_key=key)
+    return submitted.task_id, submitted.outcome.value
+
+
+async def take(queue: RedisTaskQueue) -> list[Job]:
+    return await queue.start(CONSUMER, await queue.read(CONSUMER, count=100, block_ms=100))
+
+
+def test_auto_finds_a_cluster_by_asking_the_server(redis_cluster_url: str, redis_url: str) -> None:
+    assert is_cluster(Settings(redis_url=redis_cluster_url))
+    assert not is_cluster(Settings(redis_url=redis_url))
+    # An explicit setting is taken as given, without asking.
+    assert not is_cluster(Settings(redis_url=redis_cluster_url, redis_cluster="false"))
+    assert is_cluster(Settings(redis_url="redis://127.0.0.1:1/0", redis_cluster="true"))
+    # A server that does not answer at start counts as a single one.
+    assert not is_cluster(Settings(redis_url="redis://127.0.0.1:1/0"))
+
+
+def test_on_a_cluster_every_key_shares_one_slot_and_a_single_server_keeps_todays_names() -> None:
+    settings = Settings(key_prefix="blue:")
+    tagged = every_key(Keys.from_settings(settings, cluster=True))
+    assert len({key_slot(key.encode()) for key in tagged}) == 1
+    assert all(key.startswith("{blue:task_stream}:") for key in tagged)
+    plain = Keys.from_settings(settings)
+    assert every_key(plain) == [
+        "blue:task:" + "0" * 32,
+        "blue:cache:" + "f" * 64,
+        "blue:cache:tenant:" + "f" * 64,
+        "blue:idempotency:tenant:client-key",
+        "blue:quota:tenant",
+        "blue:unfinished:tenant",
+        "blue:task_stream",
+        "blue:task_stream:dead",
+        "blue:task_stream:retry",
+        "blue:task_stream:probe",
+    ]
+
+
+async def test_a_task_runs_its_whole_life_on_the_cluster(
+    cluster_queue: RedisTaskQueue, redis_cluster: LocalCluster
+) -> None:
+    queue = cluster_queue
+    assert isinstance(queue.redis, RedisCluster)
+    task_id, outcome = await submit(queue, "hello", key="k-1")
+    assert outcome == "queued"
+    assert (await submit(queue, "other", key="k-1"))[0] == task_id  # the Idempotency-Key
+    [job] = await take(queue)
+    assert (job.verdict, job.task_id) == (StartVerdict.RUN, task_id)
+    running = await queue.get(task_id)
+    assert running is not None
+    assert running.status is TaskStatus.RUNNING
+    verdicts = await queue.finish(CONSUMER, [Finish(job, Outcome.DONE, result=orjson.dumps(42))])
+    assert verdicts == [FinishVerdict.WRITTEN]
+    record = await queue.get(task_id)
+    assert record is not None
+    assert (record.status, record.result) == (TaskStatus.DONE, 42)
+    cached_id, cached = await submit(queue, "hello")
+    assert (cached_id, cached) == (task_id, SubmitOutcome.CACHED.value)
+    stats = await queue.stats()
+    assert (stats.stream_length, stats.lag, stats.pending) == (1, 0, 0)
+
+    # The task's keys sit on the master that serves their slot.
+    slot = key_slot(queue.keys.task(task_id).encode())
+    holders = []
+    for node in redis_cluster.nodes:
+        client = node.client()
+        try:
+            if redis_cluster.roles()[node.port] == "master":
+                holders += [node.port] * int(client.cluster("COUNTKEYSINSLOT", slot))
+        finally:
+            client.close()
+    assert len(set(holders)) == 1
+
+
+async def test_cancel_and_a_long_polls_wake_up_reach_across_the_cluster(
+    cluster_queue: RedisTaskQueue, redis_cluster_url: str
+) -> None:
+    queue = cluster_queue
+    pending_id, _ = await submit(queue, "cancel me")
+    assert await queue.cancel(pending_id) is CancelOutcome.CANCELLED
+    [skipped] = await take(queue)
+    assert skipped.verdict is StartVerdict.SKIP
+
+    # A second process's queue (the api's) hears the completion over the cluster's pub/sub.
+    api = RedisTaskQueue(connect(Settings(redis_url=redis_cluster_url)), queue.settings)
+    try:
+        await api.open()
+        task_id, _ = await submit(api, "wake me")
+        [job] = await take(queue)
+        async with api._completions.watch(task_id) as woken:
+            await queue.finish(CONSUMER, [Finish(job, Outcome.DONE, result=b'"ok"')])
+            await asyncio.wait_for(woken.wait(), timeout=10)
+    finally:
+        await api.close()
+
+
+async def test_durable_acks_are_refused_at_start_on_a_cluster(redis_cluster_url: str) -> None:
+    problem = await check_durable_acks(
+        Settings(redis_url=redis_cluster_url, durable_acks="replica")
+    )
+    assert problem == "DURABLE_ACKS=replica is not supported on a Redis Cluster yet"
+
+
+def test_a_standalone_client_on_a_cluster_is_what_false_gives(redis_cluster_url: str) -> None:
+    client = connect(Settings(redis_url=redis_cluster_url, redis_cluster="false"))
+    assert not isinstance(client, RedisCluster)
+    assert isinstance(redis.ResponseError("MOVED 1 x:1"), redis.RedisError)
