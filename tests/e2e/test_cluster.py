@@ -1,0 +1,57 @@
+"""The api and a worker as real processes on a real Redis Cluster, found with REDIS_CLUSTER=auto."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+from redis.crc import key_slot
+
+from ..support.processes import Service, start_api, start_worker
+from ..support.redis_cluster import RedisCluster
+
+pytestmark = pytest.mark.slow
+
+
+def test_tasks_run_to_done_and_hit_the_cache_on_a_cluster(
+    redis_cluster_url: str, redis_cluster: RedisCluster, services: list[Service]
+) -> None:
+    server = start_api(redis_cluster_url, {})
+    services.append(server)
+    services.append(start_worker(redis_cluster_url, {}))
+    with httpx.Client(base_url=server.base_url, timeout=10) as client:
+        ids = []
+        for i in range(20):
+            answer = client.post("/tasks", json={"prompt": f"p{i}", "params": {"duration": 0.05}})
+            assert answer.status_code == 202, answer.text
+            ids.append(answer.json()["task_id"])
+        deadline = time.monotonic() + 30
+        pending = set(ids)
+        while pending and time.monotonic() < deadline:
+            for task_id in list(pending):
+                if client.get(f"/tasks/{task_id}").json()["status"] == "DONE":
+                    pending.discard(task_id)
+            time.sleep(0.1)
+        assert pending == set(), f"{len(pending)} of 20 not DONE within 30 s"
+        again = client.post("/tasks", json={"prompt": "p3", "params": {"duration": 0.05}})
+        assert again.status_code == 200
+        assert again.json()["cached"] is True
+        # A cancel finds a finished task by its id (409: already final), and a long-poll on a
+        # task submitted now is woken when the worker finishes it.
+        assert client.delete(f"/tasks/{ids[0]}").status_code == 409
+        fresh = client.post("/tasks", json={"prompt": "late", "params": {"duration": 0.2}})
+        polled = client.get(f"/tasks/{fresh.json()['task_id']}", params={"wait": 20}, timeout=30)
+        assert polled.json()["status"] == "DONE"
+
+    # Everything the service wrote sits in the slot of its one hash tag, on one master.
+    slot = key_slot(b"{task_stream}")
+    for node in redis_cluster.nodes:
+        if redis_cluster.roles()[node.port] != "master":
+            continue
+        client_ = node.client()
+        try:
+            keys = client_.keys("*")
+            assert all(key_slot(key.encode()) == slot for key in keys), keys
+        finally:
+            client_.close()
