@@ -228,6 +228,10 @@ EXTERNAL = {"url": "redis://r.example:6379/0", "existingSecret": "s"}
         ),
         ({"redis": {"mode": "cluster", "cluster": {"masters": 2}}}, "/redis/cluster/masters"),
         ({"redis": {"mode": "sentinel"}}, "/redis/mode"),
+        (
+            {"redis": {"mode": "cluster"}, "config": {"durableAcks": "replica"}},
+            "/config/durableAcks",
+        ),
         ({"redis": {"enabled": False}}, "'enabled' not allowed"),
         ({"externalRedis": EXTERNAL}, "/externalRedis/url"),
         (
