@@ -52,6 +52,6 @@ def test_tasks_run_to_done_and_hit_the_cache_on_a_cluster(
         client_ = node.client()
         try:
             keys = client_.keys("*")
-            assert all(key_slot(key.encode()) == slot for key in keys), keys
+            assert all(key_slot(str(key).encode()) == slot for key in keys), keys
         finally:
             client_.close()
