@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import redis
+from redis.crc import key_slot
 
 from .redis_server import RedisServer
 
@@ -173,6 +174,20 @@ class RedisCluster:
             port = int(address.split("@")[0].rsplit(":", 1)[1])
             roles[port] = "master" if "master" in node["flags"].split(",") else "slave"
         return roles
+
+    def master_of(self, key: str) -> RedisServer:
+        """The node serving `key`'s slot now, as the first live node sees the cluster."""
+        slot = key_slot(key.encode())
+        live = next(node for node in self.nodes if node.process is not None)
+        client = live.client()
+        try:
+            for start, end, master, *_ in client.execute_command("CLUSTER SLOTS"):  # type: ignore[no-untyped-call]
+                if int(start) <= slot <= int(end):
+                    port = int(master[1])
+                    return next(node for node in self.nodes if node.port == port)
+        finally:
+            client.close()
+        raise RuntimeError(f"no node serves slot {slot}")
 
     def flush(self) -> None:
         """Empty every master (replicas follow)."""
