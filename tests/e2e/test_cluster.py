@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 
 import httpx
@@ -43,6 +47,20 @@ def test_tasks_run_to_done_and_hit_the_cache_on_a_cluster(
         fresh = client.post("/tasks", json={"prompt": "late", "params": {"duration": 0.2}})
         polled = client.get(f"/tasks/{fresh.json()['task_id']}", params={"wait": 20}, timeout=30)
         assert polled.json()["status"] == "DONE"
+
+    # The admin command reads the queue through the cluster client as well.
+    stats = subprocess.run(
+        [sys.executable, "-m", "fastapi_redis_mini.admin", "stats"],
+        env={**os.environ, "REDIS_URL": redis_cluster_url},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert stats.returncode == 0, stats.stderr
+    figures = json.loads(stats.stdout)
+    assert figures["stream"] == "{task_stream}:task_stream"
+    assert (figures["lag"], figures["pending"], figures["dead_letter_length"]) == (0, 0, 0)
 
     # Everything the service wrote sits in the slot of its one hash tag, on one master.
     slot = key_slot(b"{task_stream}")
