@@ -49,15 +49,15 @@ class Settings(BaseSettings):
     max_concurrency: int = Field(default=5, ge=1, le=10000)
     read_batch: int = Field(default=100, ge=1, le=10000)
     task_handler: str = Field(default="simulate", min_length=1)
-    task_timeout: PositiveSeconds = 60.0
-    max_task_duration: PositiveSeconds = 30.0
+    task_timeout: PositiveSeconds = 30.0
+    max_task_duration: PositiveSeconds = 25.0
     claim_idle: PositiveSeconds = 30.0
     max_deliveries: int = Field(default=5, ge=1)
     dead_letter_maxlen: int = Field(default=10000, ge=1)
     max_retries: int = Field(default=3, ge=0)
     retry_backoff: PositiveSeconds = 0.5
     retry_backoff_max: PositiveSeconds = 30.0
-    shutdown_grace: PositiveSeconds = 25.0
+    shutdown_grace: PositiveSeconds = 30.0
     metrics_port: int = Field(default=9100, ge=0, le=65535)
 
     # The api
