@@ -14,6 +14,7 @@ import pytest
 
 from fastapi_redis_mini_client import RetryPolicy, TaskStatus
 
+from ..support.polling import poll
 from ..support.processes import Service, start_api, start_worker
 from ..support.redis_server import RedisServer, free_port
 from ._faults import AnswerDroppingProxy
@@ -60,10 +61,7 @@ def retries_logged(caplog: pytest.LogCaptureFixture, cause: str) -> int:
 
 
 def wait_for(condition: Callable[[], bool], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"not so within {timeout} s"
-        time.sleep(0.05)
+    poll(condition, timeout, 0.05)
 
 
 def test_a_submit_retried_through_a_redis_outage_creates_one_task(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -14,6 +13,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
+
+from ..support.polling import poll
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
 
@@ -83,14 +84,17 @@ class Collector:
         self, accept: Callable[[ReceivedSpan], bool], timeout: float, what: str
     ) -> ReceivedSpan:
         """The first span `accept` takes; fail listing everything received after `timeout`."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for span in self.spans:
-                if accept(span):
-                    return span
-            time.sleep(0.2)
-        received = "\n  ".join(str(span) for span in self.spans) or "(none)"
-        raise AssertionError(f"no span {what} within {timeout:.0f}s; received:\n  {received}")
+
+        def received() -> str:
+            spans = "\n  ".join(str(span) for span in self.spans) or "(none)"
+            return f"no span {what}; received:\n  {spans}"
+
+        return poll(
+            lambda: next((span for span in self.spans if accept(span)), None),
+            timeout,
+            0.2,
+            received,
+        )
 
 
 class _Receiver(ThreadingHTTPServer):

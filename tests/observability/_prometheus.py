@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import yaml
 
+from ..support.polling import poll
 from ..support.redis_server import free_port
 
 SCRAPE_INTERVAL = "1s"
@@ -108,14 +109,14 @@ class Prometheus:
         what: str = "",
     ) -> list[Sample]:
         """Poll a query until `accept` holds; fail with the last answer after `timeout`."""
-        deadline = time.monotonic() + timeout
-        samples: list[Sample] = []
-        while time.monotonic() < deadline:
-            samples = self.query(expr)
-            if accept(samples):
-                return samples
-            time.sleep(0.5)
-        raise AssertionError(f"{what or expr}: not reached in {timeout:.0f}s, last {samples}")
+        last: list[Sample] = []
+
+        def probe() -> list[Sample] | None:
+            nonlocal last
+            last = self.query(expr)
+            return last if accept(last) else None
+
+        return poll(probe, timeout, 0.5, lambda: f"{what or expr}: last {last}")
 
     def close(self) -> None:
         self.http.close()

@@ -6,27 +6,21 @@ import re
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 
+from ..support.polling import holds_within
 from ..support.processes import Service
 
 FINAL = frozenset({"DONE", "FAILED", "CANCELLED"})
 Task = dict[str, Any]
 
 
-def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 0.1) -> bool:
-    """Poll until the condition holds or the timeout passes; returns whether it held."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(interval)
-    return condition()
+wait_until = holds_within  # callers assert on it with the log of the process they waited on
 
 
 def submit_all(client: httpx.Client, bodies: Iterable[Mapping[str, Any]]) -> list[str]:

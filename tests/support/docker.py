@@ -32,6 +32,7 @@ import httpx
 import pytest
 
 # Re-exported: callers pick loopback ports for host-network containers with it.
+from .polling import poll
 from .redis_server import free_port as free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -529,16 +530,7 @@ def wait_for(
     probe: Callable[[], T | None], *, timeout: float, interval: float = 0.25, what: str
 ) -> T:
     """Call `probe` until it returns something other than None, at most `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    attempts = 0
-    while True:
-        attempts += 1
-        result = probe()
-        if result is not None:
-            return result
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"{what}: nothing after {timeout:.0f}s ({attempts} tries)")
-        time.sleep(interval)
+    return poll(probe, timeout, interval, what)
 
 
 def wait_for_http(

@@ -7,12 +7,12 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Mapping
 from pathlib import Path
 
 import httpx
 
+from .polling import poll
 from .redis_server import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -60,19 +60,17 @@ class Service:
         return self.process.pid
 
     def wait_until_answers(self, path: str, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def answers() -> bool:
             if self.process.poll() is not None:
                 raise RuntimeError(
                     f"{self.name} exited with {self.process.returncode}:\n{self.log}"
                 )
             try:
-                if httpx.get(self.base_url + path, timeout=1.0).status_code == 200:
-                    return
+                return httpx.get(self.base_url + path, timeout=1.0).status_code == 200
             except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"{self.name} did not answer {path} within {timeout}s:\n{self.log}")
+                return False
+
+        poll(answers, timeout, 0.1, lambda: f"{self.name} did not answer {path}:\n{self.log}")
 
     @property
     def log(self) -> str:
