@@ -148,31 +148,24 @@ async def test_a_cached_result_never_outlives_the_task_it_names(
 
 
 async def test_a_cache_hit_refreshes_the_ttl_and_the_entry_expires_unread(
-    redis_url: str, redis_client: redis.asyncio.Redis
+    queue: RedisTaskQueue, redis_client: redis.asyncio.Redis
 ) -> None:
-    from fastapi_redis_mini.core.redis_queue import connect
-    from fastapi_redis_mini.core.settings import Settings
-
-    settings = Settings(redis_url=redis_url, cache_ttl=2)
-    queue = RedisTaskQueue(connect(settings), settings)
-    await queue.ensure_group()
-    try:
-        await submit(queue)
-        [job] = await take(queue)
-        await queue.finish(CONSUMER, [done(job, "r")])
-        cache_key = f"cache:{job.signature}"
-        await asyncio.sleep(1.2)
-        assert await redis_client.pttl(cache_key) < 1000
-        task = TaskCreate(prompt="hello")
-        hit = await queue.submit(task, signature=request_signature(task))
-        assert hit.outcome is SubmitOutcome.CACHED
-        assert await redis_client.pttl(cache_key) > 1500  # refreshed by the hit
-        await asyncio.sleep(2.3)
-        assert await redis_client.exists(cache_key) == 0
-        miss = await queue.submit(task, signature=request_signature(task))
-        assert miss.outcome is SubmitOutcome.QUEUED
-    finally:
-        await queue.close()
+    # The TTLs are set by hand far apart, so that no delay of a loaded machine between two
+    # steps can be mistaken for a refresh or for its absence.
+    await submit(queue)
+    [job] = await take(queue)
+    await queue.finish(CONSUMER, [done(job, "r")])
+    cache_key = f"cache:{job.signature}"
+    await redis_client.pexpire(cache_key, 60_000)
+    task = TaskCreate(prompt="hello")
+    hit = await queue.submit(task, signature=request_signature(task))
+    assert hit.outcome is SubmitOutcome.CACHED
+    assert await redis_client.pttl(cache_key) > 60_000  # refreshed to CACHE_TTL, 600 s
+    await redis_client.pexpire(cache_key, 100)
+    await asyncio.sleep(0.3)
+    assert await redis_client.exists(cache_key) == 0
+    miss = await queue.submit(task, signature=request_signature(task))
+    assert miss.outcome is SubmitOutcome.QUEUED
 
 
 async def test_reading_a_done_task_refreshes_its_cache_ttl(
@@ -345,12 +338,19 @@ async def test_only_the_owner_of_a_run_writes_its_outcome(queue: RedisTaskQueue)
 
 
 async def test_idle_entries_are_reclaimed_and_run_again(
-    queue: RedisTaskQueue, settings: object
+    queue: RedisTaskQueue, settings: Settings
 ) -> None:
     await submit(queue)
     [job] = await take(queue, "dead-worker")
-    assert await queue.claim_idle("live-worker", 10) == []
-    await asyncio.sleep(2.2)  # CLAIM_IDLE is 2 s in the test settings
+    # A claimer that waits 600 s finds nothing however slow this machine is; the test
+    # settings' claimer (CLAIM_IDLE 2 s) finds the entry once it has been idle that long.
+    patient_settings = settings.model_copy(update={"claim_idle": 600.0})
+    patient = RedisTaskQueue(connect(patient_settings), patient_settings)
+    try:
+        assert await patient.claim_idle("live-worker", 10) == []
+    finally:
+        await patient.close()
+    await asyncio.sleep(2.2)
     reclaimed = await queue.claim_idle("live-worker", 10)
     assert [d.task_id for d in reclaimed] == [job.task_id]
     [held] = await queue.start("live-worker", reclaimed)
@@ -361,13 +361,20 @@ async def test_idle_entries_are_reclaimed_and_run_again(
     assert await queue.finish("live-worker", [done(rerun, "ok")]) == [FinishVerdict.WRITTEN]
 
 
-async def test_keep_alive_stops_a_live_run_from_being_reclaimed(queue: RedisTaskQueue) -> None:
+async def test_keep_alive_resets_the_idle_time_that_reclaiming_goes_by(
+    queue: RedisTaskQueue, redis_client: redis.asyncio.Redis
+) -> None:
     await submit(queue)
     [job] = await take(queue, "busy-worker")
-    for _ in range(3):
-        await asyncio.sleep(1.0)
-        assert await queue.keep_alive("busy-worker", [job]) == ["ok"]
-    assert await queue.claim_idle("other-worker", 10) == []
+    await asyncio.sleep(1.0)
+    renewing = time.monotonic()
+    assert await queue.keep_alive("busy-worker", [job]) == ["ok"]
+    [entry] = await redis_client.xpending_range(queue.keys.stream, queue.keys.group, "-", "+", 1)
+    asked = time.monotonic()
+    # A bound that holds however slowly this machine runs: renewed, the entry has been idle
+    # no longer than since the keep-alive was sent (+1 for Redis's whole milliseconds), where
+    # without the renewal it would have been idle since it was taken, over a second earlier.
+    assert int(entry["time_since_delivered"]) <= (asked - renewing) * 1000 + 1
     assert await queue.keep_alive("other-worker", [job]) == ["lost"]
 
 

@@ -20,6 +20,7 @@ from fastapi_redis_mini.worker._http import build_app
 from fastapi_redis_mini.worker.runner import Worker, WorkerFailed
 
 from ..support.handlers import FlakyThenFine, hang, not_json
+from ..support.polling import poll_async
 
 
 @pytest.fixture
@@ -59,7 +60,18 @@ def start(
 
 async def stop(worker: Worker, running: asyncio.Task[None]) -> None:
     worker.stop()
-    await asyncio.wait_for(running, 20)
+    try:
+        await asyncio.wait_for(running, 20)
+    finally:
+        assert isinstance(worker.queue, RedisTaskQueue)
+        await worker.queue.close()
+
+
+async def started(worker: Worker) -> None:
+    async def running() -> bool:
+        return worker.in_flight > 0
+
+    await poll_async(running, 10, 0.01, "the worker never started the task")
 
 
 async def test_a_handler_over_the_timeout_fails_the_task(
@@ -109,21 +121,32 @@ async def test_a_result_that_is_not_json_fails_the_task(
     assert record.error.startswith("TypeError")
 
 
+class Overlap:
+    """A handler that counts how many of its calls overlap, at their start, exactly."""
+
+    def __init__(self) -> None:
+        self.running = self.peak = 0
+
+    async def __call__(self, prompt: str, params: Mapping[str, Any]) -> Any:
+        self.running += 1
+        self.peak = max(self.peak, self.running)
+        try:
+            await asyncio.sleep(0.3)
+        finally:
+            self.running -= 1
+        return {"ok": True}
+
+
 async def test_at_most_max_concurrency_tasks_run_at_once(
     queue: RedisTaskQueue, settings: Settings, submit: Submit
 ) -> None:
-    worker, running = start(settings, SimulatedInference(5), max_concurrency=3)
-    ids = [await submit(f"p{i}", duration=0.3) for i in range(9)]
-    peak = 0
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        peak = max(peak, worker.in_flight)
-        records = [await queue.get(task_id) for task_id in ids]
-        if all(r is not None and r.status is TaskStatus.DONE for r in records):
-            break
-        await asyncio.sleep(0.02)
+    handler = Overlap()
+    ids = [await submit(f"p{i}") for i in range(9)]  # all waiting before the worker reads
+    worker, running = start(settings, handler, max_concurrency=3)
+    records = [await wait_final(queue, task_id) for task_id in ids]
     await stop(worker, running)
-    assert peak == 3
+    assert {record.status for record in records} == {TaskStatus.DONE}
+    assert handler.peak == 3
 
 
 async def test_stop_finishes_in_flight_tasks_first(
@@ -131,8 +154,7 @@ async def test_stop_finishes_in_flight_tasks_first(
 ) -> None:
     worker, running = start(settings, SimulatedInference(5))
     task_id = await submit(duration=0.8)
-    while worker.in_flight == 0:
-        await asyncio.sleep(0.01)
+    await started(worker)
     await stop(worker, running)
     record = await queue.get(task_id)
     assert record is not None
@@ -144,8 +166,7 @@ async def test_tasks_past_the_grace_are_released_not_lost(
 ) -> None:
     worker, running = start(settings, hang(1.0), shutdown_grace=0.3)
     task_id = await submit()
-    while worker.in_flight == 0:
-        await asyncio.sleep(0.01)
+    await started(worker)
     await stop(worker, running)
     record = await queue.get(task_id)
     assert record is not None
@@ -182,10 +203,11 @@ async def test_a_task_never_runs_again_while_its_outcome_is_buffered(
     running = asyncio.create_task(worker.run())
     record = await wait_final(queue, task_id)
     # The second entry is only acknowledged once reclaimed (CLAIM_IDLE 2 s): it never runs.
-    deadline = time.monotonic() + 15
-    while (await redis_client.xpending(queue.keys.stream, queue.keys.group))["pending"]:
-        assert time.monotonic() < deadline, "the second entry was never acknowledged"
-        await asyncio.sleep(0.1)
+
+    async def acknowledged() -> bool:
+        return not (await redis_client.xpending(queue.keys.stream, queue.keys.group))["pending"]
+
+    await poll_async(acknowledged, 15, 0.1, "the second entry was never acknowledged")
     await stop(worker, running)
     assert (record.status, record.attempts) == (TaskStatus.DONE, 1)
     assert calls == ["twice in the stream"]
