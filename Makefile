@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 UV_VERSION := 0.13.9
 
-.PHONY: help setup run test test-redis lint format
+.PHONY: help setup run test test-fast test-redis lint format
 
 help: ## List every target
 	@grep -hE '^[a-zA-Z0-9_.-]+:.*## ' $(MAKEFILE_LIST) | sort -u | \
@@ -28,8 +28,14 @@ setup: $(VENV)/.synced ## Create or update .venv from the lock file, nothing els
 run: setup ## Start api, worker and an embedded Valkey (or the server at REDIS_URL) in the foreground
 	$(BIN)/python tools/run_local.py
 
-test: setup ## Run the whole test suite against real servers
-	$(BIN)/pytest $(PYTEST_ARGS)
+# The in-process tests: the package's own, each on the real Redis, none starting a service.
+FAST_TESTS := tests/core tests/api tests/worker tests/client tests/observability tests/test_admin.py
+
+test: setup ## Run the whole test suite against real servers; reports the package's coverage
+	$(BIN)/pytest --cov --cov-report=term:skip-covered $(PYTEST_ARGS)
+
+test-fast: setup ## The inner loop: the in-process tests (no services started), in under a minute
+	$(BIN)/pytest -m "not slow" -q $(FAST_TESTS) $(PYTEST_ARGS)
 
 test-redis: setup ## Run the queue, api and end-to-end tests against Debian's redis-server instead of Valkey
 	TEST_REDIS_SERVER=redis $(BIN)/pytest tests/core tests/api tests/e2e $(PYTEST_ARGS)

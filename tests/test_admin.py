@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import redis
 
 from fastapi_redis_mini.core.models import TaskCreate, request_signature
@@ -13,6 +14,8 @@ from fastapi_redis_mini.core.redis_queue import RedisTaskQueue, connect
 from fastapi_redis_mini.core.settings import Settings
 
 from .support.redis_server import free_port
+
+pytestmark = pytest.mark.slow  # the commands run as processes
 
 
 def admin(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:

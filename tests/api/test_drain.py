@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 from starlette.responses import PlainTextResponse
 from starlette.types import Receive, Scope, Send
 
@@ -32,6 +33,7 @@ async def test_answers_close_their_connection_once_the_marker_exists(tmp_path: P
     assert after.headers["connection"] == "close"
 
 
+@pytest.mark.slow
 def test_the_hook_leaves_the_marker_where_the_api_looks(tmp_path: Path) -> None:
     env = {"TMPDIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
     result = subprocess.run(
@@ -60,6 +62,7 @@ def test_the_hook_leaves_the_marker_where_the_api_looks(tmp_path: Path) -> None:
     assert marker_path().name == Path(probe.stdout.strip()).name
 
 
+@pytest.mark.slow
 def test_the_hook_refuses_a_pause_that_is_not_a_number_of_seconds() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "fastapi_redis_mini.api.drain", "five"],

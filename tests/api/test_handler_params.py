@@ -86,6 +86,7 @@ async def test_a_handler_without_params_gets_only_the_generic_limits(
         assert too_deep.json()["error"]["message"] == "params: nested deeper than 2"
 
 
+@pytest.mark.slow
 def test_an_api_that_cannot_load_the_handler_stops_naming_it() -> None:
     completed = subprocess.run(
         [sys.executable, "-m", "fastapi_redis_mini.api"],

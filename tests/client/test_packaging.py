@@ -32,6 +32,7 @@ SERVER_ONLY = {
 SERVER_MODULES = {name.replace("-", "_") for name in SERVER_ONLY} | {"prometheus_client"}
 
 
+@pytest.mark.slow
 def test_installing_the_client_pulls_in_none_of_the_servers_dependencies() -> None:
     # What `pip install fastapi-redis-mini-client` resolves to, read from the lock file.
     exported = subprocess.run(
@@ -57,6 +58,7 @@ def test_installing_the_client_pulls_in_none_of_the_servers_dependencies() -> No
     assert not {name for name in names if name.startswith("opentelemetry")}
 
 
+@pytest.mark.slow
 def test_importing_the_client_loads_no_server_module() -> None:
     loaded = subprocess.run(
         [

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import redis
 from redis.cluster import RedisCluster as ClusterClient
 
 from ..support.redis_cluster import BUS_PORT_OFFSET, RedisCluster, cluster_info
+
+pytestmark = pytest.mark.slow  # six server processes
 
 
 def test_the_cluster_has_three_masters_each_with_one_replica(redis_cluster: RedisCluster) -> None:

@@ -62,6 +62,7 @@ def test_limits_that_contradict_each_other_are_refused() -> None:
         Settings(max_task_duration=90, task_timeout=60)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module", ["fastapi_redis_mini.api", "fastapi_redis_mini.worker"])
 def test_a_service_with_a_bad_value_exits_at_once_with_one_line(module: str) -> None:
     completed = subprocess.run(
@@ -78,6 +79,7 @@ def test_a_service_with_a_bad_value_exits_at_once_with_one_line(module: str) -> 
     assert "Traceback" not in completed.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variable", ["SUBMIT_RATE_PER_KEY", "MAX_UNFINISHED_PER_KEY"])
 def test_a_quota_without_api_keys_stops_the_api_with_one_line(variable: str) -> None:
     # Quotas are per API key: without keys there is nothing to count them against. The
@@ -96,6 +98,7 @@ def test_a_quota_without_api_keys_stops_the_api_with_one_line(variable: str) -> 
     assert Settings.model_validate({variable.lower(): 5}).quotas  # what the worker reads
 
 
+@pytest.mark.slow
 def test_an_unknown_handler_stops_the_worker_with_its_name() -> None:
     completed = subprocess.run(
         [sys.executable, "-m", "fastapi_redis_mini.worker"],

@@ -6,7 +6,11 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 from ..support.processes import service_env
+
+pytestmark = pytest.mark.slow
 
 
 def test_a_worker_whose_metrics_port_is_taken_exits_with_one_line(redis_url: str) -> None:
