@@ -9,7 +9,7 @@ import pytest
 import redis
 import redis.asyncio
 
-from fastapi_redis_mini.core.redis_queue import RedisTaskQueue, connect
+from fastapi_redis_mini.core.redis import RedisTaskQueue, connect
 from fastapi_redis_mini.core.settings import Settings
 
 from .support.redis_cluster import RedisCluster

@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from fastapi_redis_mini.core.models import TaskCreate, request_signature
-from fastapi_redis_mini.core.redis_queue import RedisTaskQueue, connect
+from fastapi_redis_mini.core.redis import RedisTaskQueue, connect
 from fastapi_redis_mini.core.settings import Settings
 
 from .support.redis_server import free_port

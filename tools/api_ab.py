@@ -133,7 +133,7 @@ async def measure(args: argparse.Namespace, redis_url: str) -> None:
 async def warm_hit(app: ASGIApp, redis_url: str) -> None:
     """Queue the hit prompt and finish it by hand, so that it is in the cache."""
     from fastapi_redis_mini.core.queue import Finish, Outcome
-    from fastapi_redis_mini.core.redis_queue import RedisTaskQueue, connect
+    from fastapi_redis_mini.core.redis import RedisTaskQueue, connect
     from fastapi_redis_mini.core.settings import Settings
 
     settings = Settings(redis_url=redis_url)

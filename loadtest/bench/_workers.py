@@ -32,9 +32,8 @@ from _support import (
     wait_http,
 )
 
-from fastapi_redis_mini.core.keys import Keys
 from fastapi_redis_mini.core.models import TaskCreate, TaskStatus, request_signature
-from fastapi_redis_mini.core.redis_queue import RedisTaskQueue, connect
+from fastapi_redis_mini.core.redis import Keys, RedisTaskQueue, connect
 from fastapi_redis_mini.core.settings import Settings
 
 # redis-py 8 caps a client pool at 100 connections; stay well below it.

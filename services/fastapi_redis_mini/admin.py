@@ -16,7 +16,7 @@ import sys
 import orjson
 
 from .core.queue import QueueUnavailable
-from .core.redis_queue import RedisTaskQueue, connect
+from .core.redis import RedisTaskQueue, connect
 from .core.settings import load_settings_or_exit
 
 _ALL_AT_ONCE = 10_000

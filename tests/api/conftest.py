@@ -9,7 +9,7 @@ import pytest
 
 from fastapi_redis_mini.api.app import create_app
 from fastapi_redis_mini.core.handlers import SimulatedInference
-from fastapi_redis_mini.core.redis_queue import RedisTaskQueue, connect
+from fastapi_redis_mini.core.redis import RedisTaskQueue, connect
 from fastapi_redis_mini.core.settings import Settings
 from fastapi_redis_mini.worker.runner import Worker
 

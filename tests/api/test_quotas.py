@@ -11,7 +11,7 @@ from pydantic import SecretStr
 
 from fastapi_redis_mini.core.models import TaskCreate, request_signature
 from fastapi_redis_mini.core.queue import SubmitOutcome
-from fastapi_redis_mini.core.redis_queue import RedisTaskQueue, connect
+from fastapi_redis_mini.core.redis import RedisTaskQueue, connect
 from fastapi_redis_mini.core.settings import Settings
 
 from .conftest import ClientFactory

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from fastapi_redis_mini.core.keys import Keys
+from fastapi_redis_mini.core.redis import Keys
 from fastapi_redis_mini.core.settings import Settings
 
 from .helm import (

@@ -5,8 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 
-from fastapi_redis_mini.core.keys import Keys
 from fastapi_redis_mini.core.models import TaskCreate, request_signature
+from fastapi_redis_mini.core.redis import Keys
 
 
 def test_signature_is_sha256_of_the_canonical_body() -> None:

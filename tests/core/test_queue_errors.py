@@ -16,7 +16,7 @@ from redis._parsers.base import BaseParser
 
 from fastapi_redis_mini.core.models import TaskCreate, request_signature
 from fastapi_redis_mini.core.queue import QueueBusy, QueueState, QueueUnavailable
-from fastapi_redis_mini.core.redis_queue import RedisTaskQueue, connect, queue_error
+from fastapi_redis_mini.core.redis import RedisTaskQueue, connect, queue_error
 from fastapi_redis_mini.core.settings import Settings
 
 from ..support import faults

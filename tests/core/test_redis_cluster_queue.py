@@ -12,7 +12,6 @@ import redis
 from redis.asyncio import RedisCluster
 from redis.crc import key_slot
 
-from fastapi_redis_mini.core.keys import Keys
 from fastapi_redis_mini.core.models import TaskCreate, TaskStatus, request_signature
 from fastapi_redis_mini.core.queue import (
     CancelOutcome,
@@ -23,7 +22,8 @@ from fastapi_redis_mini.core.queue import (
     StartVerdict,
     SubmitOutcome,
 )
-from fastapi_redis_mini.core.redis_queue import (
+from fastapi_redis_mini.core.redis import Keys
+from fastapi_redis_mini.core.redis.queue import (
     RedisTaskQueue,
     check_durable_acks,
     connect,

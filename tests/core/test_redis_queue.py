@@ -19,7 +19,7 @@ from fastapi_redis_mini.core.queue import (
     StartVerdict,
     SubmitOutcome,
 )
-from fastapi_redis_mini.core.redis_queue import RedisTaskQueue, _NewTask, connect, new_task_id
+from fastapi_redis_mini.core.redis.queue import RedisTaskQueue, _NewTask, connect, new_task_id
 from fastapi_redis_mini.core.settings import Settings
 
 CONSUMER = "test-consumer"

@@ -13,7 +13,7 @@ import redis.asyncio
 
 from fastapi_redis_mini.core.models import TaskCreate, request_signature
 from fastapi_redis_mini.core.queue import Finish, Outcome
-from fastapi_redis_mini.core.redis_queue import RedisTaskQueue
+from fastapi_redis_mini.core.redis import RedisTaskQueue
 from fastapi_redis_mini.core.settings import Settings
 
 TASKS = 100_000

@@ -16,7 +16,7 @@ from typing import Any
 
 from fastapi_redis_mini.core.models import TaskCreate, TaskStatus, request_signature
 from fastapi_redis_mini.core.queue import Job, QueueState, QueueUnavailable
-from fastapi_redis_mini.core.redis_queue import Client, RedisTaskQueue, connect
+from fastapi_redis_mini.core.redis import Client, RedisTaskQueue, connect
 from fastapi_redis_mini.core.settings import Settings
 from fastapi_redis_mini.worker.runner import Worker
 

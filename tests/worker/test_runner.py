@@ -14,7 +14,7 @@ import redis.asyncio
 from fastapi_redis_mini.core.handlers import SimulatedInference, TaskHandler
 from fastapi_redis_mini.core.models import TaskCreate, TaskStatus, request_signature
 from fastapi_redis_mini.core.queue import Finish, FinishVerdict, Job, TaskRecord
-from fastapi_redis_mini.core.redis_queue import RedisTaskQueue, connect
+from fastapi_redis_mini.core.redis import RedisTaskQueue, connect
 from fastapi_redis_mini.core.settings import Settings
 from fastapi_redis_mini.worker._http import build_app
 from fastapi_redis_mini.worker.runner import Worker, WorkerFailed

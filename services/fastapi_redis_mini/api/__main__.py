@@ -19,7 +19,7 @@ from gunicorn.app.base import BaseApplication
 from gunicorn.glogging import Logger as GunicornLogger
 
 from ..core.handlers import handler_params
-from ..core.redis_queue import exit_unless_durable_acks
+from ..core.redis import exit_unless_durable_acks
 from ..core.settings import Settings, load_settings_or_exit
 from ..core.telemetry.logging import configure_logging
 from .drain import marker_path

@@ -13,7 +13,7 @@ from fastapi import Request
 from pydantic import BaseModel, SecretStr
 
 from ..core.queue import TaskQueue
-from ..core.redis_queue import RedisTaskQueue, connect
+from ..core.redis import RedisTaskQueue, connect
 from ..core.settings import Settings
 from . import metrics
 from .errors import BacklogFullError

@@ -11,7 +11,7 @@ import uvicorn
 import uvloop
 
 from ..core.handlers import TaskHandler, resolve_handler
-from ..core.redis_queue import RedisTaskQueue, connect, exit_unless_durable_acks
+from ..core.redis import RedisTaskQueue, connect, exit_unless_durable_acks
 from ..core.runtime import tune_gc
 from ..core.settings import Settings, load_settings_or_exit
 from ..core.telemetry.logging import configure_logging

@@ -1,4 +1,4 @@
-"""The Redis Streams implementation of TaskQueue: the only module that talks to Redis.
+"""The Redis Streams implementation of TaskQueue.
 
 Every multi-step change of state is one Lua script (see lua/), so it is atomic, and batches
 travel in one round trip: a worker's deliveries and outcomes, and the api's submits and reads
@@ -31,10 +31,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .batching import Coalescer
-from .keys import Keys
-from .models import TaskCreate, TaskStatus
-from .queue import (
+from ..batching import Coalescer
+from ..models import TaskCreate, TaskStatus
+from ..queue import (
     CancelOutcome,
     DeadLetter,
     Delivery,
@@ -52,7 +51,8 @@ from .queue import (
     Submitted,
     TaskRecord,
 )
-from .settings import Settings
+from ..settings import Settings
+from .keys import Keys
 
 log = logging.getLogger(__name__)
 
