@@ -61,8 +61,11 @@ async def test_a_lapsed_keep_alive_does_not_make_a_worker_rerun_its_own_task(
         record = await client.wait(task_id, "", 15)
     finally:
         worker.stop()
-        await asyncio.wait_for(running, 20)
-        await client.close()
+        try:
+            await asyncio.wait_for(running, 20)
+        finally:
+            await queue.close()
+            await client.close()
 
     assert record is not None
     print(
