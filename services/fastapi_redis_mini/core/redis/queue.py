@@ -273,17 +273,18 @@ class RedisTaskQueue:
         self.redis = redis
         self.settings = settings
         self.keys = Keys.from_settings(settings, cluster=isinstance(redis, RedisCluster))
-        self._submit = _load_script(redis, "submit")
-        self._start = _load_script(redis, "start")
-        self._finish = _load_script(redis, "finish")
-        self._keep_alive = _load_script(redis, "keep_alive")
-        self._promote = _load_script(redis, "promote")
-        self._trim = _load_script(redis, "trim")
-        self._cancel = _load_script(redis, "cancel")
-        self._read = _load_script(redis, "read")
-        self._replay = _load_script(redis, "replay")
-        self._prune = _load_script(redis, "prune_consumers")
-        self._stats = _load_script(redis, "stats")
+        # One name per thing: `_<name>_script` runs lua/<name>.lua; `read()` alone is XREADGROUP.
+        self._submit_script = _load_script(redis, "submit")
+        self._start_script = _load_script(redis, "start")
+        self._finish_script = _load_script(redis, "finish")
+        self._keep_alive_script = _load_script(redis, "keep_alive")
+        self._promote_script = _load_script(redis, "promote")
+        self._trim_script = _load_script(redis, "trim")
+        self._cancel_script = _load_script(redis, "cancel")
+        self._get_tasks_script = _load_script(redis, "get_tasks")
+        self._replay_script = _load_script(redis, "replay")
+        self._prune_script = _load_script(redis, "prune_consumers")
+        self._stats_script = _load_script(redis, "stats")
         self._completions = _Completions(redis, self.keys.events)
         self._claim_cursors: dict[str, str] = {}  # consumer -> where its XAUTOCLAIM scan is
         wait_ms = int(settings.durable_ack_timeout * 1000)
@@ -292,10 +293,12 @@ class RedisTaskQueue:
             "fsync": ("WAITAOF", 1, 0, wait_ms),
             "replica": ("WAIT", 1, wait_ms),
         }[settings.durable_acks]
-        # The api's two hot paths: the submits and reads that meet in one process go to Redis
-        # together, one script call per batch (see Coalescer).
-        self._submits = Coalescer(self._submit_batch)
-        self._reads = Coalescer(self._read_batch)
+        # The api's two hot paths: the submit() and get() calls that meet in one process go
+        # to Redis together, one script call per batch (see Coalescer): submit() ->
+        # _submit_coalescer -> _submit_many -> submit.lua; get() -> _get_coalescer ->
+        # _get_many -> get_tasks.lua.
+        self._submit_coalescer = Coalescer(self._submit_many)
+        self._get_coalescer = Coalescer(self._get_many)
 
     async def _call(self, script: AsyncScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """Run a script that records work acknowledged to someone; with DURABLE_ACKS, return
@@ -344,8 +347,8 @@ class RedisTaskQueue:
         await self._completions.start()
 
     async def close(self) -> None:
-        await self._submits.close()
-        await self._reads.close()
+        await self._submit_coalescer.close()
+        await self._get_coalescer.close()
         await self._completions.close()
         await self.redis.aclose()
 
@@ -371,9 +374,9 @@ class RedisTaskQueue:
             traceparent=traceparent,
             replacing=replacing,
         )
-        return await self._submits(task)
+        return await self._submit_coalescer(task)
 
-    async def _submit_batch(self, tasks: Sequence[_NewTask]) -> list[Submitted]:
+    async def _submit_many(self, tasks: Sequence[_NewTask]) -> list[Submitted]:
         s = self.settings
         # Quotas are per API key; without a key (scope "") there is nothing to count.
         quotas = s.quotas
@@ -390,7 +393,7 @@ class RedisTaskQueue:
             keyed: int | str = 0 if t.idempotency_key is None else (t.replacing or 1)
             batch.append((t.task_id, t.request, t.signature, t.scope, t.traceparent, keyed))
         reply = await self._call(
-            self._submit,
+            self._submit_script,
             keys,
             args=[repr(time.time()), s.cache_ttl, s.result_expiry, s.idempotency_ttl,
                   repr(s.submit_rate_per_key), s.submit_burst_per_key, s.max_unfinished_per_key,
@@ -412,7 +415,7 @@ class RedisTaskQueue:
     @_translated
     async def get(self, task_id: str, scope: str = "") -> TaskRecord | None:
         fields: dict[str, str | None] = dict(
-            zip(_TASK_FIELDS, await self._reads(task_id), strict=True)
+            zip(_TASK_FIELDS, await self._get_coalescer(task_id), strict=True)
         )
         if fields["status"] is None or (fields["scope"] or "") != scope:
             return None
@@ -431,8 +434,8 @@ class RedisTaskQueue:
         )
         return record
 
-    async def _read_batch(self, task_ids: Sequence[str]) -> list[list[str | None]]:
-        reply: list[list[str | None]] = await self._read(
+    async def _get_many(self, task_ids: Sequence[str]) -> list[list[str | None]]:
+        reply: list[list[str | None]] = await self._get_tasks_script(
             keys=[self.keys.task(task_id) for task_id in task_ids],
             args=[self.settings.cache_ttl, *_TASK_FIELDS],
         )
@@ -457,7 +460,7 @@ class RedisTaskQueue:
     async def cancel(self, task_id: str, scope: str = "") -> CancelOutcome:
         # A cancel's 202 is an acknowledgement too: with DURABLE_ACKS it waits like a submit.
         reply = await self._call(
-            self._cancel,
+            self._cancel_script,
             [self.keys.task(task_id), self.keys.unfinished(scope)],
             args=[scope, repr(time.time()), self.keys.events, task_id],
         )
@@ -465,7 +468,7 @@ class RedisTaskQueue:
 
     @_translated
     async def stats(self) -> QueueStats:
-        reply = await self._stats(
+        reply = await self._stats_script(
             keys=[self.keys.stream, self.keys.dead_letter, self.keys.retries],
             args=[self.keys.group],
         )
@@ -537,7 +540,7 @@ class RedisTaskQueue:
         if not deliveries:
             return []
         now = time.time()
-        reply = await self._start(
+        reply = await self._start_script(
             keys=[self.keys.stream, self.keys.dead_letter,
                   *(self.keys.task(d.task_id) for d in deliveries)],
             # The batch travels as one JSON argument: encoding one string is far cheaper for
@@ -577,7 +580,7 @@ class RedisTaskQueue:
             payload = f.result.decode() if f.outcome is Outcome.DONE else (f.error or "")
             batch.append((job.entry_id, job.task_id, f.outcome.value, payload, f.due_at))
         reply = await self._call(
-            self._finish,
+            self._finish_script,
             keys,
             args=[self.keys.group, consumer, repr(time.time()), self.settings.cache_ttl,
                   self.keys.events, self.settings.result_expiry, orjson.dumps(batch)],
@@ -588,7 +591,7 @@ class RedisTaskQueue:
     async def keep_alive(self, consumer: str, jobs: Sequence[Job]) -> list[str]:
         if not jobs:
             return []
-        reply = await self._keep_alive(
+        reply = await self._keep_alive_script(
             keys=[self.keys.stream, *(self.keys.task(j.task_id) for j in jobs)],
             args=[self.keys.group, consumer, *(j.entry_id for j in jobs)],
         )
@@ -605,7 +608,7 @@ class RedisTaskQueue:
         if not due:
             return 0
         return int(
-            await self._promote(
+            await self._promote_script(
                 keys=[self.keys.retries, self.keys.stream, *map(self.keys.task, due)],
                 args=[now, *due],
             )
@@ -613,13 +616,15 @@ class RedisTaskQueue:
 
     @_translated
     async def trim(self) -> int:
-        removed = int(await self._trim(keys=[self.keys.stream]))
-        await self._prune(keys=[self.keys.stream], args=[self.keys.group, "", _IDLE_CONSUMER_MS])
+        removed = int(await self._trim_script(keys=[self.keys.stream]))
+        await self._prune_script(
+            keys=[self.keys.stream], args=[self.keys.group, "", _IDLE_CONSUMER_MS]
+        )
         return removed
 
     @_translated
     async def leave(self, consumer: str) -> None:
-        await self._prune(
+        await self._prune_script(
             keys=[self.keys.stream], args=[self.keys.group, consumer, _IDLE_CONSUMER_MS]
         )
 
@@ -649,7 +654,7 @@ class RedisTaskQueue:
         if not found:
             return 0
         return int(
-            await self._replay(
+            await self._replay_script(
                 keys=[
                     self.keys.dead_letter,
                     self.keys.stream,
