@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import re
-from datetime import datetime
+import time
+from datetime import UTC, datetime
 
 import pytest
 
@@ -37,3 +38,30 @@ def test_text_lines_carry_the_offset_after_the_time(capsys: pytest.CaptureFixtur
     logging.getLogger("fastapi_redis_mini.test").info("hello")
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert re.match(r"^\d\d:\d\d:\d\d[+-]\d{4} api +INFO +hello$", line), line
+
+
+def test_json_time_follows_a_dst_change_within_the_same_formatter(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Europe/Berlin moves from +01:00 to +02:00 at 2026-03-29 01:00:00 UTC.
+    monkeypatch.setenv("TZ", "Europe/Berlin")
+    time.tzset()
+    try:
+        configure_logging("json", "INFO", "worker")
+        logger = logging.getLogger("fastapi_redis_mini.test")
+        change = datetime(2026, 3, 29, 1, tzinfo=UTC).timestamp()
+        moments = [change - 0.5, change - 0.25, change + 0.25, change + 1.75]
+        for created in moments:
+            record = logger.makeRecord(logger.name, logging.INFO, __file__, 0, "x", (), None)
+            record.created = created
+            logger.handle(record)
+        lines = [json.loads(line) for line in capsys.readouterr().err.strip().splitlines()]
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+    assert [line["time"] for line in lines[-4:]] == [
+        "2026-03-29T01:59:59.500+01:00",
+        "2026-03-29T01:59:59.750+01:00",
+        "2026-03-29T03:00:00.250+02:00",
+        "2026-03-29T03:00:01.750+02:00",
+    ]
