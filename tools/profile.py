@@ -65,6 +65,12 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
         action="store_true",
         help="py-spy collapsed stacks (.txt) and the top frames by samples, not cProfile",
     )
+    parser.add_argument(
+        "--log-level",
+        default="WARNING",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        help="worker: LOG_LEVEL [WARNING]; INFO adds one JSON line per task",
+    )
     parser.add_argument("--tasks", type=int, default=20_000, help="worker: tasks to drain")
     parser.add_argument("--concurrency", type=int, default=100, help="worker: MAX_CONCURRENCY")
     parser.add_argument(
@@ -104,12 +110,12 @@ def profile_worker(space: Workspace, url: str, args: argparse.Namespace) -> None
     print(f"queueing {args.tasks} no-op tasks ...", flush=True)
     asyncio.run(enqueue_ours(url, args.tasks, "profile"))
     if args.sampling:
-        worker = spawn_worker(space, url, args.concurrency, "worker")
+        worker = spawn_worker(space, url, args.concurrency, "worker", args.log_level)
         recorder = py_spy_record(
             space, worker.pid, args.output, subprocesses=False, collapsed=args.collapsed
         )
     else:
-        env = worker_env(url, args.concurrency)
+        env = worker_env(url, args.concurrency, args.log_level)
         argv = [sys.executable, "-m", "cProfile", "-o", str(args.output)]
         worker = space.spawn("worker", [*argv, "-m", "fastapi_redis_mini.worker"], env)
     began = time.perf_counter()

@@ -196,20 +196,23 @@ async def task_times(url: str, ids: Sequence[str]) -> list[tuple[float, float, f
     return times
 
 
-def worker_env(url: str, concurrency: int) -> dict[str, str]:
+def worker_env(url: str, concurrency: int, log_level: str = "WARNING") -> dict[str, str]:
     # Defaults everywhere else, so every reliability guarantee is on; only logs are quieter,
-    # as the peers log nothing at their library defaults either.
+    # as the peers log nothing at their library defaults either. INFO (the worker's default)
+    # adds one JSON line per finished task; --worker-log-level INFO shows what that costs.
     return {
         "REDIS_URL": url,
         "MAX_CONCURRENCY": str(concurrency),
         "METRICS_PORT": str(free_port()),
         "HOST": "127.0.0.1",
-        "LOG_LEVEL": "WARNING",
+        "LOG_LEVEL": log_level,
     }
 
 
-def spawn_worker(space: Workspace, url: str, concurrency: int, name: str) -> Process:
-    env = worker_env(url, concurrency)
+def spawn_worker(
+    space: Workspace, url: str, concurrency: int, name: str, log_level: str = "WARNING"
+) -> Process:
+    env = worker_env(url, concurrency, log_level)
     worker = space.spawn(name, [sys.executable, "-m", "fastapi_redis_mini.worker"], env)
     worker.port = int(env["METRICS_PORT"])
     return worker
@@ -229,6 +232,7 @@ def drain_ours(
     processes: int = 1,
     timeout: float = 300.0,
     label: str = "drain",
+    log_level: str = "WARNING",
 ) -> DrainResult:
     started = time.perf_counter()
     ids = asyncio.run(enqueue_ours(url, tasks, label))
@@ -237,7 +241,8 @@ def drain_ours(
     cpu_before = ChildCpu.read()
     spawned = time.perf_counter()
     workers = [
-        spawn_worker(space, url, concurrency, f"worker-{label}-{n}") for n in range(processes)
+        spawn_worker(space, url, concurrency, f"worker-{label}-{n}", log_level)
+        for n in range(processes)
     ]
     try:
         idle_at = asyncio.run(wait_idle(url, spawned + timeout))

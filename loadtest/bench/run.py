@@ -55,6 +55,13 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--sections", default=",".join(SECTIONS), help=f"subset of {','.join(SECTIONS)}"
     )
+    parser.add_argument(
+        "--worker-log-level",
+        default="WARNING",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        help="LOG_LEVEL of our drain workers [WARNING, as the peers log nothing by default];"
+        " INFO, the worker's default, adds one JSON line per task",
+    )
     parser.add_argument("--peer-python", type=Path, default=PEER_PYTHON)
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "bench")
     parser.add_argument("--keep-logs", action="store_true", help="keep process logs under --out")
@@ -98,7 +105,15 @@ def worker_section(
     runs = []
     redis_server.flush()
     log(f"worker: fastapi-redis-mini, {args.tasks} tasks")
-    runs.append(drain_ours(space, redis_server.url, tasks=args.tasks, concurrency=args.concurrency))
+    runs.append(
+        drain_ours(
+            space,
+            redis_server.url,
+            tasks=args.tasks,
+            concurrency=args.concurrency,
+            log_level=args.worker_log_level,
+        )
+    )
     for peer in PEERS:
         redis_server.flush()
         log(f"worker: {peer}, {args.tasks} jobs")
@@ -186,6 +201,7 @@ def scale_section(
                 concurrency=args.concurrency,
                 processes=processes,
                 label=f"scale{processes}",
+                log_level=args.worker_log_level,
             ).as_dict()
         )
     return {"runs": runs}
@@ -259,6 +275,7 @@ def main(argv: Sequence[str]) -> int:
             "memory_tasks": args.memory_tasks,
             "scale": args.scale,
             "quick": args.quick,
+            "worker_log_level": args.worker_log_level,
         },
     }
     args.out.mkdir(parents=True, exist_ok=True)
