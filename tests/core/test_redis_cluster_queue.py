@@ -33,6 +33,8 @@ from fastapi_redis_mini.core.settings import Settings
 
 from ..support.redis_cluster import RedisCluster as LocalCluster
 
+pytestmark = pytest.mark.slow  # six server processes
+
 CONSUMER = "cluster-consumer"
 
 
