@@ -400,6 +400,31 @@ async def test_a_task_delivered_too_often_is_dead_lettered(
     assert (stats.dead_letter_length, stats.pending) == (1, 0)
 
 
+async def test_a_dead_lettered_task_stops_counting_against_its_keys_unfinished_cap(
+    settings: Settings,
+) -> None:
+    capped = settings.model_copy(update={"max_unfinished_per_key": 1})
+    queue = RedisTaskQueue(connect(capped), capped)
+    await queue.ensure_group()
+    try:
+
+        async def submit_as_tenant(prompt: str) -> SubmitOutcome:
+            task = TaskCreate(prompt=prompt, params={})
+            submitted = await queue.submit(task, signature=request_signature(task), scope="t")
+            return submitted.outcome
+
+        assert await submit_as_tenant("first") is SubmitOutcome.QUEUED
+        assert await submit_as_tenant("second") is SubmitOutcome.TOO_MANY_UNFINISHED
+        deliveries = await queue.read(CONSUMER, count=10, block_ms=100)
+        for attempt in range(1, 6):  # MAX_DELIVERIES = 5
+            await queue.start(CONSUMER, deliveries, alone=attempt > 1)
+        [job] = await queue.start(CONSUMER, deliveries)
+        assert job.verdict is StartVerdict.DEAD
+        assert await submit_as_tenant("second") is SubmitOutcome.QUEUED
+    finally:
+        await queue.close()
+
+
 async def test_a_dead_letter_can_be_replayed(queue: RedisTaskQueue) -> None:
     task_id = await submit(queue)
     deliveries = await queue.read(CONSUMER, count=10, block_ms=100)

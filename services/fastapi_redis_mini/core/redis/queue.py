@@ -551,9 +551,13 @@ class RedisTaskQueue:
                   self.settings.dead_letter_maxlen],
         )  # fmt: skip
         jobs = []
+        ended: list[Job] = []
         for d, row in zip(deliveries, reply, strict=True):
             verdict = StartVerdict(row[0])
             job = Job(entry_id=d.entry_id, task_id=d.task_id, verdict=verdict, started_at=now)
+            if verdict in (StartVerdict.DEAD, StartVerdict.CANCELLED):
+                job.scope = row[1]
+                ended.append(job)
             if verdict is StartVerdict.RUN:
                 request = orjson.loads(row[1])
                 job.prompt = request["prompt"]
@@ -562,7 +566,24 @@ class RedisTaskQueue:
                 job.created_at = float(row[5])
                 job.attempts = int(row[6])
             jobs.append(job)
+        if ended and self.settings.max_unfinished_per_key:
+            await self._forget_unfinished(ended)
         return jobs
+
+    async def _forget_unfinished(self, jobs: Sequence[Job]) -> None:
+        """Take tasks start.lua ended off their API key's set of unfinished tasks.
+
+        start.lua cannot: the set's name follows from the task's scope, which the script only
+        learns by reading the task. Best effort, and rare (a dead letter, or a cancel that
+        outlived its worker): an entry left behind still drops out at RESULT_EXPIRY.
+        """
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for job in jobs:
+                    pipe.zrem(self.keys.unfinished(job.scope), job.task_id)
+                await pipe.execute()
+        except RedisError as error:
+            log.warning("could not update the unfinished-task counts: %s", error)
 
     @_translated
     async def finish(self, consumer: str, finishes: Sequence[Finish]) -> list[FinishVerdict]:

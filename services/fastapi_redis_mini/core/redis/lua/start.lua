@@ -9,7 +9,8 @@
 -- KEYS: stream, dead_letter, task_1 .. task_n
 -- ARGV: group, consumer, now, max_deliveries, alone (1: the worker runs this batch alone),
 --       JSON [[entry_1, task_id_1], ..], result_expiry, events_channel, dead_letter_maxlen
--- Returns per delivery: {verdict, request, signature, scope, trace, created_at, attempts}
+-- Returns per delivery: {verdict, request, signature, scope, trace, created_at, attempts} to run;
+--   {verdict, scope} for a task ended here ('cancelled', 'dead'); {verdict} otherwise
 local stream, dead = KEYS[1], KEYS[2]
 local group, consumer, now = ARGV[1], ARGV[2], ARGV[3]
 local max_deliveries = tonumber(ARGV[4])
@@ -33,7 +34,7 @@ for i, delivery in ipairs(batch) do
     redis.call('EXPIRE', key, result_expiry)
     acks[#acks + 1] = entry
     finished[#finished + 1] = task_id
-    out[i] = {'cancelled'}
+    out[i] = {'cancelled', t[6] or ''}
   elseif deliveries >= max_deliveries then
     local message = 'dead-lettered: delivered ' .. deliveries ..
       ' times without finishing (MAX_DELIVERIES=' .. max_deliveries .. ')'
@@ -43,7 +44,7 @@ for i, delivery in ipairs(batch) do
       'scope', t[6] or '', 'deliveries', deliveries, 'failed_at', now)
     acks[#acks + 1] = entry
     finished[#finished + 1] = task_id
-    out[i] = {'dead'}
+    out[i] = {'dead', t[6] or ''}
   elseif deliveries > 0 and not alone then
     out[i] = {'suspect'}
   else
