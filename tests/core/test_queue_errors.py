@@ -158,3 +158,31 @@ def test_each_transient_server_state_is_named(line: str) -> None:
 )
 def test_other_server_errors_stay_defects(line: str) -> None:
     assert queue_error(parsed(line)) is None
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        # What redis-py's cluster client raises itself while the topology changes.
+        redis.exceptions.ClusterError("TTL exhausted."),
+        redis.exceptions.SlotNotCoveredError('Slot "1234" is not covered by the cluster.'),
+        redis.exceptions.RedisClusterException(
+            "Redis Cluster cannot be connected. Please provide at least one reachable node"
+        ),
+        redis.exceptions.RedisClusterException(
+            "startup_nodes could not agree on a valid slots cache"
+        ),
+    ],
+    ids=["ttl-exhausted", "slot-not-covered", "no-node-reachable", "nodes-disagree"],
+)
+def test_the_cluster_clients_own_errors_mean_the_cluster_is_down(
+    error: redis.RedisError | redis.exceptions.RedisClusterException,
+) -> None:
+    translated = queue_error(error)
+    assert translated is not None
+    assert translated.state is QueueState.CLUSTER_DOWN
+
+
+def test_a_pipeline_the_cluster_client_refuses_stays_a_defect() -> None:
+    error = redis.exceptions.CrossSlotTransactionError("keys in more than one slot")
+    assert queue_error(error) is None

@@ -27,8 +27,16 @@ from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.commands.core import AsyncScript
+from redis.exceptions import (
+    ClusterError,
+    CrossSlotTransactionError,
+    InvalidPipelineStack,
+    NoScriptError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..batching import Coalescer
@@ -79,8 +87,15 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 
-def queue_error(error: RedisError) -> QueueUnavailable | None:
+def queue_error(error: RedisError | RedisClusterException) -> QueueUnavailable | None:
     """The queue's error for a Redis error, or None when the error is a defect of ours."""
+    if isinstance(error, RedisClusterException):
+        # The cluster client's own verdicts while the topology changes (a slot no node serves
+        # yet, no node reachable, nodes that disagree on the slots), not the server's. Only a
+        # pipeline or transaction the client refuses to send is ours to fix.
+        if isinstance(error, (CrossSlotTransactionError, InvalidPipelineStack)):
+            return None
+        return QueueUnavailable(QueueState.CLUSTER_DOWN, str(error) or type(error).__name__)
     # redis-py strips the prefix from the message of the errors it maps and keeps it in
     # status_code; the others keep it as their first word.
     prefix = error.status_code or str(error).partition(" ")[0]
@@ -89,6 +104,10 @@ def queue_error(error: RedisError) -> QueueUnavailable | None:
         return QueueBusy(state, str(error))
     if isinstance(error, (RedisConnectionError, RedisTimeoutError)):
         return QueueUnavailable(QueueState.UNREACHABLE, str(error) or type(error).__name__)
+    if type(error) is ClusterError:
+        # Raised by the cluster client after too many redirections in a row ("TTL
+        # exhausted"): slots were moving or failing over for the whole retry.
+        return QueueUnavailable(QueueState.CLUSTER_DOWN, str(error))
     return None
 
 
@@ -99,7 +118,7 @@ def _translated(method: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any,
     async def call(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
             return await method(*args, **kwargs)
-        except RedisError as error:
+        except (RedisError, RedisClusterException) as error:
             translated = queue_error(error)
             if translated is None:
                 raise
@@ -748,7 +767,7 @@ class _Completions:
                 # Whatever went wrong, subscribing again is all there is to do, so this loop
                 # never ends on its own; meanwhile long-polls read the task every 5 s.
                 self._subscribed.clear()
-                if isinstance(error, RedisError):
+                if isinstance(error, (RedisError, RedisClusterException)):
                     log.warning("completions subscription failed (%s); retrying", error)
                 else:
                     log.exception("completions listener failed; subscribing again")
