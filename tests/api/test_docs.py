@@ -66,11 +66,23 @@ async def test_the_page_loads_only_assets_the_api_serves(
         assert "fonts.googleapis.com" not in html
 
 
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+async def test_the_page_with_a_trailing_slash_leads_to_the_page(
+    make_client: ClientFactory, page: str
+) -> None:
+    async with make_client(worker=False) as client:
+        response = await client.get(f"{page}/")
+        assert response.status_code == 308
+        target = response.url.join(response.headers["location"])
+        assert target.path == page
+        assert "<html" in (await client.get(target)).text.lower()
+
+
 async def test_docs_enabled_false_removes_the_pages_and_their_assets(
     make_client: ClientFactory,
 ) -> None:
     async with make_client(worker=False, docs_enabled=False) as client:
-        for path in ("/docs", "/redoc", *ASSETS):
+        for path in ("/docs", "/redoc", "/docs/", "/redoc/", *ASSETS):
             assert (await client.get(path)).status_code == 404, path
         assert (await client.get("/openapi.json")).status_code == 200
 

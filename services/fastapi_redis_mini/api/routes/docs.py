@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, RedirectResponse
 from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
 
@@ -52,6 +52,17 @@ async def redoc(request: Request) -> HTMLResponse:
         redoc_favicon_url=f"{root}/docs/fastapi/favicon.png",
         with_google_fonts=False,
     )
+
+
+@router.get("/docs/")
+@router.get("/redoc/")
+async def page_with_slash(request: Request) -> RedirectResponse:
+    """/docs/ and /redoc/ lead to their page; the asset mounts under them would answer 404.
+
+    The target is relative ("../docs"), so it holds under whatever prefix a proxy adds.
+    """
+    page = request.url.path.rstrip("/").rsplit("/", 1)[-1]
+    return RedirectResponse(f"../{page}", status_code=308)
 
 
 def _assets(directory: str) -> StaticFiles:
