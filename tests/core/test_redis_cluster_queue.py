@@ -32,6 +32,7 @@ from fastapi_redis_mini.core.redis.queue import (
 from fastapi_redis_mini.core.settings import Settings
 
 from ..support.redis_cluster import RedisCluster as LocalCluster
+from ..support.redis_server import RedisServer
 
 pytestmark = pytest.mark.slow  # six server processes
 
@@ -160,14 +161,144 @@ async def test_cancel_and_a_long_polls_wake_up_reach_across_the_cluster(
         await api.close()
 
 
-async def test_durable_acks_are_refused_at_start_on_a_cluster(redis_cluster_url: str) -> None:
-    problem = await check_durable_acks(
-        Settings(redis_url=redis_cluster_url, durable_acks="replica")
+async def test_durable_acks_are_checked_on_every_master_of_a_cluster(
+    redis_cluster_url: str, redis_cluster: LocalCluster
+) -> None:
+    # Every master has its replica: replica acks can be given.
+    assert (
+        await check_durable_acks(Settings(redis_url=redis_cluster_url, durable_acks="replica"))
+        is None
     )
-    assert problem == "DURABLE_ACKS=replica is not supported on a Redis Cluster yet"
+    # The test nodes run without appendonly, and Redis 7.0 has no WAITAOF at all: either way
+    # the answer names a master.
+    problem = await check_durable_acks(Settings(redis_url=redis_cluster_url, durable_acks="fsync"))
+    assert problem is not None
+    assert problem.startswith("DURABLE_ACKS=fsync needs ")
+    assert "(cluster node 127.0.0.1:" in problem
+
+
+def waits_on(cluster: LocalCluster, node_port: int) -> int:
+    """How many WAIT commands a node has served."""
+    node = next(node for node in cluster.nodes if node.port == node_port)
+    client = node.client()
+    try:
+        stats = client.info("commandstats")
+    finally:
+        client.close()
+    return int(stats.get("cmdstat_wait", {"calls": 0})["calls"])
+
+
+def master_port(node: RedisServer) -> int | None:
+    """The port of the master a node replicates, or None for a master."""
+    client = node.client()
+    try:
+        port = client.info("replication").get("master_port")
+    finally:
+        client.close()
+    return None if port is None else int(port)
+
+
+async def test_replica_acks_wait_once_per_batch_on_the_master_serving_the_slot(
+    redis_cluster_url: str, redis_cluster: LocalCluster
+) -> None:
+    settings = Settings(redis_url=redis_cluster_url, durable_acks="replica", log_format="text")
+    queue = RedisTaskQueue(connect(settings), settings)
+    try:
+        await queue.ensure_group()
+        master = redis_cluster.master_of(queue.keys.stream)
+        before = {node.port: waits_on(redis_cluster, node.port) for node in redis_cluster.nodes}
+        # 50 submits that meet in one process travel as one script call and one WAIT.
+        submitted = await asyncio.gather(*(submit(queue, f"batch {n}") for n in range(50)))
+        assert {outcome for _, outcome in submitted} == {"queued"}
+        jobs = await take(queue)
+        assert len(jobs) == 50
+        finishes = [Finish(job, Outcome.DONE, result=b"1") for job in jobs]
+        assert await queue.finish(CONSUMER, finishes) == [FinishVerdict.WRITTEN] * 50
+        after = {node.port: waits_on(redis_cluster, node.port) for node in redis_cluster.nodes}
+        served = {port: after[port] - before[port] for port in after if after[port] > before[port]}
+        # The submits' batch and the finishes' batch: each one WAIT, on the slot's master.
+        assert served == {master.port: 2}
+    finally:
+        await queue.close()
+
+
+async def test_replica_acks_follow_the_slot_to_its_new_master_after_a_failover(
+    redis_cluster_url: str, redis_cluster: LocalCluster
+) -> None:
+    settings = Settings(redis_url=redis_cluster_url, durable_acks="replica", log_format="text")
+    queue = RedisTaskQueue(connect(settings), settings)
+    try:
+        await queue.ensure_group()
+        first_id, _ = await submit(queue, "before the failover")
+        old = redis_cluster.master_of(queue.keys.stream)
+        replica = next(node for node in redis_cluster.nodes if master_port(node) == old.port)
+        # A manual failover: the replica takes the slots over, the old master follows it.
+        client = replica.client()
+        try:
+            client.execute_command("CLUSTER", "FAILOVER")  # type: ignore[no-untyped-call]
+        finally:
+            client.close()
+        swapped = {replica.port: "master", old.port: "slave"}
+        for _ in range(200):  # until the cluster agrees, so later tests find it settled
+            roles = redis_cluster.roles()
+            if {port: roles[port] for port in swapped} == swapped:
+                break
+            await asyncio.sleep(0.05)
+        assert redis_cluster.master_of(queue.keys.stream).port == replica.port
+        redis_cluster.wait_ok()
+        # The queue's slot table still names the old master, which answers MOVED: the submit
+        # follows the slot, with no error, and waits on the new master. (A promoted replica
+        # has no scripts loaded: the first try there meets NOSCRIPT and sends its WAIT again.)
+        before = waits_on(redis_cluster, replica.port)
+        second_id, outcome = await submit(queue, "after the failover")
+        assert outcome == "queued"
+        assert waits_on(redis_cluster, replica.port) > before
+        for task_id in (first_id, second_id):
+            record = await queue.get(task_id)
+            assert record is not None
+            assert record.status is TaskStatus.PENDING
+    finally:
+        await queue.close()
 
 
 def test_a_standalone_client_on_a_cluster_is_what_false_gives(redis_cluster_url: str) -> None:
     client = connect(Settings(redis_url=redis_cluster_url, redis_cluster="false"))
     assert not isinstance(client, RedisCluster)
     assert isinstance(redis.ResponseError("MOVED 1 x:1"), redis.RedisError)
+
+
+async def test_fsync_acks_wait_on_the_disk_of_the_master_serving_the_slot(
+    redis_cluster_url: str, redis_cluster: LocalCluster
+) -> None:
+    if redis_cluster.kind == "redis":
+        pytest.skip("DURABLE_ACKS=fsync needs WAITAOF (Redis 7.2+ or Valkey); this is Redis 7.0")
+    roles = redis_cluster.roles()
+    masters = [node for node in redis_cluster.nodes if roles[node.port] == "master"]
+    for node in masters:
+        client = node.client()
+        try:
+            client.config_set("appendonly", "yes")
+        finally:
+            client.close()
+    settings = Settings(redis_url=redis_cluster_url, durable_acks="fsync", log_format="text")
+    queue = RedisTaskQueue(connect(settings), settings)
+    try:
+        assert await check_durable_acks(settings) is None
+        master = redis_cluster.master_of(queue.keys.stream)
+        client = master.client()
+        try:
+            before = int(client.info("commandstats").get("cmdstat_waitaof", {"calls": 0})["calls"])
+            _, outcome = await submit(queue, "on disk")
+            after = int(client.info("commandstats")["cmdstat_waitaof"]["calls"])
+        finally:
+            client.close()
+        assert outcome == "queued"
+        assert after > before
+    finally:
+        await queue.close()
+        for node in masters:
+            client = node.client()
+            try:
+                client.config_set("appendonly", "no")
+            finally:
+                client.close()

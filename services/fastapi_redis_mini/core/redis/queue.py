@@ -24,13 +24,17 @@ import orjson
 import redis as sync_redis
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import ClusterNode, PipelineCommand
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import (
+    AskError,
     ClusterError,
     CrossSlotTransactionError,
     InvalidPipelineStack,
+    MaxConnectionsError,
+    MovedError,
     NoScriptError,
     RedisClusterException,
     RedisError,
@@ -137,47 +141,58 @@ _IDLE_CONSUMER_MS = 3_600_000
 async def check_durable_acks(settings: Settings) -> str | None:
     """At start: why the server cannot give the DURABLE_ACKS asked for, or None when it can.
 
+    On a Redis Cluster every master is asked, since each acknowledges the writes of its slots.
     A server that cannot be reached is not judged (None, and a warning): the services start
     and wait for Redis as they always do.
     """
     if settings.durable_acks == "none":
         return None
     redis = connect(settings)
-    if isinstance(redis, RedisCluster):
-        # WAIT and WAITAOF count the writes of their own connection, which a cluster client
-        # picks per node; the cluster's group commit is not built yet.
-        await redis.aclose()
-        return f"DURABLE_ACKS={settings.durable_acks} is not supported on a Redis Cluster yet"
     try:
-        info = await redis.info("server")
-        version = info.get("valkey_version") and f"Valkey {info['valkey_version']}"
-        version = version or f"Redis {info.get('redis_version', '?')}"
-        if settings.durable_acks == "fsync":
-            try:
-                await redis.execute_command("WAITAOF", 1, 0, 1)  # type: ignore[no-untyped-call]
-            except ResponseError as error:
-                if "appendonly" in str(error):
-                    return "DURABLE_ACKS=fsync needs the Redis server's appendonly yes"
-                return (
-                    f"DURABLE_ACKS=fsync needs WAITAOF (Redis 7.2 or later, or Valkey); "
-                    f"the server is {version}"
-                )
+        if isinstance(redis, RedisCluster):
+            await redis.initialize()
+            for node in redis.get_primaries():
+                problem = await _durability_problem(settings, node.execute_command, node.name)
+                if problem is not None:
+                    return problem
             return None
-        replication = await redis.info("replication")
-        if replication.get("role") != "master":
-            return "DURABLE_ACKS=replica: REDIS_URL names a replica, which takes no writes"
-        if not int(replication.get("connected_slaves", 0)):
-            log.warning(
-                "DURABLE_ACKS=replica but no replica is attached yet: submits answer 503 "
-                "redis_no_replicas until one is"
-            )
-        return None
-    except (RedisConnectionError, RedisTimeoutError) as error:
+        return await _durability_problem(settings, redis.execute_command, "")
+    except (RedisConnectionError, RedisTimeoutError, RedisClusterException) as error:
         log.warning("DURABLE_ACKS=%s not checked: Redis unreachable at start (%s)",
                     settings.durable_acks, error)  # fmt: skip
         return None
     finally:
         await redis.aclose()
+
+
+async def _durability_problem(
+    settings: Settings, execute: Callable[..., Awaitable[Any]], node: str
+) -> str | None:
+    """What one server (a cluster `node`, named in the answer) lacks for DURABLE_ACKS."""
+    on = f" (cluster node {node})" if node else ""
+    info = await execute("INFO", "server")
+    version = info.get("valkey_version") and f"Valkey {info['valkey_version']}"
+    version = version or f"Redis {info.get('redis_version', '?')}"
+    if settings.durable_acks == "fsync":
+        try:
+            await execute("WAITAOF", 1, 0, 1)
+        except ResponseError as error:
+            if "appendonly" in str(error):
+                return f"DURABLE_ACKS=fsync needs the Redis server's appendonly yes{on}"
+            return (
+                f"DURABLE_ACKS=fsync needs WAITAOF (Redis 7.2 or later, or Valkey); "
+                f"the server is {version}{on}"
+            )
+        return None
+    replication = await execute("INFO", "replication")
+    if replication.get("role") != "master":
+        return "DURABLE_ACKS=replica: REDIS_URL names a replica, which takes no writes"
+    if not int(replication.get("connected_slaves", 0)):
+        log.warning(
+            "DURABLE_ACKS=replica but no replica is attached yet%s: submits answer 503 "
+            "redis_no_replicas until one is", on
+        )  # fmt: skip
+    return None
 
 
 def exit_unless_durable_acks(settings: Settings) -> None:
@@ -329,6 +344,8 @@ class RedisTaskQueue:
         """
         if self._durable_wait is None:
             return await script(keys=keys, args=args)
+        if isinstance(self.redis, RedisCluster):
+            return await self._call_on_slot_master(self.redis, script, keys, args)
         for _ in range(2):
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.evalsha(script.sha, len(keys), *keys, *args)
@@ -344,6 +361,51 @@ class RedisTaskQueue:
             self._check_confirmed(confirmed)
             return reply
         raise NoScriptError("the script vanished again right after it was loaded")
+
+    async def _call_on_slot_master(
+        self, cluster: RedisCluster, script: AsyncScript, keys: Sequence[str], args: Sequence[Any]
+    ) -> Any:
+        """_call on a Redis Cluster: the script and its wait, pipelined on one connection to
+        the master serving the slot that all of the call's keys share.
+
+        Not the cluster client's pipeline: it sends a keyless WAIT to any node, and sends a
+        command redirected by MOVED again on its own, away from its wait. A slot that moved is
+        looked up again (the script did not run); a lost master makes the client learn the
+        slots anew, and the caller gets QueueUnavailable to retry.
+        """
+        assert self._durable_wait is not None
+        for _ in range(3):
+            await cluster.initialize()  # only after a topology change asked for it
+            node: ClusterNode = cluster.get_node_from_key(keys[0])  # type: ignore[assignment]
+            commands = [
+                PipelineCommand(0, "EVALSHA", script.sha, len(keys), *keys, *args),
+                PipelineCommand(1, *self._durable_wait),
+            ]
+            try:
+                await node.execute_pipeline(commands)
+            except (RedisConnectionError, RedisTimeoutError) as error:
+                if not isinstance(error, MaxConnectionsError):
+                    # As the cluster client's own pipeline does: drop the connections and
+                    # the slot table, so the next call finds the replica promoted meanwhile.
+                    await cluster.aclose()
+                raise
+            reply, confirmed = commands[0].result, commands[1].result
+            if isinstance(reply, NoScriptError):
+                # This master lost its scripts (a restart, or a replica just promoted).
+                await node.execute_command("SCRIPT", "LOAD", script.script)
+                continue
+            if isinstance(reply, MovedError):
+                await cluster.nodes_manager.move_slot(reply)
+                continue
+            if isinstance(reply, AskError):
+                # A resharding moves the slot: the keys are split between two masters.
+                raise QueueBusy(QueueState.TRY_AGAIN, f"slot {reply.slot_id} is being moved")
+            for value in (reply, confirmed):
+                if isinstance(value, Exception):
+                    raise value
+            self._check_confirmed(confirmed)
+            return reply
+        raise QueueBusy(QueueState.TRY_AGAIN, "the slot's master changed during the call")
 
     def _check_confirmed(self, confirmed: Any) -> None:
         timeout = self.settings.durable_ack_timeout
