@@ -51,7 +51,7 @@ profile-worker: $(VENV)/.synced ## cProfile one worker draining 20k tasks: repor
 profile-api: $(VENV)/.synced bench-tools ## cProfile one api process under wrk (PROFILE_ARGS=--endpoint post_hit|get): .prof + hotspots
 	$(BIN)/python tools/profile.py api $(PROFILE_ARGS)
 
-api-ab: $(VENV)/.synced ## CPU per request of the api against the bare app, in one process (AB_ARGS=--endpoint hit|--gc default)
+api-ab: $(VENV)/.synced ## CPU per request of the api against the bare app, in one process (AB_ARGS=--endpoint hit|get, --gc default)
 	$(BIN)/python tools/api_ab.py $(AB_ARGS)
 
 flamegraph: $(VENV)/.synced bench-tools ## py-spy flame graphs of the worker and the api under load: reports/profile/*.svg

@@ -2,6 +2,7 @@
 
     python tools/api_ab.py                       # POST /tasks misses, the collector as shipped
     python tools/api_ab.py --endpoint hit        # cache hits
+    python tools/api_ab.py --endpoint get        # GET /tasks/{id} of a DONE task
     python tools/api_ab.py --gc default          # CPython's collector settings, for comparison
 
 Both apps are served from this one process through their ASGI interfaces, without an HTTP
@@ -37,7 +38,7 @@ HIT = b'{"prompt": "bench hit", "params": {"duration": 0}}'
 
 def parse(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--endpoint", choices=["miss", "hit"], default="miss")
+    parser.add_argument("--endpoint", choices=["miss", "hit", "get"], default="miss")
     parser.add_argument("--rounds", type=int, default=300, help="measured rounds per app")
     parser.add_argument("--concurrency", type=int, default=50, help="requests per round")
     parser.add_argument(
@@ -49,10 +50,12 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-async def post(app: ASGIApp, body: bytes) -> int:
+async def post(app: ASGIApp, body: bytes, path: str = "/tasks") -> int:
+    """POST `body` to `path`; an empty body is a GET instead."""
     scope: dict[str, Any] = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-        "scheme": "http", "path": "/tasks", "raw_path": b"/tasks", "query_string": b"",
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+        "method": "POST" if body else "GET", "scheme": "http", "path": path,
+        "raw_path": path.encode(), "query_string": b"",
         "root_path": "", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
         "headers": [(b"host", b"bench"), (b"content-type", b"application/json"),
                     (b"content-length", str(len(body)).encode())],
@@ -91,6 +94,8 @@ async def measure(args: argparse.Namespace, redis_url: str) -> None:
     def body() -> bytes:
         nonlocal counter
         counter += 1
+        if args.endpoint == "get":
+            return b""
         if args.endpoint == "hit":
             return HIT
         return b'{"prompt": "ab %d %s", "params": {"duration": 0}}' % (
@@ -99,8 +104,10 @@ async def measure(args: argparse.Namespace, redis_url: str) -> None:
         )
 
     async with ours.router.lifespan_context(ours), bare.router.lifespan_context(bare):
-        if args.endpoint == "hit":
-            await warm_hit(ours, redis_url)
+        path = "/tasks"
+        if args.endpoint in ("hit", "get"):
+            task_id = await warm_hit(ours, redis_url)
+            path = f"/tasks/{task_id}" if args.endpoint == "get" else path
         if args.gc == "tuned":
             tune_gc()
         cpu = dict.fromkeys(apps, 0.0)
@@ -110,7 +117,7 @@ async def measure(args: argparse.Namespace, redis_url: str) -> None:
             for name, app in apps.items():
                 started = time.process_time()
                 answers = await asyncio.gather(
-                    *(post(app, body()) for _ in range(args.concurrency))
+                    *(post(app, body(), path) for _ in range(args.concurrency))
                 )
                 if n >= 10:
                     cpu[name] += time.process_time() - started
@@ -120,7 +127,8 @@ async def measure(args: argparse.Namespace, redis_url: str) -> None:
         ]
     requests = args.rounds * args.concurrency
     per = {name: seconds * 1e6 / requests for name, seconds in cpu.items()}
-    print(f"POST /tasks ({args.endpoint}), {requests} requests per app, collector {args.gc}")
+    route = "GET /tasks/{id} (DONE)" if args.endpoint == "get" else f"POST /tasks ({args.endpoint})"
+    print(f"{route}, {requests} requests per app, collector {args.gc}")
     print(
         f"  bare app  {per['bare']:7.1f} µs CPU per request   statuses {sorted(statuses['bare'])}"
     )
@@ -130,8 +138,8 @@ async def measure(args: argparse.Namespace, redis_url: str) -> None:
     print(f"  collections by generation during the rounds: {collections}")
 
 
-async def warm_hit(app: ASGIApp, redis_url: str) -> None:
-    """Queue the hit prompt and finish it by hand, so that it is in the cache."""
+async def warm_hit(app: ASGIApp, redis_url: str) -> str:
+    """Queue the hit prompt and finish it by hand, so that it is in the cache; its task id."""
     from fastapi_redis_mini.core.queue import Finish, Outcome
     from fastapi_redis_mini.core.redis import RedisTaskQueue, connect
     from fastapi_redis_mini.core.settings import Settings
@@ -145,6 +153,7 @@ async def warm_hit(app: ASGIApp, redis_url: str) -> None:
         jobs = await queue.start("ab", deliveries)
         result = b'{"model": "bench", "output": "ok"}'
         await queue.finish("ab", [Finish(job, Outcome.DONE, result=result) for job in jobs])
+        return jobs[0].task_id
     finally:
         await queue.close()
 
