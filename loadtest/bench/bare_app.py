@@ -1,7 +1,7 @@
 """The api benchmark's baseline: the same routes, body models and answers, without Redis.
 
 It validates the request with the service's own TaskCreate and answers with its own
-TaskSubmitted / TaskPublic, so the difference to the real api is the cost of the queue,
+TaskSubmitted / Task, so the difference to the real api is the cost of the queue,
 the middleware and the checks, not of FastAPI or pydantic. Served by gunicorn with the same
 uvicorn worker class and worker count as the real api.
 """
@@ -13,7 +13,7 @@ import uuid
 
 from fastapi import FastAPI, Response, status
 
-from fastapi_redis_mini.core.models import TaskCreate, TaskPublic, TaskStatus, TaskSubmitted
+from fastapi_redis_mini.core.models import Task, TaskCreate, TaskStatus, TaskSubmitted
 
 HIT_PROMPT = "bench hit"
 _RESULT = {"model": "bench", "output": "ok", "prompt_tokens": 2, "completion_tokens": 1}
@@ -32,11 +32,11 @@ async def submit_task(task: TaskCreate, response: Response) -> TaskSubmitted:
     return TaskSubmitted(task_id=uuid.uuid4().hex, status=TaskStatus.PENDING, cached=False)
 
 
-@app.get("/tasks/{task_id}", response_model=TaskPublic)
-async def get_task(task_id: str) -> TaskPublic:
+@app.get("/tasks/{task_id}", response_model=Task)
+async def get_task(task_id: str) -> Task:
     """A finished task, as the real api shows one."""
     now = time.time()
-    return TaskPublic(
+    return Task(
         task_id=task_id,
         status=TaskStatus.DONE,
         result=_RESULT,

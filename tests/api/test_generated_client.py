@@ -146,7 +146,7 @@ def test_the_calls_and_models_carry_the_names_of_the_operations_and_schemas(
         "Health",
         "TaskCreate",
         "TaskCreateParams",
-        "TaskPublic",
+        "Task",
         "TaskStatus",
         "TaskSubmitted",
     }
@@ -165,7 +165,7 @@ def test_submit_wait_and_a_cache_hit(generated: Generated) -> None:
 
         done = get_task.sync_detailed(task_id, client=client, wait=20.0)
         assert done.status_code == 200
-        assert isinstance(done.parsed, models.TaskPublic)
+        assert isinstance(done.parsed, models.Task)
         assert done.parsed.status == models.TaskStatus.DONE
         assert done.parsed.result["output"].endswith("c b a")
 
@@ -192,7 +192,7 @@ def test_cancel_of_a_running_task(generated: Generated) -> None:
 
         cancelled = cancel_task.sync_detailed(task_id, client=client)
         assert cancelled.status_code == 202
-        assert isinstance(cancelled.parsed, models.TaskPublic)
+        assert isinstance(cancelled.parsed, models.Task)
         assert cancelled.parsed.cancel_requested is True
 
         final = get_task.sync(task_id, client=client, wait=15.0)

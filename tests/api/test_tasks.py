@@ -8,8 +8,9 @@ from typing import Any
 
 import httpx
 import redis.asyncio
+from pydantic import SecretStr
 
-from fastapi_redis_mini.core.models import TASK_ID_PATTERN, TaskCreate
+from fastapi_redis_mini.core.models import TASK_ID_PATTERN, Task, TaskCreate
 
 from .conftest import ClientFactory
 
@@ -196,7 +197,7 @@ async def test_openapi_documents_what_the_request_routes_parse_themselves(
         assert parameters["task_id"]["schema"]["pattern"] == TASK_ID_PATTERN
         assert operation["responses"]["202" if method == "delete" else "200"]["content"][
             "application/json"
-        ]["schema"] == {"$ref": "#/components/schemas/TaskPublic"}
+        ]["schema"] == {"$ref": "#/components/schemas/Task"}
     [wait, _null] = parameters_of(paths["/tasks/{task_id}"]["get"])["wait"]["schema"]["anyOf"]
     assert (wait["exclusiveMinimum"], wait["maximum"]) == (0, 30)
 
@@ -240,3 +241,16 @@ async def test_repeats_of_an_idempotency_key_after_its_task_expired_make_one_tas
         [third] = await five_repeats(client)
         assert third != second
         assert await redis_client.get("idempotency::order-17") == third
+
+
+async def test_a_tenants_task_is_answered_without_its_scope(make_client: ClientFactory) -> None:
+    key = {"X-API-Key": "tenant-key"}
+    async with make_client(worker=False, api_keys=(SecretStr("tenant-key"),)) as client:
+        task_id = (await submit(client, {"prompt": "mine"}, **key)).json()["task_id"]
+        read = await client.get(f"/tasks/{task_id}", headers=key)
+        cancelled = await client.delete(f"/tasks/{task_id}", headers=key)
+    public = set(Task.model_json_schema(mode="serialization")["properties"])
+    assert "scope" not in public
+    assert (read.status_code, set(read.json())) == (200, public)
+    assert (cancelled.status_code, set(cancelled.json())) == (202, public)
+    assert cancelled.json()["status"] == "CANCELLED"

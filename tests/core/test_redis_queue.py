@@ -9,7 +9,7 @@ import orjson
 import pytest
 import redis.asyncio
 
-from fastapi_redis_mini.core.models import TaskCreate, TaskStatus, request_signature
+from fastapi_redis_mini.core.models import Task, TaskCreate, TaskStatus, request_signature
 from fastapi_redis_mini.core.queue import (
     CancelOutcome,
     Finish,
@@ -168,15 +168,53 @@ async def test_a_cache_hit_refreshes_the_ttl_and_the_entry_expires_unread(
     assert miss.outcome is SubmitOutcome.QUEUED
 
 
-async def test_reading_a_done_task_refreshes_its_cache_ttl(
+async def test_reading_a_done_task_is_a_pure_read_that_leaves_its_cache_ttl(
     queue: RedisTaskQueue, redis_client: redis.asyncio.Redis
 ) -> None:
+    # get_tasks.lua touches only the task keys it is given; the cached result lives CACHE_TTL
+    # from its result or its last hit.
     task_id = await submit(queue)
     [job] = await take(queue)
     await queue.finish(CONSUMER, [done(job, "r")])
     await redis_client.expire(f"cache:{job.signature}", 5)
-    await queue.get(task_id)
-    assert await redis_client.ttl(f"cache:{job.signature}") > 5
+    assert await queue.get(task_id) is not None
+    assert await redis_client.ttl(f"cache:{job.signature}") <= 5
+
+
+async def test_a_read_fills_every_field_of_the_task_from_its_hash(
+    queue: RedisTaskQueue, redis_client: redis.asyncio.Redis
+) -> None:
+    task_id = new_task_id()
+    await redis_client.hset(
+        f"task:{task_id}",
+        mapping={
+            "status": "RUNNING", "scope": "tenant-a", "result": '{"n": 1.25}', "error": "e",
+            "cached": "1", "attempts": "3", "created_at": "10.5", "started_at": "11.5",
+            "finished_at": "12.5", "cancel": "1", "request": "{}", "owner": "w",
+        },
+    )  # fmt: skip
+    task = await queue.get(task_id, scope="tenant-a")
+    assert task is not None
+    # Every field of the model: a field the script did not return would keep its default.
+    assert dict(task) == {
+        "task_id": task_id, "status": TaskStatus.RUNNING, "scope": "tenant-a",
+        "result": {"n": 1.25}, "error": "e", "cached": True, "attempts": 3,
+        "created_at": 10.5, "started_at": 11.5, "finished_at": 12.5, "cancel_requested": True,
+    }  # fmt: skip
+    assert dict(task).keys() == Task.model_fields.keys()
+    # Stored and checked, but never answered.
+    assert orjson.loads(task.model_dump_json()).keys() == Task.model_fields.keys() - {"scope"}
+
+
+async def test_a_read_of_a_task_with_empty_fields_gives_the_defaults(
+    queue: RedisTaskQueue, redis_client: redis.asyncio.Redis
+) -> None:
+    task_id = new_task_id()
+    await redis_client.hset(
+        f"task:{task_id}", mapping={"status": "PENDING", "result": "", "error": "", "attempts": ""}
+    )
+    task = await queue.get(task_id)
+    assert task == Task(task_id=task_id, status=TaskStatus.PENDING)
 
 
 async def test_the_cache_is_scoped_per_tenant(queue: RedisTaskQueue) -> None:

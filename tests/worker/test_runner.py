@@ -12,8 +12,8 @@ import pytest
 import redis.asyncio
 
 from fastapi_redis_mini.core.handlers import SimulatedInference, TaskHandler
-from fastapi_redis_mini.core.models import TaskCreate, TaskStatus, request_signature
-from fastapi_redis_mini.core.queue import Finish, FinishVerdict, Job, TaskRecord
+from fastapi_redis_mini.core.models import Task, TaskCreate, TaskStatus, request_signature
+from fastapi_redis_mini.core.queue import Finish, FinishVerdict, Job
 from fastapi_redis_mini.core.redis import RedisTaskQueue, connect
 from fastapi_redis_mini.core.settings import Settings
 from fastapi_redis_mini.worker._http import build_app
@@ -43,7 +43,7 @@ def submit(queue: RedisTaskQueue) -> Submit:
     return submit
 
 
-async def wait_final(queue: RedisTaskQueue, task_id: str, seconds: float = 10) -> TaskRecord:
+async def wait_final(queue: RedisTaskQueue, task_id: str, seconds: float = 10) -> Task:
     record = await queue.wait(task_id, "", seconds)
     assert record is not None
     assert record.status.is_final, record

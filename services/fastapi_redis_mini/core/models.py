@@ -59,11 +59,16 @@ class TaskSubmitted(BaseModel):
     result: Any | None = None
 
 
-class TaskPublic(BaseModel):
-    """A task as clients see it."""
+class Task(BaseModel):
+    """A task: its status, its result or error, and when it was created, started and ended."""
 
+    # One model for what the store holds and what clients see. The docstring above is the
+    # schema's description; what clients must not see is excluded here, field by field, so
+    # no copy of the model can forget it: `scope`, the tenant of the API key that submitted
+    # the task, checked on every read, is left out of the JSON and of the schema.
     task_id: TaskId
     status: TaskStatus
+    scope: str = Field(default="", exclude=True)
     result: Any | None = None
     error: str | None = None
     cached: bool = False

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
-from .models import TaskCreate, TaskStatus
+from .models import Task, TaskCreate
 
 
 class QueueState(StrEnum):
@@ -73,23 +73,6 @@ class Submitted:
     outcome: SubmitOutcome
     result: Any | None = None
     quota: SubmitQuota | None = None  # only with a submit rate per key
-
-
-@dataclass(frozen=True, slots=True)
-class TaskRecord:
-    """A task as stored: everything GET /tasks/{id} shows, plus what only the service sees."""
-
-    task_id: str
-    status: TaskStatus
-    scope: str
-    result: Any | None = None
-    error: str | None = None
-    cached: bool = False
-    attempts: int = 0
-    created_at: float | None = None
-    started_at: float | None = None
-    finished_at: float | None = None
-    cancel_requested: bool = False
 
 
 class CancelOutcome(StrEnum):
@@ -202,9 +185,9 @@ class TaskQueue(Protocol):
         """
         ...
 
-    async def get(self, task_id: str, scope: str = "") -> TaskRecord | None: ...
+    async def get(self, task_id: str, scope: str = "") -> Task | None: ...
 
-    async def wait(self, task_id: str, scope: str, seconds: float) -> TaskRecord | None: ...
+    async def wait(self, task_id: str, scope: str, seconds: float) -> Task | None: ...
 
     async def cancel(self, task_id: str, scope: str = "") -> CancelOutcome: ...
 

@@ -16,15 +16,15 @@ from pydantic import BaseModel
 
 from ...core.models import (
     ErrorPublic,
+    Task,
     TaskCreate,
     TaskId,
-    TaskPublic,
     TaskStatus,
     TaskSubmitted,
     is_task_id,
     request_signature,
 )
-from ...core.queue import CancelOutcome, SubmitOutcome, SubmitQuota, TaskRecord
+from ...core.queue import CancelOutcome, SubmitOutcome, SubmitQuota
 from ...core.telemetry.tracing import current_traceparent
 from .. import metrics
 from .._limits import ReadQuery, SubmitHeaders, check_task
@@ -55,10 +55,6 @@ router = APIRouter(
     generate_unique_id_function=operation_id,
 )
 _SUBMITTED = {outcome: metrics.tasks_submitted.labels(outcome.value) for outcome in SubmitOutcome}
-
-
-def _public(record: TaskRecord) -> TaskPublic:
-    return TaskPublic.model_validate(record, from_attributes=True)
 
 
 def _answer(
@@ -184,7 +180,7 @@ def _wait_seconds(request: Request) -> float | None:
     return validated(ReadQuery, {"wait": value}, "query").wait
 
 
-@router.get("/{task_id}", response_model=TaskPublic)
+@router.get("/{task_id}", response_model=Task)
 @parses(task_id=TaskId, query=ReadQuery)
 async def get_task(request: Request) -> Response:
     """Read a task's status, result and timestamps; with ?wait=S, wait up to S for it to end."""
@@ -195,16 +191,16 @@ async def get_task(request: Request) -> Response:
     if not is_task_id(task_id):
         raise TaskNotFoundError()
     queue = state.queue
-    record = await (queue.wait(task_id, scope, wait) if wait else queue.get(task_id, scope))
-    if record is None:
+    task = await (queue.wait(task_id, scope, wait) if wait else queue.get(task_id, scope))
+    if task is None:
         raise TaskNotFoundError()
-    return _answer(_public(record))
+    return _answer(task)
 
 
 @router.delete(
     "/{task_id}",
     status_code=status.HTTP_202_ACCEPTED,
-    response_model=TaskPublic,
+    response_model=Task,
     response_description="Cancelled, or asked to stop when it is running",
     responses={409: {"model": ErrorPublic}},
 )
@@ -220,9 +216,9 @@ async def cancel_task(request: Request) -> Response:
     outcome = await queue.cancel(task_id, scope)
     if outcome is CancelOutcome.NOT_FOUND:
         raise TaskNotFoundError()
-    record = await queue.get(task_id, scope)
-    if record is None:
+    task = await queue.get(task_id, scope)
+    if task is None:
         raise TaskNotFoundError()
     if outcome is CancelOutcome.FINAL:
-        raise ConflictError(f"task is already {record.status.value}")
-    return _answer(_public(record), status.HTTP_202_ACCEPTED)
+        raise ConflictError(f"task is already {task.status.value}")
+    return _answer(task, status.HTTP_202_ACCEPTED)

@@ -44,7 +44,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..batching import Coalescer
-from ..models import TaskCreate, TaskStatus
+from ..models import Task, TaskCreate
 from ..queue import (
     CancelOutcome,
     DeadLetter,
@@ -61,7 +61,6 @@ from ..queue import (
     SubmitOutcome,
     SubmitQuota,
     Submitted,
-    TaskRecord,
 )
 from ..settings import Settings
 from .keys import Keys
@@ -131,10 +130,6 @@ def _translated(method: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any,
     return call
 
 
-_TASK_FIELDS = (
-    "status", "scope", "result", "error", "cached", "attempts",
-    "created_at", "started_at", "finished_at", "cancel",
-)  # fmt: skip
 _IDLE_CONSUMER_MS = 3_600_000
 
 
@@ -282,10 +277,6 @@ def _quota(settings: Settings, tokens: int, reset_ms: int) -> SubmitQuota:
         remaining=tokens,
         reset_seconds=math.ceil(reset_ms / 1000),
     )
-
-
-def _float(value: str | None) -> float | None:
-    return float(value) if value else None
 
 
 def _age(entry_id: str, now_ms: int) -> float:
@@ -494,43 +485,29 @@ class RedisTaskQueue:
         return submitted
 
     @_translated
-    async def get(self, task_id: str, scope: str = "") -> TaskRecord | None:
-        fields: dict[str, str | None] = dict(
-            zip(_TASK_FIELDS, await self._get_coalescer(task_id), strict=True)
-        )
-        if fields["status"] is None or (fields["scope"] or "") != scope:
+    async def get(self, task_id: str, scope: str = "") -> Task | None:
+        fields = await self._get_coalescer(task_id)
+        if "status" not in fields or fields.get("scope", "") != scope:
             return None
-        record = TaskRecord(
-            task_id=task_id,
-            status=TaskStatus(fields["status"]),
-            scope=scope,
-            result=orjson.loads(fields["result"]) if fields["result"] else None,
-            error=fields["error"] or None,
-            cached=fields["cached"] == "1",
-            attempts=int(fields["attempts"] or 0),
-            created_at=_float(fields["created_at"]),
-            started_at=_float(fields["started_at"]),
-            finished_at=_float(fields["finished_at"]),
-            cancel_requested=fields["cancel"] == "1",
-        )
-        return record
+        if "result" in fields:
+            fields["result"] = orjson.loads(fields["result"])
+        fields["task_id"] = task_id
+        return Task.model_validate(fields)
 
-    async def _get_many(self, task_ids: Sequence[str]) -> list[list[str | None]]:
-        reply: list[list[str | None]] = await self._get_tasks_script(
-            keys=[self.keys.task(task_id) for task_id in task_ids],
-            args=[self.settings.cache_ttl, *_TASK_FIELDS],
-        )
-        return reply
+    async def _get_many(self, task_ids: Sequence[str]) -> list[dict[str, Any]]:
+        reply = await self._get_tasks_script(keys=[self.keys.task(t) for t in task_ids])
+        tasks: list[dict[str, Any]] = orjson.loads(reply)
+        return tasks
 
     @_translated
-    async def wait(self, task_id: str, scope: str, seconds: float) -> TaskRecord | None:
+    async def wait(self, task_id: str, scope: str, seconds: float) -> Task | None:
         async with self._completions.watch(task_id) as finished:
             deadline = time.monotonic() + seconds
             while True:
-                record = await self.get(task_id, scope)
+                task = await self.get(task_id, scope)
                 remaining = deadline - time.monotonic()
-                if record is None or record.status.is_final or remaining <= 0:
-                    return record
+                if task is None or task.status.is_final or remaining <= 0:
+                    return task
                 # The notification is the fast path; the periodic re-read only covers a
                 # notification lost while the subscriber was reconnecting.
                 with contextlib.suppress(TimeoutError):
@@ -633,19 +610,21 @@ class RedisTaskQueue:
         )  # fmt: skip
         jobs = []
         ended: list[Job] = []
-        for d, row in zip(deliveries, reply, strict=True):
-            verdict = StartVerdict(row[0])
+        for d, row in zip(deliveries, orjson.loads(reply), strict=True):
+            verdict = StartVerdict(row["verdict"])
             job = Job(entry_id=d.entry_id, task_id=d.task_id, verdict=verdict, started_at=now)
             if verdict in (StartVerdict.DEAD, StartVerdict.CANCELLED):
-                job.scope = row[1]
+                job.scope = row["scope"]
                 ended.append(job)
             if verdict is StartVerdict.RUN:
-                request = orjson.loads(row[1])
+                request = orjson.loads(row["request"])
                 job.prompt = request["prompt"]
                 job.params = request["params"]
-                job.signature, job.scope, job.traceparent = row[2], row[3], row[4]
-                job.created_at = float(row[5])
-                job.attempts = int(row[6])
+                job.signature = row["signature"]
+                job.scope = row["scope"]
+                job.traceparent = row["traceparent"]
+                job.created_at = float(row["created_at"])
+                job.attempts = int(row["attempts"])
             jobs.append(job)
         if ended and self.settings.max_unfinished_per_key:
             await self._forget_unfinished(ended)

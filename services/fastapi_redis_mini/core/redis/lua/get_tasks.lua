@@ -1,20 +1,25 @@
--- Read a batch of tasks; reading a DONE one also refreshes its cached result's TTL, in the
--- same round trip. The cache key was stored in each task when it was created.
+-- Read a batch of tasks, as the fields of the Task model (core/models.py), by name.
+-- A pure read: it touches only the task hashes in KEYS. (A read of a DONE task used to
+-- refresh the cached result's TTL too, through a key it was not given: see README, CACHE_TTL.)
 -- KEYS: task_1 .. task_n
--- ARGV: cache_ttl, field_1 .. field_m (the first field must be status)
--- Returns per task: the values of the fields, in order
-local fields = {unpack(ARGV, 2)}
+-- ARGV: none
+-- Returns: the JSON array, one object per task in KEYS order, of the Task fields the task
+--   has (empty ones left out; a missing task is {}); `result` is the result's JSON as a
+--   string, since cjson would round its numbers.
+local stored = {'status', 'scope', 'result', 'error', 'cached', 'attempts', 'created_at',
+  'started_at', 'finished_at', 'cancel'}
+-- The one field stored under another name than the model's.
+local names = {cancel = 'cancel_requested'}
 local out = {}
 for i, key in ipairs(KEYS) do
-  local values = redis.call('HMGET', key, unpack(fields))
-  if values[1] == 'DONE' then
-    local cache = redis.call('HGET', key, 'cache_key')
-    local left = redis.call('TTL', key)
-    if cache and left > 0 then
-      -- A cached result never outlives the task it names (see finish.lua).
-      redis.call('EXPIRE', cache, math.min(tonumber(ARGV[1]), left))
+  local values = redis.call('HMGET', key, unpack(stored))
+  local task = {}
+  for j, field in ipairs(stored) do
+    local value = values[j]
+    if value and value ~= '' then
+      task[names[field] or field] = value
     end
   end
-  out[i] = values
+  out[i] = task
 end
-return out
+return cjson.encode(out)

@@ -9,8 +9,9 @@
 -- KEYS: stream, dead_letter, task_1 .. task_n
 -- ARGV: group, consumer, now, max_deliveries, alone (1: the worker runs this batch alone),
 --       JSON [[entry_1, task_id_1], ..], result_expiry, events_channel, dead_letter_maxlen
--- Returns per delivery: {verdict, request, signature, scope, trace, created_at, attempts} to run;
---   {verdict, scope} for a task ended here ('cancelled', 'dead'); {verdict} otherwise
+-- Returns: the JSON array, one object per delivery in order: {verdict, request, signature, scope,
+--   traceparent, created_at, attempts} to run ('run'; request is the request's JSON as a
+--   string); {verdict, scope} for a task ended here ('cancelled', 'dead'); {verdict} otherwise
 local stream, dead = KEYS[1], KEYS[2]
 local group, consumer, now = ARGV[1], ARGV[2], ARGV[3]
 local max_deliveries = tonumber(ARGV[4])
@@ -27,14 +28,14 @@ for i, delivery in ipairs(batch) do
   local deliveries = tonumber(t[2] or '0')
   if not status or status == 'DONE' or status == 'FAILED' or status == 'CANCELLED' then
     acks[#acks + 1] = entry
-    out[i] = {'skip'}
+    out[i] = {verdict = 'skip'}
   elseif t[3] == '1' then
     redis.call('HSET', key, 'status', 'CANCELLED', 'finished_at', now,
       'error', 'cancelled before it started')
     redis.call('EXPIRE', key, result_expiry)
     acks[#acks + 1] = entry
     finished[#finished + 1] = task_id
-    out[i] = {'cancelled', t[6] or ''}
+    out[i] = {verdict = 'cancelled', scope = t[6] or ''}
   elseif deliveries >= max_deliveries then
     local message = 'dead-lettered: delivered ' .. deliveries ..
       ' times without finishing (MAX_DELIVERIES=' .. max_deliveries .. ')'
@@ -44,15 +45,16 @@ for i, delivery in ipairs(batch) do
       'scope', t[6] or '', 'deliveries', deliveries, 'failed_at', now)
     acks[#acks + 1] = entry
     finished[#finished + 1] = task_id
-    out[i] = {'dead', t[6] or ''}
+    out[i] = {verdict = 'dead', scope = t[6] or ''}
   elseif deliveries > 0 and not alone then
-    out[i] = {'suspect'}
+    out[i] = {verdict = 'suspect'}
   else
     local attempts = tonumber(t[9] or '0') + 1
     redis.call('HSET', key, 'status', 'RUNNING', 'started_at', now, 'owner', consumer,
       'attempts', attempts, 'deliveries', deliveries + 1)
     redis.call('EXPIRE', key, result_expiry)
-    out[i] = {'run', t[4], t[5] or '', t[6] or '', t[7] or '', t[8] or '0', attempts}
+    out[i] = {verdict = 'run', request = t[4], signature = t[5] or '', scope = t[6] or '',
+      traceparent = t[7] or '', created_at = t[8] or '0', attempts = attempts}
   end
 end
 if #acks > 0 then
@@ -61,4 +63,4 @@ end
 if #finished > 0 then
   redis.call('PUBLISH', channel, table.concat(finished, ' '))
 end
-return out
+return cjson.encode(out)
