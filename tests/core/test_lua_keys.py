@@ -1,0 +1,208 @@
+"""Every Lua script declares in KEYS every key it touches: the contract Redis Cluster needs.
+
+A server in cluster mode refuses an undeclared key only when it lies in another slot, and on
+a cluster every key of the queue shares one slot, so running the scripts there proves
+nothing. Instead a real server's MONITOR shows each command a script runs, the server's own
+COMMAND GETKEYS names the keys in it, and each must be among the KEYS of the call that ran
+the script.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from importlib import resources
+
+import orjson
+import redis
+from redis.exceptions import ResponseError
+
+from fastapi_redis_mini.core.models import TaskCreate, request_signature
+from fastapi_redis_mini.core.queue import Finish, Job, Outcome
+from fastapi_redis_mini.core.redis import RedisTaskQueue, connect
+from fastapi_redis_mini.core.settings import Settings
+
+CONSUMER = "keys-check"
+_ARGUMENT = re.compile(rb'"((?:[^"\\]|\\.)*)"')
+_ESCAPES = {b"n": b"\n", b"r": b"\r", b"t": b"\t", b"a": b"\a", b"b": b"\b"}
+
+
+def _unquote(text: bytes) -> bytes:
+    """Undo the quoting MONITOR applies to each argument (sdscatrepr)."""
+    out, i = bytearray(), 0
+    while i < len(text):
+        if text[i : i + 1] == b"\\":
+            code = text[i + 1 : i + 2]
+            if code == b"x":
+                out += bytes([int(text[i + 2 : i + 4], 16)])
+                i += 4
+                continue
+            out += _ESCAPES.get(code, code)
+            i += 2
+            continue
+        out += text[i : i + 1]
+        i += 1
+    return bytes(out)
+
+
+class ScriptCalls:
+    """What a MONITOR saw: each script call's declared KEYS and the commands it ran."""
+
+    def __init__(self, lines: list[bytes]) -> None:
+        self.calls: list[tuple[str, list[bytes], list[list[bytes]]]] = []
+        for line in lines:
+            args = [_unquote(a) for a in _ARGUMENT.findall(line)]
+            if not args:
+                continue
+            if b" lua]" in line:
+                if self.calls:
+                    self.calls[-1][2].append(args)
+            elif args[0].upper() in (b"EVALSHA", b"EVAL"):
+                numkeys = int(args[2])
+                self.calls.append((args[1].decode(), args[3 : 3 + numkeys], []))
+            else:
+                # Any other client's command ends the script before it: scripts are atomic.
+                self.calls.append(("", [], []))
+
+    def undeclared(self, client: redis.Redis) -> list[tuple[str, bytes, bytes]]:
+        """(script sha, command, key) for every key a script touched without declaring it."""
+        found = []
+        for sha, declared, commands in self.calls:
+            for command in commands:
+                try:
+                    keys = client.command_getkeys(*command)
+                except ResponseError:
+                    keys = []  # no key arguments at all (TIME, PUBLISH, ...)
+                for key in keys:
+                    name = key.encode() if isinstance(key, str) else key
+                    if name not in declared:
+                        found.append((sha, command[0], name))
+        return found
+
+    @property
+    def shas(self) -> set[str]:
+        return {sha for sha, _, commands in self.calls if sha}
+
+
+@contextmanager
+def monitored(redis_url: str) -> Iterator[list[bytes]]:
+    """Collect the MONITOR lines of everything the server runs inside the block."""
+    client = redis.Redis.from_url(redis_url)
+    monitor = client.connection_pool.get_connection()
+    monitor.send_command("MONITOR")  # type: ignore[no-untyped-call]
+    assert monitor.read_response() == b"OK"
+    lines: list[bytes] = []
+    try:
+        yield lines
+    finally:
+        marker = b"end-of-monitored-block"
+        client.echo(marker)
+        for _ in range(1_000_000):
+            line = monitor.read_response()
+            assert isinstance(line, bytes)
+            if b'"ECHO"' in line and marker in line:
+                break
+            lines.append(line)
+        monitor.disconnect()  # type: ignore[no-untyped-call]
+        client.connection_pool.disconnect()
+        client.close()
+
+
+def _script_shas() -> dict[str, str]:
+    folder = resources.files("fastapi_redis_mini.core.redis").joinpath("lua")
+    return {
+        hashlib.sha1(entry.read_text().encode(), usedforsecurity=False).hexdigest(): entry.name
+        for entry in folder.iterdir()
+        if entry.name.endswith(".lua")
+    }
+
+
+async def _every_transition(queue: RedisTaskQueue) -> None:
+    """Run every script at least once, through the queue as the services call it."""
+
+    async def submit(prompt: str, **kwargs: str) -> str:
+        task = TaskCreate(prompt=prompt)
+        submitted = await queue.submit(task, signature=request_signature(task), scope="t", **kwargs)
+        return submitted.task_id
+
+    async def take(alone: bool = False) -> list[Job]:
+        deliveries = await queue.read(CONSUMER, count=10, block_ms=10)
+        return await queue.start(CONSUMER, deliveries, alone=alone)
+
+    await queue.ensure_group()
+    done_id = await submit("done", idempotency_key="key-1")
+    [job] = await take()
+    await queue.keep_alive(CONSUMER, [job])
+    await queue.finish(CONSUMER, [Finish(job, Outcome.DONE, result=orjson.dumps("r"))])
+    await submit("done")  # a cache hit
+    assert await queue.get(done_id, "t") is not None
+
+    cancelled_id = await submit("cancelled")
+    await queue.cancel(cancelled_id, "t")
+    await take()  # start ends the cancelled task
+
+    await submit("retried")
+    [job] = await take()
+    await queue.finish(CONSUMER, [Finish(job, Outcome.RETRY, error="again", due_at=0.0)])
+    assert await queue.promote_due_retries(10) == 1
+    [job] = await take()
+    await queue.finish(CONSUMER, [Finish(job, Outcome.FAILED, error="no")])
+
+    await submit("dead")
+    deliveries = await queue.read(CONSUMER, count=10, block_ms=10)
+    await queue.start(CONSUMER, deliveries)
+    await queue.start(CONSUMER, deliveries, alone=True)  # MAX_DELIVERIES=1: dead-lettered
+    dead = await queue.dead_letters(10)
+    assert await queue.replay_dead_letters([d.entry_id for d in dead]) == 1
+
+    await queue.stats()
+    await queue.trim()
+    await queue.leave(CONSUMER)
+
+
+Exercise = Callable[[RedisTaskQueue], Awaitable[None]]
+
+
+async def _check(settings: Settings, exercise: Exercise) -> ScriptCalls:
+    queue = RedisTaskQueue(connect(settings), settings)
+    try:
+        with monitored(settings.redis_url) as lines:
+            await exercise(queue)
+    finally:
+        await queue.close()
+    return ScriptCalls(lines)
+
+
+async def test_every_script_touches_only_the_keys_it_declares(settings: Settings) -> None:
+    quotas = settings.model_copy(
+        update={"max_deliveries": 1, "submit_rate_per_key": 100.0, "submit_burst_per_key": 100,
+                "max_unfinished_per_key": 100},
+    )  # fmt: skip
+    calls = await _check(quotas, _every_transition)
+    scripts = _script_shas()
+    assert {scripts[sha] for sha in calls.shas if sha in scripts} == set(scripts.values())
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        assert calls.undeclared(client) == []
+    finally:
+        client.close()
+
+
+async def test_the_check_finds_a_key_a_script_was_not_given(settings: Settings) -> None:
+    async def undeclared(queue: RedisTaskQueue) -> None:
+        await queue.redis.eval(
+            "redis.call('SET', KEYS[1], '1'); return redis.call('GET', 'not-declared')",
+            1,
+            "declared",
+        )
+
+    calls = await _check(settings, undeclared)
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        assert [(command, key) for _, command, key in calls.undeclared(client)] == [
+            (b"GET", b"not-declared")
+        ]
+    finally:
+        client.close()
