@@ -11,9 +11,8 @@ import redis.asyncio
 
 from fastapi_redis_mini.core.redis import RedisTaskQueue, connect
 from fastapi_redis_mini.core.settings import Settings
-
-from .support.redis_cluster import RedisCluster
-from .support.redis_server import RedisServer
+from fastapi_redis_mini_harness.redis_cluster import RedisCluster
+from fastapi_redis_mini_harness.redis_server import RedisServer
 
 
 def pytest_report_header() -> str:

@@ -12,8 +12,7 @@ import redis
 from fastapi_redis_mini.core.models import TaskCreate, request_signature
 from fastapi_redis_mini.core.redis import RedisTaskQueue, connect
 from fastapi_redis_mini.core.settings import Settings
-
-from .support.redis_server import free_port
+from fastapi_redis_mini_harness.ports import free_port
 
 pytestmark = pytest.mark.slow  # the commands run as processes
 

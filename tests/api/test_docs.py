@@ -11,9 +11,10 @@ import pytest
 from playwright.sync_api import Page, Request, Response, Route, sync_playwright
 
 from fastapi_redis_mini.api import metrics
+from fastapi_redis_mini_harness.processes import Process, start_api
 
+from ..support import REPO_ROOT
 from ..support.browser import CHROMIUM_FLAGS, require_chromium
-from ..support.processes import REPO_ROOT, Service, start_api
 from .conftest import ClientFactory
 
 SCREENSHOTS = REPO_ROOT / "reports" / "api"
@@ -108,7 +109,7 @@ def chromium() -> str:
 
 
 @pytest.fixture
-def api(redis_url: str) -> Iterator[Service]:
+def api(redis_url: str) -> Iterator[Process]:
     service = start_api(redis_url)
     try:
         yield service
@@ -151,7 +152,7 @@ class OfflineBrowser:
 
 
 @pytest.mark.slow
-def test_docs_and_redoc_render_the_task_operations_offline(chromium: str, api: Service) -> None:
+def test_docs_and_redoc_render_the_task_operations_offline(chromium: str, api: Process) -> None:
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
         try:

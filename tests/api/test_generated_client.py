@@ -24,8 +24,8 @@ import httpx
 import pytest
 import redis
 
-from ..support.processes import Service, start_api, start_worker
-from ..support.redis_server import RedisServer
+from fastapi_redis_mini_harness.processes import Process, start_api, start_worker
+from fastapi_redis_mini_harness.redis_server import RedisServer
 
 pytestmark = pytest.mark.slow
 
@@ -41,14 +41,14 @@ class Generated:
     """The generated package, imported, and the api and worker it talks to."""
 
     package: ModuleType
-    api: Service
-    worker: Service
+    api: Process
+    worker: Process
     directory: Path
 
     def module(self, name: str) -> Any:
         return importlib.import_module(f"{PACKAGE}.{name}")
 
-    def client(self, *, authenticated: bool = True, api: Service | None = None) -> Any:
+    def client(self, *, authenticated: bool = True, api: Process | None = None) -> Any:
         base_url = (api or self.api).base_url
         if authenticated:
             return self.package.AuthenticatedClient(

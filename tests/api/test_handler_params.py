@@ -10,9 +10,10 @@ import httpx
 import pytest
 
 from fastapi_redis_mini.core.handlers import SimulateParams, handler_params
+from fastapi_redis_mini_harness.processes import service_env
 
+from ..support import REPO_ROOT
 from ..support.handlers import TranslateParams
-from ..support.processes import REPO_ROOT, service_env
 from .conftest import ClientFactory
 
 TRANSLATOR = "tests.support.handlers:Translator"

@@ -12,9 +12,9 @@ from fastapi_redis_mini.api.app import create_app
 from fastapi_redis_mini.api.errors import UNAVAILABLE
 from fastapi_redis_mini.core.queue import QueueState
 from fastapi_redis_mini.core.settings import Settings
+from fastapi_redis_mini_harness.redis_server import RedisServer
 
 from ..support import faults
-from ..support.redis_server import RedisServer
 
 Fault = Callable[[RedisServer], AbstractContextManager[None]]
 

@@ -26,7 +26,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ..support.processes import REPO_ROOT, Service, start_api
+from fastapi_redis_mini_harness.processes import Process, start_api
+
+from ..support import REPO_ROOT
 from ..support.tools import require_tool
 from .helm import only, pod_spec, render_set
 
@@ -194,8 +196,8 @@ def chart_api() -> dict[str, object]:
 @pytest.fixture
 def two_pods(
     redis_url: str, chart_api: dict[str, object], tmp_path: Path
-) -> Iterator[list[tuple[Service, dict[str, str]]]]:
-    pods: list[tuple[Service, dict[str, str]]] = []
+) -> Iterator[list[tuple[Process, dict[str, str]]]]:
+    pods: list[tuple[Process, dict[str, str]]] = []
     try:
         for name in ("a", "b"):
             pod_tmp = tmp_path / name  # the pod's own /tmp (an emptyDir)
@@ -218,7 +220,7 @@ def two_pods(
 def test_stopping_an_api_pod_under_load_fails_no_request(
     redis_url: str,
     chart_api: dict[str, object],
-    two_pods: list[tuple[Service, dict[str, str]]],
+    two_pods: list[tuple[Process, dict[str, str]]],
 ) -> None:
     wrk = require_tool("wrk", "wrk")
     pre_stop = [str(part) for part in chart_api["pre_stop"]]  # type: ignore[attr-defined]

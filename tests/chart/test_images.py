@@ -22,10 +22,11 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from fastapi_redis_mini_harness.ports import free_port
+
 from ..support.docker import (
     Container,
     docker,
-    free_port,
     project_images,
     redis_standin_image,
     removing,

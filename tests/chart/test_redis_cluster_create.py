@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 import redis
 
-from ..support.redis_cluster import RedisCluster, cluster_info
+from fastapi_redis_mini_harness.redis_cluster import RedisCluster, cluster_info
+
 from ..support.tools import require_tool
 from .helm import CHART, only, pod_spec, render
 

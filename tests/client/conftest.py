@@ -16,9 +16,8 @@ import pytest
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from fastapi_redis_mini_client import AsyncClient, Client, RetryPolicy, Task
-
-from ..support.processes import Service, start_api, start_worker
-from ..support.redis_server import RedisServer
+from fastapi_redis_mini_harness.processes import Process, start_api, start_worker
+from fastapi_redis_mini_harness.redis_server import RedisServer
 
 API_KEY, OTHER_API_KEY = "client-tests-key", "client-tests-other-key"
 SERVICE_ENV = {
@@ -105,8 +104,8 @@ class PortalClient:
 @dataclass
 class Stack:
     redis: RedisServer
-    api: Service
-    worker: Service
+    api: Process
+    worker: Process
 
 
 @pytest.fixture(scope="package")

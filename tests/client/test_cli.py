@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from fastapi_redis_mini_client import Client
+from fastapi_redis_mini_harness.ports import free_port
 
-from ..support.redis_server import free_port
 from .conftest import API_KEY, Stack
 
 pytestmark = pytest.mark.slow

@@ -28,9 +28,10 @@ from fastapi_redis_mini_client import (
     UnsupportedMediaTypeError,
 )
 from fastapi_redis_mini_client.errors import error_from_response
+from fastapi_redis_mini_harness.ports import free_port
+from fastapi_redis_mini_harness.processes import Process, start_api
+from fastapi_redis_mini_harness.redis_server import RedisServer
 
-from ..support.processes import Service, start_api
-from ..support.redis_server import RedisServer, free_port
 from .conftest import API_KEY, BlockingClient, Connect, Stack
 
 pytestmark = pytest.mark.slow
@@ -95,7 +96,7 @@ def test_answers_the_client_never_provokes_map_too(stack: Stack) -> None:
 
 
 @pytest.fixture(scope="module")
-def no_redis_api() -> Iterator[Service]:
+def no_redis_api() -> Iterator[Process]:
     """An api whose Redis does not exist: every task route answers 503."""
     api = start_api(f"redis://127.0.0.1:{free_port()}/0", wait=False)
     try:
@@ -105,7 +106,7 @@ def no_redis_api() -> Iterator[Service]:
         api.close()
 
 
-def test_redis_unavailable_is_retried_then_raised(connect: Connect, no_redis_api: Service) -> None:
+def test_redis_unavailable_is_retried_then_raised(connect: Connect, no_redis_api: Process) -> None:
     client = connect(no_redis_api.base_url, None, retry=RetryPolicy(attempts=2, backoff=0.1))
     began = time.monotonic()
     with pytest.raises(RedisUnavailableError) as raised:
@@ -122,7 +123,7 @@ def test_redis_unavailable_is_retried_then_raised(connect: Connect, no_redis_api
 
 
 def test_a_retry_after_above_the_policy_is_raised_at_once(
-    connect: Connect, no_redis_api: Service
+    connect: Connect, no_redis_api: Process
 ) -> None:
     client = connect(no_redis_api.base_url, None, retry=RetryPolicy(retry_after_max=0.5))
     with pytest.raises(RedisUnavailableError) as raised:
@@ -131,7 +132,7 @@ def test_a_retry_after_above_the_policy_is_raised_at_once(
 
 
 @pytest.fixture(scope="module")
-def full_redis_api() -> Iterator[Service]:
+def full_redis_api() -> Iterator[Process]:
     """An api whose Redis is out of memory: it refuses every write."""
     server = RedisServer()
     server.start()
@@ -148,7 +149,7 @@ def full_redis_api() -> Iterator[Service]:
 
 
 def test_a_503_code_the_client_has_no_class_for_is_a_service_unavailable_error(
-    connect: Connect, full_redis_api: Service
+    connect: Connect, full_redis_api: Process
 ) -> None:
     with pytest.raises(ServiceUnavailableError) as raised:
         connect(full_redis_api.base_url, None, retry=ONCE).submit("x")
@@ -160,7 +161,7 @@ def test_a_503_code_the_client_has_no_class_for_is_a_service_unavailable_error(
 
 
 @pytest.fixture(scope="module")
-def backlog_api(stack: Stack) -> Iterator[Service]:
+def backlog_api(stack: Stack) -> Iterator[Process]:
     """An api on its own key prefix, which no worker reads, that refuses above one task."""
     api = start_api(stack.redis.url, KEY_PREFIX=f"backlog-{uuid.uuid4().hex}:", MAX_BACKLOG="1")
     try:
@@ -169,7 +170,7 @@ def backlog_api(stack: Stack) -> Iterator[Service]:
         api.close()
 
 
-def test_backlog_full(connect: Connect, backlog_api: Service) -> None:
+def test_backlog_full(connect: Connect, backlog_api: Process) -> None:
     client = connect(backlog_api.base_url, None, retry=ONCE)
     refused: BacklogFullError | None = None
     for n in range(30):  # the api reads the backlog at most once a second: 2 s are enough
@@ -185,7 +186,7 @@ def test_backlog_full(connect: Connect, backlog_api: Service) -> None:
     assert refused.retry_after is not None
 
 
-def start_quota_api(stack: Stack, **env: str) -> Service:
+def start_quota_api(stack: Stack, **env: str) -> Process:
     """An api with per-key quotas on its own key prefix, which no worker reads."""
     return start_api(
         stack.redis.url, {"API_KEYS": API_KEY, "KEY_PREFIX": f"quota-{uuid.uuid4().hex}:", **env}
@@ -193,7 +194,7 @@ def start_quota_api(stack: Stack, **env: str) -> Service:
 
 
 @pytest.fixture(scope="module")
-def rate_api(stack: Stack) -> Iterator[Service]:
+def rate_api(stack: Stack) -> Iterator[Process]:
     api = start_quota_api(stack, SUBMIT_RATE_PER_KEY="0.01", SUBMIT_BURST_PER_KEY="1")
     try:
         yield api
@@ -202,7 +203,7 @@ def rate_api(stack: Stack) -> Iterator[Service]:
 
 
 @pytest.fixture(scope="module")
-def unfinished_api(stack: Stack) -> Iterator[Service]:
+def unfinished_api(stack: Stack) -> Iterator[Process]:
     api = start_quota_api(stack, MAX_UNFINISHED_PER_KEY="1")
     try:
         yield api
@@ -211,7 +212,7 @@ def unfinished_api(stack: Stack) -> Iterator[Service]:
 
 
 def test_rate_limited_with_a_long_retry_after_is_raised_at_once(
-    connect: Connect, rate_api: Service
+    connect: Connect, rate_api: Process
 ) -> None:
     # One submit a 100 s: the Retry-After is above the policy's 30 s, so no retry waits it out.
     client = connect(rate_api.base_url, retry=RetryPolicy())
@@ -228,7 +229,7 @@ def test_rate_limited_with_a_long_retry_after_is_raised_at_once(
     assert error.retry_after > 30
 
 
-def test_too_many_unfinished(connect: Connect, unfinished_api: Service) -> None:
+def test_too_many_unfinished(connect: Connect, unfinished_api: Process) -> None:
     client = connect(unfinished_api.base_url, retry=ONCE)
     with contextlib.suppress(TooManyUnfinishedError):
         client.submit(f"never runs {uuid.uuid4().hex}")  # (the other kind's may be there)

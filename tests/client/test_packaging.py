@@ -13,7 +13,7 @@ import pytest
 from fastapi_redis_mini.core import models
 from fastapi_redis_mini_client import Task, TaskStatus
 
-from ..support.processes import REPO_ROOT
+from ..support import REPO_ROOT
 
 SERVER_ONLY = {
     "fastapi",

@@ -13,10 +13,11 @@ from contextlib import ExitStack
 import pytest
 
 from fastapi_redis_mini_client import RetryPolicy, TaskStatus
+from fastapi_redis_mini_harness.polling import poll
+from fastapi_redis_mini_harness.ports import free_port
+from fastapi_redis_mini_harness.processes import Process, start_api, start_worker
+from fastapi_redis_mini_harness.redis_server import RedisServer
 
-from ..support.polling import poll
-from ..support.processes import Service, start_api, start_worker
-from ..support.redis_server import RedisServer, free_port
 from ._faults import AnswerDroppingProxy
 from .conftest import Connect
 
@@ -36,7 +37,7 @@ def own_stack() -> Iterator[tuple[RedisServer, ExitStack]]:
         yield server, started
 
 
-def start(started: ExitStack, launch: Callable[[], Service]) -> Service:
+def start(started: ExitStack, launch: Callable[[], Process]) -> Process:
     service = launch()
     started.callback(service.close)
     return service

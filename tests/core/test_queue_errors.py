@@ -18,9 +18,10 @@ from fastapi_redis_mini.core.models import TaskCreate, request_signature
 from fastapi_redis_mini.core.queue import QueueBusy, QueueState, QueueUnavailable
 from fastapi_redis_mini.core.redis import RedisTaskQueue, connect, queue_error
 from fastapi_redis_mini.core.settings import Settings
+from fastapi_redis_mini_harness.ports import free_port
+from fastapi_redis_mini_harness.redis_server import RedisServer
 
 from ..support import faults
-from ..support.redis_server import RedisServer, free_port
 
 CONSUMER = "test-consumer"
 

@@ -6,7 +6,7 @@ import pytest
 import redis
 from redis.cluster import RedisCluster as ClusterClient
 
-from ..support.redis_cluster import BUS_PORT_OFFSET, RedisCluster, cluster_info
+from fastapi_redis_mini_harness.redis_cluster import BUS_PORT_OFFSET, RedisCluster, cluster_info
 
 pytestmark = pytest.mark.slow  # six server processes
 

@@ -30,9 +30,8 @@ from fastapi_redis_mini.core.redis.queue import (
     is_cluster,
 )
 from fastapi_redis_mini.core.settings import Settings
-
-from ..support.redis_cluster import RedisCluster as LocalCluster
-from ..support.redis_server import RedisServer
+from fastapi_redis_mini_harness.redis_cluster import RedisCluster as LocalCluster
+from fastapi_redis_mini_harness.redis_server import RedisServer
 
 pytestmark = pytest.mark.slow  # six server processes
 

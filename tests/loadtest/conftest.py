@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from ..support.processes import REPO_ROOT, Service, start_api, start_worker
+from fastapi_redis_mini_harness.processes import Process, start_api, start_worker
+
+from ..support import REPO_ROOT
 
 LOCUSTFILE = REPO_ROOT / "loadtest" / "locustfile.py"
 # Short thinks and tasks, so a few seconds of load finish many tasks.
@@ -23,8 +25,8 @@ FAST_MIX = (
 
 @dataclass
 class RunningService:
-    api: Service
-    worker: Service
+    api: Process
+    worker: Process
 
     @property
     def url(self) -> str:
@@ -35,7 +37,7 @@ class RunningService:
 def service(redis_url: str) -> Iterator[RunningService]:
     """The api and one worker as real processes against the test's Redis."""
     api = start_api(redis_url)
-    worker: Service | None = None
+    worker: Process | None = None
     try:
         worker = start_worker(redis_url, MAX_CONCURRENCY="50")
         yield RunningService(api, worker)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ..support.processes import REPO_ROOT
+from ..support import REPO_ROOT
 from ..support.tools import require_tool
 
 pytestmark = pytest.mark.slow

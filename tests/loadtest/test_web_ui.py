@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Page, sync_playwright
 
+from fastapi_redis_mini_harness.ports import free_port
+
+from ..support import REPO_ROOT
 from ..support.browser import CHROMIUM_FLAGS, require_chromium
-from ..support.processes import REPO_ROOT
-from ..support.redis_server import free_port
 from .conftest import FAST_MIX, RunningService, locust_command, locust_env
 
 pytestmark = pytest.mark.slow

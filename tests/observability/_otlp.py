@@ -14,7 +14,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
-from ..support.polling import poll
+from fastapi_redis_mini_harness.polling import poll
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
 

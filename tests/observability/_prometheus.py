@@ -14,8 +14,8 @@ from typing import Any
 import httpx
 import yaml
 
-from ..support.polling import poll
-from ..support.redis_server import free_port
+from fastapi_redis_mini_harness.polling import poll
+from fastapi_redis_mini_harness.ports import free_port
 
 SCRAPE_INTERVAL = "1s"
 START_TIMEOUT = 30.0

@@ -17,8 +17,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ..support.processes import Service, start_api
-from ..support.redis_server import RedisServer
+from fastapi_redis_mini_harness.processes import Process, start_api
+from fastapi_redis_mini_harness.redis_server import RedisServer
+
 from ._prometheus import Prometheus, Target, run_prometheus
 from ._services import ready
 from ._thresholds import chart_threshold_rules
@@ -36,7 +37,7 @@ THRESHOLD = {"metrics": {"slo": {"queueWait": {"thresholdSeconds": 1}}}}
 @dataclass
 class Live:
     server: RedisServer
-    api: Service
+    api: Process
     prometheus: Prometheus
 
     def active(self) -> set[str]:

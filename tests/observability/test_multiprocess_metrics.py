@@ -12,7 +12,8 @@ import pytest
 from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.parser import text_string_to_metric_families
 
-from ..support.processes import start_api
+from fastapi_redis_mini_harness.processes import start_api
+
 from ._services import ready
 
 pytestmark = pytest.mark.slow

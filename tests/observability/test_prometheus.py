@@ -21,9 +21,10 @@ import httpx
 import pytest
 import yaml
 
+from fastapi_redis_mini_harness.ports import free_port
+from fastapi_redis_mini_harness.processes import Process, start_api, start_worker
+
 from ..chart import helm
-from ..support.processes import Service, start_api, start_worker
-from ..support.redis_server import free_port
 from . import _dashboard
 from ._kube_state import MemoryLimit, Workload, serve_kube_state
 from ._prometheus import Prometheus, Target, run_prometheus, single_value
@@ -43,7 +44,7 @@ API_REPLICAS = 2
 ROUND_PAUSE = 3.0
 
 
-def start_fast_worker(redis_url: str, metrics_port: int) -> Service:
+def start_fast_worker(redis_url: str, metrics_port: int) -> Process:
     """A worker whose failing tasks reach FAILED, after one retry, within the test."""
     worker = start_worker(
         redis_url,
@@ -60,12 +61,12 @@ def start_fast_worker(redis_url: str, metrics_port: int) -> Service:
 class Stack:
     """Two api replicas and one worker on one Redis, scraped by one Prometheus."""
 
-    apis: list[Service]
-    worker: Service
+    apis: list[Process]
+    worker: Process
     worker_port: int
     prometheus: Prometheus
     redis_url: str
-    started: list[Service]
+    started: list[Process]
 
     def restart_worker(self) -> None:
         self.worker = start_fast_worker(self.redis_url, self.worker_port)
@@ -116,7 +117,7 @@ def stack(
         Workload("elsewhere", worker_deployment, 7, worker_hpa, hpa_current=7, hpa_desired=7,
                  hpa_max=7),
     ]  # fmt: skip
-    started: list[Service] = []
+    started: list[Process] = []
     try:
         for replica in range(API_REPLICAS):
             metrics_dir = tmp_path / f"api-{replica}-metrics"
@@ -199,7 +200,7 @@ def load_round(client: httpx.Client) -> None:
     assert client.post("/tasks", json={"params": {}}).status_code == 422
 
 
-def drive_load(api: Service) -> None:
+def drive_load(api: Process) -> None:
     """The first round creates every labelled series, the second makes them all grow."""
     with httpx.Client(base_url=api.base_url, timeout=30.0) as client:
         load_round(client)

@@ -10,8 +10,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ..support.processes import Service, start_api, start_worker
-from ..support.redis_server import RedisServer
+from fastapi_redis_mini_harness.processes import Process, start_api, start_worker
+from fastapi_redis_mini_harness.redis_server import RedisServer
+
 from ._services import ready
 
 pytestmark = pytest.mark.slow
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.slow
 PREFIX = "fastapi_redis_mini_"
 
 
-def scrape(api: Service) -> dict[str, float]:
+def scrape(api: Process) -> dict[str, float]:
     """Sample name (prefix dropped) -> value, for the unlabelled-or-single-series gauges."""
     text = httpx.get(f"{api.base_url}/metrics", timeout=10.0).text
     return {
@@ -36,14 +37,14 @@ def submit(client: httpx.Client, prompt: str, duration: float) -> None:
 
 
 @pytest.fixture
-def api(redis_url: str) -> Iterator[Service]:
+def api(redis_url: str) -> Iterator[Process]:
     service = ready(start_api(redis_url, wait=False, WEB_CONCURRENCY="1"), "/readyz")
     yield service
     service.close()
 
 
 def test_ages_of_waiting_and_pending_tasks_grow_while_they_wait(
-    api: Service, redis_url: str
+    api: Process, redis_url: str
 ) -> None:
     worker = ready(start_worker(redis_url, wait=False, MAX_CONCURRENCY="1"), "/healthz")
     try:

@@ -12,7 +12,8 @@ import httpx
 import pytest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
-from ..support.processes import Service, start_api, start_worker
+from fastapi_redis_mini_harness.processes import Process, start_api, start_worker
+
 from ._otlp import Collector, ReceivedSpan, run_collector
 from ._services import ready
 
@@ -34,8 +35,8 @@ MESSAGING = (
 
 @dataclass
 class Traced:
-    api: Service
-    worker: Service
+    api: Process
+    worker: Process
     collector: Collector
 
 
@@ -70,7 +71,7 @@ def traced(redis_url: str) -> Iterator[Traced]:
 
 
 def run_task(
-    api: Service, headers: dict[str, str], params: dict[str, object] | None = None
+    api: Process, headers: dict[str, str], params: dict[str, object] | None = None
 ) -> tuple[str, str]:
     """Submit a task and wait for it; returns its id and final status."""
     with httpx.Client(base_url=api.base_url, timeout=30.0) as client:

@@ -13,8 +13,8 @@ from typing import Any
 
 import httpx
 
-from ..support.polling import holds_within
-from ..support.processes import Service
+from fastapi_redis_mini_harness.polling import holds_within
+from fastapi_redis_mini_harness.processes import Process
 
 FINAL = frozenset({"DONE", "FAILED", "CANCELLED"})
 Task = dict[str, Any]
@@ -143,7 +143,7 @@ class Tally:
         )
 
 
-def scrape(service: Service) -> str:
+def scrape(service: Process) -> str:
     return httpx.get(service.base_url + "/metrics", timeout=5).text
 
 
@@ -158,7 +158,7 @@ def metric(text: str, name: str, **labels: str) -> float:
     return total
 
 
-def worker_figures(service: Service) -> dict[str, int]:
+def worker_figures(service: Process) -> dict[str, int]:
     """A worker's own count of what it did, from its /metrics."""
     text = scrape(service)
     return {
@@ -170,7 +170,7 @@ def worker_figures(service: Service) -> dict[str, int]:
     }
 
 
-def in_flight(service: Service) -> int:
+def in_flight(service: Process) -> int:
     try:
         return int(httpx.get(service.base_url + "/healthz", timeout=2).json()["in_flight"])
     except (httpx.HTTPError, KeyError, ValueError):

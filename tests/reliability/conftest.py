@@ -4,14 +4,16 @@ from collections.abc import Generator, Iterator, Mapping
 
 import pytest
 
-from ..support.processes import Service, start_api, start_worker
+from fastapi_redis_mini_harness.processes import Process, start_api, start_worker
+
+from ..support import REPO_ROOT
 
 
 class Launcher:
     """Starts api and worker processes and remembers them, so each is killed after the test."""
 
     def __init__(self) -> None:
-        self.started: list[Service] = []
+        self.started: list[Process] = []
 
     def api(
         self,
@@ -20,7 +22,7 @@ class Launcher:
         *,
         wait: bool = True,
         **more: str,
-    ) -> Service:
+    ) -> Process:
         service = start_api(redis_url, {**(env or {}), **more}, wait=False)
         self.started.append(service)
         if wait:
@@ -34,14 +36,15 @@ class Launcher:
         *,
         wait: bool = True,
         **more: str,
-    ) -> Service:
-        service = start_worker(redis_url, {**(env or {}), **more}, wait=False)
+    ) -> Process:
+        # From the repository root, so TASK_HANDLER=tests.support.handlers:NAME imports.
+        service = start_worker(redis_url, {**(env or {}), **more}, wait=False, cwd=REPO_ROOT)
         self.started.append(service)
         if wait:
             service.wait_until_answers("/healthz", timeout=40)
         return service
 
-    def workers(self, redis_url: str, count: int, **env: str) -> list[Service]:
+    def workers(self, redis_url: str, count: int, **env: str) -> list[Process]:
         """Start several at once: on two cores their imports overlap instead of queueing."""
         services = [self.worker(redis_url, env, wait=False) for _ in range(count)]
         for service in services:

@@ -14,8 +14,10 @@ import httpx
 import pytest
 import redis
 
-from ..support.processes import REPO_ROOT
-from ..support.redis_server import REDIS_BINARY, RedisServer, free_port
+from fastapi_redis_mini_harness.ports import free_port
+from fastapi_redis_mini_harness.redis_server import REDIS_BINARY, RedisServer
+
+from ..support import REPO_ROOT
 from ._chaos import collect, wait_until
 from .conftest import Launcher
 

@@ -17,8 +17,9 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from ..support.processes import Service, start_api, start_worker
-from ..support.redis_cluster import RedisCluster
+from fastapi_redis_mini_harness.processes import Process, start_api, start_worker
+from fastapi_redis_mini_harness.redis_cluster import RedisCluster
+
 from ._chaos import collect
 
 pytestmark = pytest.mark.slow
@@ -47,7 +48,7 @@ def cluster() -> Iterator[RedisCluster]:
 def test_killing_the_queues_master_mid_load_gives_only_202_or_503_and_work_goes_on(
     cluster: RedisCluster,
 ) -> None:
-    services: list[Service] = []
+    services: list[Process] = []
     try:
         api = start_api(cluster.url, {})
         services.append(api)
@@ -107,7 +108,7 @@ def test_a_cluster_wholly_down_is_a_503_and_the_worker_waits_for_it(
     """With no node reachable the cluster client raises its own exception type, not a
     Redis error: it must still read as "unavailable" (503, a worker that retries), never as
     a defect (500, a worker that exits)."""
-    services: list[Service] = []
+    services: list[Process] = []
     try:
         api = start_api(cluster.url, {})
         services.append(api)

@@ -12,8 +12,9 @@ import httpx
 import pytest
 import redis
 
-from ..support.processes import service_env
-from ..support.redis_server import RedisServer
+from fastapi_redis_mini_harness.processes import service_env
+from fastapi_redis_mini_harness.redis_server import RedisServer
+
 from ._chaos import collect, wait_until
 from .conftest import Launcher
 

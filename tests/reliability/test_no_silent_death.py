@@ -10,7 +10,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from ..support.redis_server import RedisServer
+from fastapi_redis_mini_harness.redis_server import RedisServer
+
 from ._chaos import wait_until
 from .conftest import Launcher
 

@@ -12,7 +12,9 @@ from functools import partial
 import httpx
 import pytest
 
-from ..support.processes import REPO_ROOT, Service
+from fastapi_redis_mini_harness.processes import Process
+
+from ..support import REPO_ROOT
 from ._chaos import FINAL, Tally, collect, submit_all, wait_until
 from .conftest import Launcher
 
@@ -74,7 +76,7 @@ def restart_workers_until_final(
 ) -> list[int]:
     """Start a worker each time one dies, until the task is final; the exit codes of the dead."""
 
-    def gone_or_final(worker: Service) -> bool:
+    def gone_or_final(worker: Process) -> bool:
         if worker.process.poll() is not None:
             return True
         return client.get(f"/tasks/{task_id}").json()["status"] in FINAL

@@ -11,7 +11,9 @@ import time
 import httpx
 import pytest
 
-from ..support.redis_server import RedisServer, free_port
+from fastapi_redis_mini_harness.ports import free_port
+from fastapi_redis_mini_harness.redis_server import RedisServer
+
 from ._chaos import wait_until
 from .conftest import Launcher
 

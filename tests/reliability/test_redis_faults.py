@@ -19,9 +19,10 @@ from contextlib import AbstractContextManager
 import httpx
 import pytest
 
+from fastapi_redis_mini_harness.processes import Process
+from fastapi_redis_mini_harness.redis_server import RedisServer
+
 from ..support import faults
-from ..support.processes import Service
-from ..support.redis_server import RedisServer
 from ._chaos import Load, Tally, collect, wait_until, worker_figures
 from .conftest import Launcher
 
@@ -100,7 +101,7 @@ def fill(server: RedisServer, keys: int) -> None:
     client.close()
 
 
-def probe(service: Service, path: str) -> tuple[int, str]:
+def probe(service: Process, path: str) -> tuple[int, str]:
     try:
         response = httpx.get(service.base_url + path, timeout=10)
     except httpx.TransportError as error:

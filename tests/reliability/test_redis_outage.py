@@ -10,7 +10,8 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 
-from ..support.redis_server import RedisServer
+from fastapi_redis_mini_harness.redis_server import RedisServer
+
 from ._chaos import Load, Tally, collect, wait_until, worker_figures
 from .conftest import Launcher
 

@@ -10,7 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from ..support.redis_server import RedisServer
+from fastapi_redis_mini_harness.redis_server import RedisServer
+
 from ._chaos import Tally, collect, in_flight, submit_all, wait_until, worker_figures
 from .conftest import Launcher
 

@@ -31,11 +31,10 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 
-# Re-exported: callers pick loopback ports for host-network containers with it.
-from .polling import poll
-from .redis_server import free_port as free_port
+from fastapi_redis_mini_harness.polling import poll
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from . import REPO_ROOT
+
 DOCKERFILE = REPO_ROOT / "services" / "Dockerfile"
 IMAGE_TARGETS = ("api", "worker")
 IMAGE_USER = "10001:10001"

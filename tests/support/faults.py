@@ -11,7 +11,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from .redis_server import RedisServer, free_port
+from fastapi_redis_mini_harness.ports import free_port
+from fastapi_redis_mini_harness.redis_server import RedisServer
 
 
 @contextmanager

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from ..support.processes import service_env
+from fastapi_redis_mini_harness.processes import service_env
 
 pytestmark = pytest.mark.slow
 

@@ -18,9 +18,9 @@ from fastapi_redis_mini.core.redis import RedisTaskQueue, connect
 from fastapi_redis_mini.core.settings import Settings
 from fastapi_redis_mini.worker._http import build_app
 from fastapi_redis_mini.worker.runner import Worker, WorkerFailed
+from fastapi_redis_mini_harness.polling import poll_async
 
 from ..support.handlers import FlakyThenFine, hang, not_json
-from ..support.polling import poll_async
 
 
 @pytest.fixture

