@@ -41,10 +41,10 @@ test-redis: setup ## Run the queue, api and end-to-end tests against Debian's re
 	TEST_REDIS_SERVER=redis $(BIN)/pytest tests/core tests/api tests/e2e $(PYTEST_ARGS)
 
 lint: setup ## Check style (ruff) and types (mypy strict) of the package, tools and tests
-	$(BIN)/ruff check services client tests tools loadtest
-	$(BIN)/ruff format --check services client tests tools loadtest
+	$(BIN)/ruff check services client harness tests tools loadtest
+	$(BIN)/ruff format --check services client harness tests tools loadtest
 	$(BIN)/mypy
 
 format: setup ## Reformat the code with ruff
-	$(BIN)/ruff check --fix services client tests tools loadtest
-	$(BIN)/ruff format services client tests tools loadtest
+	$(BIN)/ruff check --fix services client harness tests tools loadtest
+	$(BIN)/ruff format services client harness tests tools loadtest

@@ -36,24 +36,24 @@ bench-tools: ## Install Debian's wrk (the api load generator) when it is missing
 		{ echo "bench: install wrk (apt-get install -y wrk)"; exit 1; }
 
 bench: $(VENV)/.synced $(BENCH_VENV)/.installed bench-tools ## Worker vs arq/SAQ, api vs bare FastAPI, end to end, scale, memory; table + reports/bench/bench.{json,md}
-	$(BIN)/python loadtest/bench/run.py $(BENCH_ARGS)
+	$(BIN)/python -m loadtest.bench $(BENCH_ARGS)
 
 bench-quick: $(VENV)/.synced $(BENCH_VENV)/.installed bench-tools ## The same benchmark with small N (a smoke run, about two minutes)
-	$(BIN)/python loadtest/bench/run.py --quick $(BENCH_ARGS)
+	$(BIN)/python -m loadtest.bench --quick $(BENCH_ARGS)
 
 bench-lock: $(BIN)/uv ## Re-resolve the benchmark peers' hashed lock from loadtest/bench/requirements.in
 	cd loadtest/bench && ../../$(BIN)/uv pip compile --quiet --generate-hashes \
 		--python-version 3.11 requirements.in -o requirements.lock
 
 profile-worker: $(VENV)/.synced ## cProfile one worker draining 20k tasks: reports/profile/worker.prof + top hotspots (snakeviz opens it)
-	$(BIN)/python tools/profile.py worker $(PROFILE_ARGS)
+	$(BIN)/python -m loadtest.bench.profile worker $(PROFILE_ARGS)
 
 profile-api: $(VENV)/.synced bench-tools ## cProfile one api process under wrk (PROFILE_ARGS=--endpoint post_hit|get): .prof + hotspots
-	$(BIN)/python tools/profile.py api $(PROFILE_ARGS)
+	$(BIN)/python -m loadtest.bench.profile api $(PROFILE_ARGS)
 
 api-ab: $(VENV)/.synced ## CPU per request of the api against the bare app, in one process (AB_ARGS=--endpoint hit|get, --gc default)
-	$(BIN)/python tools/api_ab.py $(AB_ARGS)
+	$(BIN)/python -m loadtest.bench.api_ab $(AB_ARGS)
 
 flamegraph: $(VENV)/.synced bench-tools ## py-spy flame graphs of the worker and the api under load: reports/profile/*.svg
-	$(BIN)/python tools/profile.py worker --flamegraph $(PROFILE_ARGS)
-	$(BIN)/python tools/profile.py api --flamegraph $(PROFILE_ARGS)
+	$(BIN)/python -m loadtest.bench.profile worker --flamegraph $(PROFILE_ARGS)
+	$(BIN)/python -m loadtest.bench.profile api --flamegraph $(PROFILE_ARGS)

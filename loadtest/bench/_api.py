@@ -13,10 +13,12 @@ import sys
 import time
 import urllib.request
 import uuid
-from dataclasses import dataclass
 from typing import Any
 
-from _support import BENCH_DIR, Process, Workspace, free_port, tree_cpu_seconds, wait_http, wrk
+from fastapi_redis_mini_harness.ports import free_port
+from fastapi_redis_mini_harness.processes import SERVICE_DEFAULTS, Process, Workspace, start_api
+
+from ._measure import ROOT, tree_cpu_seconds, wrk
 
 SCRIPTS = {"post_miss": "post_miss.lua", "post_hit": "post_hit.lua", "get": "get_task.lua"}
 LABELS = {
@@ -29,22 +31,9 @@ PACED_CONNECTIONS = 16
 HIT_BODY = b'{"prompt": "bench hit", "params": {"duration": 0}}'
 
 
-@dataclass
-class Server:
-    name: str
-    process: Process
-    port: int
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-
-def api_env(url: str, port: int, workers: int, space: Workspace, name: str) -> dict[str, str]:
+def api_env(workers: int, space: Workspace, name: str) -> dict[str, str]:
+    """The api's variables in every bench run; the service's defaults for everything else."""
     return {
-        "REDIS_URL": url,
-        "HOST": "127.0.0.1",
-        "PORT": str(port),
         "WEB_CONCURRENCY": str(workers),
         "LOG_LEVEL": "WARNING",
         # The bench queues far more than the default backlog allows, with no worker running;
@@ -54,38 +43,39 @@ def api_env(url: str, port: int, workers: int, space: Workspace, name: str) -> d
     }
 
 
-def start_api(
+def start_ours(
     space: Workspace,
     url: str,
     workers: int,
     name: str = "api",
     env: dict[str, str] | None = None,
-) -> Server:
-    port = free_port()
-    process = space.spawn(
-        name,
-        [sys.executable, "-m", "fastapi_redis_mini.api"],
-        {**api_env(url, port, workers, space, name), **(env or {})},
+) -> Process:
+    """The real api under gunicorn with `workers` workers, ready, stopped with the workspace."""
+    return space.own(
+        start_api(
+            url,
+            {**api_env(workers, space, name), **(env or {})},
+            defaults=SERVICE_DEFAULTS,
+            name=name,
+            log_path=space.log_path(name),
+        )
     )
-    server = Server(name, process, port)
-    wait_http(f"{server.base}/readyz", process)
-    return server
 
 
-def start_bare(space: Workspace, workers: int) -> Server:
+def start_bare(space: Workspace, workers: int) -> Process:
     port = free_port()
     process = space.spawn(
         "bare",
         [
-            sys.executable, "-m", "gunicorn", "bare_app:app",
+            sys.executable, "-m", "gunicorn", "loadtest.bench.bare_app:app",
             "--worker-class", "uvicorn_worker.UvicornWorker", "--workers", str(workers),
             "--bind", f"127.0.0.1:{port}", "--keep-alive", "5", "--log-level", "warning",
         ],
-        cwd=BENCH_DIR,
+        cwd=ROOT,
+        port=port,
     )  # fmt: skip
-    server = Server("bare", process, port)
-    wait_http(f"{server.base}/healthz", process)
-    return server
+    process.wait_until_answers("/healthz")
+    return process
 
 
 def _post(base: str, body: bytes) -> dict[str, Any]:
@@ -103,15 +93,15 @@ def _get(base: str, path: str) -> dict[str, Any]:
         return answer
 
 
-def warm_cache(api: Server) -> str:
+def warm_cache(api: Process) -> str:
     """Run the hit prompt once (a worker must be running); returns its finished task's id."""
-    submitted = _post(api.base, HIT_BODY)
+    submitted = _post(api.base_url, HIT_BODY)
     task_id = str(submitted["task_id"])
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        record = _get(api.base, f"/tasks/{task_id}?wait=10")
+        record = _get(api.base_url, f"/tasks/{task_id}?wait=10")
         if record["status"] == "DONE":
-            again = _post(api.base, HIT_BODY)
+            again = _post(api.base_url, HIT_BODY)
             if not again.get("cached"):
                 raise RuntimeError(f"the warmed prompt is not served from the cache: {again}")
             return task_id
@@ -128,10 +118,10 @@ def errors(result: dict[str, Any]) -> int:
     return sum(int(result[key]) for key in keys)
 
 
-def _max_rate(server: Server, script: str, seconds: float, env: dict[str, str]) -> dict[str, Any]:
-    cpu_before = tree_cpu_seconds(server.process.pid)
-    result = wrk(server.base, script, seconds=seconds, connections=MAX_CONNECTIONS, env=env)
-    cpu = tree_cpu_seconds(server.process.pid) - cpu_before
+def _max_rate(server: Process, script: str, seconds: float, env: dict[str, str]) -> dict[str, Any]:
+    cpu_before = tree_cpu_seconds(server.pid)
+    result = wrk(server.base_url, script, seconds=seconds, connections=MAX_CONNECTIONS, env=env)
+    cpu = tree_cpu_seconds(server.pid) - cpu_before
     return {
         **result,
         "rps": rps(result),
@@ -141,10 +131,10 @@ def _max_rate(server: Server, script: str, seconds: float, env: dict[str, str]) 
 
 
 def _paced(
-    server: Server, script: str, seconds: float, env: dict[str, str], delay_ms: int
+    server: Process, script: str, seconds: float, env: dict[str, str], delay_ms: int
 ) -> dict[str, Any]:
     result = wrk(
-        server.base,
+        server.base_url,
         script,
         seconds=seconds,
         connections=PACED_CONNECTIONS,
@@ -164,7 +154,7 @@ def _ratio(numerator: float, denominator: float) -> float:
 
 
 def measure_endpoint(
-    endpoint: str, ours: Server, bare: Server, task_id: str, seconds: float, rounds: int = 3
+    endpoint: str, ours: Process, bare: Process, task_id: str, seconds: float, rounds: int = 3
 ) -> dict[str, Any]:
     """Alternate the two servers over `rounds` rounds and report the median round.
 
@@ -222,7 +212,9 @@ def measure_endpoint(
     }
 
 
-def measure_durable_acks(servers: dict[str, Server], seconds: float, rounds: int) -> dict[str, Any]:
+def measure_durable_acks(
+    servers: dict[str, Process], seconds: float, rounds: int
+) -> dict[str, Any]:
     """POST /tasks misses at MAX_CONNECTIONS on apis that differ only in DURABLE_ACKS.
 
     The apis take turns within each round, in alternating order, so a burst of other load

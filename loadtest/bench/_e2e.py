@@ -8,10 +8,12 @@ import statistics
 import time
 from typing import Any
 
-from _api import Server
-from _http import post_request, send_all
-from _support import Process, RedisServer, rss_kib, tree_rss_kib
-from _workers import task_times, wait_idle
+from fastapi_redis_mini_harness.processes import Process
+from fastapi_redis_mini_harness.redis_server import RedisServer
+
+from ._http import post_request, send_all
+from ._measure import rss_kib, tree_rss_kib
+from ._workers import task_times, wait_idle
 
 E2E_CONNECTIONS = 100
 
@@ -38,7 +40,7 @@ def _miss_requests(port: int, tasks: int, label: str) -> list[bytes]:
     ]
 
 
-def end_to_end(api: Server, url: str, tasks: int, timeout: float = 300.0) -> dict[str, Any]:
+def end_to_end(api: Process, url: str, tasks: int, timeout: float = 300.0) -> dict[str, Any]:
     """Submit `tasks` no-op tasks at once over HTTP; time until every one is DONE."""
     requests = _miss_requests(api.port, tasks, "e2e")
     began_wall = time.time()
@@ -68,12 +70,12 @@ def end_to_end(api: Server, url: str, tasks: int, timeout: float = 300.0) -> dic
 
 
 def memory_after(
-    api: Server, worker: Process, redis_server: RedisServer, url: str, tasks: int
+    api: Process, worker: Process, redis_server: RedisServer, url: str, tasks: int
 ) -> dict[str, Any]:
     """Push `tasks` cache misses through the api with a worker running, then read memory;
     then send every request again (all cache hits) and read Redis's memory once more."""
     before = {
-        "api_rss_kib": tree_rss_kib(api.process.pid),
+        "api_rss_kib": tree_rss_kib(api.pid),
         "worker_rss_kib": rss_kib(worker.pid),
         "redis_used_memory": redis_server.used_memory(),
     }
@@ -82,7 +84,7 @@ def memory_after(
     accepted = sum(1 for status, _ in answers if status == 202)
     asyncio.run(wait_idle(url, time.perf_counter() + 300))
     after = {
-        "api_rss_kib": tree_rss_kib(api.process.pid),
+        "api_rss_kib": tree_rss_kib(api.pid),
         "worker_rss_kib": rss_kib(worker.pid),
         "redis_used_memory": redis_server.used_memory(),
     }

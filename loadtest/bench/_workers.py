@@ -13,7 +13,6 @@ import asyncio
 import json
 import resource
 import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -21,20 +20,19 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from _support import (
-    BENCH_DIR,
-    ROOT,
-    Process,
-    Workspace,
-    free_port,
-    schedstat,
-    stop_together,
-    wait_http,
-)
 
 from fastapi_redis_mini.core.models import TaskCreate, TaskStatus, request_signature
 from fastapi_redis_mini.core.redis import Keys, RedisTaskQueue, connect
 from fastapi_redis_mini.core.settings import Settings
+from fastapi_redis_mini_harness.processes import (
+    SERVICE_DEFAULTS,
+    Process,
+    Workspace,
+    start_worker,
+    stop_together,
+)
+
+from ._measure import BENCH_DIR, ROOT, schedstat
 
 # redis-py 8 caps a client pool at 100 connections; stay well below it.
 CHUNK = 50
@@ -196,31 +194,32 @@ async def task_times(url: str, ids: Sequence[str]) -> list[tuple[float, float, f
     return times
 
 
-def worker_env(url: str, concurrency: int, log_level: str = "WARNING") -> dict[str, str]:
+def worker_env(concurrency: int, log_level: str = "WARNING") -> dict[str, str]:
     # Defaults everywhere else, so every reliability guarantee is on; only logs are quieter,
     # as the peers log nothing at their library defaults either. INFO (the worker's default)
     # adds one JSON line per finished task; --worker-log-level INFO shows what that costs.
-    return {
-        "REDIS_URL": url,
-        "MAX_CONCURRENCY": str(concurrency),
-        "METRICS_PORT": str(free_port()),
-        "HOST": "127.0.0.1",
-        "LOG_LEVEL": log_level,
-    }
+    return {"MAX_CONCURRENCY": str(concurrency), "LOG_LEVEL": log_level}
 
 
 def spawn_worker(
     space: Workspace, url: str, concurrency: int, name: str, log_level: str = "WARNING"
 ) -> Process:
-    env = worker_env(url, concurrency, log_level)
-    worker = space.spawn(name, [sys.executable, "-m", "fastapi_redis_mini.worker"], env)
-    worker.port = int(env["METRICS_PORT"])
-    return worker
+    """A worker started now, not waited for (its start-up is part of a drain's wall time)."""
+    return space.own(
+        start_worker(
+            url,
+            worker_env(concurrency, log_level),
+            wait=False,
+            defaults=SERVICE_DEFAULTS,
+            name=name,
+            log_path=space.log_path(name),
+        )
+    )
 
 
 def wait_worker_ready(worker: Process) -> None:
     """Wait for the worker's own /readyz, served on its METRICS_PORT."""
-    wait_http(f"http://127.0.0.1:{worker.port}/readyz", worker)
+    worker.wait_until_answers("/readyz")
 
 
 def drain_ours(
@@ -319,7 +318,7 @@ def drain_peer(
     wall = time.perf_counter() - worker.started
     cpu_after = ChildCpu.read()
     after = RedisCounters.read(url)
-    if worker.popen.returncode != 0:
+    if worker.process.returncode != 0:
         raise RuntimeError(f"{system} worker failed:\n{worker.log_tail()}")
     stats = _peer(python, "stats", system, url, tasks)
     drain = (stats["last_finish"] or 0.0) - (stats["first_start"] or 0.0)

@@ -19,8 +19,6 @@ from ..support.tools import require_tool
 
 pytestmark = pytest.mark.slow
 
-BENCH = REPO_ROOT / "loadtest" / "bench" / "run.py"
-
 
 @pytest.fixture(scope="module")
 def wrk_binary() -> str:
@@ -31,7 +29,7 @@ def test_bench_without_peers_measures_every_section_and_writes_both_reports(
     wrk_binary: str, tmp_path: Path
 ) -> None:
     result = subprocess.run(
-        [sys.executable, str(BENCH), "--sections", "api,durable,e2e,scale,memory",
+        [sys.executable, "-m", "loadtest.bench", "--sections", "api,durable,e2e,scale,memory",
          "--tasks", "300", "--scale", "1,2", "--api-seconds", "1", "--api-rounds", "2",
          "--e2e-tasks", "200", "--memory-tasks", "200", "--out", str(tmp_path)],
         cwd=REPO_ROOT,
@@ -73,7 +71,7 @@ def test_bench_without_peers_measures_every_section_and_writes_both_reports(
 
 def test_the_in_process_api_comparison_runs_both_apps_to_the_end() -> None:
     result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "tools" / "api_ab.py"), "--rounds", "3",
+        [sys.executable, "-m", "loadtest.bench.api_ab", "--rounds", "3",
          "--concurrency", "5", "--endpoint", "hit"],
         cwd=REPO_ROOT,
         capture_output=True,

@@ -10,7 +10,7 @@ GC_THRESHOLDS = (7_000, 20, 100)
 A request or a task in flight waits on Redis with its objects alive, and at the default
 thresholds every collection walks them again: about a thousand collections for 20,000
 requests, 45-60 µs of CPU per request on the api, half of what it then spent beyond a bare
-FastAPI endpoint (`tools/api_ab.py --gc default` shows it). Reference counting still frees
+FastAPI endpoint (`make api-ab AB_ARGS="--gc default"` shows it). Reference counting still frees
 what is not in a cycle at once; only cycles live a little longer.
 """
 

