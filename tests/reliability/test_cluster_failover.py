@@ -1,31 +1,38 @@
-"""SIGKILL the Redis Cluster master that holds the queue, in the middle of a load.
+"""SIGKILL a Redis Cluster master in the middle of a load.
 
 Real processes: six cluster nodes, the api and a worker (REDIS_CLUSTER=auto finds the
-cluster). The master serving the queue's hash tag is killed; its replica takes over after
-cluster-node-timeout (2 s here). DURABLE_ACKS is none (the cluster's group commit is not built),
-so replication is asynchronous: the test prints what was lost and asserts nothing about it.
-It asserts what must hold whatever the timing: the api answers only 202 or 503, never a 500;
-the worker process carries on without a restart; tasks submitted after the failover are DONE.
+cluster). A master is killed; its replica takes over after cluster-node-timeout (2 s here).
+With DURABLE_ACKS=none replication is asynchronous: that test prints what was lost and asserts
+nothing about it. With DURABLE_ACKS=replica a 202 waited for the replica, so nothing accepted
+may be lost. Both assert what must hold whatever the timing: the api answers only 202 or 503,
+never a 500, and the worker process carries on without a restart.
 """
 
 from __future__ import annotations
 
+import signal
+import subprocess
 import time
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
+from fastapi_redis_mini_harness.polling import poll
 from fastapi_redis_mini_harness.processes import Process, start_api, start_worker
 from fastapi_redis_mini_harness.redis_cluster import RedisCluster
+from fastapi_redis_mini_harness.redis_server import RedisServer
 
-from ._chaos import collect
+from ._chaos import Load, Tally, collect
 
 pytestmark = pytest.mark.slow
 
 LOAD_SECONDS = 12.0
 KILL_AFTER = 3.0
+# Under cluster-node-timeout (2 s), so the replica is not judged failed meanwhile.
+FROZEN_REPLICA_SECONDS = 0.7
 
 
 def _notable(log: str) -> str:
@@ -142,5 +149,162 @@ def test_a_cluster_wholly_down_is_a_503_and_the_worker_waits_for_it(
         assert worker.process.poll() is None, _notable(worker.log)
         assert "Traceback" not in api.log, _notable(api.log)
     finally:
+        for service in services:
+            service.close()
+
+
+def keys_per_master(cluster: RedisCluster) -> dict[RedisServer, int]:
+    """DBSIZE of every live master."""
+    roles = cluster.roles()
+    sizes = {}
+    for node in cluster.nodes:
+        if node.process is not None and roles[node.port] == "master":
+            client = node.client()
+            try:
+                sizes[node] = int(client.dbsize())
+            finally:
+                client.close()
+    return sizes
+
+
+def _replication(node: RedisServer) -> dict[str, object]:
+    client = node.client()
+    try:
+        return dict(client.info("replication"))
+    finally:
+        client.close()
+
+
+def role(node: RedisServer) -> str:
+    """The node's own word: "master" or "slave"."""
+    return str(_replication(node)["role"])
+
+
+def master_port(node: RedisServer) -> int | None:
+    port = _replication(node).get("master_port")
+    return None if port is None else int(str(port))
+
+
+def found(client: httpx.Client, task_ids: list[str], timeout: float) -> Counter[int]:
+    """GET each task until it answers 200 or 404 (503s are retried): how many of each."""
+    deadline = time.monotonic() + timeout
+
+    def status(task_id: str) -> int:
+        while True:
+            code = client.get(f"/tasks/{task_id}").status_code
+            if code in (200, 404) or time.monotonic() > deadline:
+                return code
+            time.sleep(0.2)
+
+    with ThreadPoolExecutor(8) as pool:
+        return Counter(pool.map(status, task_ids))
+
+
+def test_with_replica_acks_killing_the_busiest_master_mid_load_loses_no_accepted_task(
+    cluster: RedisCluster,
+) -> None:
+    """The issue's failover promise: a 202 waited for the replica (DURABLE_ACKS=replica), so
+    after a SIGKILL of its master every accepted task is on the promoted replica and ends DONE.
+
+    Its replica is frozen (SIGSTOP) and cut off for the last FROZEN_REPLICA_SECONDS before the
+    kill, so the writes of that window never reach it; with DURABLE_ACKS=none their 202s are
+    lost (tried: the same run with none loses them).
+
+    The killed node is restarted once its replica has taken over, as Kubernetes restarts a
+    pod: until then the promoted master has no replica to confirm writes, and submits to its
+    slots answer 503 redis_no_replicas. Before that restart, every task accepted so far must
+    already be readable from the promoted master, so no task can be saved by the restart.
+    """
+    durable = {"DURABLE_ACKS": "replica"}
+    services: list[Process] = []
+    load = None
+    frozen: subprocess.Popen[bytes] | None = None
+    try:
+        api = start_api(cluster.url, durable)
+        services.append(api)
+        worker = start_worker(cluster.url, durable)
+        services.append(worker)
+        cached_body = {"prompt": "done before the kill", "params": {}}
+        with httpx.Client(base_url=api.base_url, timeout=15) as client:
+            first = client.post("/tasks", json=cached_body)
+            assert first.status_code == 202, first.text
+            cached_id = first.json()["task_id"]
+            assert collect(client, [cached_id], timeout=30)[cached_id]["status"] == "DONE"
+
+            load = Load(api.base_url, limit=3000, label="replica-acks")
+            load.start()
+            poll(lambda: len(load.accepted) >= 50, 30, what="50 submits accepted before the kill")
+            sizes = keys_per_master(cluster)
+            doomed = max(sizes, key=lambda node: sizes[node])
+            replica = next(node for node in cluster.nodes if master_port(node) == doomed.port)
+            # The replica freezes and its link is cut first, so the last writes before the
+            # kill reach no replica (a frozen process's socket would still take them in):
+            # acknowledged without waiting for it, they would be lost with their master.
+            assert replica.process is not None
+            frozen = replica.process
+            frozen.send_signal(signal.SIGSTOP)
+            doomed_client = doomed.client()
+            try:
+                doomed_client.client_kill_filter(_type="replica")
+            finally:
+                doomed_client.close()
+            time.sleep(FROZEN_REPLICA_SECONDS)
+            accepted_before = len(load.accepted)
+            killed_at = time.monotonic()
+            doomed.stop(kill=True)
+            frozen.send_signal(signal.SIGCONT)
+            frozen = None
+
+            promoted = poll(
+                lambda: replica if role(replica) == "master" else None,
+                60,
+                what="the killed master's replica taking over",
+            )
+            failover_seconds = time.monotonic() - killed_at
+            accepted_at_restart = len(load.accepted)
+            on_promoted = found(client, load.accepted[:accepted_at_restart], timeout=60)
+            doomed.start()  # the restarted node rejoins as the promoted master's replica
+            cluster.wait_ok()
+            poll(
+                lambda: len(load.accepted) >= accepted_at_restart + 20,
+                60,
+                what="submits accepted again once the promoted master has a replica",
+            )
+            writes_back_seconds = time.monotonic() - killed_at
+            load.stop()
+
+            hit = client.post("/tasks", json=cached_body)
+            outcomes = collect(client, load.accepted, timeout=120)
+        tally = Tally.of(outcomes)
+        codes = Counter(answer.status for answer in load.answers)
+        tally.report(
+            "cluster-failover-replica-acks",
+            answers=dict(codes),
+            accepted_before_kill=accepted_before,
+            keys_per_master=sorted(sizes.values()),
+            failover_s=f"{failover_seconds:.1f}",
+            accepting_again_s=f"{writes_back_seconds:.1f}",
+            promoted_port=promoted.port,
+        )
+        assert on_promoted == {200: accepted_at_restart}, (
+            f"tasks accepted before the restart, as the promoted master has them: "
+            f"{dict(on_promoted)} of {accepted_at_restart}"
+        )
+        assert set(codes) <= {202, 503}, codes
+        assert load.transport_errors == 0
+        assert all(int(a.retry_after or 0) > 0 for a in load.answers if a.status == 503)
+        assert tally.lost == 0, f"{tally}\nworker log:\n{_notable(worker.log)}"
+        assert tally.done == tally.accepted, tally
+        assert hit.status_code == 200, hit.text
+        assert hit.json()["task_id"] == cached_id
+        assert worker.process.poll() is None, (
+            f"the worker must carry on without a restart:\n{_notable(worker.log)}"
+        )
+        assert "Traceback" not in api.log, _notable(api.log)
+    finally:
+        if frozen is not None:
+            frozen.send_signal(signal.SIGCONT)
+        if load is not None:
+            load.stop()
         for service in services:
             service.close()
