@@ -290,8 +290,8 @@ def test_with_replica_acks_killing_the_busiest_master_mid_load_loses_no_accepted
             f"tasks accepted before the restart, as the promoted master has them: "
             f"{dict(on_promoted)} of {accepted_at_restart}"
         )
-        assert set(codes) <= {202, 503}, codes
-        assert load.transport_errors == 0
+        assert set(codes) <= {202, 503}, f"{codes}\napi log:\n{_notable(api.log)}"
+        assert load.transport_errors == 0, _notable(api.log)
         assert all(int(a.retry_after or 0) > 0 for a in load.answers if a.status == 503)
         assert tally.lost == 0, f"{tally}\nworker log:\n{_notable(worker.log)}"
         assert tally.done == tally.accepted, tally

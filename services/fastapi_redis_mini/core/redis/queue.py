@@ -361,29 +361,24 @@ class RedisTaskQueue:
 
         Not the cluster client's pipeline: it sends a keyless WAIT to any node, and sends a
         command redirected by MOVED again on its own, away from its wait. A slot that moved is
-        looked up again (the script did not run); a lost master makes the client learn the
+        looked up again (the script did not run); a lost master makes the client read the
         slots anew, and the caller gets QueueUnavailable to retry.
         """
         assert self._durable_wait is not None
+        load = False
         for _ in range(3):
-            await cluster.initialize()  # only after a topology change asked for it
+            await cluster.initialize()  # a no-op once the client knows the slots
             node: ClusterNode = cluster.get_node_from_key(keys[0])  # type: ignore[assignment]
             commands = [
                 PipelineCommand(0, "EVALSHA", script.sha, len(keys), *keys, *args),
                 PipelineCommand(1, *self._durable_wait),
             ]
-            try:
-                await node.execute_pipeline(commands)
-            except (RedisConnectionError, RedisTimeoutError) as error:
-                if not isinstance(error, MaxConnectionsError):
-                    # As the cluster client's own pipeline does: drop the connections and
-                    # the slot table, so the next call finds the replica promoted meanwhile.
-                    await cluster.aclose()
-                raise
-            reply, confirmed = commands[0].result, commands[1].result
+            if load:
+                commands.insert(0, PipelineCommand(0, "SCRIPT", "LOAD", script.script))
+            await _pipeline_on(cluster, node, commands)
+            reply, confirmed = commands[-2].result, commands[-1].result
             if isinstance(reply, NoScriptError):
-                # This master lost its scripts (a restart, or a replica just promoted).
-                await node.execute_command("SCRIPT", "LOAD", script.script)
+                load = True  # this master lost its scripts: a restart, or a promoted replica
                 continue
             if isinstance(reply, MovedError):
                 await cluster.nodes_manager.move_slot(reply)
@@ -391,7 +386,7 @@ class RedisTaskQueue:
             if isinstance(reply, AskError):
                 # A resharding moves the slot: the keys are split between two masters.
                 raise QueueBusy(QueueState.TRY_AGAIN, f"slot {reply.slot_id} is being moved")
-            for value in (reply, confirmed):
+            for value in (*(c.result for c in commands[:-2]), reply, confirmed):
                 if isinstance(value, Exception):
                     raise value
             self._check_confirmed(confirmed)
@@ -744,6 +739,35 @@ class RedisTaskQueue:
                 args=[*(e for e, _ in found), *(t for _, t in found)],
             )
         )
+
+
+async def _pipeline_on(
+    cluster: RedisCluster, node: ClusterNode, commands: list[PipelineCommand]
+) -> None:
+    """Send `commands` on one connection to `node`; each command's reply or error lands in
+    its `result`. A lost connection raises, after the client is told to read the slots anew,
+    as its own commands do, so that the next call finds a replica promoted meanwhile."""
+    try:
+        await node.execute_pipeline(commands)
+    except AttributeError as error:
+        # The cluster client disconnects every connection, in use or not, when one of its own
+        # commands meets CLUSTERDOWN (a failover under way): a pipeline caught between its
+        # connect and its write finds the socket gone.
+        raise RedisConnectionError(
+            f"{node.name}: the connection was closed under the call"
+        ) from error
+    except (RedisConnectionError, RedisTimeoutError) as error:
+        if isinstance(error, MaxConnectionsError):
+            raise
+        # Idle connections go, busy ones reconnect when released; unlike the client's own
+        # aclose(), nothing in flight on another connection is cut.
+        node.update_active_connections_for_reconnect()
+        await node.disconnect_free_connections()
+        cluster.nodes_manager.move_node_to_end_of_cached_nodes(node.name)
+        with contextlib.suppress(RedisError, RedisClusterException):
+            # Mid-failover the nodes may not agree yet; the next call asks again.
+            await cluster.nodes_manager.initialize(last_failed_node_name=node.name)
+        raise
 
 
 def _deliveries(entries: Sequence[Any]) -> list[Delivery]:
