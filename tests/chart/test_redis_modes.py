@@ -229,8 +229,11 @@ EXTERNAL = {"url": "redis://r.example:6379/0", "existingSecret": "s"}
         ({"redis": {"mode": "cluster", "cluster": {"masters": 2}}}, "/redis/cluster/masters"),
         ({"redis": {"mode": "sentinel"}}, "/redis/mode"),
         (
-            {"redis": {"mode": "cluster"}, "config": {"durableAcks": "replica"}},
-            "/config/durableAcks",
+            {
+                "redis": {"mode": "cluster", "cluster": {"replicasPerMaster": 0}},
+                "config": {"durableAcks": "replica"},
+            },
+            "/redis/cluster/replicasPerMaster",
         ),
         ({"redis": {"enabled": False}}, "'enabled' not allowed"),
         ({"externalRedis": EXTERNAL}, "/externalRedis/url"),
@@ -260,6 +263,16 @@ def test_the_schema_refuses_bad_redis_combinations_naming_the_field(
 ) -> None:
     with pytest.raises(RenderError, match=field):
         render(values)
+
+
+@pytest.mark.parametrize("durable_acks", ["replica", "fsync"])
+def test_cluster_mode_passes_durable_acks_to_the_service(durable_acks: str) -> None:
+    # The service pipelines each script and its wait to the slot's master, and checks every
+    # master at start; the chart's cluster pods keep an append-only file each.
+    objects = render({"redis": {"mode": "cluster"}, "config": {"durableAcks": durable_acks}})
+    data = only(objects, "ConfigMap", "config")["data"]
+    assert (data["DURABLE_ACKS"], data["REDIS_CLUSTER"]) == (durable_acks, "true")
+    assert "appendonly yes" in config_lines(objects)
 
 
 def test_the_allowed_combinations_render() -> None:
