@@ -525,21 +525,21 @@ class RedisTaskQueue:
             keys=[self.keys.stream, self.keys.dead_letter, self.keys.retries],
             args=[self.keys.group],
         )
-        length, found, consumers, pending, lag, undelivered, oldest_pending = reply[:7]
-        dead, retries, now_ms = reply[7:]
+        stats = orjson.loads(reply)
+        length, now_ms = int(stats["stream_length"]), int(stats["now_ms"])
         return QueueStats(
             stream=self.keys.stream,
             group=self.keys.group,
-            stream_length=int(length),
+            stream_length=length,
             # Lag is undefined after deletions past the group's position; the stream length is
             # then the safe upper bound.
-            lag=int(lag) if int(lag) >= 0 else int(length),
-            pending=int(pending) if found else 0,
-            dead_letter_length=int(dead),
-            consumers=int(consumers),
-            oldest_undelivered_age=_age(undelivered, int(now_ms)),
-            oldest_pending_age=_age(oldest_pending, int(now_ms)),
-            retry_size=int(retries),
+            lag=int(stats["lag"]) if int(stats["lag"]) >= 0 else length,
+            pending=int(stats["pending"]) if stats["group_found"] else 0,
+            dead_letter_length=int(stats["dead_letter_length"]),
+            consumers=int(stats["consumers"]),
+            oldest_undelivered_age=_age(stats["oldest_undelivered"], now_ms),
+            oldest_pending_age=_age(stats["oldest_pending"], now_ms),
+            retry_size=int(stats["retry_size"]),
         )
 
     @_translated

@@ -2,9 +2,10 @@
 -- do not depend on the reader's clock. An entry id's first part is the time it was added.
 -- KEYS: stream, dead_letter, retries
 -- ARGV: group
--- Returns: {stream length, group found (0|1), consumers, pending, lag (-1 when undefined),
---   id of the oldest entry not yet delivered to the group or "", id of the oldest pending
---   entry or "", dead-letter length, retry set size, now in ms}
+-- Returns: a JSON object {stream_length, group_found (true|false), consumers, pending, lag
+--   (-1 when undefined), oldest_undelivered (the id of the oldest entry not yet delivered to
+--   the group, or ""), oldest_pending (the id of the oldest pending entry, or ""),
+--   dead_letter_length, retry_size, now_ms} (now_ms has 13 digits, within cjson's 14)
 local stream, group = KEYS[1], ARGV[1]
 local now = redis.call('TIME')
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
@@ -28,7 +29,9 @@ end
 if info == nil then
   local first = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)
   local oldest = first[1] and first[1][1] or ''
-  return {length, 0, 0, 0, length, oldest, '', dead, retries, now_ms}
+  return cjson.encode({stream_length = length, group_found = false, consumers = 0, pending = 0,
+    lag = length, oldest_undelivered = oldest, oldest_pending = '', dead_letter_length = dead,
+    retry_size = retries, now_ms = now_ms})
 end
 
 local after = redis.call('XRANGE', stream, '(' .. info['last-delivered-id'], '+', 'COUNT', 1)
@@ -39,5 +42,7 @@ local lag = info['lag']
 if type(lag) ~= 'number' then
   lag = -1
 end
-return {length, 1, info['consumers'], info['pending'], lag, undelivered, pending_oldest, dead,
-        retries, now_ms}
+return cjson.encode({stream_length = length, group_found = true, consumers = info['consumers'],
+  pending = info['pending'], lag = lag, oldest_undelivered = undelivered,
+  oldest_pending = pending_oldest, dead_letter_length = dead, retry_size = retries,
+  now_ms = now_ms})
