@@ -212,23 +212,26 @@ def measure_endpoint(
     }
 
 
-def measure_durable_acks(
-    servers: dict[str, Process], seconds: float, rounds: int
+def measure_post_misses(
+    servers: dict[str, Process], seconds: float, rounds: int, ratio_of: tuple[str, str]
 ) -> dict[str, Any]:
-    """POST /tasks misses at MAX_CONNECTIONS on apis that differ only in DURABLE_ACKS.
+    """POST /tasks misses at MAX_CONNECTIONS on apis that differ in one setting.
 
     The apis take turns within each round, in alternating order, so a burst of other load
-    falls on both; the round with the median fsync/none rps ratio is reported.
+    falls on all; the round with the median rps ratio of ratio_of[0] to ratio_of[1] is
+    reported.
     """
     env = {"BENCH_RUN_ID": uuid.uuid4().hex[:8]}
     names = list(servers)
+    numerator, denominator = ratio_of
     kept: list[dict[str, Any]] = []
     for n in range(rounds):
         order = names if n % 2 == 0 else names[::-1]
         runs = {
             name: _max_rate(servers[name], SCRIPTS["post_miss"], seconds, env) for name in order
         }
-        kept.append({"runs": runs, "rps_ratio": _ratio(runs["fsync"]["rps"], runs["none"]["rps"])})
+        ratio = _ratio(runs[numerator]["rps"], runs[denominator]["rps"])
+        kept.append({"runs": runs, "rps_ratio": ratio})
     median = _median_round(kept, "rps_ratio")
     return {
         "connections": MAX_CONNECTIONS,
@@ -238,3 +241,10 @@ def measure_durable_acks(
         "rps_ratio": median["rps_ratio"],
         "rounds": [r["rps_ratio"] for r in kept],
     }
+
+
+def measure_durable_acks(
+    servers: dict[str, Process], seconds: float, rounds: int
+) -> dict[str, Any]:
+    """POST /tasks misses on apis that differ only in DURABLE_ACKS: fsync against none."""
+    return measure_post_misses(servers, seconds, rounds, ratio_of=("fsync", "none"))

@@ -26,7 +26,7 @@ def percentile(values: list[float], pct: float) -> float:
     return statistics.quantiles(values, n=1000, method="inclusive")[round(pct * 10) - 1]
 
 
-def _miss_requests(port: int, tasks: int, label: str) -> list[bytes]:
+def miss_requests(port: int, tasks: int, label: str) -> list[bytes]:
     """POST /tasks requests with prompts never sent before: each one queues a task."""
     run_id = time.time_ns()
     return [
@@ -42,7 +42,7 @@ def _miss_requests(port: int, tasks: int, label: str) -> list[bytes]:
 
 def end_to_end(api: Process, url: str, tasks: int, timeout: float = 300.0) -> dict[str, Any]:
     """Submit `tasks` no-op tasks at once over HTTP; time until every one is DONE."""
-    requests = _miss_requests(api.port, tasks, "e2e")
+    requests = miss_requests(api.port, tasks, "e2e")
     began_wall = time.time()
     began = time.perf_counter()
     answers = asyncio.run(send_all("127.0.0.1", api.port, requests, E2E_CONNECTIONS))
@@ -79,7 +79,7 @@ def memory_after(
         "worker_rss_kib": rss_kib(worker.pid),
         "redis_used_memory": redis_server.used_memory(),
     }
-    requests = _miss_requests(api.port, tasks, "memory")
+    requests = miss_requests(api.port, tasks, "memory")
     answers = asyncio.run(send_all("127.0.0.1", api.port, requests, 100))
     accepted = sum(1 for status, _ in answers if status == 202)
     asyncio.run(wait_idle(url, time.perf_counter() + 300))

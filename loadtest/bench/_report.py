@@ -268,6 +268,9 @@ def _rows(report: dict[str, Any]) -> list[tuple[str, list[list[str]]]]:
                 ]
             )
         tables.append(("Memory", rows))
+    cluster = report.get("cluster")
+    if cluster:
+        tables += _cluster_tables(cluster)
     if report.get("targets"):
         rows = [["target", "measured", "goal", "met"]]
         for t in report["targets"]:
@@ -275,6 +278,50 @@ def _rows(report: dict[str, Any]) -> list[tuple[str, list[list[str]]]]:
             rows.append([t["target"], f"{t['measured']:.2f}", t["goal"], met])
         tables.append(("Targets", rows))
     return tables
+
+
+def _cluster_tables(cluster: dict[str, Any]) -> list[tuple[str, list[list[str]]]]:
+    shape = (
+        f"{cluster['server']}, {cluster['masters']} masters, "
+        f"{cluster['replicas_per_master']} replica each"
+    )
+    runs = cluster["worker"]["runs"]
+    api = cluster["api"]
+    rows = [["backend", "worker drain tasks/s", "POST /tasks (miss) rps", "POST p99"]]
+    for name in ("standalone", "cluster"):
+        rows.append(
+            [
+                name,
+                f"{runs[name]['drain_rate']:.0f}",
+                f"{api['rps'][name]:.0f}",
+                f"{api['p99_us'][name] / 1000:.1f} ms",
+            ]
+        )
+    rows.append(
+        [
+            "cluster / standalone",
+            f"{cluster['worker']['rate_ratio']:.2f}",
+            _with_spread(api["rps_ratio"], api["rounds"]),
+            "",
+        ]
+    )
+    memory = cluster["memory"]
+    masters = [["master", "keys", "used_memory before", f"after {memory['tasks']} tasks"]]
+    for address, after in memory["after"].items():
+        before = memory["before"].get(address, {"used_memory": 0})
+        masters.append(
+            [
+                address,
+                str(after["keys"]),
+                f"{before['used_memory'] / 2**20:.1f} MiB",
+                f"{after['used_memory'] / 2**20:.1f} MiB",
+            ]
+        )
+    masters.append(["Redis bytes per task", "", "", f"{memory['redis_bytes_per_task']:.0f}"])
+    return [
+        (f"Redis Cluster ({shape}, one machine) against a single server", rows),
+        ("Redis Cluster: memory per master", masters),
+    ]
 
 
 def print_table(report: dict[str, Any]) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 import redis
 
 from fastapi_redis_mini.core.models import TaskCreate, TaskStatus, request_signature
-from fastapi_redis_mini.core.redis import Keys, RedisTaskQueue, connect
+from fastapi_redis_mini.core.redis import RedisTaskQueue, connect
 from fastapi_redis_mini.core.settings import Settings
 from fastapi_redis_mini_harness.processes import (
     SERVICE_DEFAULTS,
@@ -52,14 +52,17 @@ class RedisCounters:
 
     @classmethod
     def read(cls, url: str) -> RedisCounters:
-        with redis.Redis.from_url(url) as client:
-            commands: dict[str, Any] = client.info("commandstats")
-            cpu: dict[str, Any] = client.info("cpu")
-        return cls(
-            calls=sum(int(c["calls"]) for c in commands.values()),
-            command_usec=sum(int(c["usec"]) for c in commands.values()),
-            cpu_seconds=float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]),
-        )
+        """The server's counters; on a Redis Cluster, the sum over its masters."""
+        calls = command_usec = 0
+        cpu_seconds = 0.0
+        for server in _masters(url):
+            with server as client:
+                commands: dict[str, Any] = client.info("commandstats")
+                cpu: dict[str, Any] = client.info("cpu")
+            calls += sum(int(c["calls"]) for c in commands.values())
+            command_usec += sum(int(c["usec"]) for c in commands.values())
+            cpu_seconds += float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+        return cls(calls=calls, command_usec=command_usec, cpu_seconds=cpu_seconds)
 
     def per_task(self, later: RedisCounters, tasks: int) -> dict[str, float]:
         n = max(tasks, 1)
@@ -68,6 +71,17 @@ class RedisCounters:
             "redis_command_usec_per_task": (later.command_usec - self.command_usec) / n,
             "redis_cpu_usec_per_task": (later.cpu_seconds - self.cpu_seconds) * 1e6 / n,
         }
+
+
+def _masters(url: str) -> list[redis.Redis]:
+    """A client for the server at `url`, or for every master of the cluster it belongs to."""
+    client = redis.Redis.from_url(url)
+    if not int(client.info("cluster").get("cluster_enabled", 0)):
+        return [client]
+    with client:
+        nodes: dict[str, dict[str, Any]] = client.cluster("NODES")
+    addresses = [name.split("@")[0] for name, node in nodes.items() if "master" in node["flags"]]
+    return [redis.Redis(host=a.rsplit(":", 1)[0], port=int(a.rsplit(":", 1)[1])) for a in addresses]
 
 
 @dataclass(frozen=True)
@@ -176,21 +190,19 @@ async def task_times(url: str, ids: Sequence[str]) -> list[tuple[float, float, f
     Read with pipelined HMGETs on the service's own key names: the queue's get() does one
     round trip per task, which on a busy two-core machine took longer than the run itself.
     """
-    settings = Settings(redis_url=url)
-    keys = Keys.from_settings(settings)
-    client = connect(settings)
+    queue = _queue(url)  # its key names, which differ on a Redis Cluster
     times: list[tuple[float, float, float]] = []
     try:
         for start in range(0, len(ids), READ_CHUNK):
-            async with client.pipeline(transaction=False) as pipe:
+            async with queue.redis.pipeline(transaction=False) as pipe:
                 for task_id in ids[start : start + READ_CHUNK]:
-                    pipe.hmget(keys.task(task_id), TIME_FIELDS)
+                    pipe.hmget(queue.keys.task(task_id), TIME_FIELDS)
                 rows = await pipe.execute()
             for status, created, started, finished in rows:
                 if status == TaskStatus.DONE and created and started and finished:
                     times.append((float(created), float(started), float(finished)))
     finally:
-        await client.aclose()
+        await queue.close()
     return times
 
 

@@ -85,3 +85,31 @@ def test_the_in_process_api_comparison_runs_both_apps_to_the_end() -> None:
         line = rf"^  {app} +[\d.]+ µs CPU per request +statuses \[200\]$"
         assert re.search(line, result.stdout, re.MULTILINE), result.stdout
     assert re.search(r"^  api extra +-?[\d.]+ µs", result.stdout, re.MULTILINE), result.stdout
+
+
+def test_the_cluster_section_measures_both_backends_and_memory_per_master(
+    wrk_binary: str, tmp_path: Path
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "loadtest.bench", "--sections", "cluster", "--tasks", "300",
+         "--api-seconds", "1", "--api-rounds", "1", "--cluster-memory-tasks", "200",
+         "--out", str(tmp_path)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )  # fmt: skip
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    cluster = json.loads((tmp_path / "bench.json").read_text())["cluster"]
+    runs = cluster["worker"]["runs"]
+    assert [runs[name]["completed"] for name in ("standalone", "cluster")] == [300, 300]
+    assert cluster["api"]["errors"] == 0, cluster["api"]
+    assert min(cluster["api"]["rps"].values()) > 0
+    memory = cluster["memory"]
+    assert memory["tasks"] == 200
+    assert len(memory["after"]) == 3  # every master, empty ones included
+    # Each task leaves its hash and its cached result on the master of its slot.
+    assert sum(master["keys"] for master in memory["after"].values()) >= 2 * 200
+    assert "Redis Cluster: memory per master" in (tmp_path / "bench.md").read_text()
