@@ -16,12 +16,12 @@ import os
 import random
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import redis
 from redis.crc import key_slot
 
+from .polling import poll
 from .ports import bindable
 from .redis_server import RedisServer
 
@@ -124,14 +124,14 @@ class RedisCluster:
     def wait_ok(self, timeout: float = 60.0) -> None:
         """Until every node reports cluster_state:ok with every slot served and every node
         known, and every replica's link to its master is up."""
-        deadline = time.monotonic() + timeout
         last = ""
-        while time.monotonic() < deadline:
+
+        def ready() -> bool:
+            nonlocal last
             last = self._not_ready()
-            if not last:
-                return
-            time.sleep(0.1)
-        raise RuntimeError(f"the cluster was not ready within {timeout}s: {last}")
+            return not last
+
+        poll(ready, timeout, 0.1, lambda: f"the cluster was not ready: {last}")
 
     def _not_ready(self) -> str:
         for node in self.nodes:

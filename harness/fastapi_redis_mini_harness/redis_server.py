@@ -7,6 +7,7 @@ kill and restart it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -18,6 +19,7 @@ from typing import Any
 
 import redis
 
+from .polling import poll
 from .ports import free_port
 
 REDIS_BINARY = "/usr/bin/redis-server"
@@ -90,22 +92,36 @@ class RedisServer:
         if self.password is not None:
             args += ["--requirepass", self.password]
         args += self.extra_args
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        client = redis.Redis(port=self.port, password=self.password, socket_connect_timeout=0.5)
-        while time.monotonic() < deadline:
-            try:
-                if client.ping():
-                    client.close()
-                    return
-            except redis.BusyLoadingError:
-                if not until_loaded:
-                    client.close()
-                    return
-                time.sleep(0.05)
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        raise RuntimeError(f"{self.binary} did not answer on port {self.port} in {timeout}s")
+        # Start-up errors (a bad option) go to the console before the log file exists.
+        with (self.data_dir / "console.log").open("ab") as console:
+            process = subprocess.Popen(args, stdout=console, stderr=subprocess.STDOUT)
+        self.process = process
+        with redis.Redis(
+            port=self.port, password=self.password, socket_connect_timeout=0.5
+        ) as client:
+
+            def answers() -> bool:
+                if process.poll() is not None:
+                    raise RuntimeError(
+                        f"{self.binary} on port {self.port} exited with {process.returncode}:\n"
+                        f"{self.log_tail()}"
+                    )
+                try:
+                    return bool(client.ping())
+                except redis.BusyLoadingError:  # a ConnectionError too: check it first
+                    return not until_loaded
+                except redis.ConnectionError:
+                    return False
+
+            poll(answers, timeout, 0.05, f"{self.binary} did not answer on port {self.port}")
+
+    def log_tail(self, lines: int = 20) -> str:
+        """The end of what the server wrote: on its console, then in its log file."""
+        written: list[str] = []
+        for name in ("console.log", "server.log"):
+            with contextlib.suppress(OSError):
+                written += (self.data_dir / name).read_text(errors="replace").splitlines()
+        return "\n".join(written[-lines:])
 
     def stop(self, *, kill: bool = False) -> None:
         if self.process is None:

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 import urllib.request
 import uuid
 from typing import Any
 
+from fastapi_redis_mini_harness.polling import poll
 from fastapi_redis_mini_harness.ports import free_port
 from fastapi_redis_mini_harness.processes import SERVICE_DEFAULTS, Process, Workspace, start_api
 
@@ -97,15 +97,15 @@ def warm_cache(api: Process) -> str:
     """Run the hit prompt once (a worker must be running); returns its finished task's id."""
     submitted = _post(api.base_url, HIT_BODY)
     task_id = str(submitted["task_id"])
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        record = _get(api.base_url, f"/tasks/{task_id}?wait=10")
-        if record["status"] == "DONE":
-            again = _post(api.base_url, HIT_BODY)
-            if not again.get("cached"):
-                raise RuntimeError(f"the warmed prompt is not served from the cache: {again}")
-            return task_id
-    raise RuntimeError("the warm-up task did not finish")
+
+    def done() -> bool:
+        return bool(_get(api.base_url, f"/tasks/{task_id}?wait=10")["status"] == "DONE")
+
+    poll(done, 60, 0, "the warm-up task did not finish")
+    again = _post(api.base_url, HIT_BODY)
+    if not again.get("cached"):
+        raise RuntimeError(f"the warmed prompt is not served from the cache: {again}")
+    return task_id
 
 
 def rps(result: dict[str, Any]) -> float:

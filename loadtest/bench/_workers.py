@@ -24,6 +24,7 @@ import redis
 from fastapi_redis_mini.core.models import TaskCreate, TaskStatus, request_signature
 from fastapi_redis_mini.core.redis import RedisTaskQueue, connect
 from fastapi_redis_mini.core.settings import Settings
+from fastapi_redis_mini_harness.polling import poll_async
 from fastapi_redis_mini_harness.processes import (
     SERVICE_DEFAULTS,
     Process,
@@ -171,17 +172,23 @@ async def enqueue_ours(url: str, tasks: int, label: str) -> list[str]:
 
 
 async def wait_idle(url: str, deadline: float) -> float:
-    """Poll the consumer group until nothing is undelivered or unacknowledged."""
+    """When the consumer group was first seen with nothing undelivered or unacknowledged
+    (time.perf_counter()), polled until `deadline` on that clock."""
     queue = _queue(url)
+
+    async def idle() -> float | None:
+        stats = await queue.stats()
+        return time.perf_counter() if stats.lag == 0 and stats.pending == 0 else None
+
     try:
-        while time.perf_counter() < deadline:
-            stats = await queue.stats()
-            if stats.lag == 0 and stats.pending == 0:
-                return time.perf_counter()
-            await asyncio.sleep(POLL_INTERVAL)
+        return await poll_async(
+            idle,
+            max(0.0, deadline - time.perf_counter()),
+            POLL_INTERVAL,
+            "the workers did not drain the queue",
+        )
     finally:
         await queue.close()
-    raise TimeoutError("the workers did not drain the queue in time")
 
 
 async def task_times(url: str, ids: Sequence[str]) -> list[tuple[float, float, float]]:
