@@ -19,6 +19,8 @@ from fastapi_redis_mini.core.queue import (
     FinishVerdict,
     Job,
     Outcome,
+    QueueBusy,
+    QueueState,
     StartVerdict,
     SubmitOutcome,
 )
@@ -301,3 +303,34 @@ async def test_fsync_acks_wait_on_the_disk_of_the_master_serving_the_slot(
                 client.config_set("appendonly", "no")
             finally:
                 client.close()
+
+
+async def test_replica_acks_on_a_slot_being_resharded_are_a_try_again(
+    redis_cluster_url: str, redis_cluster: LocalCluster
+) -> None:
+    settings = Settings(redis_url=redis_cluster_url, durable_acks="replica", log_format="text")
+    queue = RedisTaskQueue(connect(settings), settings)
+    slot = key_slot(queue.keys.stream.encode())
+    source = redis_cluster.master_of(queue.keys.stream)
+    roles = redis_cluster.roles()
+    target = next(n for n in redis_cluster.nodes if roles[n.port] == "master" and n != source)
+    with target.client() as client:
+        target_id = client.execute_command("CLUSTER", "MYID")
+    with source.client() as client:
+        # The first step of moving a slot: its master answers ASK for keys it does not hold.
+        client.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+    try:
+        with pytest.raises(QueueBusy) as refused:
+            await submit(queue, "while the slot moves")
+        assert refused.value.state is QueueState.TRY_AGAIN
+        assert f"slot {slot} is being moved" in str(refused.value)  # ASK, not a defect
+    finally:
+        with source.client() as client:
+            client.execute_command("CLUSTER", "SETSLOT", slot, "STABLE")
+        await queue.close()
+    # Once the slot is stable again, the same submit goes through.
+    queue = RedisTaskQueue(connect(settings), settings)
+    try:
+        assert (await submit(queue, "after the slot settled"))[1] == "queued"
+    finally:
+        await queue.close()
