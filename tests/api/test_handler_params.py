@@ -71,6 +71,11 @@ async def test_a_handlers_own_params_replace_the_simulators(make_client: ClientF
         assert wrong.json()["error"]["message"].startswith("params.target: ")
         extra = await submit(client, {"target": "de", "duration": 1})
         assert extra.json()["error"]["message"].startswith("params.duration: Extra inputs")
+        # A model that needs a parameter is asked about a submit without params too.
+        for body in ({"prompt": "hello", "params": {}}, {"prompt": "hello"}):
+            missing = await client.post("/tasks", json=body)
+            assert missing.status_code == 422, body
+            assert missing.json()["error"]["message"] == "params.target: Field required"
         assert (await submit(client, {"target": "fr"})).status_code == 202
 
 

@@ -13,6 +13,7 @@ from ..core.runtime import tune_gc
 from ..core.settings import Settings, get_settings
 from ..core.telemetry.logging import configure_logging
 from ..core.telemetry.tracing import configure_tracing, shutdown_tracing
+from ._limits import ParamsCheck
 from ._middleware import BodyLimitMiddleware, MetricsMiddleware
 from .deps import operation_id
 from .drain import DrainMiddleware, marker_path
@@ -33,12 +34,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     # Read before anything starts, so that a TASK_HANDLER the api cannot load stops it at once.
     params = handler_params(settings.task_handler)
+    check_params = ParamsCheck(params, settings.max_task_duration) if params else None
     tracing = configure_tracing(settings, "fastapi-redis-mini-api")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
-            async with ApiState.opened(settings, tracing=tracing, handler_params=params) as state:
+            async with ApiState.opened(
+                settings, tracing=tracing, check_params=check_params
+            ) as state:
                 app.state.api = state
                 yield
         finally:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import Request
-from pydantic import BaseModel, SecretStr
+from pydantic import SecretStr
 
 from ..core.queue import TaskQueue
 from ..core.redis import RedisTaskQueue, connect
@@ -82,13 +83,17 @@ class ApiState:
     api_keys: ApiKeys
     backlog: BacklogGate
     tracing: bool
-    # The Params model of TASK_HANDLER, which every submit's params must satisfy.
-    handler_params: type[BaseModel] | None
+    # Checks a submit's params with the Params model of TASK_HANDLER, if it declares one.
+    check_params: Callable[[dict[str, Any]], None] | None
 
     @classmethod
     @asynccontextmanager
     async def opened(
-        cls, settings: Settings, *, tracing: bool, handler_params: type[BaseModel] | None
+        cls,
+        settings: Settings,
+        *,
+        tracing: bool,
+        check_params: Callable[[dict[str, Any]], None] | None,
     ) -> AsyncIterator[ApiState]:
         """The state for the app's lifespan: the queue opened on entry and closed on exit."""
         queue = RedisTaskQueue(connect(settings), settings)
@@ -100,7 +105,7 @@ class ApiState:
                 api_keys=ApiKeys(settings.api_keys),
                 backlog=BacklogGate(settings.max_backlog),
                 tracing=tracing,
-                handler_params=handler_params,
+                check_params=check_params,
             )
         finally:
             await queue.close()

@@ -98,7 +98,7 @@ async def submit_task(request: Request) -> Response:
     scope = tenant_of(request, state.api_keys)
     task = await json_body(request, TaskCreate)
     idempotency_key = _idempotency_key(request)
-    check_task(task, state.settings, state.handler_params)
+    check_task(task, state.settings, state.check_params)
     await state.backlog.check(state.queue)
     return await _submit(state, task, scope, idempotency_key)
 
