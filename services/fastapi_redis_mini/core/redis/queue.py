@@ -421,7 +421,6 @@ class RedisTaskQueue:
 
     # -- the api side
 
-    @_translated
     async def submit(
         self,
         request: TaskCreate,
@@ -443,6 +442,9 @@ class RedisTaskQueue:
         )
         return await self._submit_coalescer(task)
 
+    # Translated once per batch rather than once per submit: the coalescer raises the batch's
+    # error in every submit of it.
+    @_translated
     async def _submit_many(self, tasks: Sequence[_NewTask]) -> list[Submitted]:
         s = self.settings
         # Quotas are per API key; without a key (scope "") there is nothing to count.
