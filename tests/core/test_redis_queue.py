@@ -251,8 +251,8 @@ async def test_a_submit_script_sent_again_stores_the_task_once(
                  "k" if i == 0 else None, "", None)
         for i in range(3)
     ]  # fmt: skip
-    first = await queue._submit_many(tasks)
-    again = await queue._submit_many(tasks)
+    first = await queue._submit_many(queue.keys, tasks)
+    again = await queue._submit_many(queue.keys, tasks)
     assert again == first
     assert [answer.outcome for answer in again] == [SubmitOutcome.QUEUED] * 3
     entries: list[tuple[str, dict[str, str]]] = await redis_client.xrange("task_stream")  # type: ignore[assignment]

@@ -11,8 +11,10 @@ from typing import Annotated, Any
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-# UUID4s in hex. The api answers 404, not 422, for an id that does not match: it names no task.
-TASK_ID_PATTERN = r"^[0-9a-f]{32}$"
+# A UUID4 in hex, after its partition's number and a dash when QUEUE_PARTITIONS is above 1
+# (core/redis/keys.py). The api answers 404, not 422, for an id that does not match: it names
+# no task.
+TASK_ID_PATTERN = r"^(?:[0-9]{1,3}-)?[0-9a-f]{32}$"
 TaskId = Annotated[str, StringConstraints(pattern=TASK_ID_PATTERN)]
 is_task_id = re.compile(TASK_ID_PATTERN).fullmatch
 

@@ -155,6 +155,10 @@ class QueueStats:
     oldest_undelivered_age: float = 0.0  # the oldest entry the group has not been handed
     oldest_pending_age: float = 0.0  # the oldest entry handed out and not yet acknowledged
     retry_size: int = 0  # tasks waiting out a retry backoff
+    partition: int | None = None  # which partition these figures are of, if of one
+    # With several partitions: the figures above are their sums (ages and consumers: the
+    # largest), and these are each partition's own.
+    partitions: tuple[QueueStats, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

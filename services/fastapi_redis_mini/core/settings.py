@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     # asks the server at start (INFO cluster's cluster_enabled); an unreachable server
     # counts as a single one, so set it for a cluster whose start may find Redis down.
     redis_cluster: Literal["auto", "true", "false"] = "auto"
+    # Partitions of the queue, each a stream with its tasks, cache entries and Idempotency-Keys
+    # under its own hash tag. Unset: 1 on a single server, 16 on a cluster (see redis/keys.py).
+    queue_partitions: int | None = Field(default=None, ge=1, le=256)
 
     # The worker
     max_concurrency: int = Field(default=5, ge=1, le=10000)
@@ -149,6 +152,11 @@ class Settings(BaseSettings):
                 "DURABLE_ACK_TIMEOUT must be below REDIS_SOCKET_TIMEOUT "
                 f"({self.durable_ack_timeout:g} >= {self.redis_socket_timeout:g}): the wait "
                 "is one Redis command"
+            )
+        if self.queue_partitions is not None and self.queue_partitions > 1 and self.quotas:
+            raise ValueError(
+                "QUEUE_PARTITIONS above 1 cannot be combined with SUBMIT_RATE_PER_KEY or "
+                "MAX_UNFINISHED_PER_KEY yet: a key's quota is counted in one partition"
             )
         return self
 

@@ -1,23 +1,42 @@
-"""Every Redis key name the service uses, built in one place."""
+"""Every Redis key name the service uses, built in one place: per partition, and the layout
+that says which partition a task, a submit or a task id belongs to."""
 
 from __future__ import annotations
 
+import re
+import uuid
+import zlib
 from dataclasses import dataclass
 
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
+
 from ..settings import Settings
+
+# On a cluster, enough partitions that every master of a 3- to 8-master cluster serves some,
+# and few enough that an idle worker's sweep of them all stays one small pipeline per node.
+CLUSTER_PARTITIONS = 16
+
+_PARTITIONED_ID = re.compile(r"^([0-9]{1,3})-([0-9a-f]{32})$")
 
 
 @dataclass(frozen=True, slots=True)
 class Keys:
-    """Key names under one prefix, so two deployments can share a Redis."""
+    """The key names of one partition, under one prefix, so two deployments can share a Redis.
+
+    `prefix` ends in the partition's hash tag on a cluster (and whenever there is more than
+    one partition), so every key of the partition shares one slot.
+    """
 
     prefix: str
     queue: str
     group: str
+    index: int = 0
 
     @classmethod
     def from_settings(cls, settings: Settings, *, cluster: bool = False) -> Keys:
-        """On a Redis Cluster every key starts with one hash tag, `{<prefix><queue>}:`, so all
+        """The keys of a deployment with a single partition.
+
+        On a Redis Cluster every key starts with one hash tag, `{<prefix><queue>}:`, so all
         of them share a slot: each script touches keys of that slot only. On a single server
         the names stay as they were, so no migration is needed."""
         prefix = settings.key_prefix
@@ -71,5 +90,91 @@ class Keys:
 
     @property
     def events(self) -> str:
-        """Pub/Sub channel announcing each task that reached a final status."""
+        """Pub/Sub channel announcing each task of the partition that reached a final status."""
         return f"{self.prefix}{self.queue}:events"
+
+    @property
+    def work(self) -> str:
+        """Pub/Sub channel announcing new entries in the partition's stream (partitions > 1)."""
+        return f"{self.prefix}{self.queue}:work"
+
+
+def partition_count(settings: Settings, *, cluster: bool) -> int:
+    """QUEUE_PARTITIONS, or its default: 1 on a single server (today's key names and task ids),
+    CLUSTER_PARTITIONS on a cluster, so the queue spreads over its masters. Per-key quotas
+    count in one place, so with them a cluster's default is 1 too."""
+    if settings.queue_partitions is not None:
+        return settings.queue_partitions
+    return CLUSTER_PARTITIONS if cluster and not settings.quotas else 1
+
+
+def _hash_tag(base: str, index: int, count: int) -> str:
+    """A hash tag for partition `index` whose slot lies in the index-th of `count` equal slot
+    ranges. A cluster made by `redis-cli --cluster create` gives each master one contiguous
+    range of slots, so partitions spaced evenly over the slots spread evenly over the masters,
+    whatever KEY_PREFIX and QUEUE_KEY are."""
+    low = index * REDIS_CLUSTER_HASH_SLOTS // count
+    high = (index + 1) * REDIS_CLUSTER_HASH_SLOTS // count
+    tag = f"{base}:{index}"
+    attempt = 0
+    while not low <= key_slot(tag.encode()) < high:
+        attempt += 1
+        tag = f"{base}:{index}.{attempt}"
+    return tag
+
+
+@dataclass(frozen=True, slots=True)
+class Partitions:
+    """The queue's partitions, and which one a task, a submit or a task id belongs to.
+
+    With one partition, key names and task ids are exactly those of an unpartitioned queue.
+    With more, partition i's keys all carry its own hash tag, and a task id names its
+    partition (`<i>-<32 hex>`), so a GET or DELETE goes straight to it.
+    """
+
+    all: tuple[Keys, ...]
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, cluster: bool = False) -> Partitions:
+        count = partition_count(settings, cluster=cluster)
+        if count == 1:
+            return cls((Keys.from_settings(settings, cluster=cluster),))
+        base = f"{settings.key_prefix}{settings.queue_key}"
+        return cls(
+            tuple(
+                Keys(
+                    prefix=f"{{{_hash_tag(base, index, count)}}}:",
+                    queue=settings.queue_key,
+                    group=settings.consumer_group,
+                    index=index,
+                )
+                for index in range(count)
+            )
+        )
+
+    def __len__(self) -> int:
+        return len(self.all)
+
+    def new_task_id(self, keys: Keys) -> str:
+        """122 random bits (UUID4), so task ids cannot be guessed; prefixed with the partition
+        when there are several."""
+        random_part = uuid.uuid4().hex
+        return random_part if len(self.all) == 1 else f"{keys.index}-{random_part}"
+
+    def of_task(self, task_id: str) -> Keys | None:
+        """The partition a task id names, or None when the id names none of these."""
+        if len(self.all) == 1:
+            return self.all[0] if "-" not in task_id else None
+        match = _PARTITIONED_ID.fullmatch(task_id)
+        if match is None or int(match[1]) >= len(self.all):
+            return None
+        return self.all[int(match[1])]
+
+    def of_submit(self, signature: str, scope: str, idempotency_key: str | None) -> Keys:
+        """Where a submit is decided: by its Idempotency-Key when it has one, so a key names
+        exactly one task whatever the bodies sent with it; otherwise by its signature, so the
+        cache lookup and the task it may create share one slot."""
+        if len(self.all) == 1:
+            return self.all[0]
+        routed_by = signature if idempotency_key is None else f"{scope}\0{idempotency_key}"
+        return self.all[zlib.crc32(routed_by.encode()) % len(self.all)]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import math
@@ -63,7 +64,7 @@ from ..queue import (
     Submitted,
 )
 from ..settings import Settings
-from .keys import Keys
+from .keys import Keys, Partitions
 
 log = logging.getLogger(__name__)
 
@@ -292,12 +293,23 @@ def _load_script(redis: Client, name: str) -> AsyncScript:
 
 
 class RedisTaskQueue:
-    """Tasks in `task:{id}` hashes, results in `cache:{signature}`, work in a consumer group."""
+    """Tasks in `task:{id}` hashes, results in `cache:{signature}`, work in a consumer group.
+
+    The keys form QUEUE_PARTITIONS partitions (see keys.Partitions), each with its own stream
+    under its own hash tag: every script call touches the keys of one partition, and a call
+    that concerns several partitions becomes one script call per partition, pipelined (a
+    cluster client sends each node its share of the pipeline at once).
+    """
 
     def __init__(self, redis: Client, settings: Settings) -> None:
         self.redis = redis
         self.settings = settings
-        self.keys = Keys.from_settings(settings, cluster=isinstance(redis, RedisCluster))
+        cluster = isinstance(redis, RedisCluster)
+        self.partitions = Partitions.from_settings(settings, cluster=cluster)
+        self.keys = self.partitions.all[0]  # the only partition's, with QUEUE_PARTITIONS=1
+        # Sharded pub/sub on a cluster: a message stays on the shard of its partition instead
+        # of being broadcast to every node.
+        self._publish = "SPUBLISH" if cluster else "PUBLISH"
         # One name per thing: `_<name>_script` runs lua/<name>.lua; `read()` alone is XREADGROUP.
         self._submit_script = _load_script(redis, "submit")
         self._start_script = _load_script(redis, "start")
@@ -310,8 +322,17 @@ class RedisTaskQueue:
         self._replay_script = _load_script(redis, "replay")
         self._prune_script = _load_script(redis, "prune_consumers")
         self._stats_script = _load_script(redis, "stats")
-        self._completions = _Completions(redis, self.keys.events)
-        self._claim_cursors: dict[str, str] = {}  # consumer -> where its XAUTOCLAIM scan is
+        self._read_group_script = _load_script(redis, "read_group")
+        events = [keys.events for keys in self.partitions.all]
+        self._completions = _Subscription(redis, events, sharded=cluster, name="completions")
+        # Workers of several partitions sleep until a submit announces new entries.
+        self._work_announced = _Subscription(
+            redis, [keys.work for keys in self.partitions.all], sharded=cluster, name="work"
+        )
+        # (consumer, partition) -> where its XAUTOCLAIM scan is
+        self._claim_cursors: dict[tuple[str, int], str] = {}
+        self._read_turn = 0  # the partition the next fair read starts at
+        self._claim_turn = 0
         wait_ms = int(settings.durable_ack_timeout * 1000)
         self._durable_wait: tuple[str | int, ...] | None = {
             "none": None,
@@ -322,8 +343,13 @@ class RedisTaskQueue:
         # to Redis together, one script call per batch (see Coalescer): submit() ->
         # _submit_coalescer -> _submit_many -> submit.lua; get() -> _get_coalescer ->
         # _get_many -> get_tasks.lua.
-        self._submit_coalescer = Coalescer(self._submit_many)
-        self._get_coalescer = Coalescer(self._get_many)
+        # One pair of coalescers per partition, so a batch is one script call in one slot.
+        self._submit_coalescers = [
+            Coalescer(functools.partial(self._submit_many, keys)) for keys in self.partitions.all
+        ]
+        self._get_coalescers = [
+            Coalescer(functools.partial(self._get_many, keys)) for keys in self.partitions.all
+        ]
 
     async def _call(self, script: AsyncScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """Run a script that records work acknowledged to someone; with DURABLE_ACKS, return
@@ -414,10 +440,53 @@ class RedisTaskQueue:
         await self._completions.start()
 
     async def close(self) -> None:
-        await self._submit_coalescer.close()
-        await self._get_coalescer.close()
+        for submits in self._submit_coalescers:
+            await submits.close()
+        for gets in self._get_coalescers:
+            await gets.close()
         await self._completions.close()
+        await self._work_announced.close()
         await self.redis.aclose()
+
+    async def _call_each(
+        self,
+        script: AsyncScript,
+        calls: Sequence[tuple[Sequence[str], Sequence[Any]]],
+        *,
+        durable: bool = False,
+    ) -> list[Any]:
+        """Run a script once per (keys, args), each call in one partition, in one pipeline.
+
+        A single call goes as it did before partitions. With `durable` (an acknowledgement),
+        DURABLE_ACKS' wait follows in the same pipeline: on a single server every call went
+        on its connection, so one wait covers them all.
+        """
+        if len(calls) == 1:
+            keys, args = calls[0]
+            if durable:
+                return [await self._call(script, keys, args)]
+            return [await script(keys=keys, args=args)]
+        wait = self._durable_wait if durable else None
+        for _ in range(2):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for keys, args in calls:
+                    # EVALSHA by name: a cluster pipeline refuses its evalsha() method.
+                    pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+                if wait is not None:
+                    pipe.execute_command(*wait)
+                replies = await pipe.execute(raise_on_error=False)
+            if any(isinstance(reply, NoScriptError) for reply in replies):
+                # A node without the script (a restart, a promoted replica): load it
+                # everywhere and run again; a call that did run is answered as then.
+                await self.redis.script_load(script.script)
+                continue
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+            if wait is not None:
+                self._check_confirmed(replies.pop())
+            return list(replies)
+        raise NoScriptError("the script vanished again right after it was loaded")
 
     # -- the api side
 
@@ -431,8 +500,9 @@ class RedisTaskQueue:
         traceparent: str = "",
         replacing: str | None = None,
     ) -> Submitted:
+        keys = self.partitions.of_submit(signature, scope, idempotency_key)
         task = _NewTask(
-            task_id=new_task_id(),
+            task_id=self.partitions.new_task_id(keys),
             request=request.canonical.decode(),
             signature=signature,
             scope=scope,
@@ -440,25 +510,25 @@ class RedisTaskQueue:
             traceparent=traceparent,
             replacing=replacing,
         )
-        return await self._submit_coalescer(task)
+        return await self._submit_coalescers[keys.index](task)
 
     # Translated once per batch rather than once per submit: the coalescer raises the batch's
     # error in every submit of it.
     @_translated
-    async def _submit_many(self, tasks: Sequence[_NewTask]) -> list[Submitted]:
+    async def _submit_many(self, partition: Keys, tasks: Sequence[_NewTask]) -> list[Submitted]:
         s = self.settings
         # Quotas are per API key; without a key (scope "") there is nothing to count.
         quotas = s.quotas
-        keys = [self.keys.stream]
+        keys = [partition.stream]
         batch = []
         for t in tasks:
             keys += (
-                self.keys.task(t.task_id),
-                self.keys.cache(t.signature, t.scope),
-                self.keys.idempotency(t.idempotency_key or "", t.scope),
+                partition.task(t.task_id),
+                partition.cache(t.signature, t.scope),
+                partition.idempotency(t.idempotency_key or "", t.scope),
             )
             if quotas:
-                keys += (self.keys.submit_quota(t.scope), self.keys.unfinished(t.scope))
+                keys += (partition.submit_quota(t.scope), partition.unfinished(t.scope))
             keyed: int | str = 0 if t.idempotency_key is None else (t.replacing or 1)
             batch.append((t.task_id, t.request, t.signature, t.scope, t.traceparent, keyed))
         reply = await self._call(
@@ -466,7 +536,8 @@ class RedisTaskQueue:
             keys,
             args=[repr(time.time()), s.cache_ttl, s.result_expiry, s.idempotency_ttl,
                   repr(s.submit_rate_per_key), s.submit_burst_per_key, s.max_unfinished_per_key,
-                  int(quotas), orjson.dumps(batch)],
+                  int(quotas), orjson.dumps(batch),
+                  partition.work if len(self.partitions) > 1 else "", self._publish],
         )  # fmt: skip
         submitted = []
         for outcome_name, task_id, result, tokens, reset_ms in reply:
@@ -483,7 +554,10 @@ class RedisTaskQueue:
 
     @_translated
     async def get(self, task_id: str, scope: str = "") -> Task | None:
-        fields = await self._get_coalescer(task_id)
+        partition = self.partitions.of_task(task_id)
+        if partition is None:
+            return None
+        fields = await self._get_coalescers[partition.index](task_id)
         if "status" not in fields or fields.get("scope", "") != scope:
             return None
         if "result" in fields:
@@ -491,8 +565,8 @@ class RedisTaskQueue:
         fields["task_id"] = task_id
         return Task.model_validate(fields)
 
-    async def _get_many(self, task_ids: Sequence[str]) -> list[dict[str, Any]]:
-        reply = await self._get_tasks_script(keys=[self.keys.task(t) for t in task_ids])
+    async def _get_many(self, partition: Keys, task_ids: Sequence[str]) -> list[dict[str, Any]]:
+        reply = await self._get_tasks_script(keys=[partition.task(t) for t in task_ids])
         tasks: list[dict[str, Any]] = orjson.loads(reply)
         return tasks
 
@@ -513,55 +587,85 @@ class RedisTaskQueue:
 
     @_translated
     async def cancel(self, task_id: str, scope: str = "") -> CancelOutcome:
+        partition = self.partitions.of_task(task_id)
+        if partition is None:
+            return CancelOutcome.NOT_FOUND
         # A cancel's 202 is an acknowledgement too: with DURABLE_ACKS it waits like a submit.
         reply = await self._call(
             self._cancel_script,
-            [self.keys.task(task_id), self.keys.unfinished(scope)],
-            args=[scope, repr(time.time()), self.keys.events, task_id],
+            [partition.task(task_id), partition.unfinished(scope)],
+            args=[scope, repr(time.time()), partition.events, task_id, self._publish],
         )
         return CancelOutcome(reply)
 
     @_translated
     async def stats(self) -> QueueStats:
-        reply = await self._stats_script(
-            keys=[self.keys.stream, self.keys.dead_letter, self.keys.retries],
-            args=[self.keys.group],
+        parts = self.partitions.all
+        replies = await self._call_each(
+            self._stats_script,
+            [([k.stream, k.dead_letter, k.retries], [k.group]) for k in parts],
         )
-        stats = orjson.loads(reply)
-        length, now_ms = int(stats["stream_length"]), int(stats["now_ms"])
+        each = tuple(
+            _partition_stats(keys, reply) for keys, reply in zip(parts, replies, strict=True)
+        )
+        if len(each) == 1:
+            return dataclasses.replace(each[0], partition=None)
         return QueueStats(
-            stream=self.keys.stream,
-            group=self.keys.group,
-            stream_length=length,
-            # Lag is undefined after deletions past the group's position; the stream length is
-            # then the safe upper bound.
-            lag=int(stats["lag"]) if int(stats["lag"]) >= 0 else length,
-            pending=int(stats["pending"]) if stats["group_found"] else 0,
-            dead_letter_length=int(stats["dead_letter_length"]),
-            consumers=int(stats["consumers"]),
-            oldest_undelivered_age=_age(stats["oldest_undelivered"], now_ms),
-            oldest_pending_age=_age(stats["oldest_pending"], now_ms),
-            retry_size=int(stats["retry_size"]),
+            stream=self.settings.queue_key,
+            group=self.settings.consumer_group,
+            stream_length=sum(p.stream_length for p in each),
+            lag=sum(p.lag for p in each),
+            pending=sum(p.pending for p in each),
+            dead_letter_length=sum(p.dead_letter_length for p in each),
+            # Every worker is a consumer of every partition's group.
+            consumers=max(p.consumers for p in each),
+            oldest_undelivered_age=max(p.oldest_undelivered_age for p in each),
+            oldest_pending_age=max(p.oldest_pending_age for p in each),
+            retry_size=sum(p.retry_size for p in each),
+            partitions=each,
         )
 
     @_translated
     async def check_writable(self) -> None:
         # A write, not a PING: a server that answers but refuses writes (OOM, READONLY,
-        # MISCONF, ...) can take neither a submit nor an outcome, so it is not ready.
-        await self.redis.set(self.keys.probe, "1", px=10_000)
+        # MISCONF, ...) can take neither a submit nor an outcome, so it is not ready. Every
+        # partition's, as on a cluster they sit on different masters.
+        if len(self.partitions) == 1:
+            await self.redis.set(self.keys.probe, "1", px=10_000)
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for keys in self.partitions.all:
+                pipe.set(keys.probe, "1", px=10_000)
+            await pipe.execute()
 
     # -- the worker side
 
     @_translated
     async def ensure_group(self) -> None:
-        try:
-            await self.redis.xgroup_create(self.keys.stream, self.keys.group, id="0", mkstream=True)
-        except ResponseError as error:
-            if "BUSYGROUP" not in str(error):
-                raise
+        for keys in self.partitions.all:
+            try:
+                await self.redis.xgroup_create(keys.stream, keys.group, id="0", mkstream=True)
+            except ResponseError as error:
+                if "BUSYGROUP" not in str(error):
+                    raise
 
     @_translated
     async def read(self, consumer: str, count: int, block_ms: int) -> list[Delivery]:
+        if len(self.partitions) == 1:
+            return await self._read_blocking(consumer, count, block_ms)
+        # A blocking read cannot wait on streams of several slots, so a worker reads every
+        # partition without blocking and, finding nothing, sleeps until a submit announces new
+        # entries (or block_ms passes: the announcement is only the fast path). The flag is
+        # cleared before the reads, so an announcement that comes during them is not missed.
+        await self._work_announced.start()
+        self._work_announced.clear()
+        deliveries = await self._read_fairly(consumer, count)
+        if deliveries:
+            return deliveries
+        await self._work_announced.wait(block_ms / 1000)
+        return await self._read_fairly(consumer, count)
+
+    async def _read_blocking(self, consumer: str, count: int, block_ms: int) -> list[Delivery]:
         try:
             reply: Any = await self.redis.xreadgroup(
                 self.keys.group, consumer, {self.keys.stream: ">"}, count=count, block=block_ms
@@ -576,17 +680,54 @@ class RedisTaskQueue:
             return []
         return _deliveries(reply[0][1])
 
+    async def _read_fairly(self, consumer: str, count: int) -> list[Delivery]:
+        async def read_group(shares: list[tuple[Keys, int]]) -> list[list[Delivery]]:
+            replies = await self._call_each(
+                self._read_group_script,
+                [([keys.stream], [keys.group, consumer, share]) for keys, share in shares],
+            )
+            return [
+                [Delivery(entry_id=r[i], task_id=r[i + 1]) for i in range(0, len(r), 2)]
+                for r in replies
+            ]
+
+        deliveries, self._read_turn = await _fair_share(
+            self.partitions.all, self._read_turn, count, read_group
+        )
+        return deliveries
+
     @_translated
     async def claim_idle(self, consumer: str, count: int) -> list[Delivery]:
         min_idle_ms = int(self.settings.claim_idle * 1000)
-        # The scan goes on where the last one stopped, so idle entries far down the pending
-        # list are reached too instead of waiting behind the first `count` live ones.
-        cursor = self._claim_cursors.get(consumer, "0-0")
-        reply = await self.redis.xautoclaim(
-            self.keys.stream, self.keys.group, consumer, min_idle_ms, cursor, count=count
+
+        async def claim(shares: list[tuple[Keys, int]]) -> list[list[Delivery]]:
+            # The scan goes on where the last one stopped, so idle entries far down the
+            # pending list are reached too instead of waiting behind the first live ones.
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for keys, share in shares:
+                    cursor = self._claim_cursors.get((consumer, keys.index), "0-0")
+                    pipe.xautoclaim(keys.stream, keys.group, consumer, min_idle_ms, cursor,
+                                    count=share)  # fmt: skip
+                replies = await pipe.execute()
+            claimed = []
+            for (keys, _), reply in zip(shares, replies, strict=True):
+                self._claim_cursors[(consumer, keys.index)] = reply[0]
+                claimed.append(_deliveries(reply[1]))
+            return claimed
+
+        deliveries, self._claim_turn = await _fair_share(
+            self.partitions.all, self._claim_turn, count, claim
         )
-        self._claim_cursors[consumer] = reply[0]
-        return _deliveries(reply[1])
+        return deliveries
+
+    def _by_partition(self, task_ids: Sequence[str]) -> dict[int, list[int]]:
+        """The positions of task_ids grouped by partition, in order; ids of none are left out."""
+        groups: dict[int, list[int]] = {}
+        for position, task_id in enumerate(task_ids):
+            keys = self.partitions.of_task(task_id)
+            if keys is not None:
+                groups.setdefault(keys.index, []).append(position)
+        return groups
 
     @_translated
     async def start(
@@ -595,19 +736,29 @@ class RedisTaskQueue:
         if not deliveries:
             return []
         now = time.time()
-        reply = await self._start_script(
-            keys=[self.keys.stream, self.keys.dead_letter,
-                  *(self.keys.task(d.task_id) for d in deliveries)],
-            # The batch travels as one JSON argument: encoding one string is far cheaper for
-            # the client than encoding hundreds of separate arguments.
-            args=[self.keys.group, consumer, repr(now), self.settings.max_deliveries,
-                  int(alone), orjson.dumps([(d.entry_id, d.task_id) for d in deliveries]),
-                  self.settings.result_expiry, self.keys.events,
-                  self.settings.dead_letter_maxlen],
-        )  # fmt: skip
+        groups = self._by_partition([d.task_id for d in deliveries])
+        calls = []
+        for index, positions in groups.items():
+            keys = self.partitions.all[index]
+            batch = [deliveries[i] for i in positions]
+            calls.append((
+                [keys.stream, keys.dead_letter, *(keys.task(d.task_id) for d in batch)],
+                # The batch travels as one JSON argument: encoding one string is far cheaper
+                # for the client than encoding hundreds of separate arguments.
+                [keys.group, consumer, repr(now), self.settings.max_deliveries, int(alone),
+                 orjson.dumps([(d.entry_id, d.task_id) for d in batch]),
+                 self.settings.result_expiry, keys.events, self.settings.dead_letter_maxlen,
+                 self._publish],
+            ))  # fmt: skip
+        rows: list[dict[str, Any]] = [{"verdict": "skip"}] * len(deliveries)
+        for positions, reply in zip(
+            groups.values(), await self._call_each(self._start_script, calls), strict=True
+        ):
+            for position, row in zip(positions, orjson.loads(reply), strict=True):
+                rows[position] = row
         jobs = []
         ended: list[Job] = []
-        for d, row in zip(deliveries, orjson.loads(reply), strict=True):
+        for d, row in zip(deliveries, rows, strict=True):
             verdict = StartVerdict(row["verdict"])
             job = Job(entry_id=d.entry_id, task_id=d.task_id, verdict=verdict, started_at=now)
             if verdict in (StartVerdict.DEAD, StartVerdict.CANCELLED):
@@ -632,7 +783,8 @@ class RedisTaskQueue:
 
         start.lua cannot: the set's name follows from the task's scope, which the script only
         learns by reading the task. Best effort, and rare (a dead letter, or a cancel that
-        outlived its worker): an entry left behind still drops out at RESULT_EXPIRY.
+        outlived its worker): an entry left behind still drops out at RESULT_EXPIRY. (Quotas
+        come with a single partition, whose keys these are.)
         """
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
@@ -646,86 +798,131 @@ class RedisTaskQueue:
     async def finish(self, consumer: str, finishes: Sequence[Finish]) -> list[FinishVerdict]:
         if not finishes:
             return []
-        keys = [self.keys.stream, self.keys.retries]
-        batch = []
-        for f in finishes:
-            job = f.job
-            keys += (
-                self.keys.task(job.task_id),
-                self.keys.cache(job.signature, job.scope),
-                self.keys.unfinished(job.scope),
-            )
-            payload = f.result.decode() if f.outcome is Outcome.DONE else (f.error or "")
-            batch.append((job.entry_id, job.task_id, f.outcome.value, payload, f.due_at))
-        reply = await self._call(
-            self._finish_script,
-            keys,
-            args=[self.keys.group, consumer, repr(time.time()), self.settings.cache_ttl,
-                  self.keys.events, self.settings.result_expiry, orjson.dumps(batch)],
-        )  # fmt: skip
-        return [FinishVerdict(v) for v in reply]
+        groups = self._by_partition([f.job.task_id for f in finishes])
+        calls = []
+        now = repr(time.time())
+        for index, positions in groups.items():
+            p = self.partitions.all[index]
+            keys = [p.stream, p.retries]
+            batch = []
+            for f in (finishes[i] for i in positions):
+                job = f.job
+                keys += (p.task(job.task_id), p.cache(job.signature, job.scope),
+                         p.unfinished(job.scope))  # fmt: skip
+                payload = f.result.decode() if f.outcome is Outcome.DONE else (f.error or "")
+                batch.append((job.entry_id, job.task_id, f.outcome.value, payload, f.due_at))
+            calls.append((
+                keys,
+                [p.group, consumer, now, self.settings.cache_ttl, p.events,
+                 self.settings.result_expiry, orjson.dumps(batch), self._publish],
+            ))  # fmt: skip
+        verdicts = [FinishVerdict.LOST] * len(finishes)
+        replies = await self._call_each(self._finish_script, calls, durable=True)
+        for positions, reply in zip(groups.values(), replies, strict=True):
+            for position, verdict in zip(positions, reply, strict=True):
+                verdicts[position] = FinishVerdict(verdict)
+        return verdicts
 
     @_translated
     async def keep_alive(self, consumer: str, jobs: Sequence[Job]) -> list[str]:
         if not jobs:
             return []
-        reply = await self._keep_alive_script(
-            keys=[self.keys.stream, *(self.keys.task(j.task_id) for j in jobs)],
-            args=[self.keys.group, consumer, *(j.entry_id for j in jobs)],
-        )
-        return list(reply)
+        groups = self._by_partition([j.task_id for j in jobs])
+        calls = []
+        for index, positions in groups.items():
+            keys = self.partitions.all[index]
+            calls.append((
+                [keys.stream, *(keys.task(jobs[i].task_id) for i in positions)],
+                [keys.group, consumer, *(jobs[i].entry_id for i in positions)],
+            ))  # fmt: skip
+        answers = ["lost"] * len(jobs)
+        replies = await self._call_each(self._keep_alive_script, calls)
+        for positions, reply in zip(groups.values(), replies, strict=True):
+            for position, answer in zip(positions, reply, strict=True):
+                answers[position] = answer
+        return answers
 
     @_translated
     async def promote_due_retries(self, limit: int) -> int:
         # Two round trips, once per maintenance pass: the script must name each task's key,
         # so the due ids are read first. The script checks again that each is still due.
         now = repr(time.time())
-        due: list[str] = await self.redis.zrangebyscore(  # type: ignore[assignment]
-            self.keys.retries, "-inf", now, start=0, num=limit
-        )
-        if not due:
+        parts = self.partitions.all
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for keys in parts:
+                pipe.zrangebyscore(keys.retries, "-inf", now, start=0, num=limit)
+            due_per_partition: list[list[str]] = await pipe.execute()
+        calls = [
+            ([keys.retries, keys.stream, *map(keys.task, due)], [now, *due])
+            for keys, due in zip(parts, due_per_partition, strict=True)
+            if due
+        ]
+        if not calls:
             return 0
-        return int(
-            await self._promote_script(
-                keys=[self.keys.retries, self.keys.stream, *map(self.keys.task, due)],
-                args=[now, *due],
-            )
-        )
+        return sum(int(n) for n in await self._call_each(self._promote_script, calls))
 
     @_translated
     async def trim(self) -> int:
-        removed = int(await self._trim_script(keys=[self.keys.stream]))
-        await self._prune_script(
-            keys=[self.keys.stream], args=[self.keys.group, "", _IDLE_CONSUMER_MS]
+        parts = self.partitions.all
+        removed = await self._call_each(self._trim_script, [([k.stream], []) for k in parts])
+        await self._call_each(
+            self._prune_script, [([k.stream], [k.group, "", _IDLE_CONSUMER_MS]) for k in parts]
         )
-        return removed
+        return sum(int(n) for n in removed)
 
     @_translated
     async def leave(self, consumer: str) -> None:
-        await self._prune_script(
-            keys=[self.keys.stream], args=[self.keys.group, consumer, _IDLE_CONSUMER_MS]
+        await self._call_each(
+            self._prune_script,
+            [([k.stream], [k.group, consumer, _IDLE_CONSUMER_MS]) for k in self.partitions.all],
         )
 
     # -- operators
 
+    def _dead_letter_id(self, keys: Keys, entry_id: str) -> str:
+        """An entry id of a dead-letter stream, naming its partition when there are several."""
+        return entry_id if len(self.partitions) == 1 else f"{keys.index}/{entry_id}"
+
     @_translated
     async def dead_letters(self, count: int) -> list[DeadLetter]:
-        entries: list[tuple[str, dict[str, str]]] = await self.redis.xrange(  # type: ignore[assignment]
-            self.keys.dead_letter, count=count
-        )
-        return [
-            DeadLetter(entry_id=entry_id, task_id=fields.get("task_id", ""), fields=fields)
-            for entry_id, fields in entries
-        ]
+        letters: list[DeadLetter] = []
+        for keys in self.partitions.all:
+            if len(letters) >= count:
+                break
+            entries: list[tuple[str, dict[str, str]]] = await self.redis.xrange(  # type: ignore[assignment]
+                keys.dead_letter, count=count - len(letters)
+            )
+            letters += [
+                DeadLetter(
+                    entry_id=self._dead_letter_id(keys, entry_id),
+                    task_id=fields.get("task_id", ""),
+                    fields=fields,
+                )
+                for entry_id, fields in entries
+            ]
+        return letters
 
     @_translated
     async def replay_dead_letters(self, entry_ids: Sequence[str]) -> int:
-        if not entry_ids:
-            return 0
+        # "<partition>/<entry id>" with several partitions (see _dead_letter_id).
+        several = len(self.partitions) > 1
+        per_partition: dict[int, list[str]] = {}
+        for entry_id in entry_ids:
+            named, _, stream_id = entry_id.rpartition("/")
+            if not several and not named:
+                per_partition.setdefault(0, []).append(stream_id)
+            elif several and named.isdigit() and int(named) < len(self.partitions):
+                per_partition.setdefault(int(named), []).append(stream_id)
+        replayed = 0
+        for index, stream_ids in per_partition.items():
+            replayed += await self._replay(self.partitions.all[index], stream_ids)
+        return replayed
+
+    async def _replay(self, keys: Keys, entry_ids: Sequence[str]) -> int:
         found = []
         for entry_id in entry_ids:
             entries: list[tuple[str, dict[str, str]]] = await self.redis.xrange(  # type: ignore[assignment]
-                self.keys.dead_letter, entry_id, entry_id
+                keys.dead_letter, entry_id, entry_id
             )
             if entries:
                 found.append((entry_id, entries[0][1].get("task_id", "")))
@@ -734,9 +931,9 @@ class RedisTaskQueue:
         return int(
             await self._replay_script(
                 keys=[
-                    self.keys.dead_letter,
-                    self.keys.stream,
-                    *(self.keys.task(task_id) for _, task_id in found),
+                    keys.dead_letter,
+                    keys.stream,
+                    *(keys.task(task_id) for _, task_id in found),
                 ],
                 args=[*(e for e, _ in found), *(t for _, t in found)],
             )
@@ -770,6 +967,59 @@ async def _pipeline_on(
             # Mid-failover the nodes may not agree yet; the next call asks again.
             await cluster.nodes_manager.initialize(last_failed_node_name=node.name)
         raise
+def _partition_stats(keys: Keys, reply: str) -> QueueStats:
+    stats = orjson.loads(reply)
+    length, now_ms = int(stats["stream_length"]), int(stats["now_ms"])
+    return QueueStats(
+        stream=keys.stream,
+        group=keys.group,
+        stream_length=length,
+        # Lag is undefined after deletions past the group's position; the stream length is
+        # then the safe upper bound.
+        lag=int(stats["lag"]) if int(stats["lag"]) >= 0 else length,
+        pending=int(stats["pending"]) if stats["group_found"] else 0,
+        dead_letter_length=int(stats["dead_letter_length"]),
+        consumers=int(stats["consumers"]),
+        oldest_undelivered_age=_age(stats["oldest_undelivered"], now_ms),
+        oldest_pending_age=_age(stats["oldest_pending"], now_ms),
+        retry_size=int(stats["retry_size"]),
+        partition=keys.index,
+    )
+
+
+async def _fair_share(
+    partitions: Sequence[Keys],
+    turn: int,
+    count: int,
+    fetch: Callable[[list[tuple[Keys, int]]], Awaitable[list[list[Delivery]]]],
+) -> tuple[list[Delivery], int]:
+    """Up to `count` deliveries taken fairly from every partition; returns them and the turn
+    to start at next time.
+
+    Each round asks the partitions not asked yet, starting at `turn`, for an equal share of
+    what is still wanted (one pipelined call per round); once every partition was asked, the
+    ones that gave their whole share are asked for the rest. So no partition waits behind the
+    backlog of another: with fewer wanted than there are partitions, successive calls go round
+    them in turn, and with more, each gets its share first.
+    """
+    n = len(partitions)
+    unasked = [partitions[(turn + i) % n] for i in range(n)]
+    first_round = min(count, n)
+    fuller: list[Keys] = []
+    found: list[Delivery] = []
+    while len(found) < count and (unasked or fuller):
+        wanted = count - len(found)
+        if unasked:
+            asked, unasked = unasked[:wanted], unasked[wanted:]
+        else:
+            asked, fuller = fuller[:wanted], fuller[wanted:]
+        base, extra = divmod(wanted, len(asked))
+        shares = [(keys, base + (i < extra)) for i, keys in enumerate(asked)]
+        for (keys, share), got in zip(shares, await fetch(shares), strict=True):
+            found += got
+            if len(got) >= share:
+                fuller.append(keys)
+    return found, (turn + (first_round if first_round < n else 1)) % n
 
 
 def _deliveries(entries: Sequence[Any]) -> list[Delivery]:
@@ -781,21 +1031,37 @@ def _deliveries(entries: Sequence[Any]) -> list[Delivery]:
     ]
 
 
-class _Completions:
-    """One Pub/Sub subscription per process that wakes the long-polls waiting on a task."""
+class _Subscription:
+    """One Pub/Sub subscription per process to a set of channels (one per partition).
 
-    def __init__(self, redis: Client, channel: str) -> None:
+    It wakes the long-polls waiting on a task (`watch`; messages carry task ids) or a worker
+    waiting for new entries (`wait`). On a cluster the channels are shard channels
+    (SSUBSCRIBE), each on the master of its partition.
+    """
+
+    def __init__(self, redis: Client, channels: Sequence[str], *, sharded: bool, name: str) -> None:
         self._redis = redis
-        self._channel = channel
+        self._channels = list(channels)
+        self._sharded = sharded
+        self._name = name
         self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._announced = asyncio.Event()
         self._listener: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
 
     async def start(self) -> None:
         if self._listener is None:
-            self._listener = asyncio.create_task(self._listen(), name="task-completions")
+            self._listener = asyncio.create_task(self._listen(), name=f"{self._name}-listener")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._subscribed.wait(), 5.0)
+
+    def clear(self) -> None:
+        self._announced.clear()
+
+    async def wait(self, seconds: float) -> None:
+        """Return once a message came since the last clear(), or after `seconds`."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._subscribed.wait(), 5.0)
+            await asyncio.wait_for(self._announced.wait(), seconds)
 
     @contextlib.asynccontextmanager
     async def watch(self, task_id: str) -> AsyncIterator[asyncio.Event]:
@@ -812,6 +1078,13 @@ class _Completions:
                 if not events:
                     del self._waiters[task_id]
 
+    def _heard(self, data: str) -> None:
+        self._announced.set()
+        if self._waiters:
+            for task_id in data.split():
+                for event in self._waiters.get(task_id, ()):
+                    event.set()
+
     async def _listen(self) -> None:
         backoff = 0.1
         while True:
@@ -821,23 +1094,32 @@ class _Completions:
                     # A cluster client learns the slots on its first command; the pub/sub
                     # needs them to pick a node, and may come first.
                     await self._redis.initialize()
-                await pubsub.subscribe(self._channel)
+                if self._sharded:
+                    await pubsub.ssubscribe(*self._channels)
+                else:
+                    await pubsub.subscribe(*self._channels)
                 self._subscribed.set()
                 backoff = 0.1
                 while True:
-                    message = await pubsub.get_message(timeout=1.0)
-                    if message is not None:
-                        for task_id in message["data"].split():
-                            for event in self._waiters.get(task_id, ()):
-                                event.set()
+                    if self._sharded:
+                        # The cluster's pub/sub polls each node's connection in turn, for the
+                        # timeout each: a short one keeps every shard's messages prompt.
+                        message = await pubsub.get_sharded_message(  # type: ignore[attr-defined]
+                            ignore_subscribe_messages=True, timeout=0.05
+                        )
+                    else:
+                        message = await pubsub.get_message(timeout=1.0)
+                    if message is not None and message["type"] in ("message", "smessage"):
+                        self._heard(message["data"])
             except Exception as error:
                 # Whatever went wrong, subscribing again is all there is to do, so this loop
-                # never ends on its own; meanwhile long-polls read the task every 5 s.
+                # never ends on its own; meanwhile long-polls read the task every 5 s, and
+                # workers read every partition once a second.
                 self._subscribed.clear()
                 if isinstance(error, (RedisError, RedisClusterException)):
-                    log.warning("completions subscription failed (%s); retrying", error)
+                    log.warning("%s subscription failed (%s); retrying", self._name, error)
                 else:
-                    log.exception("completions listener failed; subscribing again")
+                    log.exception("%s listener failed; subscribing again", self._name)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
             finally:

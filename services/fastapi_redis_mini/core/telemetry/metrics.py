@@ -9,6 +9,8 @@ The queue-depth gauges are not kept here: they are read from Redis at scrape tim
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
@@ -64,26 +66,43 @@ class QueueStateCollector(Collector):
         )
         if self.stats is None:
             return [up]
-        stats, labels = self.stats, [self.stats.stream, self.stats.group]
+        stats = self.stats
         families = [up]
-        for name, doc, value in (
-            ("stream_length", "Entries in the task stream (XLEN).", stats.stream_length),
-            ("stream_lag", "Entries not yet delivered to the consumer group.", stats.lag),
-            ("stream_pending", "Entries delivered but not yet acknowledged.", stats.pending),
-            ("dead_letter_length", "Entries in the dead-letter stream.", stats.dead_letter_length),
-            ("stream_consumers", "Consumers registered in the consumer group.", stats.consumers),
-            ("retry_set_size", "Tasks waiting out a retry backoff.", stats.retry_size),
-            ("stream_oldest_undelivered_age_seconds",
-             "Age of the oldest entry not yet delivered to the group; 0 when none waits.",
-             stats.oldest_undelivered_age),
-            ("stream_oldest_pending_age_seconds",
-             "Age of the oldest entry delivered and not yet acknowledged; 0 when none.",
-             stats.oldest_pending_age),
-        ):  # fmt: skip
+        for name, doc, value_of in _QUEUE_GAUGES:
             family = GaugeMetricFamily(f"{NAMESPACE}_{name}", doc, labels=["stream", "group"])
-            family.add_metric(labels, value)
+            family.add_metric([stats.stream, stats.group], value_of(stats))
             families.append(family)
+        if stats.partitions:
+            # Per partition under their own names, so a sum over a gauge above never counts
+            # a task twice.
+            for name, doc, value_of in _QUEUE_GAUGES:
+                family = GaugeMetricFamily(
+                    f"{NAMESPACE}_partition_{name}",
+                    f"{doc} One partition's.",
+                    labels=["stream", "group", "partition"],
+                )
+                for part in stats.partitions:
+                    family.add_metric([stats.stream, stats.group, str(part.partition)],
+                                      value_of(part))  # fmt: skip
+                families.append(family)
         return families
+
+
+_QUEUE_GAUGES: tuple[tuple[str, str, Callable[[QueueStats], float]], ...] = (
+    ("stream_length", "Entries in the task stream (XLEN).", lambda s: s.stream_length),
+    ("stream_lag", "Entries not yet delivered to the consumer group.", lambda s: s.lag),
+    ("stream_pending", "Entries delivered but not yet acknowledged.", lambda s: s.pending),
+    ("dead_letter_length", "Entries in the dead-letter stream.",
+     lambda s: s.dead_letter_length),
+    ("stream_consumers", "Consumers registered in the consumer group.", lambda s: s.consumers),
+    ("retry_set_size", "Tasks waiting out a retry backoff.", lambda s: s.retry_size),
+    ("stream_oldest_undelivered_age_seconds",
+     "Age of the oldest entry not yet delivered to the group; 0 when none waits.",
+     lambda s: s.oldest_undelivered_age),
+    ("stream_oldest_pending_age_seconds",
+     "Age of the oldest entry delivered and not yet acknowledged; 0 when none.",
+     lambda s: s.oldest_pending_age),
+)  # fmt: skip
 
 
 def render(multiprocess_dir: str | None, extra: Collector | None = None) -> tuple[bytes, str]:

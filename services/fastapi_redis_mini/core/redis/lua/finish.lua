@@ -4,13 +4,14 @@
 -- A final outcome also takes the task off its API key's set of unfinished tasks.
 -- KEYS: stream, retries, (task_i, cache_i, unfinished_i) for each outcome
 -- ARGV: group, consumer, now, cache_ttl, events_channel, result_expiry,
---       JSON [[entry_id, task_id, outcome, payload, due_at], ..]
+--       JSON [[entry_id, task_id, outcome, payload, due_at], ..], publish command
 -- Returns per outcome: 'written', 'stale' or 'lost'
 local stream, retries = KEYS[1], KEYS[2]
 local group, consumer, now, channel = ARGV[1], ARGV[2], ARGV[3], ARGV[5]
 local cache_ttl = tonumber(ARGV[4])
 local result_expiry = tonumber(ARGV[6])
 local batch = cjson.decode(ARGV[7])
+local publish = ARGV[8]
 local out, acks, finished = {}, {}, {}
 
 for i, item in ipairs(batch) do
@@ -64,6 +65,6 @@ if #acks > 0 then
 end
 if #finished > 0 then
   -- One message per batch: long-polls split it on spaces.
-  redis.call('PUBLISH', channel, table.concat(finished, ' '))
+  redis.call(publish, channel, table.concat(finished, ' '))
 end
 return out

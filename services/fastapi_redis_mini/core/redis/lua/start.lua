@@ -8,7 +8,8 @@
 -- expire while it runs; a task that becomes final here is announced like finish.lua does.
 -- KEYS: stream, dead_letter, task_1 .. task_n
 -- ARGV: group, consumer, now, max_deliveries, alone (1: the worker runs this batch alone),
---       JSON [[entry_1, task_id_1], ..], result_expiry, events_channel, dead_letter_maxlen
+--       JSON [[entry_1, task_id_1], ..], result_expiry, events_channel, dead_letter_maxlen,
+--       publish command (PUBLISH, or SPUBLISH on a cluster)
 -- Returns: the JSON array, one object per delivery in order: {verdict, request, signature, scope,
 --   traceparent, created_at, attempts} to run ('run'; request is the request's JSON as a
 --   string); {verdict, scope} for a task ended here ('cancelled', 'dead'); {verdict} otherwise
@@ -17,7 +18,7 @@ local group, consumer, now = ARGV[1], ARGV[2], ARGV[3]
 local max_deliveries = tonumber(ARGV[4])
 local alone = ARGV[5] == '1'
 local batch = cjson.decode(ARGV[6])
-local result_expiry, channel, dead_maxlen = ARGV[7], ARGV[8], ARGV[9]
+local result_expiry, channel, dead_maxlen, publish = ARGV[7], ARGV[8], ARGV[9], ARGV[10]
 local out, acks, finished = {}, {}, {}
 
 for i, delivery in ipairs(batch) do
@@ -61,6 +62,6 @@ if #acks > 0 then
   redis.call('XACK', stream, group, unpack(acks))
 end
 if #finished > 0 then
-  redis.call('PUBLISH', channel, table.concat(finished, ' '))
+  redis.call(publish, channel, table.concat(finished, ' '))
 end
 return cjson.encode(out)

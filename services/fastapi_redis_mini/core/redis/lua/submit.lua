@@ -11,7 +11,8 @@
 -- KEYS: stream, then per task: task, cache, idempotency[, quota bucket, unfinished set]
 -- ARGV: now, cache_ttl, result_expiry, idempotency_ttl, rate (tokens a second; 0: none),
 --       burst, max_unfinished (0: none), quota_keys (1: KEYS carry the two quota keys),
---       JSON [[task_id, request, signature, scope, trace, idempotency], ..]
+--       JSON [[task_id, request, signature, scope, trace, idempotency], ..],
+--       work_channel (announces new entries; "" with a single partition), publish command
 --       where idempotency is 0 (no key), 1 (a key), or the id of a task the caller found gone
 --       that the key may still point at (then the key is taken over for this task)
 -- Returns per task: {outcome, task_id, result, tokens_left, reset_ms}, outcome one of
@@ -23,6 +24,8 @@ local stream, now, cache_ttl, result_expiry, idempotency_ttl =
 local rate, burst, max_unfinished = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local stride = ARGV[8] == '1' and 5 or 3
 local batch = cjson.decode(ARGV[9])
+local work_channel, publish = ARGV[10], ARGV[11]
+local queued = 0
 local out = {}
 local now_ms = nil
 
@@ -59,7 +62,7 @@ local function cached_result(cache)
   if not value then
     return false, nil, 0
   end
-  local id, expires_at, at = string.match(value, '^(%x+):(%d+):()')
+  local id, expires_at, at = string.match(value, '^([%x%-]+):(%d+):()')
   local left = expires_at and tonumber(expires_at) - math.floor(clock() / 1000) or 0
   if left < 1 then
     return false, nil, 0
@@ -118,6 +121,7 @@ for i, task in ipairs(batch) do
           'scope', scope, 'cache_key', cache, 'created_at', now, 'trace', trace,
           'attempts', '0', 'deliveries', '0')
         redis.call('XADD', stream, '*', 'task_id', task_id)
+        queued = queued + 1
         if max_unfinished > 0 then
           -- Scored by when the task expires, so one that never finishes stops counting then.
           redis.call('ZADD', unfinished, clock() + result_expiry * 1000, task_id)
@@ -132,5 +136,8 @@ for i, task in ipairs(batch) do
       end
     end
   end
+end
+if queued > 0 and work_channel ~= '' then
+  redis.call(publish, work_channel, queued)
 end
 return out
