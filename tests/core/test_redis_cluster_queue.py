@@ -290,7 +290,9 @@ async def test_fsync_acks_wait_on_the_disk_of_the_master_serving_the_slot(
     queue = RedisTaskQueue(connect(settings), settings)
     try:
         assert await check_durable_acks(settings) is None
-        master = redis_cluster.master_of(queue.keys.stream)
+        on_disk = TaskCreate(prompt="on disk", params={})
+        partition = queue.partitions.of_submit(request_signature(on_disk), "", None)
+        master = redis_cluster.master_of(partition.stream)
         client = master.client()
         try:
             before = int(client.info("commandstats").get("cmdstat_waitaof", {"calls": 0})["calls"])
@@ -315,8 +317,10 @@ async def test_replica_acks_on_a_slot_being_resharded_are_a_try_again(
 ) -> None:
     settings = Settings(redis_url=redis_cluster_url, durable_acks="replica", log_format="text")
     queue = RedisTaskQueue(connect(settings), settings)
-    slot = key_slot(queue.keys.stream.encode())
-    source = redis_cluster.master_of(queue.keys.stream)
+    moving = TaskCreate(prompt="while the slot moves", params={})
+    partition = queue.partitions.of_submit(request_signature(moving), "", None)
+    slot = key_slot(partition.stream.encode())
+    source = redis_cluster.master_of(partition.stream)
     roles = redis_cluster.roles()
     target = next(n for n in redis_cluster.nodes if roles[n.port] == "master" and n != source)
     with target.client() as client:
@@ -339,3 +343,39 @@ async def test_replica_acks_on_a_slot_being_resharded_are_a_try_again(
         assert (await submit(queue, "after the slot settled"))[1] == "queued"
     finally:
         await queue.close()
+
+
+async def test_the_partitions_spread_tasks_over_every_master(
+    cluster_queue: RedisTaskQueue, redis_cluster: LocalCluster
+) -> None:
+    queue = cluster_queue
+    assert len(queue.partitions) == 16  # a cluster's default
+    wanted = set(range(16))
+    n = 0
+    while wanted:  # one task in each partition
+        task = TaskCreate(prompt=f"spread {n}", params={})
+        n += 1
+        index = queue.partitions.of_submit(request_signature(task), "", None).index
+        if index in wanted:
+            wanted.discard(index)
+            await queue.submit(task, signature=request_signature(task))
+    tasks_per_master = []
+    for node in redis_cluster.nodes:
+        if redis_cluster.roles()[node.port] != "master":
+            continue
+        client = node.client()
+        try:
+            tasks_per_master.append(len(client.keys("*task:*")))
+        finally:
+            client.close()
+    assert sorted(tasks_per_master) == [5, 5, 6]
+    # A worker reads all of them, fairly, from every node in one call.
+    deliveries = await queue.read(CONSUMER, count=100, block_ms=100)
+    assert len({d.task_id.partition("-")[0] for d in deliveries}) == 16
+    jobs = await queue.start(CONSUMER, deliveries)
+    finishes = [Finish(j, Outcome.DONE, result=orjson.dumps(1)) for j in jobs]
+    assert await queue.finish(CONSUMER, finishes) == [FinishVerdict.WRITTEN] * 16
+    stats = await queue.stats()
+    assert (stats.stream_length, stats.lag, stats.pending, len(stats.partitions)) == (16, 0, 0, 16)
+    assert await queue.trim() >= 0
+    await queue.leave(CONSUMER)

@@ -12,6 +12,8 @@ import httpx
 import pytest
 from redis.crc import key_slot
 
+from fastapi_redis_mini.core.redis.keys import Partitions
+from fastapi_redis_mini.core.settings import Settings
 from fastapi_redis_mini_harness.processes import Process, start_api, start_worker
 from fastapi_redis_mini_harness.redis_cluster import RedisCluster
 
@@ -59,17 +61,23 @@ def test_tasks_run_to_done_and_hit_the_cache_on_a_cluster(
     )
     assert stats.returncode == 0, stats.stderr
     figures = json.loads(stats.stdout)
-    assert figures["stream"] == "{task_stream}:task_stream"
+    # Summed over the 16 partitions of a cluster's default, and shown for each.
+    assert figures["stream"] == "task_stream"
     assert (figures["lag"], figures["pending"], figures["dead_letter_length"]) == (0, 0, 0)
+    assert figures["stream_length"] == sum(p["stream_length"] for p in figures["partitions"])
+    partitions = Partitions.from_settings(Settings(), cluster=True)
+    assert [p["stream"] for p in figures["partitions"]] == [k.stream for k in partitions.all]
 
-    # Everything the service wrote sits in the slot of its one hash tag, on one master.
-    slot = key_slot(b"{task_stream}")
+    # Everything the service wrote sits in the slot of one partition's hash tag, and every
+    # master holds partitions: each master has its streams and some of the tasks.
+    slots = {key_slot(keys.stream.encode()) for keys in partitions.all}
     for node in redis_cluster.nodes:
         if redis_cluster.roles()[node.port] != "master":
             continue
         client_ = node.client()
         try:
-            keys = client_.keys("*")
-            assert all(key_slot(str(key).encode()) == slot for key in keys), keys
+            keys = [str(key) for key in client_.keys("*")]
+            assert all(key_slot(key.encode()) in slots for key in keys), keys
+            assert any(key.endswith(":task_stream") for key in keys), keys
         finally:
             client_.close()

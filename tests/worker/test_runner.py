@@ -237,3 +237,21 @@ async def test_a_loop_that_dies_fails_healthz_and_ends_the_worker(
     await queue.close()
     assert health.status_code == 503
     assert health.json()["status"] == "failed"
+
+
+async def test_a_worker_drains_every_partition(settings: Settings) -> None:
+    configured = settings.model_copy(update={"queue_partitions": 4})
+    queue = RedisTaskQueue(connect(configured), configured)
+    await queue.ensure_group()
+    ids = []
+    for n in range(40):
+        task = TaskCreate(prompt=f"spread {n}")
+        ids.append((await queue.submit(task, signature=request_signature(task))).task_id)
+    assert {task_id.partition("-")[0] for task_id in ids} == {"0", "1", "2", "3"}
+    worker, running = start(configured, SimulatedInference(5), max_concurrency=8)
+    records = [await wait_final(queue, task_id) for task_id in ids]
+    await stop(worker, running)
+    assert {record.status for record in records} == {TaskStatus.DONE}
+    stats = await queue.stats()
+    assert [(p.lag, p.pending) for p in stats.partitions] == [(0, 0)] * 4
+    await queue.close()
