@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
+import orjson
 import pytest
 import redis
 
@@ -17,10 +19,10 @@ from fastapi_redis_mini_harness.ports import free_port
 pytestmark = pytest.mark.slow  # the commands run as processes
 
 
-def admin(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+def admin(redis_url: str, *args: str, partitions: int = 1) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "fastapi_redis_mini.admin", *args],
-        env={**os.environ, "REDIS_URL": redis_url},
+        env={**os.environ, "REDIS_URL": redis_url, "QUEUE_PARTITIONS": str(partitions)},
         capture_output=True,
         text=True,
         timeout=30,
@@ -51,6 +53,32 @@ async def test_dead_letters_are_listed_and_replayed(settings: Settings, redis_ur
     assert client.xlen("task_stream:dead") == 0
     client.close()
     assert '"dead_letter_length":0' in admin(redis_url, "stats").stdout
+
+
+async def test_stats_and_replay_cover_every_partition(settings: Settings, redis_url: str) -> None:
+    partitioned = settings.model_copy(update={"queue_partitions": 4})
+    queue = RedisTaskQueue(connect(partitioned), partitioned)
+    await queue.ensure_group()
+    ids = []
+    for n in range(12):
+        task = TaskCreate(prompt=f"poison {n}")
+        ids.append((await queue.submit(task, signature=request_signature(task))).task_id)
+    assert len({task_id.partition("-")[0] for task_id in ids}) > 1
+    deliveries = await queue.read("w", count=100, block_ms=100)
+    for _ in range(settings.max_deliveries + 1):
+        await queue.start("w", deliveries, alone=True)
+    await queue.close()
+
+    stats = orjson.loads(admin(redis_url, "stats", partitions=4).stdout)
+    assert stats["dead_letter_length"] == 12
+    assert sum(p["dead_letter_length"] for p in stats["partitions"]) == 12
+    assert len(stats["partitions"]) == 4
+    listed = admin(redis_url, "dead-letter", "list", partitions=4)
+    assert sorted(re.findall(r"task=(\S+)", listed.stdout)) == sorted(ids)
+    replayed = admin(redis_url, "dead-letter", "replay", "--all", partitions=4)
+    assert "replayed 12 of 12" in replayed.stdout, replayed.stderr
+    stats = orjson.loads(admin(redis_url, "stats", partitions=4).stdout)
+    assert (stats["dead_letter_length"], stats["lag"]) == (0, 12)
 
 
 def test_an_unreachable_redis_is_one_line_not_a_traceback() -> None:

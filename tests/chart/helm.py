@@ -25,6 +25,7 @@ Values = dict[str, Any]
 Manifest = dict[str, Any]
 
 EXTERNAL_REDIS_URL = "rediss://redis.example.internal:6380/2"
+PROMETHEUS = "http://prometheus-operated.monitoring.svc:9090"
 
 # The value sets every render, lint, schema and policy test runs over.
 VALUE_SETS: dict[str, Values] = {
@@ -47,7 +48,9 @@ VALUE_SETS: dict[str, Values] = {
     "redis-cluster": {"redis": {"mode": "cluster"}},
     "redis-cluster-keda-networkpolicy": {
         "redis": {"mode": "cluster", "metrics": {"enabled": True}},
-        "worker": {"autoscaling": {"keda": {"enabled": True}}},
+        "worker": {
+            "autoscaling": {"keda": {"enabled": True, "prometheus": {"serverAddress": PROMETHEUS}}}
+        },
         "networkPolicy": {"enabled": True},
     },
     "persistence-off": {"redis": {"persistence": {"enabled": False}}},

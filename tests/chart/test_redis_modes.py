@@ -11,6 +11,7 @@ from fastapi_redis_mini.core.settings import Settings
 
 from .helm import (
     NAMESPACE,
+    PROMETHEUS,
     VALUE_SETS,
     RenderError,
     Values,
@@ -146,22 +147,85 @@ def test_a_budget_lets_a_drain_take_one_cluster_pod_at_a_time() -> None:
     assert budget["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
 
 
-def test_keda_reads_the_lag_through_the_cluster_scaler_in_cluster_mode() -> None:
-    objects = render(merge(VALUE_SETS["redis-cluster"], VALUE_SETS["keda"]))
+def test_keda_reads_one_partitions_lag_through_the_cluster_scaler() -> None:
+    one_partition = {"config": {"queuePartitions": 1}}
+    objects = render(merge(merge(VALUE_SETS["redis-cluster"], VALUE_SETS["keda"]), one_partition))
     (trigger,) = only(objects, "ScaledObject", "worker")["spec"]["triggers"]
     assert trigger["type"] == "redis-cluster-streams"
     assert trigger["metadata"]["addresses"] == f"{POD_DOMAIN}:6379"
     assert "databaseIndex" not in trigger["metadata"]
     # The stream's name on a cluster, as the queue's keys build it.
-    settings = Settings(key_prefix="blue:")
+    settings = Settings(key_prefix="blue:", queue_partitions=1)
     objects = render(
         merge(
             merge(VALUE_SETS["redis-cluster"], VALUE_SETS["keda"]),
-            {"config": {"keyPrefix": "blue:"}},
+            {"config": {"keyPrefix": "blue:", "queuePartitions": 1}},
         )
     )
     (trigger,) = only(objects, "ScaledObject", "worker")["spec"]["triggers"]
     assert trigger["metadata"]["stream"] == Keys.from_settings(settings, cluster=True).stream
+
+
+def test_keda_scales_a_partitioned_queue_on_the_apis_summed_lag() -> None:
+    # A cluster's default of 16 partitions: one trigger on the sum, not one per partition (an
+    # HPA would take the largest partition's lag).
+    objects = render_set("redis-cluster-keda-networkpolicy")
+    (trigger,) = only(objects, "ScaledObject", "worker")["spec"]["triggers"]
+    assert trigger["type"] == "prometheus"
+    assert trigger["metadata"]["serverAddress"] == PROMETHEUS
+    # The gauge every api replica exports summed over the partitions; max over the replicas.
+    assert trigger["metadata"]["query"] == (
+        'max(fastapi_redis_mini_stream_lag{namespace="tasks",stream="task_stream",group="workers"})'
+    )
+    assert (trigger["metadata"]["threshold"], trigger["metadata"]["activationThreshold"]) == (
+        "20",
+        "0",
+    )
+    assert "authenticationRef" not in trigger
+    assert not find(objects, "TriggerAuthentication")  # KEDA reads Prometheus, not Redis
+    # A standalone Redis split in partitions scales the same way.
+    partitioned = merge(
+        VALUE_SETS["redis-cluster-keda-networkpolicy"],
+        {"redis": {"mode": "standalone"}, "config": {"queuePartitions": 4}},
+    )
+    (trigger,) = only(render(partitioned), "ScaledObject", "worker")["spec"]["triggers"]
+    assert trigger["type"] == "prometheus"
+
+
+def test_a_partitioned_queue_scaled_by_keda_needs_a_prometheus_to_ask() -> None:
+    values = merge(VALUE_SETS["redis-cluster"], VALUE_SETS["keda"])
+    with pytest.raises(RenderError, match=r"worker\.autoscaling\.keda\.prometheus\.serverAddress"):
+        render(values)
+
+
+@pytest.mark.parametrize(
+    ("values", "partitions"),
+    [
+        ({}, "1"),
+        ({"redis": {"mode": "cluster"}}, "16"),
+        ({"redis": {"mode": "cluster"}, "config": {"queuePartitions": 4}}, "4"),
+        # Per-key quotas count in one partition, as the service's own default has it.
+        (
+            {
+                "redis": {"mode": "cluster"},
+                "api": {"maxUnfinishedPerKey": 5, "apiKeys": {"existingSecret": "k"}},
+            },
+            "1",
+        ),
+    ],
+)
+def test_the_service_is_told_its_partitions_per_mode(
+    values: dict[str, Any], partitions: str
+) -> None:
+    data = only(render(values), "ConfigMap", "config")["data"]
+    assert data["QUEUE_PARTITIONS"] == partitions
+    external = only(render_set("external-redis"), "ConfigMap", "config")["data"]
+    assert "QUEUE_PARTITIONS" not in external  # the service decides at start
+
+
+def test_the_schema_refuses_a_partition_count_below_one() -> None:
+    with pytest.raises(RenderError, match="queuePartitions"):
+        render({"config": {"queuePartitions": 0}})
 
 
 @pytest.mark.parametrize(("mode", "setting"), [("standalone", "false"), ("cluster", "true")])

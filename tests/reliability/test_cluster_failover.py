@@ -1,7 +1,8 @@
 """SIGKILL a Redis Cluster master in the middle of a load.
 
 Real processes: six cluster nodes, the api and a worker (REDIS_CLUSTER=auto finds the
-cluster). A master is killed; its replica takes over after cluster-node-timeout (2 s here).
+cluster). The queue's 16 partitions are spread over the three masters; the master holding
+the most keys is killed; its replica takes over after cluster-node-timeout (2 s here).
 With DURABLE_ACKS=none replication is asynchronous: that test prints what was lost and asserts
 nothing about it. With DURABLE_ACKS=replica a 202 waited for the replica, so nothing accepted
 may be lost. Both assert what must hold whatever the timing: the api answers only 202 or 503,
@@ -20,6 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from fastapi_redis_mini.core.redis.keys import Partitions
+from fastapi_redis_mini.core.settings import Settings
 from fastapi_redis_mini_harness.polling import poll
 from fastapi_redis_mini_harness.processes import Process, start_api, start_worker
 from fastapi_redis_mini_harness.redis_cluster import RedisCluster
@@ -39,6 +42,18 @@ def _notable(log: str) -> str:
     """A service's log without its per-task lines: what explains a failure."""
     lines = [line for line in log.splitlines() if "task finished" not in line]
     return "\n".join(lines[-80:])
+
+
+def _fullest_master(cluster: RedisCluster) -> RedisServer:
+    masters = [node for node in cluster.nodes if cluster.roles()[node.port] == "master"]
+    sizes = {}
+    for node in masters:
+        client = node.client()
+        try:
+            sizes[node.port] = int(client.dbsize())
+        finally:
+            client.close()
+    return max(masters, key=lambda node: sizes[node.port])
 
 
 @pytest.fixture
@@ -61,7 +76,7 @@ def test_killing_the_queues_master_mid_load_gives_only_202_or_503_and_work_goes_
         services.append(api)
         worker = start_worker(cluster.url, {})
         services.append(worker)
-        doomed = cluster.master_of("{task_stream}")
+        streams = [keys.stream for keys in Partitions.from_settings(Settings(), cluster=True).all]
         codes: Counter[int] = Counter()
         accepted: list[str] = []
         killed = False
@@ -77,11 +92,18 @@ def test_killing_the_queues_master_mid_load_gives_only_202_or_503_and_work_goes_
                 if response.status_code == 202:
                     accepted.append(response.json()["task_id"])
                 if not killed and time.monotonic() - started > KILL_AFTER:
+                    doomed = _fullest_master(cluster)
+                    # A partition it serves, to see its replica take the partition over.
+                    its_stream = next(
+                        stream
+                        for stream in streams
+                        if cluster.master_of(stream).port == doomed.port
+                    )
                     doomed.stop(kill=True)
                     killed = True
                 time.sleep(0.005)
             assert killed
-            assert cluster.master_of("{task_stream}").port != doomed.port, "no failover"
+            assert cluster.master_of(its_stream).port != doomed.port, "no failover"
             after = [
                 client.post("/tasks", json={"prompt": f"after {i}", "params": {}})
                 for i in range(10)

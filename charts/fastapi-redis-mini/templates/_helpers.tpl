@@ -319,3 +319,14 @@ volumeMounts:
   emptyDir:
     sizeLimit: 64Mi
 {{- end }}
+
+{{/* QUEUE_PARTITIONS as the service will use it, or empty when the service decides at start
+(an external Redis with config.queuePartitions unset). Mirrors core/redis/keys.py. */}}
+{{- define "frm.queuePartitions" -}}
+{{- $set := .Values.config.queuePartitions }}
+{{- if $set }}{{ int $set }}
+{{- else if eq .Values.redis.mode "cluster" }}
+{{- if or .Values.api.submitRatePerKey .Values.api.maxUnfinishedPerKey }}1{{ else }}16{{ end }}
+{{- else if eq .Values.redis.mode "standalone" }}1
+{{- end }}
+{{- end }}
