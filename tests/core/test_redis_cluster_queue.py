@@ -379,3 +379,26 @@ async def test_the_partitions_spread_tasks_over_every_master(
     assert (stats.stream_length, stats.lag, stats.pending, len(stats.partitions)) == (16, 0, 0, 16)
     assert await queue.trim() >= 0
     await queue.leave(CONSUMER)
+
+
+async def test_a_master_that_lost_the_scripts_reruns_only_its_own_calls(
+    cluster_queue: RedisTaskQueue, redis_cluster: LocalCluster
+) -> None:
+    queue = cluster_queue
+    for n in range(40):
+        task = TaskCreate(prompt=f"flushed {n}", params={})
+        await queue.submit(task, signature=request_signature(task))
+    first = await queue.read(CONSUMER, count=20, block_ms=100)
+    assert [j.verdict for j in await queue.start(CONSUMER, first)] == [StartVerdict.RUN] * 20
+    deliveries = await queue.read(CONSUMER, count=100, block_ms=100)
+    assert len(deliveries) == 20
+    # One master lost its scripts (a restart, or a replica just promoted); the others have them.
+    [master, *_] = [n for n in redis_cluster.nodes if redis_cluster.roles()[n.port] == "master"]
+    client = master.client()
+    try:
+        client.script_flush()
+    finally:
+        client.close()
+    jobs = await queue.start(CONSUMER, deliveries)
+    # Run twice, a start would find its own tasks running and call them suspects.
+    assert [j.verdict for j in jobs] == [StartVerdict.RUN] * 20

@@ -467,25 +467,37 @@ class RedisTaskQueue:
                 return [await self._call(script, keys, args)]
             return [await script(keys=keys, args=args)]
         wait = self._durable_wait if durable else None
+        replies: list[Any] = [None] * len(calls)
+        todo = list(range(len(calls)))
         for _ in range(2):
             async with self.redis.pipeline(transaction=False) as pipe:
-                for keys, args in calls:
+                for i in todo:
+                    keys, args = calls[i]
                     # EVALSHA by name: a cluster pipeline refuses its evalsha() method.
                     pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
                 if wait is not None:
                     pipe.execute_command(*wait)
-                replies = await pipe.execute(raise_on_error=False)
-            if any(isinstance(reply, NoScriptError) for reply in replies):
-                # A node without the script (a restart, a promoted replica): load it
-                # everywhere and run again; a call that did run is answered as then.
-                await self.redis.script_load(script.script)
-                continue
-            for reply in replies:
-                if isinstance(reply, Exception):
-                    raise reply
+                answers = await pipe.execute(raise_on_error=False)
+            confirmed = answers.pop() if wait is not None else None
+            missing = []
+            for i, answer in zip(todo, answers, strict=True):
+                if isinstance(answer, NoScriptError):
+                    missing.append(i)
+                elif isinstance(answer, Exception):
+                    raise answer
+                else:
+                    replies[i] = answer
             if wait is not None:
-                self._check_confirmed(replies.pop())
-            return list(replies)
+                if isinstance(confirmed, Exception):
+                    raise confirmed
+                self._check_confirmed(confirmed)
+            if not missing:
+                return replies
+            # A node without the script (a restart, a promoted replica): load it everywhere
+            # and run again only the calls that did not run, since the others must not run
+            # twice (a start run twice would find its own tasks running).
+            await self.redis.script_load(script.script)
+            todo = missing
         raise NoScriptError("the script vanished again right after it was loaded")
 
     # -- the api side
