@@ -42,6 +42,9 @@ def test_api_keys_are_split_on_commas_and_never_shown() -> None:
         ("MAX_UNFINISHED_PER_KEY", "-1"),
         ("DURABLE_ACKS", "always"),
         ("DURABLE_ACK_TIMEOUT", "5"),  # not below REDIS_SOCKET_TIMEOUT (2)
+        ("QUEUE_PARTITIONS", "0"),
+        ("QUEUE_PARTITIONS", "257"),
+        ("QUEUE_PARTITIONS", "four"),
     ],
 )
 def test_a_bad_value_names_its_variable(
@@ -60,6 +63,10 @@ def test_a_bad_value_names_its_variable(
 def test_limits_that_contradict_each_other_are_refused() -> None:
     with pytest.raises(ValueError, match="MAX_TASK_DURATION"):
         Settings(max_task_duration=90, task_timeout=60)
+    # A key's quota is counted in one place; several partitions would need it in several.
+    with pytest.raises(ValueError, match="QUEUE_PARTITIONS above 1 cannot be combined"):
+        Settings(queue_partitions=4, max_unfinished_per_key=3)
+    assert Settings(queue_partitions=1, max_unfinished_per_key=3).queue_partitions == 1
 
 
 @pytest.mark.slow
