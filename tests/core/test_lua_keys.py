@@ -180,12 +180,17 @@ async def test_every_script_touches_only_the_keys_it_declares(settings: Settings
         update={"max_deliveries": 1, "submit_rate_per_key": 100.0, "submit_burst_per_key": 100,
                 "max_unfinished_per_key": 100},
     )  # fmt: skip
-    calls = await _check(quotas, _every_transition)
+    # Quotas come with a single partition; several partitions run their own script calls
+    # (read_group.lua, and every other one per partition).
+    partitioned = settings.model_copy(update={"max_deliveries": 1, "queue_partitions": 4})
+    runs = [await _check(quotas, _every_transition), await _check(partitioned, _every_transition)]
     scripts = _script_shas()
-    assert {scripts[sha] for sha in calls.shas if sha in scripts} == set(scripts.values())
+    seen = {scripts[sha] for calls in runs for sha in calls.shas if sha in scripts}
+    assert seen == set(scripts.values())
     client = redis.Redis.from_url(settings.redis_url)
     try:
-        assert calls.undeclared(client) == []
+        for calls in runs:
+            assert calls.undeclared(client) == []
     finally:
         client.close()
 

@@ -459,7 +459,8 @@ class RedisTaskQueue:
 
         A single call goes as it did before partitions. With `durable` (an acknowledgement),
         DURABLE_ACKS' wait follows in the same pipeline: on a single server every call went
-        on its connection, so one wait covers them all.
+        on its connection, so one wait covers them all; on a cluster each call waits on its
+        own master, all at once.
         """
         if len(calls) == 1:
             keys, args = calls[0]
@@ -467,6 +468,9 @@ class RedisTaskQueue:
                 return [await self._call(script, keys, args)]
             return [await script(keys=keys, args=args)]
         wait = self._durable_wait if durable else None
+        if wait is not None and isinstance(self.redis, RedisCluster):
+            # Each call's wait must follow it on its own master's connection (_call does).
+            return list(await asyncio.gather(*(self._call(script, k, a) for k, a in calls)))
         replies: list[Any] = [None] * len(calls)
         todo = list(range(len(calls)))
         for _ in range(2):
