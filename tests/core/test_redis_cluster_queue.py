@@ -207,7 +207,9 @@ def master_port(node: RedisServer) -> int | None:
 async def test_replica_acks_wait_once_per_batch_on_the_master_serving_the_slot(
     redis_cluster_url: str, redis_cluster: LocalCluster
 ) -> None:
-    settings = Settings(redis_url=redis_cluster_url, durable_acks="replica", log_format="text")
+    settings = Settings(
+        redis_url=redis_cluster_url, durable_acks="replica", log_format="text", queue_partitions=1
+    )
     queue = RedisTaskQueue(connect(settings), settings)
     try:
         await queue.ensure_group()
@@ -228,6 +230,44 @@ async def test_replica_acks_wait_once_per_batch_on_the_master_serving_the_slot(
         await queue.close()
 
 
+async def test_replica_acks_wait_once_per_partition_on_the_master_serving_it(
+    redis_cluster_url: str, redis_cluster: LocalCluster
+) -> None:
+    settings = Settings(redis_url=redis_cluster_url, durable_acks="replica", log_format="text")
+    queue = RedisTaskQueue(connect(settings), settings)
+    try:
+        await queue.ensure_group()
+        for n in range(50):
+            assert (await submit(queue, f"batch {n}"))[1] == "queued"
+        jobs = await take(queue)
+        assert len(jobs) == 50
+        touched = {queue.partitions.of_task(job.task_id) for job in jobs}
+        expected: dict[int, int] = {}
+        for keys in touched:
+            assert keys is not None
+            port = redis_cluster.master_of(keys.stream).port
+            expected[port] = expected.get(port, 0) + 1
+        before = {node.port: waits_on(redis_cluster, node.port) for node in redis_cluster.nodes}
+        finishes = [Finish(job, Outcome.DONE, result=b"1") for job in jobs]
+        assert await queue.finish(CONSUMER, finishes) == [FinishVerdict.WRITTEN] * 50
+        after = {node.port: waits_on(redis_cluster, node.port) for node in redis_cluster.nodes}
+        served = {port: after[port] - before[port] for port in after if after[port] > before[port]}
+        # One batch of outcomes: one WAIT per partition it touched, each on that one's master.
+        assert served == expected
+        assert len(served) == 3
+    finally:
+        await queue.close()
+
+
+def prompt_in(queue: RedisTaskQueue, partition: int, tag: str) -> str:
+    """A prompt whose submit (without an Idempotency-Key) goes to `partition`."""
+    for n in range(100_000):
+        task = TaskCreate(prompt=f"{tag} {n}", params={})
+        if queue.partitions.of_submit(request_signature(task), "", None).index == partition:
+            return task.prompt
+    raise AssertionError("no prompt found")
+
+
 async def test_replica_acks_follow_the_slot_to_its_new_master_after_a_failover(
     redis_cluster_url: str, redis_cluster: LocalCluster
 ) -> None:
@@ -236,7 +276,9 @@ async def test_replica_acks_follow_the_slot_to_its_new_master_after_a_failover(
     try:
         await queue.ensure_group()
         first_id, _ = await submit(queue, "before the failover")
-        old = redis_cluster.master_of(queue.keys.stream)
+        partition = queue.partitions.of_task(first_id)
+        assert partition is not None
+        old = redis_cluster.master_of(partition.stream)
         replica = next(node for node in redis_cluster.nodes if master_port(node) == old.port)
         # A manual failover: the replica takes the slots over, the old master follows it.
         client = replica.client()
@@ -250,13 +292,13 @@ async def test_replica_acks_follow_the_slot_to_its_new_master_after_a_failover(
             if {port: roles[port] for port in swapped} == swapped:
                 break
             await asyncio.sleep(0.05)
-        assert redis_cluster.master_of(queue.keys.stream).port == replica.port
+        assert redis_cluster.master_of(partition.stream).port == replica.port
         redis_cluster.wait_ok()
         # The queue's slot table still names the old master, which answers MOVED: the submit
         # follows the slot, with no error, and waits on the new master. (A promoted replica
         # has no scripts loaded: the first try there meets NOSCRIPT and sends its WAIT again.)
         before = waits_on(redis_cluster, replica.port)
-        second_id, outcome = await submit(queue, "after the failover")
+        second_id, outcome = await submit(queue, prompt_in(queue, partition.index, "after"))
         assert outcome == "queued"
         assert waits_on(redis_cluster, replica.port) > before
         for task_id in (first_id, second_id):
