@@ -448,6 +448,21 @@ class RedisTaskQueue:
         await self._work_announced.close()
         await self.redis.aclose()
 
+    async def _execute(self, pipe: Any, *, raise_on_error: bool = True) -> list[Any]:
+        """pipe.execute(), where a node's connection closed under a cluster pipeline counts as
+        the node being unreachable: redis-py lets that surface as a RuntimeError from the
+        closed transport (seen when every node died at once), not as a ConnectionError."""
+        try:
+            replies: list[Any] = await pipe.execute(raise_on_error=raise_on_error)
+        except RuntimeError as error:
+            if not isinstance(self.redis, RedisCluster) or "closed" not in str(error):
+                raise
+            # As after any lost node: drop the connections and the slot table, so the next
+            # call finds the cluster as it is then.
+            await self.redis.aclose()
+            raise RedisConnectionError(str(error)) from error
+        return replies
+
     async def _call_each(
         self,
         script: AsyncScript,
@@ -481,7 +496,7 @@ class RedisTaskQueue:
                     pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
                 if wait is not None:
                     pipe.execute_command(*wait)
-                answers = await pipe.execute(raise_on_error=False)
+                answers = await self._execute(pipe, raise_on_error=False)
             confirmed = answers.pop() if wait is not None else None
             missing = []
             for i, answer in zip(todo, answers, strict=True):
@@ -652,7 +667,7 @@ class RedisTaskQueue:
         async with self.redis.pipeline(transaction=False) as pipe:
             for keys in self.partitions.all:
                 pipe.set(keys.probe, "1", px=10_000)
-            await pipe.execute()
+            await self._execute(pipe)
 
     # -- the worker side
 
@@ -724,7 +739,7 @@ class RedisTaskQueue:
                     cursor = self._claim_cursors.get((consumer, keys.index), "0-0")
                     pipe.xautoclaim(keys.stream, keys.group, consumer, min_idle_ms, cursor,
                                     count=share)  # fmt: skip
-                replies = await pipe.execute()
+                replies = await self._execute(pipe)
             claimed = []
             for (keys, _), reply in zip(shares, replies, strict=True):
                 self._claim_cursors[(consumer, keys.index)] = reply[0]
@@ -806,7 +821,7 @@ class RedisTaskQueue:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for job in jobs:
                     pipe.zrem(self.keys.unfinished(job.scope), job.task_id)
-                await pipe.execute()
+                await self._execute(pipe)
         except RedisError as error:
             log.warning("could not update the unfinished-task counts: %s", error)
 
@@ -867,7 +882,7 @@ class RedisTaskQueue:
         async with self.redis.pipeline(transaction=False) as pipe:
             for keys in parts:
                 pipe.zrangebyscore(keys.retries, "-inf", now, start=0, num=limit)
-            due_per_partition: list[list[str]] = await pipe.execute()
+            due_per_partition: list[list[str]] = await self._execute(pipe)
         calls = [
             ([keys.retries, keys.stream, *map(keys.task, due)], [now, *due])
             for keys, due in zip(parts, due_per_partition, strict=True)
