@@ -455,11 +455,17 @@ class RedisTaskQueue:
         try:
             replies: list[Any] = await pipe.execute(raise_on_error=raise_on_error)
         except RuntimeError as error:
-            if not isinstance(self.redis, RedisCluster) or "closed" not in str(error):
+            cluster = self.redis
+            if not isinstance(cluster, RedisCluster) or "closed" not in str(error):
                 raise
-            # As after any lost node: drop the connections and the slot table, so the next
-            # call finds the cluster as it is then.
-            await self.redis.aclose()
+            # As after any lost node: idle connections go and busy ones reconnect when
+            # released (nothing in flight on another connection is cut), and the slots are
+            # read anew, so the next call finds the cluster as it is then.
+            for node in cluster.get_nodes():
+                node.update_active_connections_for_reconnect()
+                await node.disconnect_free_connections()
+            with contextlib.suppress(RedisError, RedisClusterException):
+                await cluster.nodes_manager.initialize()
             raise RedisConnectionError(str(error)) from error
         return replies
 
@@ -998,6 +1004,8 @@ async def _pipeline_on(
             # Mid-failover the nodes may not agree yet; the next call asks again.
             await cluster.nodes_manager.initialize(last_failed_node_name=node.name)
         raise
+
+
 def _partition_stats(keys: Keys, reply: str) -> QueueStats:
     stats = orjson.loads(reply)
     length, now_ms = int(stats["stream_length"]), int(stats["now_ms"])
