@@ -203,7 +203,9 @@ async def task_times(url: str, ids: Sequence[str]) -> list[tuple[float, float, f
         for start in range(0, len(ids), READ_CHUNK):
             async with queue.redis.pipeline(transaction=False) as pipe:
                 for task_id in ids[start : start + READ_CHUNK]:
-                    pipe.hmget(queue.keys.task(task_id), TIME_FIELDS)
+                    partition = queue.partitions.of_task(task_id)
+                    assert partition is not None, task_id
+                    pipe.hmget(partition.task(task_id), TIME_FIELDS)
                 rows = await pipe.execute()
             for status, created, started, finished in rows:
                 if status == TaskStatus.DONE and created and started and finished:

@@ -444,3 +444,20 @@ async def test_a_master_that_lost_the_scripts_reruns_only_its_own_calls(
     jobs = await queue.start(CONSUMER, deliveries)
     # Run twice, a start would find its own tasks running and call them suspects.
     assert [j.verdict for j in jobs] == [StartVerdict.RUN] * 20
+
+
+async def test_a_new_queues_first_burst_reaches_every_partition_at_once(
+    redis_cluster_url: str,
+) -> None:
+    # No call before the burst: the client learns the slots during it.
+    settings = Settings(redis_url=redis_cluster_url, log_format="text")
+    queue = RedisTaskQueue(connect(settings), settings)
+    try:
+        tasks = [TaskCreate(prompt=f"burst {n}", params={}) for n in range(200)]
+        submitted = await asyncio.gather(
+            *(queue.submit(t, signature=request_signature(t)) for t in tasks)
+        )
+        assert {s.outcome for s in submitted} == {SubmitOutcome.QUEUED}
+        assert len({s.task_id.partition("-")[0] for s in submitted}) == 16
+    finally:
+        await queue.close()

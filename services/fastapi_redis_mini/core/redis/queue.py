@@ -121,6 +121,9 @@ def _translated(method: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any,
     @functools.wraps(method)
     async def call(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
+            queue = args[0] if args else None
+            if isinstance(queue, RedisTaskQueue) and queue.slots_unknown:
+                await queue.learn_slots()
             return await method(*args, **kwargs)
         except (RedisError, RedisClusterException) as error:
             translated = queue_error(error)
@@ -305,6 +308,7 @@ class RedisTaskQueue:
         self.redis = redis
         self.settings = settings
         cluster = isinstance(redis, RedisCluster)
+        self.slots_unknown = cluster  # see learn_slots()
         self.partitions = Partitions.from_settings(settings, cluster=cluster)
         self.keys = self.partitions.all[0]  # the only partition's, with QUEUE_PARTITIONS=1
         # Sharded pub/sub on a cluster: a message stays on the shard of its partition instead
@@ -447,6 +451,18 @@ class RedisTaskQueue:
         await self._completions.close()
         await self._work_announced.close()
         await self.redis.aclose()
+
+    async def learn_slots(self) -> None:
+        """Have a new cluster client read the slot table before its first commands.
+
+        It does so on its first command anyway, but the first commands of several partitions
+        at once (the submit batches of a burst, say) race in redis-py and close each other's
+        connections ("Connection closed by server"); one read, under the client's own lock,
+        comes first instead.
+        """
+        assert isinstance(self.redis, RedisCluster)
+        await self.redis.initialize()
+        self.slots_unknown = False
 
     async def _execute(self, pipe: Any, *, raise_on_error: bool = True) -> list[Any]:
         """pipe.execute(), where a node's connection closed under a cluster pipeline counts as
