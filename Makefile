@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 UV_VERSION := 0.13.9
 
-.PHONY: help setup run test test-fast test-redis lint format
+.PHONY: help setup run test test-fast test-redis test-cluster lint format
 
 help: ## List every target
 	@grep -hE '^[a-zA-Z0-9_.-]+:.*## ' $(MAKEFILE_LIST) | sort -u | \
@@ -39,6 +39,9 @@ test-fast: setup ## The inner loop: the in-process tests (no services started), 
 
 test-redis: setup ## Run the queue, api and end-to-end tests against Debian's redis-server instead of Valkey
 	TEST_REDIS_SERVER=redis $(BIN)/pytest tests/core tests/api tests/e2e $(PYTEST_ARGS)
+
+test-cluster: setup ## Run the queue, api and end-to-end tests against a local 6-node Redis Cluster
+	TEST_REDIS_BACKEND=cluster $(BIN)/pytest tests/core tests/api tests/e2e $(PYTEST_ARGS)
 
 lint: setup ## Check style (ruff) and types (mypy strict) of the package, tools and tests
 	$(BIN)/ruff check services client harness tests tools loadtest

@@ -14,9 +14,34 @@ from fastapi_redis_mini.core.settings import Settings
 from fastapi_redis_mini_harness.redis_cluster import RedisCluster
 from fastapi_redis_mini_harness.redis_server import RedisServer
 
+# Where `redis_url` points: "server" (one standalone server, the default) or "cluster" (the
+# session's 6-node loopback cluster, 3 masters and 3 replicas, of the same TEST_REDIS_SERVER).
+BACKENDS = ("server", "cluster")
+
+
+def redis_backend() -> str:
+    backend = os.environ.get("TEST_REDIS_BACKEND", "server")
+    if backend not in BACKENDS:
+        raise pytest.UsageError(
+            f"TEST_REDIS_BACKEND must be one of {', '.join(BACKENDS)}, not {backend!r}"
+        )
+    return backend
+
 
 def pytest_report_header() -> str:
-    return f"redis server: {os.environ.get('TEST_REDIS_SERVER', 'valkey')}"
+    server = os.environ.get("TEST_REDIS_SERVER", "valkey")
+    return f"redis server: {server}, backend: {redis_backend()}"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On the cluster backend, skip the tests marked `single_server`, with the mark's reason."""
+    if redis_backend() != "cluster":
+        return
+    for item in items:
+        mark = item.get_closest_marker("single_server")
+        if mark is not None:
+            reason = mark.kwargs.get("reason") or (mark.args[0] if mark.args else "")
+            item.add_marker(pytest.mark.skip(reason=f"single server: {reason}"))
 
 
 @pytest.fixture(scope="session")
@@ -47,8 +72,13 @@ def redis_cluster_url(redis_cluster: RedisCluster) -> str:
 
 
 @pytest.fixture
-def redis_url(redis_server: RedisServer) -> str:
-    """The session server's URL, emptied before the test."""
+def redis_url(request: pytest.FixtureRequest) -> str:
+    """The backend's URL, emptied before the test: the session server, or with
+    TEST_REDIS_BACKEND=cluster one node of the session cluster."""
+    if redis_backend() == "cluster":
+        url: str = request.getfixturevalue("redis_cluster_url")
+        return url
+    redis_server: RedisServer = request.getfixturevalue("redis_server")
     client = redis.Redis(port=redis_server.port)
     client.flushall()
     client.close()
@@ -63,7 +93,13 @@ def settings(redis_url: str) -> Settings:
 
 @pytest.fixture
 async def redis_client(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
-    client = redis.asyncio.Redis.from_url(redis_url, decode_responses=True)
+    """A plain client on the backend; on the cluster one that follows the slots."""
+    client: redis.asyncio.Redis
+    if redis_backend() == "cluster":
+        # The two clients share the command API the tests use; the cluster one routes by slot.
+        client = redis.asyncio.RedisCluster.from_url(redis_url, decode_responses=True)  # type: ignore[assignment]
+    else:
+        client = redis.asyncio.Redis.from_url(redis_url, decode_responses=True)
     yield client
     await client.aclose()
 
