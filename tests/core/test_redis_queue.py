@@ -19,7 +19,8 @@ from fastapi_redis_mini.core.queue import (
     StartVerdict,
     SubmitOutcome,
 )
-from fastapi_redis_mini.core.redis.queue import RedisTaskQueue, _NewTask, connect, new_task_id
+from fastapi_redis_mini.core.redis.keys import Keys
+from fastapi_redis_mini.core.redis.queue import RedisTaskQueue, _NewTask, connect
 from fastapi_redis_mini.core.settings import Settings
 
 CONSUMER = "test-consumer"
@@ -40,24 +41,70 @@ def done(job: Job, result: object) -> Finish:
     return Finish(job, Outcome.DONE, result=orjson.dumps(result))
 
 
+# Key names come from the queue, so the tests hold on one server (today's names) and on a
+# cluster (hash-tagged, QUEUE_PARTITIONS partitions) alike.
+def keys_of(queue: RedisTaskQueue, task_id: str) -> Keys:
+    keys = queue.partitions.of_task(task_id)
+    assert keys is not None, f"{task_id} names no partition"
+    return keys
+
+
+def idempotency_key(queue: RedisTaskQueue, key: str, signature: str) -> str:
+    return queue.partitions.of_submit(signature, "", key).idempotency(key)
+
+
+def fresh_task_id(queue: RedisTaskQueue) -> str:
+    """A task id of the queue's first partition, as a submit there would make it."""
+    return queue.partitions.new_task_id(queue.keys)
+
+
+async def stream_entries(
+    queue: RedisTaskQueue, redis_client: redis.asyncio.Redis | redis.asyncio.RedisCluster
+) -> list[tuple[str, dict[str, str]]]:
+    """Every partition's stream entries, partition by partition."""
+    entries: list[tuple[str, dict[str, str]]] = []
+    for keys in queue.partitions.all:
+        entries += await redis_client.xrange(keys.stream)  # type: ignore[arg-type]
+    return entries
+
+
+async def key_count(redis_client: redis.asyncio.Redis) -> int:
+    """How many keys the server holds: on a cluster, summed over its masters."""
+    client: object = redis_client
+    if isinstance(client, redis.asyncio.RedisCluster):
+        total: int = await client.dbsize(target_nodes=redis.asyncio.RedisCluster.PRIMARIES)
+        return total
+    return await redis_client.dbsize()
+
+
+def one_partition(settings: Settings, **update: object) -> Settings:
+    """Settings with a single partition: the default on one server, and on a cluster the
+    layout of tests that follow one stream's order or one partition's channel."""
+    return settings.model_copy(update={"queue_partitions": 1, **update})
+
+
 async def test_submit_writes_the_task_hash_and_appends_only_the_id(
     queue: RedisTaskQueue, redis_client: redis.asyncio.Redis
 ) -> None:
     task_id = await submit(queue, duration=0.1)
-    stored = await redis_client.hgetall(f"task:{task_id}")
+    keys = keys_of(queue, task_id)
+    stored = await redis_client.hgetall(keys.task(task_id))
     assert stored["status"] == "PENDING"
     assert orjson.loads(stored["request"]) == {"prompt": "hello", "params": {"duration": 0.1}}
     assert len(stored["signature"]) == 64
     assert float(stored["created_at"]) == pytest.approx(time.time(), abs=5)
-    assert 0 < await redis_client.ttl(f"task:{task_id}") <= 86400
-    entries: list[tuple[str, dict[str, str]]] = await redis_client.xrange("task_stream")  # type: ignore[assignment]
+    assert 0 < await redis_client.ttl(keys.task(task_id)) <= 86400
+    entries = await stream_entries(queue, redis_client)
     assert [fields for _, fields in entries] == [{"task_id": task_id}]
 
 
 async def test_task_ids_are_random_128_bit_hex(queue: RedisTaskQueue) -> None:
     ids = {await submit(queue, prompt=f"p{i}") for i in range(20)}
     assert len(ids) == 20
-    assert all(len(task_id) == 32 and int(task_id, 16) >= 0 for task_id in ids)
+    # With several partitions an id is `<partition>-<random hex>`.
+    assert all(keys_of(queue, task_id) for task_id in ids)
+    randoms = [task_id.rpartition("-")[2] for task_id in ids]
+    assert all(len(random) == 32 and int(random, 16) >= 0 for random in randoms)
 
 
 async def test_a_run_goes_pending_running_done_and_fills_the_cache(
@@ -78,13 +125,14 @@ async def test_a_run_goes_pending_running_done_and_fills_the_cache(
     assert record.finished_at is not None
     assert record.finished_at >= record.started_at  # type: ignore[operator]
     # The cached result names the task that computed it and when that task expires.
-    cached: str = await redis_client.get(f"cache:{job.signature}")  # type: ignore[assignment]
-    task_ttl = await redis_client.ttl(f"task:{task_id}")
+    keys = keys_of(queue, task_id)
+    cached: str = await redis_client.get(keys.cache(job.signature))  # type: ignore[assignment]
+    task_ttl = await redis_client.ttl(keys.task(task_id))
     named, expires_at, result = cached.split(":", 2)
     assert (named, result) == (task_id, '{"answer":42}')
     assert int(expires_at) == pytest.approx(time.time() + task_ttl, abs=2)
-    assert 0 < await redis_client.ttl(f"cache:{job.signature}") <= task_ttl
-    assert 0 < await redis_client.ttl(f"cache:{job.signature}") <= 600
+    assert 0 < await redis_client.ttl(keys.cache(job.signature)) <= task_ttl
+    assert 0 < await redis_client.ttl(keys.cache(job.signature)) <= 600
     assert (await queue.stats()).pending == 0
 
 
@@ -105,12 +153,25 @@ async def test_an_identical_submit_is_answered_from_the_cache(queue: RedisTaskQu
 
 
 async def test_cache_hits_store_nothing_however_many(
+    settings: Settings, redis_client: redis.asyncio.Redis
+) -> None:
+    # One partition: with several, a submit with an Idempotency-Key is decided in the key's
+    # partition, where the cache of its signature need not be.
+    queue = RedisTaskQueue(connect(one_partition(settings)), one_partition(settings))
+    await queue.ensure_group()
+    try:
+        await _check_cache_hits_store_nothing(queue, redis_client)
+    finally:
+        await queue.close()
+
+
+async def _check_cache_hits_store_nothing(
     queue: RedisTaskQueue, redis_client: redis.asyncio.Redis
 ) -> None:
     task_id = await submit(queue)
     [job] = await take(queue)
     await queue.finish(CONSUMER, [done(job, "result")])
-    before = await redis_client.dbsize()
+    before = await key_count(redis_client)
     task = TaskCreate(prompt="hello", params={})
     hits = await asyncio.gather(
         *(
@@ -121,9 +182,10 @@ async def test_cache_hits_store_nothing_however_many(
     assert {hit.outcome for hit in hits} == {SubmitOutcome.CACHED}
     assert {hit.task_id for hit in hits} == {task_id}
     # Only the two Idempotency-Keys are new, and they expire with the task they name.
-    assert await redis_client.dbsize() == before + 2
-    task_ttl = await redis_client.ttl(f"task:{task_id}")
-    assert 0 < await redis_client.ttl("idempotency::k1") <= task_ttl
+    assert await key_count(redis_client) == before + 2
+    task_ttl = await redis_client.ttl(keys_of(queue, task_id).task(task_id))
+    k1 = idempotency_key(queue, "k1", request_signature(task))
+    assert 0 < await redis_client.ttl(k1) <= task_ttl
 
 
 async def test_a_cached_result_never_outlives_the_task_it_names(
@@ -155,7 +217,7 @@ async def test_a_cache_hit_refreshes_the_ttl_and_the_entry_expires_unread(
     await submit(queue)
     [job] = await take(queue)
     await queue.finish(CONSUMER, [done(job, "r")])
-    cache_key = f"cache:{job.signature}"
+    cache_key = keys_of(queue, job.task_id).cache(job.signature)
     await redis_client.pexpire(cache_key, 60_000)
     task = TaskCreate(prompt="hello")
     hit = await queue.submit(task, signature=request_signature(task))
@@ -176,17 +238,18 @@ async def test_reading_a_done_task_is_a_pure_read_that_leaves_its_cache_ttl(
     task_id = await submit(queue)
     [job] = await take(queue)
     await queue.finish(CONSUMER, [done(job, "r")])
-    await redis_client.expire(f"cache:{job.signature}", 5)
+    cache_key = keys_of(queue, task_id).cache(job.signature)
+    await redis_client.expire(cache_key, 5)
     assert await queue.get(task_id) is not None
-    assert await redis_client.ttl(f"cache:{job.signature}") <= 5
+    assert await redis_client.ttl(cache_key) <= 5
 
 
 async def test_a_read_fills_every_field_of_the_task_from_its_hash(
     queue: RedisTaskQueue, redis_client: redis.asyncio.Redis
 ) -> None:
-    task_id = new_task_id()
+    task_id = fresh_task_id(queue)
     await redis_client.hset(
-        f"task:{task_id}",
+        queue.keys.task(task_id),
         mapping={
             "status": "RUNNING", "scope": "tenant-a", "result": '{"n": 1.25}', "error": "e",
             "cached": "1", "attempts": "3", "created_at": "10.5", "started_at": "11.5",
@@ -209,9 +272,10 @@ async def test_a_read_fills_every_field_of_the_task_from_its_hash(
 async def test_a_read_of_a_task_with_empty_fields_gives_the_defaults(
     queue: RedisTaskQueue, redis_client: redis.asyncio.Redis
 ) -> None:
-    task_id = new_task_id()
+    task_id = fresh_task_id(queue)
     await redis_client.hset(
-        f"task:{task_id}", mapping={"status": "PENDING", "result": "", "error": "", "attempts": ""}
+        queue.keys.task(task_id),
+        mapping={"status": "PENDING", "result": "", "error": "", "attempts": ""},
     )
     task = await queue.get(task_id)
     assert task == Task(task_id=task_id, status=TaskStatus.PENDING)
@@ -247,7 +311,7 @@ async def test_a_submit_script_sent_again_stores_the_task_once(
 ) -> None:
     # What the client does when it times out waiting for a reply: the same call, same ids.
     tasks = [
-        _NewTask(new_task_id(), TaskCreate(prompt=f"p{i}").canonical.decode(), f"s{i}", "",
+        _NewTask(fresh_task_id(queue), TaskCreate(prompt=f"p{i}").canonical.decode(), f"s{i}", "",
                  "k" if i == 0 else None, "", None)
         for i in range(3)
     ]  # fmt: skip
@@ -255,7 +319,7 @@ async def test_a_submit_script_sent_again_stores_the_task_once(
     again = await queue._submit_many(queue.keys, tasks)
     assert again == first
     assert [answer.outcome for answer in again] == [SubmitOutcome.QUEUED] * 3
-    entries: list[tuple[str, dict[str, str]]] = await redis_client.xrange("task_stream")  # type: ignore[assignment]
+    entries = await stream_entries(queue, redis_client)
     assert sorted(fields["task_id"] for _, fields in entries) == sorted(t.task_id for t in tasks)
 
 
@@ -267,7 +331,7 @@ async def test_an_idempotency_key_expires_with_its_task(
         await short.submit(TaskCreate(prompt="x"), signature="s", idempotency_key="k")
     finally:
         await short.close()
-    assert 0 < await redis_client.ttl("idempotency::k") <= 60
+    assert 0 < await redis_client.ttl(idempotency_key(short, "k", "s")) <= 60
 
 
 async def test_an_idempotency_key_left_pointing_at_a_gone_task_is_taken_over_once(
@@ -275,7 +339,7 @@ async def test_an_idempotency_key_left_pointing_at_a_gone_task_is_taken_over_onc
 ) -> None:
     task = TaskCreate(prompt="once")
     first = await queue.submit(task, signature="s", idempotency_key="k")
-    await redis_client.delete(f"task:{first.task_id}")
+    await redis_client.delete(keys_of(queue, first.task_id).task(first.task_id))
     answers = await asyncio.gather(
         *(
             queue.submit(task, signature="s", idempotency_key="k", replacing=first.task_id)
@@ -286,7 +350,7 @@ async def test_an_idempotency_key_left_pointing_at_a_gone_task_is_taken_over_onc
         SubmitOutcome.QUEUED, *[SubmitOutcome.DUPLICATE] * 4
     ]  # fmt: skip
     assert {answer.task_id for answer in answers} == {answers[0].task_id}
-    assert await redis_client.get("idempotency::k") == answers[0].task_id
+    assert await redis_client.get(idempotency_key(queue, "k", "s")) == answers[0].task_id
 
 
 async def test_concurrent_submits_share_a_round_trip_and_keep_one_by_one_semantics(
@@ -497,14 +561,18 @@ async def test_due_retries_of_tasks_gone_or_cancelled_are_dropped_not_queued(
     jobs = await take(queue)
     due = time.time() - 1
     await queue.finish(CONSUMER, [Finish(j, Outcome.RETRY, error="busy", due_at=due) for j in jobs])
-    await redis_client.delete(f"task:{ids[0]}")  # expired while it waited
+    await redis_client.delete(keys_of(queue, ids[0]).task(ids[0]))  # expired while it waited
     assert await queue.cancel(ids[1]) is CancelOutcome.CANCELLED
-    length = await redis_client.xlen("task_stream")
+    length = len(await stream_entries(queue, redis_client))
     assert await queue.promote_due_retries(10) == 1
-    assert await redis_client.zcard("task_stream:retry") == 0
-    entries: list[tuple[str, dict[str, str]]] = await redis_client.xrange("task_stream")  # type: ignore[assignment]
+    for keys in queue.partitions.all:
+        assert await redis_client.zcard(keys.retries) == 0
+    entries = await stream_entries(queue, redis_client)
     assert len(entries) == length + 1
-    assert entries[-1][1]["task_id"] == ids[2]
+    last: list[tuple[str, dict[str, str]]] = await redis_client.xrange(
+        keys_of(queue, ids[2]).stream
+    )  # type: ignore[assignment]
+    assert last[-1][1]["task_id"] == ids[2]
 
 
 async def test_cancel_of_a_pending_task_means_it_never_runs(queue: RedisTaskQueue) -> None:
@@ -526,7 +594,18 @@ async def test_cancel_of_a_running_task_is_passed_to_its_worker(queue: RedisTask
     assert await queue.keep_alive(CONSUMER, [job]) == ["cancel"]
 
 
-async def test_trim_removes_only_acknowledged_entries(queue: RedisTaskQueue) -> None:
+async def test_trim_removes_only_acknowledged_entries(settings: Settings) -> None:
+    # One stream: trimming drops whole stream nodes (100 entries), so a test of it needs more
+    # than 100 entries in one partition.
+    queue = RedisTaskQueue(connect(one_partition(settings)), one_partition(settings))
+    await queue.ensure_group()
+    try:
+        await _check_trim(queue)
+    finally:
+        await queue.close()
+
+
+async def _check_trim(queue: RedisTaskQueue) -> None:
     for i in range(300):
         await submit(queue, prompt=f"p{i}")
     jobs = await queue.start(CONSUMER, await queue.read(CONSUMER, count=250, block_ms=100))
@@ -537,7 +616,7 @@ async def test_trim_removes_only_acknowledged_entries(queue: RedisTaskQueue) -> 
     assert stats.pending == 50
     assert stats.lag == 50
     assert 100 <= stats.stream_length < 300
-    entries: list[tuple[str, dict[str, str]]] = await queue.redis.xrange("task_stream")  # type: ignore[assignment]
+    entries = await stream_entries(queue, queue.redis)
     remaining = {fields["task_id"] for _, fields in entries}
     assert {job.task_id for job in jobs[200:]} <= remaining
 
@@ -562,7 +641,7 @@ async def test_a_task_in_flight_when_its_worker_died_waits_to_run_alone(
     held = await queue.start("heir", deliveries)
     assert [j.verdict for j in held] == [StartVerdict.SUSPECT, StartVerdict.SUSPECT]
     for job in held:  # a suspect left waiting costs no delivery
-        record = await queue.redis.hget(f"task:{job.task_id}", "deliveries")
+        record = await queue.redis.hget(keys_of(queue, job.task_id).task(job.task_id), "deliveries")
         assert record == "1"
     [alone] = await queue.start("heir", deliveries[:1], alone=True)
     assert (alone.verdict, alone.attempts) == (StartVerdict.RUN, 2)
@@ -579,15 +658,24 @@ async def test_a_released_task_gives_its_delivery_back(queue: RedisTaskQueue) ->
 
 
 async def test_stats_read_the_ages_of_the_oldest_waiting_and_pending_entries(
-    queue: RedisTaskQueue, redis_client: redis.asyncio.Redis
+    settings: Settings, redis_client: redis.asyncio.Redis
 ) -> None:
+    queue = RedisTaskQueue(connect(one_partition(settings)), one_partition(settings))
+    await queue.ensure_group()
+    try:
+        await _check_stats_ages(queue, redis_client)
+    finally:
+        await queue.close()
+
+
+async def _check_stats_ages(queue: RedisTaskQueue, redis_client: redis.asyncio.Redis) -> None:
     empty = await queue.stats()
     assert (empty.oldest_undelivered_age, empty.oldest_pending_age) == (0.0, 0.0)
     seconds, _ = await redis_client.time()
     # Entry ids carry the time they were added: these were added 90 s and 30 s ago.
     for age in (90, 30):
         await redis_client.xadd(
-            "task_stream", {"task_id": f"t{age}"}, id=f"{(seconds - age) * 1000}-0"
+            queue.keys.stream, {"task_id": f"t{age}"}, id=f"{(seconds - age) * 1000}-0"
         )
     waiting = await queue.stats()
     assert waiting.oldest_undelivered_age == pytest.approx(90, abs=2)
@@ -618,6 +706,9 @@ async def next_event(pubsub: redis.asyncio.client.PubSub, seconds: float = 2.0) 
     return None
 
 
+@pytest.mark.single_server(
+    reason="listens with plain SUBSCRIBE; a cluster queue announces through sharded pub/sub"
+)
 async def test_a_task_cancelled_at_its_start_is_announced_at_once(
     queue: RedisTaskQueue, redis_client: redis.asyncio.Redis
 ) -> None:
@@ -633,6 +724,9 @@ async def test_a_task_cancelled_at_its_start_is_announced_at_once(
         assert await next_event(pubsub) == task_id
 
 
+@pytest.mark.single_server(
+    reason="listens with plain SUBSCRIBE; a cluster queue announces through sharded pub/sub"
+)
 async def test_a_dead_lettered_task_is_announced_and_the_dead_letters_are_capped(
     settings: Settings, redis_client: redis.asyncio.Redis
 ) -> None:
@@ -669,7 +763,8 @@ async def test_starting_a_task_renews_its_expiry(
 async def test_claiming_goes_on_past_live_entries_instead_of_starting_over(
     settings: Settings, redis_client: redis.asyncio.Redis
 ) -> None:
-    configured = settings.model_copy(update={"claim_idle": 0.2})
+    # One stream, so the order of its pending list is the order the test builds.
+    configured = one_partition(settings, claim_idle=0.2)
     queue = RedisTaskQueue(connect(configured), configured)
     await queue.ensure_group()
     try:
