@@ -583,7 +583,16 @@ class RedisTaskQueue:
             if quotas:
                 keys += (partition.submit_quota(t.scope), partition.unfinished(t.scope))
             keyed: int | str = 0 if t.idempotency_key is None else (t.replacing or 1)
-            batch.append((t.task_id, t.request, t.signature, t.scope, t.traceparent, keyed))
+            batch.append(
+                {
+                    "task_id": t.task_id,
+                    "request": t.request,
+                    "signature": t.signature,
+                    "scope": t.scope,
+                    "trace": t.traceparent,
+                    "idempotency": keyed,
+                }
+            )
         reply = await self._call(
             self._submit_script,
             keys,
@@ -593,14 +602,17 @@ class RedisTaskQueue:
                   partition.work if len(self.partitions) > 1 else "", self._publish],
         )  # fmt: skip
         submitted = []
-        for outcome_name, task_id, result, tokens, reset_ms in reply:
-            outcome = SubmitOutcome(outcome_name)
+        for answer in orjson.loads(reply):
+            outcome = SubmitOutcome(answer["outcome"])
+            tokens = answer["tokens"]
             submitted.append(
                 Submitted(
-                    task_id=task_id,
+                    task_id=answer["task_id"],
                     outcome=outcome,
-                    result=orjson.loads(result) if outcome is SubmitOutcome.CACHED else None,
-                    quota=_quota(s, tokens, reset_ms) if tokens >= 0 else None,
+                    result=orjson.loads(answer["result"])
+                    if outcome is SubmitOutcome.CACHED
+                    else None,
+                    quota=_quota(s, tokens, answer["reset_ms"]) if tokens >= 0 else None,
                 )
             )
         return submitted

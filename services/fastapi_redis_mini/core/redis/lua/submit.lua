@@ -11,14 +11,14 @@
 -- KEYS: stream, then per task: task, cache, idempotency[, quota bucket, unfinished set]
 -- ARGV: now, cache_ttl, result_expiry, idempotency_ttl, rate (tokens a second; 0: none),
 --       burst, max_unfinished (0: none), quota_keys (1: KEYS carry the two quota keys),
---       JSON [[task_id, request, signature, scope, trace, idempotency], ..],
+--       JSON [{task_id, request, signature, scope, trace, idempotency}, ..],
 --       work_channel (announces new entries; "" with a single partition), publish command
 --       where idempotency is 0 (no key), 1 (a key), or the id of a task the caller found gone
 --       that the key may still point at (then the key is taken over for this task)
--- Returns per task: {outcome, task_id, result, tokens_left, reset_ms}, outcome one of
+-- Returns JSON, per task {outcome, task_id, result, tokens, reset_ms}, outcome one of
 -- 'queued', 'cached' (task_id: the task that computed the result), 'duplicate' (task_id: the
 -- key's first task), 'rate_limited' (reset_ms: until a token is back), 'too_many_unfinished';
--- tokens_left is -1 without a rate; reset_ms is until the bucket is full again.
+-- tokens (whole tokens left) is -1 without a rate; reset_ms is until the bucket is full again.
 local stream, now, cache_ttl, result_expiry, idempotency_ttl =
   KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local rate, burst, max_unfinished = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
@@ -75,11 +75,11 @@ for i, task in ipairs(batch) do
   local key, cache, idempotency = KEYS[base + 1], KEYS[base + 2], KEYS[base + 3]
   local bucket, unfinished = KEYS[base + 4], KEYS[base + 5]
   local task_id, request, signature, scope, trace, keyed =
-    task[1], task[2], task[3], task[4], task[5], task[6]
+    task.task_id, task.request, task.signature, task.scope, task.trace, task.idempotency
   if redis.call('EXISTS', key) == 1 then
     -- This very submit ran before and queued its task: answer as then, change nothing, count
     -- nothing. (A hit stores nothing, so sent again it is simply answered again.)
-    out[i] = {'queued', task_id, '', -1, 0}
+    out[i] = {outcome = 'queued', task_id = task_id, result = '', tokens = -1, reset_ms = 0}
   else
     local existing = keyed ~= 0 and redis.call('GET', idempotency)
     if existing == keyed then
@@ -104,9 +104,10 @@ for i, task in ipairs(batch) do
       end
     end
     if refused then
-      out[i] = {refused, '', '', tokens, reset_ms}
+      out[i] = {outcome = refused, task_id = '', result = '', tokens = tokens, reset_ms = reset_ms}
     elseif existing then
-      out[i] = {'duplicate', existing, '', tokens, reset_ms}
+      out[i] = {outcome = 'duplicate', task_id = existing, result = '', tokens = tokens,
+        reset_ms = reset_ms}
     else
       if hit then
         -- Answered with the task that computed the result; nothing new is stored, so hits
@@ -115,10 +116,11 @@ for i, task in ipairs(batch) do
         if keyed ~= 0 then
           redis.call('SET', idempotency, hit_id, 'EX', math.min(idempotency_ttl, hit_left))
         end
-        out[i] = {'cached', hit_id, hit, tokens, reset_ms}
+        out[i] = {outcome = 'cached', task_id = hit_id, result = hit, tokens = tokens,
+          reset_ms = reset_ms}
       else
         redis.call('HSET', key, 'status', 'PENDING', 'request', request, 'signature', signature,
-          'scope', scope, 'cache_key', cache, 'created_at', now, 'trace', trace,
+          'scope', scope, 'created_at', now, 'trace', trace,
           'attempts', '0', 'deliveries', '0')
         redis.call('XADD', stream, '*', 'task_id', task_id)
         queued = queued + 1
@@ -132,7 +134,8 @@ for i, task in ipairs(batch) do
           -- Set in the same instant as the task's TTL, and a task's TTL is only ever extended.
           redis.call('SET', idempotency, task_id, 'EX', math.min(idempotency_ttl, result_expiry))
         end
-        out[i] = {'queued', task_id, '', tokens, reset_ms}
+        out[i] = {outcome = 'queued', task_id = task_id, result = '', tokens = tokens,
+          reset_ms = reset_ms}
       end
     end
   end
@@ -140,4 +143,4 @@ end
 if queued > 0 and work_channel ~= '' then
   redis.call(publish, work_channel, queued)
 end
-return out
+return cjson.encode(out)
