@@ -10,6 +10,8 @@ import pytest
 from fastapi_redis_mini.api.app import create_app
 from fastapi_redis_mini.core.handlers import SimulatedInference
 from fastapi_redis_mini.core.redis import RedisTaskQueue, connect
+from fastapi_redis_mini.core.redis.keys import Partitions
+from fastapi_redis_mini.core.redis.queue import is_cluster
 from fastapi_redis_mini.core.settings import Settings
 from fastapi_redis_mini.worker.runner import Worker
 
@@ -57,3 +59,9 @@ def make_client(settings: Settings) -> ClientFactory:
 async def client(make_client: ClientFactory) -> AsyncIterator[httpx.AsyncClient]:
     async with make_client() as client:
         yield client
+
+
+@pytest.fixture
+def partitions(settings: Settings) -> Partitions:
+    """The key names the app uses on the test backend, for tests that look at Redis."""
+    return Partitions.from_settings(settings, cluster=is_cluster(settings))

@@ -6,6 +6,7 @@ import asyncio
 import re
 
 import httpx
+import pytest
 import redis.asyncio
 from pydantic import SecretStr
 
@@ -86,6 +87,7 @@ async def test_finished_tasks_stop_counting_against_max_unfinished(
     assert second.status_code == 202
 
 
+@pytest.mark.single_server(reason="counts one server's script calls with INFO commandstats")
 async def test_quotas_travel_in_the_submit_script_call_of_a_batch(
     settings: Settings, redis_client: redis.asyncio.Redis
 ) -> None:

@@ -11,6 +11,7 @@ import redis.asyncio
 from pydantic import SecretStr
 
 from fastapi_redis_mini.core.models import TASK_ID_PATTERN, Task, TaskCreate
+from fastapi_redis_mini.core.redis.keys import Partitions
 
 from .conftest import ClientFactory
 
@@ -21,13 +22,17 @@ async def submit(client: httpx.AsyncClient, body: object, **headers: str) -> htt
     return await client.post("/tasks", json=body, headers=headers)
 
 
-async def test_submit_answers_202_with_a_pending_task(client: httpx.AsyncClient) -> None:
+async def test_submit_answers_202_with_a_pending_task(
+    client: httpx.AsyncClient, partitions: Partitions
+) -> None:
     response = await submit(client, {"prompt": "hi", "params": {"duration": 0.2}})
     assert response.status_code == 202
     body = response.json()
     assert body["status"] == "PENDING"
     assert body["cached"] is False
-    assert len(body["task_id"]) == 32
+    # 32 hex digits, after `<partition>-` when there are several partitions.
+    assert partitions.of_task(body["task_id"]) is not None
+    assert len(body["task_id"].rpartition("-")[2]) == 32
 
 
 async def test_a_task_goes_pending_running_done(client: httpx.AsyncClient) -> None:
@@ -218,7 +223,7 @@ async def test_an_idempotency_key_outside_its_limits_is_refused_naming_the_heade
 
 
 async def test_repeats_of_an_idempotency_key_after_its_task_expired_make_one_task(
-    make_client: ClientFactory, redis_client: redis.asyncio.Redis
+    make_client: ClientFactory, redis_client: redis.asyncio.Redis, partitions: Partitions
 ) -> None:
     key = {"Idempotency-Key": "order-17"}
 
@@ -237,10 +242,14 @@ async def test_repeats_of_an_idempotency_key_after_its_task_expired_make_one_tas
         assert second != first
         # A key that outlived its task (as one written under a longer RESULT_EXPIRY can):
         # it is taken over, once.
-        await redis_client.delete(f"task:{second}")
+        second_keys = partitions.of_task(second)
+        assert second_keys is not None
+        await redis_client.delete(second_keys.task(second))
         [third] = await five_repeats(client)
         assert third != second
-        assert await redis_client.get("idempotency::order-17") == third
+        # A submit with an Idempotency-Key is decided in the key's partition.
+        key_name = partitions.of_submit("", "", "order-17").idempotency("order-17")
+        assert await redis_client.get(key_name) == third
 
 
 async def test_a_tenants_task_is_answered_without_its_scope(make_client: ClientFactory) -> None:

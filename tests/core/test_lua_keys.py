@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from importlib import resources
 
 import orjson
+import pytest
 import redis
 from redis.exceptions import ResponseError
 
@@ -23,6 +24,8 @@ from fastapi_redis_mini.core.models import TaskCreate, request_signature
 from fastapi_redis_mini.core.queue import Finish, Job, Outcome
 from fastapi_redis_mini.core.redis import RedisTaskQueue, connect
 from fastapi_redis_mini.core.settings import Settings
+
+pytestmark = pytest.mark.single_server(reason="MONITOR watches the commands of one server")
 
 CONSUMER = "keys-check"
 _ARGUMENT = re.compile(rb'"((?:[^"\\]|\\.)*)"')

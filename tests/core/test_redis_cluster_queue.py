@@ -74,9 +74,11 @@ async def take(queue: RedisTaskQueue) -> list[Job]:
     return await queue.start(CONSUMER, await queue.read(CONSUMER, count=100, block_ms=100))
 
 
-def test_auto_finds_a_cluster_by_asking_the_server(redis_cluster_url: str, redis_url: str) -> None:
+def test_auto_finds_a_cluster_by_asking_the_server(
+    redis_cluster_url: str, redis_server: RedisServer
+) -> None:
     assert is_cluster(Settings(redis_url=redis_cluster_url))
-    assert not is_cluster(Settings(redis_url=redis_url))
+    assert not is_cluster(Settings(redis_url=redis_server.url))
     # An explicit setting is taken as given, without asking.
     assert not is_cluster(Settings(redis_url=redis_cluster_url, redis_cluster="false"))
     assert is_cluster(Settings(redis_url="redis://127.0.0.1:1/0", redis_cluster="true"))
