@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import orjson
 import pytest
@@ -696,19 +697,47 @@ async def test_stats_count_the_tasks_waiting_out_a_retry(queue: RedisTaskQueue) 
     assert (stats.retry_size, stats.lag, stats.pending) == (1, 0, 0)
 
 
-async def next_event(pubsub: redis.asyncio.client.PubSub, seconds: float = 2.0) -> str | None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.1)
-        if message is not None:
-            data: str = message["data"]
-            return data
-    return None
+class Announcements:
+    """A subscription to one partition's events channel, as the queue announces on it: plain
+    pub/sub on one server, sharded pub/sub (SSUBSCRIBE) on a cluster."""
+
+    def __init__(self, redis_client: redis.asyncio.Redis, channel: str) -> None:
+        self._client: Any = redis_client
+        self._channel = channel
+        self._sharded = isinstance(self._client, redis.asyncio.RedisCluster)
+        self._pubsub: Any = None
+
+    async def __aenter__(self) -> Announcements:
+        if self._sharded:
+            await self._client.initialize()  # the pub/sub picks its node from the slots
+        self._pubsub = self._client.pubsub()
+        if self._sharded:
+            await self._pubsub.ssubscribe(self._channel)
+        else:
+            await self._pubsub.subscribe(self._channel)
+        # Only once the server confirmed it does the subscription hear what comes next.
+        assert await self._next(2.0, kinds=("subscribe", "ssubscribe")) == self._channel
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self._pubsub.aclose()
+
+    async def next(self, seconds: float = 2.0) -> str | None:
+        return await self._next(seconds, kinds=("message", "smessage"))
+
+    async def _next(self, seconds: float, *, kinds: tuple[str, ...]) -> str | None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if self._sharded:
+                message = await self._pubsub.get_sharded_message(timeout=0.1)
+            else:
+                message = await self._pubsub.get_message(timeout=0.1)
+            if message is not None and message["type"] in kinds:
+                data = message["channel"] if "subscribe" in message["type"] else message["data"]
+                return str(data)
+        return None
 
 
-@pytest.mark.single_server(
-    reason="listens with plain SUBSCRIBE; a cluster queue announces through sharded pub/sub"
-)
 async def test_a_task_cancelled_at_its_start_is_announced_at_once(
     queue: RedisTaskQueue, redis_client: redis.asyncio.Redis
 ) -> None:
@@ -716,26 +745,22 @@ async def test_a_task_cancelled_at_its_start_is_announced_at_once(
     deliveries = await queue.read(CONSUMER, count=10, block_ms=100)
     await queue.start(CONSUMER, deliveries)
     assert await queue.cancel(task_id) is CancelOutcome.REQUESTED
-    async with redis_client.pubsub() as pubsub:
-        await pubsub.subscribe(queue.keys.events)
+    async with Announcements(redis_client, keys_of(queue, task_id).events) as announcements:
         # Its worker died; the redelivery finds the cancel request before running it again.
         [job] = await queue.start("another-worker", deliveries)
         assert job.verdict is StartVerdict.CANCELLED
-        assert await next_event(pubsub) == task_id
+        assert await announcements.next() == task_id
 
 
-@pytest.mark.single_server(
-    reason="listens with plain SUBSCRIBE; a cluster queue announces through sharded pub/sub"
-)
 async def test_a_dead_lettered_task_is_announced_and_the_dead_letters_are_capped(
     settings: Settings, redis_client: redis.asyncio.Redis
 ) -> None:
-    configured = settings.model_copy(update={"max_deliveries": 1, "dead_letter_maxlen": 2})
+    # One partition: DEAD_LETTER_MAXLEN caps each partition's dead letters.
+    configured = one_partition(settings, max_deliveries=1, dead_letter_maxlen=2)
     queue = RedisTaskQueue(connect(configured), configured)
     await queue.ensure_group()
     try:
-        async with redis_client.pubsub() as pubsub:
-            await pubsub.subscribe(queue.keys.events)
+        async with Announcements(redis_client, queue.keys.events) as announcements:
             dead = []
             for n in range(3):
                 task_id = await submit(queue, f"poison {n}")
@@ -743,7 +768,7 @@ async def test_a_dead_lettered_task_is_announced_and_the_dead_letters_are_capped
                 [first] = await queue.start(CONSUMER, deliveries)
                 [job] = await queue.start(CONSUMER, deliveries, alone=True)
                 assert (first.verdict, job.verdict) == (StartVerdict.RUN, StartVerdict.DEAD)
-                assert await next_event(pubsub) == task_id
+                assert await announcements.next() == task_id
                 dead.append(task_id)
         letters = await queue.dead_letters(10)
     finally:
@@ -755,9 +780,10 @@ async def test_starting_a_task_renews_its_expiry(
     queue: RedisTaskQueue, redis_client: redis.asyncio.Redis
 ) -> None:
     task_id = await submit(queue)
-    await redis_client.expire(queue.keys.task(task_id), 5)  # near the end of RESULT_EXPIRY
+    key = keys_of(queue, task_id).task(task_id)
+    await redis_client.expire(key, 5)  # near the end of RESULT_EXPIRY
     await take(queue)
-    assert await redis_client.ttl(queue.keys.task(task_id)) > 86000
+    assert await redis_client.ttl(key) > 86000
 
 
 async def test_claiming_goes_on_past_live_entries_instead_of_starting_over(
