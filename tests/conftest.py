@@ -19,7 +19,7 @@ from fastapi_redis_mini_harness.redis_server import RedisServer
 BACKENDS = ("server", "cluster")
 
 
-def redis_backend() -> str:
+def redis_backend_name() -> str:
     backend = os.environ.get("TEST_REDIS_BACKEND", "server")
     if backend not in BACKENDS:
         raise pytest.UsageError(
@@ -30,12 +30,12 @@ def redis_backend() -> str:
 
 def pytest_report_header() -> str:
     server = os.environ.get("TEST_REDIS_SERVER", "valkey")
-    return f"redis server: {server}, backend: {redis_backend()}"
+    return f"redis server: {server}, backend: {redis_backend_name()}"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """On the cluster backend, skip the tests marked `single_server`, with the mark's reason."""
-    if redis_backend() != "cluster":
+    if redis_backend_name() != "cluster":
         return
     for item in items:
         mark = item.get_closest_marker("single_server")
@@ -71,18 +71,22 @@ def redis_cluster_url(redis_cluster: RedisCluster) -> str:
     return redis_cluster.url
 
 
+@pytest.fixture(scope="session")
+def redis_backend(request: pytest.FixtureRequest) -> RedisServer | RedisCluster:
+    """What TEST_REDIS_BACKEND names: the session server, or the session cluster. Fixtures
+    wider than one test use it directly, and empty it themselves."""
+    if redis_backend_name() == "cluster":
+        cluster: RedisCluster = request.getfixturevalue("redis_cluster")
+        return cluster
+    server: RedisServer = request.getfixturevalue("redis_server")
+    return server
+
+
 @pytest.fixture
-def redis_url(request: pytest.FixtureRequest) -> str:
-    """The backend's URL, emptied before the test: the session server, or with
-    TEST_REDIS_BACKEND=cluster one node of the session cluster."""
-    if redis_backend() == "cluster":
-        url: str = request.getfixturevalue("redis_cluster_url")
-        return url
-    redis_server: RedisServer = request.getfixturevalue("redis_server")
-    client = redis.Redis(port=redis_server.port)
-    client.flushall()
-    client.close()
-    return redis_server.url
+def redis_url(redis_backend: RedisServer | RedisCluster) -> str:
+    """The backend's URL (on a cluster, one node's), emptied before the test."""
+    redis_backend.flush()
+    return redis_backend.url
 
 
 @pytest.fixture
@@ -95,7 +99,7 @@ def settings(redis_url: str) -> Settings:
 async def redis_client(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
     """A plain client on the backend; on the cluster one that follows the slots."""
     client: redis.asyncio.Redis
-    if redis_backend() == "cluster":
+    if redis_backend_name() == "cluster":
         # The two clients share the command API the tests use; the cluster one routes by slot.
         client = redis.asyncio.RedisCluster.from_url(redis_url, decode_responses=True)  # type: ignore[assignment]
     else:

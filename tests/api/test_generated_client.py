@@ -22,9 +22,9 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
 
 from fastapi_redis_mini_harness.processes import Process, start_api, start_worker
+from fastapi_redis_mini_harness.redis_cluster import RedisCluster
 from fastapi_redis_mini_harness.redis_server import RedisServer
 
 pytestmark = pytest.mark.slow
@@ -105,15 +105,14 @@ def load(package_dir: Path) -> ModuleType:
 
 @pytest.fixture(scope="module")
 def generated(
-    redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
+    redis_backend: RedisServer | RedisCluster, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Generated]:
-    with redis.Redis(port=redis_server.port) as client:
-        client.flushall()
+    redis_backend.flush()
     env = {"API_KEYS": API_KEY, "MAX_BODY_BYTES": str(MAX_BODY_BYTES)}
-    api = start_api(redis_server.url, env, MAX_BACKLOG=str(MAX_BACKLOG))
+    api = start_api(redis_backend.url, env, MAX_BACKLOG=str(MAX_BACKLOG))
     worker = None
     try:
-        worker = start_worker(redis_server.url)
+        worker = start_worker(redis_backend.url)
         openapi = httpx.get(api.base_url + "/openapi.json", timeout=10).content
         package_dir = generate(openapi, tmp_path_factory.mktemp("generated"))
         yield Generated(load(package_dir), api, worker, package_dir)
@@ -233,11 +232,11 @@ def test_error_answers_parse_as_the_documented_error(generated: Generated) -> No
 
 
 def test_a_key_over_its_submit_rate_gets_a_429(
-    generated: Generated, redis_server: RedisServer
+    generated: Generated, redis_backend: RedisServer | RedisCluster
 ) -> None:
     submit_task = generated.module("api.tasks.submit_task")
     limited = start_api(
-        redis_server.url,
+        redis_backend.url,
         API_KEYS=API_KEY,
         SUBMIT_RATE_PER_KEY="0.01",
         SUBMIT_BURST_PER_KEY="1",
