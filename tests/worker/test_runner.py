@@ -10,10 +10,11 @@ from typing import Any
 import httpx
 import pytest
 import redis.asyncio
+from prometheus_client import REGISTRY
 
 from fastapi_redis_mini.core.handlers import SimulatedInference, TaskHandler
 from fastapi_redis_mini.core.models import Task, TaskCreate, TaskStatus, request_signature
-from fastapi_redis_mini.core.queue import Finish, FinishVerdict, Job
+from fastapi_redis_mini.core.queue import Finish, FinishVerdict, Job, QueueBusy, QueueState
 from fastapi_redis_mini.core.redis import RedisTaskQueue, connect
 from fastapi_redis_mini.core.settings import Settings
 from fastapi_redis_mini.worker._http import build_app
@@ -211,6 +212,48 @@ async def test_a_task_never_runs_again_while_its_outcome_is_buffered(
     await stop(worker, running)
     assert (record.status, record.attempts) == (TaskStatus.DONE, 1)
     assert calls == ["twice in the stream"]
+
+
+class WaitTimesOutOnce(RedisTaskQueue):
+    """The real queue whose first finish writes its outcomes, then fails as a durable wait
+    that timed out does: the script ran, the call raised."""
+
+    failed = False
+
+    async def finish(self, consumer: str, finishes: Sequence[Finish]) -> list[FinishVerdict]:
+        verdicts = await super().finish(consumer, finishes)
+        if not self.failed:
+            self.failed = True
+            raise QueueBusy(QueueState.CANNOT_PERSIST, "WAITAOF confirmed no fsync in time")
+        return verdicts
+
+
+def finished_done() -> float:
+    return (
+        REGISTRY.get_sample_value("fastapi_redis_mini_tasks_finished_total", {"status": "DONE"})
+        or 0.0
+    )
+
+
+async def test_an_outcome_written_by_a_call_that_then_failed_is_counted_once(
+    queue: RedisTaskQueue, settings: Settings, submit: Submit
+) -> None:
+    task_id = await submit("written, then the wait timed out")
+    before = finished_done()
+    failing = WaitTimesOutOnce(connect(settings), settings)
+    worker = Worker(failing, SimulatedInference(1), settings)
+    running = asyncio.create_task(worker.run())
+    record = await wait_final(queue, task_id)
+
+    async def counted() -> bool:
+        return finished_done() > before
+
+    # The retry finds the task final, by its own write: DONE is counted, and only once.
+    await poll_async(counted, 10, 0.02, "the DONE written before the failure was never counted")
+    await stop(worker, running)
+    assert failing.failed
+    assert record.status is TaskStatus.DONE
+    assert finished_done() - before == 1
 
 
 class BrokenKeepAlive(RedisTaskQueue):

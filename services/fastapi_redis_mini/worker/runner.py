@@ -351,6 +351,10 @@ class Worker:
 
     async def _flush_loop(self) -> None:
         backoff = _Backoff()
+        # Tasks whose outcome was sent in a call that then failed: the script may have run
+        # (a durable wait that timed out, a reply lost on the way back). If the retry finds
+        # such a task final, that is this worker's own write, and it is counted as written.
+        unsure: set[str] = set()
         while True:
             await _first(self._flush_needed.wait(), self._closed.wait())
             if self._closed.is_set():
@@ -364,6 +368,7 @@ class Worker:
                     # The outcomes stay buffered and their entries unacknowledged: nothing is
                     # lost, and a worker that dies meanwhile leaves them to be reclaimed.
                     redis_errors.labels("finish").inc()
+                    unsure.update(f.job.task_id for f in batch)
                     log.warning("redis cannot take outcomes (%s); retrying", error)
                     await _sleep_or_stop(backoff.next(), self._closed)
                     if self._closed.is_set():
@@ -371,9 +376,11 @@ class Worker:
                     continue
                 backoff.reset()
                 del self._finished[: len(batch)]
-                self._record(batch, verdicts)
+                self._record(batch, verdicts, unsure)
 
-    def _record(self, batch: Sequence[Finish], verdicts: Sequence[FinishVerdict]) -> None:
+    def _record(
+        self, batch: Sequence[Finish], verdicts: Sequence[FinishVerdict], unsure: set[str]
+    ) -> None:
         now = time.time()
         for finish, verdict in zip(batch, verdicts, strict=True):
             job = finish.job
@@ -381,6 +388,10 @@ class Worker:
             if record is not None and record.job is job:
                 del self._tasks[job.task_id]
                 self._phases[Phase.WRITING] -= 1
+            sent_before = job.task_id in unsure
+            unsure.discard(job.task_id)
+            if verdict is FinishVerdict.STALE and sent_before:
+                verdict = FinishVerdict.WRITTEN  # written by the call that failed after it ran
             if verdict is not FinishVerdict.WRITTEN:
                 continue
             if finish.outcome is Outcome.RETRY:
