@@ -17,6 +17,7 @@ from redis._parsers.base import BaseParser
 from fastapi_redis_mini.core.models import TaskCreate, request_signature
 from fastapi_redis_mini.core.queue import QueueBusy, QueueState, QueueUnavailable
 from fastapi_redis_mini.core.redis import RedisTaskQueue, connect, queue_error
+from fastapi_redis_mini.core.redis.queue import torn_down
 from fastapi_redis_mini.core.settings import Settings
 from fastapi_redis_mini_harness.ports import free_port
 from fastapi_redis_mini_harness.redis_server import RedisServer
@@ -187,3 +188,17 @@ def test_the_cluster_clients_own_errors_mean_the_cluster_is_down(
 def test_a_pipeline_the_cluster_client_refuses_stays_a_defect() -> None:
     error = redis.exceptions.CrossSlotTransactionError("keys in more than one slot")
     assert queue_error(error) is None
+
+
+async def test_a_connection_closed_under_a_call_reads_as_torn_down_not_a_defect() -> None:
+    # redis-py's own connection in the state the cluster client's concurrent close leaves it
+    # in: connected once, its writer gone. The call fails inside redis-py's code.
+    connection = redis.asyncio.Connection(host="127.0.0.1", port=free_port())
+    with pytest.raises(AttributeError) as raised:
+        await connection._send_packed_command([b"PING\r\n"])
+    assert torn_down(raised.value)
+    # The same exception type raised by code of ours is a defect, and stays one.
+    with pytest.raises(AttributeError) as ours:
+        getattr(None, "writelines")  # noqa: B009 - an AttributeError raised outside redis-py
+    assert not torn_down(ours.value)
+    assert not torn_down(RuntimeError("Event loop is closed"))

@@ -24,6 +24,7 @@ from typing import Any, ParamSpec, TypeAlias, TypeVar
 import orjson
 import redis as sync_redis
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
+from redis.asyncio import connection as redis_connection
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import ClusterNode, PipelineCommand
 from redis.asyncio.retry import Retry
@@ -115,6 +116,24 @@ def queue_error(error: RedisError | RedisClusterException) -> QueueUnavailable |
     return None
 
 
+def torn_down(error: BaseException) -> bool:
+    """Whether `error` is redis-py meeting a connection that was closed under it.
+
+    The cluster client closes a node's connections when the node fails or the cluster is
+    down, including connections another call is using. That call then fails inside
+    redis-py's connection code, as an AttributeError (its writer is gone) or a RuntimeError
+    from the closed transport: a lost connection, not a defect of ours.
+    """
+    if not isinstance(error, (AttributeError, RuntimeError)):
+        return False
+    traceback = error.__traceback__
+    while traceback is not None:
+        if traceback.tb_frame.f_code.co_filename == redis_connection.__file__:
+            return True
+        traceback = traceback.tb_next
+    return False
+
+
 def _translated(method: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
     """Raise the queue's own errors from a method, so no caller needs to know redis-py's."""
 
@@ -130,6 +149,11 @@ def _translated(method: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any,
             if translated is None:
                 raise
             raise translated from error
+        except (AttributeError, RuntimeError) as error:
+            if not torn_down(error):
+                raise
+            detail = f"a connection closed during the call ({type(error).__name__}: {error})"
+            raise QueueUnavailable(QueueState.UNREACHABLE, detail) from error
 
     return call
 
@@ -1183,7 +1207,7 @@ class _Subscription:
                 # never ends on its own; meanwhile long-polls read the task every 5 s, and
                 # workers read every partition once a second.
                 self._subscribed.clear()
-                if isinstance(error, (RedisError, RedisClusterException)):
+                if isinstance(error, (RedisError, RedisClusterException)) or torn_down(error):
                     log.warning("%s subscription failed (%s); retrying", self._name, error)
                 else:
                     log.exception("%s listener failed; subscribing again", self._name)
