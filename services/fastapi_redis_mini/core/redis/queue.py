@@ -259,30 +259,23 @@ def connect(settings: Settings) -> Client:
     cluster client finds every node from the one REDIS_URL names, and follows MOVED and ASK.
     """
     password = settings.redis_password.get_secret_value() if settings.redis_password else None
+    options: dict[str, Any] = {
+        "max_connections": settings.redis_max_connections,
+        "password": password,
+        "decode_responses": True,
+        "socket_connect_timeout": 5,
+        "socket_timeout": settings.redis_socket_timeout,
+        "socket_keepalive": True,
+        "health_check_interval": 30,
+        "retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=1),
+    }
     if is_cluster(settings):
-        return RedisCluster.from_url(
-            settings.redis_url,
-            max_connections=settings.redis_max_connections,
-            password=password,
-            decode_responses=True,
-            socket_connect_timeout=5,
-            socket_timeout=settings.redis_socket_timeout,
-            socket_keepalive=True,
-            health_check_interval=30,
-            retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=1),
-        )
+        return RedisCluster.from_url(settings.redis_url, **options)
     pool = BlockingConnectionPool.from_url(
         settings.redis_url,
-        max_connections=settings.redis_max_connections,
         timeout=5,
-        password=password,
-        decode_responses=True,
-        socket_connect_timeout=5,
-        socket_timeout=settings.redis_socket_timeout,
-        socket_keepalive=True,
-        health_check_interval=30,
-        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=1),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        **options,
     )
     return Redis.from_pool(pool)
 
