@@ -1,8 +1,15 @@
-"""The Redis Streams implementation of TaskQueue.
+"""The Redis Streams implementation of TaskQueue: the RedisTaskQueue class.
 
 Every multi-step change of state is one Lua script (see lua/), so it is atomic, and batches
 travel in one round trip: a worker's deliveries and outcomes, and the api's submits and reads
 that meet in one process (see batching.Coalescer).
+
+This module owns the class, the `_translated` decorator its methods wear, and the parsing of
+its scripts' replies. The rest lives beside it, each module saying what it owns: _errors.py
+(what a redis-py error means for the queue), _connect.py (the client and cluster detection),
+_durability.py (DURABLE_ACKS), _routing.py (how a script call reaches its slot's node, a base
+of the class), _fairness.py (reading every partition in turn) and _subscription.py (pub/sub).
+Their public names are imported here too, where they were before the split.
 """
 
 from __future__ import annotations
@@ -13,37 +20,17 @@ import dataclasses
 import functools
 import logging
 import math
-import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, ParamSpec, TypeAlias, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import orjson
-import redis as sync_redis
-from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
-from redis.asyncio import connection as redis_connection
-from redis.asyncio.client import PubSub
-from redis.asyncio.cluster import ClusterNode, PipelineCommand
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff
+from redis.asyncio import RedisCluster
 from redis.commands.core import AsyncScript
-from redis.exceptions import (
-    AskError,
-    ClusterError,
-    CrossSlotTransactionError,
-    InvalidPipelineStack,
-    MaxConnectionsError,
-    MovedError,
-    NoScriptError,
-    RedisClusterException,
-    RedisError,
-    ResponseError,
-)
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from ..batching import Coalescer
 from ..models import Task, TaskCreate
@@ -55,7 +42,6 @@ from ..queue import (
     FinishVerdict,
     Job,
     Outcome,
-    QueueBusy,
     QueueState,
     QueueStats,
     QueueUnavailable,
@@ -65,73 +51,30 @@ from ..queue import (
     Submitted,
 )
 from ..settings import Settings
+from ._connect import Client, connect, is_cluster
+from ._durability import check_durable_acks, durable_wait, exit_unless_durable_acks
+from ._errors import queue_error, torn_down
+from ._fairness import fair_share
+from ._routing import SlotRouting
+from ._subscription import Subscription
 from .keys import Keys, Partitions
+
+__all__ = [
+    "Client",
+    "RedisTaskQueue",
+    "check_durable_acks",
+    "connect",
+    "exit_unless_durable_acks",
+    "is_cluster",
+    "new_task_id",
+    "queue_error",
+    "torn_down",
+]
 
 log = logging.getLogger(__name__)
 
-# A single server's client, or a Redis Cluster's (REDIS_CLUSTER).
-Client: TypeAlias = Redis | RedisCluster
-
-# The error prefixes of the server states that pass on their own. redis-py gives some their own
-# class (OutOfMemoryError, ReadOnlyError, BusyLoadingError, ...) and leaves the rest a plain
-# ResponseError, so the prefix, not the class, decides.
-_SERVER_STATES = {
-    "OOM": QueueState.OUT_OF_MEMORY,
-    "READONLY": QueueState.READ_ONLY,
-    "MISCONF": QueueState.CANNOT_PERSIST,
-    "LOADING": QueueState.LOADING,
-    "BUSY": QueueState.BUSY,
-    "MASTERDOWN": QueueState.MASTER_DOWN,
-    "TRYAGAIN": QueueState.TRY_AGAIN,
-    "CLUSTERDOWN": QueueState.CLUSTER_DOWN,
-    "UNBLOCKED": QueueState.UNBLOCKED,
-    "NOREPLICAS": QueueState.NO_REPLICAS,
-}
-
 P = ParamSpec("P")
 T = TypeVar("T")
-
-
-def queue_error(error: RedisError | RedisClusterException) -> QueueUnavailable | None:
-    """The queue's error for a Redis error, or None when the error is a defect of ours."""
-    if isinstance(error, RedisClusterException):
-        # The cluster client's own verdicts while the topology changes (a slot no node serves
-        # yet, no node reachable, nodes that disagree on the slots), not the server's. Only a
-        # pipeline or transaction the client refuses to send is ours to fix.
-        if isinstance(error, (CrossSlotTransactionError, InvalidPipelineStack)):
-            return None
-        return QueueUnavailable(QueueState.CLUSTER_DOWN, str(error) or type(error).__name__)
-    # redis-py strips the prefix from the message of the errors it maps and keeps it in
-    # status_code; the others keep it as their first word.
-    prefix = error.status_code or str(error).partition(" ")[0]
-    state = _SERVER_STATES.get(prefix)
-    if state is not None:
-        return QueueBusy(state, str(error))
-    if isinstance(error, (RedisConnectionError, RedisTimeoutError)):
-        return QueueUnavailable(QueueState.UNREACHABLE, str(error) or type(error).__name__)
-    if type(error) is ClusterError:
-        # Raised by the cluster client after too many redirections in a row ("TTL
-        # exhausted"): slots were moving or failing over for the whole retry.
-        return QueueUnavailable(QueueState.CLUSTER_DOWN, str(error))
-    return None
-
-
-def torn_down(error: BaseException) -> bool:
-    """Whether `error` is redis-py meeting a connection that was closed under it.
-
-    The cluster client closes a node's connections when the node fails or the cluster is
-    down, including connections another call is using. That call then fails inside
-    redis-py's connection code, as an AttributeError (its writer is gone) or a RuntimeError
-    from the closed transport: a lost connection, not a defect of ours.
-    """
-    if not isinstance(error, (AttributeError, RuntimeError)):
-        return False
-    traceback = error.__traceback__
-    while traceback is not None:
-        if traceback.tb_frame.f_code.co_filename == redis_connection.__file__:
-            return True
-        traceback = traceback.tb_next
-    return False
 
 
 def _translated(method: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
@@ -161,123 +104,9 @@ def _translated(method: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any,
 _IDLE_CONSUMER_MS = 3_600_000
 
 
-async def check_durable_acks(settings: Settings) -> str | None:
-    """At start: why the server cannot give the DURABLE_ACKS asked for, or None when it can.
-
-    On a Redis Cluster every master is asked, since each acknowledges the writes of its slots.
-    A server that cannot be reached is not judged (None, and a warning): the services start
-    and wait for Redis as they always do.
-    """
-    if settings.durable_acks == "none":
-        return None
-    redis = connect(settings)
-    try:
-        if isinstance(redis, RedisCluster):
-            await redis.initialize()
-            for node in redis.get_primaries():
-                problem = await _durability_problem(settings, node.execute_command, node.name)
-                if problem is not None:
-                    return problem
-            return None
-        return await _durability_problem(settings, redis.execute_command, "")
-    except (RedisConnectionError, RedisTimeoutError, RedisClusterException) as error:
-        log.warning("DURABLE_ACKS=%s not checked: Redis unreachable at start (%s)",
-                    settings.durable_acks, error)  # fmt: skip
-        return None
-    finally:
-        await redis.aclose()
-
-
-async def _durability_problem(
-    settings: Settings, execute: Callable[..., Awaitable[Any]], node: str
-) -> str | None:
-    """What one server (a cluster `node`, named in the answer) lacks for DURABLE_ACKS."""
-    on = f" (cluster node {node})" if node else ""
-    info = await execute("INFO", "server")
-    version = info.get("valkey_version") and f"Valkey {info['valkey_version']}"
-    version = version or f"Redis {info.get('redis_version', '?')}"
-    if settings.durable_acks == "fsync":
-        try:
-            await execute("WAITAOF", 1, 0, 1)
-        except ResponseError as error:
-            if "appendonly" in str(error):
-                return f"DURABLE_ACKS=fsync needs the Redis server's appendonly yes{on}"
-            return (
-                f"DURABLE_ACKS=fsync needs WAITAOF (Redis 7.2 or later, or Valkey); "
-                f"the server is {version}{on}"
-            )
-        return None
-    replication = await execute("INFO", "replication")
-    if replication.get("role") != "master":
-        return "DURABLE_ACKS=replica: REDIS_URL names a replica, which takes no writes"
-    if not int(replication.get("connected_slaves", 0)):
-        log.warning(
-            "DURABLE_ACKS=replica but no replica is attached yet%s: submits answer 503 "
-            "redis_no_replicas until one is", on
-        )  # fmt: skip
-    return None
-
-
-def exit_unless_durable_acks(settings: Settings) -> None:
-    """Entry-point helper: one line on stderr and exit 2 when DURABLE_ACKS cannot be given."""
-    problem = asyncio.run(check_durable_acks(settings))
-    if problem is not None:
-        print(f"fastapi-redis-mini: invalid configuration: {problem}", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def new_task_id() -> str:
     """122 random bits (UUID4), so task ids cannot be guessed."""
     return uuid.uuid4().hex
-
-
-def is_cluster(settings: Settings) -> bool:
-    """Whether REDIS_URL is a Redis Cluster: REDIS_CLUSTER, or with "auto" the server's own
-    INFO cluster, asked once at start (a server that does not answer counts as a single one)."""
-    if settings.redis_cluster != "auto":
-        return settings.redis_cluster == "true"
-    password = settings.redis_password.get_secret_value() if settings.redis_password else None
-    probe = sync_redis.Redis.from_url(
-        settings.redis_url, password=password, socket_connect_timeout=5, socket_timeout=5
-    )
-    try:
-        return bool(int(probe.info("cluster").get("cluster_enabled", 0)))
-    except sync_redis.RedisError as error:
-        # Info, not a warning: the services go on to wait for Redis and say so themselves.
-        log.info("REDIS_CLUSTER=auto: Redis unreachable at start (%s); using a single "
-                 "server's client", error)  # fmt: skip
-        return False
-    finally:
-        probe.close()
-
-
-def connect(settings: Settings) -> Client:
-    """One pooled client per process; commands are retried briefly on a dropped connection.
-
-    The pool blocks (up to 5 s) when all REDIS_MAX_CONNECTIONS are busy instead of failing, so
-    a burst of requests queues for a connection rather than erroring. On a Redis Cluster the
-    cluster client finds every node from the one REDIS_URL names, and follows MOVED and ASK.
-    """
-    password = settings.redis_password.get_secret_value() if settings.redis_password else None
-    options: dict[str, Any] = {
-        "max_connections": settings.redis_max_connections,
-        "password": password,
-        "decode_responses": True,
-        "socket_connect_timeout": 5,
-        "socket_timeout": settings.redis_socket_timeout,
-        "socket_keepalive": True,
-        "health_check_interval": 30,
-        "retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=1),
-    }
-    if is_cluster(settings):
-        return RedisCluster.from_url(settings.redis_url, **options)
-    pool = BlockingConnectionPool.from_url(
-        settings.redis_url,
-        timeout=5,
-        retry_on_error=[RedisConnectionError, RedisTimeoutError],
-        **options,
-    )
-    return Redis.from_pool(pool)
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,7 +141,7 @@ def _load_script(redis: Client, name: str) -> AsyncScript:
     return redis.register_script(source)
 
 
-class RedisTaskQueue:
+class RedisTaskQueue(SlotRouting):
     """Tasks in `task:{id}` hashes, results in `cache:{signature}`, work in a consumer group.
 
     The keys form QUEUE_PARTITIONS partitions (see keys.Partitions), each with its own stream
@@ -345,21 +174,16 @@ class RedisTaskQueue:
         self._stats_script = _load_script(redis, "stats")
         self._read_group_script = _load_script(redis, "read_group")
         events = [keys.events for keys in self.partitions.all]
-        self._completions = _Subscription(redis, events, sharded=cluster, name="completions")
+        self._completions = Subscription(redis, events, sharded=cluster, name="completions")
         # Workers of several partitions sleep until a submit announces new entries.
-        self._work_announced = _Subscription(
+        self._work_announced = Subscription(
             redis, [keys.work for keys in self.partitions.all], sharded=cluster, name="work"
         )
         # (consumer, partition) -> where its XAUTOCLAIM scan is
         self._claim_cursors: dict[tuple[str, int], str] = {}
         self._read_turn = 0  # the partition the next fair read starts at
         self._claim_turn = 0
-        wait_ms = int(settings.durable_ack_timeout * 1000)
-        self._durable_wait: tuple[str | int, ...] | None = {
-            "none": None,
-            "fsync": ("WAITAOF", 1, 0, wait_ms),
-            "replica": ("WAIT", 1, wait_ms),
-        }[settings.durable_acks]
+        self._durable_wait = durable_wait(settings)
         # The api's two hot paths: the submit() and get() calls that meet in one process go
         # to Redis together, one script call per batch (see Coalescer): submit() ->
         # _submit_coalescer -> _submit_many -> submit.lua; get() -> _get_coalescer ->
@@ -371,90 +195,6 @@ class RedisTaskQueue:
         self._get_coalescers = [
             Coalescer(functools.partial(self._get_many, keys)) for keys in self.partitions.all
         ]
-
-    async def _call(self, script: AsyncScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        """Run a script that records work acknowledged to someone; with DURABLE_ACKS, return
-        only once the server confirms its writes reached the disk, or a replica.
-
-        WAITAOF and WAIT count the writes of the connection they are sent on, so they go in
-        one pipeline with the script, on its connection: one round trip, and one wait for the
-        whole batch the script carries (a group commit).
-        """
-        if self._durable_wait is None:
-            return await script(keys=keys, args=args)
-        if isinstance(self.redis, RedisCluster):
-            return await self._call_on_slot_master(self.redis, script, keys, args)
-        for _ in range(2):
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.evalsha(script.sha, len(keys), *keys, *args)
-                pipe.execute_command(*self._durable_wait)
-                reply, confirmed = await pipe.execute(raise_on_error=False)
-            if isinstance(reply, NoScriptError):
-                # Redis lost its scripts (a restart): the script did not run; load it, again.
-                await self.redis.script_load(script.script)
-                continue
-            for value in (reply, confirmed):
-                if isinstance(value, Exception):
-                    raise value
-            self._check_confirmed(confirmed)
-            return reply
-        raise NoScriptError("the script vanished again right after it was loaded")
-
-    async def _call_on_slot_master(
-        self, cluster: RedisCluster, script: AsyncScript, keys: Sequence[str], args: Sequence[Any]
-    ) -> Any:
-        """_call on a Redis Cluster: the script and its wait, pipelined on one connection to
-        the master serving the slot that all of the call's keys share.
-
-        Not the cluster client's pipeline: it sends a keyless WAIT to any node, and sends a
-        command redirected by MOVED again on its own, away from its wait. A slot that moved is
-        looked up again (the script did not run); a lost master makes the client read the
-        slots anew, and the caller gets QueueUnavailable to retry.
-        """
-        assert self._durable_wait is not None
-        load = False
-        for _ in range(3):
-            await cluster.initialize()  # a no-op once the client knows the slots
-            node: ClusterNode = cluster.get_node_from_key(keys[0])  # type: ignore[assignment]
-            commands = [
-                PipelineCommand(0, "EVALSHA", script.sha, len(keys), *keys, *args),
-                PipelineCommand(1, *self._durable_wait),
-            ]
-            if load:
-                commands.insert(0, PipelineCommand(0, "SCRIPT", "LOAD", script.script))
-            await _pipeline_on(cluster, node, commands)
-            reply, confirmed = commands[-2].result, commands[-1].result
-            if isinstance(reply, NoScriptError):
-                load = True  # this master lost its scripts: a restart, or a promoted replica
-                continue
-            if isinstance(reply, MovedError):
-                await cluster.nodes_manager.move_slot(reply)
-                continue
-            if isinstance(reply, AskError):
-                # A resharding moves the slot: the keys are split between two masters.
-                raise QueueBusy(QueueState.TRY_AGAIN, f"slot {reply.slot_id} is being moved")
-            for value in (*(c.result for c in commands[:-2]), reply, confirmed):
-                if isinstance(value, Exception):
-                    raise value
-            self._check_confirmed(confirmed)
-            return reply
-        raise QueueBusy(QueueState.TRY_AGAIN, "the slot's master changed during the call")
-
-    def _check_confirmed(self, confirmed: Any) -> None:
-        timeout = self.settings.durable_ack_timeout
-        if self.settings.durable_acks == "fsync":
-            if int(confirmed[0]) < 1:
-                raise QueueBusy(
-                    QueueState.CANNOT_PERSIST,
-                    f"the write was not confirmed on disk within {timeout:g} s "
-                    "(DURABLE_ACKS=fsync, DURABLE_ACK_TIMEOUT)",
-                )
-        elif int(confirmed) < 1:
-            raise QueueBusy(
-                QueueState.NO_REPLICAS,
-                f"no replica confirmed the write within {timeout:g} s "
-                "(DURABLE_ACKS=replica, DURABLE_ACK_TIMEOUT)",
-            )
 
     async def open(self) -> None:
         """Subscribe to completions, so that long-polls are woken as soon as a task finishes."""
@@ -468,95 +208,6 @@ class RedisTaskQueue:
         await self._completions.close()
         await self._work_announced.close()
         await self.redis.aclose()
-
-    async def learn_slots(self) -> None:
-        """Have a new cluster client read the slot table before its first commands.
-
-        It does so on its first command anyway, but the first commands of several partitions
-        at once (the submit batches of a burst, say) race in redis-py and close each other's
-        connections ("Connection closed by server"); one read, under the client's own lock,
-        comes first instead.
-        """
-        assert isinstance(self.redis, RedisCluster)
-        await self.redis.initialize()
-        self.slots_unknown = False
-
-    async def _execute(self, pipe: Any, *, raise_on_error: bool = True) -> list[Any]:
-        """pipe.execute(), where a node's connection closed under a cluster pipeline counts as
-        the node being unreachable: redis-py lets that surface as a RuntimeError from the
-        closed transport (seen when every node died at once), not as a ConnectionError."""
-        try:
-            replies: list[Any] = await pipe.execute(raise_on_error=raise_on_error)
-        except RuntimeError as error:
-            cluster = self.redis
-            if not isinstance(cluster, RedisCluster) or "closed" not in str(error):
-                raise
-            # As after any lost node: idle connections go and busy ones reconnect when
-            # released (nothing in flight on another connection is cut), and the slots are
-            # read anew, so the next call finds the cluster as it is then.
-            for node in cluster.get_nodes():
-                node.update_active_connections_for_reconnect()
-                await node.disconnect_free_connections()
-            with contextlib.suppress(RedisError, RedisClusterException):
-                await cluster.nodes_manager.initialize()
-            raise RedisConnectionError(str(error)) from error
-        return replies
-
-    async def _call_each(
-        self,
-        script: AsyncScript,
-        calls: Sequence[tuple[Sequence[str], Sequence[Any]]],
-        *,
-        durable: bool = False,
-    ) -> list[Any]:
-        """Run a script once per (keys, args), each call in one partition, in one pipeline.
-
-        A single call goes as it did before partitions. With `durable` (an acknowledgement),
-        DURABLE_ACKS' wait follows in the same pipeline: on a single server every call went
-        on its connection, so one wait covers them all; on a cluster each call waits on its
-        own master, all at once.
-        """
-        if len(calls) == 1:
-            keys, args = calls[0]
-            if durable:
-                return [await self._call(script, keys, args)]
-            return [await script(keys=keys, args=args)]
-        wait = self._durable_wait if durable else None
-        if wait is not None and isinstance(self.redis, RedisCluster):
-            # Each call's wait must follow it on its own master's connection (_call does).
-            return list(await asyncio.gather(*(self._call(script, k, a) for k, a in calls)))
-        replies: list[Any] = [None] * len(calls)
-        todo = list(range(len(calls)))
-        for _ in range(2):
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for i in todo:
-                    keys, args = calls[i]
-                    # EVALSHA by name: a cluster pipeline refuses its evalsha() method.
-                    pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-                if wait is not None:
-                    pipe.execute_command(*wait)
-                answers = await self._execute(pipe, raise_on_error=False)
-            confirmed = answers.pop() if wait is not None else None
-            missing = []
-            for i, answer in zip(todo, answers, strict=True):
-                if isinstance(answer, NoScriptError):
-                    missing.append(i)
-                elif isinstance(answer, Exception):
-                    raise answer
-                else:
-                    replies[i] = answer
-            if wait is not None:
-                if isinstance(confirmed, Exception):
-                    raise confirmed
-                self._check_confirmed(confirmed)
-            if not missing:
-                return replies
-            # A node without the script (a restart, a promoted replica): load it everywhere
-            # and run again only the calls that did not run, since the others must not run
-            # twice (a start run twice would find its own tasks running).
-            await self.redis.script_load(script.script)
-            todo = missing
-        raise NoScriptError("the script vanished again right after it was loaded")
 
     # -- the api side
 
@@ -773,7 +424,7 @@ class RedisTaskQueue:
                 for r in replies
             ]
 
-        deliveries, self._read_turn = await _fair_share(
+        deliveries, self._read_turn = await fair_share(
             self.partitions.all, self._read_turn, count, read_group
         )
         return deliveries
@@ -797,19 +448,10 @@ class RedisTaskQueue:
                 claimed.append(_deliveries(reply[1]))
             return claimed
 
-        deliveries, self._claim_turn = await _fair_share(
+        deliveries, self._claim_turn = await fair_share(
             self.partitions.all, self._claim_turn, count, claim
         )
         return deliveries
-
-    def _by_partition(self, task_ids: Sequence[str]) -> dict[int, list[int]]:
-        """The positions of task_ids grouped by partition, in order; ids of none are left out."""
-        groups: dict[int, list[int]] = {}
-        for position, task_id in enumerate(task_ids):
-            keys = self.partitions.of_task(task_id)
-            if keys is not None:
-                groups.setdefault(keys.index, []).append(position)
-        return groups
 
     @_translated
     async def start(
@@ -1022,35 +664,6 @@ class RedisTaskQueue:
         )
 
 
-async def _pipeline_on(
-    cluster: RedisCluster, node: ClusterNode, commands: list[PipelineCommand]
-) -> None:
-    """Send `commands` on one connection to `node`; each command's reply or error lands in
-    its `result`. A lost connection raises, after the client is told to read the slots anew,
-    as its own commands do, so that the next call finds a replica promoted meanwhile."""
-    try:
-        await node.execute_pipeline(commands)
-    except AttributeError as error:
-        # The cluster client disconnects every connection, in use or not, when one of its own
-        # commands meets CLUSTERDOWN (a failover under way): a pipeline caught between its
-        # connect and its write finds the socket gone.
-        raise RedisConnectionError(
-            f"{node.name}: the connection was closed under the call"
-        ) from error
-    except (RedisConnectionError, RedisTimeoutError) as error:
-        if isinstance(error, MaxConnectionsError):
-            raise
-        # Idle connections go, busy ones reconnect when released; unlike the client's own
-        # aclose(), nothing in flight on another connection is cut.
-        node.update_active_connections_for_reconnect()
-        await node.disconnect_free_connections()
-        cluster.nodes_manager.move_node_to_end_of_cached_nodes(node.name)
-        with contextlib.suppress(RedisError, RedisClusterException):
-            # Mid-failover the nodes may not agree yet; the next call asks again.
-            await cluster.nodes_manager.initialize(last_failed_node_name=node.name)
-        raise
-
-
 def _partition_stats(keys: Keys, reply: str) -> QueueStats:
     stats = orjson.loads(reply)
     length, now_ms = int(stats["stream_length"]), int(stats["now_ms"])
@@ -1071,41 +684,6 @@ def _partition_stats(keys: Keys, reply: str) -> QueueStats:
     )
 
 
-async def _fair_share(
-    partitions: Sequence[Keys],
-    turn: int,
-    count: int,
-    fetch: Callable[[list[tuple[Keys, int]]], Awaitable[list[list[Delivery]]]],
-) -> tuple[list[Delivery], int]:
-    """Up to `count` deliveries taken fairly from every partition; returns them and the turn
-    to start at next time.
-
-    Each round asks the partitions not asked yet, starting at `turn`, for an equal share of
-    what is still wanted (one pipelined call per round); once every partition was asked, the
-    ones that gave their whole share are asked for the rest. So no partition waits behind the
-    backlog of another: with fewer wanted than there are partitions, successive calls go round
-    them in turn, and with more, each gets its share first.
-    """
-    n = len(partitions)
-    unasked = [partitions[(turn + i) % n] for i in range(n)]
-    first_round = min(count, n)
-    fuller: list[Keys] = []
-    found: list[Delivery] = []
-    while len(found) < count and (unasked or fuller):
-        wanted = count - len(found)
-        if unasked:
-            asked, unasked = unasked[:wanted], unasked[wanted:]
-        else:
-            asked, fuller = fuller[:wanted], fuller[wanted:]
-        base, extra = divmod(wanted, len(asked))
-        shares = [(keys, base + (i < extra)) for i, keys in enumerate(asked)]
-        for (keys, share), got in zip(shares, await fetch(shares), strict=True):
-            found += got
-            if len(got) >= share:
-                fuller.append(keys)
-    return found, (turn + (first_round if first_round < n else 1)) % n
-
-
 def _deliveries(entries: Sequence[Any]) -> list[Delivery]:
     # An entry trimmed or deleted after delivery comes back without fields; it has no task.
     return [
@@ -1113,107 +691,3 @@ def _deliveries(entries: Sequence[Any]) -> list[Delivery]:
         for entry_id, fields in entries
         if fields and "task_id" in fields
     ]
-
-
-class _Subscription:
-    """One Pub/Sub subscription per process to a set of channels (one per partition).
-
-    It wakes the long-polls waiting on a task (`watch`; messages carry task ids) or a worker
-    waiting for new entries (`wait`). On a cluster the channels are shard channels
-    (SSUBSCRIBE), each on the master of its partition.
-    """
-
-    def __init__(self, redis: Client, channels: Sequence[str], *, sharded: bool, name: str) -> None:
-        self._redis = redis
-        self._channels = list(channels)
-        self._sharded = sharded
-        self._name = name
-        self._waiters: dict[str, set[asyncio.Event]] = {}
-        self._announced = asyncio.Event()
-        self._listener: asyncio.Task[None] | None = None
-        self._subscribed = asyncio.Event()
-
-    async def start(self) -> None:
-        if self._listener is None:
-            self._listener = asyncio.create_task(self._listen(), name=f"{self._name}-listener")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._subscribed.wait(), 5.0)
-
-    def clear(self) -> None:
-        self._announced.clear()
-
-    async def wait(self, seconds: float) -> None:
-        """Return once a message came since the last clear(), or after `seconds`."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._announced.wait(), seconds)
-
-    @contextlib.asynccontextmanager
-    async def watch(self, task_id: str) -> AsyncIterator[asyncio.Event]:
-        if self._listener is None:
-            await self.start()
-        event = asyncio.Event()
-        self._waiters.setdefault(task_id, set()).add(event)
-        try:
-            yield event
-        finally:
-            events = self._waiters.get(task_id)
-            if events is not None:
-                events.discard(event)
-                if not events:
-                    del self._waiters[task_id]
-
-    def _heard(self, data: str) -> None:
-        self._announced.set()
-        if self._waiters:
-            for task_id in data.split():
-                for event in self._waiters.get(task_id, ()):
-                    event.set()
-
-    async def _listen(self) -> None:
-        backoff = 0.1
-        while True:
-            pubsub: PubSub = self._redis.pubsub(ignore_subscribe_messages=True)
-            try:
-                if isinstance(self._redis, RedisCluster):
-                    # A cluster client learns the slots on its first command; the pub/sub
-                    # needs them to pick a node, and may come first.
-                    await self._redis.initialize()
-                if self._sharded:
-                    await pubsub.ssubscribe(*self._channels)
-                else:
-                    await pubsub.subscribe(*self._channels)
-                self._subscribed.set()
-                backoff = 0.1
-                while True:
-                    if self._sharded:
-                        # The cluster's pub/sub polls each node's connection in turn, for the
-                        # timeout each: a short one keeps every shard's messages prompt.
-                        message = await pubsub.get_sharded_message(  # type: ignore[attr-defined]
-                            ignore_subscribe_messages=True, timeout=0.05
-                        )
-                    else:
-                        message = await pubsub.get_message(timeout=1.0)
-                    if message is not None and message["type"] in ("message", "smessage"):
-                        self._heard(message["data"])
-            except Exception as error:
-                # Whatever went wrong, subscribing again is all there is to do, so this loop
-                # never ends on its own; meanwhile long-polls read the task every 5 s, and
-                # workers read every partition once a second.
-                self._subscribed.clear()
-                if isinstance(error, (RedisError, RedisClusterException)) or torn_down(error):
-                    log.warning("%s subscription failed (%s); retrying", self._name, error)
-                else:
-                    log.exception("%s listener failed; subscribing again", self._name)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
-
-    async def close(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
-            # A cancel landing inside a Redis read can be swallowed by the client: wait for
-            # the listener a bounded time rather than forever.
-            await asyncio.wait([self._listener], timeout=2)
-            self._listener = None
