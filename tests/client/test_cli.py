@@ -139,8 +139,11 @@ def test_run_of_a_cancelled_task_exits_3(stack: Stack) -> None:
 
 def test_a_wait_that_times_out_exits_124_with_the_last_state(stack: Stack) -> None:
     url = stack.api.base_url
-    task_id = frm("submit", unique("slow"), "--params", '{"duration": 5}', url=url).json["task_id"]
+    # The longest task the service takes (MAX_TASK_DURATION): on a busy machine starting the
+    # CLI alone can take seconds, and the task must still be running when the wait ends.
+    task_id = frm("submit", unique("slow"), "--params", '{"duration": 35}', url=url).json["task_id"]
     waited = frm("wait", task_id, "--timeout", "0.5", url=url)
+    assert frm("cancel", task_id, url=url).code == 0  # frees the worker's slot at once
     assert waited.code == 124
     assert waited.json["status"] in {"PENDING", "RUNNING"}
     assert waited.error["code"] == "wait_timeout"
