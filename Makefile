@@ -31,17 +31,29 @@ run: setup ## Start api, worker and an embedded Valkey (or the server at REDIS_U
 # The in-process tests: the package's own, each on the real Redis, none starting a service.
 FAST_TESTS := tests/core tests/api tests/worker tests/client tests/observability tests/test_admin.py
 
-test: setup ## Run the whole test suite against real servers; reports the package's coverage
-	$(BIN)/pytest --cov --cov-report=term:skip-covered $(PYTEST_ARGS)
+# The suite runs in TEST_WORKERS processes (pytest-xdist): most tests wait on servers and
+# subprocesses, so four share two cores well. Every server a test starts takes a free port.
+# Tests that share a machine-wide resource run in one process (tests/conftest.py groups them);
+# tests marked `serial` run afterwards, with nothing beside them. `TEST_WORKERS=0` runs all
+# in this process.
+TEST_WORKERS ?= 4
+XDIST = -n $(TEST_WORKERS) --dist loadgroup
+# pytest exits 5 when a marker selects no test: a phase with nothing to run has passed.
+NONE_SELECTED_IS_FINE = || [ $$? -eq 5 ]
+
+test: setup ## Run the whole test suite against real servers, in parallel; reports the package's coverage
+	$(BIN)/pytest $(XDIST) -m "not serial" --cov --cov-report= $(PYTEST_ARGS)
+	$(BIN)/pytest -m serial --cov --cov-append --cov-report=term:skip-covered $(PYTEST_ARGS) \
+		$(NONE_SELECTED_IS_FINE)
 
 test-fast: setup ## The inner loop: the in-process tests (no services started), in under a minute
 	$(BIN)/pytest -m "not slow" -q $(FAST_TESTS) $(PYTEST_ARGS)
 
 test-redis: setup ## Run the queue, api and end-to-end tests against Debian's redis-server instead of Valkey
-	TEST_REDIS_SERVER=redis $(BIN)/pytest tests/core tests/api tests/e2e $(PYTEST_ARGS)
+	TEST_REDIS_SERVER=redis $(BIN)/pytest $(XDIST) tests/core tests/api tests/e2e $(PYTEST_ARGS)
 
 test-cluster: setup ## Run the queue, api and end-to-end tests against a local 6-node Redis Cluster
-	TEST_REDIS_BACKEND=cluster $(BIN)/pytest tests/core tests/api tests/e2e $(PYTEST_ARGS)
+	TEST_REDIS_BACKEND=cluster $(BIN)/pytest $(XDIST) tests/core tests/api tests/e2e $(PYTEST_ARGS)
 
 lint: setup ## Check style (ruff) and types (mypy strict) of the package, tools and tests
 	$(BIN)/ruff check services client harness tests tools loadtest

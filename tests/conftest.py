@@ -33,8 +33,28 @@ def pytest_report_header() -> str:
     return f"redis server: {server}, backend: {redis_backend_name()}"
 
 
+# Tests that share something machine-wide or costly run in one xdist worker (`--dist
+# loadgroup`): the image tests build the same tags on one Docker engine, and each worker that
+# touches the session cluster would start six more servers of its own.
+DOCKER_TESTS = ("tests/images/", "tests/chart/test_images.py")
+
+
+def _xdist_group(item: pytest.Item) -> str | None:
+    path = item.nodeid.split("::", 1)[0]
+    if path.startswith(DOCKER_TESTS):
+        return "docker"
+    if "redis_cluster" in getattr(item, "fixturenames", ()):
+        return "cluster"
+    return None
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """On the cluster backend, skip the tests marked `single_server`, with the mark's reason."""
+    """Group the tests that share a machine-wide resource; on the cluster backend, skip the
+    tests marked `single_server`, with the mark's reason."""
+    for item in items:
+        group = _xdist_group(item)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
     if redis_backend_name() != "cluster":
         return
     for item in items:
