@@ -10,9 +10,7 @@ the script.
 from __future__ import annotations
 
 import hashlib
-import re
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
 from importlib import resources
 
 import orjson
@@ -25,29 +23,11 @@ from fastapi_redis_mini.core.queue import Finish, Job, Outcome
 from fastapi_redis_mini.core.redis import RedisTaskQueue, connect
 from fastapi_redis_mini.core.settings import Settings
 
+from ..support.monitor import ARGUMENT, monitored, unquote
+
 pytestmark = pytest.mark.single_server(reason="MONITOR watches the commands of one server")
 
 CONSUMER = "keys-check"
-_ARGUMENT = re.compile(rb'"((?:[^"\\]|\\.)*)"')
-_ESCAPES = {b"n": b"\n", b"r": b"\r", b"t": b"\t", b"a": b"\a", b"b": b"\b"}
-
-
-def _unquote(text: bytes) -> bytes:
-    """Undo the quoting MONITOR applies to each argument (sdscatrepr)."""
-    out, i = bytearray(), 0
-    while i < len(text):
-        if text[i : i + 1] == b"\\":
-            code = text[i + 1 : i + 2]
-            if code == b"x":
-                out += bytes([int(text[i + 2 : i + 4], 16)])
-                i += 4
-                continue
-            out += _ESCAPES.get(code, code)
-            i += 2
-            continue
-        out += text[i : i + 1]
-        i += 1
-    return bytes(out)
 
 
 class ScriptCalls:
@@ -56,7 +36,7 @@ class ScriptCalls:
     def __init__(self, lines: list[bytes]) -> None:
         self.calls: list[tuple[str, list[bytes], list[list[bytes]]]] = []
         for line in lines:
-            args = [_unquote(a) for a in _ARGUMENT.findall(line)]
+            args = [unquote(a) for a in ARGUMENT.findall(line)]
             if not args:
                 continue
             if b" lua]" in line:
@@ -87,30 +67,6 @@ class ScriptCalls:
     @property
     def shas(self) -> set[str]:
         return {sha for sha, _, commands in self.calls if sha}
-
-
-@contextmanager
-def monitored(redis_url: str) -> Iterator[list[bytes]]:
-    """Collect the MONITOR lines of everything the server runs inside the block."""
-    client = redis.Redis.from_url(redis_url)
-    monitor = client.connection_pool.get_connection()
-    monitor.send_command("MONITOR")  # type: ignore[no-untyped-call]
-    assert monitor.read_response() == b"OK"
-    lines: list[bytes] = []
-    try:
-        yield lines
-    finally:
-        marker = b"end-of-monitored-block"
-        client.echo(marker)
-        for _ in range(1_000_000):
-            line = monitor.read_response()
-            assert isinstance(line, bytes)
-            if b'"ECHO"' in line and marker in line:
-                break
-            lines.append(line)
-        monitor.disconnect()  # type: ignore[no-untyped-call]
-        client.connection_pool.disconnect()
-        client.close()
 
 
 def _script_shas() -> dict[str, str]:

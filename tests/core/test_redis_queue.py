@@ -776,14 +776,19 @@ async def test_a_dead_lettered_task_is_announced_and_the_dead_letters_are_capped
     assert [letter.task_id for letter in letters] == dead[1:]  # the oldest went first
 
 
-async def test_starting_a_task_renews_its_expiry(
+async def test_starting_a_task_past_half_its_expiry_renews_it(
     queue: RedisTaskQueue, redis_client: redis.asyncio.Redis
 ) -> None:
-    task_id = await submit(queue)
-    key = keys_of(queue, task_id).task(task_id)
-    await redis_client.expire(key, 5)  # near the end of RESULT_EXPIRY
-    await take(queue)
-    assert await redis_client.ttl(key) > 86000
+    old, young = await submit(queue, "old"), await submit(queue, "young")
+    old_key, young_key = (keys_of(queue, t).task(t) for t in (old, young))
+    # The old task waited 50,000 s of its 86,400: near the end of RESULT_EXPIRY.
+    await redis_client.hset(old_key, "created_at", repr(time.time() - 50_000))
+    await redis_client.expire(old_key, 5)
+    await redis_client.expire(young_key, 80_000)
+    assert len(await take(queue)) == 2
+    assert await redis_client.ttl(old_key) > 86_000
+    # A task younger than half of RESULT_EXPIRY has more than half left: its start leaves it.
+    assert 79_000 < await redis_client.ttl(young_key) <= 80_000
 
 
 async def test_claiming_goes_on_past_live_entries_instead_of_starting_over(

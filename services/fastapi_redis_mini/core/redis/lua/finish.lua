@@ -1,7 +1,11 @@
 -- Write the outcomes of a batch of runs and acknowledge their entries, in one atomic step.
 -- An outcome is written only by the consumer that owns the run, and never over a final
 -- status: a late or duplicate run cannot overwrite a DONE result.
--- A final outcome also takes the task off its API key's set of unfinished tasks.
+-- A final outcome also takes the task off its API key's set of unfinished tasks, if the submit
+-- put it there (the task's `counted` field): quotas may be set on the api alone.
+-- The common path (DONE) costs four commands a task: HMGET, HSET, SET and EXPIRE. The owner is
+-- blanked in the same HSET rather than deleted, and an error left by an earlier attempt is
+-- deleted only when there is one; the server's clock is read once per batch.
 -- KEYS: stream, retries, (task_i, cache_i, unfinished_i) for each outcome
 -- ARGV: group, consumer, now, cache_ttl, events_channel, result_expiry,
 --       JSON [[entry_id, task_id, outcome, payload, due_at], ..], publish command
@@ -13,11 +17,12 @@ local result_expiry = tonumber(ARGV[6])
 local batch = cjson.decode(ARGV[7])
 local publish = ARGV[8]
 local out, acks, finished = {}, {}, {}
+local expires_at = nil
 
 for i, item in ipairs(batch) do
   local key, cache, unfinished = KEYS[3 * i], KEYS[3 * i + 1], KEYS[3 * i + 2]
   local entry, task_id, outcome, payload, due = item[1], item[2], item[3], item[4], item[5]
-  local t = redis.call('HMGET', key, 'status', 'owner')
+  local t = redis.call('HMGET', key, 'status', 'owner', 'error', 'counted')
   local status = t[1]
   if not status or status == 'DONE' or status == 'FAILED' or status == 'CANCELLED' then
     acks[#acks + 1] = entry
@@ -26,19 +31,28 @@ for i, item in ipairs(batch) do
     out[i] = 'lost'
   else
     if outcome == 'DONE' then
-      redis.call('HSET', key, 'status', 'DONE', 'result', payload, 'finished_at', now)
-      redis.call('HDEL', key, 'owner', 'error')
+      redis.call('HSET', key, 'status', 'DONE', 'result', payload, 'finished_at', now,
+        'owner', '')
+      if t[3] then
+        redis.call('HDEL', key, 'error')
+      end
       -- The cached result names its task and when that task expires, and never outlives
       -- it: a cache hit answers with this task's id, which GET must still find.
-      local expires_at = tonumber(redis.call('TIME')[1]) + result_expiry
+      if not expires_at then
+        expires_at = tonumber(redis.call('TIME')[1]) + result_expiry
+      end
       redis.call('SET', cache, task_id .. ':' .. expires_at .. ':' .. payload,
         'EX', math.min(cache_ttl, result_expiry))
-      redis.call('ZREM', unfinished, task_id)
+      if t[4] then
+        redis.call('ZREM', unfinished, task_id)
+      end
       finished[#finished + 1] = task_id
     elseif outcome == 'FAILED' or outcome == 'CANCELLED' then
-      redis.call('HSET', key, 'status', outcome, 'error', payload, 'finished_at', now)
-      redis.call('HDEL', key, 'owner')
-      redis.call('ZREM', unfinished, task_id)
+      redis.call('HSET', key, 'status', outcome, 'error', payload, 'finished_at', now,
+        'owner', '')
+      if t[4] then
+        redis.call('ZREM', unfinished, task_id)
+      end
       finished[#finished + 1] = task_id
     else
       -- RETRY or RELEASE: back to PENDING, to be appended to the stream again when due.

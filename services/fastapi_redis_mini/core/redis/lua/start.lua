@@ -4,8 +4,11 @@
 -- entry copied to the dead-letter stream. A task delivered before without finishing (it was in
 -- flight when a worker died) is a suspect: unless the worker starts it alone, it is left as it
 -- is, so that a poison task can only ever take itself down.
--- Every change here renews the task's RESULT_EXPIRY, so a task started late in its life cannot
--- expire while it runs; a task that becomes final here is announced like finish.lua does.
+-- A task that becomes final here has its RESULT_EXPIRY renewed, and is announced like
+-- finish.lua does. A task started renews it only when it is past half of RESULT_EXPIRY old: a
+-- task's expiry is set to RESULT_EXPIRY at every change from its submission on, so a younger
+-- one has more than half of it left, and a run (bounded by TASK_TIMEOUT) ends well within
+-- that; its outcome renews it again. That keeps the common start at two commands a task.
 -- KEYS: stream, dead_letter, task_1 .. task_n
 -- ARGV: group, consumer, now, max_deliveries, alone (1: the worker runs this batch alone),
 --       JSON [[entry_1, task_id_1], ..], result_expiry, events_channel, dead_letter_maxlen,
@@ -53,7 +56,9 @@ for i, delivery in ipairs(batch) do
     local attempts = tonumber(t[9] or '0') + 1
     redis.call('HSET', key, 'status', 'RUNNING', 'started_at', now, 'owner', consumer,
       'attempts', attempts, 'deliveries', deliveries + 1)
-    redis.call('EXPIRE', key, result_expiry)
+    if (tonumber(now) - (tonumber(t[8]) or 0)) * 2 > tonumber(result_expiry) then
+      redis.call('EXPIRE', key, result_expiry)
+    end
     out[i] = {verdict = 'run', request = t[4], signature = t[5] or '', scope = t[6] or '',
       traceparent = t[7] or '', created_at = t[8] or '0', attempts = attempts}
   end

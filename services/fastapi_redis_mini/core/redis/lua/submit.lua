@@ -126,8 +126,10 @@ for i, task in ipairs(batch) do
         queued = queued + 1
         if max_unfinished > 0 then
           -- Scored by when the task expires, so one that never finishes stops counting then.
+          -- `counted` tells finish.lua to take it off again, whatever the worker's settings.
           redis.call('ZADD', unfinished, clock() + result_expiry * 1000, task_id)
           redis.call('PEXPIRE', unfinished, result_expiry * 1000)
+          redis.call('HSET', key, 'counted', '1')
         end
         redis.call('EXPIRE', key, result_expiry)
         if keyed ~= 0 then
