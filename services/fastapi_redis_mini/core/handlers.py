@@ -28,9 +28,23 @@ class TaskFailedError(Exception):
 
 
 class TaskHandler(Protocol):
-    """Runs one task. The return value is stored as the result and must be JSON-serialisable."""
+    """Runs one task. The return value is stored as the result and must be JSON-serialisable.
+
+    An async handler runs on the worker's event loop, beside the other tasks; a synchronous
+    one (`SyncTaskHandler`) runs in a thread of its own. Either may also have a `load()` and a
+    `close()` method (see `worker/_handler.py`).
+    """
 
     async def __call__(self, prompt: str, params: Mapping[str, Any]) -> Any: ...
+
+
+class SyncTaskHandler(Protocol):
+    """Runs one task in a thread of the worker's pool (HANDLER_THREADS): for blocking code."""
+
+    def __call__(self, prompt: str, params: Mapping[str, Any]) -> Any: ...
+
+
+AnyTaskHandler = TaskHandler | SyncTaskHandler
 
 
 # What a Params model's validators find in their ValidationInfo.context.
@@ -90,7 +104,7 @@ class SimulatedInference:
         }
 
 
-HandlerFactory = Callable[[float], TaskHandler]
+HandlerFactory = Callable[[float], AnyTaskHandler]
 
 HANDLERS: dict[str, HandlerFactory] = {"simulate": SimulatedInference}
 
@@ -110,7 +124,7 @@ def _factory(name: str) -> HandlerFactory:
         raise LookupError(f"TASK_HANDLER: unknown handler {name!r} (known: {known})") from None
 
 
-def resolve_handler(name: str, max_duration: float) -> TaskHandler:
+def resolve_handler(name: str, max_duration: float) -> AnyTaskHandler:
     """A registered name, or "package.module:factory" for a handler that lives elsewhere."""
     return _factory(name)(max_duration)
 

@@ -45,3 +45,16 @@ tasks_retried = Counter("tasks_retried", "Runs that failed and were retried.", n
 tasks_dead_lettered = Counter(
     "tasks_dead_lettered", "Tasks moved to the dead-letter stream.", namespace=NAMESPACE
 )
+event_loop_blocks = Counter(
+    "event_loop_blocks",
+    "Times the worker's event loop was held longer than LOOP_BLOCK_LIMIT, by handler.",
+    ["handler"],
+    namespace=NAMESPACE,
+)
+event_loop_block = Histogram(
+    "event_loop_block_seconds",
+    "How long each such block lasted, by handler.",
+    ["handler"],
+    namespace=NAMESPACE,
+    buckets=(1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+)

@@ -1,0 +1,114 @@
+"""How the worker calls its handler: on the loop or in a thread, and its load and close steps.
+
+An async handler (`async def __call__`) is awaited on the worker's event loop, so a no-op task
+costs no thread hop. A synchronous one (`def __call__`) runs in a pool of HANDLER_THREADS
+threads, so blocking code (a model's forward pass, a C extension that keeps the GIL between
+calls) leaves the loop free to read, write outcomes and answer probes.
+
+A thread cannot be stopped from outside. When TASK_TIMEOUT, a cancel or the shutdown grace
+ends a synchronous call, the worker writes the task's outcome at once and forgets the call;
+its thread runs on until the handler returns, its result is thrown away, and meanwhile the
+pool has one thread fewer. A call still running TASK_TIMEOUT + LIVENESS_GRACE after it began
+fails /healthz, so that Kubernetes restarts the worker and frees the thread.
+
+Optional lifecycle methods, sync or async, each called once per worker process:
+`load()` before the worker reads its first task (/readyz answers "loading" until it
+returns), and `close()` once the worker has drained, at shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import itertools
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from ..core.handlers import AnyTaskHandler
+from ..core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def is_async(handler: object) -> bool:
+    """Whether calling the handler returns a coroutine: an async function or `async __call__`."""
+    if inspect.iscoroutinefunction(handler):
+        return True
+    return inspect.iscoroutinefunction(type(handler).__call__)
+
+
+class HandlerRunner:
+    """The handler of one worker process, with the thread pool a synchronous one runs in."""
+
+    def __init__(self, handler: AnyTaskHandler, settings: Settings) -> None:
+        self.handler = handler
+        self.name = settings.task_handler
+        self.is_async = is_async(handler)
+        self._executor: ThreadPoolExecutor | None = None
+        # Start times (monotonic) of the synchronous calls whose thread is still running,
+        # including those the worker gave up on. Written by the pool's threads, read by the
+        # watchdog's: single dict operations, atomic under the GIL.
+        self._running: dict[int, float] = {}
+        self._call_ids = itertools.count()
+        if not self.is_async:
+            self._executor = ThreadPoolExecutor(
+                settings.handler_thread_count, thread_name_prefix="handler"
+            )
+        # The one callable the worker awaits per task: the handler itself when it is async.
+        self.call: Callable[[str, Mapping[str, Any]], Awaitable[Any]] = (
+            handler if self.is_async else self._call_in_thread
+        )
+
+    def _call_in_thread(self, prompt: str, params: Mapping[str, Any]) -> Awaitable[Any]:
+        loop = asyncio.get_running_loop()
+        return loop.run_in_executor(self._executor, self._timed, prompt, params)
+
+    def _timed(self, prompt: str, params: Mapping[str, Any]) -> Any:
+        call = next(self._call_ids)
+        self._running[call] = time.monotonic()
+        try:
+            return self.handler(prompt, params)
+        finally:
+            del self._running[call]
+
+    def oldest_call_started(self) -> float | None:
+        """When the longest-running synchronous call began (monotonic), if one runs."""
+        return min(self._running.copy().values(), default=None)
+
+    @property
+    def threads_busy(self) -> int:
+        """Synchronous calls whose thread still runs, abandoned ones included."""
+        return len(self._running)
+
+    async def load(self) -> None:
+        """Run the handler's `load()`, if it has one; a synchronous one runs in a thread."""
+        await self._lifecycle("load")
+
+    async def close(self, within: float) -> None:
+        """Run the handler's `close()` for at most `within` seconds, then let the pool go."""
+        try:
+            await asyncio.wait_for(self._lifecycle("close"), within)
+        except TimeoutError:
+            log.warning("handler %s: close() still running after %gs", self.name, within)
+        except Exception:
+            log.exception("handler %s: close() failed", self.name)
+        if self._executor is not None:
+            # Never wait for a thread that may never return: the process exits past it.
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _lifecycle(self, step: str) -> None:
+        method = getattr(self.handler, step, None)
+        if method is None:
+            return
+        if not callable(method):
+            raise TypeError(f"TASK_HANDLER: {self.name!r} has a {step} that is not callable")
+        started = time.monotonic()
+        if inspect.iscoroutinefunction(method):
+            await method()
+        else:
+            await asyncio.to_thread(functools.partial(method))
+        log.info("handler %s: %s() took %.2fs", self.name, step, time.monotonic() - started)
