@@ -146,3 +146,31 @@ class HangsOnFirstRun:
         if _first_run(params):
             time.sleep(3600)  # noqa: ASYNC251 - the defect under test; the test kills us
         return {"prompt": prompt}
+
+
+class BatchModel:
+    """A synchronous batched model: one blocking call per batch of up to 8 prompts.
+
+    The call blocks for the largest params["block"] of its items. A prompt starting with "bad"
+    is an input the model rejects (a ValueError for that item alone), "busy" a transient one
+    (RetryableError). Remembers each batch's prompts.
+    """
+
+    max_batch_size = 8
+    max_batch_wait_ms = 50
+
+    def __init__(self, max_duration: float) -> None:
+        self.batches: list[list[str]] = []
+
+    def __call__(self, prompts: list[str], params: list[Mapping[str, Any]]) -> list[Any]:
+        self.batches.append(list(prompts))
+        time.sleep(max(float(p.get("block", 0)) for p in params))
+        answers: list[Any] = []
+        for prompt in prompts:
+            if prompt.startswith("bad"):
+                answers.append(ValueError(f"cannot read {prompt!r}"))
+            elif prompt.startswith("busy"):
+                answers.append(RetryableError("the model is busy"))
+            else:
+                answers.append({"upper": prompt.upper(), "batch": len(prompts)})
+        return answers

@@ -44,7 +44,16 @@ class SyncTaskHandler(Protocol):
     def __call__(self, prompt: str, params: Mapping[str, Any]) -> Any: ...
 
 
-AnyTaskHandler = TaskHandler | SyncTaskHandler
+class BatchTaskHandler(Protocol):
+    """Runs a batch of tasks in one call, sync or async: one result, or one exception
+    instance that fails that task alone, per item and in order (see worker/_batch.py)."""
+
+    max_batch_size: int
+
+    def __call__(self, prompts: list[str], params: list[Mapping[str, Any]]) -> Any: ...
+
+
+AnyTaskHandler = TaskHandler | SyncTaskHandler | BatchTaskHandler
 
 
 # What a Params model's validators find in their ValidationInfo.context.
@@ -104,9 +113,43 @@ class SimulatedInference:
         }
 
 
+class SimulatedAccelerator:
+    """Stands in for a model on an accelerator, which takes batches (see worker/_batch.py).
+
+    Each call costs CALL_SECONDS however many items it carries, plus ITEM_SECONDS per item,
+    plus the longest params.duration among them: batching pays off as it would on a GPU. Each
+    item answers as `simulate` would, and params.fail fails only its own item.
+    """
+
+    Params = SimulateParams
+    CALL_SECONDS = 0.02
+    ITEM_SECONDS = 0.0005
+    max_batch_size = 32
+    max_batch_wait_ms = 5.0
+
+    def __init__(self, max_duration: float) -> None:
+        self.one = SimulatedInference(0)
+        self.max_duration = max_duration
+
+    async def __call__(self, prompts: list[str], params: list[Mapping[str, Any]]) -> list[Any]:
+        options = [SimulateParams.model_validate(p) for p in params]
+        longest = min(max(o.duration for o in options), self.max_duration)
+        await asyncio.sleep(self.CALL_SECONDS + self.ITEM_SECONDS * len(prompts) + longest)
+        answers: list[Any] = []
+        for prompt, item in zip(prompts, params, strict=True):
+            try:
+                answers.append(await self.one(prompt, {**item, "duration": 0.0}))
+            except Exception as error:
+                answers.append(error)
+        return answers
+
+
 HandlerFactory = Callable[[float], AnyTaskHandler]
 
-HANDLERS: dict[str, HandlerFactory] = {"simulate": SimulatedInference}
+HANDLERS: dict[str, HandlerFactory] = {
+    "simulate": SimulatedInference,
+    "simulate-batched": SimulatedAccelerator,
+}
 
 
 def _factory(name: str) -> HandlerFactory:

@@ -18,6 +18,7 @@ from ..core.runtime import tune_gc
 from ..core.settings import Settings, load_settings_or_exit
 from ..core.telemetry.logging import configure_logging
 from ..core.telemetry.tracing import configure_tracing, shutdown_tracing
+from ._batch import batch_options
 from ._http import build_app, http_server
 from ._sidecar import Sidecar
 from .runner import Worker, WorkerFailed
@@ -82,7 +83,8 @@ def main() -> None:
     exit_unless_durable_acks(settings)
     try:
         handler = resolve_handler(settings.task_handler, settings.max_task_duration)
-    except LookupError as error:
+        batch_options(handler, settings.task_handler)
+    except (LookupError, ValueError) as error:
         raise SystemExit(f"fastapi-redis-mini: invalid configuration: {error}") from None
     tune_gc()
     try:

@@ -26,10 +26,11 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, cast
 
 from ..core.handlers import AnyTaskHandler
 from ..core.settings import Settings
+from ._batch import BatchCall, Batcher, batch_options
 
 log = logging.getLogger(__name__)
 
@@ -59,19 +60,31 @@ class HandlerRunner:
                 settings.handler_thread_count, thread_name_prefix="handler"
             )
         # The one callable the worker awaits per task: the handler itself when it is async.
-        self.call: Callable[[str, Mapping[str, Any]], Awaitable[Any]] = (
-            handler if self.is_async else self._call_in_thread
+        self.call = cast(
+            Callable[[str, Mapping[str, Any]], Awaitable[Any]],
+            handler if self.is_async else self._call_in_thread,
         )
+        self.batching = batch_options(handler, self.name)
+        if self.batching is not None:
+            size, wait_ms = self.batching
+            if size > settings.max_concurrency:
+                log.warning(
+                    "handler %s: max_batch_size %d exceeds MAX_CONCURRENCY %d, the most tasks "
+                    "a worker runs at once, so no batch can fill",
+                    self.name, size, settings.max_concurrency,
+                )  # fmt: skip
+            batch_call = cast(BatchCall, handler if self.is_async else self._call_in_thread)
+            self.call = Batcher(batch_call, size, wait_ms)
 
-    def _call_in_thread(self, prompt: str, params: Mapping[str, Any]) -> Awaitable[Any]:
+    def _call_in_thread(self, *args: Any) -> Awaitable[Any]:
         loop = asyncio.get_running_loop()
-        return loop.run_in_executor(self._executor, self._timed, prompt, params)
+        return loop.run_in_executor(self._executor, self._timed, *args)
 
-    def _timed(self, prompt: str, params: Mapping[str, Any]) -> Any:
+    def _timed(self, *args: Any) -> Any:
         call = next(self._call_ids)
         self._running[call] = time.monotonic()
         try:
-            return self.handler(prompt, params)
+            return self.handler(*args)
         finally:
             del self._running[call]
 
