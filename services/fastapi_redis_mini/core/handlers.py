@@ -18,6 +18,8 @@ from pydantic import (
     field_validator,
 )
 
+from .embedding import EmbedModel
+
 
 class RetryableError(Exception):
     """Raise from a handler when trying again later may succeed (a busy model, a flaky network)."""
@@ -149,6 +151,7 @@ HandlerFactory = Callable[[float], AnyTaskHandler]
 HANDLERS: dict[str, HandlerFactory] = {
     "simulate": SimulatedInference,
     "simulate-batched": SimulatedAccelerator,
+    "embed": EmbedModel,
 }
 
 

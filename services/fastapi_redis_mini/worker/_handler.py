@@ -68,11 +68,12 @@ class HandlerRunner:
         if self.batching is not None:
             size, wait_ms = self.batching
             if size > settings.max_concurrency:
-                log.warning(
-                    "handler %s: max_batch_size %d exceeds MAX_CONCURRENCY %d, the most tasks "
-                    "a worker runs at once, so no batch can fill",
-                    self.name, size, settings.max_concurrency,
+                # A worker holds at most MAX_CONCURRENCY tasks, so no batch holds more.
+                log.info(
+                    "handler %s: batches of at most %d (MAX_CONCURRENCY), not %d (max_batch_size)",
+                    self.name, settings.max_concurrency, size,
                 )  # fmt: skip
+                size = settings.max_concurrency
             batch_call = cast(BatchCall, handler if self.is_async else self._call_in_thread)
             self.call = Batcher(batch_call, size, wait_ms)
 
