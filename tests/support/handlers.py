@@ -118,7 +118,12 @@ class BlockingModel:
         time.sleep(float(params.get("block", 0)))
         if params.get("fail"):
             raise ValueError(f"bad input: {prompt}")
-        return {"prompt": prompt, "loaded": self.loaded, "thread": threading.current_thread().name}
+        return {
+            "prompt": prompt,
+            "loaded": self.loaded,
+            "thread": threading.current_thread().name,
+            "pid": os.getpid(),
+        }
 
 
 class LoopBlocker:

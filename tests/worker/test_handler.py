@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
+import os
 import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -152,3 +154,30 @@ async def test_a_handler_that_cannot_load_ends_the_worker_naming_the_handler(
     with pytest.raises(WorkerFailed, match=r"load\(\) failed with OSError: weights not found"):
         await asyncio.wait_for(worker.run(), 10)
     await own.close()
+
+
+async def test_with_handler_pool_process_a_sync_handler_runs_loaded_in_other_processes(
+    queue: RedisTaskQueue, settings: Settings
+) -> None:
+    configured = settings.model_copy(
+        update={
+            "handler_pool": "process",
+            "handler_threads": 2,
+            "task_handler": "tests.support.handlers:BlockingModel",
+        }
+    )
+    own = RedisTaskQueue(connect(configured), configured)
+    worker = Worker(own, BlockingModel(1), configured)
+    running = asyncio.create_task(worker.run())
+    task_ids = [await submit(queue, f"in a process {n}") for n in range(3)]
+    records = [await queue.wait(task_id, "", 60) for task_id in task_ids]
+    worker.stop()
+    await asyncio.wait_for(running, 20)
+    await own.close()
+    results: list[dict[str, Any]] = [
+        r.result for r in records if r is not None and isinstance(r.result, dict)
+    ]
+    assert len(results) == 3
+    assert {r["loaded"] for r in results} == {True}  # load() ran in each process
+    assert os.getpid() not in {r["pid"] for r in results}
+    assert multiprocessing.active_children() == []  # terminated at shutdown

@@ -61,8 +61,10 @@ class Settings(BaseSettings):
     retry_backoff: PositiveSeconds = 0.5
     retry_backoff_max: PositiveSeconds = 30.0
     shutdown_grace: PositiveSeconds = 30.0
-    # Threads that run a synchronous (`def`) handler's calls; unset: MAX_CONCURRENCY.
+    # Threads that run a synchronous (`def`) handler's calls (processes with
+    # HANDLER_POOL=process, for pure-Python code that holds the GIL); unset: MAX_CONCURRENCY.
     handler_threads: int | None = Field(default=None, ge=1, le=1024)
+    handler_pool: Literal["thread", "process"] = "thread"
     # A handler that holds the worker's event loop longer than this is logged and counted.
     loop_block_limit: PositiveSeconds = 1.0
     # Past TASK_TIMEOUT plus this, a loop still blocked or a handler call still running
