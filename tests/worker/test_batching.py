@@ -193,6 +193,27 @@ async def test_a_partial_batch_is_sent_once_max_batch_wait_ms_passes() -> None:
     assert 0.04 <= waited < 1.0
 
 
+async def test_items_that_arrive_while_a_batch_runs_go_together_the_moment_it_returns() -> None:
+    calls: list[list[str]] = []
+    release = asyncio.Event()
+
+    async def call(prompts: list[str], params: list[Mapping[str, Any]]) -> list[Any]:
+        calls.append(prompts)
+        if len(calls) == 1:
+            await release.wait()  # the device is busy with the first batch
+        return prompts
+
+    batcher = Batcher(call, size=8, wait_ms=0)
+    first = asyncio.ensure_future(batcher("first", {}))
+    await asyncio.sleep(0.01)
+    later = [asyncio.ensure_future(batcher(p, {})) for p in ("b", "c", "d")]
+    await asyncio.sleep(0.05)  # far past wait_ms: they still wait for the batch in flight
+    assert calls == [["first"]]
+    release.set()
+    await asyncio.wait_for(asyncio.gather(first, *later), 5)
+    assert calls == [["first"], ["b", "c", "d"]]
+
+
 async def test_an_item_that_stopped_waiting_is_left_out_of_its_batch() -> None:
     calls: list[list[str]] = []
 

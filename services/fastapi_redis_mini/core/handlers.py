@@ -119,8 +119,9 @@ class SimulatedAccelerator:
     """Stands in for a model on an accelerator, which takes batches (see worker/_batch.py).
 
     Each call costs CALL_SECONDS however many items it carries, plus ITEM_SECONDS per item,
-    plus the longest params.duration among them: batching pays off as it would on a GPU. Each
-    item answers as `simulate` would, and params.fail fails only its own item.
+    plus the longest params.duration among them: batching pays off as it would on a GPU. Like
+    one device, it runs one call at a time; calls made meanwhile queue for it. Each item
+    answers as `simulate` would, and params.fail fails only its own item.
     """
 
     Params = SimulateParams
@@ -132,11 +133,13 @@ class SimulatedAccelerator:
     def __init__(self, max_duration: float) -> None:
         self.one = SimulatedInference(0)
         self.max_duration = max_duration
+        self.device = asyncio.Lock()
 
     async def __call__(self, prompts: list[str], params: list[Mapping[str, Any]]) -> list[Any]:
         options = [SimulateParams.model_validate(p) for p in params]
         longest = min(max(o.duration for o in options), self.max_duration)
-        await asyncio.sleep(self.CALL_SECONDS + self.ITEM_SECONDS * len(prompts) + longest)
+        async with self.device:
+            await asyncio.sleep(self.CALL_SECONDS + self.ITEM_SECONDS * len(prompts) + longest)
         answers: list[Any] = []
         for prompt, item in zip(prompts, params, strict=True):
             try:

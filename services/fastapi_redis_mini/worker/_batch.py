@@ -11,8 +11,11 @@ task, as they do without batching: an item whose task stopped waiting before its
 sent is left out of the batch, and one that stops waiting while the batch runs has its result
 thrown away. Retries, dead letters and the result cache see one task each, as ever.
 
-A batch is sent as soon as it holds `max_batch_size` items, and never later than
-`max_batch_wait_ms` (default 5) after its first item arrived.
+One batch is in flight at a time, as on one device. While the handler is idle, a batch is
+sent as soon as it holds `max_batch_size` items, and never later than `max_batch_wait_ms`
+(default 5) after its first item arrived; while a batch runs, the next one fills and is sent
+the moment it returns. A task therefore waits at most `max_batch_wait_ms` for a batch to
+fill, plus the time the handler is busy with the batch before it.
 """
 
 from __future__ import annotations
@@ -45,57 +48,76 @@ def batch_options(handler: object, name: str) -> tuple[int, float] | None:
     return size, float(wait)
 
 
+_Item = tuple[str, Mapping[str, Any], "asyncio.Future[Any]", float]
+
+
 class Batcher:
-    """Collects items into batches of at most `size`, each sent within `wait_ms` of its first."""
+    """Collects items into batches of at most `size`, one batch in flight at a time.
+
+    An idle handler gets a batch as soon as it is full, or `wait_ms` after its first item.
+    While a batch runs, new items wait for it, as they would for a device busy with it, and
+    the next batch (up to `size` of them) goes the moment it returns: under load batches grow
+    by themselves, and an idle handler adds at most `wait_ms` to a task.
+    """
 
     def __init__(self, call: BatchCall, size: int, wait_ms: float) -> None:
         self._call = call
         self._size = size
         self._wait = wait_ms / 1000
-        self._waiting: list[tuple[str, Mapping[str, Any], asyncio.Future[Any]]] = []
-        self._first_at = 0.0
+        self._waiting: list[_Item] = []
         self._timer: asyncio.TimerHandle | None = None
-        self._sending: set[asyncio.Task[None]] = set()
+        self._running: asyncio.Task[None] | None = None
 
     def __call__(self, prompt: str, params: Mapping[str, Any]) -> Awaitable[Any]:
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._waiting.append((prompt, params, future))
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._waiting.append((prompt, params, future, time.monotonic()))
+        if self._running is not None:
+            return future  # the batch in flight sends the next one when it returns
         if len(self._waiting) >= self._size:
             self._send()
-        elif len(self._waiting) == 1:
-            self._first_at = time.monotonic()
-            self._timer = asyncio.get_running_loop().call_later(self._wait, self._send)
+        elif self._timer is None:
+            self._timer = loop.call_later(self._wait, self._on_timer)
         return future
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._running is None:
+            self._send()
 
     def _send(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        waited = time.monotonic() - self._first_at
-        taken, self._waiting = self._waiting[: self._size], self._waiting[self._size :]
-        if self._waiting:  # more than a batch arrived at once: the rest start a new wait
-            self._first_at = time.monotonic()
-            self._timer = asyncio.get_running_loop().call_later(self._wait, self._send)
-        batch = [item for item in taken if not item[2].done()]  # drop stopped tasks
-        if not batch:
-            return
-        metrics.batch_size.observe(len(batch))
-        metrics.batch_wait.observe(waited)
-        sender = asyncio.create_task(self._run(batch), name="batch")
-        self._sending.add(sender)
-        sender.add_done_callback(self._sending.discard)
+        while self._waiting:
+            taken = self._waiting[: self._size]
+            del self._waiting[: self._size]
+            batch = [item for item in taken if not item[2].done()]  # drop stopped tasks
+            if batch:
+                metrics.batch_size.observe(len(batch))
+                metrics.batch_wait.observe(time.monotonic() - batch[0][3])
+                self._running = asyncio.create_task(self._run(batch), name="batch")
+                return
 
-    async def _run(self, batch: list[tuple[str, Mapping[str, Any], asyncio.Future[Any]]]) -> None:
+    async def _run(self, batch: list[_Item]) -> None:
         try:
-            results = await self._call([p for p, _, _ in batch], [q for _, q, _ in batch])
+            await self._answer(batch)
+        finally:
+            self._running = None
+            if self._waiting:
+                self._send()
+
+    async def _answer(self, batch: list[_Item]) -> None:
+        try:
+            results = await self._call([p for p, _, _, _ in batch], [q for _, q, _, _ in batch])
             if len(results) != len(batch):
                 raise RuntimeError(f"a batch of {len(batch)} items returned {len(results)} results")
         except Exception as error:
-            for _, _, future in batch:
+            for _, _, future, _ in batch:
                 if not future.done():
                     future.set_exception(error)
             return
-        for (_, _, future), result in zip(batch, results, strict=True):
+        for (_, _, future, _), result in zip(batch, results, strict=True):
             if future.done():
                 continue  # its task stopped waiting: timed out, cancelled or released
             if isinstance(result, BaseException):
