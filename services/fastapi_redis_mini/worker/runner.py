@@ -158,7 +158,7 @@ class Worker:
                     "consuming as %s (max_concurrency=%d, claim_idle=%gs, handler %s, %s)",
                     self.consumer, self.settings.max_concurrency, self.settings.claim_idle,
                     self.runner.name, "async" if self.runner.is_async else
-                    f"{self.settings.handler_thread_count} threads",
+                    f"{self.settings.handler_thread_count} x {self.settings.handler_pool}",
                 )  # fmt: skip
                 consume = self._loop(self._consume_loop(), "consume", self._stopping)
                 if self.sidecar is None:
