@@ -465,9 +465,10 @@ class Worker:
         interval = min(self.settings.claim_idle / 3, 10.0)
         while not self._closed_flag.is_set():
             await _sleep_or_flag(interval, self._closed_flag)
-            if self.hung() is not None:
-                # This worker has given up on itself (/healthz fails): its entries go idle and
-                # another worker reclaims them, as it would once this one is restarted.
+            if self.loop_blocked_for() > self.settings.task_timeout + self.settings.liveness_grace:
+                # The loop is hung and /healthz fails: the entries go idle and another worker
+                # reclaims them, as it would once this one is restarted. (A thread left running
+                # past its timeout holds no entry: its task's outcome is written already.)
                 continue
             # Every task held is kept alive: a suspect waiting to run alone and an outcome not
             # yet written are still this worker's. A copy: the worker's loop may be changing
