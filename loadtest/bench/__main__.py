@@ -35,12 +35,13 @@ from ._api import (
 )
 from ._cluster import cluster_versus_standalone
 from ._e2e import end_to_end, memory_after
+from ._inference import BENCH_MODULE, accelerator_ceiling, embed_ceiling, service_run
 from ._measure import ROOT, require_wrk, wrk
 from ._report import print_table, targets, write_markdown
 from ._workers import PEERS, drain_ours, drain_peer, spawn_worker, wait_worker_ready
 
 PEER_PYTHON = ROOT / ".venv-bench" / "bin" / "python"
-SECTIONS = ("worker", "api", "durable", "e2e", "scale", "memory", "cluster")
+SECTIONS = ("worker", "api", "durable", "e2e", "scale", "memory", "cluster", "inference")
 Report = dict[str, Any]
 
 
@@ -63,6 +64,12 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     )
     parser.add_argument("--scale", default="1,2,4", help="worker process counts [1,2,4]")
     parser.add_argument(
+        "--inference-tasks", type=int, help="tasks per inference run, over HTTP [3000]"
+    )
+    parser.add_argument(
+        "--inference-concurrency", type=int, default=64, help="MAX_CONCURRENCY there [64]"
+    )
+    parser.add_argument(
         "--sections", default=",".join(SECTIONS), help=f"subset of {','.join(SECTIONS)}"
     )
     parser.add_argument(
@@ -81,6 +88,7 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     args.api_seconds = args.api_seconds or (2.0 if quick else 3.0)
     args.api_rounds = args.api_rounds or (2 if quick else 3)
     args.e2e_tasks = args.e2e_tasks or (2_000 if quick else 10_000)
+    args.inference_tasks = args.inference_tasks or (1_000 if quick else 3_000)
     args.memory_tasks = args.memory_tasks or (5_000 if quick else 100_000)
     # Not 100k as in the memory section: the cluster's six servers share the two cores with
     # the api and the worker; --cluster-memory-tasks 100000 runs the issue's figure.
@@ -270,6 +278,47 @@ def cluster_section(
     return cluster_versus_standalone(space, redis_server, args)
 
 
+def inference_section(
+    space: Workspace, redis_server: RedisServer, args: argparse.Namespace, report: Report
+) -> Any:
+    """A real model (embed) and the simulated accelerator: direct, batched, per task, peers."""
+    tasks, concurrency = args.inference_tasks, args.inference_concurrency
+
+    def api(name: str) -> Process:
+        return start_ours(space, redis_server.url, args.api_workers, name=name)
+
+    def run(handler: str, label: str) -> dict[str, Any]:
+        log(f"inference: {label}, {tasks} tasks over HTTP, MAX_CONCURRENCY={concurrency}")
+        return service_run(
+            space, redis_server, api, handler=handler, label=label, tasks=tasks,
+            concurrency=concurrency,
+        )  # fmt: skip
+
+    log("inference: the embed model called directly, by batch size")
+    embed = {
+        "ceiling": embed_ceiling(max(tasks, 2000)),
+        "batched": run("embed", "embed-batched"),
+        "per_task": run(f"{BENCH_MODULE}:EmbedPerTask", "embed-per-task"),
+    }
+    log("inference: the simulated accelerator called directly, by batch size")
+    accelerator: dict[str, Any] = {
+        "ceiling": accelerator_ceiling(min(tasks, 640)),
+        "batched": run("simulate-batched", "accelerator-batched"),
+        "per_task": run(f"{BENCH_MODULE}:AcceleratorPerTask", "accelerator-per-task"),
+        "peers": [],
+    }
+    if args.peer_python.exists():
+        for peer in PEERS:
+            redis_server.flush()
+            log(f"inference: {peer}, the accelerator per job, {tasks} jobs")
+            result = drain_peer(
+                space, args.peer_python, peer, redis_server.url, tasks=tasks,
+                concurrency=concurrency, job="accelerator",
+            )  # fmt: skip
+            accelerator["peers"].append(result.as_dict())
+    return {"tasks": tasks, "concurrency": concurrency, "embed": embed, "accelerator": accelerator}
+
+
 RUNNERS: dict[str, Callable[[Workspace, RedisServer, argparse.Namespace, Report], Any]] = {
     "worker": worker_section,
     "api": api_section,
@@ -278,6 +327,7 @@ RUNNERS: dict[str, Callable[[Workspace, RedisServer, argparse.Namespace, Report]
     "scale": scale_section,
     "memory": memory_section,
     "cluster": cluster_section,
+    "inference": inference_section,
 }
 
 

@@ -26,23 +26,35 @@ def percentile(values: list[float], pct: float) -> float:
     return statistics.quantiles(values, n=1000, method="inclusive")[round(pct * 10) - 1]
 
 
-def miss_requests(port: int, tasks: int, label: str) -> list[bytes]:
+def miss_requests(
+    port: int, tasks: int, label: str, params: dict[str, Any] | None = None
+) -> list[bytes]:
     """POST /tasks requests with prompts never sent before: each one queues a task."""
     run_id = time.time_ns()
+    body_params = {"duration": 0} if params is None else params
     return [
         post_request(
             "127.0.0.1",
             port,
             "/tasks",
-            json.dumps({"prompt": f"{label} {run_id} {i}", "params": {"duration": 0}}).encode(),
+            json.dumps({"prompt": f"{label} {run_id} {i}", "params": body_params}).encode(),
         )
         for i in range(tasks)
     ]
 
 
-def end_to_end(api: Process, url: str, tasks: int, timeout: float = 300.0) -> dict[str, Any]:
-    """Submit `tasks` no-op tasks at once over HTTP; time until every one is DONE."""
-    requests = miss_requests(api.port, tasks, "e2e")
+def end_to_end(
+    api: Process,
+    url: str,
+    tasks: int,
+    timeout: float = 300.0,
+    *,
+    label: str = "e2e",
+    params: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Submit `tasks` tasks (no-op ones by default) at once over HTTP; time until every one
+    is DONE."""
+    requests = miss_requests(api.port, tasks, label, params)
     began_wall = time.time()
     began = time.perf_counter()
     answers = asyncio.run(send_all("127.0.0.1", api.port, requests, E2E_CONNECTIONS))

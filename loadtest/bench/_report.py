@@ -13,6 +13,12 @@ DURABLE_GOAL = 0.5
 MAX_CONNECTIONS_DURABLE = 50
 
 
+# The service with batching against the model called alone at its best batch size, and
+# against the better of arq and SAQ calling it once per job.
+INFERENCE_CEILING_GOAL = 0.7
+INFERENCE_PEER_GOAL = 2.0
+
+
 def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     verdicts: list[dict[str, Any]] = []
     worker = report.get("worker")
@@ -53,6 +59,30 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
                 at_least=True,
             )
         )
+    inference = report.get("inference")
+    if inference:
+        for model in ("embed", "accelerator"):
+            runs = inference[model]
+            ceiling = runs["ceiling"]["best_rate"]
+            verdicts.append(
+                _verdict(
+                    f"{model}: service tasks/s with batching / model alone (ceiling)",
+                    runs["batched"]["rate"] / ceiling if ceiling else 0.0,
+                    INFERENCE_CEILING_GOAL,
+                    at_least=True,
+                )
+            )
+            peers = runs.get("peers") or []
+            if peers:
+                best = max(peers, key=lambda r: r["drain_rate"])
+                verdicts.append(
+                    _verdict(
+                        f"{model}: service tasks/s with batching / best peer ({best['system']})",
+                        runs["batched"]["rate"] / best["drain_rate"] if best["drain_rate"] else 0,
+                        INFERENCE_PEER_GOAL,
+                        at_least=True,
+                    )
+                )
     return verdicts
 
 
@@ -277,6 +307,26 @@ def _rows(report: dict[str, Any]) -> list[tuple[str, list[list[str]]]]:
             met = "yes" if t["met"] else "NO"
             rows.append([t["target"], f"{t['measured']:.2f}", t["goal"], met])
         tables.append(("Targets", rows))
+    inference = report.get("inference")
+    if inference:
+        rows = [["model", "run", "tasks/s", "p50 to DONE", "p99 to DONE", "note"]]
+        for model in ("embed", "accelerator"):
+            runs = inference[model]
+            ceiling = runs["ceiling"]
+            sizes = ", ".join(f"{b}: {r:.0f}/s" for b, r in ceiling["rates"].items())
+            rows.append([model, "(a) model alone", f"{ceiling['best_rate']:.0f}", "", "",
+                         f"batch {ceiling['best_batch']} best of {sizes}"])  # fmt: skip
+            for key, name in (("batched", "(b) service, batched"), ("per_task", "(c) per task")):
+                run = runs[key]
+                rows.append([model, name, f"{run['rate']:.0f}",
+                             f"{run['time_to_done_p50'] * 1000:.0f} ms",
+                             f"{run['time_to_done_p99'] * 1000:.0f} ms",
+                             f"{run['done']}/{run['tasks']} DONE over HTTP"])  # fmt: skip
+            for peer in runs.get("peers") or []:
+                done = f"{peer['completed']}/{peer['tasks']} jobs, enqueued first"
+                rate = f"{peer['drain_rate']:.0f}"
+                rows.append([model, f"(d) {peer['system']}", rate, "", "", done])
+        tables.append((f"Inference, one worker, MAX_CONCURRENCY={inference['concurrency']}", rows))
     return tables
 
 

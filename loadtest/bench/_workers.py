@@ -316,8 +316,9 @@ def drain_peer(
     tasks: int,
     concurrency: int,
     timeout: float = 300.0,
+    job: str = "noop",
 ) -> DrainResult:
-    enqueued = _peer(python, "enqueue", system, url, tasks)
+    enqueued = _peer(python, "enqueue", system, url, tasks, "--job", job)
     before = RedisCounters.read(url)
     cpu_before = ChildCpu.read()
     worker = space.spawn(
@@ -325,6 +326,7 @@ def drain_peer(
         [
             str(python), str(BENCH_DIR / "peers.py"), "work", system,
             "--redis-url", url, "--jobs", str(tasks), "--concurrency", str(concurrency),
+            "--job", job,
         ],
     )  # fmt: skip
     # The peer exits by itself when done; its scheduler counters are read until then.

@@ -32,6 +32,29 @@ async def noop(ctx: Any) -> None:
     """The benchmark job: does nothing, so only the queue's own cost is measured."""
 
 
+# The service's simulated accelerator (core/handlers.py SimulatedAccelerator), one job per
+# call: its fixed cost per call plus its cost per item. The same numbers; this venv cannot
+# import the service.
+ACCELERATOR_CALL_SECONDS = 0.02
+ACCELERATOR_ITEM_SECONDS = 0.0005
+
+
+_device: asyncio.Lock | None = None
+
+
+async def accelerator(ctx: Any) -> None:
+    """A job that calls the simulated accelerator for itself alone, as arq and SAQ do: one
+    call at a time per process, as on one device."""
+    global _device
+    if _device is None:
+        _device = asyncio.Lock()
+    async with _device:
+        await asyncio.sleep(ACCELERATOR_CALL_SECONDS + ACCELERATOR_ITEM_SECONDS)
+
+
+JOBS: dict[str, Callable[[Any], Awaitable[None]]] = {"noop": noop, "accelerator": accelerator}
+
+
 async def in_chunks(calls: Sequence[Callable[[], Awaitable[Any]]]) -> list[Any]:
     results: list[Any] = []
     for start in range(0, len(calls), ENQUEUE_CHUNK):
@@ -43,14 +66,14 @@ async def in_chunks(calls: Sequence[Callable[[], Awaitable[Any]]]) -> list[Any]:
 # --- arq -----------------------------------------------------------------------------
 
 
-async def arq_enqueue(url: str, jobs: int) -> int:
+async def arq_enqueue(url: str, jobs: int, job: str) -> int:
     from arq import create_pool
     from arq.connections import RedisSettings
 
     pool = await create_pool(RedisSettings.from_dsn(url), default_queue_name=QUEUE_NAME)
     try:
         calls = [
-            (lambda job_id=job_id: pool.enqueue_job("noop", _job_id=job_id))
+            (lambda job_id=job_id: pool.enqueue_job(job, _job_id=job_id))
             for job_id in job_ids(jobs)
         ]
         done = await in_chunks(calls)
@@ -59,12 +82,12 @@ async def arq_enqueue(url: str, jobs: int) -> int:
     return sum(1 for job in done if job is not None)
 
 
-async def arq_work(url: str, jobs: int, concurrency: int, poll_delay: float) -> None:
+async def arq_work(url: str, jobs: int, concurrency: int, poll_delay: float, job: str) -> None:
     from arq.connections import RedisSettings
     from arq.worker import Worker, func
 
     worker = Worker(
-        functions=[func(noop, name="noop")],
+        functions=[func(JOBS[job], name=job)],
         redis_settings=RedisSettings.from_dsn(url),
         queue_name=QUEUE_NAME,
         max_jobs=concurrency,
@@ -103,25 +126,23 @@ async def arq_stats(url: str, jobs: int) -> dict[str, Any]:
 # --- SAQ -----------------------------------------------------------------------------
 
 
-async def saq_enqueue(url: str, jobs: int) -> int:
+async def saq_enqueue(url: str, jobs: int, job: str) -> int:
     from saq import Queue
 
     queue = Queue.from_url(url, name=QUEUE_NAME)
     try:
-        calls = [
-            (lambda job_id=job_id: queue.enqueue("noop", key=job_id)) for job_id in job_ids(jobs)
-        ]
+        calls = [(lambda job_id=job_id: queue.enqueue(job, key=job_id)) for job_id in job_ids(jobs)]
         done = await in_chunks(calls)
     finally:
         await queue.disconnect()
     return sum(1 for job in done if job is not None)
 
 
-async def saq_work(url: str, concurrency: int, check_interval: float) -> None:
+async def saq_work(url: str, concurrency: int, check_interval: float, job: str) -> None:
     from saq import Queue, Worker
 
     queue = Queue.from_url(url, name=QUEUE_NAME)
-    worker = Worker(queue, functions=[("noop", noop)], concurrency=concurrency)
+    worker = Worker(queue, functions=[(job, JOBS[job])], concurrency=concurrency)
 
     async def stop_when_drained() -> None:
         # SAQ's burst mode can cancel a job it has just dequeued when it stops, so the
@@ -173,6 +194,7 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--redis-url", required=True)
     parser.add_argument("--jobs", type=int, required=True)
     parser.add_argument("--concurrency", type=int, default=100)
+    parser.add_argument("--job", choices=sorted(JOBS), default="noop")
     parser.add_argument(
         "--idle-wait",
         type=float,
@@ -189,12 +211,14 @@ def main(argv: Sequence[str]) -> int:
     output: dict[str, Any] = {"system": args.system, "action": args.action}
     if args.action == "enqueue":
         enqueue = arq_enqueue if args.system == "arq" else saq_enqueue
-        output["enqueued"] = asyncio.run(enqueue(args.redis_url, args.jobs))
+        output["enqueued"] = asyncio.run(enqueue(args.redis_url, args.jobs, args.job))
     elif args.action == "work":
         if args.system == "arq":
-            asyncio.run(arq_work(args.redis_url, args.jobs, args.concurrency, args.idle_wait))
+            asyncio.run(
+                arq_work(args.redis_url, args.jobs, args.concurrency, args.idle_wait, args.job)
+            )
         else:
-            asyncio.run(saq_work(args.redis_url, args.concurrency, args.idle_wait))
+            asyncio.run(saq_work(args.redis_url, args.concurrency, args.idle_wait, args.job))
     else:
         stats = arq_stats if args.system == "arq" else saq_stats
         output.update(asyncio.run(stats(args.redis_url, args.jobs)))

@@ -60,6 +60,8 @@ ALTERNATIVES: dict[str, Any] = {
     "config.logLevel": "DEBUG",
     "config.durableAcks": "fsync",
     "config.queuePartitions": 4,
+    "worker.handlerThreads": 8,
+    "worker.handlerPool": "process",
     "worker.autoscaling.keda.prometheus.serverAddress": "http://prometheus.example:9090",
     "otel.exporterOtlpEndpoint": "http://otel-collector.observability:4318",
     "otel.tracesSampler": "always_on",

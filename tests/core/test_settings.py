@@ -29,6 +29,9 @@ def test_api_keys_are_split_on_commas_and_never_shown() -> None:
     ("variable", "value"),
     [
         ("MAX_CONCURRENCY", "0"),
+        ("HANDLER_THREADS", "0"),
+        ("LOOP_BLOCK_LIMIT", "0"),
+        ("LIVENESS_GRACE", "-1"),
         ("REDIS_URL", "http://localhost:6379"),
         ("REDIS_URL", "redis://localhost:notaport/0"),
         ("REDIS_URL", "redis://localhost:6379/0?ssl_cert_reqs=required"),

@@ -113,3 +113,29 @@ def test_the_cluster_section_measures_both_backends_and_memory_per_master(
     # Each task leaves its hash and its cached result on the master of its slot.
     assert sum(master["keys"] for master in memory["after"].values()) >= 2 * 200
     assert "Redis Cluster: memory per master" in (tmp_path / "bench.md").read_text()
+
+
+def test_the_inference_section_runs_the_real_model_and_the_accelerator_end_to_end(
+    wrk_binary: str, tmp_path: Path
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "loadtest.bench", "--sections", "inference",
+         "--inference-tasks", "100", "--inference-concurrency", "16",
+         "--peer-python", str(tmp_path / "no-peers"), "--out", str(tmp_path)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )  # fmt: skip
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    inference = json.loads((tmp_path / "bench.json").read_text())["inference"]
+    for model in ("embed", "accelerator"):
+        runs = inference[model]
+        assert runs["ceiling"]["best_rate"] > 0
+        for run in ("batched", "per_task"):
+            assert runs[run]["done"] == 100, (model, run, runs[run])
+            assert runs[run]["rate"] > 0
+    assert inference["accelerator"]["peers"] == []
+    assert "## Inference" in (tmp_path / "bench.md").read_text()

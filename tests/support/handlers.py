@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
+import time
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -79,3 +81,101 @@ class NotAModel:
 
     async def __call__(self, prompt: str, params: Mapping[str, Any]) -> Any:
         return None
+
+
+def _record_run(params: Mapping[str, Any]) -> None:
+    """Append this process's pid to the file params["runs"] names: one line per run."""
+    if "runs" in params:
+        with open(str(params["runs"]), "a") as runs:
+            runs.write(f"{os.getpid()}\n")
+
+
+def _first_run(params: Mapping[str, Any]) -> bool:
+    """True for the first run of a task across every process: it creates params["marker"]."""
+    try:
+        os.close(os.open(str(params["marker"]), os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return False
+    return True
+
+
+class BlockingModel:
+    """A synchronous model: one blocking call of params["block"] seconds per task, as a
+    forward pass holding a C extension would be. Runs in the worker's thread pool."""
+
+    def __init__(self, max_duration: float) -> None:
+        self.loaded = False
+
+    def load(self) -> None:
+        time.sleep(float(os.environ.get("TEST_LOAD_SECONDS", "0")))
+        self.loaded = True
+
+    def close(self) -> None:
+        self.loaded = False
+
+    def __call__(self, prompt: str, params: Mapping[str, Any]) -> Any:
+        _record_run(params)
+        time.sleep(float(params.get("block", 0)))
+        if params.get("fail"):
+            raise ValueError(f"bad input: {prompt}")
+        return {
+            "prompt": prompt,
+            "loaded": self.loaded,
+            "thread": threading.current_thread().name,
+            "pid": os.getpid(),
+        }
+
+
+class LoopBlocker:
+    """An async handler that makes one synchronous call: it holds the worker's event loop
+    for params["block"] seconds, as a model called without a thread would."""
+
+    def __init__(self, max_duration: float) -> None:
+        pass
+
+    async def __call__(self, prompt: str, params: Mapping[str, Any]) -> Any:
+        _record_run(params)
+        time.sleep(float(params.get("block", 0)))  # noqa: ASYNC251 - the defect under test
+        return {"prompt": prompt}
+
+
+class HangsOnFirstRun:
+    """An async handler whose first run (across processes) holds the loop for good; later
+    runs answer at once. params["marker"] names the file that marks the first run."""
+
+    def __init__(self, max_duration: float) -> None:
+        pass
+
+    async def __call__(self, prompt: str, params: Mapping[str, Any]) -> Any:
+        _record_run(params)
+        if _first_run(params):
+            time.sleep(3600)  # noqa: ASYNC251 - the defect under test; the test kills us
+        return {"prompt": prompt}
+
+
+class BatchModel:
+    """A synchronous batched model: one blocking call per batch of up to 8 prompts.
+
+    The call blocks for the largest params["block"] of its items. A prompt starting with "bad"
+    is an input the model rejects (a ValueError for that item alone), "busy" a transient one
+    (RetryableError). Remembers each batch's prompts.
+    """
+
+    max_batch_size = 8
+    max_batch_wait_ms = 50
+
+    def __init__(self, max_duration: float) -> None:
+        self.batches: list[list[str]] = []
+
+    def __call__(self, prompts: list[str], params: list[Mapping[str, Any]]) -> list[Any]:
+        self.batches.append(list(prompts))
+        time.sleep(max(float(p.get("block", 0)) for p in params))
+        answers: list[Any] = []
+        for prompt in prompts:
+            if prompt.startswith("bad"):
+                answers.append(ValueError(f"cannot read {prompt!r}"))
+            elif prompt.startswith("busy"):
+                answers.append(RetryableError("the model is busy"))
+            else:
+                answers.append({"upper": prompt.upper(), "batch": len(prompts)})
+        return answers

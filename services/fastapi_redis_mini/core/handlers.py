@@ -18,6 +18,8 @@ from pydantic import (
     field_validator,
 )
 
+from .embedding import EmbedModel
+
 
 class RetryableError(Exception):
     """Raise from a handler when trying again later may succeed (a busy model, a flaky network)."""
@@ -28,9 +30,32 @@ class TaskFailedError(Exception):
 
 
 class TaskHandler(Protocol):
-    """Runs one task. The return value is stored as the result and must be JSON-serialisable."""
+    """Runs one task. The return value is stored as the result and must be JSON-serialisable.
+
+    An async handler runs on the worker's event loop, beside the other tasks; a synchronous
+    one (`SyncTaskHandler`) runs in a thread of its own. Either may also have a `load()` and a
+    `close()` method (see `worker/_handler.py`).
+    """
 
     async def __call__(self, prompt: str, params: Mapping[str, Any]) -> Any: ...
+
+
+class SyncTaskHandler(Protocol):
+    """Runs one task in a thread of the worker's pool (HANDLER_THREADS): for blocking code."""
+
+    def __call__(self, prompt: str, params: Mapping[str, Any]) -> Any: ...
+
+
+class BatchTaskHandler(Protocol):
+    """Runs a batch of tasks in one call, sync or async: one result, or one exception
+    instance that fails that task alone, per item and in order (see worker/_batch.py)."""
+
+    max_batch_size: int
+
+    def __call__(self, prompts: list[str], params: list[Mapping[str, Any]]) -> Any: ...
+
+
+AnyTaskHandler = TaskHandler | SyncTaskHandler | BatchTaskHandler
 
 
 # What a Params model's validators find in their ValidationInfo.context.
@@ -90,9 +115,47 @@ class SimulatedInference:
         }
 
 
-HandlerFactory = Callable[[float], TaskHandler]
+class SimulatedAccelerator:
+    """Stands in for a model on an accelerator, which takes batches (see worker/_batch.py).
 
-HANDLERS: dict[str, HandlerFactory] = {"simulate": SimulatedInference}
+    Each call costs CALL_SECONDS however many items it carries, plus ITEM_SECONDS per item,
+    plus the longest params.duration among them: batching pays off as it would on a GPU. Like
+    one device, it runs one call at a time; calls made meanwhile queue for it. Each item
+    answers as `simulate` would, and params.fail fails only its own item.
+    """
+
+    Params = SimulateParams
+    CALL_SECONDS = 0.02
+    ITEM_SECONDS = 0.0005
+    max_batch_size = 32
+    max_batch_wait_ms = 5.0
+
+    def __init__(self, max_duration: float) -> None:
+        self.one = SimulatedInference(0)
+        self.max_duration = max_duration
+        self.device = asyncio.Lock()
+
+    async def __call__(self, prompts: list[str], params: list[Mapping[str, Any]]) -> list[Any]:
+        options = [SimulateParams.model_validate(p) for p in params]
+        longest = min(max(o.duration for o in options), self.max_duration)
+        async with self.device:
+            await asyncio.sleep(self.CALL_SECONDS + self.ITEM_SECONDS * len(prompts) + longest)
+        answers: list[Any] = []
+        for prompt, item in zip(prompts, params, strict=True):
+            try:
+                answers.append(await self.one(prompt, {**item, "duration": 0.0}))
+            except Exception as error:
+                answers.append(error)
+        return answers
+
+
+HandlerFactory = Callable[[float], AnyTaskHandler]
+
+HANDLERS: dict[str, HandlerFactory] = {
+    "simulate": SimulatedInference,
+    "simulate-batched": SimulatedAccelerator,
+    "embed": EmbedModel,
+}
 
 
 def _factory(name: str) -> HandlerFactory:
@@ -110,7 +173,7 @@ def _factory(name: str) -> HandlerFactory:
         raise LookupError(f"TASK_HANDLER: unknown handler {name!r} (known: {known})") from None
 
 
-def resolve_handler(name: str, max_duration: float) -> TaskHandler:
+def resolve_handler(name: str, max_duration: float) -> AnyTaskHandler:
     """A registered name, or "package.module:factory" for a handler that lives elsewhere."""
     return _factory(name)(max_duration)
 

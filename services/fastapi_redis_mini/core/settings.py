@@ -61,6 +61,15 @@ class Settings(BaseSettings):
     retry_backoff: PositiveSeconds = 0.5
     retry_backoff_max: PositiveSeconds = 30.0
     shutdown_grace: PositiveSeconds = 30.0
+    # Threads that run a synchronous (`def`) handler's calls (processes with
+    # HANDLER_POOL=process, for pure-Python code that holds the GIL); unset: MAX_CONCURRENCY.
+    handler_threads: int | None = Field(default=None, ge=1, le=1024)
+    handler_pool: Literal["thread", "process"] = "thread"
+    # A handler that holds the worker's event loop longer than this is logged and counted.
+    loop_block_limit: PositiveSeconds = 1.0
+    # Past TASK_TIMEOUT plus this, a loop still blocked or a handler call still running
+    # fails /healthz: only a restart frees them.
+    liveness_grace: PositiveSeconds = 30.0
     metrics_port: int = Field(default=9100, ge=0, le=65535)
 
     # The api
@@ -168,6 +177,11 @@ class Settings(BaseSettings):
                     f"invalid configuration: {name.upper()} limits each API key, "
                     "so API_KEYS must be set"
                 )
+
+    @property
+    def handler_thread_count(self) -> int:
+        """HANDLER_THREADS, or MAX_CONCURRENCY when unset: one thread per task that may run."""
+        return self.handler_threads or self.max_concurrency
 
     @property
     def quotas(self) -> bool:

@@ -1,4 +1,8 @@
-"""The worker's small HTTP side: /metrics for Prometheus, /healthz and /readyz for probes."""
+"""The worker's small HTTP side: /metrics for Prometheus, /healthz and /readyz for probes.
+
+`python -m fastapi_redis_mini.worker` serves it from the sidecar's thread (see _sidecar.py),
+so it answers while a handler blocks the worker's loop, and `queue` is the sidecar's own.
+"""
 
 from __future__ import annotations
 
@@ -27,12 +31,22 @@ def build_app(worker: Worker, queue: TaskQueue, settings: Settings) -> Starlette
     async def healthz(_: Request) -> Response:
         if worker.failure is not None:
             return JSONResponse({"status": "failed", "reason": worker.failure}, 503)
+        hung = worker.hung()
+        if hung is not None:
+            return JSONResponse({"status": "hung", "reason": hung}, 503)
+        blocked = worker.loop_blocked_for()
+        if blocked:
+            # A handler holds the loop: that is judged against TASK_TIMEOUT (hung() above),
+            # not as a stall of the consume loop.
+            return JSONResponse({"status": "blocked", "seconds": round(blocked, 1)})
         stalled = time.monotonic() - worker.last_progress
         if stalled > _STALL_SECONDS:
             return JSONResponse({"status": "stalled", "seconds": round(stalled, 1)}, 503)
         return JSONResponse({"status": "ok", "in_flight": worker.in_flight})
 
     async def readyz(_: Request) -> Response:
+        if worker.loading:
+            return JSONResponse({"status": "loading"}, 503)
         try:
             await queue.check_writable()
         except QueueUnavailable as error:

@@ -45,3 +45,28 @@ tasks_retried = Counter("tasks_retried", "Runs that failed and were retried.", n
 tasks_dead_lettered = Counter(
     "tasks_dead_lettered", "Tasks moved to the dead-letter stream.", namespace=NAMESPACE
 )
+event_loop_blocks = Counter(
+    "event_loop_blocks",
+    "Times the worker's event loop was held longer than LOOP_BLOCK_LIMIT, by handler.",
+    ["handler"],
+    namespace=NAMESPACE,
+)
+event_loop_block = Histogram(
+    "event_loop_block_seconds",
+    "How long each such block lasted, by handler.",
+    ["handler"],
+    namespace=NAMESPACE,
+    buckets=(1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+)
+batch_size = Histogram(
+    "handler_batch_size",
+    "Tasks per call of a batched handler.",
+    namespace=NAMESPACE,
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+)
+batch_wait = Histogram(
+    "handler_batch_wait_seconds",
+    "Time a batch waited for items, from its first to its call (at most max_batch_wait_ms).",
+    namespace=NAMESPACE,
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+)

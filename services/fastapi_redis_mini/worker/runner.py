@@ -3,6 +3,9 @@
 Delivery is at-least-once. An entry is acknowledged only in the same atomic step that writes
 its task's outcome; entries of a worker that dies are reclaimed by the others once they have
 been idle for CLAIM_IDLE, and a live worker keeps its own entries fresh so nobody steals them.
+Run with a Sidecar, as `python -m fastapi_redis_mini.worker` does, the keep-alive and a watchdog
+of the loop run on a thread of their own, so a handler that blocks the loop cannot make another
+worker take its task over (see _sidecar.py and _handler.py).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import os
 import random
 import secrets
 import socket
+import threading
 import time
 from collections.abc import Awaitable, Coroutine, Sequence
 from typing import Any
@@ -21,7 +25,7 @@ from typing import Any
 import orjson
 from opentelemetry import trace
 
-from ..core.handlers import RetryableError, TaskHandler
+from ..core.handlers import AnyTaskHandler, RetryableError
 from ..core.queue import (
     Delivery,
     Finish,
@@ -35,6 +39,8 @@ from ..core.queue import (
 from ..core.settings import Settings
 from ..core.telemetry.metrics import redis_errors
 from . import _telemetry, metrics
+from ._handler import HandlerRunner
+from ._sidecar import Sidecar
 from .inflight import InFlight, Phase, StopReason, decide
 
 log = logging.getLogger(__name__)
@@ -42,6 +48,8 @@ log = logging.getLogger(__name__)
 _FINISH_BATCH = 500
 _RETRY_PROMOTE_INTERVAL = 0.5
 _TRIM_INTERVAL = 10.0
+_RUN_PHASES = (Phase.RUNNING, Phase.ALONE)
+_CLOSE_TIMEOUT = 5.0  # for the handler's close(), within the pod's termination grace
 
 
 class WorkerFailed(Exception):  # noqa: N818 - named for what happened, as it is logged
@@ -64,14 +72,21 @@ class Worker:
     def __init__(
         self,
         queue: TaskQueue,
-        handler: TaskHandler,
+        handler: AnyTaskHandler,
         settings: Settings,
         *,
         consumer: str | None = None,
         tracing: bool = False,
+        sidecar: Sidecar | None = None,
     ) -> None:
         self.queue = queue
         self.handler = handler
+        self.runner = HandlerRunner(handler, settings)
+        self._call = self.runner.call
+        self.sidecar = sidecar
+        self.loading = True  # until the handler's load() has returned
+        self.loop_beat = time.monotonic()  # the loop's last sign of life, for the watchdog
+        self._closed_flag = threading.Event()  # _closed, for loops on the sidecar's thread
         self.settings = settings
         self.consumer = consumer or consumer_name()
         self.tracing = tracing
@@ -132,32 +147,46 @@ class Worker:
 
     async def run(self) -> None:
         metrics.worker_concurrency_limit.set(self.settings.max_concurrency)
-        if not await self._ensure_group():
-            self._raise_if_failed()
-            return
-        log.info(
-            "consuming as %s (max_concurrency=%d, claim_idle=%gs)",
-            self.consumer, self.settings.max_concurrency, self.settings.claim_idle,
-        )  # fmt: skip
-        consume = self._loop(self._consume_loop(), "consume", self._stopping)
-        helpers = [
-            self._loop(self._flush_loop(), "flush", self._closed),
-            self._loop(self._keep_alive_loop(), "keep-alive", self._closed),
-            self._loop(self._maintenance_loop(), "maintenance", self._stopping),
-        ]
+        helpers = [self._loop(self._beat_loop(), "heartbeat", self._closed)]
+        if self.sidecar is not None:
+            helpers.append(
+                self._loop(self.sidecar.run(self._watch_loop()), "watchdog", self._closed)
+            )
         try:
-            await asyncio.wait([consume])
-            await self._drain()
+            if await self._load() and await self._ensure_group():
+                log.info(
+                    "consuming as %s (max_concurrency=%d, claim_idle=%gs, handler %s, %s)",
+                    self.consumer, self.settings.max_concurrency, self.settings.claim_idle,
+                    self.runner.name, "async" if self.runner.is_async else
+                    f"{self.settings.handler_thread_count} x {self.settings.handler_pool}",
+                )  # fmt: skip
+                consume = self._loop(self._consume_loop(), "consume", self._stopping)
+                if self.sidecar is None:
+                    keep_alive = self._loop(
+                        self._keep_alive_loop(self.queue, None), "keep-alive", self._closed
+                    )
+                else:
+                    body = self._keep_alive_loop(self.sidecar.queue, asyncio.get_running_loop())
+                    keep_alive = self._loop(self.sidecar.run(body), "keep-alive", self._closed)
+                helpers += [
+                    self._loop(self._flush_loop(), "flush", self._closed),
+                    keep_alive,
+                    self._loop(self._maintenance_loop(), "maintenance", self._stopping),
+                ]
+                await asyncio.wait([consume])
+                await self._drain()
         finally:
             # The loops end on their own once closed is set. Cancelling is only the fallback:
             # a cancel that lands inside a Redis command can be swallowed by the client, so
             # nothing here waits on a cancelled task without a limit.
             self._closed.set()
+            self._closed_flag.set()
             _, unfinished = await asyncio.wait(helpers, timeout=1)
             for helper in unfinished:
                 helper.cancel()
             if unfinished:
                 await asyncio.wait(unfinished, timeout=1)
+            await self.runner.close(_CLOSE_TIMEOUT)
         # Every step of stopping is bounded, so a worker stops within SHUTDOWN_GRACE plus a
         # few seconds even while Redis is unreachable; what it could not write stays pending
         # and is reclaimed.
@@ -170,11 +199,17 @@ class Worker:
             raise WorkerFailed(self.failure)
 
     def _loop(
-        self, body: Coroutine[Any, Any, None], name: str, ends_with: asyncio.Event
-    ) -> asyncio.Task[None]:
-        """Start one of the worker's loops, watched: it may end only once `ends_with` is set."""
+        self,
+        body: Coroutine[Any, Any, None] | asyncio.Future[None],
+        name: str,
+        ends_with: asyncio.Event,
+    ) -> asyncio.Future[None]:
+        """Start one of the worker's loops, watched: it may end only once `ends_with` is set.
 
-        def ended(task: asyncio.Task[None]) -> None:
+        `body` is a coroutine to run on this loop, or the future of one the sidecar runs.
+        """
+
+        def ended(task: asyncio.Future[None]) -> None:
             if task.cancelled():
                 if not self._closed.is_set():
                     self.fail(f"the {name} loop was cancelled")
@@ -185,9 +220,26 @@ class Worker:
             elif not ends_with.is_set():
                 self.fail(f"the {name} loop ended unexpectedly")
 
-        task = asyncio.create_task(body, name=name)
+        task = body if isinstance(body, asyncio.Future) else asyncio.create_task(body, name=name)
         task.add_done_callback(ended)
         return task
+
+    async def _load(self) -> bool:
+        """Run the handler's load() before anything is read; False if it failed or we stop."""
+        loading = asyncio.ensure_future(self.runner.load())
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        await asyncio.wait([loading, stopping], return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not loading.done():
+            loading.cancel()  # a load() in a thread runs on; the process is going down
+            return False
+        error = loading.exception()
+        if error is not None:
+            self.fail(f"handler {self.runner.name}: load() failed with {type(error).__name__}: "
+                      f"{error}", error)  # fmt: skip
+            return False
+        self.loading = False
+        return True
 
     async def _ensure_group(self) -> bool:
         backoff = _Backoff()
@@ -325,7 +377,7 @@ class Worker:
         result = b""
         try:
             async with asyncio.timeout(self.settings.task_timeout):
-                output = await self.handler(job.prompt, job.params)
+                output = await self._call(job.prompt, job.params)
             result = orjson.dumps(output)
         except asyncio.CancelledError as error:
             if record.stop is None:
@@ -405,22 +457,47 @@ class Worker:
 
     # -- keeping entries, reclaiming others', housekeeping
 
-    async def _keep_alive_loop(self) -> None:
+    async def _keep_alive_loop(
+        self, queue: TaskQueue, worker_loop: asyncio.AbstractEventLoop | None
+    ) -> None:
+        """Keep held entries fresh, through `queue`; run on the sidecar's thread when
+        `worker_loop` is given, in which case the replies are acted on back on that loop."""
         interval = min(self.settings.claim_idle / 3, 10.0)
-        while not self._closed.is_set():
-            await _sleep_or_stop(interval, self._closed)
+        while not self._closed_flag.is_set():
+            await _sleep_or_flag(interval, self._closed_flag)
+            if self.loop_blocked_for() > self.settings.task_timeout + self.settings.liveness_grace:
+                # The loop is hung and /healthz fails: the entries go idle and another worker
+                # reclaims them, as it would once this one is restarted. (A thread left running
+                # past its timeout holds no entry: its task's outcome is written already.)
+                continue
             # Every task held is kept alive: a suspect waiting to run alone and an outcome not
-            # yet written are still this worker's.
-            held = list(self._tasks.values())
+            # yet written are still this worker's. A copy: the worker's loop may be changing
+            # the dict on the other thread (dict.copy is atomic under the GIL).
+            held = list(self._tasks.copy().values())
+            if self.loop_blocked_for():
+                # A handler holds the loop, so TASK_TIMEOUT cannot fire there: a run past it
+                # is let go idle, and another worker reclaims the task and runs it alone.
+                overdue = time.time() - self.settings.task_timeout
+                held = [
+                    r for r in held if not (r.phase in _RUN_PHASES and r.job.started_at < overdue)
+                ]
             try:
                 for start in range(0, len(held), _FINISH_BATCH):
                     chunk = held[start : start + _FINISH_BATCH]
-                    replies = await self.queue.keep_alive(self.consumer, [r.job for r in chunk])
-                    for record, reply in zip(chunk, replies, strict=True):
-                        self._on_keep_alive(record, reply)
+                    replies = await queue.keep_alive(self.consumer, [r.job for r in chunk])
+                    if worker_loop is None:
+                        self._on_keep_alive_replies(chunk, replies)
+                    else:
+                        worker_loop.call_soon_threadsafe(
+                            self._on_keep_alive_replies, chunk, replies
+                        )
             except QueueUnavailable as error:
                 redis_errors.labels("keep_alive").inc()
                 log.warning("redis cannot keep entries alive (%s); retrying", error)
+
+    def _on_keep_alive_replies(self, chunk: Sequence[InFlight], replies: Sequence[str]) -> None:
+        for record, reply in zip(chunk, replies, strict=True):
+            self._on_keep_alive(record, reply)
 
     def _on_keep_alive(self, record: InFlight, reply: str) -> None:
         if reply == "ok":
@@ -438,6 +515,57 @@ class Worker:
             record.stop = StopReason.LOST
             log.warning("entry taken over by another worker", extra={"task_id": record.job.task_id})
         record.run.cancel()
+
+    # -- the loop's health, watched from the sidecar
+
+    async def _beat_loop(self) -> None:
+        pause = min(0.1, self.settings.loop_block_limit / 4)
+        while not self._closed.is_set():
+            self.loop_beat = time.monotonic()
+            await _sleep_or_stop(pause, self._closed)
+
+    def loop_blocked_for(self) -> float:
+        """Seconds since the worker's loop last ran its heartbeat; 0 while it runs freely."""
+        lag = time.monotonic() - self.loop_beat
+        return lag if lag > self.settings.loop_block_limit else 0.0
+
+    def hung(self) -> str | None:
+        """Why this worker cannot recover without a restart, if it cannot: its loop blocked,
+        or a synchronous handler call running, past TASK_TIMEOUT + LIVENESS_GRACE."""
+        limit = self.settings.task_timeout + self.settings.liveness_grace
+        now = time.monotonic()
+        if self.sidecar is not None and not self._closed_flag.is_set():
+            blocked = now - self.loop_beat
+            if blocked > limit:
+                return (f"the event loop has been blocked for {blocked:.0f}s by handler "
+                        f"{self.runner.name}, past TASK_TIMEOUT + LIVENESS_GRACE")  # fmt: skip
+        oldest = self.runner.oldest_call_started()
+        if oldest is not None and now - oldest > limit:
+            return (f"a call of handler {self.runner.name} has run for {now - oldest:.0f}s, "
+                    "past TASK_TIMEOUT + LIVENESS_GRACE")  # fmt: skip
+        return None
+
+    async def _watch_loop(self) -> None:
+        """On the sidecar: log and count each time the worker's loop is blocked too long."""
+        limit = self.settings.loop_block_limit
+        name = self.runner.name
+        blocked_since: float | None = None
+        while not self._closed_flag.is_set():
+            await _sleep_or_flag(min(0.25, limit / 2), self._closed_flag)
+            beat = self.loop_beat
+            lag = time.monotonic() - beat
+            if blocked_since is None and lag > limit:
+                blocked_since = beat
+                metrics.event_loop_blocks.labels(name).inc()
+                log.warning(
+                    "handler %s has blocked the event loop for %.1fs (limit %gs, LOOP_BLOCK_LIMIT)",
+                    name, lag, limit,
+                    extra={"handler": name, "task_ids": self._running_ids()},
+                )  # fmt: skip
+            elif blocked_since is not None and beat > blocked_since:
+                metrics.event_loop_block.labels(name).observe(beat - blocked_since)
+                log.info("the event loop runs again after %.1fs", beat - blocked_since)
+                blocked_since = None
 
     async def _maintenance_loop(self) -> None:
         claim_every = max(self.settings.claim_idle / 2, 0.5)
@@ -500,6 +628,11 @@ class Worker:
                 self._phases[Phase.WRITING],
             )
 
+    def _running_ids(self) -> list[str]:
+        """The ids of the tasks whose handler runs; safe to call from the sidecar's thread."""
+        held = self._tasks.copy().values()
+        return [r.job.task_id for r in held if r.phase in (Phase.RUNNING, Phase.ALONE)]
+
     def _runs(self) -> list[InFlight]:
         return [r for r in self._tasks.values() if r.phase in (Phase.RUNNING, Phase.ALONE)]
 
@@ -533,6 +666,16 @@ async def _within(seconds: float, call: Awaitable[Any]) -> None:
         task.cancel()
     elif not task.cancelled() and task.exception() is not None:
         log.debug("best-effort call failed: %s", task.exception())
+
+
+async def _sleep_or_flag(seconds: float, flag: threading.Event) -> None:
+    """Sleep `seconds`, or less once `flag` is set: it is checked every 0.1 s."""
+    deadline = time.monotonic() + seconds
+    while not flag.is_set():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        await asyncio.sleep(min(left, 0.1))
 
 
 async def _sleep_or_stop(seconds: float, stopping: asyncio.Event) -> None:

@@ -1,0 +1,126 @@
+"""Batching across tasks: the tasks a worker holds meet in one call of a batched handler.
+
+A handler takes batches when it has a `max_batch_size` attribute (an int, at least 1; with 1
+it is still called with lists). Its `__call__(prompts, params)` then gets two lists of equal
+length and returns one entry per item, in order: the item's result, or an exception instance
+that fails that item alone (a RetryableError retries it). If the call itself raises, every
+item of the batch ends with that error.
+
+Each task still awaits its own item, so TASK_TIMEOUT, a cancel and the shutdown grace act per
+task, as they do without batching: an item whose task stopped waiting before its batch was
+sent is left out of the batch, and one that stops waiting while the batch runs has its result
+thrown away. Retries, dead letters and the result cache see one task each, as ever.
+
+One batch is in flight at a time, as on one device. While the handler is idle, a batch is
+sent as soon as it holds `max_batch_size` items, and never later than `max_batch_wait_ms`
+(default 5) after its first item arrived; while a batch runs, the next one fills and is sent
+the moment it returns. A task therefore waits at most `max_batch_wait_ms` for a batch to
+fill, plus the time the handler is busy with the batch before it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+from . import metrics
+
+DEFAULT_BATCH_WAIT_MS = 5.0
+
+BatchCall = Callable[[list[str], list[Mapping[str, Any]]], Awaitable[Sequence[Any]]]
+
+
+def batch_options(handler: object, name: str) -> tuple[int, float] | None:
+    """(max_batch_size, max_batch_wait_ms) when the handler takes batches; None when not.
+
+    Raises ValueError naming the attribute when either is not a sensible number.
+    """
+    size = getattr(handler, "max_batch_size", None)
+    if size is None:
+        return None
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= 10000:
+        raise ValueError(f"TASK_HANDLER: {name!r} max_batch_size must be an int from 1 to 10000")
+    wait = getattr(handler, "max_batch_wait_ms", DEFAULT_BATCH_WAIT_MS)
+    if isinstance(wait, bool) or not isinstance(wait, int | float) or not 0 <= wait <= 60_000:
+        raise ValueError(f"TASK_HANDLER: {name!r} max_batch_wait_ms must be from 0 to 60000")
+    return size, float(wait)
+
+
+_Item = tuple[str, Mapping[str, Any], "asyncio.Future[Any]", float]
+
+
+class Batcher:
+    """Collects items into batches of at most `size`, one batch in flight at a time.
+
+    An idle handler gets a batch as soon as it is full, or `wait_ms` after its first item.
+    While a batch runs, new items wait for it, as they would for a device busy with it, and
+    the next batch (up to `size` of them) goes the moment it returns: under load batches grow
+    by themselves, and an idle handler adds at most `wait_ms` to a task.
+    """
+
+    def __init__(self, call: BatchCall, size: int, wait_ms: float) -> None:
+        self._call = call
+        self._size = size
+        self._wait = wait_ms / 1000
+        self._waiting: list[_Item] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._running: asyncio.Task[None] | None = None
+
+    def __call__(self, prompt: str, params: Mapping[str, Any]) -> Awaitable[Any]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._waiting.append((prompt, params, future, time.monotonic()))
+        if self._running is not None:
+            return future  # the batch in flight sends the next one when it returns
+        if len(self._waiting) >= self._size:
+            self._send()
+        elif self._timer is None:
+            self._timer = loop.call_later(self._wait, self._on_timer)
+        return future
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._running is None:
+            self._send()
+
+    def _send(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        while self._waiting:
+            taken = self._waiting[: self._size]
+            del self._waiting[: self._size]
+            batch = [item for item in taken if not item[2].done()]  # drop stopped tasks
+            if batch:
+                metrics.batch_size.observe(len(batch))
+                metrics.batch_wait.observe(time.monotonic() - batch[0][3])
+                self._running = asyncio.create_task(self._run(batch), name="batch")
+                return
+
+    async def _run(self, batch: list[_Item]) -> None:
+        try:
+            await self._answer(batch)
+        finally:
+            self._running = None
+            if self._waiting:
+                self._send()
+
+    async def _answer(self, batch: list[_Item]) -> None:
+        try:
+            results = await self._call([p for p, _, _, _ in batch], [q for _, q, _, _ in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"a batch of {len(batch)} items returned {len(results)} results")
+        except Exception as error:
+            for _, _, future, _ in batch:
+                if not future.done():
+                    future.set_exception(error)
+            return
+        for (_, _, future, _), result in zip(batch, results, strict=True):
+            if future.done():
+                continue  # its task stopped waiting: timed out, cancelled or released
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
