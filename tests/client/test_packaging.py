@@ -24,7 +24,6 @@ SERVER_ONLY = {
     "prometheus-client",
     "pydantic",
     "pydantic-settings",
-    "python-json-logger",
     "redis",
     "starlette",
     "uvicorn",
