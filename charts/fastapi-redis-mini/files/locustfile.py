@@ -48,6 +48,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
+import gevent
 from locust import events
 from locust.argument_parser import LocustArgumentParser
 from locust.contrib.fasthttp import FastHttpUser
@@ -148,8 +149,20 @@ def add_options(parser: LocustArgumentParser) -> None:
     )
 
 
+def sync_the_clock(**_: object) -> None:
+    """Bring gevent's cached loop time up to now before Locust arms its --run-time timer.
+
+    The loop reads the clock only when it runs, and it has not run yet while Locust and this
+    file are imported. A timer armed later counts from that stale time, so a start that took
+    longer than --run-time (a busy machine, a cold disk) ended the run before the first
+    request.
+    """
+    gevent.get_hub().loop.update_now()
+
+
 # locust's event hooks are untyped; registering through Any keeps mypy --strict quiet.
 cast(Any, events.init_command_line_parser).add_listener(add_options)
+cast(Any, events.init).add_listener(sync_the_clock)
 
 
 class _Answer(Protocol):
