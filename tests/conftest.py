@@ -48,6 +48,8 @@ def _xdist_group(item: pytest.Item) -> str | None:
     return None
 
 
+# First: xdist's own hook turns the group marks into the node ids it schedules by.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Group the tests that share a machine-wide resource; on the cluster backend, skip the
     tests marked `single_server`, with the mark's reason."""
