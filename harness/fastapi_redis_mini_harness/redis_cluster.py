@@ -128,6 +128,11 @@ class RedisCluster:
     def _create_by_hand(self, timeout: float) -> None:
         masters, replicas = self.nodes[: self.masters], self.nodes[self.masters :]
         bounds = [SLOTS * i // self.masters for i in range(self.masters + 1)]
+        for node in self.nodes:
+            with node.client() as client:
+                # A node learns its own address from the first MEET it gets, and a lone
+                # master gets none: CLUSTER NODES and SLOTS would name it with no host.
+                client.config_set("cluster-announce-ip", "127.0.0.1")
         for node, first, end in zip(masters, bounds, bounds[1:], strict=False):
             with node.client() as client:
                 client.execute_command("CLUSTER ADDSLOTSRANGE", first, end - 1)
