@@ -37,10 +37,11 @@ from ._cluster import cluster_versus_standalone
 from ._e2e import end_to_end, memory_after
 from ._measure import ROOT, require_wrk, wrk
 from ._report import print_table, targets, write_markdown
+from ._scaleout import scale_out
 from ._workers import PEERS, drain_ours, drain_peer, spawn_worker, wait_worker_ready
 
 PEER_PYTHON = ROOT / ".venv-bench" / "bin" / "python"
-SECTIONS = ("worker", "api", "durable", "e2e", "scale", "memory", "cluster")
+SECTIONS = ("worker", "api", "durable", "e2e", "scale", "memory", "cluster", "scaleout")
 Report = dict[str, Any]
 
 
@@ -62,6 +63,30 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
         help="tasks through the api on the cluster before reading each master's memory [20000]",
     )
     parser.add_argument("--scale", default="1,2,4", help="worker process counts [1,2,4]")
+    parser.add_argument(
+        "--scaleout-cap",
+        type=float,
+        default=0.03,
+        help="scaleout: cores each Redis node may use (cgroup CFS quota) [0.03]",
+    )
+    parser.add_argument(
+        "--scaleout-period-us",
+        type=int,
+        default=33_333,
+        help="scaleout: CFS period; at 0.03 cores the quota is the kernel's least, 1 ms [33333]",
+    )
+    parser.add_argument(
+        "--scaleout-workers", type=int, default=3, help="scaleout: worker processes [3]"
+    )
+    parser.add_argument(
+        "--scaleout-api-workers", type=int, default=3, help="scaleout: gunicorn workers [3]"
+    )
+    parser.add_argument("--scaleout-tasks", type=int, help="scaleout: tasks per drain [5000]")
+    parser.add_argument(
+        "--scaleout-rounds",
+        type=int,
+        help="scaleout: rounds of drains and of POST runs per backend; median kept [3]",
+    )
     parser.add_argument(
         "--sections", default=",".join(SECTIONS), help=f"subset of {','.join(SECTIONS)}"
     )
@@ -85,6 +110,8 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     # Not 100k as in the memory section: the cluster's six servers share the two cores with
     # the api and the worker; --cluster-memory-tasks 100000 runs the issue's figure.
     args.cluster_memory_tasks = args.cluster_memory_tasks or (2_000 if quick else 20_000)
+    args.scaleout_tasks = args.scaleout_tasks or (2_000 if quick else 5_000)
+    args.scaleout_rounds = args.scaleout_rounds or (2 if quick else 3)
     args.scale = [int(n) for n in args.scale.split(",") if n]
     args.sections = [s for s in args.sections.split(",") if s]
     unknown = set(args.sections) - set(SECTIONS)
@@ -270,6 +297,20 @@ def cluster_section(
     return cluster_versus_standalone(space, redis_server, args)
 
 
+def scaleout_section(
+    space: Workspace, redis_server: RedisServer, args: argparse.Namespace, report: Report
+) -> Any:
+    """1 against 3 Redis Cluster masters, every node capped at --scaleout-cap cores."""
+    log(
+        f"scaleout: 1 and 3 masters at {args.scaleout_cap:g} cores per node; drain "
+        f"({args.scaleout_tasks} tasks, {args.scaleout_workers} workers) and POST misses"
+    )
+    result = scale_out(space, args)
+    if "skipped" in result:
+        log(f"scaleout: skipped: {result['skipped']}")
+    return result
+
+
 RUNNERS: dict[str, Callable[[Workspace, RedisServer, argparse.Namespace, Report], Any]] = {
     "worker": worker_section,
     "api": api_section,
@@ -278,6 +319,7 @@ RUNNERS: dict[str, Callable[[Workspace, RedisServer, argparse.Namespace, Report]
     "scale": scale_section,
     "memory": memory_section,
     "cluster": cluster_section,
+    "scaleout": scaleout_section,
 }
 
 
@@ -300,6 +342,12 @@ def main(argv: Sequence[str]) -> int:
             "memory_tasks": args.memory_tasks,
             "cluster_memory_tasks": args.cluster_memory_tasks,
             "scale": args.scale,
+            "scaleout_cap": args.scaleout_cap,
+            "scaleout_period_us": args.scaleout_period_us,
+            "scaleout_workers": args.scaleout_workers,
+            "scaleout_api_workers": args.scaleout_api_workers,
+            "scaleout_tasks": args.scaleout_tasks,
+            "scaleout_rounds": args.scaleout_rounds,
             "quick": args.quick,
             "worker_log_level": args.worker_log_level,
         },
