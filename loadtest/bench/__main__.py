@@ -81,6 +81,9 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--scaleout-api-workers", type=int, default=3, help="scaleout: gunicorn workers [3]"
     )
+    parser.add_argument(
+        "--scaleout-connections", type=int, default=50, help="scaleout: wrk connections [50]"
+    )
     parser.add_argument("--scaleout-tasks", type=int, help="scaleout: tasks per drain [5000]")
     parser.add_argument(
         "--scaleout-rounds",
@@ -346,6 +349,7 @@ def main(argv: Sequence[str]) -> int:
             "scaleout_period_us": args.scaleout_period_us,
             "scaleout_workers": args.scaleout_workers,
             "scaleout_api_workers": args.scaleout_api_workers,
+            "scaleout_connections": args.scaleout_connections,
             "scaleout_tasks": args.scaleout_tasks,
             "scaleout_rounds": args.scaleout_rounds,
             "quick": args.quick,

@@ -14,8 +14,8 @@ replicas, so each master's CPU goes to the service's commands only.
 
 - drain: N no-op tasks queued with the caps lifted, then drained under the caps by
   `--scaleout-workers` worker processes; rounds alternate the order of the backends.
-- api: POST /tasks misses at 50 connections on two apis, one per backend, in alternating
-  rounds, every node capped.
+- api: POST /tasks misses at `--scaleout-connections` on two apis, one per backend, in
+  alternating rounds, every node capped.
 """
 
 from __future__ import annotations
@@ -134,7 +134,11 @@ def _posts(
                 caps.enter_context(backend.capped())
             one, three = (clusters[m].name for m in MASTERS)
             result = measure_post_misses(
-                servers, args.api_seconds, args.scaleout_rounds, ratio_of=(three, one)
+                servers,
+                args.api_seconds,
+                args.scaleout_rounds,
+                ratio_of=(three, one),
+                connections=args.scaleout_connections,
             )
         result["redis_throttled_share"] = {
             backend.name: backend.throttled_share() for backend in clusters.values()
@@ -165,6 +169,7 @@ def scale_out(space: Workspace, args: argparse.Namespace) -> dict[str, Any]:
             "tasks": args.scaleout_tasks,
             "drain": _drains(space, clusters, args),
             "api": _posts(space, clusters, args),
+            "cgroups": [str(cap.path) for c in clusters.values() for cap in c.caps],
         }
 
 
