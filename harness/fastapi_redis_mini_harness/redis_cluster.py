@@ -111,7 +111,7 @@ class RedisCluster:
         """Join the nodes with `redis-cli --cluster create`, then wait until all agree.
 
         redis-cli refuses fewer than three masters; such a cluster is joined by hand instead,
-        with the commands redis-cli would send: ADDSLOTSRANGE, MEET, REPLICATE.
+        with the cluster commands: ADDSLOTSRANGE, MEET, REPLICATE.
         """
         if self.masters < CLI_MIN_MASTERS:
             self._create_by_hand(timeout)
