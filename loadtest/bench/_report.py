@@ -350,6 +350,7 @@ def _scaleout_table(scaleout: dict[str, Any]) -> tuple[str, list[list[str]]]:
             "backend",
             "drain tasks/s",
             "Redis cmds/task",
+            "Redis CPU us/task",
             "Redis throttled, spawn to idle",
             "workers waited for a CPU",
             "POST /tasks (miss) rps",
@@ -363,6 +364,7 @@ def _scaleout_table(scaleout: dict[str, Any]) -> tuple[str, list[list[str]]]:
                 name,
                 f"{run['drain_rate']:.0f}",
                 f"{run['redis'].get('redis_commands_per_task', 0):.1f}",
+                f"{run['redis'].get('redis_cpu_usec_per_task', 0):.0f}",
                 f"{100 * run['redis_throttled_share']:.0f}% of periods",
                 _waited(run),
                 f"{api['rps'][name]:.0f}",
@@ -374,6 +376,7 @@ def _scaleout_table(scaleout: dict[str, Any]) -> tuple[str, list[list[str]]]:
         [
             "3 masters / 1 master",
             _with_spread(drain["ratio"], drain["rounds"]),
+            "",
             "",
             "",
             "",
