@@ -35,7 +35,7 @@ bench-tools: ## Install Debian's wrk (the api load generator) when it is missing
 		{ [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq wrk; } || \
 		{ echo "bench: install wrk (apt-get install -y wrk)"; exit 1; }
 
-bench: $(VENV)/.synced $(BENCH_VENV)/.installed bench-tools ## Worker vs arq/SAQ, api vs bare FastAPI, end to end, scale, memory; table + reports/bench/bench.{json,md}
+bench: $(VENV)/.synced $(BENCH_VENV)/.installed bench-tools ## Worker vs arq/SAQ, api vs bare FastAPI, end to end, scale, memory, cluster, scaleout; table + reports/bench/bench.{json,md}
 	$(BIN)/python -m loadtest.bench $(BENCH_ARGS)
 
 bench-quick: $(VENV)/.synced $(BENCH_VENV)/.installed bench-tools ## The same benchmark with small N (a smoke run, about two minutes)

@@ -4,6 +4,7 @@
   `redis_cluster.RedisCluster`: a Redis Cluster of such servers.
 - `processes`: the api and the worker as processes with their logs (`start_api`,
   `start_worker`), any other child (`Process`), and a `Workspace` that stops them all.
+- `cgroups.CpuCap`: a cgroup v1 CPU cap on processes (root only; `unavailable()` says why not).
 - `polling`: the one way to wait for something, bounded in time.
 - `ports.free_port()`: a loopback port nothing listens on.
 

@@ -16,6 +16,7 @@ import os
 import random
 import shutil
 import subprocess
+from functools import partial
 from pathlib import Path
 
 import redis
@@ -35,6 +36,8 @@ CLUSTER_ARGS = [
     "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
 ]  # fmt: skip
 SLOTS = 16384
+# `redis-cli --cluster create` refuses a cluster of fewer masters.
+CLI_MIN_MASTERS = 3
 
 
 def redis_cli() -> str:
@@ -53,6 +56,11 @@ def cluster_ports(count: int) -> list[int]:
             if len(chosen) == count:
                 return chosen
     raise RuntimeError(f"no {count} free port pairs in {PORT_RANGE}")
+
+
+def _knows(client: redis.Redis, node_id: str) -> bool:
+    nodes: dict[str, dict[str, str]] = client.cluster("NODES")
+    return any(node.get("node_id") == node_id for node in nodes.values())
 
 
 def cluster_info(client: redis.Redis) -> dict[str, str]:
@@ -100,7 +108,14 @@ class RedisCluster:
             node.start()
 
     def create(self, timeout: float = 60.0) -> None:
-        """Join the nodes with `redis-cli --cluster create`, then wait until all agree."""
+        """Join the nodes with `redis-cli --cluster create`, then wait until all agree.
+
+        redis-cli refuses fewer than three masters; such a cluster is joined by hand instead,
+        with the cluster commands: ADDSLOTSRANGE, MEET, REPLICATE.
+        """
+        if self.masters < CLI_MIN_MASTERS:
+            self._create_by_hand(timeout)
+            return
         command = [redis_cli(), "--cluster", "create", *self.addresses]
         command += ["--cluster-replicas", str(self.replicas_per_master), "--cluster-yes"]
         result = subprocess.run(
@@ -108,6 +123,35 @@ class RedisCluster:
         )
         if result.returncode != 0:
             raise RuntimeError(f"{' '.join(command)} failed:\n{result.stdout}{result.stderr}")
+        self.wait_ok(timeout)
+
+    def _create_by_hand(self, timeout: float) -> None:
+        masters, replicas = self.nodes[: self.masters], self.nodes[self.masters :]
+        bounds = [SLOTS * i // self.masters for i in range(self.masters + 1)]
+        for node in self.nodes:
+            with node.client() as client:
+                # A node learns its own address from the first MEET it gets, and a lone
+                # master gets none: CLUSTER NODES and SLOTS would name it with no host.
+                client.config_set("cluster-announce-ip", "127.0.0.1")
+        for node, first, end in zip(masters, bounds, bounds[1:], strict=False):
+            with node.client() as client:
+                client.execute_command("CLUSTER ADDSLOTSRANGE", first, end - 1)
+        for node in self.nodes[1:]:
+            with node.client() as client:
+                client.execute_command("CLUSTER MEET", "127.0.0.1", self.nodes[0].port)
+        for n, node in enumerate(replicas):
+            master = masters[n % self.masters]
+            with master.client() as client:
+                master_id = str(client.execute_command("CLUSTER MYID"))
+            with node.client() as client:
+                # A replica can follow a master only once it knows that node.
+                poll(
+                    partial(_knows, client, master_id),
+                    timeout,
+                    0.1,
+                    f"{node.port} did not learn of master {master.port}",
+                )
+                client.execute_command("CLUSTER REPLICATE", master_id)
         self.wait_ok(timeout)
 
     def cli_env(self) -> dict[str, str]:

@@ -38,10 +38,21 @@ from ._e2e import end_to_end, memory_after
 from ._inference import BENCH_MODULE, accelerator_ceiling, embed_ceiling, service_run
 from ._measure import ROOT, require_wrk, wrk
 from ._report import print_table, targets, write_markdown
+from ._scaleout import scale_out
 from ._workers import PEERS, drain_ours, drain_peer, spawn_worker, wait_worker_ready
 
 PEER_PYTHON = ROOT / ".venv-bench" / "bin" / "python"
-SECTIONS = ("worker", "api", "durable", "e2e", "scale", "memory", "cluster", "inference")
+SECTIONS = (
+    "worker",
+    "api",
+    "durable",
+    "e2e",
+    "scale",
+    "memory",
+    "cluster",
+    "inference",
+    "scaleout",
+)
 Report = dict[str, Any]
 
 
@@ -70,6 +81,33 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
         "--inference-concurrency", type=int, default=64, help="MAX_CONCURRENCY there [64]"
     )
     parser.add_argument(
+        "--scaleout-cap",
+        type=float,
+        default=0.03,
+        help="scaleout: cores each Redis node may use (cgroup CFS quota) [0.03]",
+    )
+    parser.add_argument(
+        "--scaleout-period-us",
+        type=int,
+        default=33_333,
+        help="scaleout: CFS period; at 0.03 cores the quota is the kernel's least, 1 ms [33333]",
+    )
+    parser.add_argument(
+        "--scaleout-workers", type=int, default=3, help="scaleout: worker processes [3]"
+    )
+    parser.add_argument(
+        "--scaleout-api-workers", type=int, default=3, help="scaleout: gunicorn workers [3]"
+    )
+    parser.add_argument(
+        "--scaleout-connections", type=int, default=50, help="scaleout: wrk connections [50]"
+    )
+    parser.add_argument("--scaleout-tasks", type=int, help="scaleout: tasks per drain [5000]")
+    parser.add_argument(
+        "--scaleout-rounds",
+        type=int,
+        help="scaleout: rounds of drains and of POST runs per backend; median kept [3]",
+    )
+    parser.add_argument(
         "--sections", default=",".join(SECTIONS), help=f"subset of {','.join(SECTIONS)}"
     )
     parser.add_argument(
@@ -93,6 +131,8 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     # Not 100k as in the memory section: the cluster's six servers share the two cores with
     # the api and the worker; --cluster-memory-tasks 100000 runs the issue's figure.
     args.cluster_memory_tasks = args.cluster_memory_tasks or (2_000 if quick else 20_000)
+    args.scaleout_tasks = args.scaleout_tasks or (2_000 if quick else 5_000)
+    args.scaleout_rounds = args.scaleout_rounds or (2 if quick else 3)
     args.scale = [int(n) for n in args.scale.split(",") if n]
     args.sections = [s for s in args.sections.split(",") if s]
     unknown = set(args.sections) - set(SECTIONS)
@@ -319,6 +359,20 @@ def inference_section(
     return {"tasks": tasks, "concurrency": concurrency, "embed": embed, "accelerator": accelerator}
 
 
+def scaleout_section(
+    space: Workspace, redis_server: RedisServer, args: argparse.Namespace, report: Report
+) -> Any:
+    """1 against 3 Redis Cluster masters, every node capped at --scaleout-cap cores."""
+    log(
+        f"scaleout: 1 and 3 masters at {args.scaleout_cap:g} cores per node; drain "
+        f"({args.scaleout_tasks} tasks, {args.scaleout_workers} workers) and POST misses"
+    )
+    result = scale_out(space, args)
+    if "skipped" in result:
+        log(f"scaleout: skipped: {result['skipped']}")
+    return result
+
+
 RUNNERS: dict[str, Callable[[Workspace, RedisServer, argparse.Namespace, Report], Any]] = {
     "worker": worker_section,
     "api": api_section,
@@ -328,6 +382,7 @@ RUNNERS: dict[str, Callable[[Workspace, RedisServer, argparse.Namespace, Report]
     "memory": memory_section,
     "cluster": cluster_section,
     "inference": inference_section,
+    "scaleout": scaleout_section,
 }
 
 
@@ -350,6 +405,13 @@ def main(argv: Sequence[str]) -> int:
             "memory_tasks": args.memory_tasks,
             "cluster_memory_tasks": args.cluster_memory_tasks,
             "scale": args.scale,
+            "scaleout_cap": args.scaleout_cap,
+            "scaleout_period_us": args.scaleout_period_us,
+            "scaleout_workers": args.scaleout_workers,
+            "scaleout_api_workers": args.scaleout_api_workers,
+            "scaleout_connections": args.scaleout_connections,
+            "scaleout_tasks": args.scaleout_tasks,
+            "scaleout_rounds": args.scaleout_rounds,
             "quick": args.quick,
             "worker_log_level": args.worker_log_level,
         },

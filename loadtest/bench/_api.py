@@ -118,9 +118,15 @@ def errors(result: dict[str, Any]) -> int:
     return sum(int(result[key]) for key in keys)
 
 
-def _max_rate(server: Process, script: str, seconds: float, env: dict[str, str]) -> dict[str, Any]:
+def _max_rate(
+    server: Process,
+    script: str,
+    seconds: float,
+    env: dict[str, str],
+    connections: int = MAX_CONNECTIONS,
+) -> dict[str, Any]:
     cpu_before = tree_cpu_seconds(server.pid)
-    result = wrk(server.base_url, script, seconds=seconds, connections=MAX_CONNECTIONS, env=env)
+    result = wrk(server.base_url, script, seconds=seconds, connections=connections, env=env)
     cpu = tree_cpu_seconds(server.pid) - cpu_before
     return {
         **result,
@@ -213,9 +219,13 @@ def measure_endpoint(
 
 
 def measure_post_misses(
-    servers: dict[str, Process], seconds: float, rounds: int, ratio_of: tuple[str, str]
+    servers: dict[str, Process],
+    seconds: float,
+    rounds: int,
+    ratio_of: tuple[str, str],
+    connections: int = MAX_CONNECTIONS,
 ) -> dict[str, Any]:
-    """POST /tasks misses at MAX_CONNECTIONS on apis that differ in one setting.
+    """POST /tasks misses at `connections` on apis that differ in one setting.
 
     The apis take turns within each round, in alternating order, so a burst of other load
     falls on all; the round with the median rps ratio of ratio_of[0] to ratio_of[1] is
@@ -228,13 +238,14 @@ def measure_post_misses(
     for n in range(rounds):
         order = names if n % 2 == 0 else names[::-1]
         runs = {
-            name: _max_rate(servers[name], SCRIPTS["post_miss"], seconds, env) for name in order
+            name: _max_rate(servers[name], SCRIPTS["post_miss"], seconds, env, connections)
+            for name in order
         }
         ratio = _ratio(runs[numerator]["rps"], runs[denominator]["rps"])
         kept.append({"runs": runs, "rps_ratio": ratio})
     median = _median_round(kept, "rps_ratio")
     return {
-        "connections": MAX_CONNECTIONS,
+        "connections": connections,
         "rps": {name: run["rps"] for name, run in median["runs"].items()},
         "p99_us": {name: run["p99_us"] for name, run in median["runs"].items()},
         "errors": sum(run["errors"] for r in kept for run in r["runs"].values()),

@@ -10,6 +10,7 @@ The ratios use the drain rate; both are reported.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import resource
 import subprocess
@@ -253,24 +254,28 @@ def drain_ours(
     timeout: float = 300.0,
     label: str = "drain",
     log_level: str = "WARNING",
+    during: contextlib.AbstractContextManager[object] | None = None,
 ) -> DrainResult:
+    """Queue `tasks`, then drain them with `processes` workers, inside `during` if given
+    (entered once the tasks are queued, left before they are read back: a CPU cap on Redis)."""
     started = time.perf_counter()
     ids = asyncio.run(enqueue_ours(url, tasks, label))
     enqueue_seconds = time.perf_counter() - started
-    before = RedisCounters.read(url)
-    cpu_before = ChildCpu.read()
-    spawned = time.perf_counter()
-    workers = [
-        spawn_worker(space, url, concurrency, f"worker-{label}-{n}", log_level)
-        for n in range(processes)
-    ]
-    try:
-        idle_at = asyncio.run(wait_idle(url, spawned + timeout))
-        sched = [schedstat(worker.pid) for worker in workers]
-    finally:
-        stop_together(workers)
-    cpu_after = ChildCpu.read()
-    after = RedisCounters.read(url)
+    with during or contextlib.nullcontext():
+        before = RedisCounters.read(url)
+        cpu_before = ChildCpu.read()
+        spawned = time.perf_counter()
+        workers = [
+            spawn_worker(space, url, concurrency, f"worker-{label}-{n}", log_level)
+            for n in range(processes)
+        ]
+        try:
+            idle_at = asyncio.run(wait_idle(url, spawned + timeout))
+            sched = [schedstat(worker.pid) for worker in workers]
+        finally:
+            stop_together(workers)
+        cpu_after = ChildCpu.read()
+        after = RedisCounters.read(url)
     times = asyncio.run(task_times(url, ids))
     first_start = min((t[1] for t in times), default=0.0)
     last_finish = max((t[2] for t in times), default=0.0)

@@ -58,3 +58,28 @@ def test_a_cluster_closes_its_own_processes_and_directories() -> None:
         cluster.close()
     assert all(node.process is None for node in cluster.nodes)
     assert not any(path.exists() for path in cluster.data_dirs)
+
+
+def test_a_cluster_of_one_master_serves_every_slot_and_takes_a_replica() -> None:
+    cluster = RedisCluster(masters=1, replicas_per_master=1)
+    cluster.start()
+    try:
+        roles = cluster.roles()
+        assert sorted(roles.values()) == ["master", "slave"]
+        master = next(port for port, role in roles.items() if role == "master")
+        replica = next(port for port, role in roles.items() if role == "slave")
+        # Every slot is the master's, so any key is written there without a redirect.
+        node = redis.Redis(port=master, decode_responses=True)
+        try:
+            assert cluster_info(node)["cluster_slots_ok"] == "16384"
+            for i in range(20):
+                node.set(f"one:{i}", i)
+        finally:
+            node.close()
+        follower = redis.Redis(port=replica, decode_responses=True)
+        try:
+            assert int(follower.info("replication")["master_port"]) == master
+        finally:
+            follower.close()
+    finally:
+        cluster.close()

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from fastapi_redis_mini_harness.cgroups import unavailable
+
 from ..support import REPO_ROOT
 from ..support.tools import require_tool
 
@@ -139,3 +141,34 @@ def test_the_inference_section_runs_the_real_model_and_the_accelerator_end_to_en
             assert runs[run]["rate"] > 0
     assert inference["accelerator"]["peers"] == []
     assert "## Inference" in (tmp_path / "bench.md").read_text()
+
+
+def test_the_scaleout_section_drains_and_submits_on_capped_clusters_and_removes_the_caps(
+    wrk_binary: str, tmp_path: Path
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "loadtest.bench", "--sections", "scaleout",
+         "--scaleout-tasks", "300", "--scaleout-rounds", "1", "--scaleout-workers", "2",
+         "--api-seconds", "1", "--out", str(tmp_path)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )  # fmt: skip
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    scaleout = json.loads((tmp_path / "bench.json").read_text())["scaleout"]
+    reason = unavailable()
+    if reason is not None:
+        assert scaleout == {"skipped": reason}
+        assert f"scaleout: skipped: {reason}" in result.stdout
+        return
+    runs = scaleout["drain"]["runs"]
+    assert [runs[name]["completed"] for name in ("1 master", "3 masters")] == [300, 300]
+    assert scaleout["api"]["errors"] == 0, scaleout["api"]
+    assert min(scaleout["api"]["rps"].values()) > 0
+    # One group per node, each gone once the section ends.
+    assert len(scaleout["cgroups"]) == 4
+    assert not any(Path(group).exists() for group in scaleout["cgroups"])
+    assert "3 / 1 capped Redis masters" in (tmp_path / "bench.md").read_text()
