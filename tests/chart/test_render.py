@@ -113,6 +113,10 @@ def test_values_schema_rejects_typos_and_wrong_types(
             r"worker.shutdownGrace \(30\) must be at least worker.taskTimeout \(60\)",
         ),
         (
+            {"config": {"resultExpiry": 50}},
+            r"worker.taskTimeout \(30\) must be at most half of config.resultExpiry \(50\)",
+        ),
+        (
             {"worker": {"maxTaskDuration": 40, "taskTimeout": 30}},
             r"worker.maxTaskDuration \(40\) must not exceed worker.taskTimeout \(30\)",
         ),

@@ -66,6 +66,10 @@ def test_a_bad_value_names_its_variable(
 def test_limits_that_contradict_each_other_are_refused() -> None:
     with pytest.raises(ValueError, match="MAX_TASK_DURATION"):
         Settings(max_task_duration=90, task_timeout=60)
+    # A start renews a task's expiry only past half of it: a run must fit in the other half.
+    with pytest.raises(ValueError, match="TASK_TIMEOUT must be at most half of RESULT_EXPIRY"):
+        Settings(task_timeout=60, max_task_duration=10, result_expiry=100)
+    assert Settings(task_timeout=50, max_task_duration=10, result_expiry=100).task_timeout == 50
     # A key's quota is counted in one place; several partitions would need it in several.
     with pytest.raises(ValueError, match="QUEUE_PARTITIONS above 1 cannot be combined"):
         Settings(queue_partitions=4, max_unfinished_per_key=3)

@@ -154,6 +154,13 @@ class Settings(BaseSettings):
                 "MAX_TASK_DURATION must not exceed TASK_TIMEOUT "
                 f"({self.max_task_duration} > {self.task_timeout})"
             )
+        if self.task_timeout * 2 > self.result_expiry:
+            # A start renews a task's expiry only past half of RESULT_EXPIRY (start.lua), so a
+            # run must end within the half a younger task has left.
+            raise ValueError(
+                "TASK_TIMEOUT must be at most half of RESULT_EXPIRY "
+                f"({self.task_timeout:g} > {self.result_expiry} / 2)"
+            )
         if self.retry_backoff > self.retry_backoff_max:
             raise ValueError("RETRY_BACKOFF must not exceed RETRY_BACKOFF_MAX")
         if self.durable_ack_timeout >= self.redis_socket_timeout:
