@@ -234,7 +234,9 @@ async def test_repeats_of_an_idempotency_key_after_its_task_expired_make_one_tas
         assert sorted(answer.status_code for answer in answers) == [200, 200, 200, 200, 202]
         return {answer.json()["task_id"] for answer in answers}
 
-    async with make_client(worker=False, result_expiry=1, task_timeout=0.5, max_task_duration=0.5) as client:
+    async with make_client(
+        worker=False, result_expiry=1, task_timeout=0.5, max_task_duration=0.5
+    ) as client:
         first = (await submit(client, {"prompt": "order"}, **key)).json()["task_id"]
         await asyncio.sleep(2.2)
         assert (await client.get(f"/tasks/{first}")).status_code == 404
