@@ -199,11 +199,23 @@ def test_a_usage_error_exits_2_naming_the_argument(args: list[str], complaint: s
     assert wrong.stdout == ""
 
 
+def _interruptible() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_exits_130_without_a_traceback() -> None:
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens: the command keeps retrying
     command = [script(), "--attempts", "50", "-v", "get", "f" * 32]
     with subprocess.Popen(
-        command, env=env(url), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        command,
+        env=env(url),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # A child inherits an ignored SIGINT, and Python then installs no KeyboardInterrupt
+        # for it: a suite started in the background by a non-interactive shell ignores SIGINT
+        # in every process. A terminal's Ctrl-C reaches a CLI whose SIGINT is the default.
+        preexec_fn=_interruptible,
     ) as running:
         assert running.stderr is not None
         assert "retry 1 of 49" in running.stderr.readline()  # it is running, not importing
