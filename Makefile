@@ -47,7 +47,7 @@ test: setup ## Run the whole test suite against real servers, in parallel; repor
 		$(NONE_SELECTED_IS_FINE)
 
 test-fast: setup ## The inner loop: the in-process tests (no services started), in under a minute
-	$(BIN)/pytest -m "not slow" -q $(FAST_TESTS) $(PYTEST_ARGS)
+	$(BIN)/pytest $(XDIST) -m "not slow" -q $(FAST_TESTS) $(PYTEST_ARGS)
 
 test-redis: setup ## Run the queue, api and end-to-end tests against Debian's redis-server instead of Valkey
 	TEST_REDIS_SERVER=redis $(BIN)/pytest $(XDIST) tests/core tests/api tests/e2e $(PYTEST_ARGS)
