@@ -134,11 +134,18 @@ class Options:
     timeout: httpx.Timeout
 
     @classmethod
-    def of(cls, base_url: str | None, api_key: str | None, timeout: float) -> Options:
+    def of(
+        cls,
+        base_url: str | None,
+        api_key: str | None,
+        timeout: float,
+        http_client: httpx.Client | httpx.AsyncClient | None = None,
+    ) -> Options:
         """Check the options; base_url and api_key default to FRM_URL and FRM_API_KEY.
 
         A base URL that can never work (not http or https, malformed, no host) is a ValueError
-        here rather than a request retried for half a minute.
+        here rather than a request retried for half a minute. A caller's own http_client keeps
+        its pool timeout; the client's own pool has none.
         """
         if not timeout > 0:
             raise ValueError(f"timeout must be more than 0 seconds, not {timeout}")
@@ -156,10 +163,10 @@ class Options:
         headers = {"Accept": "application/json"}
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
-        # No pool timeout of its own: a call queues for a free connection, bounded by its
-        # deadline, rather than failing as if the service were down.
-        limits = httpx.Timeout(timeout, pool=None)
-        return cls(url, headers, limits)
+        # No pool timeout of the client's own: a call queues for a free connection, bounded
+        # by its deadline, rather than failing as if the service were down.
+        pool = None if http_client is None else http_client.timeout.pool
+        return cls(url, headers, httpx.Timeout(timeout, pool=pool))
 
 
 def _task_path(task_id: str) -> str:

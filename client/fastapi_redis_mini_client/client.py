@@ -46,7 +46,7 @@ class Client:
         if http_client is not None and limits is not None:
             raise ValueError("give limits= or http_client=, not both: limits are the client's")
         self._core = Core(retry or RetryPolicy())
-        self._options = Options.of(base_url, api_key, timeout)
+        self._options = Options.of(base_url, api_key, timeout, http_client)
         self._owns_http = http_client is None
         self._http = http_client or httpx.Client(limits=limits or DEFAULT_LIMITS)
         self._closed = False
@@ -93,7 +93,9 @@ class Client:
         deadline = None if timeout is None else time.monotonic() + timeout
         tasks: list[Task] = []
         for task_id in ids:
-            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:  # past the deadline: no read
+                raise WaitTimeoutError(task_id, timeout or 0.0, None)
             try:
                 tasks.append(self.wait(task_id, left))
             except WaitTimeoutError as error:
@@ -161,7 +163,7 @@ class AsyncClient:
         if http_client is not None and limits is not None:
             raise ValueError("give limits= or http_client=, not both: limits are the client's")
         self._core = Core(retry or RetryPolicy())
-        self._options = Options.of(base_url, api_key, timeout)
+        self._options = Options.of(base_url, api_key, timeout, http_client)
         self._owns_http = http_client is None
         self._http = http_client or httpx.AsyncClient(limits=limits or DEFAULT_LIMITS)
         self._closed = False
@@ -219,7 +221,9 @@ class AsyncClient:
 
         async def one(task_id: str) -> Task:
             async with gate:
-                left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:  # queued past the deadline: no read
+                    raise WaitTimeoutError(task_id, timeout or 0.0, None)
                 try:
                     return await self.wait(task_id, left)
                 except WaitTimeoutError as error:
