@@ -200,6 +200,8 @@ async def test_openapi_documents_what_the_request_routes_parse_themselves(
         parameters = {p["name"]: p for p in operation["parameters"]}
         assert parameters["task_id"]["in"] == "path"
         assert parameters["task_id"]["schema"]["pattern"] == TASK_ID_PATTERN
+        # They read no body, so neither can be too large or not JSON.
+        assert not {"413", "415"} & set(operation["responses"])
         assert operation["responses"]["202" if method == "delete" else "200"]["content"][
             "application/json"
         ]["schema"] == {"$ref": "#/components/schemas/Task"}

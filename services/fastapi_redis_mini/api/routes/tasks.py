@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request, Response, status
 from pydantic import BaseModel
 
 from ...core.models import (
-    ErrorPublic,
+    ErrorResponse,
     Task,
     TaskCreate,
     TaskId,
@@ -45,7 +45,11 @@ from ..errors import (
 from ..state import ApiState, api_state
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorPublic} for code in (401, 404, 413, 415, 422, 429, 503)
+    code: {"model": ErrorResponse} for code in (401, 404, 422, 429, 503)
+}
+# Only a route that reads a body can find it too large or not JSON.
+_BODY_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (413, 415)
 }
 router = APIRouter(
     prefix="/tasks",
@@ -88,7 +92,10 @@ def _idempotency_key(request: Request) -> str | None:
     status_code=status.HTTP_202_ACCEPTED,
     response_model=TaskSubmitted,
     response_description="Queued",
-    responses={200: {"model": TaskSubmitted, "description": "Answered from the result cache"}},
+    responses={
+        200: {"model": TaskSubmitted, "description": "Answered from the result cache"},
+        **_BODY_ERRORS,
+    },
 )
 @parses(headers=SubmitHeaders, body=TaskCreate)
 async def submit_task(request: Request) -> Response:
@@ -202,7 +209,7 @@ async def get_task(request: Request) -> Response:
     status_code=status.HTTP_202_ACCEPTED,
     response_model=Task,
     response_description="Cancelled, or asked to stop when it is running",
-    responses={409: {"model": ErrorPublic}},
+    responses={409: {"model": ErrorResponse}},
 )
 @parses(task_id=TaskId)
 async def cancel_task(request: Request) -> Response:
