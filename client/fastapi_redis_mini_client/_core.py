@@ -170,6 +170,8 @@ class Options:
 
 
 def _task_path(task_id: str) -> str:
+    if not task_id:  # "/tasks/" is another route, which would answer a redirect
+        raise ValueError("task_id must not be empty")
     return "/tasks/" + quote(task_id, safe="")
 
 
@@ -275,10 +277,12 @@ class Core:
         params: Mapping[str, Any] | None = None,
         timeout: float | None = None,
         idempotency_key: str | None = None,
+        on_submit: Callable[[Task], None] | None = None,
     ) -> Flow[Any]:
         """Submit, wait, and return the result, or raise TaskFailedError/TaskCancelledError.
 
-        `timeout` bounds the whole call, the submit and its retries included.
+        `timeout` bounds the whole call, the submit and its retries included. `on_submit` is
+        called with the submitted task before the wait.
         """
         _check_timeout(timeout)
         deadline = None if timeout is None else self._clock() + timeout
@@ -286,6 +290,8 @@ class Core:
             task = yield from self.submit(prompt, params, idempotency_key, deadline)
         except _OutOfTimeError as out:
             raise WaitTimeoutError(None, timeout or 0.0, None) from out.__cause__
+        if on_submit is not None:
+            on_submit(task)
         if not task.is_final:
             task = yield from self._wait(task.task_id, deadline, timeout)
         return outcome(task)

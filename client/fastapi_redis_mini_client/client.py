@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any, Self, cast
 
@@ -78,9 +78,16 @@ class Client:
         params: Mapping[str, Any] | None = None,
         timeout: float | None = None,
         idempotency_key: str | None = None,
+        *,
+        on_submit: Callable[[Task], None] | None = None,
     ) -> Any:
-        """Submit and wait: the result, or TaskFailedError, TaskCancelledError, WaitTimeoutError."""
-        return self._drive(self._core.run(prompt, params, timeout, idempotency_key))
+        """Submit and wait: the result, or TaskFailedError, TaskCancelledError, WaitTimeoutError.
+
+        `timeout` bounds the whole call, the submit included. `on_submit(task)` is called once
+        the task is submitted, e.g. to keep its id should the wait be interrupted.
+        """
+        flow = self._core.run(prompt, params, timeout, idempotency_key, on_submit)
+        return self._drive(flow)
 
     def wait_all(self, task_ids: Iterable[str], timeout: float | None = None) -> list[Task]:
         """Every task once final, in the order given; one `timeout` for them all.
@@ -195,9 +202,12 @@ class AsyncClient:
         params: Mapping[str, Any] | None = None,
         timeout: float | None = None,  # noqa: ASYNC109 (see the class docstring)
         idempotency_key: str | None = None,
+        *,
+        on_submit: Callable[[Task], None] | None = None,
     ) -> Any:
         """See Client.run."""
-        return await self._drive(self._core.run(prompt, params, timeout, idempotency_key))
+        flow = self._core.run(prompt, params, timeout, idempotency_key, on_submit)
+        return await self._drive(flow)
 
     async def wait_all(
         self,
