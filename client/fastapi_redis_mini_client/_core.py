@@ -99,8 +99,9 @@ class RetryPolicy:
 
     attempts: requests in all, the first included. The delay before retry n is random
     between half and all of backoff * 2**(n-1), capped at backoff_max, and never shorter than
-    the answer's Retry-After. An answer whose Retry-After is above retry_after_max is raised
-    at once rather than waited out.
+    the answer's Retry-After: it is then random between Retry-After and a quarter more, so
+    clients told the same Retry-After do not all come back in the same instant. An answer
+    whose Retry-After is above retry_after_max is raised at once rather than waited out.
     """
 
     attempts: int = 8
@@ -118,7 +119,10 @@ class RetryPolicy:
 
     def delay(self, retry: int, retry_after: float | None, rng: Callable[[], float]) -> float:
         ceiling = min(self.backoff * 2.0 ** (retry - 1), self.backoff_max)
-        return max(ceiling * (0.5 + rng() / 2), retry_after or 0.0)
+        backoff = ceiling * (0.5 + rng() / 2)
+        if not retry_after:
+            return backoff
+        return max(backoff, retry_after * (1 + rng() / 4))
 
 
 # openai-python's sizes: enough connections for a thousand calls in flight, few kept idle.
