@@ -96,6 +96,11 @@ class InvalidRequestError(RequestRefusedError):
     """422: the message starts with the name of the field at fault."""
 
 
+class IdempotencyKeyReusedError(InvalidRequestError):
+    """422 idempotency_key_reused: the key was first sent with another body; the message
+    names the key's task. A new request needs a new key."""
+
+
 class RateLimitedError(RequestRefusedError):
     """429 (rate_limited: over SUBMIT_RATE_PER_KEY); retried while its Retry-After is short."""
 
@@ -204,6 +209,7 @@ _BY_CODE: dict[tuple[int, str], type[APIError]] = {
     (413, "payload_too_large"): PayloadTooLargeError,
     (415, "unsupported_media_type"): UnsupportedMediaTypeError,
     (422, "invalid_request"): InvalidRequestError,
+    (422, "idempotency_key_reused"): IdempotencyKeyReusedError,
     (429, "backlog_full"): BacklogFullError,
     (429, "rate_limited"): RateLimitedError,
     (429, "too_many_unfinished"): TooManyUnfinishedError,

@@ -38,6 +38,7 @@ from ..deps import (
 )
 from ..errors import (
     ConflictError,
+    IdempotencyKeyReusedError,
     RateLimitedError,
     TaskNotFoundError,
     TooManyUnfinishedError,
@@ -142,6 +143,11 @@ async def _submit(
             f"this API key has {state.settings.max_unfinished_per_key} tasks that are "
             "not final yet (MAX_UNFINISHED_PER_KEY); retry once some finish",
             headers=fields,
+        )
+    if submitted.outcome is SubmitOutcome.IDEMPOTENCY_KEY_REUSED:
+        raise IdempotencyKeyReusedError(
+            "Idempotency-Key: already used for task "
+            f"{submitted.task_id} with another body; use a new key for a new request"
         )
     if submitted.outcome is SubmitOutcome.CACHED:
         metrics.cache_hits.inc()
