@@ -240,7 +240,8 @@ def tasks_row() -> list[Builder[model.Panel]]:
         graph(
             "Tasks submitted by outcome",
             "queued: sent to the stream; cached: answered from the result cache; "
-            "duplicate: an Idempotency-Key repeat; rejected: refused (backlog full); "
+            "duplicate: an Idempotency-Key repeat; idempotency_key_reused: a key sent "
+            "again with another body, refused; rejected: refused (backlog full); "
             "rate_limited, too_many_unfinished: refused by an API key's quota.",
             "ops",
             [

@@ -1,7 +1,8 @@
 """`make run`: the whole service in the foreground, on an embedded Valkey unless REDIS_URL is set.
 
-Starts the Redis-compatible server (on VALKEY_PORT, default 6379), the api (on PORT, default
-8000) and one worker through the harness, prints the URLs once both answer, and stops
+Starts the Redis-compatible server (on VALKEY_PORT, default a free port, so that a second
+`make run` with its own PORT or a Redis already on 6379 is no obstacle), the api (on PORT,
+default 8000) and one worker through the harness, prints the URLs once both answer, and stops
 everything cleanly on Ctrl-C. The services log to this terminal.
 """
 
@@ -30,7 +31,8 @@ def main() -> int:
     metrics_port = int(env.setdefault("METRICS_PORT", "9100"))
     server: RedisServer | None = None
     if not env.get("REDIS_URL"):
-        server = RedisServer(port=int(env.get("VALKEY_PORT", "6379")), kind="valkey")
+        valkey_port = env.get("VALKEY_PORT")
+        server = RedisServer(port=int(valkey_port) if valkey_port else None, kind="valkey")
         server.start()
         env["REDIS_URL"] = server.url
         print(f"embedded valkey on {server.url}", flush=True)

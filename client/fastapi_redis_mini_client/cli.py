@@ -1,8 +1,9 @@
 """frm-client: the task service from a shell, with JSON on stdout and exit codes to branch on.
 
 The service's URL comes from --url or FRM_URL, its API key from FRM_API_KEY only, so the key
-stays out of the shell history and the process list. Errors go to stderr as
-{"error": {"code", "message", ...}}.
+stays out of the shell history and the process list. Every error, usage errors included, goes
+to stderr as one line of {"error": {"code", "message", ...}}, and every failure has an exit
+code of its own: no traceback, and never 1 (a FAILED task) by accident.
 """
 
 from __future__ import annotations
@@ -14,17 +15,20 @@ import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from enum import IntEnum
-from typing import Any
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any, NoReturn
 
 from ._core import RetryPolicy
 from .client import DEFAULT_URL, Client
 from .errors import (
     APIError,
-    NotFoundError,
+    ClientClosedError,
+    PoolTimeoutError,
     ServerError,
     ServiceUnreachableError,
     TaskCancelledError,
     TaskFailedError,
+    TaskNotFoundError,
     UnexpectedResponseError,
     WaitTimeoutError,
 )
@@ -41,8 +45,10 @@ class Exit(IntEnum):
     NOT_FOUND = 4  # no such task (or it belongs to another API key)
     REFUSED = 5  # the service refused the request: 401, 409 (already final), 413, 415, 422
     UNAVAILABLE = 6  # no answer, 429 or 5xx after every retry, or not the service's answer
+    INTERNAL = 70  # a defect of this command (EX_SOFTWARE)
     TIMEOUT = 124  # wait or run: not final within --timeout (as timeout(1))
     INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as shells report it)
+    OUTPUT_CLOSED = 141  # stdout closed early, e.g. by `| head` (128 + SIGPIPE)
 
 
 EPILOG = """\
@@ -59,13 +65,35 @@ exit codes:
   5    the service refused the request (401, 409 already final, 413, 415, 422)
   6    the service was unreachable or unavailable (429, 5xx) after every retry,
        or what answered is not the service
+  70   a defect of frm-client itself (please report it)
   124  the task was not final within --timeout (wait, run)
-  130  interrupted (Ctrl-C); a submitted task goes on running
+  130  interrupted (Ctrl-C); a submitted task goes on running, and its id is in
+       the error's task_id
+  141  stdout was closed before the output was written
+
+wait and run print the task on stdout when it ends FAILED or CANCELLED or is not
+final in time, and the error on stderr.
 """
 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     environ = os.environ if environ is None else environ
+    try:
+        return _main(argv, environ)
+    except _UsageError as error:
+        return _fail(Exit.USAGE, "usage", str(error))
+    except KeyboardInterrupt:
+        return _fail(Exit.INTERRUPTED, "interrupted", "stopped by the user")
+    except BrokenPipeError:
+        # Nothing more can be written to stdout; point it at /dev/null so that Python's own
+        # flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return int(Exit.OUTPUT_CLOSED)
+    except Exception as error:  # a defect here: still one JSON line and its own exit code
+        return _fail(Exit.INTERNAL, "internal", f"{type(error).__name__}: {error}")
+
+
+def _main(argv: Sequence[str] | None, environ: Mapping[str, str]) -> int:
     args = _parser(environ).parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
@@ -73,60 +101,85 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         stream=sys.stderr,
     )
     retry = RetryPolicy(attempts=args.attempts)
-    with Client(args.url, environ.get("FRM_API_KEY") or None, retry=retry) as client:
+    try:
+        client = Client(args.url, environ.get("FRM_API_KEY") or "", retry=retry)
+    except ValueError as error:
+        raise _UsageError(f"--url: {error}") from None
+    submitted: list[Task] = []
+    with client:
         try:
-            return int(args.command(client, args))
+            return int(args.command(client, args, submitted.append))
         except WaitTimeoutError as error:
             if error.task is not None:
                 _print(error.task.to_json())
             return _fail(Exit.TIMEOUT, "wait_timeout", str(error))
         except TaskFailedError as error:  # run
-            task = error.task.to_json()
-            return _fail(Exit.TASK_FAILED, "task_failed", str(error), task=task)
+            _print(error.task.to_json())
+            return _fail(Exit.TASK_FAILED, "task_failed", str(error))
         except TaskCancelledError as error:  # run
-            task = error.task.to_json()
-            return _fail(Exit.TASK_CANCELLED, "task_cancelled", str(error), task=task)
+            _print(error.task.to_json())
+            return _fail(Exit.TASK_CANCELLED, "task_cancelled", str(error))
         except APIError as error:
             return _fail(_exit_of(error), error.code, error.message, status=error.status_code)
-        except ServiceUnreachableError as error:
+        except (ServiceUnreachableError, PoolTimeoutError, ClientClosedError) as error:
             return _fail(Exit.UNAVAILABLE, "unreachable", str(error))
         except UnexpectedResponseError as error:
             return _fail(Exit.UNAVAILABLE, "unexpected_response", str(error))
         except KeyboardInterrupt:
-            return _fail(Exit.INTERRUPTED, "interrupted", "stopped by the user")
+            more = {"task_id": submitted[0].task_id} if submitted else {}
+            return _fail(Exit.INTERRUPTED, "interrupted", "stopped by the user", **more)
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its complaints as the JSON error line every other failure uses."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(f"{self.prog}: {message}")
 
 
 def _exit_of(error: APIError) -> Exit:
-    if isinstance(error, NotFoundError):
+    if isinstance(error, TaskNotFoundError):
         return Exit.NOT_FOUND
+    if error.status_code == 404:  # a path the service does not serve: not the service's api
+        return Exit.UNAVAILABLE
     if error.retryable or isinstance(error, ServerError):
         return Exit.UNAVAILABLE
     return Exit.REFUSED
 
 
-def _submit(client: Client, args: argparse.Namespace) -> Exit:
+Submitted = Callable[[Task], None]
+
+
+def _submit(client: Client, args: argparse.Namespace, _: Submitted) -> Exit:
     _print(client.submit(args.prompt, args.params, args.idempotency_key).to_json())
     return Exit.OK
 
 
-def _get(client: Client, args: argparse.Namespace) -> Exit:
+def _get(client: Client, args: argparse.Namespace, _: Submitted) -> Exit:
     _print(client.get(args.task_id).to_json())
     return Exit.OK
 
 
-def _wait(client: Client, args: argparse.Namespace) -> Exit:
+def _wait(client: Client, args: argparse.Namespace, _: Submitted) -> Exit:
     task = client.wait(args.task_id, args.timeout)
     _print(task.to_json())
     return _exit_of_task(task)
 
 
-def _cancel(client: Client, args: argparse.Namespace) -> Exit:
+def _cancel(client: Client, args: argparse.Namespace, _: Submitted) -> Exit:
     _print(client.cancel(args.task_id).to_json())
     return Exit.OK
 
 
-def _run(client: Client, args: argparse.Namespace) -> Exit:
-    _print(client.run(args.prompt, args.params, args.timeout, args.idempotency_key))
+def _run(client: Client, args: argparse.Namespace, submitted: Submitted) -> Exit:
+    result = client.run(
+        args.prompt, args.params, args.timeout, args.idempotency_key, on_submit=submitted
+    )
+    _print(result)
     return Exit.OK
 
 
@@ -146,6 +199,12 @@ def _params(text: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"duration\": 2}'")
     return value
+
+
+def _task_id(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
 
 
 def _seconds(text: str) -> float:
@@ -168,29 +227,56 @@ def _attempts(text: str) -> int:
     return value
 
 
+def _client_version() -> str:
+    try:
+        return version("fastapi-redis-mini-client")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
+def _shared_options(
+    parser: argparse.ArgumentParser, default_url: str, attempts: Any, verbose: Any
+) -> None:
+    """--url, --attempts and -v; a command's own copy has SUPPRESS defaults, so it sets them
+    only when given after the command."""
+    url_default = default_url if attempts is not argparse.SUPPRESS else argparse.SUPPRESS
+    parser.add_argument("--url", default=url_default, help=f"the api (now {default_url})")
+    parser.add_argument(
+        "--attempts",
+        type=_attempts,
+        default=attempts,
+        help="requests in all, retries included, for 503, 429 and connection errors "
+        f"(default {RetryPolicy().attempts})",
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", default=verbose, help="log each retry to stderr"
+    )
+
+
 def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     default_url = environ.get("FRM_URL") or DEFAULT_URL
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="frm-client",
         description="Submit, read, wait for and cancel tasks of a fastapi-redis-mini service.",
         epilog=EPILOG % {"default_url": DEFAULT_URL},
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--url", default=default_url, help=f"the api (now {default_url})")
-    parser.add_argument(
-        "--attempts",
-        type=_attempts,
-        default=RetryPolicy().attempts,
-        help="requests in all, retries included, for 503, 429 and connection errors "
-        "(default %(default)s)",
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log each retry to stderr")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_client_version()}")
+    # The shared options are accepted before or after the command; given after it, they win.
+    _shared_options(parser, default_url, RetryPolicy().attempts, False)
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
 
     def command(
-        name: str, handler: Callable[[Client, argparse.Namespace], Exit], help_text: str
+        name: str,
+        handler: Callable[[Client, argparse.Namespace, Submitted], Exit],
+        help_text: str,
     ) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub = commands.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+        )
+        _shared_options(sub, default_url, argparse.SUPPRESS, argparse.SUPPRESS)
         sub.set_defaults(command=handler)
         return sub
 
@@ -206,10 +292,10 @@ def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         sub.add_argument(
             "--idempotency-key", help="repeat a submit safely (one is made when absent)"
         )
-    command("get", _get, "print a task's current state").add_argument("task_id")
+    command("get", _get, "print a task's current state").add_argument("task_id", type=_task_id)
     wait = command("wait", _wait, "wait until the task is final; prints it, exit by its status")
-    wait.add_argument("task_id")
-    command("cancel", _cancel, "cancel a task; prints it").add_argument("task_id")
+    wait.add_argument("task_id", type=_task_id)
+    command("cancel", _cancel, "cancel a task; prints it").add_argument("task_id", type=_task_id)
     for sub in (wait, commands.choices["run"]):
         sub.add_argument(
             "--timeout",
@@ -225,6 +311,10 @@ def _print(value: Any) -> None:
 
 
 def _fail(code: Exit, error_code: str, message: str, **more: Any) -> int:
-    sys.stderr.write(json.dumps({"error": {"code": error_code, "message": message, **more}}))
-    sys.stderr.write("\n")
+    line = json.dumps({"error": {"code": error_code, "message": message, **more}})
+    try:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+    except OSError:  # stderr closed as well: the exit code is all that is left
+        pass
     return int(code)

@@ -8,36 +8,48 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any, Self, cast
 
 import httpx
 
-from ._core import Core, Flow, RetryPolicy, Sleep, T, http_options
+from ._core import DEFAULT_LIMITS, DEFAULT_URL, Core, Flow, Options, RetryPolicy, Sleep, T
+from .errors import ClientClosedError, WaitTimeoutError
 from .models import Task
 
-DEFAULT_URL = "http://127.0.0.1:8000"
+__all__ = ["DEFAULT_URL", "AsyncClient", "Client"]
 
 
 class Client:
     """A blocking client of the task service.
 
-    base_url: where the api listens. api_key: sent as `Authorization: Bearer KEY` when the
-    service has API_KEYS set. timeout: seconds for connecting, sending and reading one
+    base_url: where the api listens (default: FRM_URL, else http://127.0.0.1:8000).
+    api_key: sent as `Authorization: Bearer KEY` when the service has API_KEYS set (default:
+    FRM_API_KEY; "" sends none). timeout: seconds for connecting, sending and reading one
     answer (a long-poll adds its own wait to the read). retry: see RetryPolicy.
+    limits: the connection pool (default 1,000 connections, 100 kept alive).
+    http_client: an httpx.Client of your own to send with (proxies, certificates, transports);
+    the client then leaves limits and closing to you.
     """
 
     def __init__(
         self,
-        base_url: str = DEFAULT_URL,
+        base_url: str | None = None,
         api_key: str | None = None,
         *,
         timeout: float = 10.0,
         retry: RetryPolicy | None = None,
+        limits: httpx.Limits | None = None,
+        http_client: httpx.Client | None = None,
     ) -> None:
+        if http_client is not None and limits is not None:
+            raise ValueError("give limits= or http_client=, not both: limits are the client's")
         self._core = Core(retry or RetryPolicy())
-        self._http = httpx.Client(**http_options(base_url, api_key, timeout))
+        self._options = Options.of(base_url, api_key, timeout, http_client)
+        self._owns_http = http_client is None
+        self._http = http_client or httpx.Client(limits=limits or DEFAULT_LIMITS)
+        self._closed = False
 
     def submit(
         self,
@@ -66,12 +78,42 @@ class Client:
         params: Mapping[str, Any] | None = None,
         timeout: float | None = None,
         idempotency_key: str | None = None,
+        *,
+        on_submit: Callable[[Task], None] | None = None,
     ) -> Any:
-        """Submit and wait: the result, or TaskFailedError, TaskCancelledError, WaitTimeoutError."""
-        return self._drive(self._core.run(prompt, params, timeout, idempotency_key))
+        """Submit and wait: the result, or TaskFailedError, TaskCancelledError, WaitTimeoutError.
+
+        `timeout` bounds the whole call, the submit included. `on_submit(task)` is called once
+        the task is submitted, e.g. to keep its id should the wait be interrupted.
+        """
+        flow = self._core.run(prompt, params, timeout, idempotency_key, on_submit)
+        return self._drive(flow)
+
+    def wait_all(self, task_ids: Iterable[str], timeout: float | None = None) -> list[Task]:
+        """Every task once final, in the order given; one `timeout` for them all.
+
+        The tasks are waited for one after the other: the total is the slowest task's time,
+        since a task already final answers at once. FAILED and CANCELLED tasks are returned,
+        not raised; WaitTimeoutError names the first task not final in time.
+        """
+        ids = list(task_ids)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        tasks: list[Task] = []
+        for task_id in ids:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:  # past the deadline: no read
+                raise WaitTimeoutError(task_id, timeout or 0.0, None)
+            try:
+                tasks.append(self.wait(task_id, left))
+            except WaitTimeoutError as error:
+                raise WaitTimeoutError(task_id, timeout or 0.0, error.task) from error.__cause__
+        return tasks
 
     def close(self) -> None:
-        self._http.close()
+        """Close the connections; a client given its http_client leaves that open."""
+        self._closed = True
+        if self._owns_http:
+            self._http.close()
 
     def __enter__(self) -> Self:
         return self
@@ -85,6 +127,9 @@ class Client:
         self.close()
 
     def _drive(self, flow: Flow[T]) -> T:
+        if self._closed or self._http.is_closed:
+            flow.close()
+            raise ClientClosedError("this client is closed")
         answer: httpx.Response | None = None
         failure: httpx.TransportError | None = None
         try:
@@ -95,7 +140,7 @@ class Client:
                     time.sleep(effect.seconds)
                     continue
                 try:
-                    answer = self._http.send(effect.build(self._http))
+                    answer = self._http.send(effect.build(self._http, self._options))
                 except httpx.TransportError as error:
                     failure = error
         except StopIteration as done:
@@ -114,14 +159,21 @@ class AsyncClient:
 
     def __init__(
         self,
-        base_url: str = DEFAULT_URL,
+        base_url: str | None = None,
         api_key: str | None = None,
         *,
         timeout: float = 10.0,
         retry: RetryPolicy | None = None,
+        limits: httpx.Limits | None = None,
+        http_client: httpx.AsyncClient | None = None,
     ) -> None:
+        if http_client is not None and limits is not None:
+            raise ValueError("give limits= or http_client=, not both: limits are the client's")
         self._core = Core(retry or RetryPolicy())
-        self._http = httpx.AsyncClient(**http_options(base_url, api_key, timeout))
+        self._options = Options.of(base_url, api_key, timeout, http_client)
+        self._owns_http = http_client is None
+        self._http = http_client or httpx.AsyncClient(limits=limits or DEFAULT_LIMITS)
+        self._closed = False
 
     async def submit(
         self,
@@ -150,12 +202,55 @@ class AsyncClient:
         params: Mapping[str, Any] | None = None,
         timeout: float | None = None,  # noqa: ASYNC109 (see the class docstring)
         idempotency_key: str | None = None,
+        *,
+        on_submit: Callable[[Task], None] | None = None,
     ) -> Any:
         """See Client.run."""
-        return await self._drive(self._core.run(prompt, params, timeout, idempotency_key))
+        flow = self._core.run(prompt, params, timeout, idempotency_key, on_submit)
+        return await self._drive(flow)
+
+    async def wait_all(
+        self,
+        task_ids: Iterable[str],
+        timeout: float | None = None,  # noqa: ASYNC109 (see the class docstring)
+        *,
+        concurrency: int = 20,
+    ) -> list[Task]:
+        """Every task once final, in the order given; one `timeout` for them all.
+
+        At most `concurrency` long-polls are open at a time, so a thousand ids need neither a
+        thousand connections nor a semaphore of your own. FAILED and CANCELLED tasks are
+        returned, not raised; the first error raised (WaitTimeoutError naming a task not final
+        in time, TaskNotFoundError, ...) cancels the other waits.
+        """
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, not {concurrency}")
+        ids = list(task_ids)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one(task_id: str) -> Task:
+            async with gate:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:  # queued past the deadline: no read
+                    raise WaitTimeoutError(task_id, timeout or 0.0, None)
+                try:
+                    return await self.wait(task_id, left)
+                except WaitTimeoutError as error:
+                    raise WaitTimeoutError(task_id, timeout or 0.0, error.task) from error
+
+        waits = [asyncio.ensure_future(one(task_id)) for task_id in ids]
+        try:
+            return list(await asyncio.gather(*waits))
+        finally:
+            for pending in waits:  # after a failure, the waits still running
+                pending.cancel()
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        """Close the connections; a client given its http_client leaves that open."""
+        self._closed = True
+        if self._owns_http:
+            await self._http.aclose()
 
     async def __aenter__(self) -> Self:
         return self
@@ -169,6 +264,9 @@ class AsyncClient:
         await self.aclose()
 
     async def _drive(self, flow: Flow[T]) -> T:
+        if self._closed or self._http.is_closed:
+            flow.close()
+            raise ClientClosedError("this client is closed")
         answer: httpx.Response | None = None
         failure: httpx.TransportError | None = None
         try:
@@ -179,7 +277,7 @@ class AsyncClient:
                     await asyncio.sleep(effect.seconds)
                     continue
                 try:
-                    answer = await self._http.send(effect.build(self._http))
+                    answer = await self._http.send(effect.build(self._http, self._options))
                 except httpx.TransportError as error:
                     failure = error
         except StopIteration as done:

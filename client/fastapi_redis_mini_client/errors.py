@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from email.utils import parsedate_to_datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -19,7 +19,23 @@ if TYPE_CHECKING:
 
 
 class TaskClientError(Exception):
-    """Everything this package raises derives from this."""
+    """Everything this package raises derives from this.
+
+    Each one pickles with its attributes, so it can cross to another process (multiprocessing,
+    concurrent.futures): Exception's own pickling would call __init__ with the message alone.
+    """
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+def _rebuild(
+    kind: type[TaskClientError], args: tuple[Any, ...], attributes: dict[str, Any]
+) -> TaskClientError:
+    error = kind.__new__(kind)
+    error.args = args
+    error.__dict__.update(attributes)
+    return error
 
 
 class APIError(TaskClientError):
@@ -80,6 +96,11 @@ class InvalidRequestError(RequestRefusedError):
     """422: the message starts with the name of the field at fault."""
 
 
+class IdempotencyKeyReusedError(InvalidRequestError):
+    """422 idempotency_key_reused: the key was first sent with another body; the message
+    names the key's task. A new request needs a new key."""
+
+
 class RateLimitedError(RequestRefusedError):
     """429 (rate_limited: over SUBMIT_RATE_PER_KEY); retried while its Retry-After is short."""
 
@@ -116,6 +137,21 @@ class ServiceUnreachableError(TaskClientError):
     """No answer at all (connection refused or reset, timeout) after every retry."""
 
 
+class PoolTimeoutError(TaskClientError, TimeoutError):
+    """No free connection in this client's own pool in time: the service was never asked.
+
+    Only raised when a pool timeout was set (on an `http_client=` of your own); raise the
+    pool's `limits=`, or bound the calls in flight, e.g. with wait_all's concurrency.
+    """
+
+    def __init__(self, method: str, path: str) -> None:
+        super().__init__(f"{method} {path}: no free connection in the client's pool in time")
+
+
+class ClientClosedError(TaskClientError, RuntimeError):
+    """A call on a client after its close()."""
+
+
 class UnexpectedResponseError(TaskClientError):
     """A success status whose body is not a task: the base URL may point at another server."""
 
@@ -148,10 +184,18 @@ class TaskCancelledError(TaskEndedError):
 
 
 class WaitTimeoutError(TaskClientError, TimeoutError):
-    """The task was not final within the timeout; `task` is the last state read, if any."""
+    """The task was not final within the timeout; `task` is the last state read, if any.
 
-    def __init__(self, task_id: str, timeout: float, task: Task | None) -> None:
-        super().__init__(f"task {task_id} not finished after {timeout:g} s")
+    From `run`, `task_id` is None when the timeout passed before the submit was answered (its
+    __cause__ says why, e.g. a RedisUnavailableError); no task may exist then, or one may.
+    """
+
+    def __init__(self, task_id: str | None, timeout: float, task: Task | None) -> None:
+        if task_id is None:
+            message = f"task not submitted within {timeout:g} s"
+        else:
+            message = f"task {task_id} not finished after {timeout:g} s"
+        super().__init__(message)
         self.task_id = task_id
         self.timeout = timeout
         self.task = task
@@ -165,6 +209,7 @@ _BY_CODE: dict[tuple[int, str], type[APIError]] = {
     (413, "payload_too_large"): PayloadTooLargeError,
     (415, "unsupported_media_type"): UnsupportedMediaTypeError,
     (422, "invalid_request"): InvalidRequestError,
+    (422, "idempotency_key_reused"): IdempotencyKeyReusedError,
     (429, "backlog_full"): BacklogFullError,
     (429, "rate_limited"): RateLimitedError,
     (429, "too_many_unfinished"): TooManyUnfinishedError,

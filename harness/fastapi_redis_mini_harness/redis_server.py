@@ -107,7 +107,9 @@ class RedisServer:
                         f"{self.log_tail()}"
                     )
                 try:
-                    return bool(client.ping())
+                    # Another server already on the port would answer a PING too; only this
+                    # process's own id says the answer is from the server just started.
+                    return bool(client.info("server")["process_id"] == process.pid)
                 except redis.BusyLoadingError:  # a ConnectionError too: check it first
                     return not until_loaded
                 except redis.ConnectionError:

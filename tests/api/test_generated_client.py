@@ -141,7 +141,7 @@ def test_the_calls_and_models_carry_the_names_of_the_operations_and_schemas(
     }
     assert set(generated.module("models").__all__) == {
         "ErrorBody",
-        "ErrorPublic",
+        "ErrorResponse",
         "Health",
         "TaskCreate",
         "TaskCreateParams",
@@ -208,7 +208,7 @@ def test_error_answers_parse_as_the_documented_error(generated: Generated) -> No
 
     def error_of(response: Any, status: int) -> Any:
         assert response.status_code == status, response.content
-        assert isinstance(response.parsed, models.ErrorPublic), response.content
+        assert isinstance(response.parsed, models.ErrorResponse), response.content
         return response.parsed.error
 
     with generated.client(authenticated=False) as anonymous:

@@ -8,14 +8,17 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from fastapi_redis_mini_client import Client
+from fastapi_redis_mini_harness.polling import poll
 from fastapi_redis_mini_harness.ports import free_port
 
 from .conftest import API_KEY, Stack
@@ -91,13 +94,13 @@ def test_a_failed_task_exits_1(stack: Stack) -> None:
     url = stack.api.base_url
     ran = frm("run", unique("fail"), "--params", '{"fail": true}', "--timeout", "20", url=url)
     assert ran.code == 1
-    assert ran.stdout == ""
     assert ran.error["code"] == "task_failed"
-    assert ran.error["task"]["status"] == "FAILED"
+    assert ran.json["status"] == "FAILED"
 
-    waited = frm("wait", ran.error["task"]["task_id"], url=url)
+    # wait prints the task just as run does: on stdout.
+    waited = frm("wait", ran.json["task_id"], url=url)
     assert waited.code == 1
-    assert waited.json["status"] == "FAILED"
+    assert waited.json == ran.json
 
 
 def test_cancel_exits_0_a_cancelled_task_3_and_a_second_cancel_5(stack: Stack) -> None:
@@ -133,7 +136,7 @@ def test_run_of_a_cancelled_task_exits_3(stack: Stack) -> None:
         client.cancel(client.submit(prompt, params, idempotency_key=key).task_id)
         stdout, stderr = running.communicate(timeout=30)
     assert running.returncode == 3, stderr
-    assert stdout == ""
+    assert json.loads(stdout)["status"] == "CANCELLED"
     assert json.loads(stderr)["error"]["code"] == "task_cancelled"
 
 
@@ -190,12 +193,16 @@ def test_no_service_exits_6_after_the_retries() -> None:
         (["--attempts", "0", "get", "abc"], "--attempts: must be at least 1"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
         ([], "the following arguments are required: COMMAND"),
+        (["get", ""], "task_id: must not be empty"),
+        (["--url", "http://[::1", "get", "abc"], "--url: base_url 'http://[::1' is not a valid"),
+        (["--url", "ftp://example.org", "get", "abc"], "is not an http:// or https:// URL"),
     ],
 )
 def test_a_usage_error_exits_2_naming_the_argument(args: list[str], complaint: str) -> None:
     wrong = frm(*args, url=f"http://127.0.0.1:{free_port()}")
     assert wrong.code == 2
-    assert complaint in wrong.stderr
+    assert wrong.error["code"] == "usage"  # JSON, as every other error
+    assert complaint in wrong.error["message"]
     assert wrong.stdout == ""
 
 
@@ -225,3 +232,73 @@ def test_ctrl_c_exits_130_without_a_traceback() -> None:
     assert stdout == ""
     assert "Traceback" not in stderr
     assert json.loads(stderr.splitlines()[-1])["error"]["code"] == "interrupted"
+
+
+def test_the_shared_options_may_follow_the_command(stack: Stack) -> None:
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    read = frm("get", "f" * 32, "--url", stack.api.base_url, "--attempts", "1", url=nowhere)
+    assert read.code == 4, read.stderr  # the api answered: --url after the command won
+    assert read.error["code"] == "task_not_found"
+
+
+def test_version_prints_the_installed_version() -> None:
+    shown = frm("--version", url=f"http://127.0.0.1:{free_port()}")
+    assert shown.code == 0
+    assert shown.stdout.strip() == f"frm-client {version('fastapi-redis-mini-client')}"
+
+
+def test_a_server_that_is_not_the_api_is_not_no_such_task(stack: Stack) -> None:
+    # The worker's metrics port answers 404 to /tasks/...: that is a wrong URL, not a task.
+    read = frm("--attempts", "1", "get", "f" * 32, url=stack.worker.base_url)
+    assert read.code == 6
+    assert read.error["status"] == 404
+
+
+def test_a_closed_stdout_exits_141_without_a_traceback(stack: Stack) -> None:
+    reader, writer = os.pipe()
+    os.close(reader)  # as `| head -c0` does, before anything is written
+    try:
+        done = subprocess.run(
+            [script(), "submit", unique("nobody reads this")],
+            env=env(stack.api.base_url),
+            stdout=writer,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(writer)
+    assert done.returncode == 141
+    assert "Traceback" not in done.stderr
+
+
+def test_ctrl_c_during_run_names_the_task_that_goes_on_running(stack: Stack) -> None:
+    prompt = unique("interrupted run")
+    command = [script(), "run", prompt, "--params", '{"duration": 20}']
+    redis = stack.redis.client()
+    with subprocess.Popen(
+        command, env=env(stack.api.base_url), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    ) as running:
+        try:
+            stored: list[str] = []
+
+            def submitted() -> bool:
+                stored.extend(
+                    str(key).removeprefix("task:")
+                    for key in redis.scan_iter(match="task:*", _type="hash")
+                    if prompt in str(redis.hget(key, "request") or "")
+                )
+                return bool(stored)
+
+            poll(submitted, 30, 0.1)
+            time.sleep(2)  # its answer reaches the command, which is now in its wait
+            running.send_signal(signal.SIGINT)
+            _, stderr = running.communicate(timeout=20)
+        finally:
+            redis.close()
+    assert running.returncode == 130
+    error = json.loads(stderr.decode().splitlines()[-1])["error"]
+    assert error["code"] == "interrupted"
+    assert error["task_id"] == stored[0]
+    with Client(stack.api.base_url, API_KEY) as client:
+        assert client.cancel(stored[0]).task_id == stored[0]  # found, and freed at once

@@ -13,6 +13,7 @@ from fastapi_redis_mini_client import (
     AsyncClient,
     Client,
     ConflictError,
+    IdempotencyKeyReusedError,
     NotFoundError,
     TaskCancelledError,
     TaskFailedError,
@@ -73,10 +74,24 @@ def test_an_identical_submit_after_done_is_answered_from_the_cache(
 
 
 def test_the_same_idempotency_key_answers_with_the_first_task(client: BlockingClient) -> None:
-    key = uuid.uuid4().hex
-    first = client.submit(unique("once"), {"duration": 1}, idempotency_key=key)
-    second = client.submit(unique("once"), {"duration": 1}, idempotency_key=key)
+    key, prompt = uuid.uuid4().hex, unique("once")
+    first = client.submit(prompt, {"duration": 1}, idempotency_key=key)
+    second = client.submit(prompt, {"duration": 1}, idempotency_key=key)
     assert second.task_id == first.task_id
+
+
+def test_a_key_sent_again_with_another_body_is_refused(client: BlockingClient) -> None:
+    key = uuid.uuid4().hex
+    first = client.submit(f"keyed {key}", {"duration": 0}, idempotency_key=key)
+    for prompt, params in ((f"another {key}", {"duration": 0}), (f"keyed {key}", {"x": 1})):
+        with pytest.raises(IdempotencyKeyReusedError) as raised:
+            client.submit(prompt, params, idempotency_key=key)
+        assert (raised.value.status_code, raised.value.code) == (422, "idempotency_key_reused")
+        assert first.task_id in raised.value.message
+    # The key still answers its own request with its own task.
+    assert client.submit(f"keyed {key}", {"duration": 0}, idempotency_key=key).task_id == (
+        first.task_id
+    )
 
 
 def test_each_submit_without_a_key_gets_a_fresh_one(client: BlockingClient) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -100,7 +101,16 @@ def test_the_backoff_doubles_to_its_cap_and_never_undercuts_retry_after() -> Non
     assert longest == [0.5, 1.0, 2.0, 4.0, 4.0]
     shortest = [policy.delay(retry, None, lambda: 0.0) for retry in range(1, 6)]
     assert shortest == [0.25, 0.5, 1.0, 2.0, 2.0]
-    assert policy.delay(1, 3.0, lambda: 1.0) == 3.0
+    assert policy.delay(1, 3.0, lambda: 0.0) == 3.0
+    assert policy.delay(1, 3.0, lambda: 1.0) == 3.75
+
+
+def test_clients_told_the_same_retry_after_come_back_spread_out() -> None:
+    policy = RetryPolicy()
+    delays = [policy.delay(1, 2.0, random.Random(seed).random) for seed in range(50)]
+    assert min(delays) >= 2.0
+    assert max(delays) <= 2.5
+    assert max(delays) - min(delays) > 0.25  # not in lockstep
 
 
 @pytest.mark.parametrize(

@@ -141,15 +141,20 @@ async def test_get_and_cancel_find_a_task_by_its_id_alone(pqueue: RedisTaskQueue
     assert cancelled.status is TaskStatus.CANCELLED
 
 
-async def test_an_idempotency_key_names_one_task_whatever_the_bodies(
+async def test_an_idempotency_key_is_decided_in_one_partition_whatever_the_bodies(
     pqueue: RedisTaskQueue,
 ) -> None:
     first, outcome = await submit(pqueue, "first body", key="order-7")
     assert outcome == "queued"
-    # Other bodies with the same key: their signatures point at every partition, the key at one.
+    # Other bodies with the same key: their signatures point at every partition, the key at
+    # one, so each finds the key's task there, and is refused for its other body.
     for n in range(8):
         again, outcome = await submit(pqueue, f"another body {n}", key="order-7")
-        assert (again, outcome) == (first, SubmitOutcome.DUPLICATE.value)
+        assert (again, outcome) == (first, SubmitOutcome.IDEMPOTENCY_KEY_REUSED.value)
+    assert await submit(pqueue, "first body", key="order-7") == (
+        first,
+        SubmitOutcome.DUPLICATE.value,
+    )
     keyed = pqueue.partitions.of_submit("", "", "order-7")
     assert first.startswith(f"{keyed.index}-")
 

@@ -351,7 +351,8 @@ async def test_an_idempotency_key_left_pointing_at_a_gone_task_is_taken_over_onc
         SubmitOutcome.QUEUED, *[SubmitOutcome.DUPLICATE] * 4
     ]  # fmt: skip
     assert {answer.task_id for answer in answers} == {answers[0].task_id}
-    assert await redis_client.get(idempotency_key(queue, "k", "s")) == answers[0].task_id
+    # The key names the task, and the signature of the request it was first sent with.
+    assert await redis_client.get(idempotency_key(queue, "k", "s")) == f"{answers[0].task_id}:s"
 
 
 async def test_concurrent_submits_share_a_round_trip_and_keep_one_by_one_semantics(

@@ -43,3 +43,18 @@ def test_a_process_that_ignores_sigterm_is_killed_and_the_stop_fails(tmp_path: P
         assert not stubborn.alive()  # SIGKILL followed the timeout
     finally:
         stubborn.close()
+
+
+def test_a_port_held_by_another_server_is_never_taken_for_the_new_one() -> None:
+    # Its PING would be answered, by the server already there; start() must not believe it.
+    holder = RedisServer()
+    holder.start()
+    try:
+        second = RedisServer(port=holder.port)
+        began = time.monotonic()
+        with pytest.raises(RuntimeError, match=f"on port {holder.port} exited"):
+            second.start()
+        assert time.monotonic() - began < 10
+        second.close()
+    finally:
+        holder.close()

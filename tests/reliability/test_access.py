@@ -95,7 +95,10 @@ def test_an_idempotency_key_gives_back_the_first_task(redis_url: str, launch: La
     task_id = first.json()["task_id"]
     # A client retrying after a timeout gets the same task, and no second one is queued.
     assert (again.status_code, again.json()["task_id"]) == (200, task_id)
-    assert changed_body.json()["task_id"] == task_id  # the key names the task, not the body
+    # The key names one request: another body with it is refused, naming the key's task.
+    assert changed_body.status_code == 422
+    assert changed_body.json()["error"]["code"] == "idempotency_key_reused"
+    assert task_id in changed_body.json()["error"]["message"]
     assert other_key.json()["task_id"] != task_id
     assert other_tenant.json()["task_id"] != task_id  # keys are scoped per tenant
     assert malformed.status_code == 422

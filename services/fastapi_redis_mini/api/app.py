@@ -49,7 +49,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             shutdown_tracing()
 
     app = FastAPI(
-        title="fastapi-redis-mini",
+        # Generators name their package after the title: openapi-python-client makes
+        # fastapi-redis-mini-api-client of this one, not the official client's own name.
+        title="fastapi-redis-mini API",
         version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,

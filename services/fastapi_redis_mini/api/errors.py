@@ -80,6 +80,12 @@ class ConflictError(ServiceError):
     status_code, code = 409, "conflict"
 
 
+class IdempotencyKeyReusedError(ServiceError):
+    """The Idempotency-Key was first sent with another body (as Stripe answers it)."""
+
+    status_code, code = 422, "idempotency_key_reused"
+
+
 # Every state in which Redis cannot take a request: the error code a client sees, and the
 # seconds after which retrying is worth it (Retry-After). A state that lasts longer (loading a
 # large data set, a failover) asks for a longer wait.

@@ -86,7 +86,7 @@ class ErrorBody(BaseModel):
     message: str
 
 
-class ErrorPublic(BaseModel):
+class ErrorResponse(BaseModel):
     """Every error answer has this shape."""
 
     error: ErrorBody

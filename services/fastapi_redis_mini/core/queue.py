@@ -51,6 +51,8 @@ class SubmitOutcome(StrEnum):
     QUEUED = "queued"
     CACHED = "cached"
     DUPLICATE = "duplicate"
+    # Refused, nothing stored: the Idempotency-Key belongs to a task of another request.
+    IDEMPOTENCY_KEY_REUSED = "idempotency_key_reused"
     # Refused, nothing stored: the API key is over its submit rate, or has too many tasks
     # that are not final yet.
     RATE_LIMITED = "rate_limited"

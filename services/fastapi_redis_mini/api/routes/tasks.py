@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request, Response, status
 from pydantic import BaseModel
 
 from ...core.models import (
-    ErrorPublic,
+    ErrorResponse,
     Task,
     TaskCreate,
     TaskId,
@@ -38,6 +38,7 @@ from ..deps import (
 )
 from ..errors import (
     ConflictError,
+    IdempotencyKeyReusedError,
     RateLimitedError,
     TaskNotFoundError,
     TooManyUnfinishedError,
@@ -45,7 +46,11 @@ from ..errors import (
 from ..state import ApiState, api_state
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorPublic} for code in (401, 404, 413, 415, 422, 429, 503)
+    code: {"model": ErrorResponse} for code in (401, 404, 422, 429, 503)
+}
+# Only a route that reads a body can find it too large or not JSON.
+_BODY_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (413, 415)
 }
 router = APIRouter(
     prefix="/tasks",
@@ -88,7 +93,10 @@ def _idempotency_key(request: Request) -> str | None:
     status_code=status.HTTP_202_ACCEPTED,
     response_model=TaskSubmitted,
     response_description="Queued",
-    responses={200: {"model": TaskSubmitted, "description": "Answered from the result cache"}},
+    responses={
+        200: {"model": TaskSubmitted, "description": "Answered from the result cache"},
+        **_BODY_ERRORS,
+    },
 )
 @parses(headers=SubmitHeaders, body=TaskCreate)
 async def submit_task(request: Request) -> Response:
@@ -135,6 +143,11 @@ async def _submit(
             f"this API key has {state.settings.max_unfinished_per_key} tasks that are "
             "not final yet (MAX_UNFINISHED_PER_KEY); retry once some finish",
             headers=fields,
+        )
+    if submitted.outcome is SubmitOutcome.IDEMPOTENCY_KEY_REUSED:
+        raise IdempotencyKeyReusedError(
+            "Idempotency-Key: already used for task "
+            f"{submitted.task_id} with another body; use a new key for a new request"
         )
     if submitted.outcome is SubmitOutcome.CACHED:
         metrics.cache_hits.inc()
@@ -202,7 +215,7 @@ async def get_task(request: Request) -> Response:
     status_code=status.HTTP_202_ACCEPTED,
     response_model=Task,
     response_description="Cancelled, or asked to stop when it is running",
-    responses={409: {"model": ErrorPublic}},
+    responses={409: {"model": ErrorResponse}},
 )
 @parses(task_id=TaskId)
 async def cancel_task(request: Request) -> Response:

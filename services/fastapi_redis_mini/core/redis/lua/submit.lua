@@ -3,7 +3,10 @@
 -- one would be.
 -- Sent again with the same ids (the client retries a call whose reply it lost), it finds each
 -- task it stored and answers as the first time, so a submit is stored once, whatever the retries.
--- A client's Idempotency-Key maps to the first task it created, and never outlives that task:
+-- A client's Idempotency-Key maps to the first task it created and that task's request
+-- signature, "task_id:signature"; the key sent again with another body is refused
+-- ('idempotency_key_reused'), as Stripe does, instead of silently answering the first task.
+-- The key never outlives its task:
 -- it expires after IDEMPOTENCY_TTL or with the task, whichever comes first, so a key whose
 -- task is gone is free and the next submit with it creates exactly one new task.
 -- With quotas, each submit of an API key takes a token from its bucket (rate, burst), and a
@@ -17,7 +20,8 @@
 --       that the key may still point at (then the key is taken over for this task)
 -- Returns JSON, per task {outcome, task_id, result, tokens, reset_ms}, outcome one of
 -- 'queued', 'cached' (task_id: the task that computed the result), 'duplicate' (task_id: the
--- key's first task), 'rate_limited' (reset_ms: until a token is back), 'too_many_unfinished';
+-- key's first task), 'idempotency_key_reused' (task_id: the key's first task, of another
+-- request), 'rate_limited' (reset_ms: until a token is back), 'too_many_unfinished';
 -- tokens (whole tokens left) is -1 without a rate; reset_ms is until the bucket is full again.
 local stream, now, cache_ttl, result_expiry, idempotency_ttl =
   KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -81,7 +85,15 @@ for i, task in ipairs(batch) do
     -- nothing. (A hit stores nothing, so sent again it is simply answered again.)
     out[i] = {outcome = 'queued', task_id = task_id, result = '', tokens = -1, reset_ms = 0}
   else
-    local existing = keyed ~= 0 and redis.call('GET', idempotency)
+    local existing, existing_signature = false, nil
+    if keyed ~= 0 then
+      local value = redis.call('GET', idempotency)
+      if value then
+        -- A value written before signatures were kept is a bare task id: nothing to compare.
+        existing, existing_signature = string.match(value, '^([^:]+):(.+)$')
+        existing = existing or value
+      end
+    end
     if existing == keyed then
       existing = false
     end
@@ -105,6 +117,9 @@ for i, task in ipairs(batch) do
     end
     if refused then
       out[i] = {outcome = refused, task_id = '', result = '', tokens = tokens, reset_ms = reset_ms}
+    elseif existing and existing_signature and existing_signature ~= signature then
+      out[i] = {outcome = 'idempotency_key_reused', task_id = existing, result = '',
+        tokens = tokens, reset_ms = reset_ms}
     elseif existing then
       out[i] = {outcome = 'duplicate', task_id = existing, result = '', tokens = tokens,
         reset_ms = reset_ms}
@@ -114,7 +129,8 @@ for i, task in ipairs(batch) do
         -- cost no memory however many there are.
         redis.call('EXPIRE', cache, math.min(cache_ttl, hit_left))
         if keyed ~= 0 then
-          redis.call('SET', idempotency, hit_id, 'EX', math.min(idempotency_ttl, hit_left))
+          redis.call('SET', idempotency, hit_id .. ':' .. signature, 'EX',
+            math.min(idempotency_ttl, hit_left))
         end
         out[i] = {outcome = 'cached', task_id = hit_id, result = hit, tokens = tokens,
           reset_ms = reset_ms}
@@ -134,7 +150,8 @@ for i, task in ipairs(batch) do
         redis.call('EXPIRE', key, result_expiry)
         if keyed ~= 0 then
           -- Set in the same instant as the task's TTL, and a task's TTL is only ever extended.
-          redis.call('SET', idempotency, task_id, 'EX', math.min(idempotency_ttl, result_expiry))
+          redis.call('SET', idempotency, task_id .. ':' .. signature, 'EX',
+            math.min(idempotency_ttl, result_expiry))
         end
         out[i] = {outcome = 'queued', task_id = task_id, result = '', tokens = tokens,
           reset_ms = reset_ms}
