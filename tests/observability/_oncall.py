@@ -106,8 +106,11 @@ def samples(curve: Counter | Gauge, minutes: int) -> str:
     return " ".join(values)
 
 
-def chart_alert_rules(tmp_path: Path, values: helm.Values) -> Path:
-    """The chart's PrometheusRule groups as a plain rules file, alerts without annotations."""
+def chart_alert_rules(
+    tmp_path: Path, values: helm.Values, *, keep_annotations: bool = False
+) -> Path:
+    """The chart's PrometheusRule groups as a plain rules file, alerts without annotations
+    unless asked to keep them."""
     metrics = values.get("metrics", {})
     rule_values = {"enabled": True, **metrics.get("prometheusRule", {})}
     objects = helm.render(
@@ -117,7 +120,8 @@ def chart_alert_rules(tmp_path: Path, values: helm.Values) -> Path:
     groups = rule.manifest["spec"]["groups"]
     for group in groups:
         for r in group["rules"]:
-            r.pop("annotations", None)
+            if not keep_annotations:
+                r.pop("annotations", None)
     path = tmp_path / "chart-rules.yaml"
     path.write_text(yaml.safe_dump({"groups": groups}), encoding="utf-8")
     return path
