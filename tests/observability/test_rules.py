@@ -192,7 +192,8 @@ def test_the_chart_renders_thresholds_the_alerts_read(promtool: str, tmp_path: P
                                     "group": "g",
                                 },
                                 "exp_annotations": {
-                                    "summary": "Backlog of s is 450, above 80% of maxBacklog",
+                                    "summary": f"{helm.NAMESPACE}/shop: Backlog of s is 450, "
+                                    "above 80% of maxBacklog",
                                     "description": f"{helm.NAMESPACE}/shop has held a backlog "
                                     "above 80% of api.maxBacklog for 10 minutes; at the limit, "
                                     "submits are refused with 429.",

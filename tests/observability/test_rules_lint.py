@@ -79,6 +79,9 @@ def test_every_alert_has_a_severity_and_the_annotations_on_call_reads(
         assert rule["labels"].get("severity") in SEVERITIES, rule["alert"]
         assert set(rule.get("annotations", {})) >= ANNOTATIONS, rule["alert"]
         assert rule["annotations"]["runbook_url"].startswith("https://"), rule["alert"]
+        # A page is read on a phone, often in a list: its summary names the release.
+        summary = rule["annotations"]["summary"]
+        assert "{{ $labels.namespace }}/{{ $labels.release }}" in summary, rule["alert"]
 
 
 def test_names_are_unique_and_recorded_series_follow_level_metric_operations(
