@@ -330,7 +330,22 @@ def slo_row() -> list[Builder[model.Panel]]:
             "(FAILED among DONE and FAILED).",
             "percentunit",
             [Query(f"max by (slo) ({ratio})", "{{slo}}")],
-            width=12,
+            width=8,
+        ),
+        graph(
+            "Error budget remaining (30 d)",
+            "Share of each objective's 30-day error budget not yet spent: 1 minus the mean "
+            "hourly error ratio over 30 days (each hour weighs the same, however busy) over "
+            "the budget. Below 0 the objective is missed.",
+            "percentunit",
+            [
+                Query(
+                    f"max by (slo) (1 - avg_over_time({ratio}[30d]) "
+                    f"/ on (namespace, release, slo) (1 - {objective}))",
+                    "{{slo}}",
+                )
+            ],
+            width=8,
         ),
         graph(
             "Error budget burn rate (1 h)",
@@ -343,7 +358,7 @@ def slo_row() -> list[Builder[model.Panel]]:
                     "{{slo}}",
                 )
             ],
-            width=12,
+            width=8,
         ),
     ]
 
@@ -379,6 +394,21 @@ def redis_row() -> list[Builder[model.Panel]]:
                     f"max by (pod) (rate(redis_rejected_connections_total{exporter}"
                     f"[{RATE_WINDOW}]))",
                     "rejected/s {{pod}}",
+                ),
+            ],
+        ),
+        graph(
+            "Redis up, replicas and evictions",
+            "up: the exporter reached Redis (1); replicas: connected to each master (fewer "
+            "than redis.cluster.replicasPerMaster: a replica is lost); evicted/s: keys Redis "
+            "deleted to make room, each one a task, result or stream lost.",
+            "short",
+            [
+                Query(f"min by (pod) (redis_up{exporter})", "up {{pod}}"),
+                Query(f"max by (pod) (redis_connected_slaves{exporter})", "replicas {{pod}}"),
+                Query(
+                    f"max by (pod) (rate(redis_evicted_keys_total{exporter}[{RATE_WINDOW}]))",
+                    "evicted/s {{pod}}",
                 ),
             ],
         ),
@@ -445,15 +475,11 @@ def workers_row() -> list[Builder[model.Panel]]:
         ),
         graph(
             "Redis errors",
-            "Failed Redis operations in the workers, by operation.",
+            "Failed Redis calls per second, by operation: api (a request), metrics (the "
+            "api's queue reading at scrape time) and the workers' read, start, finish, "
+            "keep_alive, maintenance and ensure_group.",
             "ops",
-            # The series only exists after a first error; show 0 rather than "No data".
-            [
-                Query(
-                    f"sum by (operation) ({rate('redis_errors_total')}) or vector(0)",
-                    "{{operation}}",
-                )
-            ],
+            [Query(f"sum by (operation) ({rate('redis_errors_total')})", "{{operation}}")],
         ),
     ]
 
@@ -502,7 +528,7 @@ ROWS = (
     ("Task latency: waiting and running", latency_row),
     ("Workers", workers_row),
     ("Scaling: is the autoscaler keeping up?", scaling_row),
-    ("Redis: memory, clients, persistence", redis_row),
+    ("Redis: memory, clients, replication, persistence", redis_row),
 )
 
 

@@ -32,8 +32,10 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 
 # One bucket set per histogram, each with a bucket at every threshold its SLO may choose
 # (values.schema.json offers only these for metrics.slo.queueWait.thresholdSeconds).
-# Requests end by 60 s: gunicorn's timeout kills anything longer.
-HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# Requests end by 60 s: gunicorn's timeout kills anything longer. A long-poll ends at its 30 s
+# wait, so buckets close around it tell a poll that timed out from a slow answer.
+HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30,
+                35, 45, 60)  # fmt: skip
 # A real backlog waits for minutes to hours; the p99 must not flatten at the top bucket.
 QUEUE_WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15, 30, 60, 120, 300, 600,
                       1200, 1800, 3600, 7200)  # fmt: skip
