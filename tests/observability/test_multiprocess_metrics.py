@@ -87,6 +87,9 @@ def test_requests_through_three_processes_are_counted_exactly_once(
                 break
 
         after = scrape(api.base_url)
+        # The process that answered describes itself, as a single-process api does.
+        assert after[("process_resident_memory_bytes", ())] > 0
+        assert after[("process_start_time_seconds", ())] > 0
         assert after[("fastapi_redis_mini_http_requests_total", labels)] == sent
         assert after[("fastapi_redis_mini_http_request_duration_seconds_count", labels)] == sent
         raw_paths = [labels for _, labels in after if any("/tasks/" in v and "{" not in v

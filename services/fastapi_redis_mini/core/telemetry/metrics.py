@@ -16,6 +16,7 @@ from prometheus_client import (
     REGISTRY,
     CollectorRegistry,
     Counter,
+    ProcessCollector,
     disable_created_metrics,
     generate_latest,
 )
@@ -112,6 +113,9 @@ def render(multiprocess_dir: str | None, extra: Collector | None = None) -> tupl
     if multiprocess_dir:
         registry = CollectorRegistry()
         _multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        # The merged files hold no process_* series: those describe one process, and the one
+        # that answers this scrape is the one at hand (the default registry has it already).
+        ProcessCollector(registry=registry)
     else:
         registry = REGISTRY
     output = generate_latest(registry)
