@@ -219,8 +219,8 @@ def api_row() -> list[Builder[model.Panel]]:
         ),
         graph(
             "p99 latency by route",
-            "Each route and method apart, probes and scrapes excluded. GET /tasks/{task_id} "
-            "includes long-polls (?wait=, up to 30 s), so it is no latency objective.",
+            "Each route and method apart, probes and scrapes excluded. Long-polls are the "
+            "route /tasks/{task_id}?wait: they take their wait (up to 30 s) on purpose.",
             "s",
             [
                 Query(

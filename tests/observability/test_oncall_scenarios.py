@@ -318,7 +318,7 @@ SCENARIOS = [
         ),
     ),
     Scenario(
-        "2% of reads failing for an hour pages on the read objective",
+        "2% of reads failing for an hour pages on the read objective, long-polls included",
         140,
         {
             **busy(),
@@ -328,7 +328,14 @@ SCENARIOS = [
                 method="GET",
                 route="/tasks/{task_id}",
                 status="500",
-            ): Counter(after(70, 0, 24)),
+            ): Counter(after(70, 0, 12)),
+            series(
+                "fastapi_redis_mini_http_requests_total",
+                pod="api-0",
+                method="GET",
+                route="/tasks/{task_id}?wait",
+                status="500",
+            ): Counter(after(70, 0, 12)),
         },
         (
             Check("80m"),
