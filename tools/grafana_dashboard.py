@@ -85,6 +85,10 @@ def queue_gauge(name: str) -> str:
     return f"max by (namespace, stream, group) ({metric(name)})"
 
 
+def partition_gauge(name: str) -> str:
+    return f"max by (namespace, partition) ({metric(name)})"
+
+
 def _targets(queries: Sequence[Query]) -> list[prometheus.Dataquery]:
     return [
         prometheus.Dataquery()
@@ -313,6 +317,30 @@ def queue_row() -> list[Builder[model.Panel]]:
                 Query(queue_gauge("retry_set_size"), "retries waiting"),
                 Query(queue_gauge("stream_consumers"), "consumers"),
                 Query(f"min({metric('redis_up')})", "redis up"),
+            ],
+            width=12,
+        ),
+        graph(
+            "Backlog per partition",
+            "With QUEUE_PARTITIONS above 1: lag and pending of each partition's stream. One "
+            "partition far above the others is a hot key or a stuck consumer.",
+            "short",
+            [
+                Query(partition_gauge("partition_stream_lag"), "lag {{partition}}"),
+                Query(partition_gauge("partition_stream_pending"), "pending {{partition}}"),
+            ],
+            width=12,
+        ),
+        graph(
+            "Oldest pending age per partition",
+            "The oldest entry handed out and not acknowledged, per partition: past an hour "
+            "FastapiRedisMiniPendingTaskStuck pages.",
+            "s",
+            [
+                Query(
+                    partition_gauge("partition_stream_oldest_pending_age_seconds"),
+                    "{{partition}}",
+                )
             ],
             width=12,
         ),
