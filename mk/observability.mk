@@ -7,9 +7,12 @@ ALERT_RULES := charts/fastapi-redis-mini/files/prometheus/rules.yaml
 dashboards: $(VENV)/.synced ## Regenerate the Grafana overview dashboard JSON from tools/grafana_dashboard.py
 	$(BIN)/python tools/grafana_dashboard.py --output $(DASHBOARD_JSON)
 
-rules-test: ## Check the Prometheus alert rules and run their promtool unit tests
+rules-test: $(VENV)/.synced ## Check and lint the alert rules, run their promtool tests and the on-call scenarios, check the Alertmanager example
 	promtool check rules $(ALERT_RULES)
 	promtool test rules tests/observability/rules_test.yaml
+	amtool check-config k8s/alertmanager.yaml
+	$(BIN)/pytest -q tests/observability/test_rules.py tests/observability/test_rules_lint.py \
+		tests/observability/test_oncall_scenarios.py
 
 observability-test: $(VENV)/.synced ## Run the observability tests (real Prometheus, api and worker)
 	$(BIN)/pytest tests/observability

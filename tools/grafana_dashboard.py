@@ -85,6 +85,10 @@ def queue_gauge(name: str) -> str:
     return f"max by (namespace, stream, group) ({metric(name)})"
 
 
+def partition_gauge(name: str) -> str:
+    return f"max by (namespace, partition) ({metric(name)})"
+
+
 def _targets(queries: Sequence[Query]) -> list[prometheus.Dataquery]:
     return [
         prometheus.Dataquery()
@@ -219,8 +223,8 @@ def api_row() -> list[Builder[model.Panel]]:
         ),
         graph(
             "p99 latency by route",
-            "Each route and method apart, probes and scrapes excluded. GET /tasks/{task_id} "
-            "includes long-polls (?wait=, up to 30 s), so it is no latency objective.",
+            "Each route and method apart, probes and scrapes excluded. Long-polls are the "
+            "route /tasks/{task_id}?wait: they take their wait (up to 30 s) on purpose.",
             "s",
             [
                 Query(
@@ -317,6 +321,30 @@ def queue_row() -> list[Builder[model.Panel]]:
             ],
             width=12,
         ),
+        graph(
+            "Backlog per partition",
+            "With QUEUE_PARTITIONS above 1: lag and pending of each partition's stream. One "
+            "partition far above the others is a hot key or a stuck consumer.",
+            "short",
+            [
+                Query(partition_gauge("partition_stream_lag"), "lag {{partition}}"),
+                Query(partition_gauge("partition_stream_pending"), "pending {{partition}}"),
+            ],
+            width=12,
+        ),
+        graph(
+            "Oldest pending age per partition",
+            "The oldest entry handed out and not acknowledged, per partition: past an hour "
+            "FastapiRedisMiniPendingTaskStuck pages.",
+            "s",
+            [
+                Query(
+                    partition_gauge("partition_stream_oldest_pending_age_seconds"),
+                    "{{partition}}",
+                )
+            ],
+            width=12,
+        ),
     ]
 
 
@@ -331,7 +359,22 @@ def slo_row() -> list[Builder[model.Panel]]:
             "(FAILED among DONE and FAILED).",
             "percentunit",
             [Query(f"max by (slo) ({ratio})", "{{slo}}")],
-            width=12,
+            width=8,
+        ),
+        graph(
+            "Error budget remaining (30 d)",
+            "Share of each objective's 30-day error budget not yet spent: 1 minus the mean "
+            "hourly error ratio over 30 days (each hour weighs the same, however busy) over "
+            "the budget. Below 0 the objective is missed.",
+            "percentunit",
+            [
+                Query(
+                    f"max by (slo) (1 - avg_over_time({ratio}[30d]) "
+                    f"/ on (namespace, release, slo) (1 - {objective}))",
+                    "{{slo}}",
+                )
+            ],
+            width=8,
         ),
         graph(
             "Error budget burn rate (1 h)",
@@ -344,7 +387,7 @@ def slo_row() -> list[Builder[model.Panel]]:
                     "{{slo}}",
                 )
             ],
-            width=12,
+            width=8,
         ),
     ]
 
@@ -380,6 +423,21 @@ def redis_row() -> list[Builder[model.Panel]]:
                     f"max by (pod) (rate(redis_rejected_connections_total{exporter}"
                     f"[{RATE_WINDOW}]))",
                     "rejected/s {{pod}}",
+                ),
+            ],
+        ),
+        graph(
+            "Redis up, replicas and evictions",
+            "up: the exporter reached Redis (1); replicas: connected to each master (fewer "
+            "than redis.cluster.replicasPerMaster: a replica is lost); evicted/s: keys Redis "
+            "deleted to make room, each one a task, result or stream lost.",
+            "short",
+            [
+                Query(f"min by (pod) (redis_up{exporter})", "up {{pod}}"),
+                Query(f"max by (pod) (redis_connected_slaves{exporter})", "replicas {{pod}}"),
+                Query(
+                    f"max by (pod) (rate(redis_evicted_keys_total{exporter}[{RATE_WINDOW}]))",
+                    "evicted/s {{pod}}",
                 ),
             ],
         ),
@@ -446,15 +504,11 @@ def workers_row() -> list[Builder[model.Panel]]:
         ),
         graph(
             "Redis errors",
-            "Failed Redis operations in the workers, by operation.",
+            "Failed Redis calls per second, by operation: api (a request), metrics (the "
+            "api's queue reading at scrape time) and the workers' read, start, finish, "
+            "keep_alive, maintenance and ensure_group.",
             "ops",
-            # The series only exists after a first error; show 0 rather than "No data".
-            [
-                Query(
-                    f"sum by (operation) ({rate('redis_errors_total')}) or vector(0)",
-                    "{{operation}}",
-                )
-            ],
+            [Query(f"sum by (operation) ({rate('redis_errors_total')})", "{{operation}}")],
         ),
     ]
 
@@ -503,7 +557,7 @@ ROWS = (
     ("Task latency: waiting and running", latency_row),
     ("Workers", workers_row),
     ("Scaling: is the autoscaler keeping up?", scaling_row),
-    ("Redis: memory, clients, persistence", redis_row),
+    ("Redis: memory, clients, replication, persistence", redis_row),
 )
 
 

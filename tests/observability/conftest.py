@@ -1,4 +1,4 @@
-"""Fixtures for the observability tests: Debian's prometheus and promtool binaries."""
+"""Fixtures for the observability tests: Debian's prometheus, promtool and amtool binaries."""
 
 from __future__ import annotations
 
@@ -20,3 +20,8 @@ def prometheus_binary() -> str:
 @pytest.fixture(scope="session")
 def redis_exporter_binary() -> str:
     return require_tool("prometheus-redis-exporter", "prometheus-redis-exporter")
+
+
+@pytest.fixture(scope="session")
+def amtool() -> str:
+    return require_tool("amtool", "prometheus-alertmanager")

@@ -44,6 +44,10 @@ API_REPLICAS = 2
 ROUND_PAUSE = 3.0
 
 
+# Two partitions, so the per-partition gauges and panels have data.
+QUEUE_PARTITIONS = "2"
+
+
 def start_fast_worker(redis_url: str, metrics_port: int) -> Process:
     """A worker whose failing tasks reach FAILED, after one retry, within the test."""
     worker = start_worker(
@@ -51,6 +55,7 @@ def start_fast_worker(redis_url: str, metrics_port: int) -> Process:
         metrics_port=metrics_port,
         wait=False,
         MAX_RETRIES="1",
+        QUEUE_PARTITIONS=QUEUE_PARTITIONS,
         RETRY_BACKOFF="0.05",
         RETRY_BACKOFF_MAX="0.1",
     )
@@ -126,6 +131,7 @@ def stack(
                 wait=False,
                 WEB_CONCURRENCY="2",
                 PROMETHEUS_MULTIPROC_DIR=str(metrics_dir),
+                QUEUE_PARTITIONS=QUEUE_PARTITIONS,
             )
             started.append(api)
             ready(api, "/readyz")

@@ -51,12 +51,20 @@ def test_alerts_fire_exactly_as_the_unit_tests_expect(promtool: str) -> None:
 
 
 def test_every_alert_has_a_firing_unit_test() -> None:
+    from . import _oncall
+    from .test_oncall_scenarios import ALL
+
     alerts = {rule["alert"] for rule in alert_rules()}
     fired = {
         check["alertname"]
         for case in unit_tests()
         for check in case.get("alert_rule_test", [])
         if check.get("exp_alerts")
+    } | {
+        _oncall.PREFIX + a.name
+        for scenario in ALL
+        for check in scenario.checks
+        for a in (*check.pages, *check.warnings)
     }
     assert alerts, "no alerts found in the rules file"
     assert alerts <= fired, f"alerts no promtool case sees firing: {sorted(alerts - fired)}"
@@ -79,8 +87,51 @@ def test_every_alert_links_a_runbook_anchor_that_exists_in_the_docs() -> None:
 
 
 def test_every_alert_has_a_row_in_the_docs() -> None:
-    rows = set(re.findall(r"^\| <a id=\"[a-z0-9-]+\"></a>`(\w+)`", DOC.read_text(), re.M))
+    rows = set(re.findall(r"^\| \[`(\w+)`\]\(#alert-[a-z0-9-]+\)", DOC.read_text(), re.M))
     assert rows == {rule["alert"] for rule in alert_rules()}
+
+
+def test_every_alert_has_a_runbook_with_meaning_impact_diagnosis_and_mitigation() -> None:
+    text = DOC.read_text(encoding="utf-8")
+    sections = {
+        name: (severity, body)
+        for name, severity, body in re.findall(
+            r'^### <a id="[a-z0-9-]+"></a>`(\w+)` \((\w+)\)\n(.*?)(?=^#)', text, re.M | re.S
+        )
+    }
+    for rule in alert_rules():
+        severity, body = sections.get(rule["alert"], ("", ""))
+        assert severity == rule["labels"]["severity"], rule["alert"]
+        for part in ("Meaning", "Impact", "Diagnosis", "Mitigation"):
+            assert f"- **{part}:** " in body, (rule["alert"], part)
+
+
+def test_the_chart_links_each_alert_to_its_runbook_and_dashboard_absolutely(
+    tmp_path: Path,
+) -> None:
+    rules = yaml.safe_load(
+        chart_rules(
+            tmp_path,
+            {
+                "metrics": {
+                    "prometheusRule": {
+                        "runbookBaseUrl": "https://git.example/frm/blob/main/",
+                        "dashboardBaseUrl": "https://grafana.example/",
+                    }
+                }
+            },
+            release="shop",
+        ).read_text()
+    )
+    alerts = [r for g in rules["groups"] for r in g["rules"] if "alert" in r]
+    assert alerts
+    for rule in alerts:
+        notes = rule["annotations"]
+        assert notes["runbook_url"].startswith("https://git.example/frm/blob/main/docs/"), notes
+        assert notes["dashboard_url"] == (
+            "https://grafana.example/d/fastapi-redis-mini-overview"
+            "?var-namespace={{ $labels.namespace }}&var-release={{ $labels.release }}"
+        )
 
 
 def chart_rules(tmp_path: Path, values: helm.Values, release: str) -> Path:
@@ -141,7 +192,8 @@ def test_the_chart_renders_thresholds_the_alerts_read(promtool: str, tmp_path: P
                                     "group": "g",
                                 },
                                 "exp_annotations": {
-                                    "summary": "Backlog of s is 450, above 80% of maxBacklog",
+                                    "summary": f"{helm.NAMESPACE}/shop: Backlog of s is 450, "
+                                    "above 80% of maxBacklog",
                                     "description": f"{helm.NAMESPACE}/shop has held a backlog "
                                     "above 80% of api.maxBacklog for 10 minutes; at the limit, "
                                     "submits are refused with 429.",
@@ -197,6 +249,32 @@ def test_each_allowed_queue_wait_threshold_names_a_bucket_as_the_worker_writes_i
         for group in rules["groups"]
         for rule in group["rules"]
         if rule.get("record") == "fastapi_redis_mini:slo_queue_wait_threshold_seconds"
+    ]
+    assert record["labels"]["le"] == floatToGoString(threshold)  # type: ignore[no-untyped-call]
+
+
+@pytest.mark.parametrize("threshold", [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10])
+def test_each_allowed_api_latency_threshold_names_a_bucket_as_the_api_writes_it(
+    threshold: float, tmp_path: Path
+) -> None:
+    import json
+
+    from fastapi_redis_mini.core.telemetry.metrics import HTTP_BUCKETS
+
+    schema = json.loads(SCHEMA.read_text())
+    slo = schema["properties"]["metrics"]["properties"]["slo"]["properties"]
+    assert threshold in slo["apiLatency"]["properties"]["thresholdSeconds"]["enum"]
+    assert threshold in HTTP_BUCKETS
+    rules = yaml.safe_load(
+        chart_rules(
+            tmp_path, {"metrics": {"slo": {"apiLatency": {"thresholdSeconds": threshold}}}}, "r"
+        ).read_text()
+    )
+    (record,) = [
+        rule
+        for group in rules["groups"]
+        for rule in group["rules"]
+        if rule.get("record") == "fastapi_redis_mini:slo_api_latency_threshold_seconds"
     ]
     assert record["labels"]["le"] == floatToGoString(threshold)  # type: ignore[no-untyped-call]
 

@@ -43,6 +43,8 @@ class MetricsMiddleware:
             # A Mount puts the app it hands the request to in the scope as its endpoint.
             if not isinstance(scope.get("endpoint"), StaticFiles):
                 route = getattr(scope.get("route"), "path", "unmatched")
+                # A route may set a suffix (request.state) to count a kind of request apart.
+                route += scope.get("state", {}).get("metrics_route_suffix", "")
                 self._record(scope["method"], route, status, started)
 
     def _record(self, method: str, route: str, status: int, started: float) -> None:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from ..core.models import TaskStatus
 from ..core.telemetry.metrics import (
     END_TO_END_BUCKETS,
     NAMESPACE,
     QUEUE_WAIT_BUCKETS,
     RUN_BUCKETS,
+    redis_errors,
 )
 
 tasks_finished = Counter(
@@ -29,8 +31,12 @@ task_end_to_end = Histogram(
     namespace=NAMESPACE,
     buckets=END_TO_END_BUCKETS,
 )
+# livesum: a process that exited no longer counts its tasks as running.
 tasks_in_flight = Gauge(
-    "tasks_in_flight", "Tasks this worker is running.", namespace=NAMESPACE, multiprocess_mode="sum"
+    "tasks_in_flight",
+    "Tasks this worker is running.",
+    namespace=NAMESPACE,
+    multiprocess_mode="livesum",
 )
 worker_concurrency_limit = Gauge(
     "worker_concurrency_limit",
@@ -70,3 +76,13 @@ batch_wait = Histogram(
     namespace=NAMESPACE,
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
 )
+
+# Every labelled series exists at 0 from the first scrape: a counter whose first sample is
+# already 1 hides that increment from rate() and increase(), so the first failure of a fresh
+# worker would never reach the alerts.
+for _status in TaskStatus:
+    if _status.is_final:
+        tasks_finished.labels(_status.value)
+REDIS_OPERATIONS = ("ensure_group", "start", "read", "finish", "keep_alive", "maintenance")
+for _operation in REDIS_OPERATIONS:
+    redis_errors.labels(_operation)

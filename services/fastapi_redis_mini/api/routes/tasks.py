@@ -200,6 +200,9 @@ async def get_task(request: Request) -> Response:
     state = api_state(request)
     task_id: str = request.path_params["task_id"]
     wait = _wait_seconds(request)
+    if wait:
+        # Counted and timed apart: a long-poll takes its wait on purpose.
+        request.state.metrics_route_suffix = metrics.LONG_POLL_SUFFIX
     scope = tenant_of(request, state.api_keys)
     if not is_task_id(task_id):
         raise TaskNotFoundError()

@@ -16,6 +16,7 @@ from prometheus_client import (
     REGISTRY,
     CollectorRegistry,
     Counter,
+    ProcessCollector,
     disable_created_metrics,
     generate_latest,
 )
@@ -32,8 +33,10 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 
 # One bucket set per histogram, each with a bucket at every threshold its SLO may choose
 # (values.schema.json offers only these for metrics.slo.queueWait.thresholdSeconds).
-# Requests end by 60 s: gunicorn's timeout kills anything longer.
-HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# Requests end by 60 s: gunicorn's timeout kills anything longer. A long-poll ends at its 30 s
+# wait, so buckets close around it tell a poll that timed out from a slow answer.
+HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30,
+                35, 45, 60)  # fmt: skip
 # A real backlog waits for minutes to hours; the p99 must not flatten at the top bucket.
 QUEUE_WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15, 30, 60, 120, 300, 600,
                       1200, 1800, 3600, 7200)  # fmt: skip
@@ -110,6 +113,9 @@ def render(multiprocess_dir: str | None, extra: Collector | None = None) -> tupl
     if multiprocess_dir:
         registry = CollectorRegistry()
         _multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        # The merged files hold no process_* series: those describe one process, and the one
+        # that answers this scrape is the one at hand (the default registry has it already).
+        ProcessCollector(registry=registry)
     else:
         registry = REGISTRY
     output = generate_latest(registry)
