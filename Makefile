@@ -32,11 +32,11 @@ run: setup ## Start api, worker and an embedded Valkey (or the server at REDIS_U
 FAST_TESTS := tests/core tests/api tests/worker tests/client tests/observability tests/test_admin.py
 
 # The suite runs in TEST_WORKERS processes (pytest-xdist): most tests wait on servers and
-# subprocesses, so six share two cores well. Every server a test starts takes a free port.
+# subprocesses, so four share two cores well. Every server a test starts takes a free port.
 # Tests that share a machine-wide resource run in one process (tests/conftest.py groups them);
 # tests marked `serial` run afterwards, with nothing beside them. `TEST_WORKERS=0` runs all
 # in this process.
-TEST_WORKERS ?= 6
+TEST_WORKERS ?= 4
 XDIST = -n $(TEST_WORKERS) --dist loadgroup
 # pytest exits 5 when a marker selects no test: a phase with nothing to run has passed.
 NONE_SELECTED_IS_FINE = || [ $$? -eq 5 ]
