@@ -16,6 +16,7 @@ import os
 import random
 import shutil
 import subprocess
+from collections.abc import Collection
 from functools import partial
 from pathlib import Path
 
@@ -36,6 +37,8 @@ CLUSTER_ARGS = [
     "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
 ]  # fmt: skip
 SLOTS = 16384
+# Starts of one node on a fresh port pair, when a port was taken between pick and bind.
+START_ATTEMPTS = 5
 # `redis-cli --cluster create` refuses a cluster of fewer masters.
 CLI_MIN_MASTERS = 3
 
@@ -47,15 +50,36 @@ def redis_cli() -> str:
     return found
 
 
-def cluster_ports(count: int) -> list[int]:
+def _own_range() -> range:
+    """This test process's share of PORT_RANGE.
+
+    pytest-xdist runs several processes, and each may start a cluster at the same moment:
+    ports checked free by one can be taken by another before its servers bind them. Disjoint
+    shares rule that out between the processes of one run; `start_nodes` retries what is left
+    (another run on the same machine).
+    """
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or "1")
+    if not worker.startswith("gw") or count <= 1:
+        return PORT_RANGE
+    index = int(worker[2:]) % count
+    size = len(PORT_RANGE) // count
+    start = PORT_RANGE.start + index * size
+    return range(start, start + size)
+
+
+def cluster_ports(count: int, *, avoid: Collection[int] = ()) -> list[int]:
     """`count` distinct node ports whose own port and bus port are both free now."""
+    share = _own_range()
     chosen: list[int] = []
-    for port in random.sample(PORT_RANGE, len(PORT_RANGE)):
+    for port in random.sample(share, len(share)):
+        if port in avoid:
+            continue
         if bindable(port) and bindable(port + BUS_PORT_OFFSET):
             chosen.append(port)
             if len(chosen) == count:
                 return chosen
-    raise RuntimeError(f"no {count} free port pairs in {PORT_RANGE}")
+    raise RuntimeError(f"no {count} free port pairs in {share}")
 
 
 def _knows(client: redis.Redis, node_id: str) -> bool:
@@ -105,7 +129,21 @@ class RedisCluster:
 
     def start_nodes(self) -> None:
         for node in self.nodes:
-            node.start()
+            self._start_node(node)
+
+    def _start_node(self, node: RedisServer) -> None:
+        """Start one node; when its port (or bus port) was taken since it was picked, by a
+        process outside this cluster, start it again on another free pair."""
+        for attempt in range(START_ATTEMPTS):
+            try:
+                node.start()
+                return
+            except RuntimeError as error:
+                if "already in use" not in str(error) or attempt == START_ATTEMPTS - 1:
+                    raise
+            node.stop()
+            taken = {other.port for other in self.nodes}
+            node.port = cluster_ports(1, avoid=taken)[0]
 
     def create(self, timeout: float = 60.0) -> None:
         """Join the nodes with `redis-cli --cluster create`, then wait until all agree.

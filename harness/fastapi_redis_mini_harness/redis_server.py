@@ -112,7 +112,7 @@ class RedisServer:
                     return bool(client.info("server")["process_id"] == process.pid)
                 except redis.BusyLoadingError:  # a ConnectionError too: check it first
                     return not until_loaded
-                except redis.ConnectionError:
+                except (redis.ConnectionError, redis.TimeoutError):
                     return False
 
             poll(answers, timeout, 0.05, f"{self.binary} did not answer on port {self.port}")

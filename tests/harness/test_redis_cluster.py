@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 import redis
 from redis.cluster import RedisCluster as ClusterClient
 
-from fastapi_redis_mini_harness.redis_cluster import BUS_PORT_OFFSET, RedisCluster, cluster_info
+from fastapi_redis_mini_harness.redis_cluster import (
+    BUS_PORT_OFFSET,
+    RedisCluster,
+    cluster_info,
+    cluster_ports,
+)
 
 pytestmark = pytest.mark.slow  # six server processes
 
@@ -83,3 +90,37 @@ def test_a_cluster_of_one_master_serves_every_slot_and_takes_a_replica() -> None
             follower.close()
     finally:
         cluster.close()
+
+
+def test_a_node_whose_ports_were_taken_after_the_pick_starts_on_another_pair() -> None:
+    """Ports are checked free, then bound later: a process outside the cluster can take one
+    in between. The node must start on a new pair, and never take the intruder for itself."""
+    cluster = RedisCluster()
+    picked = [node.port for node in cluster.nodes]
+    with socket.socket() as on_port, socket.socket() as on_bus:
+        # Bound, not listening: the port cannot be bound again, and a connection is refused.
+        on_port.bind(("127.0.0.1", picked[0]))
+        on_bus.bind(("127.0.0.1", picked[1] + BUS_PORT_OFFSET))
+        try:
+            cluster.start()
+            started = [node.port for node in cluster.nodes]
+            assert started[0] != picked[0]
+            assert started[1] != picked[1]
+            assert started[2:] == picked[2:]
+            with cluster.nodes[0].client() as client:
+                assert cluster_info(client)["cluster_state"] == "ok"
+        finally:
+            cluster.close()
+
+
+def test_each_test_process_picks_cluster_ports_from_its_own_share(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    shares = []
+    for index in range(4):
+        monkeypatch.setenv("PYTEST_XDIST_WORKER", f"gw{index}")
+        monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "4")
+        shares.append(set(cluster_ports(6)))
+    for index, share in enumerate(shares):
+        for other in shares[index + 1 :]:
+            assert not share & other
