@@ -373,10 +373,11 @@ def git_revision() -> str:
     return proc.stdout.strip() or "unknown"
 
 
-def build_image(target: str, *, base_image: str, tag: str) -> BuiltImage:
+def build_image(target: str, *, base_image: str, tag: str, extras: str = "") -> BuiltImage:
     """Build one target of services/Dockerfile exactly as `make images` does."""
     started = time.monotonic()
     revision = git_revision()
+    extra_args = ["--build-arg", f"EXTRAS={extras}"] if extras else []
     run_command(
         [
             "docker",
@@ -391,6 +392,7 @@ def build_image(target: str, *, base_image: str, tag: str) -> BuiltImage:
             f"PYTHON_IMAGE={base_image}",
             "--build-arg",
             f"REVISION={revision}",
+            *extra_args,
             "--tag",
             tag,
             str(REPO_ROOT),
@@ -416,6 +418,17 @@ def project_images() -> dict[str, BuiltImage]:
             image = f"fastapi-redis-mini-{target}:{tag}"
             _built_images[target] = build_image(target, base_image=base, tag=image)
     return dict(_built_images)
+
+
+def embed_worker_image() -> BuiltImage:
+    """The worker image with the `embed` extra (the model and numpy), built once per run."""
+    key = "worker+embed"
+    if key not in _built_images:
+        tag = f"fastapi-redis-mini-worker:test-{git_revision()[:12]}-embed"
+        _built_images[key] = build_image(
+            "worker", base_image=python_base_image(), tag=tag, extras="embed"
+        )
+    return _built_images[key]
 
 
 # --- containers ---------------------------------------------------------------------------
@@ -498,9 +511,10 @@ def run_once(
     entrypoint: str | None = None,
     user: str = IMAGE_USER,
     timeout: float = DOCKER_TIMEOUT,
+    network: str = "host",
 ) -> subprocess.CompletedProcess[str]:
     """`docker run --rm` to completion, hardened like start_container(); does not check."""
-    args = ["docker", "run", "--rm", "--network", "host", "--user", user, "--read-only"]
+    args = ["docker", "run", "--rm", "--network", network, "--user", user, "--read-only"]
     args += ["--tmpfs", "/tmp"]
     if entrypoint is not None:
         args += ["--entrypoint", entrypoint]
