@@ -442,6 +442,23 @@ def redis_row() -> list[Builder[model.Panel]]:
             ],
         ),
         graph(
+            "Redis Cluster state and slots",
+            "Cluster mode only. state: 1 while the node reports cluster_state:ok, 0 once it "
+            "has slots without a reachable master (writes and reads to those slots fail); "
+            "slots failing: slots whose master is marked failed (fail) or suspected (pfail) "
+            "by this node. Both stay flat in standalone mode.",
+            "short",
+            [
+                Query(f"min by (pod) (redis_cluster_state{exporter})", "state {{pod}}"),
+                Query(
+                    f"max by (pod) (redis_cluster_slots_fail{exporter} "
+                    f"+ redis_cluster_slots_pfail{exporter})",
+                    "slots failing {{pod}}",
+                ),
+                Query(f"min by (pod) (redis_cluster_known_nodes{exporter})", "known nodes {{pod}}"),
+            ],
+        ),
+        graph(
             "Redis keys and persistence",
             "Keys per database (tasks, cached results, idempotency keys); the last "
             "append-only-file write: 1 ok, 0 failed (Redis then refuses writes).",
