@@ -48,6 +48,17 @@ class SlotRouting:
     slots_unknown: bool
     _durable_wait: tuple[str | int, ...] | None
 
+    def _witness(self, key: str) -> tuple[str | int, ...]:
+        """A write to send right before DURABLE_ACKS' wait, in the partition of `key`.
+
+        WAIT and WAITAOF confirm the writes of their own connection up to its last one. A
+        script that wrote nothing (a retry that finds its own earlier write, sent on another
+        connection and never confirmed) would be confirmed at once; this write comes after
+        every earlier one on its master, so its confirmation covers them all.
+        """
+        partition = next(k for k in self.partitions.all if key.startswith(k.prefix))
+        return ("SET", partition.probe, "1", "PX", 10_000)
+
     async def _call(self, script: AsyncScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """Run a script that records work acknowledged to someone; with DURABLE_ACKS, return
         only once the server confirms its writes reached the disk, or a replica.
@@ -63,13 +74,14 @@ class SlotRouting:
         for _ in range(2):
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.evalsha(script.sha, len(keys), *keys, *args)
+                pipe.execute_command(*self._witness(keys[0]))
                 pipe.execute_command(*self._durable_wait)
-                reply, confirmed = await pipe.execute(raise_on_error=False)
+                reply, witnessed, confirmed = await pipe.execute(raise_on_error=False)
             if isinstance(reply, NoScriptError):
                 # Redis lost its scripts (a restart): the script did not run; load it, again.
                 await self.redis.script_load(script.script)
                 continue
-            for value in (reply, confirmed):
+            for value in (reply, witnessed, confirmed):
                 if isinstance(value, Exception):
                     raise value
             check_confirmed(self.settings, confirmed)
@@ -94,12 +106,13 @@ class SlotRouting:
             node: ClusterNode = cluster.get_node_from_key(keys[0])  # type: ignore[assignment]
             commands = [
                 PipelineCommand(0, "EVALSHA", script.sha, len(keys), *keys, *args),
-                PipelineCommand(1, *self._durable_wait),
+                PipelineCommand(1, *self._witness(keys[0])),
+                PipelineCommand(2, *self._durable_wait),
             ]
             if load:
                 commands.insert(0, PipelineCommand(0, "SCRIPT", "LOAD", script.script))
             await _pipeline_on(cluster, node, commands)
-            reply, confirmed = commands[-2].result, commands[-1].result
+            reply, confirmed = commands[-3].result, commands[-1].result
             if isinstance(reply, NoScriptError):
                 load = True  # this master lost its scripts: a restart, or a promoted replica
                 continue
@@ -109,7 +122,7 @@ class SlotRouting:
             if isinstance(reply, AskError):
                 # A resharding moves the slot: the keys are split between two masters.
                 raise QueueBusy(QueueState.TRY_AGAIN, f"slot {reply.slot_id} is being moved")
-            for value in (*(c.result for c in commands[:-2]), reply, confirmed):
+            for value in (*(c.result for c in commands[:-3]), commands[-2].result, confirmed):
                 if isinstance(value, Exception):
                     raise value
             check_confirmed(self.settings, confirmed)
@@ -181,9 +194,13 @@ class SlotRouting:
                     # EVALSHA by name: a cluster pipeline refuses its evalsha() method.
                     pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
                 if wait is not None:
+                    pipe.execute_command(*self._witness(calls[0][0][0]))
                     pipe.execute_command(*wait)
                 answers = await self._execute(pipe, raise_on_error=False)
             confirmed = answers.pop() if wait is not None else None
+            witnessed = answers.pop() if wait is not None else None
+            if isinstance(witnessed, Exception):
+                raise witnessed
             missing = []
             for i, answer in zip(todo, answers, strict=True):
                 if isinstance(answer, NoScriptError):
@@ -254,6 +271,7 @@ class SlotRouting:
                 if node.name in load_on:
                     commands.insert(0, PipelineCommand(-1, "SCRIPT", "LOAD", script.script))
                 if wait is not None:
+                    commands.append(PipelineCommand(-1, *self._witness(calls[positions[0]][0][0])))
                     commands.append(PipelineCommand(-1, *wait))
                 await _pipeline_on(cluster, node, commands)
                 return commands
@@ -273,7 +291,10 @@ class SlotRouting:
                 unconfirmed: Exception | None = None
                 if wait is not None:
                     confirmed = result.pop().result
-                    if isinstance(confirmed, Exception):
+                    witnessed = result.pop().result
+                    if isinstance(witnessed, Exception):
+                        unconfirmed = witnessed
+                    elif isinstance(confirmed, Exception):
                         unconfirmed = confirmed
                     else:
                         try:
