@@ -31,6 +31,7 @@ class _Partition:
     refusing_since: float | None = None  # None while it takes outcomes
     failures: int = 0  # refusals in a row
     retry_at: float = 0.0
+    retrying: bool = False  # its retry is on its way
 
 
 class Outbox:
@@ -63,24 +64,35 @@ class Outbox:
         return sum(len(p.waiting) for p in self._partitions if p.refusing_since is not None)
 
     def due(self, limit: int) -> list[Finish]:
-        """Up to `limit` outcomes to send now, the oldest of each partition first: every
-        partition that takes outcomes, and a refusing one only once its backoff is over."""
-        now = self._clock()
+        """Up to `limit` outcomes of the partitions that take them, the oldest first."""
         batch: list[Finish] = []
         for partition in self._partitions:
-            if partition.refusing_since is not None and partition.retry_at > now:
-                continue
-            batch += partition.waiting[: limit - len(batch)]
-            if len(batch) >= limit:
-                break
+            if partition.refusing_since is None:
+                batch += partition.waiting[: limit - len(batch)]
+                if len(batch) >= limit:
+                    break
         return batch
+
+    def retries_due(self, limit: int) -> list[list[Finish]]:
+        """A batch per refusing partition whose backoff is over, to be sent on its own so
+        that its wait (a DURABLE_ACK_TIMEOUT, say) holds up no other partition's outcomes.
+        Each is marked as on its way until written() or refused() says how it went."""
+        now = self._clock()
+        batches = []
+        for partition in self._partitions:
+            if partition.refusing_since is None or partition.retrying:
+                continue
+            if partition.waiting and partition.retry_at <= now:
+                partition.retrying = True
+                batches.append(partition.waiting[:limit])
+        return batches
 
     def next_retry_in(self) -> float | None:
         """Seconds until a refusing partition's outcomes are due again; None when none wait."""
         waits = [
             p.retry_at - self._clock()
             for p in self._partitions
-            if p.refusing_since is not None and p.waiting
+            if p.refusing_since is not None and p.waiting and not p.retrying
         ]
         return max(0.0, min(waits)) if waits else None
 
@@ -102,6 +114,7 @@ class Outbox:
                 metrics.partition_writable.labels(str(index)).set(1)
             partition.refusing_since = None
             partition.failures = 0
+            partition.retrying = False
 
     def refused(self, partitions: Collection[int], reason: object) -> None:
         """These partitions refused their outcomes: they wait, and are retried on a backoff."""
@@ -118,6 +131,7 @@ class Outbox:
                 )  # fmt: skip
                 metrics.partition_writable.labels(str(index)).set(0)
             partition.failures += 1
+            partition.retrying = False
             ceiling = min(_BACKOFF_CAP, _BACKOFF_BASE * 2**partition.failures)
             partition.retry_at = now + random.uniform(ceiling / 2, ceiling)
 

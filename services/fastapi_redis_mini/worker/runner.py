@@ -98,6 +98,10 @@ class Worker:
         self._phases = [0] * len(Phase)  # how many records are in each phase
         # Outcomes waiting to be written, per partition (see _outbox.py).
         self._outbox = Outbox(queue.partition_count, queue.partition_of)
+        # Tasks whose outcome was sent in a call that then failed: the script may have run
+        # (a durable wait that timed out, a reply lost on the way back). If the retry finds
+        # such a task final, that is this worker's own write, and it is counted as written.
+        self._unsure: set[str] = set()
         self._stopping = asyncio.Event()
         self._closed = asyncio.Event()  # set once draining is over: the helper loops end
         self._slot_free = asyncio.Event()
@@ -421,49 +425,61 @@ class Worker:
     # -- writing outcomes
 
     async def _flush_loop(self) -> None:
-        # Tasks whose outcome was sent in a call that then failed: the script may have run
-        # (a durable wait that timed out, a reply lost on the way back). If the retry finds
-        # such a task final, that is this worker's own write, and it is counted as written.
-        unsure: set[str] = set()
-        while True:
-            await _first(
-                self._flush_needed.wait(), self._closed.wait(), at_most=self._outbox.next_retry_in()
-            )
-            if self._closed.is_set():
-                return
-            self._flush_needed.clear()
-            while batch := self._outbox.due(_FINISH_BATCH):
-                try:
-                    verdicts = await self.queue.finish(self.consumer, batch)
-                except QueueUnavailable as error:
-                    # The outcomes stay buffered and their entries unacknowledged: nothing is
-                    # lost, and a worker that dies meanwhile leaves them to be reclaimed. Only
-                    # the partitions that refused wait; the others' outcomes are written.
-                    redis_errors.labels("finish").inc()
-                    if isinstance(error, PartitionsUnavailable):
-                        written = [
-                            (f, v)
-                            for f, v in zip(batch, error.partial, strict=True)
-                            if v is not None
-                        ]
-                        refused: Sequence[Finish] = [
-                            f for f, v in zip(batch, error.partial, strict=True) if v is None
-                        ]
-                        self._outbox.written(f for f, _ in written)
-                        self._record([f for f, _ in written], [v for _, v in written], unsure)
-                        refusing = set(error.failed)
-                    else:
-                        refused = batch
-                        refusing = self._outbox.partitions_of(batch)
-                    unsure.update(f.job.task_id for f in refused)
-                    self._outbox.refused(refusing, error)
-                    continue
-                self._outbox.written(batch)
-                self._record(batch, verdicts, unsure)
+        retries: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                await _first(
+                    self._flush_needed.wait(),
+                    self._closed.wait(),
+                    at_most=self._outbox.next_retry_in(),
+                )
+                if self._closed.is_set():
+                    return
+                self._flush_needed.clear()
+                # A refusing partition's retry runs beside the others' flushes, never in them.
+                for batch in self._outbox.retries_due(_FINISH_BATCH):
+                    retry = asyncio.create_task(self._flush(batch))
+                    retries.add(retry)
+                    retry.add_done_callback(self._retry_ended)
+                    retry.add_done_callback(retries.discard)
+                while batch := self._outbox.due(_FINISH_BATCH):
+                    await self._flush(batch)
+        finally:
+            for retry in retries:
+                retry.cancel()
 
-    def _record(
-        self, batch: Sequence[Finish], verdicts: Sequence[FinishVerdict], unsure: set[str]
-    ) -> None:
+    def _retry_ended(self, retry: asyncio.Task[None]) -> None:
+        if not retry.cancelled() and retry.exception() is not None:
+            error = retry.exception()
+            self.fail(f"a retry of outcomes ended with {type(error).__name__}: {error}", error)
+
+    async def _flush(self, batch: Sequence[Finish]) -> None:
+        """Write one batch of outcomes; what a partition refuses waits in the outbox."""
+        try:
+            verdicts = await self.queue.finish(self.consumer, batch)
+        except QueueUnavailable as error:
+            # The outcomes stay buffered and their entries unacknowledged: nothing is lost,
+            # and a worker that dies meanwhile leaves them to be reclaimed. Only the
+            # partitions that refused wait; the others' outcomes are written.
+            redis_errors.labels("finish").inc()
+            if isinstance(error, PartitionsUnavailable):
+                pairs = list(zip(batch, error.partial, strict=True))
+                written = [(f, v) for f, v in pairs if v is not None]
+                refused: Sequence[Finish] = [f for f, v in pairs if v is None]
+                self._outbox.written(f for f, _ in written)
+                self._record([f for f, _ in written], [v for _, v in written])
+                refusing = set(error.failed)
+            else:
+                refused = batch
+                refusing = self._outbox.partitions_of(batch)
+            self._unsure.update(f.job.task_id for f in refused)
+            self._outbox.refused(refusing, error)
+            self._flush_needed.set()  # wakes the loop to wait for the next retry
+            return
+        self._outbox.written(batch)
+        self._record(batch, verdicts)
+
+    def _record(self, batch: Sequence[Finish], verdicts: Sequence[FinishVerdict]) -> None:
         now = time.time()
         for finish, verdict in zip(batch, verdicts, strict=True):
             job = finish.job
@@ -471,8 +487,8 @@ class Worker:
             if record is not None and record.job is job:
                 del self._tasks[job.task_id]
                 self._phases[Phase.WRITING] -= 1
-            sent_before = job.task_id in unsure
-            unsure.discard(job.task_id)
+            sent_before = job.task_id in self._unsure
+            self._unsure.discard(job.task_id)
             if verdict is FinishVerdict.STALE and sent_before:
                 verdict = FinishVerdict.WRITTEN  # written by the call that failed after it ran
             if verdict is not FinishVerdict.WRITTEN:
