@@ -117,6 +117,7 @@ async def _every_transition(queue: RedisTaskQueue) -> None:
     assert await queue.replay_dead_letters([d.entry_id for d in dead]) == 1
 
     await queue.stats()
+    assert await queue.writable_partitions() == [None] * len(queue.partitions)
     await queue.trim()
     await queue.leave(CONSUMER)
 
