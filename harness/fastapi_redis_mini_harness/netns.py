@@ -39,7 +39,7 @@ NETNS_DIR = Path("/run/netns")
 CLONE_NEWNET = 0x40000000
 IP_TIMEOUT = 10.0
 # Threads per host: enough for a load's submitters and a probe beside them.
-HOST_THREADS = 8
+HOST_THREADS = 16
 SUBNET = ipaddress.IPv4Network("10.77.0.0/24")
 
 
