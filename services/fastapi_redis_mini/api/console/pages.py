@@ -83,7 +83,11 @@ class ConsolePages:
             try:
                 access = self.auth.admit(request)
                 if action:
-                    form = await _form(request)
+                    try:
+                        form = await _form(request)
+                    except InvalidFieldError:
+                        self.auth.check_csrf(access, "")  # a session's action: 403 first
+                        raise
                     self.auth.check_csrf(access, _first(form, CSRF_FIELD))
                     request.state.form = form
                 return await endpoint(request, access, _store(request))

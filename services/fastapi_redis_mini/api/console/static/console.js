@@ -17,7 +17,7 @@ function drawBars(svg, values, css) {
   const step = width / Math.max(1, values.length);
   values.forEach((value, i) => {
     const bar = document.createElementNS(SVG, "rect");
-    const h = value ? Math.max(1, (value / top) * (height - 12)) : 0;
+    const h = value ? Math.max(1, (value / top) * (height - 2)) : 0;
     bar.setAttribute("x", String(i * step + 1));
     bar.setAttribute("y", String(height - h));
     bar.setAttribute("width", String(Math.max(1, step - 2)));
@@ -28,12 +28,7 @@ function drawBars(svg, values, css) {
     bar.appendChild(title);
     svg.appendChild(bar);
   });
-  const label = document.createElementNS(SVG, "text");
-  label.setAttribute("x", "2");
-  label.setAttribute("y", "10");
-  label.setAttribute("class", "chart-label");
-  label.textContent = "max " + top;
-  svg.appendChild(label);
+  document.getElementById(svg.id + "-max").textContent = "highest " + top;
 }
 
 function fill(data) {
