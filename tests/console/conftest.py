@@ -75,5 +75,3 @@ def console(redis_url: str) -> Iterator[Console]:
     finally:
         for process in reversed(started):
             process.close()
-
-

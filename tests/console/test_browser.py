@@ -175,7 +175,8 @@ def test_the_sign_in_page_refuses_a_wrong_key(browser: Browser, console: Console
     page = browser.new_page(viewport={"width": 1280, "height": 600})
     try:
         response = page.goto(f"{console.url}/console/workers")
-        assert response is not None and response.status == 401
+        assert response is not None
+        assert response.status == 401
         page.fill("#key", "not-the-admin-key")
         page.get_by_role("button", name="Sign in").click()
         expect(page.get_by_role("alert")).to_have_text("this is not the admin key")
