@@ -147,21 +147,28 @@ class ConsoleStore:
     ) -> list[TaskRecord]:
         """The newest tasks, of one status and of one scope if given, newest first.
 
-        DONE, FAILED and CANCELLED come from their own lists, PENDING and RUNNING from the
-        index of queued tasks; a filter looks FILTER_WINDOW ids down each partition's list.
+        PENDING and RUNNING come from the index of queued tasks; DONE, FAILED and CANCELLED
+        from their own lists and that index. A filter looks FILTER_WINDOW ids down each list.
         """
         filtered = status is not None or scope is not None
         span = FILTER_WINDOW if filtered else limit
         source = {"DONE": "done", "FAILED": "failed", "CANCELLED": "cancelled"}.get(status or "")
+        # A final status reads its own list and the queued-task index too: a task cancelled
+        # while PENDING (cancel.lua) or dead-lettered (start.lua) ended outside finish.lua.
+        lists = [
+            (keys, name)
+            for keys in self.partitions.all
+            for name in ((keys.finished(source), keys.recent) if source else (keys.recent,))
+        ]
         async with self.redis.pipeline(transaction=False) as pipe:
-            for keys in self.partitions.all:
-                pipe.lrange(keys.finished(source) if source else keys.recent, 0, span - 1)
+            for _, name in lists:
+                pipe.lrange(name, 0, span - 1)
             heads: list[list[str]] = await self.queue._execute(pipe)
         wanted: list[tuple[Keys, str]] = []
         seen: set[str] = set()
-        for keys, ids in zip(self.partitions.all, heads, strict=True):
+        for (keys, _), ids in zip(lists, heads, strict=True):
             for task_id in ids:
-                # A task retried and failed again is in its list twice.
+                # A task is in several lists, or twice in one when retried and failed again.
                 if task_id not in seen:
                     seen.add(task_id)
                     wanted.append((keys, task_id))
