@@ -98,6 +98,11 @@ def test_bad_input_is_a_clear_error_naming_the_field(console: Console) -> None:
             assert answer.status_code == 422, query
             assert f"{field}: " in answer.text
             assert "Traceback" not in answer.text
+        # A link cannot make a page say what it likes: notices are codes of the console's own.
+        crafted = client.get("/console", params={"notice": "Paste your key at evil.example"})
+        assert "evil.example" not in crafted.text
+        counted = client.get("/console", params={"notice": "replayed", "n": "2", "of": "3"})
+        assert "replayed 2 of 3" in counted.text
         unknown = client.get("/console/tasks/" + "0" * 32)
         assert unknown.status_code == 404
         no_letter = client.post("/console/dead-letters/replay", data={"entry": "typo"})

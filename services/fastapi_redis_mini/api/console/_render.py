@@ -22,6 +22,17 @@ HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",
 }
+# What an action's redirect may ask the next page to say, by code: a link cannot make the
+# console show text of its own choosing. {n} and {of} are counts from the query.
+NOTICES = {
+    "cancelled": "cancelled",
+    "cancel-requested": "cancel requested: its worker stops it",
+    "already-ended": "not cancelled: the task had already ended",
+    "retried": "queued again",
+    "not-retried": "not retried: only a FAILED or CANCELLED task is",
+    "replayed": "replayed {n} of {of}",
+    "deleted": "deleted {n} of {of}",
+}
 # A result or request longer than this is cut on the page: one task cannot make it huge.
 SHOWN_CHARS = 20_000
 
@@ -74,6 +85,15 @@ _env = Environment(
 _env.filters.update(when=_when, ago=_ago, seconds=_seconds, pretty=_pretty)
 
 
+def _notice(request: Request) -> str:
+    query = request.query_params
+    template = NOTICES.get(query.get("notice", ""), "")
+    counts = {name: query.get(name, "0") for name in ("n", "of")}
+    if not all(value.isdigit() and len(value) < 10 for value in counts.values()):
+        return ""
+    return template.format(**counts)
+
+
 def root_path(request: Request) -> str:
     """Where a proxy serves the api; every link of the console starts with it."""
     root: str = request.scope.get("root_path", "")
@@ -83,7 +103,7 @@ def root_path(request: Request) -> str:
 def page(request: Request, template: str, status_code: int = 200, **context: Any) -> HTMLResponse:
     html = _env.get_template(template).render(
         root=root_path(request),
-        notice=request.query_params.get("notice", "")[:200],
+        notice=_notice(request),
         **context,
     )
     return HTMLResponse(html, status_code=status_code, headers=HEADERS)

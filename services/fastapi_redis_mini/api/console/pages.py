@@ -11,7 +11,7 @@ import functools
 import logging
 import re
 from collections.abc import Awaitable, Callable
-from urllib.parse import parse_qs, quote
+from urllib.parse import parse_qs, urlencode
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
@@ -64,10 +64,11 @@ def _first(form: dict[str, list[str]], name: str) -> str:
     return form.get(name, [""])[0]
 
 
-def _redirect(request: Request, path: str, notice: str = "") -> RedirectResponse:
+def _redirect(request: Request, path: str, notice: str = "", **counts: int) -> RedirectResponse:
+    """303 to a console page; `notice` is a code of _render.NOTICES, with its counts."""
     target = f"{root_path(request)}/console{path}"
     if notice:
-        target += ("&" if "?" in target else "?") + "notice=" + quote(notice)
+        target += "?" + urlencode({"notice": notice, **counts})
     return RedirectResponse(target, status_code=303, headers=HEADERS)
 
 
@@ -233,8 +234,8 @@ class ConsolePages:
             raise TaskNotFoundError()
         notice = {
             CancelOutcome.CANCELLED: "cancelled",
-            CancelOutcome.REQUESTED: "cancel requested: its worker stops it",
-            CancelOutcome.FINAL: "not cancelled: the task had already ended",
+            CancelOutcome.REQUESTED: "cancel-requested",
+            CancelOutcome.FINAL: "already-ended",
         }[outcome]
         return _redirect(request, f"/tasks/{task_id}", notice)
 
@@ -243,11 +244,7 @@ class ConsolePages:
         outcome = await store.retry(task_id) if is_task_id(task_id) else RetryOutcome.NOT_FOUND
         if outcome is RetryOutcome.NOT_FOUND:
             raise TaskNotFoundError()
-        notice = (
-            "queued again"
-            if outcome is RetryOutcome.QUEUED
-            else "not retried: only a FAILED or CANCELLED task is"
-        )
+        notice = "retried" if outcome is RetryOutcome.QUEUED else "not-retried"
         return _redirect(request, f"/tasks/{task_id}", notice)
 
     async def _chosen_letters(self, request: Request, store: ConsoleStore) -> list[str]:
@@ -263,12 +260,12 @@ class ConsolePages:
     async def replay(self, request: Request, access: Access, store: ConsoleStore) -> Response:
         chosen = await self._chosen_letters(request, store)
         replayed = await store.replay(chosen)
-        return _redirect(request, "/dead-letters", f"replayed {replayed} of {len(chosen)}")
+        return _redirect(request, "/dead-letters", "replayed", n=replayed, of=len(chosen))
 
     async def delete(self, request: Request, access: Access, store: ConsoleStore) -> Response:
         chosen = await self._chosen_letters(request, store)
         deleted = await store.delete_dead_letters(chosen)
-        return _redirect(request, "/dead-letters", f"deleted {deleted} of {len(chosen)}")
+        return _redirect(request, "/dead-letters", "deleted", n=deleted, of=len(chosen))
 
     def routes(self) -> list[BaseRoute]:
         read, act = self._guarded, functools.partial(self._guarded, action=True)
