@@ -175,9 +175,12 @@ async def test_workers_show_the_tasks_they_hold_and_scheduled_the_due_order(
         Finish(jobs[later], Outcome.RETRY, error="x", due_at=2_000_000_000.0),
         Finish(jobs[sooner], Outcome.RETRY, error="x", due_at=1_900_000_000.0),
     ])  # fmt: skip
-    [worker] = [w for w in await store.workers() if w.name == CONSUMER]
-    assert worker.pending == 1
-    assert worker.held == (held,)
+    # A worker is a consumer in every partition's group; it holds the task in one of them.
+    mine = [w for w in await store.workers() if w.name == CONSUMER]
+    assert len(mine) == len(queue.partitions)
+    assert [(w.partition, w.pending, w.held) for w in mine if w.pending] == [
+        (queue.partitions.of_task(held).index, 1, (held,))  # type: ignore[union-attr]
+    ]
     assert [s.task_id for s in await store.scheduled()] == [sooner, later]
 
 
