@@ -70,6 +70,8 @@ def test_every_page_opens_and_shows_the_queue_as_it_is(page: Page, console: Cons
     for task_id in done:
         console.wait_for(task_id, "DONE")
     console.wait_for(failed, "FAILED")
+    running = console.submit("held by the worker", duration=20)
+    console.wait_for(running, "RUNNING")
 
     page.goto(f"{console.url}/console")
     # The live chart fills from overview.json: five done in the last bucket(s).
@@ -78,12 +80,14 @@ def test_every_page_opens_and_shows_the_queue_as_it_is(page: Page, console: Cons
     shoot(page, "overview")
 
     page.get_by_role("link", name="Tasks", exact=True).click()
-    expect(page.locator("#tasks tbody tr")).to_have_count(7)
+    expect(page.locator("#tasks tbody tr")).to_have_count(8)
     shoot(page, "tasks")
 
     page.get_by_role("link", name="Workers").click()
-    expect(page.locator("#workers tbody tr")).to_have_count(1)
-    expect(page.locator("#workers tbody td").first).to_contain_text("-")
+    workers = page.locator("#workers tbody tr")
+    expect(workers).to_have_count(1)
+    expect(workers.locator("td").nth(3)).to_have_text("1")  # entries held
+    expect(workers.locator("td").nth(4)).to_have_text(running)  # the task in flight
     shoot(page, "workers")
 
     page.get_by_role("link", name="Scheduled").click()
