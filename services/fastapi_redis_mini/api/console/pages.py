@@ -46,9 +46,23 @@ def _store(request: Request) -> ConsoleStore:
     return store
 
 
-def _error_page(request: Request, error: ServiceError) -> Response:
-    if error.status_code == 401:
-        return page(request, "login.html", 401, message=error.message)
+class ConsoleUnavailableError(ServiceError):
+    """Redis cannot serve the page now; `code` names its state as the api's 503s do."""
+
+    status_code = 503
+
+    def __init__(self, error: QueueUnavailable) -> None:
+        super().__init__(
+            f"the task store cannot serve requests now ({error.state.value}); retry shortly"
+        )
+        self.code = UNAVAILABLE[error.state][0]
+
+
+def _error_page(request: Request, error: ServiceError, *, signing_in: bool = False) -> Response:
+    """The page an error answers with: the sign-in form for 401 (and for a tenant's key at
+    sign-in), else the error's status, code and message."""
+    if error.status_code == 401 or (signing_in and error.status_code == 403):
+        return page(request, "login.html", error.status_code, message=error.message)
     return page(request, "error.html", error.status_code, error=error)
 
 
@@ -96,12 +110,7 @@ class ConsolePages:
                 return _error_page(request, error)
             except QueueUnavailable as error:
                 log.warning("redis cannot serve the console: %s", error)
-                code, _ = UNAVAILABLE[error.state]
-                failure = ServiceError(
-                    f"the task store cannot serve requests now ({error.state.value}); retry shortly"
-                )
-                failure.status_code, failure.code = 503, code
-                return _error_page(request, failure)
+                return _error_page(request, ConsoleUnavailableError(error))
 
         return handle
 
@@ -115,11 +124,7 @@ class ConsolePages:
             form = await _form(request)
             self.auth.check_key(_first(form, "key").strip())
         except ServiceError as error:
-            return (
-                _error_page(request, error)
-                if error.status_code != 403
-                else page(request, "login.html", 403, message=error.message)
-            )
+            return _error_page(request, error, signing_in=True)
         response = _redirect(request, "")
         response.set_cookie(
             COOKIE,
