@@ -105,6 +105,10 @@ def _translated(method: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any,
 
 
 _IDLE_CONSUMER_MS = 3_600_000
+# finish.lua counts outcomes in ten-second buckets, kept a quarter of an hour: the console
+# charts the last five minutes of them.
+COUNTS_BUCKET_SECONDS = 10
+COUNTS_KEPT_SECONDS = 900
 
 
 def new_task_id() -> str:
@@ -309,13 +313,16 @@ class RedisTaskQueue(SlotRouting):
                     "idempotency": keyed,
                 }
             )
+        if s.recent_tasks:
+            keys.append(partition.recent)
         reply = await self._call(
             self._submit_script,
             keys,
             args=[repr(time.time()), s.cache_ttl, s.result_expiry, s.idempotency_ttl,
                   repr(s.submit_rate_per_key), s.submit_burst_per_key, s.max_unfinished_per_key,
                   int(quotas), orjson.dumps(batch),
-                  partition.work if len(self.partitions) > 1 else "", self._publish],
+                  partition.work if len(self.partitions) > 1 else "", self._publish,
+                  s.recent_tasks],
         )  # fmt: skip
         submitted = []
         for answer in orjson.loads(reply):
@@ -633,10 +640,14 @@ class RedisTaskQueue(SlotRouting):
                          p.unfinished(job.scope))  # fmt: skip
                 payload = f.result.decode() if f.outcome is Outcome.DONE else (f.error or "")
                 batch.append((job.entry_id, job.task_id, f.outcome.value, payload, f.due_at))
+            if self.settings.recent_tasks:
+                keys += (p.finished("done"), p.finished("failed"), p.finished("cancelled"),
+                         p.counts(int(float(now)) // COUNTS_BUCKET_SECONDS))  # fmt: skip
             calls.append((
                 keys,
                 [p.group, consumer, now, self.settings.cache_ttl, p.events,
-                 self.settings.result_expiry, orjson.dumps(batch), self._publish],
+                 self.settings.result_expiry, orjson.dumps(batch), self._publish,
+                 self.settings.recent_tasks, COUNTS_KEPT_SECONDS],
             ))  # fmt: skip
         replies = await self._call_each_isolated(self._finish_script, calls, durable=True)
         verdicts, failed = _spread(
