@@ -257,6 +257,10 @@ def _is(node: RedisServer, role: str) -> bool:
         return False
 
 
+def _has_accepted(load: SideLoad, count: int) -> bool:
+    return len(load.accepted()) >= count
+
+
 def _now_if(condition: Callable[[], bool]) -> Callable[[], float | None]:
     """A poll probe: the moment `condition` first holds."""
     return lambda: time.monotonic() if condition() else None
@@ -316,7 +320,7 @@ def partition_the_busiest_master(site: Site, durable_acks: str) -> Partition:
             load.start()
         for load in loads.values():
             poll(
-                partial(lambda load: len(load.accepted()) >= WARM_UP_SUBMITS, load),
+                partial(_has_accepted, load, WARM_UP_SUBMITS),
                 60,
                 what=f"{WARM_UP_SUBMITS} submits accepted on the {load.side} side",
             )
