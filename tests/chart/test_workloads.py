@@ -511,3 +511,49 @@ def test_the_headless_locust_run_is_a_hook_that_replaces_the_last_run() -> None:
     assert set(annotations["helm.sh/hook"].split(",")) == {"post-install", "post-upgrade"}
     assert "before-hook-creation" in annotations["helm.sh/hook-delete-policy"].split(",")
     assert job.is_hook
+
+
+def test_the_locust_run_waits_until_the_api_reads_from_redis() -> None:
+    import itertools
+    import subprocess
+    import sys
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    (job,) = find(render_set("loadtest"), "Job")
+    assert job.manifest["metadata"]["annotations"]["helm.sh/hook-weight"] == "10"
+    (wait,) = pod_spec(job.manifest)["initContainers"]
+    assert wait["command"][:2] == ["python", "-c"]
+    # A cluster still being created: the api answers 503 twice, then 404 for the unknown id.
+    answers = itertools.chain([503, 503], itertools.repeat(404))
+    asked: list[str] = []
+
+    class Api(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            asked.append(self.path)
+            self.send_response(next(answers))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            return
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Api)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        host, port = server.server_address[:2]
+        result = subprocess.run(
+            [sys.executable, "-c", wait["command"][2]],
+            env={"LOCUST_HOST": f"http://{host!s}:{port}"},
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+    assert result.returncode == 0, result.stderr
+    assert asked == ["/tasks/" + "0" * 32] * 3
