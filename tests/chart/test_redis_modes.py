@@ -428,3 +428,29 @@ def test_the_autoscalers_select_the_lag_this_release_exports(mode: str, partitio
 def test_keda_holds_the_worker_at_its_fallback_when_it_cannot_read_the_lag() -> None:
     scaled = only(render_set("redis-cluster-keda-networkpolicy"), "ScaledObject", "worker")
     assert scaled["spec"]["fallback"] == {"failureThreshold": 3, "replicas": 2}
+
+
+def test_an_external_cluster_is_declared_and_keda_logs_in_as_the_urls_user() -> None:
+    values = merge(
+        VALUE_SETS["external-redis"],
+        {
+            "externalRedis": {"url": "rediss://app@redis.example.internal:6380/0", "cluster": True},
+            "config": {"queuePartitions": 1},
+            **VALUE_SETS["keda"],
+        },
+    )
+    objects = render(values)
+    data = only(objects, "ConfigMap", "config")["data"]
+    assert (data["REDIS_CLUSTER"], data["QUEUE_PARTITIONS"]) == ("true", "1")
+    (trigger,) = only(objects, "ScaledObject", "worker")["spec"]["triggers"]
+    assert trigger["type"] == "redis-cluster-streams"
+    settings = Settings(queue_partitions=1)
+    assert trigger["metadata"]["stream"] == Keys.from_settings(settings, cluster=True).stream
+    # KEDA's scaler reads the user from the scale target's environment.
+    assert trigger["metadata"]["usernameFromEnv"] == "REDIS_USERNAME"
+    worker = pod_spec(only(objects, "Deployment", "worker"))["containers"][0]
+    assert {"name": "REDIS_USERNAME", "value": "app"} in worker["env"]
+    # Left alone, the partitions follow the service's cluster default.
+    values["config"] = {}
+    values["worker"]["autoscaling"]["keda"]["prometheus"] = {"serverAddress": PROMETHEUS}
+    assert only(render(values), "ConfigMap", "config")["data"]["QUEUE_PARTITIONS"] == "16"

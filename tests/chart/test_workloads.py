@@ -557,3 +557,15 @@ def test_the_locust_run_waits_until_the_api_reads_from_redis() -> None:
         thread.join(timeout=5)
     assert result.returncode == 0, result.stderr
     assert asked == ["/tasks/" + "0" * 32] * 3
+
+
+def test_notes_warn_when_the_lag_the_worker_scales_on_is_not_scraped() -> None:
+    warning = "metrics.serviceMonitor.enabled\n  is false"
+    scaled_on_prometheus = VALUE_SETS["redis-cluster-keda-networkpolicy"]
+    assert warning in render_notes(scaled_on_prometheus)
+    assert warning in render_notes(VALUE_SETS["prometheus-adapter"])
+    from .test_values import merge
+
+    scraped = merge(scaled_on_prometheus, {"metrics": {"serviceMonitor": {"enabled": True}}})
+    assert warning not in render_notes(scraped)
+    assert warning not in render_notes(VALUE_SETS["keda"])  # one partition: KEDA reads Redis

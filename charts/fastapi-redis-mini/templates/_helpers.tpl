@@ -339,7 +339,7 @@ volumeMounts:
 {{- define "frm.queuePartitions" -}}
 {{- $set := .Values.config.queuePartitions }}
 {{- if $set }}{{ int $set }}
-{{- else if eq .Values.redis.mode "cluster" }}
+{{- else if include "frm.redisIsCluster" . }}
 {{- if or .Values.api.submitRatePerKey .Values.api.maxUnfinishedPerKey }}1{{ else }}16{{ end }}
 {{- else if eq .Values.redis.mode "standalone" }}1
 {{- end }}
@@ -454,7 +454,7 @@ checksum/redis-ca: {{ include "frm.secretChecksum" (list . .Values.externalRedis
 every key starts with one hash tag. */}}
 {{- define "frm.streamKey" -}}
 {{- $stream := printf "%s%s" .Values.config.keyPrefix .Values.config.queueKey }}
-{{- if eq .Values.redis.mode "cluster" }}
+{{- if include "frm.redisIsCluster" . }}
 {{- $stream = printf "{%s}:%s" $stream .Values.config.queueKey }}
 {{- end }}
 {{- $stream }}
@@ -471,5 +471,18 @@ partitions at start (external Redis without config.queuePartitions).
 {{- include "frm.streamKey" . }}
 {{- else if $partitions }}
 {{- .Values.config.queueKey }}
+{{- end }}
+{{- end }}
+
+{{/* "true" when the queue lives on a Redis Cluster: the chart's (redis.mode=cluster) or an
+external one (externalRedis.cluster). */}}
+{{- define "frm.redisIsCluster" -}}
+{{- if or (eq .Values.redis.mode "cluster") (and (eq .Values.redis.mode "external") .Values.externalRedis.cluster) }}true{{ end }}
+{{- end }}
+
+{{/* The user name in externalRedis.url, or nothing. */}}
+{{- define "frm.externalRedisUsername" -}}
+{{- if eq .Values.redis.mode "external" }}
+{{- with (urlParse .Values.externalRedis.url).userinfo }}{{ (splitList ":" .) | first }}{{ end }}
 {{- end }}
 {{- end }}
