@@ -288,7 +288,7 @@ def test_cluster_up_installs_pinned_add_ons_with_the_values_under_k8s(
     for scaler in ("keda", "prometheus-adapter"):
         assert _make("cluster-up", path, f"SCALER={scaler}").returncode == 0
     calls = log.read_text().splitlines()
-    assert "kind create cluster --config kind-config.yaml" in calls
+    assert "kind create cluster --name fastapi-redis-mini --config kind-config.yaml" in calls
     installs = [c for c in calls if " upgrade --install " in c]
     installed = {c.split(" upgrade --install ")[1].split()[0] for c in installs}
     assert installed == {"metrics-server", "kube-prometheus-stack", "keda", "prometheus-adapter"}
