@@ -6,6 +6,11 @@ K8S_CLUSTER ?= fastapi-redis-mini
 K8S_CONTEXT ?= kind-$(K8S_CLUSTER)
 K8S_NAMESPACE ?= fastapi-redis-mini
 K8S_RELEASE ?= frm
+# More `helm upgrade` arguments for make deploy, e.g. DEPLOY_ARGS="--set redis.mode=cluster".
+DEPLOY_ARGS ?=
+# make smoke checks the release make deploy installed, whose images kind holds.
+SMOKE_RELEASE ?= $(K8S_RELEASE)
+SMOKE_NAMESPACE ?= $(K8S_NAMESPACE)
 K8S_CHART := charts/fastapi-redis-mini
 # How the worker scales: keda, prometheus-adapter or cpu. KEDA and prometheus-adapter both
 # serve the external metrics API, so a cluster gets one of them.
@@ -43,7 +48,7 @@ endef
 cluster-up: ## Create the kind cluster with metrics-server, Prometheus+Grafana and the SCALER (keda|prometheus-adapter|cpu)
 	$(call require-tools,kind helm kubectl)
 	$(call require-scaler)
-	kind get clusters | grep -qx '$(K8S_CLUSTER)' || kind create cluster --config kind-config.yaml
+	kind get clusters | grep -qx '$(K8S_CLUSTER)' || kind create cluster --name '$(K8S_CLUSTER)' --config kind-config.yaml
 	$(K8S_HELM) upgrade --install metrics-server metrics-server --repo $(METRICS_SERVER_REPO) \
 		--version $(METRICS_SERVER_VERSION) -n kube-system -f k8s/metrics-server-values.yaml --wait
 	$(K8S_HELM) upgrade --install kube-prometheus-stack kube-prometheus-stack --repo $(PROMETHEUS_COMMUNITY_REPO) \
@@ -90,7 +95,8 @@ deploy: ## Build the images, tag each by its content, load them into kind, helm 
 		--set worker.autoscaling.keda.enabled=$(if $(filter keda,$(SCALER)),true,false) \
 		--set worker.autoscaling.prometheusAdapter.enabled=$(if $(filter prometheus-adapter,$(SCALER)),true,false) \
 		--set loadtest.enabled=true \
-		--set metrics.serviceMonitor.enabled=true --set metrics.prometheusRule.enabled=true
+		--set metrics.serviceMonitor.enabled=true --set metrics.prometheusRule.enabled=true \
+		$(DEPLOY_ARGS)
 	$(K8S_HELM) test $(K8S_RELEASE) -n $(K8S_NAMESPACE)
 
 loadtest-ui: ## Port-forward the Locust web UI to http://localhost:8089
@@ -101,6 +107,6 @@ grafana: ## Port-forward Grafana to http://localhost:3000 (admin / admin)
 	$(call require-tools,kubectl)
 	$(K8S_KUBECTL) -n monitoring port-forward svc/kube-prometheus-stack-grafana 3000:80
 
-smoke: ## Check a release on the current kube context: helm test, tasks, Locust, scale-out, drained queue (SMOKE_* settings)
+smoke: ## Check a release (make deploy's by default) on the current kube context: helm test, tasks, Locust, scale-out, drained queue (SMOKE_* settings)
 	$(call require-tools,helm kubectl curl)
-	tools/k8s/smoke.sh
+	SMOKE_RELEASE='$(SMOKE_RELEASE)' SMOKE_NAMESPACE='$(SMOKE_NAMESPACE)' tools/k8s/smoke.sh

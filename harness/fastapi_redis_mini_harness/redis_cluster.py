@@ -100,7 +100,7 @@ class RedisCluster:
     """`masters` masters with `replicas_per_master` replicas each, on 127.0.0.1.
 
     `start_nodes()` starts the servers without joining them (what a StatefulSet's pods are
-    before its create Job runs); `create()` joins them with redis-cli; `start()` does both.
+    before pod 0 creates the cluster); `create()` joins them with redis-cli; `start()` does both.
     `close()` stops only this cluster's own processes and removes their directories.
 
     With `hosts`, node i listens on hosts[i] (an address in a network namespace, see

@@ -14,7 +14,7 @@ import jsonschema  # type: ignore[import-untyped,unused-ignore]
 from referencing import Registry, Resource
 
 # The chart's kubeVersion floor, and the newest Kubernetes the schemas know.
-OLDEST = "1.25"
+OLDEST = "1.27"
 NEWEST = "1.37"
 
 CRDS = Path(__file__).parent / "crds"

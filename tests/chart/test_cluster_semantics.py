@@ -366,6 +366,7 @@ CHANGES: dict[tuple[str, str], Values | tuple[str, str] | None] = {
     ("ConfigMap", "config"): {"config": {"logLevel": "DEBUG"}},
     ("ConfigMap", "redis"): {"redis": {"appendfsync": "always"}},
     ("ConfigMap", "locust"): ("files/locustfile.py", "\n# changed\n"),
+    ("ConfigMap", "redis-scripts"): ("files/redis/start-node.sh", "\n# changed\n"),
     ("Secret", "redis"): None,
 }
 

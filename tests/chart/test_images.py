@@ -137,15 +137,24 @@ def test_images_run_under_the_charts_own_settings_and_finish_a_task(
     api_workload = only(objects, "Deployment", "api")
     worker_workload = only(objects, "Deployment", "worker")
 
-    with tempfile.TemporaryDirectory() as config_dir, tempfile.TemporaryDirectory() as data_dir:
-        # The ConfigMap volume, as the kubelet would project it (read-only).
-        conf = only(objects, "ConfigMap", "redis")["data"]["redis.conf"]
-        Path(config_dir, "redis.conf").write_text(conf)
-        Path(config_dir).chmod(0o755)
-        Path(config_dir, "redis.conf").chmod(0o644)
+    with (
+        tempfile.TemporaryDirectory() as config_dir,
+        tempfile.TemporaryDirectory() as scripts_dir,
+        tempfile.TemporaryDirectory() as data_dir,
+    ):
+        # The ConfigMap volumes, as the kubelet would project them (read-only).
+        for directory, component in ((config_dir, "redis"), (scripts_dir, "redis-scripts")):
+            for name, text in only(objects, "ConfigMap", component)["data"].items():
+                Path(directory, name).write_text(text)
+                Path(directory, name).chmod(0o644)
+            Path(directory).chmod(0o755)
         # The claim from the volumeClaimTemplate, writable for the pod as fsGroup makes it.
         Path(data_dir).chmod(0o1777)
-        volumes = [f"--volume={config_dir}:/etc/redis:ro", f"--volume={data_dir}:/data"]
+        volumes = [
+            f"--volume={config_dir}:/etc/redis:ro",
+            f"--volume={scripts_dir}:/scripts:ro",
+            f"--volume={data_dir}:/data",
+        ]
         redis_run = run_workload(redis_standin_image(), objects, redis_workload, volumes)
         with redis_run as redis_container:
             probe = pod_spec(redis_workload)["containers"][0]["readinessProbe"]["exec"]["command"]
@@ -223,7 +232,8 @@ def _exec_ok(container: Container, command: list[str]) -> bool:
 def _hpa_selects_an_exported_series(exposition: str) -> bool:
     hpa = only(render_set("prometheus-adapter"), "HorizontalPodAutoscaler")
     metric = hpa["spec"]["metrics"][0]["external"]["metric"]
-    wanted = metric["selector"]["matchLabels"].items()
+    # `release` is added at scrape time by the chart's ServiceMonitor, not by the api.
+    wanted = {k: v for k, v in metric["selector"]["matchLabels"].items() if k != "release"}.items()
     return any(
         sample.name == metric["name"] and wanted <= sample.labels.items()
         for family in text_string_to_metric_families(exposition)

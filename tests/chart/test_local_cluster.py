@@ -150,8 +150,8 @@ def test_prometheus_adapter_serves_the_metric_the_worker_hpa_asks_for_taking_the
     metric = hpa["spec"]["metrics"][0]["external"]["metric"]
     assert rule["name"]["as"] == metric["name"]
     assert rule["seriesQuery"].startswith(metric["name"] + "{")
-    assert rule["metricsQuery"].startswith("max by (namespace, stream, group)")
-    assert set(metric["selector"]["matchLabels"]) <= {"stream", "group"}
+    assert rule["metricsQuery"].startswith("max by (namespace, release, stream, group)")
+    assert set(metric["selector"]["matchLabels"]) <= {"release", "stream", "group"}
 
 
 def test_prometheus_adapter_query_is_valid_promql_once_the_adapter_fills_it_in(
@@ -166,7 +166,10 @@ def test_prometheus_adapter_query_is_valid_promql_once_the_adapter_fills_it_in(
     query = (
         rule["metricsQuery"]
         .replace("<<.Series>>", rule["name"]["as"])
-        .replace("<<.LabelMatchers>>", 'namespace="tasks",stream="task_stream",group="workers"')
+        .replace(
+            "<<.LabelMatchers>>",
+            'namespace="tasks",release="demo",stream="task_stream",group="workers"',
+        )
         .replace("<<.GroupBy>>", "namespace")
     )
     rules = tmp_path / "adapter.yaml"
@@ -285,7 +288,7 @@ def test_cluster_up_installs_pinned_add_ons_with_the_values_under_k8s(
     for scaler in ("keda", "prometheus-adapter"):
         assert _make("cluster-up", path, f"SCALER={scaler}").returncode == 0
     calls = log.read_text().splitlines()
-    assert "kind create cluster --config kind-config.yaml" in calls
+    assert "kind create cluster --name fastapi-redis-mini --config kind-config.yaml" in calls
     installs = [c for c in calls if " upgrade --install " in c]
     installed = {c.split(" upgrade --install ")[1].split()[0] for c in installs}
     assert installed == {"metrics-server", "kube-prometheus-stack", "keda", "prometheus-adapter"}

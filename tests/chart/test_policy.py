@@ -25,7 +25,11 @@ RECOMMENDED_LABELS = {
 # The service's own long-running processes, and the uid each runs as.
 SERVICE_USERS = {"api": 10001, "worker": 10001, "redis": 999}
 # Run-to-completion pods and Locust's workers serve nothing a probe could ask.
-UNPROBED = {"locust-worker", "locust-job", "redis-cluster-create", "test"}
+UNPROBED = {"locust-worker", "locust-job", "test"}
+# A sidecar that serves nothing: its work shows in the redis container's readiness.
+UNPROBED_CONTAINERS = {"cluster-bootstrap"}
+# Labels that change with every chart version: on a stateful pod each change is a restart.
+VERSIONED_LABELS = {"helm.sh/chart", "app.kubernetes.io/version"}
 
 ALL_SETS = pytest.mark.parametrize("value_set", VALUE_SETS)
 
@@ -59,7 +63,12 @@ def test_every_pod_template_carries_the_labels_its_selector_matches(value_set: s
             continue
         template_labels = workload.manifest["spec"]["template"]["metadata"]["labels"]
         selector = workload.manifest["spec"]["selector"]["matchLabels"]
-        assert set(template_labels) >= RECOMMENDED_LABELS, str(workload)
+        if workload.kind == "StatefulSet":
+            # A chart bump alone must not restart Redis.
+            assert set(template_labels) >= RECOMMENDED_LABELS - VERSIONED_LABELS, str(workload)
+            assert not VERSIONED_LABELS & set(template_labels), str(workload)
+        else:
+            assert set(template_labels) >= RECOMMENDED_LABELS, str(workload)
         assert selector.items() <= template_labels.items(), str(workload)
 
 
@@ -94,6 +103,8 @@ def test_every_long_running_container_has_liveness_readiness_and_startup_probes(
         if component_of(workload) in UNPROBED:
             continue
         for container in containers(workload):
+            if container["name"] in UNPROBED_CONTAINERS:
+                continue
             for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
                 assert probe in container, f"{workload} container {container['name']} lacks {probe}"
             probed += 1
@@ -221,3 +232,12 @@ def test_every_service_routes_to_a_named_port_of_the_pods_it_selects(value_set: 
         port_names = {p["name"] for c in containers(target) for p in c.get("ports", [])}
         for port in service.manifest["spec"]["ports"]:
             assert port["targetPort"] in port_names, f"{service} -> {target}: {port}"
+
+
+@ALL_SETS
+def test_every_budget_lets_a_drain_evict_a_pod_that_is_not_ready(value_set: str) -> None:
+    # The default (IfHealthyBudget) blocks a node drain behind a crash-looping pod forever.
+    budgets = find(render_set(value_set), "PodDisruptionBudget")
+    assert budgets
+    for budget in budgets:
+        assert budget.manifest["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow", str(budget)

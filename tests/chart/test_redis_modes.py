@@ -40,7 +40,7 @@ def config_lines(objects: list[Any]) -> list[str]:
     return text.splitlines()
 
 
-@pytest.mark.parametrize(("masters", "replicas"), [(3, 1), (3, 0), (4, 2)])
+@pytest.mark.parametrize(("masters", "replicas"), [(3, 1), (3, 2), (4, 2)])
 def test_cluster_mode_runs_one_pod_per_node_started_together(masters: int, replicas: int) -> None:
     objects = render(
         {
@@ -53,12 +53,31 @@ def test_cluster_mode_runs_one_pod_per_node_started_together(masters: int, repli
     statefulset = only(objects, "StatefulSet", "redis")
     assert statefulset["spec"]["replicas"] == masters * (1 + replicas)
     assert statefulset["spec"]["podManagementPolicy"] == "Parallel"
-    job = only(objects, "Job", "redis-cluster-create")
-    env = {e["name"]: e.get("value") for e in pod_spec(job)["containers"][0]["env"]}
+    annotations = statefulset["metadata"]["annotations"]
+    assert annotations["fastapi-redis-mini/cluster-layout"] == (
+        f"{masters} masters x {replicas} replicas"
+    )
+    (bootstrap,) = [
+        c for c in pod_spec(statefulset)["containers"] if c["name"] == "cluster-bootstrap"
+    ]
+    env = {e["name"]: e.get("value") for e in bootstrap["env"]}
     assert env["REDIS_NODES"].split() == [
         f"{HEADLESS}-{i}.{POD_DOMAIN}:6379" for i in range(masters * (1 + replicas))
     ]
     assert env["REDIS_CLUSTER_REPLICAS"] == str(replicas)
+
+
+def test_no_hook_creates_the_cluster_so_helm_wait_argo_cd_and_flux_complete() -> None:
+    # A post-install hook runs only once every resource is ready, and a node is ready only in
+    # a healthy cluster: creation must happen inside the pods.
+    objects = render_set("redis-cluster")
+    install_hooks = [
+        str(o)
+        for o in objects
+        if o.is_hook and o.manifest["metadata"]["annotations"]["helm.sh/hook"] != "test"
+    ]
+    assert install_hooks == []
+    assert find(objects, "Job") == []
 
 
 def test_cluster_nodes_keep_their_identity_on_their_volume_and_announce_their_dns_name() -> None:
@@ -74,36 +93,47 @@ def test_cluster_nodes_keep_their_identity_on_their_volume_and_announce_their_dn
     ):
         assert line in lines
     container = redis_container(objects)
-    script = container["command"][-1]
-    assert f'cluster-announce-hostname "%s.{POD_DOMAIN}"' in script
-    assert '"$(hostname)"' in script
-    assert "masterauth" in script  # replicas authenticate to their master
+    assert container["command"] == ["sh", "/scripts/start-node.sh"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["REDIS_POD_DOMAIN"]["value"] == POD_DOMAIN
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
     assert {"name": "bus", "containerPort": 16379, "protocol": "TCP"} in container["ports"]
     statefulset = only(objects, "StatefulSet", "redis")
     assert [c["metadata"]["name"] for c in statefulset["spec"]["volumeClaimTemplates"]] == ["data"]
     service = only(objects, "Service", "redis")
     assert service["spec"]["clusterIP"] == "None"
-    assert service["spec"]["publishNotReadyAddresses"] is True
+    assert service["spec"]["publishNotReadyAddresses"] is True  # peers find each other early
     assert statefulset["spec"]["serviceName"] == service["metadata"]["name"] == HEADLESS
+
+
+def test_clients_bootstrap_through_a_service_of_ready_nodes_only() -> None:
+    objects = render_set("redis-cluster")
+    client = only(objects, "Service", "redis-client")
+    assert client["metadata"]["name"] == f"{FULLNAME}-redis-client"
+    assert "publishNotReadyAddresses" not in client["spec"]
+    pod_labels = only(objects, "StatefulSet", "redis")["spec"]["template"]["metadata"]["labels"]
+    assert client["spec"]["selector"].items() <= pod_labels.items()
+    data = only(objects, "ConfigMap", "config")["data"]
+    assert data["REDIS_URL"] == f"redis://{FULLNAME}-redis-client:6379/0"
+
+
+def test_the_cluster_keeps_serving_the_slots_it_has_while_a_shard_is_away() -> None:
+    assert "cluster-require-full-coverage no" in config_lines(render_set("redis-cluster"))
+    full = render({"redis": {"mode": "cluster", "cluster": {"requireFullCoverage": True}}})
+    assert "cluster-require-full-coverage yes" in config_lines(full)
 
 
 def test_standalone_mode_renders_no_cluster_objects() -> None:
     objects = render_set("defaults")
     assert "cluster-enabled yes" not in config_lines(objects)
-    assert find(objects, "Job", "redis-cluster-create") == []
+    assert find(objects, "Service", "redis-client") == []
     assert find(objects, "PodDisruptionBudget", "redis") == []
+    assert [c["name"] for c in pod_spec(only(objects, "StatefulSet", "redis"))["containers"]] == [
+        "redis"
+    ]
     assert only(objects, "StatefulSet", "redis")["spec"]["replicas"] == 1
     assert "publishNotReadyAddresses" not in only(objects, "Service", "redis")["spec"]
-
-
-def test_the_create_job_is_a_hook_rerun_on_every_install_and_upgrade() -> None:
-    job = only(render_set("redis-cluster"), "Job", "redis-cluster-create")
-    annotations = job["metadata"]["annotations"]
-    assert annotations["helm.sh/hook"] == "post-install,post-upgrade"
-    assert "before-hook-creation" in annotations["helm.sh/hook-delete-policy"]
-    assert job["spec"]["activeDeadlineSeconds"] == 600
-    env = {e["name"]: e for e in pod_spec(job)["containers"][0]["env"]}
-    assert env["REDISCLI_AUTH"]["valueFrom"]["secretKeyRef"]["name"] == HEADLESS
 
 
 @pytest.mark.parametrize(
@@ -152,7 +182,10 @@ def test_keda_reads_one_partitions_lag_through_the_cluster_scaler() -> None:
     objects = render(merge(merge(VALUE_SETS["redis-cluster"], VALUE_SETS["keda"]), one_partition))
     (trigger,) = only(objects, "ScaledObject", "worker")["spec"]["triggers"]
     assert trigger["type"] == "redis-cluster-streams"
-    assert trigger["metadata"]["addresses"] == f"{POD_DOMAIN}:6379"
+    # The client Service: only nodes in a healthy cluster, from KEDA's namespace too.
+    assert trigger["metadata"]["addresses"] == (
+        f"{FULLNAME}-redis-client.{NAMESPACE}.svc.cluster.local:6379"
+    )
     assert "databaseIndex" not in trigger["metadata"]
     # The stream's name on a cluster, as the queue's keys build it.
     settings = Settings(key_prefix="blue:", queue_partitions=1)
@@ -175,7 +208,8 @@ def test_keda_scales_a_partitioned_queue_on_the_apis_summed_lag() -> None:
     assert trigger["metadata"]["serverAddress"] == PROMETHEUS
     # The gauge every api replica exports summed over the partitions; max over the replicas.
     assert trigger["metadata"]["query"] == (
-        'max(fastapi_redis_mini_stream_lag{namespace="tasks",stream="task_stream",group="workers"})'
+        "max(fastapi_redis_mini_stream_lag"
+        '{namespace="tasks",release="demo",stream="task_stream",group="workers"})'
     )
     assert (trigger["metadata"]["threshold"], trigger["metadata"]["activationThreshold"]) == (
         "20",
@@ -238,7 +272,7 @@ def test_the_service_is_told_which_kind_of_redis_the_chart_deployed(
     assert "REDIS_CLUSTER" not in external  # asked at start: auto
 
 
-def test_network_policy_lets_nodes_gossip_and_the_create_job_join_them() -> None:
+def test_network_policy_lets_nodes_gossip_and_replicate() -> None:
     objects = render_set("redis-cluster-keda-networkpolicy")
     (policy,) = find(objects, "NetworkPolicy")
     rules = policy.manifest["spec"]["ingress"]
@@ -248,13 +282,13 @@ def test_network_policy_lets_nodes_gossip_and_the_create_job_join_them() -> None
         if "from" in rule and len(rule["from"]) == 1 and "podSelector" in rule["from"][0]
     }
     assert {"port": "bus", "protocol": "TCP"} in peers["redis"]
-    assert peers["redis-cluster-create"] == [{"port": "redis", "protocol": "TCP"}]
+    assert {"port": "redis", "protocol": "TCP"} in peers["redis"]
 
 
 def test_external_mode_deploys_no_redis_and_mounts_the_ca_for_a_tls_url() -> None:
     objects = render_set("external-redis-tls-ca")
     assert find(objects, "StatefulSet", "redis") == []
-    assert find(objects, "Job", "redis-cluster-create") == []
+    assert find(objects, "Service", "redis-client") == []
     url = only(objects, "ConfigMap", "config")["data"]["REDIS_URL"]
     assert url == (
         "rediss://redis.example.internal:6380/2"
@@ -291,6 +325,11 @@ EXTERNAL = {"url": "redis://r.example:6379/0", "existingSecret": "s"}
             "/redis/persistence/enabled",
         ),
         ({"redis": {"mode": "cluster", "cluster": {"masters": 2}}}, "/redis/cluster/masters"),
+        # A master without a replica: a drain the budget allows would take its slots away.
+        (
+            {"redis": {"mode": "cluster", "cluster": {"replicasPerMaster": 0}}},
+            "/redis/cluster/replicasPerMaster",
+        ),
         ({"redis": {"mode": "sentinel"}}, "/redis/mode"),
         (
             {
@@ -342,7 +381,76 @@ def test_cluster_mode_passes_durable_acks_to_the_service(durable_acks: str) -> N
 def test_the_allowed_combinations_render() -> None:
     for values in (
         {"redis": {"mode": "external"}, "externalRedis": EXTERNAL},
-        {"redis": {"mode": "cluster", "cluster": {"replicasPerMaster": 0}}},
+        {"redis": {"mode": "cluster", "cluster": {"replicasPerMaster": 2}}},
         {"redis": {"mode": "standalone", "persistence": {"enabled": False}}},
     ):
         assert render(values)
+
+
+def exported_stream_label(settings: Settings, *, cluster: bool) -> str:
+    """The `stream` label of the api's lag gauge: the stream's key for one partition, the
+    queue's name for the sum over several (core/redis/queue.py, stats)."""
+    if settings.queue_partitions == 1:
+        return Keys.from_settings(settings, cluster=cluster).stream
+    return settings.queue_key
+
+
+@pytest.mark.parametrize("mode", ["standalone", "cluster"])
+@pytest.mark.parametrize("partitions", [1, 4])
+def test_the_autoscalers_select_the_lag_this_release_exports(mode: str, partitions: int) -> None:
+    config = {"keyPrefix": "blue:", "queuePartitions": partitions}
+    settings = Settings(key_prefix="blue:", queue_partitions=partitions)
+    expected = exported_stream_label(settings, cluster=mode == "cluster")
+    adapter = render(
+        merge(VALUE_SETS["prometheus-adapter"], {"redis": {"mode": mode}, "config": config})
+    )
+    external = only(adapter, "HorizontalPodAutoscaler", "worker")["spec"]["metrics"][0]
+    assert external["external"]["metric"]["selector"]["matchLabels"] == {
+        "release": "demo",
+        "stream": expected,
+        "group": "workers",
+    }
+    keda = merge(VALUE_SETS["redis-cluster-keda-networkpolicy"], {"redis": {"mode": mode}})
+    keda = merge(keda, {"config": config})
+    (trigger,) = only(render(keda), "ScaledObject", "worker")["spec"]["triggers"]
+    if partitions > 1:
+        assert trigger["metadata"]["query"] == (
+            "max(fastapi_redis_mini_stream_lag"
+            f'{{namespace="tasks",release="demo",stream="{expected}",group="workers"}})'
+        )
+    else:
+        assert (
+            trigger["metadata"]["stream"]
+            == Keys.from_settings(settings, cluster=mode == "cluster").stream
+        )
+
+
+def test_keda_holds_the_worker_at_its_fallback_when_it_cannot_read_the_lag() -> None:
+    scaled = only(render_set("redis-cluster-keda-networkpolicy"), "ScaledObject", "worker")
+    assert scaled["spec"]["fallback"] == {"failureThreshold": 3, "replicas": 2}
+
+
+def test_an_external_cluster_is_declared_and_keda_logs_in_as_the_urls_user() -> None:
+    values = merge(
+        VALUE_SETS["external-redis"],
+        {
+            "externalRedis": {"url": "rediss://app@redis.example.internal:6380/0", "cluster": True},
+            "config": {"queuePartitions": 1},
+            **VALUE_SETS["keda"],
+        },
+    )
+    objects = render(values)
+    data = only(objects, "ConfigMap", "config")["data"]
+    assert (data["REDIS_CLUSTER"], data["QUEUE_PARTITIONS"]) == ("true", "1")
+    (trigger,) = only(objects, "ScaledObject", "worker")["spec"]["triggers"]
+    assert trigger["type"] == "redis-cluster-streams"
+    settings = Settings(queue_partitions=1)
+    assert trigger["metadata"]["stream"] == Keys.from_settings(settings, cluster=True).stream
+    # KEDA's scaler reads the user from the scale target's environment.
+    assert trigger["metadata"]["usernameFromEnv"] == "REDIS_USERNAME"
+    worker = pod_spec(only(objects, "Deployment", "worker"))["containers"][0]
+    assert {"name": "REDIS_USERNAME", "value": "app"} in worker["env"]
+    # Left alone, the partitions follow the service's cluster default.
+    values["config"] = {}
+    values["worker"]["autoscaling"]["keda"]["prometheus"] = {"serverAddress": PROMETHEUS}
+    assert only(render(values), "ConfigMap", "config")["data"]["QUEUE_PARTITIONS"] == "16"

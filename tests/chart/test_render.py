@@ -130,11 +130,16 @@ def test_values_schema_rejects_typos_and_wrong_types(
         ),
         (
             {"redis": {"maxmemory": "512mb"}},
-            r"redis.maxmemory \(512mb = 536870912 bytes\) must be below "
+            r"redis.maxmemory \(512mb = 536870912 bytes\) must be at most 75% of "
             r"redis.resources.limits.memory \(512Mi = 536870912 bytes\)",
         ),
         (
-            {"redis": {"maxmemory": "1g", "resources": {"limits": {"memory": "1Gi"}}}},
+            # A quarter of the limit stays free for the AOF rewrite's fork.
+            {"redis": {"maxmemory": "769mb", "resources": {"limits": {"memory": "1Gi"}}}},
+            r"redis.maxmemory \(769mb = 806354944 bytes\) must be at most 75%",
+        ),
+        (
+            {"redis": {"maxmemory": "768mb", "resources": {"limits": {"memory": "1Gi"}}}},
             None,
         ),
         (
@@ -165,7 +170,7 @@ def test_values_schema_rejects_typos_and_wrong_types(
 def test_chart_refuses_contradictory_values_with_a_clear_message(
     values: dict[str, object], complaint: str | None
 ) -> None:
-    if complaint is None:  # the edge that is still allowed: 1g (10^9 bytes) < 1Gi (2^30)
+    if complaint is None:  # the edge that is still allowed: 768mb is 75% of 1Gi
         assert render(values)
         return
     with pytest.raises(RenderError, match=complaint):

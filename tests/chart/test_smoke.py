@@ -13,6 +13,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -39,9 +40,12 @@ with (state / "calls.jsonl").open("a") as log:
 
 
 def count(name):
+    # Written whole by a rename: the helm upgrade stand-in reads it meanwhile.
     path = state / name
     n = int(path.read_text()) + 1 if path.exists() else 1
-    path.write_text(str(n))
+    partial = state / f"{name}.{os.getpid()}"
+    partial.write_text(str(n))
+    partial.replace(path)
     return n
 
 
@@ -55,6 +59,15 @@ def jsonpath():
 if tool == "kubectl":
     if args[:2] == ["config", "current-context"]:
         print("kind-fastapi-redis-mini")
+    elif args[:2] == ["get", "namespace"]:
+        sys.exit(0 if scenario["namespace_exists"] else 1)
+    elif "port-forward" in args:
+        # Runs until it is killed, as kubectl does; the pid shows whether anyone did.
+        with (state / "port-forward-pids").open("a") as pids:
+            pids.write(f"{os.getpid()}\n")
+        # Hold none of the script's pipes, so its end is seen at once, with or without us.
+        os.closerange(0, 256)
+        time.sleep(60)
     elif "get" in args:
         kind = args[args.index("get") + 1]
         path = jsonpath()
@@ -108,6 +121,7 @@ sys.exit(0)
 
 HEALTHY: dict[str, Any] = {
     "release_exists": False,
+    "namespace_exists": False,
     "locust_succeeds": True,
     "worker_replicas": ["1", "1", "3"],
     "statuses": {},
@@ -134,8 +148,11 @@ def scenario(**changes: Any) -> dict[str, Any]:
     return merged
 
 
+IMAGES = "--set api.image.tag=abc --set worker.image.tag=def"
+
+
 def run_smoke(
-    tmp_path: Path, world: dict[str, Any]
+    tmp_path: Path, world: dict[str, Any], install_args: str = IMAGES
 ) -> tuple[subprocess.CompletedProcess[str], list[list[str]]]:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -155,6 +172,7 @@ def run_smoke(
         "SMOKE_TASKS": str(TASKS),
         "SMOKE_WAIT_SECONDS": "20",
         "SMOKE_POLL_SECONDS": "0.1",
+        "SMOKE_INSTALL_ARGS": install_args,
     }
     result = subprocess.run(
         ["bash", str(SCRIPT)],
@@ -221,6 +239,77 @@ def test_a_healthy_release_passes_every_check_and_the_install_is_removed(tmp_pat
     assert {"--reuse-values", "loadtest.job.enabled=true"} <= set(upgrade)
     assert ["helm", "uninstall", RELEASE, "-n", RELEASE, "--wait"] in calls
     assert any(c[:3] == ["kubectl", "delete", "namespace"] for c in calls)
+    install = next(c for c in calls if c[:2] == ["helm", "install"])
+    assert {"api.image.tag=abc", "worker.image.tag=def"} <= set(install)
+
+
+def test_a_namespace_that_existed_before_the_install_is_kept(tmp_path: Path) -> None:
+    result, calls = run_smoke(tmp_path, scenario(namespace_exists=True))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert ["helm", "uninstall", RELEASE, "-n", RELEASE, "--wait"] in calls
+    assert not any(c[:3] == ["kubectl", "delete", "namespace"] for c in calls)
+    # Only what the install left behind goes: the Redis Secret helm uninstall keeps.
+    (delete,) = [c for c in calls if c[0] == "kubectl" and "delete" in c]
+    assert delete[delete.index("delete") + 1] == "secret"
+    assert f"app.kubernetes.io/instance={RELEASE},app.kubernetes.io/component=redis" in delete
+
+
+def test_no_port_forward_outlives_the_script(tmp_path: Path) -> None:
+    result, _ = run_smoke(tmp_path, HEALTHY)
+    assert result.returncode == 0, result.stdout + result.stderr
+    pids = [int(p) for p in (tmp_path / "state" / "port-forward-pids").read_text().split()]
+    assert len(pids) == 2  # one for the submits, one for the checks after the load
+    deadline = time.monotonic() + 5
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        alive = [pid for pid in pids if Path(f"/proc/{pid}").exists() and not _zombie(pid)]
+        time.sleep(0.1)
+    assert alive == [], "kubectl port-forward still running after the script ended"
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z")
+    except OSError:
+        return False
+
+
+def test_without_images_it_does_not_install_and_says_how_to_get_them(tmp_path: Path) -> None:
+    result, calls = run_smoke(tmp_path, HEALTHY, install_args="")
+    assert result.returncode == 1
+    assert report(result)["release"].startswith(
+        f"FAIL no release {RELEASE} in {RELEASE}: run make deploy"
+    )
+    assert not any(c[:2] == ["helm", "install"] for c in calls)
+
+
+def test_make_targets_name_the_kind_cluster_and_pass_extra_deploy_arguments() -> None:
+    make = require_tool("make", "make")
+
+    def dry_run(*args: str) -> str:
+        return subprocess.run(
+            [make, "--no-print-directory", "-n", "-C", str(REPO), *args],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        ).stdout
+
+    assert "kind create cluster --name 'other'" in dry_run("cluster-up", "K8S_CLUSTER=other")
+    deploy = dry_run("deploy", "DEPLOY_ARGS=--set redis.mode=cluster")
+    assert "--set redis.mode=cluster" in deploy
+    smoke = dry_run("smoke")
+    assert "SMOKE_RELEASE='frm' SMOKE_NAMESPACE='fastapi-redis-mini'" in smoke
+
+
+def test_an_old_bash_is_refused_with_a_message(tmp_path: Path) -> None:
+    # BASH_VERSINFO is read-only; a shell function stands in for the version check's view.
+    script = SCRIPT.read_text().replace("BASH_VERSINFO[0]", "3").replace("BASH_VERSINFO[1]", "2")
+    old = tmp_path / "smoke.sh"
+    old.write_text(script)
+    result = subprocess.run(["bash", str(old)], capture_output=True, text=True, check=False)
+    assert result.returncode == 2
+    assert "needs bash 4.4 or later" in result.stderr
 
 
 def test_every_command_it_runs_is_printed_first(tmp_path: Path) -> None:

@@ -1,8 +1,9 @@
-"""The generated Redis password survives upgrades, and a new password rolls the pods.
+"""What an upgrade reads from the cluster: the generated Redis password survives upgrades, a
+new password rolls the pods, and the live Redis StatefulSet refuses changes it cannot take.
 
-Helm's `lookup` reads the live Secret during an upgrade. A minimal Kubernetes API on loopback
-answers the two requests Helm makes for it, and the Helm Go SDK renders against it exactly as
-`helm upgrade` would.
+Helm's `lookup` reads the live Secret and StatefulSet during an upgrade. A minimal Kubernetes
+API on loopback answers the requests Helm makes for them, and the Helm Go SDK renders against
+it exactly as `helm upgrade` would.
 """
 
 from __future__ import annotations
@@ -17,10 +18,25 @@ from typing import Any
 import pytest
 import yaml
 
-from .helm import CHART, NAMESPACE, RELEASE
+from .helm import CHART, NAMESPACE, RELEASE, only, render
 
 SECRET_NAME = f"{RELEASE}-fastapi-redis-mini-redis"
 SECRET_PATH = f"/api/v1/namespaces/{NAMESPACE}/secrets/{SECRET_NAME}"
+STATEFULSET_NAME = f"{RELEASE}-fastapi-redis-mini-redis"
+STATEFULSET_PATH = f"/apis/apps/v1/namespaces/{NAMESPACE}/statefulsets/{STATEFULSET_NAME}"
+APPS_RESOURCES = {
+    "kind": "APIResourceList",
+    "groupVersion": "apps/v1",
+    "resources": [
+        {
+            "name": "statefulsets",
+            "singularName": "statefulset",
+            "namespaced": True,
+            "kind": "StatefulSet",
+            "verbs": ["get", "list"],
+        },
+    ],
+}
 CORE_RESOURCES = {
     "kind": "APIResourceList",
     "groupVersion": "v1",
@@ -37,10 +53,12 @@ CORE_RESOURCES = {
 
 
 class FakeApiServer(ThreadingHTTPServer):
-    """Serves the core API's resource list and the Secrets it holds; 404 for the rest."""
+    """Serves the core and apps API's resource lists, the Redis Secret and the other objects
+    it holds by path; 404 for the rest."""
 
     secret: dict[str, Any] | None = None
     other_secrets: dict[str, dict[str, Any]]
+    statefulset: dict[str, Any] | None = None
     requests: list[str]
 
 
@@ -53,6 +71,10 @@ class _Handler(BaseHTTPRequestHandler):
         body: dict[str, Any] | None = None
         if path == "/api/v1":
             body = CORE_RESOURCES
+        elif path == "/apis/apps/v1":
+            body = APPS_RESOURCES
+        elif path == STATEFULSET_PATH:
+            body = self.server.statefulset
         elif path == SECRET_PATH:
             body = self.server.secret
         else:
@@ -203,3 +225,80 @@ def test_rotating_an_existing_secret_rolls_redis_the_api_and_the_worker_on_upgra
     for component in ("redis", "api", "worker"):
         name = f"{RELEASE}-fastapi-redis-mini-{component}"
         assert before[name] != after[name], f"{component} keeps the old password"
+
+
+# -- changes the live Redis StatefulSet cannot take ----------------------------------------
+
+CLUSTER = {"redis": {"mode": "cluster"}}
+
+
+def installed(server: FakeApiServer, values: dict[str, Any]) -> None:
+    """The cluster holds the Redis StatefulSet as an install with these values created it."""
+    server.statefulset = only(render(values), "StatefulSet", "redis")
+
+
+def refusal(server: FakeApiServer, values: dict[str, Any]) -> str:
+    import helm_python
+
+    with pytest.raises(helm_python.HelmError) as refused:
+        upgrade_files(server, values)
+    assert STATEFULSET_PATH in server.requests
+    return str(refused.value)
+
+
+def test_an_upgrade_with_the_same_layout_renders(api_server: FakeApiServer) -> None:
+    installed(api_server, CLUSTER)
+    assert f"{RELEASE}-fastapi-redis-mini-redis" in pod_templates(api_server, CLUSTER)
+    assert STATEFULSET_PATH in api_server.requests
+
+
+@pytest.mark.parametrize(
+    "change", [{"masters": 4}, {"replicasPerMaster": 2}], ids=["masters", "replicas"]
+)
+def test_an_upgrade_that_changes_the_clusters_layout_is_refused_saying_what_to_do(
+    api_server: FakeApiServer, change: dict[str, int]
+) -> None:
+    installed(api_server, CLUSTER)
+    message = refusal(api_server, {"redis": {"mode": "cluster", "cluster": change}})
+    assert "the cluster was created with 3 masters x 1 replicas" in message
+    assert "Changing the layout" in message
+    assert "redis.cluster.allowLayoutChange=true" in message
+    allowed = {"redis": {"mode": "cluster", "cluster": {**change, "allowLayoutChange": True}}}
+    assert pod_templates(api_server, allowed)
+
+
+def test_a_statefulset_from_before_the_layout_annotation_is_judged_by_its_pod_count(
+    api_server: FakeApiServer,
+) -> None:
+    installed(api_server, CLUSTER)
+    assert api_server.statefulset is not None
+    del api_server.statefulset["metadata"]["annotations"]
+    assert pod_templates(api_server, CLUSTER)
+    message = refusal(api_server, {"redis": {"mode": "cluster", "cluster": {"masters": 4}}})
+    assert "the cluster was created with 6 pods" in message
+
+
+@pytest.mark.parametrize(
+    ("before", "after"), [("standalone", "cluster"), ("cluster", "standalone")]
+)
+def test_switching_redis_mode_in_place_is_refused_saying_what_to_do(
+    api_server: FakeApiServer, before: str, after: str
+) -> None:
+    installed(api_server, {"redis": {"mode": before}})
+    message = refusal(api_server, {"redis": {"mode": after}})
+    assert "redis.mode" in message
+    assert "kubectl delete statefulset" in message
+
+
+@pytest.mark.parametrize(
+    "persistence",
+    [{"size": "2Gi"}, {"enabled": False}, {"storageClass": "fast"}],
+    ids=["size", "off", "class"],
+)
+def test_a_new_volume_claim_template_is_refused_saying_what_to_do(
+    api_server: FakeApiServer, persistence: dict[str, Any]
+) -> None:
+    installed(api_server, {})
+    message = refusal(api_server, {"redis": {"persistence": persistence}})
+    assert "redis.persistence" in message
+    assert "--cascade=orphan" in message

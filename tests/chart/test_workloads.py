@@ -220,9 +220,10 @@ def test_redis_keeps_the_queue_durable_and_never_evicts_it() -> None:
 
 def test_redis_takes_its_password_from_the_secret_but_not_on_the_command_line() -> None:
     redis = container(only(render_set("defaults"), "StatefulSet", "redis"))
-    script = redis["command"][-1]
-    assert "requirepass" in script
-    assert "$REDIS_PASSWORD" in script
+    assert redis["command"] == ["sh", "/scripts/start-node.sh"]
+    script = (CHART / "files" / "redis" / "start-node.sh").read_text()
+    assert 'requirepass "%s"' in script
+    assert '"$REDIS_PASSWORD"' in script
     assert "--requirepass" not in script
     assert "secretKeyRef" in redis["env"][0]["valueFrom"]
 
@@ -347,6 +348,7 @@ def test_without_keda_prometheus_adapter_serves_the_lag_as_an_external_metric() 
     assert metric["type"] == "External"
     assert metric["external"]["metric"]["name"] == "fastapi_redis_mini_stream_lag"
     assert metric["external"]["metric"]["selector"]["matchLabels"] == {
+        "release": "demo",
         "stream": "task_stream",
         "group": "workers",
     }
@@ -524,3 +526,61 @@ def test_the_headless_locust_run_is_a_hook_that_replaces_the_last_run() -> None:
     assert set(annotations["helm.sh/hook"].split(",")) == {"post-install", "post-upgrade"}
     assert "before-hook-creation" in annotations["helm.sh/hook-delete-policy"].split(",")
     assert job.is_hook
+
+
+def test_the_locust_run_waits_until_the_api_reads_from_redis() -> None:
+    import itertools
+    import subprocess
+    import sys
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    (job,) = find(render_set("loadtest"), "Job")
+    assert job.manifest["metadata"]["annotations"]["helm.sh/hook-weight"] == "10"
+    (wait,) = pod_spec(job.manifest)["initContainers"]
+    assert wait["command"][:2] == ["python", "-c"]
+    # A cluster still being created: the api answers 503 twice, then 404 for the unknown id.
+    answers = itertools.chain([503, 503], itertools.repeat(404))
+    asked: list[str] = []
+
+    class Api(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            asked.append(self.path)
+            self.send_response(next(answers))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            return
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Api)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        host, port = server.server_address[:2]
+        result = subprocess.run(
+            [sys.executable, "-c", wait["command"][2]],
+            env={"LOCUST_HOST": f"http://{host!s}:{port}"},
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+    assert result.returncode == 0, result.stderr
+    assert asked == ["/tasks/" + "0" * 32] * 3
+
+
+def test_notes_warn_when_the_lag_the_worker_scales_on_is_not_scraped() -> None:
+    warning = "metrics.serviceMonitor.enabled\n  is false"
+    scaled_on_prometheus = VALUE_SETS["redis-cluster-keda-networkpolicy"]
+    assert warning in render_notes(scaled_on_prometheus)
+    assert warning in render_notes(VALUE_SETS["prometheus-adapter"])
+    from .test_values import merge
+
+    scraped = merge(scaled_on_prometheus, {"metrics": {"serviceMonitor": {"enabled": True}}})
+    assert warning not in render_notes(scraped)
+    assert warning not in render_notes(VALUE_SETS["keda"])  # one partition: KEDA reads Redis

@@ -14,14 +14,23 @@
 # by hand. docs/kubernetes.md ("The smoke test") explains the report.
 #
 # Settings (environment):
-#   SMOKE_RELEASE, SMOKE_NAMESPACE  the release to check (frm-smoke in frm-smoke); installed
-#                                   from SMOKE_CHART with SMOKE_INSTALL_ARGS when missing
+#   SMOKE_RELEASE, SMOKE_NAMESPACE  the release to check (frm-smoke in frm-smoke; `make smoke`
+#                                   passes the one `make deploy` installs). When it is missing
+#                                   it is installed from SMOKE_CHART with SMOKE_INSTALL_ARGS,
+#                                   which must name images the cluster holds (api.image.*,
+#                                   worker.image.*); a namespace that existed before is kept
 #   SMOKE_TASKS                     tasks submitted through the port-forward (20)
 #   SMOKE_USERS, SMOKE_RUN_TIME     the Locust run (50 users for 2m)
 #   SMOKE_API_KEY                   sent as a bearer token, when the api requires keys
 #   SMOKE_LOCAL_PORT                local end of the port-forward (18000)
 #   SMOKE_WAIT_SECONDS              how long each wait may last (300)
 set -euo pipefail
+
+# ${var@Q} and empty arrays under `set -u` need bash 4.4; macOS ships 3.2 as /bin/bash.
+if ((BASH_VERSINFO[0] < 4 || (BASH_VERSINFO[0] == 4 && BASH_VERSINFO[1] < 4))); then
+    echo "make smoke needs bash 4.4 or later, not ${BASH_VERSION} (on macOS: brew install bash)" >&2
+    exit 2
+fi
 
 CHART=${SMOKE_CHART:-charts/fastapi-redis-mini}
 RELEASE=${SMOKE_RELEASE:-frm-smoke}
@@ -39,6 +48,7 @@ API="http://127.0.0.1:${LOCAL_PORT}"
 SELECTOR="app.kubernetes.io/instance=${RELEASE}"
 WORK=$(mktemp -d)
 INSTALLED=0
+CREATED_NAMESPACE=0
 REVISION_BEFORE_LOAD=""
 PORT_FORWARD_PID=""
 FAILED=0
@@ -48,9 +58,9 @@ REPORT=()
 # silenced error hides them.
 exec 3>&2
 
-# Print a command the way a shell would take it back, then run it. One write per line, so
-# a command running in the background cannot split another's line.
-run() {
+# Print a command the way a shell would take it back. One write per line, so a command
+# running in the background cannot split another's line.
+trace() {
     local line="+" arg
     for arg in "$@"; do
         if [[ $arg =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then
@@ -60,6 +70,11 @@ run() {
         fi
     done
     printf '%s\n' "$line" >&3
+}
+
+# Print a command, then run it.
+run() {
+    trace "$@"
     "$@"
 }
 
@@ -99,7 +114,10 @@ start_port_forward() {
     if [[ -z $service ]]; then
         return 1
     fi
-    run kubectl -n "$NAMESPACE" port-forward "svc/${service}" "${LOCAL_PORT}:${port}" \
+    # Started directly, not through run: `run ... &` would fork a subshell, $! would be that
+    # subshell, and killing it would leave kubectl forwarding after the script ends.
+    trace kubectl -n "$NAMESPACE" port-forward "svc/${service}" "${LOCAL_PORT}:${port}"
+    kubectl -n "$NAMESPACE" port-forward "svc/${service}" "${LOCAL_PORT}:${port}" \
         >"${WORK}/port-forward.log" 2>&1 &
     PORT_FORWARD_PID=$!
     local tries
@@ -125,8 +143,13 @@ cleanup() {
     stop_port_forward
     if ((INSTALLED)); then
         run helm uninstall "$RELEASE" -n "$NAMESPACE" --wait || true
-        # The Redis Secret outlives helm uninstall (resource-policy keep); the namespace goes.
-        run kubectl delete namespace "$NAMESPACE" --wait=false || true
+        # The Redis Secret outlives helm uninstall (resource-policy keep): a namespace this
+        # script created goes, and in one that was there before only that Secret is removed.
+        if ((CREATED_NAMESPACE)); then
+            run kubectl delete namespace "$NAMESPACE" --wait=false || true
+        else
+            kube delete secret -l "${SELECTOR},app.kubernetes.io/component=redis" || true
+        fi
     elif [[ -n $REVISION_BEFORE_LOAD ]]; then
         run helm rollback "$RELEASE" "$REVISION_BEFORE_LOAD" -n "$NAMESPACE" --wait || true
         kube delete job -l "${SELECTOR},app.kubernetes.io/component=locust-job" || true
@@ -147,11 +170,26 @@ print_report() {
     fi
 }
 
+# Whether SMOKE_INSTALL_ARGS says which images to run: the chart's default images are in no
+# registry, and an install without them only ends in ImagePullBackOff after the whole wait.
+names_images() {
+    local args=" ${INSTALL_ARGS[*]} "
+    [[ $args == *" -f "* || $args == *" --values"* ]] ||
+        [[ $args == *"api.image."* && $args == *"worker.image."* ]]
+}
+
 # -- 1. the release ---------------------------------------------------------------------
 run kubectl config current-context
 if run helm status "$RELEASE" -n "$NAMESPACE" >/dev/null 2>&1; then
     result PASS release "using the existing release"
+elif ! names_images; then
+    result FAIL release "no release ${RELEASE} in ${NAMESPACE}: run make deploy (builds, loads and installs the images), or set SMOKE_INSTALL_ARGS to api.image.* and worker.image.* the cluster can pull"
+    print_report
+    exit 1
 else
+    if ! run kubectl get namespace "$NAMESPACE" >/dev/null 2>&1; then
+        CREATED_NAMESPACE=1
+    fi
     if run helm install "$RELEASE" "$CHART" -n "$NAMESPACE" --create-namespace \
         --wait --timeout "${WAIT_SECONDS}s" "${INSTALL_ARGS[@]}"; then
         INSTALLED=1

@@ -14,6 +14,10 @@ outcome with request type TASK:
 
     task end-to-end              submit -> terminal state, for tasks a worker ran
     task end-to-end (cache hit)  the POST itself answered DONE from the result cache
+    task shed                    a 429 or 503 with Retry-After: the service refusing load as
+                                 designed and saying when to come back; the user waits that
+                                 long, and it is not a failure (a 429 or 503 without
+                                 Retry-After is one)
 
 The traffic mix is set with these options. Each also reads an environment variable,
 LOCUST_ plus the option in upper case (--unique-share -> LOCUST_UNIQUE_SHARE), and all of them
@@ -59,6 +63,10 @@ TERMINAL = frozenset({"DONE", "FAILED", "CANCELLED"})
 TASK_REQUEST_TYPE = "TASK"
 END_TO_END = "task end-to-end"
 END_TO_END_CACHED = "task end-to-end (cache hit)"
+SHED = "task shed"
+# Answers that shed load on purpose, when they say when to retry.
+SHED_STATUSES = frozenset({429, 503})
+RETRY_AFTER_MAX = 30.0
 SUBMIT_NAME = "POST /tasks"
 POLL_NAME = "GET /tasks/{id}?wait"
 MODEL = "loadtest"
@@ -181,6 +189,16 @@ class _Answer(Protocol):
     def failure(self, exc: object) -> None: ...
 
 
+def _retry_after(response: _Answer) -> float | None:
+    """Retry-After in seconds, or None when the answer has none (or not a number)."""
+    value = response.headers.get("Retry-After") if response.headers else None
+    if not value:
+        return None
+    with contextlib.suppress(ValueError):
+        return max(0.0, float(value))
+    return None
+
+
 def _describe(response: _Answer) -> str:
     return f"HTTP {response.status_code}: {(response.text or '')[:200]!r}"
 
@@ -301,6 +319,8 @@ class TaskSubmitter(FastHttpUser):
         self._report(END_TO_END, started, error)
 
     def _accept_submission(self, response: _Answer) -> dict[str, Any] | None:
+        if self._shed(response):
+            return None
         if response.status_code not in (200, 202):
             response.failure(_describe(response))
             self._respect_retry_after(response)
@@ -335,6 +355,8 @@ class TaskSubmitter(FastHttpUser):
                 catch_response=True,
             ) as raw:
                 response = cast(_Answer, raw)
+                if self._shed(response):
+                    continue
                 if response.status_code != 200:
                     response.failure(_describe(response))
                     return status, f"polling {task_id} got HTTP {response.status_code}"
@@ -352,11 +374,26 @@ class TaskSubmitter(FastHttpUser):
                 backoff = min(backoff * 2, BACKOFF_MAX)
         return status, f"task {task_id} still {status} after {MAX_POLLS_PER_TASK} polls"
 
+    def _shed(self, response: _Answer) -> bool:
+        """A 429 or 503 with Retry-After: counted as shed, not failed, and waited out."""
+        if response.status_code not in SHED_STATUSES or _retry_after(response) is None:
+            return False
+        response.success()
+        self.environment.events.request.fire(
+            request_type=TASK_REQUEST_TYPE,
+            name=SHED,
+            response_time=0,
+            response_length=0,
+            exception=None,
+            context={},
+        )
+        self._respect_retry_after(response)
+        return True
+
     def _respect_retry_after(self, response: _Answer) -> None:
-        retry_after = response.headers.get("Retry-After") if response.headers else None
-        if retry_after:
-            with contextlib.suppress(ValueError):
-                time.sleep(min(float(retry_after), 30.0))
+        retry_after = _retry_after(response)
+        if retry_after is not None:
+            time.sleep(min(retry_after, RETRY_AFTER_MAX))
 
     def _report(self, name: str, started: float, error: str | None) -> None:
         self.environment.events.request.fire(

@@ -72,11 +72,23 @@ An environment value as text. Helm reads YAML numbers as floats, so 1000000 woul
 {{- end }}
 
 {{/*
-The Redis Service's fully qualified name, for consumers in other namespaces (KEDA's
-operator runs in its own): a short name only resolves inside the release's namespace.
+The Service clients bootstrap from: the headless one in standalone mode, and in cluster mode
+the redis-client Service, which lists only nodes in a healthy cluster.
+*/}}
+{{- define "frm.redisClientHost" -}}
+{{- if eq .Values.redis.mode "cluster" }}
+{{- include "frm.componentName" (list . "redis-client") }}
+{{- else }}
+{{- include "frm.redisHost" . }}
+{{- end }}
+{{- end }}
+
+{{/*
+That Service's fully qualified name, for consumers in other namespaces (KEDA's operator runs
+in its own): a short name only resolves inside the release's namespace.
 */}}
 {{- define "frm.redisServiceFqdn" -}}
-{{- printf "%s.%s.svc.%s" (include "frm.redisHost" .) .Release.Namespace (trimSuffix "." .Values.clusterDomain) }}
+{{- printf "%s.%s.svc.%s" (include "frm.redisClientHost" .) .Release.Namespace (trimSuffix "." .Values.clusterDomain) }}
 {{- end }}
 
 {{/*
@@ -95,7 +107,7 @@ Bytes in a Kubernetes quantity ("512Mi", "1G", "268435456") or a Redis size ("20
 
 {{/*
 Redis's maxmemory in bytes: redis.maxmemory when set, else redis.maxmemoryPercent of the
-container's memory limit. The rest of the limit is for the copy-on-write pages of the fork
+container's memory limit, and at most 75% of it. The rest of the limit is for the copy-on-write pages of the fork
 that rewrites the AOF, client buffers and allocator overhead. Without a maxmemory below the
 limit, noeviction never applies: the kernel kills Redis instead of Redis refusing writes.
 */}}
@@ -112,8 +124,10 @@ limit, noeviction never applies: the kernel kills Redis instead of Redis refusin
 {{- else }}
 {{- $bytes = div (mul $limitBytes (int64 $redis.maxmemoryPercent)) 100 }}
 {{- end }}
-{{- if ge $bytes $limitBytes }}
-{{- fail (printf "redis.maxmemory (%v = %d bytes) must be below redis.resources.limits.memory (%v = %d bytes), or the kernel kills Redis before it refuses writes" $redis.maxmemory $bytes $limit $limitBytes) }}
+{{- /* A quarter of the limit at least stays free: an AOF rewrite forks Redis, and under a
+steady write load the copy-on-write pages approach the data's size. */}}
+{{- if gt (mul $bytes 100) (mul $limitBytes 75) }}
+{{- fail (printf "redis.maxmemory (%v = %d bytes) must be at most 75%% of redis.resources.limits.memory (%v = %d bytes): the rest is for the fork that rewrites the AOF, or the kernel kills Redis before it refuses writes" $redis.maxmemory $bytes $limit $limitBytes) }}
 {{- end }}
 {{- if le $bytes 0 }}
 {{- fail (printf "redis.maxmemory (%v) must be more than 0 bytes" $redis.maxmemory) }}
@@ -130,13 +144,13 @@ limit, noeviction never applies: the kernel kills Redis instead of Redis refusin
 {{- define "frm.redisCaDir" -}}/etc/fastapi-redis-mini/redis-ca{{- end }}
 
 {{/*
-REDIS_URL. In cluster mode it names the headless Service, which resolves to every pod: the
-client discovers the cluster from whichever answers. An external CA is passed to the client
+REDIS_URL. In cluster mode it names the redis-client Service, which lists only nodes in a
+healthy cluster: the client discovers the rest of the cluster from whichever answers. An external CA is passed to the client
 as the URL's ssl_ca_certs option.
 */}}
 {{- define "frm.redisUrl" -}}
 {{- if include "frm.redisDeployed" . }}
-{{- printf "redis://%s:%d/0" (include "frm.redisHost" .) (int .Values.redis.port) }}
+{{- printf "redis://%s:%d/0" (include "frm.redisClientHost" .) (int .Values.redis.port) }}
 {{- else }}
 {{- $url := required "externalRedis.url is required when redis.mode=external" .Values.externalRedis.url }}
 {{- with .Values.externalRedis.tls.caSecret }}
@@ -186,7 +200,7 @@ as the URL's ssl_ca_certs option.
 {{- printf "%s.%s.svc.%s" (include "frm.redisHost" .) .Release.Namespace (trimSuffix "." .Values.clusterDomain) }}
 {{- end }}
 
-{{/* "host:port host:port ...": every cluster node, as the create Job and KEDA dial them. */}}
+{{/* "host:port host:port ...": every cluster node, as the cluster-bootstrap container dials them. */}}
 {{- define "frm.redisClusterNodes" -}}
 {{- $nodes := list }}
 {{- range $i := until (int (include "frm.redisClusterNodeCount" .)) }}
@@ -325,8 +339,150 @@ volumeMounts:
 {{- define "frm.queuePartitions" -}}
 {{- $set := .Values.config.queuePartitions }}
 {{- if $set }}{{ int $set }}
-{{- else if eq .Values.redis.mode "cluster" }}
+{{- else if include "frm.redisIsCluster" . }}
 {{- if or .Values.api.submitRatePerKey .Values.api.maxUnfinishedPerKey }}1{{ else }}16{{ end }}
 {{- else if eq .Values.redis.mode "standalone" }}1
+{{- end }}
+{{- end }}
+
+{{/*
+Labels of a pod template whose every change restarts a stateful pod: the recommended labels
+that stay the same from one chart version to the next (no helm.sh/chart, no version), so a
+chart bump alone never restarts Redis. Call with (list $ "redis" extraLabels).
+*/}}
+{{- define "frm.stablePodLabels" -}}
+{{- $root := index . 0 -}}
+{{- include "frm.selectorLabels" (list $root (index . 1)) }}
+app.kubernetes.io/managed-by: {{ $root.Release.Service }}
+app.kubernetes.io/part-of: {{ include "frm.name" $root }}
+{{- with $root.Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- with index . 2 }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Cluster mode: the layout the StatefulSet was created for, kept in an annotation. */}}
+{{- define "frm.redisClusterLayout" -}}
+{{- printf "%d masters x %d replicas" (int .Values.redis.cluster.masters) (int .Values.redis.cluster.replicasPerMaster) }}
+{{- end }}
+
+{{- define "frm.redisLayoutAnnotation" -}}fastapi-redis-mini/cluster-layout{{- end }}
+
+{{/*
+Refuse an upgrade that the Redis StatefulSet cannot take, with what to do instead. Call with
+(list $ existing), where existing is the live StatefulSet (lookup) or empty: `helm template`
+and GitOps renders see nothing, and check nothing.
+- Kubernetes forbids changing podManagementPolicy (it differs between standalone and cluster)
+  and volumeClaimTemplates (persistence size, storage class, on or off) in place.
+- In cluster mode the chart never moves slots: more or fewer pods than the cluster was
+  created with would leave new nodes empty or take masters away with their slots.
+*/}}
+{{- define "frm.redisStatefulSetGuard" -}}
+{{- $root := index . 0 }}
+{{- $existing := index . 1 }}
+{{- if $existing }}
+{{- $name := include "frm.componentName" (list $root "redis") }}
+{{- $cluster := eq $root.Values.redis.mode "cluster" }}
+{{- $policy := dig "spec" "podManagementPolicy" "OrderedReady" $existing }}
+{{- if ne $policy (ternary "Parallel" "OrderedReady" $cluster) }}
+{{- fail (printf "redis.mode: the StatefulSet %s was created for another redis.mode, and Kubernetes cannot change it in place (podManagementPolicy). A new mode is a new Redis: drain the queue, delete the StatefulSet and its claims (kubectl delete statefulset %s; kubectl delete pvc -l app.kubernetes.io/instance=%s,app.kubernetes.io/component=redis), then upgrade. See the chart README, \"Changes a StatefulSet cannot take\"." $name $name $root.Release.Name) }}
+{{- end }}
+{{- $claims := dig "spec" "volumeClaimTemplates" (list) $existing }}
+{{- $had := "" }}
+{{- $hadClass := "" }}
+{{- with $claims }}
+{{- $claim := first . }}
+{{- $had = dig "spec" "resources" "requests" "storage" "" $claim }}
+{{- $hadClass = dig "spec" "storageClassName" "" $claim }}
+{{- end }}
+{{- $persistence := $root.Values.redis.persistence }}
+{{- $want := ternary $persistence.size "" $persistence.enabled }}
+{{- $wantClass := ternary $persistence.storageClass "" $persistence.enabled }}
+{{- if or (ne (toString $had) (toString $want)) (and $wantClass (ne $hadClass $wantClass)) }}
+{{- fail (printf "redis.persistence: the StatefulSet %s has claims of %q and these values ask for %q; Kubernetes cannot change volumeClaimTemplates in place. To grow the volumes, resize each claim (kubectl edit pvc, if the StorageClass allows expansion), then kubectl delete statefulset %s --cascade=orphan and upgrade: the pods keep running and are adopted. See the chart README, \"Changes a StatefulSet cannot take\"." $name (default "no claim" (toString $had)) (default "no claim" (toString $want)) $name) }}
+{{- end }}
+{{- if and $cluster (not $root.Values.redis.cluster.allowLayoutChange) }}
+{{- $was := dig "metadata" "annotations" (include "frm.redisLayoutAnnotation" $root) "" $existing }}
+{{- $now := include "frm.redisClusterLayout" $root }}
+{{- $layoutChanged := false }}
+{{- if $was }}
+{{- $layoutChanged = ne $was $now }}
+{{- else }}
+{{- $layoutChanged = ne (int (dig "spec" "replicas" 0 $existing)) (int (include "frm.redisClusterNodeCount" $root)) }}
+{{- $was = printf "%v pods" (dig "spec" "replicas" 0 $existing) }}
+{{- end }}
+{{- if $layoutChanged }}
+{{- fail (printf "redis.cluster: the cluster was created with %s and these values ask for %s. The chart never moves hash slots, so new nodes would stay empty and removed masters would take their slots with them. Keep redis.cluster.masters and replicasPerMaster as they were, or follow the chart README, \"Changing the layout\", and upgrade with redis.cluster.allowLayoutChange=true." $was $now) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* This pod's name and address, from the downward API. */}}
+{{- define "frm.podIdentityEnv" -}}
+- name: POD_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.name
+- name: POD_IP
+  valueFrom:
+    fieldRef:
+      fieldPath: status.podIP
+{{- end }}
+
+{{/*
+A checksum of one key of a Secret the user brings, for the pod templates that read it: a
+rotated API key or CA then rolls those pods on `helm upgrade`. `helm template` cannot read
+the Secret and gives a fixed checksum. Call with (list $ secretName key).
+*/}}
+{{- define "frm.secretChecksum" -}}
+{{- $root := index . 0 }}
+{{- $secret := lookup "v1" "Secret" $root.Release.Namespace (index . 1) }}
+{{- index (default (dict) (get $secret "data")) (index . 2) | default "" | sha256sum }}
+{{- end }}
+
+{{/* The external Redis's CA checksum annotation, when there is a CA. */}}
+{{- define "frm.redisCaChecksum" -}}
+{{- if and (not (include "frm.redisDeployed" .)) .Values.externalRedis.tls.caSecret }}
+checksum/redis-ca: {{ include "frm.secretChecksum" (list . .Values.externalRedis.tls.caSecret .Values.externalRedis.tls.caKey) }}
+{{- end }}
+{{- end }}
+
+{{/* The one stream of a single-partition queue, as core/redis/keys.py names it: on a cluster
+every key starts with one hash tag. */}}
+{{- define "frm.streamKey" -}}
+{{- $stream := printf "%s%s" .Values.config.keyPrefix .Values.config.queueKey }}
+{{- if include "frm.redisIsCluster" . }}
+{{- $stream = printf "{%s}:%s" $stream .Values.config.queueKey }}
+{{- end }}
+{{- $stream }}
+{{- end }}
+
+{{/*
+The `stream` label of the api's lag gauge: the stream's key with one partition, the queue's
+name (config.queueKey) for the sum over several, and empty when the service decides the
+partitions at start (external Redis without config.queuePartitions).
+*/}}
+{{- define "frm.lagStreamLabel" -}}
+{{- $partitions := include "frm.queuePartitions" . }}
+{{- if eq $partitions "1" }}
+{{- include "frm.streamKey" . }}
+{{- else if $partitions }}
+{{- .Values.config.queueKey }}
+{{- end }}
+{{- end }}
+
+{{/* "true" when the queue lives on a Redis Cluster: the chart's (redis.mode=cluster) or an
+external one (externalRedis.cluster). */}}
+{{- define "frm.redisIsCluster" -}}
+{{- if or (eq .Values.redis.mode "cluster") (and (eq .Values.redis.mode "external") .Values.externalRedis.cluster) }}true{{ end }}
+{{- end }}
+
+{{/* The user name in externalRedis.url, or nothing. */}}
+{{- define "frm.externalRedisUsername" -}}
+{{- if eq .Values.redis.mode "external" }}
+{{- with (urlParse .Values.externalRedis.url).userinfo }}{{ (splitList ":" .) | first }}{{ end }}
 {{- end }}
 {{- end }}
