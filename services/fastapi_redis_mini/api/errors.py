@@ -63,6 +63,15 @@ class TooManyUnfinishedError(ServiceError):
     headers: ClassVar[Mapping[str, str]] = {"Retry-After": "5"}
 
 
+class TooManyStoredBytesError(ServiceError):
+    status_code, code = 429, "too_many_stored_bytes"
+
+
+class TooManyWaitsError(ServiceError):
+    status_code, code = 429, "too_many_waits"
+    headers: ClassVar[Mapping[str, str]] = {"Retry-After": "1"}
+
+
 class UnsupportedMediaTypeError(ServiceError):
     status_code, code = 415, "unsupported_media_type"
 

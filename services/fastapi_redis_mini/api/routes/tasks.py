@@ -41,6 +41,7 @@ from ..errors import (
     IdempotencyKeyReusedError,
     RateLimitedError,
     TaskNotFoundError,
+    TooManyStoredBytesError,
     TooManyUnfinishedError,
 )
 from ..state import ApiState, api_state
@@ -143,6 +144,13 @@ async def _submit(
             f"this API key has {state.settings.max_unfinished_per_key} tasks that are "
             "not final yet (MAX_UNFINISHED_PER_KEY); retry once some finish",
             headers=fields,
+        )
+    if submitted.outcome is SubmitOutcome.TOO_MANY_STORED_BYTES:
+        retry_after = max(1, submitted.retry_after)
+        raise TooManyStoredBytesError(
+            f"this API key's stored tasks hold {state.settings.max_stored_bytes_per_key} bytes "
+            f"(MAX_STORED_BYTES_PER_KEY); retry in {retry_after} s, once some expire",
+            headers={"Retry-After": str(retry_after), **(fields or {})},
         )
     if submitted.outcome is SubmitOutcome.IDEMPOTENCY_KEY_REUSED:
         raise IdempotencyKeyReusedError(

@@ -238,7 +238,7 @@ class RedisTaskQueue(SlotRouting):
     @_translated
     async def _submit_many(self, partition: Keys, tasks: Sequence[_NewTask]) -> list[Submitted]:
         s = self.settings
-        # Quotas are per API key; without a key (scope "") there is nothing to count.
+        # Quotas are per API key; without API_KEYS every client shares scope "" and its quota.
         quotas = s.quotas
         keys = [partition.stream]
         batch = []
@@ -249,7 +249,11 @@ class RedisTaskQueue(SlotRouting):
                 partition.idempotency(t.idempotency_key or "", t.scope),
             )
             if quotas:
-                keys += (partition.submit_quota(t.scope), partition.unfinished(t.scope))
+                keys += (
+                    partition.submit_quota(t.scope),
+                    partition.unfinished(t.scope),
+                    partition.stored_bytes(t.scope),
+                )
             keyed: int | str = 0 if t.idempotency_key is None else (t.replacing or 1)
             batch.append(
                 {
@@ -267,7 +271,8 @@ class RedisTaskQueue(SlotRouting):
             args=[repr(time.time()), s.cache_ttl, s.result_expiry, s.idempotency_ttl,
                   repr(s.submit_rate_per_key), s.submit_burst_per_key, s.max_unfinished_per_key,
                   int(quotas), orjson.dumps(batch),
-                  partition.work if len(self.partitions) > 1 else "", self._publish],
+                  partition.work if len(self.partitions) > 1 else "", self._publish,
+                  s.max_stored_bytes_per_key],
         )  # fmt: skip
         submitted = []
         for answer in orjson.loads(reply):
@@ -281,6 +286,7 @@ class RedisTaskQueue(SlotRouting):
                     if outcome is SubmitOutcome.CACHED
                     else None,
                     quota=_quota(s, tokens, answer["reset_ms"]) if tokens >= 0 else None,
+                    retry_after=math.ceil(answer["reset_ms"] / 1000),
                 )
             )
         return submitted
