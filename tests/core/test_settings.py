@@ -100,7 +100,9 @@ def test_a_service_with_a_bad_value_exits_at_once_with_one_line(module: str) -> 
     ("variable", "value"),
     [("MAX_HEADER_BYTES", "10"), ("HEADER_TIMEOUT", "0"), ("TENANT_SECRET", "short")],
 )
-def test_a_bad_server_limit_stops_the_api_with_one_line_naming_it(variable: str, value: str) -> None:
+def test_a_bad_server_limit_stops_the_api_with_one_line_naming_it(
+    variable: str, value: str
+) -> None:
     completed = subprocess.run(
         [sys.executable, "-m", "fastapi_redis_mini.api"],
         env={variable: value, "PATH": "/usr/bin:/bin"},
@@ -124,7 +126,8 @@ def test_quotas_are_on_by_default_and_bound_all_clients_without_keys(
     assert defaults.max_unfinished_per_key == 1000
     assert defaults.max_stored_bytes_per_key == 64 * 1024 * 1024
     assert defaults.max_waits_per_key == 50
-    assert defaults.quotas and not defaults.api_keys
+    assert defaults.quotas
+    assert not defaults.api_keys
 
 
 @pytest.mark.slow
