@@ -221,3 +221,28 @@ def test_header_floods_leave_the_api_memory_flat(api: Process, connect: Connect)
         sock.close()
     assert before > 0
     assert after - before < 10 * 1024, (before, after)  # under 10 MiB, not the review's 50 MB
+
+
+def test_a_client_that_leaves_mid_body_is_no_500_and_no_error(
+    api: Process, connect: Connect
+) -> None:
+    sock = connect()
+    sock.sendall(
+        b"POST /tasks HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 100\r\n\r\n{"
+    )
+    time.sleep(0.3)
+    sock.close()
+    time.sleep(0.5)
+    metrics = httpx.get(f"{api.base_url}/metrics", timeout=5).text
+    assert 'route="/tasks",status="499"' in metrics
+    errors = [
+        line
+        for line in metrics.splitlines()
+        if 'route="/tasks",status="500"' in line
+        and line.startswith("fastapi_redis_mini_http_requests_total")
+    ]
+    assert errors
+    assert all(line.endswith(" 0.0") for line in errors), errors
+    assert "ERROR" not in api.log
+    assert "Traceback" not in api.log

@@ -14,7 +14,7 @@ from ..core.settings import Settings, get_settings
 from ..core.telemetry.logging import configure_logging
 from ..core.telemetry.tracing import configure_tracing, shutdown_tracing
 from ._limits import ParamsCheck
-from ._middleware import BodyLimitMiddleware, MetricsMiddleware
+from ._middleware import BodyLimitMiddleware, MetricsMiddleware, SecurityHeadersMiddleware
 from .deps import operation_id
 from .drain import DrainMiddleware, marker_path
 from .errors import install_error_handlers
@@ -72,6 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(MetricsMiddleware)
     app.add_middleware(DrainMiddleware, marker=marker_path())
     if tracing:

@@ -12,8 +12,9 @@ from typing import Any, ClassVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..core.queue import QueueState, QueueUnavailable
 from ..core.telemetry import metrics
@@ -113,6 +114,9 @@ UNAVAILABLE: Mapping[QueueState, tuple[str, int]] = {
 }
 
 
+CLIENT_CLOSED_REQUEST = 499
+
+
 def error_response(
     status: int, code: str, message: str, headers: Mapping[str, str] | None = None
 ) -> JSONResponse:
@@ -167,6 +171,14 @@ def install_error_handlers(app: FastAPI) -> None:
             503, code, f"the task store cannot serve requests now ({error.state.value}); "
             "retry shortly", {"Retry-After": str(retry_after)},
         )  # fmt: skip
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(request: Request, _: ClientDisconnect) -> Response:
+        # The client left mid-request: nothing to answer, and no fault of the service, so no
+        # ERROR and no 5xx for anyone to trip the availability alerts with. 499 is nginx's
+        # code for it, and only the metrics see it.
+        log.info("client disconnected before its request was read: %s", request.url.path)
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, error: Exception) -> JSONResponse:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import asynccontextmanager
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +18,7 @@ from ..core.queue import TaskQueue
 from ..core.redis import RedisTaskQueue, connect
 from ..core.settings import Settings
 from . import metrics
-from .errors import BacklogFullError
+from .errors import BacklogFullError, TooManyWaitsError
 
 _REJECTED = metrics.tasks_submitted.labels("rejected")
 
@@ -76,12 +77,42 @@ class BacklogGate:
             )
 
 
+class WaitSlots:
+    """Caps the requests one API key may hold open waiting (long-polls, event streams) in this
+    process at MAX_WAITS_PER_KEY: each holds a subscription and a connection, and 800 from
+    one key slowed every other key's submits a hundredfold."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._held: Counter[str] = Counter()
+
+    @contextmanager
+    def slot(self, scope: str) -> Iterator[None]:
+        """Hold one of `scope`'s slots for the block; 429 when it has none left."""
+        if self.limit and self._held[scope] >= self.limit:
+            raise TooManyWaitsError(
+                f"this API key already holds {self.limit} waiting requests "
+                "(MAX_WAITS_PER_KEY); retry once one ends"
+            )
+        self._held[scope] += 1
+        try:
+            yield
+        finally:
+            self._held[scope] -= 1
+            if not self._held[scope]:
+                del self._held[scope]
+
+    def held(self, scope: str) -> int:
+        return self._held[scope]
+
+
 @dataclass(frozen=True, slots=True)
 class ApiState:
     settings: Settings
     queue: TaskQueue
     api_keys: ApiKeys
     backlog: BacklogGate
+    waits: WaitSlots
     tracing: bool
     # Checks a submit's params with the Params model of TASK_HANDLER, if it declares one.
     check_params: Callable[[dict[str, Any]], None] | None
@@ -104,6 +135,7 @@ class ApiState:
                 queue=queue,
                 api_keys=ApiKeys(settings.api_keys),
                 backlog=BacklogGate(settings.max_backlog),
+                waits=WaitSlots(settings.max_waits_per_key),
                 tracing=tracing,
                 check_params=check_params,
             )

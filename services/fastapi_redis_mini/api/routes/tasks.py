@@ -206,16 +206,21 @@ def _wait_seconds(request: Request) -> float | None:
 async def get_task(request: Request) -> Response:
     """Read a task's status, result and timestamps; with ?wait=S, wait up to S for it to end."""
     state = api_state(request)
+    # Who asks comes first: without a valid key, nothing else is read or answered.
+    scope = tenant_of(request, state.api_keys)
     task_id: str = request.path_params["task_id"]
     wait = _wait_seconds(request)
     if wait:
         # Counted and timed apart: a long-poll takes its wait on purpose.
         request.state.metrics_route_suffix = metrics.LONG_POLL_SUFFIX
-    scope = tenant_of(request, state.api_keys)
     if not is_task_id(task_id):
         raise TaskNotFoundError()
     queue = state.queue
-    task = await (queue.wait(task_id, scope, wait) if wait else queue.get(task_id, scope))
+    if wait:
+        with state.waits.slot(scope):
+            task = await queue.wait(task_id, scope, wait)
+    else:
+        task = await queue.get(task_id, scope)
     if task is None:
         raise TaskNotFoundError()
     return _answer(task)
