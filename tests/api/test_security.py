@@ -5,10 +5,14 @@ keep it out of caches and sniffers."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 
+import redis.asyncio
 from pydantic import SecretStr
 
 from fastapi_redis_mini.api._middleware import DOCS_CSP
+from fastapi_redis_mini.core.redis.keys import Partitions
 
 from .conftest import ClientFactory
 
@@ -85,3 +89,24 @@ async def test_a_key_holding_max_waits_is_refused_another_until_one_ends(
     assert other_key.status_code == 404  # each key has its own slots
     assert [a.status_code for a in held] == [200, 200]
     assert after.status_code == 200
+
+
+async def test_tenant_ids_are_an_hmac_under_tenant_secret_not_a_bare_hash(
+    make_client: ClientFactory, redis_client: redis.asyncio.Redis, partitions: Partitions
+) -> None:
+    mine = {"X-API-Key": KEY}
+    legacy = hashlib.sha256(KEY.encode()).hexdigest()[:16]
+    secret = "a-server-side-secret-of-32-chars"
+    keyed = hmac.new(secret.encode(), KEY.encode(), hashlib.sha256).hexdigest()[:16]
+    scopes = []
+    for tenant_secret in (None, SecretStr(secret)):
+        async with make_client(worker=False, api_keys=KEYS, tenant_secret=tenant_secret) as client:
+            task_id = (await client.post("/tasks", json={"prompt": "x"}, headers=mine)).json()[
+                "task_id"
+            ]
+            read = await client.get(f"/tasks/{task_id}", headers=mine)
+        assert read.status_code == 200
+        keys = partitions.of_task(task_id)
+        assert keys is not None
+        scopes.append(await redis_client.hget(keys.task(task_id), "scope"))
+    assert scopes == [legacy, keyed]

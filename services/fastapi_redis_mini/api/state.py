@@ -24,10 +24,24 @@ _REJECTED = metrics.tasks_submitted.labels("rejected")
 
 
 class ApiKeys:
-    """The configured API keys, kept only as SHA-256 digests, and the tenant each one names."""
+    """The configured API keys, kept only as SHA-256 digests, and the tenant each one names.
 
-    def __init__(self, keys: Iterable[SecretStr]) -> None:
-        self._digests = tuple(self._digest(key.get_secret_value()) for key in keys)
+    A tenant id is the first 16 hex digits of HMAC-SHA256(TENANT_SECRET, key): without the
+    secret, a copy of Redis gives nothing to test guessed keys against. Without TENANT_SECRET
+    it is those of SHA-256(key), the ids of earlier releases (docs/security.md: migrating).
+    """
+
+    def __init__(self, keys: Iterable[SecretStr], secret: SecretStr | None = None) -> None:
+        values = [key.get_secret_value() for key in keys]
+        self._digests = tuple(self._digest(value) for value in values)
+        self._tenants = {
+            self._digest(value): (
+                hmac.new(secret.get_secret_value().encode(), value.encode(), hashlib.sha256)
+                if secret is not None
+                else hashlib.sha256(value.encode())
+            ).hexdigest()[:16]
+            for value in values
+        }
 
     @staticmethod
     def _digest(key: str) -> bytes:
@@ -47,7 +61,7 @@ class ApiKeys:
         matched = False
         for digest in self._digests:
             matched |= hmac.compare_digest(candidate, digest)
-        return candidate.hex()[:16] if matched else None
+        return self._tenants[candidate] if matched else None
 
 
 class BacklogGate:
@@ -133,7 +147,7 @@ class ApiState:
             yield cls(
                 settings=settings,
                 queue=queue,
-                api_keys=ApiKeys(settings.api_keys),
+                api_keys=ApiKeys(settings.api_keys, settings.tenant_secret),
                 backlog=BacklogGate(settings.max_backlog),
                 waits=WaitSlots(settings.max_waits_per_key),
                 tracing=tracing,
