@@ -25,6 +25,8 @@ QUOTAS_OFF = {
 }
 for _variable, _value in QUOTAS_OFF.items():
     os.environ.setdefault(_variable, _value)
+# In-process apps serve no metrics port; the harness gives each api process a free one.
+os.environ.setdefault("API_METRICS_PORT", "0")
 
 # Where `redis_url` points: "server" (one standalone server, the default) or "cluster" (the
 # session's 6-node loopback cluster, 3 masters and 3 replicas, of the same TEST_REDIS_SERVER).

@@ -234,7 +234,7 @@ def test_a_client_that_leaves_mid_body_is_no_500_and_no_error(
     time.sleep(0.3)
     sock.close()
     time.sleep(0.5)
-    metrics = httpx.get(f"{api.base_url}/metrics", timeout=5).text
+    metrics = httpx.get(api.metrics_url, timeout=5).text
     assert 'route="/tasks",status="499"' in metrics
     errors = [
         line

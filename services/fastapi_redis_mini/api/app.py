@@ -13,6 +13,7 @@ from ..core.runtime import tune_gc
 from ..core.settings import Settings, get_settings
 from ..core.telemetry.logging import configure_logging
 from ..core.telemetry.tracing import configure_tracing, shutdown_tracing
+from . import metrics_port
 from ._limits import ParamsCheck
 from ._middleware import BodyLimitMiddleware, MetricsMiddleware, SecurityHeadersMiddleware
 from .deps import operation_id
@@ -40,9 +41,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
-            async with ApiState.opened(
-                settings, tracing=tracing, check_params=check_params
-            ) as state:
+            async with (
+                ApiState.opened(settings, tracing=tracing, check_params=check_params) as state,
+                metrics_port.served(state),
+            ):
                 app.state.api = state
                 yield
         finally:
@@ -78,7 +80,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if tracing:
         from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 
-        FastAPIInstrumentor.instrument_app(app, excluded_urls="healthz,readyz,metrics")
+        FastAPIInstrumentor.instrument_app(app, excluded_urls="healthz,readyz")
     return app
 
 

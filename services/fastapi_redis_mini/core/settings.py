@@ -106,6 +106,8 @@ class Settings(BaseSettings):
     header_timeout: PositiveSeconds = Field(default=10.0, le=300)
     body_timeout: PositiveSeconds = Field(default=15.0, le=300)
     max_connections: int = Field(default=1000, ge=1, le=100_000)
+    # The api's /metrics, served apart from the public port (0: not served at all).
+    api_metrics_port: int = Field(default=9101, ge=0, le=65535)
     # Tenant ids are an HMAC-SHA256 of the API key under this secret; unset, a plain SHA-256
     # (the ids of earlier releases), which a copy of Redis lets an attacker test guesses
     # against offline.
@@ -201,6 +203,11 @@ class Settings(BaseSettings):
                 "key's quota is counted in one partition): set SUBMIT_RATE_PER_KEY, "
                 "MAX_UNFINISHED_PER_KEY and MAX_STORED_BYTES_PER_KEY to 0, or leave "
                 "QUEUE_PARTITIONS unset"
+            )
+        if self.api_metrics_port and self.api_metrics_port in (self.port, self.metrics_port):
+            raise ValueError(
+                f"API_METRICS_PORT must differ from PORT and METRICS_PORT "
+                f"({self.api_metrics_port}): /metrics is kept off the public port"
             )
         return self
 
