@@ -221,6 +221,7 @@ def test_header_floods_leave_the_api_memory_flat(api: Process, connect: Connect)
         sock.close()
     assert before > 0
     assert after - before < 10 * 1024, (before, after)  # under 10 MiB, not the review's 50 MB
+    print(f"header flood: api workers {before / 1024:.1f} -> {after / 1024:.1f} MiB")  # with -s
 
 
 def test_a_client_that_leaves_mid_body_is_no_500_and_no_error(
