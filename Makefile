@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 UV_VERSION := 0.13.9
 
-.PHONY: help setup run test test-fast test-redis test-cluster lint format
+.PHONY: help setup run test test-fast test-redis test-cluster lint format audit
 
 help: ## List every target
 	@grep -hE '^[a-zA-Z0-9_.-]+:.*## ' $(MAKEFILE_LIST) | sort -u | \
@@ -59,6 +59,9 @@ lint: setup ## Check style (ruff) and types (mypy strict) of the package, tools 
 	$(BIN)/ruff check services client harness tests tools loadtest
 	$(BIN)/ruff format --check services client harness tests tools loadtest
 	$(BIN)/mypy
+
+audit: setup ## CycloneDX SBOM of uv.lock's packages and a pip-audit scan of them (reports/audit/); the scan is skipped when PyPI is unreachable
+	bash tools/ci/audit.sh
 
 format: setup ## Reformat the code with ruff
 	$(BIN)/ruff check --fix services client harness tests tools loadtest

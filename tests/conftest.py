@@ -14,6 +14,20 @@ from fastapi_redis_mini.core.settings import Settings
 from fastapi_redis_mini_harness.redis_cluster import RedisCluster
 from fastapi_redis_mini_harness.redis_server import RedisServer
 
+# The per-key quotas are on by default. Tests of other behaviour submit far faster than a
+# client should, so the suite turns them off here, for this process and every service it
+# starts; tests/api/test_quotas.py and tests/reliability/test_flood.py turn them on again.
+QUOTAS_OFF = {
+    "SUBMIT_RATE_PER_KEY": "0",
+    "MAX_UNFINISHED_PER_KEY": "0",
+    "MAX_STORED_BYTES_PER_KEY": "0",
+    "MAX_WAITS_PER_KEY": "0",
+}
+for _variable, _value in QUOTAS_OFF.items():
+    os.environ.setdefault(_variable, _value)
+# In-process apps serve no metrics port; the harness gives each api process a free one.
+os.environ.setdefault("API_METRICS_PORT", "0")
+
 # Where `redis_url` points: "server" (one standalone server, the default) or "cluster" (the
 # session's 6-node loopback cluster, 3 masters and 3 replicas, of the same TEST_REDIS_SERVER).
 BACKENDS = ("server", "cluster")

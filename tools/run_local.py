@@ -29,6 +29,9 @@ def main() -> int:
     env.setdefault("WEB_CONCURRENCY", "2")
     port = int(env.setdefault("PORT", "8000"))
     metrics_port = int(env.setdefault("METRICS_PORT", "9100"))
+    api_metrics_port = int(env.setdefault("API_METRICS_PORT", "9101"))
+    # On a developer's machine the docs are wanted; the chart leaves them off.
+    env.setdefault("DOCS_ENABLED", "true")
     server: RedisServer | None = None
     if not env.get("REDIS_URL"):
         valkey_port = env.get("VALKEY_PORT")
@@ -48,7 +51,9 @@ def main() -> int:
     signal.signal(signal.SIGTERM, stop)
     exit_code = 0
     try:
-        api = Process("api", [sys.executable, "-m", API_MODULE], env, port=port)
+        api = Process(
+            "api", [sys.executable, "-m", API_MODULE], env, port=port, metrics_port=api_metrics_port
+        )
         services.append(api)
         worker = Process("worker", [sys.executable, "-m", WORKER_MODULE], env, port=metrics_port)
         services.append(worker)
@@ -60,8 +65,8 @@ def main() -> int:
             return 1
         print(
             f"\n  api docs       {api.base_url}/docs"
-            f"\n  api metrics    {api.base_url}/metrics"
-            f"\n  worker metrics {worker.base_url}/metrics"
+            f"\n  api metrics    {api.metrics_url}"
+            f"\n  worker metrics {worker.metrics_url}"
             "\n  Ctrl-C stops everything\n",
             flush=True,
         )

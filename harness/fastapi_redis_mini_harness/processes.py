@@ -77,9 +77,12 @@ class Process:
         log_path: Path | None = None,
         cwd: Path | None = None,
         port: int = 0,
+        metrics_port: int = 0,
     ) -> None:
         self.name = name
         self.port = port
+        # Where its /metrics is: the api's own port for it, the worker's only port.
+        self.metrics_port = metrics_port or port
         self.log_path = log_path
         self.started = time.perf_counter()
         with contextlib.ExitStack() as stack:
@@ -100,6 +103,10 @@ class Process:
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     def alive(self) -> bool:
         return self.process.poll() is None
@@ -173,6 +180,7 @@ def _start_service(
     *,
     name: str,
     port: int,
+    metrics_port: int = 0,
     ready_path: str | None,
     log_path: Path | None,
     cwd: Path | None,
@@ -190,6 +198,7 @@ def _start_service(
         log_path=log_path,
         cwd=cwd,
         port=port,
+        metrics_port=metrics_port,
     )
     if ready_path is not None:
         try:
@@ -222,6 +231,7 @@ def start_api(
     variables = {
         **defaults,
         "PORT": str(port),
+        "API_METRICS_PORT": str(free_port()),
         # Each api counts into its own directory (the api empties it at start), unless the
         # caller names one.
         "PROMETHEUS_MULTIPROC_DIR": tempfile.mkdtemp(prefix="frm-metrics-"),
@@ -234,6 +244,7 @@ def start_api(
         variables,
         name=name,
         port=port,
+        metrics_port=int(variables["API_METRICS_PORT"]),
         ready_path="/readyz" if wait else None,
         log_path=log_path,
         cwd=cwd,

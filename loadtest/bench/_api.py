@@ -39,6 +39,12 @@ def api_env(workers: int, space: Workspace, name: str) -> dict[str, str]:
         # The bench queues far more than the default backlog allows, with no worker running;
         # the gate still reads the lag once a second as it does in production.
         "MAX_BACKLOG": "1000000000",
+        # One client without a key stands for every tenant at once: the per-key quotas (20
+        # submits a second by default) would measure the quota, not the api, and with any of
+        # them on a cluster's queue is one partition. `make api-ab` measures what they cost.
+        "SUBMIT_RATE_PER_KEY": "0",
+        "MAX_UNFINISHED_PER_KEY": "0",
+        "MAX_STORED_BYTES_PER_KEY": "0",
         "PROMETHEUS_MULTIPROC_DIR": str(space.root / f"metrics-{name}"),
     }
 

@@ -38,6 +38,12 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=300, help="measured rounds per app")
     parser.add_argument("--concurrency", type=int, default=50, help="requests per round")
     parser.add_argument(
+        "--quotas",
+        choices=["on", "off"],
+        default="on",
+        help="on: the per-key quotas at limits no run reaches (their cost, every answer a 202)",
+    )
+    parser.add_argument(
         "--gc",
         choices=["tuned", "default"],
         default="tuned",
@@ -83,7 +89,16 @@ async def measure(args: argparse.Namespace, redis_url: str) -> None:
 
     from .bare_app import app as bare
 
-    ours = create_app(Settings(redis_url=redis_url, max_backlog=1_000_000_000))
+    on = args.quotas == "on"
+    settings = Settings(
+        redis_url=redis_url,
+        max_backlog=1_000_000_000,
+        submit_rate_per_key=1_000_000.0 if on else 0,
+        submit_burst_per_key=1_000_000 if on else 100,
+        max_unfinished_per_key=1_000_000_000 if on else 0,
+        max_stored_bytes_per_key=10**12 if on else 0,
+    )
+    ours = create_app(settings)
     apps: dict[str, ASGIApp] = {"bare": bare, "api": ours}
     counter = 0
 

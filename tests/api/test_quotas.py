@@ -73,6 +73,30 @@ async def test_a_key_at_max_unfinished_is_refused_until_one_of_its_tasks_is_fina
     assert again.status_code == 429
 
 
+async def test_a_key_over_max_stored_bytes_is_refused_until_its_tasks_expire(
+    make_client: ClientFactory,
+) -> None:
+    # About 1,000 bytes of prompt plus the fixed 512 per task: one fits in 3,000, two do not.
+    big = "x" * 1000
+    async with make_client(
+        worker=False, api_keys=KEYS, max_stored_bytes_per_key=3000, result_expiry=2
+    ) as client:
+        first = await post(client, big + "1", A)
+        second = await post(client, big + "2", A)
+        small_from_a = await post(client, "small", A)
+        other_key = await post(client, big + "2", B)
+        await asyncio.sleep(2.3)  # the first task expires, and its bytes with it
+        after_expiry = await post(client, big + "3", A)
+    assert [first.status_code, second.status_code] == [202, 429]
+    error = second.json()["error"]
+    assert error["code"] == "too_many_stored_bytes"
+    assert "MAX_STORED_BYTES_PER_KEY" in error["message"]
+    assert 1 <= int(second.headers["retry-after"]) <= 3
+    assert small_from_a.status_code == 202  # what still fits is taken
+    assert other_key.status_code == 202
+    assert after_expiry.status_code == 202
+
+
 async def test_finished_tasks_stop_counting_against_max_unfinished(
     make_client: ClientFactory,
 ) -> None:

@@ -26,6 +26,7 @@ from .helm import (
     VALUE_SETS,
     Rendered,
     Values,
+    anonymous_unless_keyed,
     component_of,
     find,
     only,
@@ -351,7 +352,7 @@ def render_fresh(values: Values, chart_dir: Path, edit: tuple[str, str] | None) 
         with (copy / edit[0]).open("a") as changed:
             changed.write(edit[1])
     files = helm_python.Chart.load(copy).render(
-        values, name=RELEASE, namespace=NAMESPACE, is_install=True
+        anonymous_unless_keyed(values), name=RELEASE, namespace=NAMESPACE, is_install=True
     )
     objects: list[Rendered] = []
     for source, rendered in sorted(files.items()):

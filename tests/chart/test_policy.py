@@ -181,7 +181,7 @@ def test_api_and_worker_each_have_a_pod_disruption_budget_matching_their_pods(
 
 def test_only_api_and_worker_pods_may_reach_redis_under_the_network_policy() -> None:
     objects = render_set("ingress-networkpolicy")
-    (policy,) = find(objects, "NetworkPolicy")
+    (policy,) = find(objects, "NetworkPolicy", "redis")
     spec = policy.manifest["spec"]
     (redis,) = find(objects, "StatefulSet", "redis")
     assert spec["podSelector"]["matchLabels"].items() <= (
@@ -203,7 +203,7 @@ def test_only_api_and_worker_pods_may_reach_redis_under_the_network_policy() -> 
 
 def test_network_policy_lets_kedas_operator_read_the_lag_when_keda_scales_the_worker() -> None:
     objects = render({"networkPolicy": {"enabled": True}, **VALUE_SETS["keda"]})
-    (policy,) = find(objects, "NetworkPolicy")
+    (policy,) = find(objects, "NetworkPolicy", "redis")
     (rule,) = policy.manifest["spec"]["ingress"]
     keda_peers = [p for p in rule["from"] if "namespaceSelector" in p]
     assert keda_peers == [
@@ -214,8 +214,26 @@ def test_network_policy_lets_kedas_operator_read_the_lag_when_keda_scales_the_wo
     ]
 
 
-def test_no_network_policy_unless_asked() -> None:
-    assert find(render_set("defaults"), "NetworkPolicy") == []
+def test_network_policies_cover_api_worker_and_redis_by_default() -> None:
+    objects = render_set("defaults")
+    policies = {component_of(p): p.manifest["spec"] for p in find(objects, "NetworkPolicy")}
+    assert sorted(policies) == ["api", "redis", "worker"]
+    for component, spec in policies.items():
+        (deployment_or_set,) = [
+            o
+            for o in objects
+            if o.kind in ("Deployment", "StatefulSet") and component_of(o) == component
+        ]
+        labels = deployment_or_set.manifest["spec"]["template"]["metadata"]["labels"]
+        assert spec["podSelector"]["matchLabels"].items() <= labels.items(), component
+        assert spec["policyTypes"] == ["Ingress"]
+    # The api takes its HTTP and metrics ports only; the worker its metrics port only.
+    assert [p["port"] for p in policies["api"]["ingress"][0]["ports"]] == ["http", "metrics"]
+    assert [p["port"] for p in policies["worker"]["ingress"][0]["ports"]] == ["metrics"]
+
+
+def test_no_network_policy_when_turned_off() -> None:
+    assert find(render({"networkPolicy": {"enabled": False}}), "NetworkPolicy") == []
 
 
 @ALL_SETS

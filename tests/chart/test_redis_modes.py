@@ -12,6 +12,7 @@ from fastapi_redis_mini.core.settings import Settings
 from .helm import (
     NAMESPACE,
     PROMETHEUS,
+    QUOTAS_OFF,
     VALUE_SETS,
     RenderError,
     Values,
@@ -236,16 +237,14 @@ def test_a_partitioned_queue_scaled_by_keda_needs_a_prometheus_to_ask() -> None:
     ("values", "partitions"),
     [
         ({}, "1"),
-        ({"redis": {"mode": "cluster"}}, "16"),
-        ({"redis": {"mode": "cluster"}, "config": {"queuePartitions": 4}}, "4"),
-        # Per-key quotas count in one partition, as the service's own default has it.
+        ({"redis": {"mode": "cluster"}, "api": QUOTAS_OFF}, "16"),
         (
-            {
-                "redis": {"mode": "cluster"},
-                "api": {"maxUnfinishedPerKey": 5, "apiKeys": {"existingSecret": "k"}},
-            },
-            "1",
+            {"redis": {"mode": "cluster"}, "api": QUOTAS_OFF, "config": {"queuePartitions": 4}},
+            "4",
         ),
+        # Per-key quotas (on by default) count in one partition, as the service has it.
+        ({"redis": {"mode": "cluster"}}, "1"),
+        ({"redis": {"mode": "cluster"}, "api": {**QUOTAS_OFF, "maxUnfinishedPerKey": 5}}, "1"),
     ],
 )
 def test_the_service_is_told_its_partitions_per_mode(
@@ -274,7 +273,7 @@ def test_the_service_is_told_which_kind_of_redis_the_chart_deployed(
 
 def test_network_policy_lets_nodes_gossip_and_replicate() -> None:
     objects = render_set("redis-cluster-keda-networkpolicy")
-    (policy,) = find(objects, "NetworkPolicy")
+    (policy,) = find(objects, "NetworkPolicy", "redis")
     rules = policy.manifest["spec"]["ingress"]
     peers = {
         rule["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"]: rule["ports"]

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from .helm import CHART, NAMESPACE, RELEASE, only, render
+from .helm import CHART, NAMESPACE, RELEASE, anonymous_unless_keyed, only, render
 
 SECRET_NAME = f"{RELEASE}-fastapi-redis-mini-redis"
 SECRET_PATH = f"/api/v1/namespaces/{NAMESPACE}/secrets/{SECRET_NAME}"
@@ -157,7 +157,11 @@ def upgrade_files(server: FakeApiServer, values: dict[str, Any]) -> dict[str, st
         helm_python.Chart.load(CHART) as chart,
     ):
         files: dict[str, str] = config.render(
-            chart, values, name=RELEASE, namespace=NAMESPACE, is_upgrade=True
+            chart,
+            anonymous_unless_keyed(values),
+            name=RELEASE,
+            namespace=NAMESPACE,
+            is_upgrade=True,
         )
     return files
 

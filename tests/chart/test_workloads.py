@@ -83,7 +83,9 @@ def test_each_setting_comes_from_the_value_of_its_camel_case_name() -> None:
         for name, value in group.items():
             env = next(key for key in data if camel(key) == name)
             assert data[env] == str(value), env
-    derived = {"REDIS_URL", "REDIS_CLUSTER", "HOST"}  # from redis.mode and where Redis is
+    # From redis.mode and where Redis is; API_METRICS_PORT from api.metricsPort, named as the
+    # worker's metricsPort is.
+    derived = {"REDIS_URL", "REDIS_CLUSTER", "HOST", "API_METRICS_PORT"}
     defaults = yaml.safe_load((CHART / "values.yaml").read_text())
     for key in set(data) - derived:
         if key.startswith("OTEL_"):  # otel.<name> becomes OTEL_<NAME>
@@ -152,7 +154,11 @@ def test_api_serves_on_its_port_behind_a_service_with_health_and_readiness_probe
     objects = render_set("defaults")
     api = container(only(objects, "Deployment", "api"))
     assert api["command"] == ["python", "-m", "fastapi_redis_mini.api"]
-    assert api["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}]
+    assert api["ports"] == [
+        {"name": "http", "containerPort": 8000, "protocol": "TCP"},
+        {"name": "metrics", "containerPort": 9101, "protocol": "TCP"},
+    ]
+    assert config_data(objects)["API_METRICS_PORT"] == "9101"
     assert config_data(objects)["PORT"] == "8000"
     assert api["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
     assert api["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}

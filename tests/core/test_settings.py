@@ -9,6 +9,8 @@ import pytest
 
 from fastapi_redis_mini.core.settings import Settings, SettingsError, get_settings
 
+from ..conftest import QUOTAS_OFF
+
 
 def test_defaults_match_the_design() -> None:
     settings = Settings(_env_file=None)
@@ -94,13 +96,16 @@ def test_a_service_with_a_bad_value_exits_at_once_with_one_line(module: str) -> 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variable", ["SUBMIT_RATE_PER_KEY", "MAX_UNFINISHED_PER_KEY"])
-def test_a_quota_without_api_keys_stops_the_api_with_one_line(variable: str) -> None:
-    # Quotas are per API key: without keys there is nothing to count them against. The
-    # worker shares the configuration but not API_KEYS, so only the api checks this.
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("MAX_HEADER_BYTES", "10"), ("HEADER_TIMEOUT", "0"), ("TENANT_SECRET", "short")],
+)
+def test_a_bad_server_limit_stops_the_api_with_one_line_naming_it(
+    variable: str, value: str
+) -> None:
     completed = subprocess.run(
         [sys.executable, "-m", "fastapi_redis_mini.api"],
-        env={variable: "5", "PATH": "/usr/bin:/bin"},
+        env={variable: value, "PATH": "/usr/bin:/bin"},
         capture_output=True,
         text=True,
         timeout=120,
@@ -108,8 +113,21 @@ def test_a_quota_without_api_keys_stops_the_api_with_one_line(variable: str) -> 
     assert completed.returncode == 2
     lines = completed.stderr.strip().splitlines()
     assert len(lines) == 1, completed.stderr
-    assert f"{variable} limits each API key, so API_KEYS must be set" in lines[0]
-    assert Settings.model_validate({variable.lower(): 5}).quotas  # what the worker reads
+    assert lines[0].startswith(f"fastapi-redis-mini: invalid configuration: {variable}: ")
+
+
+def test_quotas_are_on_by_default_and_bound_all_clients_without_keys(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for variable in QUOTAS_OFF:  # what the suite sets for every other test
+        monkeypatch.delenv(variable)
+    defaults = Settings()
+    assert (defaults.submit_rate_per_key, defaults.submit_burst_per_key) == (20.0, 100)
+    assert defaults.max_unfinished_per_key == 1000
+    assert defaults.max_stored_bytes_per_key == 64 * 1024 * 1024
+    assert defaults.max_waits_per_key == 50
+    assert defaults.quotas
+    assert not defaults.api_keys
 
 
 @pytest.mark.slow

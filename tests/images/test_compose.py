@@ -71,15 +71,18 @@ def resolved_config(compose: list[str], image_tag: str) -> dict[str, Any]:
     return config
 
 
-def published_ports(service: dict[str, Any]) -> set[tuple[str, int]]:
-    """(published, target) pairs, whether compose wrote them long-form or short-form."""
+def published_ports(service: dict[str, Any]) -> set[tuple[str, str, int]]:
+    """(host address, published, target), whether compose wrote them long-form or short-form;
+    the address is "" when the port is published on every interface."""
     pairs = set()
     for port in service.get("ports", []):
         if isinstance(port, dict):
-            pairs.add((str(port["published"]), int(port["target"])))
+            pairs.add((port.get("host_ip", ""), str(port["published"]), int(port["target"])))
         else:
-            published, target = str(port).rsplit(":", 1)
-            pairs.add((published, int(target)))
+            host, _, published_target = str(port).rpartition(":")
+            *address, published = host.rsplit(":", 1) if host.count(":") else ["", host]
+            target = int(published_target.split("/", 1)[0])  # "8000/tcp"
+            pairs.add((address[0] if address else "", published, target))
     return pairs
 
 
@@ -112,7 +115,8 @@ def test_compose_config_describes_hardened_api_and_worker_and_a_durable_redis(
         assert "/tmp" in service["tmpfs"]
         assert service["depends_on"]["redis"]["condition"] == "service_healthy"
         assert service["environment"]["REDIS_URL"] == "redis://redis:6379/0"
-    assert published_ports(services["api"]) == {("8000", 8000)}
+    # Loopback only: the stack runs without API keys.
+    assert published_ports(services["api"]) == {("127.0.0.1", "8000", 8000)}
     assert "ports" not in services["worker"], "workers scale with --scale: no fixed host port"
     redis_command = services["redis"]["command"]
     assert redis_command[redis_command.index("--appendonly") + 1] == "yes"

@@ -56,6 +56,7 @@ class Stack:
     worker: Container
     api_url: str
     worker_url: str
+    api_metrics_url: str
 
 
 @contextlib.contextmanager
@@ -63,7 +64,7 @@ def running_stack(
     images: dict[str, BuiltImage], redis_server: RedisServer, **settings: str
 ) -> Iterator[Stack]:
     """A worker container and an api container sharing a key prefix of their own."""
-    api_port, metrics_port = free_port(), free_port()
+    api_port, metrics_port, api_metrics_port = free_port(), free_port(), free_port()
     env = {
         "REDIS_URL": f"redis://redis:{redis_server.port}/0",
         "KEY_PREFIX": f"images-{uuid.uuid4().hex[:8]}:",
@@ -73,7 +74,12 @@ def running_stack(
         **settings,
     }
     worker_env = {**env, "METRICS_PORT": str(metrics_port)}
-    api_env = {**env, "PORT": str(api_port), "WEB_CONCURRENCY": "2"}
+    api_env = {
+        **env,
+        "PORT": str(api_port),
+        "API_METRICS_PORT": str(api_metrics_port),
+        "WEB_CONCURRENCY": "2",
+    }
     hosts = ("redis",)
     with (
         removing(
@@ -82,7 +88,11 @@ def running_stack(
         removing(start_container(images["api"].tag, env=api_env, loopback_hosts=hosts)) as api,
     ):
         stack = Stack(
-            api, worker, f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{metrics_port}"
+            api,
+            worker,
+            f"http://127.0.0.1:{api_port}",
+            f"http://127.0.0.1:{metrics_port}",
+            f"http://127.0.0.1:{api_metrics_port}/metrics",
         )
         wait_for_http(f"{stack.api_url}/healthz", container=api)
         wait_for_http(f"{stack.worker_url}/healthz", container=worker)
@@ -179,7 +189,8 @@ def test_api_and_worker_containers_are_live_and_ready(stack: Stack) -> None:
 
 
 def test_api_and_worker_containers_serve_their_metrics(stack: Stack) -> None:
-    api = httpx.get(f"{stack.api_url}/metrics", timeout=5.0)
+    api = httpx.get(stack.api_metrics_url, timeout=5.0)
+    assert httpx.get(f"{stack.api_url}/metrics", timeout=5.0).status_code == 404
     worker = httpx.get(f"{stack.worker_url}/metrics", timeout=5.0)
     assert api.status_code == 200
     assert worker.status_code == 200

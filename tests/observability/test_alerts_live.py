@@ -70,7 +70,7 @@ def live(prometheus_binary: str, tmp_path: Path) -> Iterator[Live]:
         )
         target = Target(
             "api",
-            api.base_url.removeprefix("http://"),
+            f"127.0.0.1:{api.metrics_port}",
             {"namespace": NAMESPACE, "release": RELEASE, "pod": "api-0"},
         )
         with run_prometheus(

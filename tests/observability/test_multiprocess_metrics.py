@@ -23,9 +23,9 @@ REQUESTS = 300
 ROUTE = "/tasks/{task_id}"
 
 
-def scrape(base_url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+def scrape(metrics_url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """(sample name, sorted labels) -> value, from one GET /metrics."""
-    text = httpx.get(f"{base_url}/metrics", timeout=10.0).text
+    text = httpx.get(metrics_url, timeout=10.0).text
     return {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
         for family in text_string_to_metric_families(text)
@@ -72,7 +72,7 @@ def test_requests_through_three_processes_are_counted_exactly_once(
     )
     try:
         labels = (("method", "GET"), ("route", ROUTE), ("status", "404"))
-        before = scrape(api.base_url)
+        before = scrape(api.metrics_url)
         # Pre-initialised at 0 (api/metrics.py), so the first request's increment is seen.
         assert before[("fastapi_redis_mini_http_requests_total", labels)] == 0
 
@@ -86,7 +86,7 @@ def test_requests_through_three_processes_are_counted_exactly_once(
             if len([count for count in requests_per_process(metrics_dir).values() if count]) > 1:
                 break
 
-        after = scrape(api.base_url)
+        after = scrape(api.metrics_url)
         # The process that answered describes itself, as a single-process api does.
         assert after[("process_resident_memory_bytes", ())] > 0
         assert after[("process_start_time_seconds", ())] > 0

@@ -168,7 +168,7 @@ def stack(
         started.append(start_fast_worker(redis_url, worker_port))
         labels = {"namespace": NAMESPACE, "release": RELEASE}
         targets = [
-            Target("api", api.base_url.removeprefix("http://"), {**labels, "pod": f"api-{n}"})
+            Target("api", f"127.0.0.1:{api.metrics_port}", {**labels, "pod": f"api-{n}"})
             for n, api in enumerate(apis)
         ]
         targets.append(Target("worker", f"127.0.0.1:{worker_port}", {**labels, "pod": "worker-0"}))

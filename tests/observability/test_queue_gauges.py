@@ -22,7 +22,7 @@ PREFIX = "fastapi_redis_mini_"
 
 def scrape(api: Process) -> dict[str, float]:
     """Sample name (prefix dropped) -> value, for the unlabelled-or-single-series gauges."""
-    text = httpx.get(f"{api.base_url}/metrics", timeout=10.0).text
+    text = httpx.get(api.metrics_url, timeout=10.0).text
     return {
         sample.name.removeprefix(PREFIX): sample.value
         for family in text_string_to_metric_families(text)

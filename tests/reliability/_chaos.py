@@ -144,7 +144,7 @@ class Tally:
 
 
 def scrape(service: Process) -> str:
-    return httpx.get(service.base_url + "/metrics", timeout=5).text
+    return httpx.get(service.metrics_url, timeout=5).text
 
 
 def metric(text: str, name: str, **labels: str) -> float:

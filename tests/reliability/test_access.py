@@ -65,9 +65,11 @@ def test_api_keys_guard_every_task_route_and_keep_tenants_apart(
         a_again = client.post("/tasks", json=body, headers=A)
         assert (a_again.status_code, a_again.json()["cached"]) == (200, True)
 
-        # Probes and metrics stay open for the kubelet and Prometheus.
-        for path in ("/healthz", "/readyz", "/metrics"):
+        # Probes stay open for the kubelet, and metrics for Prometheus on their own port only.
+        for path in ("/healthz", "/readyz"):
             assert client.get(path).status_code == 200, path
+        assert client.get("/metrics").status_code == 404
+        assert httpx.get(api.metrics_url, timeout=5).status_code == 200
     assert KEY_A not in api.log
     assert KEY_B not in api.log
 

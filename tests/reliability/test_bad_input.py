@@ -123,3 +123,77 @@ async def test_a_body_streamed_without_content_length_is_cut_off_at_the_limit(
     )
     assert response.status_code == 413
     assert response.json()["error"]["code"] == "payload_too_large"
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (b'{"prompt": "a", "prompt": "b"}', "prompt"),
+        (b'{"prompt": "a", "params": {"model": "x", "model": "y"}}', "model"),
+        (b'{"prompt": "a\\":b", "params": {"n": 1, "n": 2}}', "n"),
+    ],
+    ids=["top-level", "in-params", "after-a-colon-in-a-string"],
+)
+async def test_a_repeated_key_is_refused_naming_it(
+    client: httpx.AsyncClient, body: bytes, field: str
+) -> None:
+    # Parsers disagree on which of two equal keys wins; a proxy may check the first.
+    answer = await post_raw(client, body)
+    assert answer.status_code == 422
+    assert answer.json()["error"]["message"] == f"{field}: duplicate key in the JSON object"
+
+
+async def test_a_string_value_holding_a_quote_and_colon_is_still_accepted(
+    client: httpx.AsyncClient,
+) -> None:
+    answer = await post_raw(client, b'{"prompt": "say \\":\\" twice \\" :", "params": {"a": 1}}')
+    assert answer.status_code == 202
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'\xef\xbb\xbf{"prompt": "x"}',
+        '{"prompt": "x"}'.encode("utf-16"),
+        '{"prompt": "\\ud800 x"}'.encode("utf-16-le"),
+        b'\xef\xbb\xbf{"prompt": "\\ud800"}',
+    ],
+    ids=["utf8-bom", "utf16", "utf16-lone-surrogate", "bom-lone-surrogate"],
+)
+async def test_only_utf8_json_without_a_byte_order_mark_is_read(
+    client: httpx.AsyncClient, body: bytes
+) -> None:
+    answer = await post_raw(client, body)
+    assert answer.status_code == 422
+    assert answer.json()["error"]["message"].startswith("body: not valid JSON")
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    ["application/evil+json", "text/json", "application/json; charset=utf-16", "text/plain"],
+)
+async def test_media_types_other_than_utf8_application_json_get_415(
+    client: httpx.AsyncClient, content_type: str
+) -> None:
+    answer = await client.post(
+        "/tasks", content=b'{"prompt": "x"}', headers={"content-type": content_type}
+    )
+    assert answer.status_code == 415
+    assert answer.json()["error"]["code"] == "unsupported_media_type"
+
+
+async def test_a_body_that_is_not_an_object_is_refused_naming_the_body(
+    client: httpx.AsyncClient,
+) -> None:
+    answer = await post_raw(client, b'["prompt", "x"]')
+    assert answer.status_code == 422
+    assert answer.json()["error"]["message"].startswith("body: ")
+
+
+async def test_application_json_with_charset_utf8_is_accepted(client: httpx.AsyncClient) -> None:
+    answer = await client.post(
+        "/tasks",
+        content=b'{"prompt": "x"}',
+        headers={"content-type": "Application/JSON; charset=UTF-8"},
+    )
+    assert answer.status_code == 202

@@ -63,7 +63,7 @@ def _prepare_metrics_dir(settings: Settings) -> str:
 
 
 def main() -> None:
-    settings = load_settings_or_exit(api=True)
+    settings = load_settings_or_exit()
     configure_logging(settings.log_format, settings.log_level, "api")
     try:
         # Submits are checked with the handler's Params, so its module must load here too.
@@ -71,6 +71,11 @@ def main() -> None:
     except LookupError as error:
         raise SystemExit(f"fastapi-redis-mini: invalid configuration: {error}") from None
     exit_unless_durable_acks(settings)
+    if not settings.api_keys:
+        logging.getLogger(__name__).warning(
+            "API_KEYS is not set: anyone who reaches the port may submit and read tasks, and "
+            "the per-key quotas bound all clients together; set API_KEYS outside local use"
+        )
     # The worker processes read it through Settings, and prometheus_client reads it at import.
     metrics_dir = _prepare_metrics_dir(settings)
     # /tmp outlives a container restart inside the pod; a marker left by an earlier preStop
@@ -89,7 +94,8 @@ def main() -> None:
         {
             "bind": f"{settings.host}:{settings.port}",
             "workers": settings.web_concurrency,
-            "worker_class": "uvicorn_worker.UvicornWorker",
+            # uvicorn's worker with bounds on headers, slow clients and connections.
+            "worker_class": "fastapi_redis_mini.api._server.BoundedWorker",
             "graceful_timeout": math.ceil(settings.drain_timeout),
             "timeout": 60,
             "keepalive": 5,

@@ -1,4 +1,4 @@
-"""ASGI middleware: request metrics and the body size limit."""
+"""ASGI middleware: request metrics, the body size limit and the security headers."""
 
 from __future__ import annotations
 
@@ -59,6 +59,45 @@ class MetricsMiddleware:
             self._series[key] = series
         series[0].inc()
         series[1].observe(time.perf_counter() - started)
+
+
+# The docs pages run FastAPI's inline start-up script and load their assets from the api
+# itself (routes/docs.py); ReDoc starts a worker from a blob.
+DOCS_CSP = (
+    b"default-src 'none'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+    b"img-src 'self' data:; font-src 'self'; connect-src 'self'; worker-src 'self' blob:; "
+    b"base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+_NO_STORE = (b"cache-control", b"no-store")
+_NOSNIFF = (b"x-content-type-options", b"nosniff")
+
+
+class SecurityHeadersMiddleware:
+    """Every answer carries `X-Content-Type-Options: nosniff`; every answer but a static asset
+    `Cache-Control: no-store`, since results and errors are a tenant's own; an HTML page a
+    Content-Security-Policy."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", ()))
+                static = isinstance(scope.get("endpoint"), StaticFiles)
+                headers.append(_NOSNIFF)
+                if not static:
+                    headers.append(_NO_STORE)
+                if any(n == b"content-type" and v.startswith(b"text/html") for n, v in headers):
+                    headers.append((b"content-security-policy", DOCS_CSP))
+                message["headers"] = headers
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
 
 
 class BodyLimitMiddleware:

@@ -14,8 +14,9 @@ from ..core.runtime import tune_gc
 from ..core.settings import Settings, get_settings
 from ..core.telemetry.logging import configure_logging
 from ..core.telemetry.tracing import configure_tracing, shutdown_tracing
+from . import metrics_port
 from ._limits import ParamsCheck
-from ._middleware import BodyLimitMiddleware, MetricsMiddleware
+from ._middleware import BodyLimitMiddleware, MetricsMiddleware, SecurityHeadersMiddleware
 from .console import console_routes
 from .deps import operation_id
 from .drain import DrainMiddleware, marker_path
@@ -48,9 +49,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
-            async with ApiState.opened(
-                settings, tracing=tracing, check_params=check_params
-            ) as state:
+            async with (
+                ApiState.opened(settings, tracing=tracing, check_params=check_params) as state,
+                metrics_port.served(state),
+            ):
                 app.state.api = state
                 yield
         finally:
@@ -81,12 +83,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(MetricsMiddleware)
     app.add_middleware(DrainMiddleware, marker=marker_path())
     if tracing:
         from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 
-        FastAPIInstrumentor.instrument_app(app, excluded_urls="healthz,readyz,metrics")
+        FastAPIInstrumentor.instrument_app(app, excluded_urls="healthz,readyz")
     return app
 
 

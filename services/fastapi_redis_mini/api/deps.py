@@ -29,6 +29,7 @@ M = TypeVar("M", bound=BaseModel)
 MAX_BODY_DEPTH = 200
 _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 _BRACKET = re.compile(rb"[\[\]{}]")
+_KEY_TOKEN = re.compile(rb'"\s*:')
 
 
 def tenant_of(request: Request, api_keys: ApiKeys) -> str:
@@ -36,9 +37,12 @@ def tenant_of(request: Request, api_keys: ApiKeys) -> str:
     if not api_keys.required:
         return ""
     presented = request.headers.get("x-api-key")
-    authorization = request.headers.get("authorization", "")
-    if presented is None and authorization[:7].lower() == "bearer ":
-        presented = authorization[7:].strip()
+    if presented is not None:
+        presented = presented.strip()
+    else:
+        authorization = request.headers.get("authorization", "")
+        if authorization[:7].lower() == "bearer ":
+            presented = authorization[7:].strip()
     tenant = api_keys.tenant(presented) if presented else None
     if tenant is None:
         raise UnauthorizedError()
@@ -46,12 +50,17 @@ def tenant_of(request: Request, api_keys: ApiKeys) -> str:
 
 
 def require_json(request: Request) -> None:
+    """Only application/json, in UTF-8: a body other parsers may read otherwise is refused."""
     content_type = request.headers.get("content-type", "")
-    media_type = content_type.split(";", 1)[0].strip().lower()
-    if media_type != "application/json" and not media_type.endswith("+json"):
+    media_type, _, parameters = content_type.partition(";")
+    media_type = media_type.strip().lower()
+    if media_type != "application/json":
         raise UnsupportedMediaTypeError(
             f"content-type must be application/json, not {media_type or 'missing'}"
         )
+    charset = parameters.strip().lower().replace(" ", "")
+    if charset and charset not in ("charset=utf-8", 'charset="utf-8"'):
+        raise UnsupportedMediaTypeError(f"content-type: only charset=utf-8, not {charset}")
 
 
 async def json_body(request: Request, model: type[M]) -> M:
@@ -63,7 +72,7 @@ async def json_body(request: Request, model: type[M]) -> M:
     require_json(request)
     body = await request.body()
     try:
-        return model.model_validate_json(body)
+        parsed = model.model_validate_json(body)
     except ValidationError as error:
         invalid_json = [item for item in error.errors() if item["type"] == "json_invalid"]
         if not invalid_json:
@@ -71,19 +80,75 @@ async def json_body(request: Request, model: type[M]) -> M:
         if "recursion limit" in str(invalid_json[0].get("ctx", {}).get("error", "")):
             raise InvalidFieldError("body", f"nested deeper than {MAX_BODY_DEPTH} levels") from None
         first = error
+    else:
+        if _key_tokens(body) != _key_count(parsed):
+            _reject_duplicate_keys(body)
+        return parsed
     # pydantic's parser refuses some text Python's accepts, such as a lone surrogate escape.
     # Reading it again with json lets the field checks name the field that holds it; json
     # recurses once per level, so the depth is checked first.
     if _nesting(body) > MAX_BODY_DEPTH:
         raise InvalidFieldError("body", f"nested deeper than {MAX_BODY_DEPTH} levels")
     try:
-        data = json.loads(body)
+        # Decoded first: json.loads would also take UTF-16 and a byte order mark.
+        data = json.loads(body.decode(), object_pairs_hook=_unique_keys)
+    except DuplicateKeyError as error:
+        raise InvalidFieldError(error.field, "duplicate key in the JSON object") from None
     except ValueError:
         raise _invalid(first, body) from None
     try:
         return model.model_validate(data)
     except ValidationError as error:
         raise _invalid(error, body) from None
+
+
+class DuplicateKeyError(ValueError):
+    def __init__(self, field: str) -> None:
+        super().__init__(field)
+        self.field = field
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise DuplicateKeyError(key)
+            seen.add(key)
+    return result
+
+
+def _key_tokens(body: bytes) -> int:
+    """How many object keys the text may hold: every key is a string followed by a colon.
+
+    A string value that contains `":` counts too, so this is never below the true count.
+    """
+    return len(_KEY_TOKEN.findall(body))
+
+
+def _key_count(parsed: BaseModel) -> int:
+    """The object keys a parsed body holds: its fields that were sent, and every key nested
+    in them. Fewer than `_key_tokens` when the text repeated a key (or a value held `":`)."""
+    count = len(parsed.model_fields_set)
+    stack: list[Any] = [getattr(parsed, name) for name in parsed.model_fields_set]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            count += len(value)
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    return count
+
+
+def _reject_duplicate_keys(body: bytes) -> None:
+    """Raise a 422 naming the key when an object of the body repeats one; other parsers
+    (a proxy, an audit log) may read the first where pydantic took the last."""
+    try:
+        json.loads(body.decode(), object_pairs_hook=_unique_keys)
+    except DuplicateKeyError as error:
+        raise InvalidFieldError(error.field, "duplicate key in the JSON object") from None
 
 
 def _nesting(body: bytes) -> int:

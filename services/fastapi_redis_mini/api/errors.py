@@ -12,8 +12,9 @@ from typing import Any, ClassVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..core.queue import QueueState, QueueUnavailable
 from ..core.telemetry import metrics
@@ -63,6 +64,15 @@ class TooManyUnfinishedError(ServiceError):
     headers: ClassVar[Mapping[str, str]] = {"Retry-After": "5"}
 
 
+class TooManyStoredBytesError(ServiceError):
+    status_code, code = 429, "too_many_stored_bytes"
+
+
+class TooManyWaitsError(ServiceError):
+    status_code, code = 429, "too_many_waits"
+    headers: ClassVar[Mapping[str, str]] = {"Retry-After": "1"}
+
+
 class UnsupportedMediaTypeError(ServiceError):
     status_code, code = 415, "unsupported_media_type"
 
@@ -102,6 +112,9 @@ UNAVAILABLE: Mapping[QueueState, tuple[str, int]] = {
     QueueState.UNBLOCKED: ("redis_unblocked", 1),
     QueueState.NO_REPLICAS: ("redis_no_replicas", 2),
 }
+
+
+CLIENT_CLOSED_REQUEST = 499
 
 
 def error_response(
@@ -158,6 +171,14 @@ def install_error_handlers(app: FastAPI) -> None:
             503, code, f"the task store cannot serve requests now ({error.state.value}); "
             "retry shortly", {"Retry-After": str(retry_after)},
         )  # fmt: skip
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(request: Request, _: ClientDisconnect) -> Response:
+        # The client left mid-request: nothing to answer, and no fault of the service, so no
+        # ERROR and no 5xx for anyone to trip the availability alerts with. 499 is nginx's
+        # code for it, and only the metrics see it.
+        log.info("client disconnected before its request was read: %s", request.url.path)
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, error: Exception) -> JSONResponse:

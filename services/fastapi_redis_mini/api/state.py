@@ -5,8 +5,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import asynccontextmanager
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,16 +19,30 @@ from ..core.redis import RedisTaskQueue, connect
 from ..core.redis.console import ConsoleStore
 from ..core.settings import Settings
 from . import metrics
-from .errors import BacklogFullError
+from .errors import BacklogFullError, TooManyWaitsError
 
 _REJECTED = metrics.tasks_submitted.labels("rejected")
 
 
 class ApiKeys:
-    """The configured API keys, kept only as SHA-256 digests, and the tenant each one names."""
+    """The configured API keys, kept only as SHA-256 digests, and the tenant each one names.
 
-    def __init__(self, keys: Iterable[SecretStr]) -> None:
-        self._digests = tuple(self._digest(key.get_secret_value()) for key in keys)
+    A tenant id is the first 16 hex digits of HMAC-SHA256(TENANT_SECRET, key): without the
+    secret, a copy of Redis gives nothing to test guessed keys against. Without TENANT_SECRET
+    it is those of SHA-256(key), the ids of earlier releases (docs/security.md: migrating).
+    """
+
+    def __init__(self, keys: Iterable[SecretStr], secret: SecretStr | None = None) -> None:
+        values = [key.get_secret_value() for key in keys]
+        self._digests = tuple(self._digest(value) for value in values)
+        self._tenants = {
+            self._digest(value): (
+                hmac.new(secret.get_secret_value().encode(), value.encode(), hashlib.sha256)
+                if secret is not None
+                else hashlib.sha256(value.encode())
+            ).hexdigest()[:16]
+            for value in values
+        }
 
     @staticmethod
     def _digest(key: str) -> bytes:
@@ -47,7 +62,7 @@ class ApiKeys:
         matched = False
         for digest in self._digests:
             matched |= hmac.compare_digest(candidate, digest)
-        return candidate.hex()[:16] if matched else None
+        return self._tenants[candidate] if matched else None
 
 
 class BacklogGate:
@@ -77,12 +92,42 @@ class BacklogGate:
             )
 
 
+class WaitSlots:
+    """Caps the requests one API key may hold open waiting (long-polls, event streams) in this
+    process at MAX_WAITS_PER_KEY: each holds a subscription and a connection, and 800 from
+    one key slowed every other key's submits a hundredfold."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._held: Counter[str] = Counter()
+
+    @contextmanager
+    def slot(self, scope: str) -> Iterator[None]:
+        """Hold one of `scope`'s slots for the block; 429 when it has none left."""
+        if self.limit and self._held[scope] >= self.limit:
+            raise TooManyWaitsError(
+                f"this API key already holds {self.limit} waiting requests "
+                "(MAX_WAITS_PER_KEY); retry once one ends"
+            )
+        self._held[scope] += 1
+        try:
+            yield
+        finally:
+            self._held[scope] -= 1
+            if not self._held[scope]:
+                del self._held[scope]
+
+    def held(self, scope: str) -> int:
+        return self._held[scope]
+
+
 @dataclass(frozen=True, slots=True)
 class ApiState:
     settings: Settings
     queue: TaskQueue
     api_keys: ApiKeys
     backlog: BacklogGate
+    waits: WaitSlots
     tracing: bool
     # Checks a submit's params with the Params model of TASK_HANDLER, if it declares one.
     check_params: Callable[[dict[str, Any]], None] | None
@@ -105,8 +150,9 @@ class ApiState:
             yield cls(
                 settings=settings,
                 queue=queue,
-                api_keys=ApiKeys(settings.api_keys),
+                api_keys=ApiKeys(settings.api_keys, settings.tenant_secret),
                 backlog=BacklogGate(settings.max_backlog),
+                waits=WaitSlots(settings.max_waits_per_key),
                 tracing=tracing,
                 check_params=check_params,
                 console=ConsoleStore(queue) if settings.console_enabled else None,

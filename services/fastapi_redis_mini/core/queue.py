@@ -73,6 +73,7 @@ class SubmitOutcome(StrEnum):
     # that are not final yet.
     RATE_LIMITED = "rate_limited"
     TOO_MANY_UNFINISHED = "too_many_unfinished"
+    TOO_MANY_STORED_BYTES = "too_many_stored_bytes"
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +92,8 @@ class Submitted:
     outcome: SubmitOutcome
     result: Any | None = None
     quota: SubmitQuota | None = None  # only with a submit rate per key
+    # TOO_MANY_STORED_BYTES: seconds until the key's oldest stored tasks stop counting.
+    retry_after: int = 0
 
 
 class CancelOutcome(StrEnum):

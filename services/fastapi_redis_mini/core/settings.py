@@ -96,11 +96,32 @@ class Settings(BaseSettings):
     docs_enabled: bool = True
     # Seconds the api answers requests in flight after SIGTERM; the longest is a 30 s long-poll.
     drain_timeout: PositiveSeconds = 35.0
-    # Quotas per API key (0: none): a token bucket of SUBMIT_BURST_PER_KEY submits refilled at
-    # SUBMIT_RATE_PER_KEY a second, and a cap on the tasks a key has that are not final yet.
-    submit_rate_per_key: float = Field(default=0.0, ge=0, le=1_000_000, allow_inf_nan=False)
+    # Quotas per API key (0: none; without API_KEYS they bound all clients together): a token
+    # bucket of SUBMIT_BURST_PER_KEY submits refilled at SUBMIT_RATE_PER_KEY a second, a cap on
+    # the tasks a key has that are not final yet, and one on the bytes its stored tasks hold
+    # until they expire. One key's worst case in Redis is about MAX_STORED_BYTES_PER_KEY
+    # (docs/security.md has the formula).
+    submit_rate_per_key: float = Field(default=20.0, ge=0, le=1_000_000, allow_inf_nan=False)
     submit_burst_per_key: int = Field(default=100, ge=1, le=1_000_000)
-    max_unfinished_per_key: int = Field(default=0, ge=0)
+    max_unfinished_per_key: int = Field(default=1000, ge=0)
+    max_stored_bytes_per_key: int = Field(default=64 * 1024 * 1024, ge=0)
+    # Long-polls (GET ?wait=) a key may hold open at once in one api process (0: no cap).
+    max_waits_per_key: int = Field(default=50, ge=0, le=100_000)
+    # The HTTP server (api/_server.py), per worker process: a request whose header section is
+    # over MAX_HEADER_BYTES or MAX_HEADERS lines is answered 431; one whose headers take longer
+    # than HEADER_TIMEOUT, or whose body takes longer than BODY_TIMEOUT, is answered 408 and
+    # closed; connections past MAX_CONNECTIONS are closed at once.
+    max_header_bytes: int = Field(default=16384, ge=1024, le=1_048_576)
+    max_headers: int = Field(default=100, ge=8, le=10_000)
+    header_timeout: PositiveSeconds = Field(default=10.0, le=300)
+    body_timeout: PositiveSeconds = Field(default=15.0, le=300)
+    max_connections: int = Field(default=1000, ge=1, le=100_000)
+    # The api's /metrics, served apart from the public port (0: not served at all).
+    api_metrics_port: int = Field(default=9101, ge=0, le=65535)
+    # Tenant ids are an HMAC-SHA256 of the API key under this secret; unset, a plain SHA-256
+    # (the ids of earlier releases), which a copy of Redis lets an attacker test guesses
+    # against offline.
+    tenant_secret: SecretStr | None = None
 
     # Telemetry
     log_format: Literal["json", "text"] = "json"
@@ -152,6 +173,13 @@ class Settings(BaseSettings):
             return tuple(key.strip() for key in value.split(",") if key.strip())
         return value
 
+    @field_validator("tenant_secret")
+    @classmethod
+    def _check_tenant_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("must be at least 16 characters")
+        return value
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper_log_level(cls, value: object) -> object:
@@ -181,8 +209,15 @@ class Settings(BaseSettings):
             )
         if self.queue_partitions is not None and self.queue_partitions > 1 and self.quotas:
             raise ValueError(
-                "QUEUE_PARTITIONS above 1 cannot be combined with SUBMIT_RATE_PER_KEY or "
-                "MAX_UNFINISHED_PER_KEY yet: a key's quota is counted in one partition"
+                "QUEUE_PARTITIONS above 1 cannot be combined with the per-key quotas yet (a "
+                "key's quota is counted in one partition): set SUBMIT_RATE_PER_KEY, "
+                "MAX_UNFINISHED_PER_KEY and MAX_STORED_BYTES_PER_KEY to 0, or leave "
+                "QUEUE_PARTITIONS unset"
+            )
+        if self.api_metrics_port and self.api_metrics_port in (self.port, self.metrics_port):
+            raise ValueError(
+                f"API_METRICS_PORT must differ from PORT and METRICS_PORT "
+                f"({self.api_metrics_port}): /metrics is kept off the public port"
             )
         return self
 
@@ -199,12 +234,6 @@ class Settings(BaseSettings):
                 raise SettingsError(
                     "invalid configuration: ADMIN_API_KEY must differ from every key of API_KEYS"
                 )
-        for name in ("submit_rate_per_key", "max_unfinished_per_key"):
-            if getattr(self, name) and not self.api_keys:
-                raise SettingsError(
-                    f"invalid configuration: {name.upper()} limits each API key, "
-                    "so API_KEYS must be set"
-                )
 
     @property
     def handler_thread_count(self) -> int:
@@ -213,8 +242,10 @@ class Settings(BaseSettings):
 
     @property
     def quotas(self) -> bool:
-        """Whether submits are counted per key: a submit rate or a cap on unfinished tasks."""
-        return bool(self.submit_rate_per_key or self.max_unfinished_per_key)
+        """Whether submits are counted per key: a rate, or a cap on unfinished tasks or bytes."""
+        return bool(
+            self.submit_rate_per_key or self.max_unfinished_per_key or self.max_stored_bytes_per_key
+        )
 
 
 class SettingsError(SystemExit):
@@ -241,13 +272,10 @@ def get_settings() -> Settings:
         raise SettingsError(describe_error(error)) from None
 
 
-def load_settings_or_exit(*, api: bool = False) -> Settings:
+def load_settings_or_exit() -> Settings:
     """Entry-point helper: print the one-line error to stderr and exit 2 on bad configuration."""
     try:
-        settings = get_settings()
-        if api:
-            settings.check_api()
-        return settings
+        return get_settings()
     except SettingsError as error:
         print(f"fastapi-redis-mini: {error}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -1,14 +1,13 @@
-"""Probes and metrics: /healthz, /readyz, /metrics. These stay open when API_KEYS is set."""
+"""Probes: /healthz and /readyz. These stay open when API_KEYS is set; /metrics is served on
+API_METRICS_PORT instead (api/metrics_port.py)."""
 
 from __future__ import annotations
 
 import logging
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Request
 from pydantic import BaseModel
 
-from ...core.queue import QueueUnavailable
-from ...core.telemetry import metrics
 from ..deps import operation_id
 from ..errors import UNAVAILABLE
 from ..state import api_state
@@ -49,17 +48,3 @@ async def readyz() -> Health:
     """Readiness: the process serves requests. Redis is not asked: while it cannot take
     writes the api answers 503 itself, with Retry-After, which a client can act on."""
     return Health(status="ok")
-
-
-@router.get("/metrics", include_in_schema=False)
-async def metrics_endpoint(request: Request) -> Response:
-    """Prometheus metrics of every api process, plus the queue's depth read from Redis."""
-    state = api_state(request)
-    stats = None
-    try:
-        stats = await state.queue.stats()
-    except QueueUnavailable:
-        metrics.redis_errors.labels("metrics").inc()
-    collector = metrics.QueueStateCollector(stats)
-    body, content_type = metrics.render(state.settings.prometheus_multiproc_dir, collector)
-    return Response(body, media_type=content_type)

@@ -41,6 +41,7 @@ from ..errors import (
     IdempotencyKeyReusedError,
     RateLimitedError,
     TaskNotFoundError,
+    TooManyStoredBytesError,
     TooManyUnfinishedError,
 )
 from ..state import ApiState, api_state
@@ -144,6 +145,13 @@ async def _submit(
             "not final yet (MAX_UNFINISHED_PER_KEY); retry once some finish",
             headers=fields,
         )
+    if submitted.outcome is SubmitOutcome.TOO_MANY_STORED_BYTES:
+        retry_after = max(1, submitted.retry_after)
+        raise TooManyStoredBytesError(
+            f"this API key's stored tasks hold {state.settings.max_stored_bytes_per_key} bytes "
+            f"(MAX_STORED_BYTES_PER_KEY); retry in {retry_after} s, once some expire",
+            headers={"Retry-After": str(retry_after), **(fields or {})},
+        )
     if submitted.outcome is SubmitOutcome.IDEMPOTENCY_KEY_REUSED:
         raise IdempotencyKeyReusedError(
             "Idempotency-Key: already used for task "
@@ -198,16 +206,21 @@ def _wait_seconds(request: Request) -> float | None:
 async def get_task(request: Request) -> Response:
     """Read a task's status, result and timestamps; with ?wait=S, wait up to S for it to end."""
     state = api_state(request)
+    # Who asks comes first: without a valid key, nothing else is read or answered.
+    scope = tenant_of(request, state.api_keys)
     task_id: str = request.path_params["task_id"]
     wait = _wait_seconds(request)
     if wait:
         # Counted and timed apart: a long-poll takes its wait on purpose.
         request.state.metrics_route_suffix = metrics.LONG_POLL_SUFFIX
-    scope = tenant_of(request, state.api_keys)
     if not is_task_id(task_id):
         raise TaskNotFoundError()
     queue = state.queue
-    task = await (queue.wait(task_id, scope, wait) if wait else queue.get(task_id, scope))
+    if wait:
+        with state.waits.slot(scope):
+            task = await queue.wait(task_id, scope, wait)
+    else:
+        task = await queue.get(task_id, scope)
     if task is None:
         raise TaskNotFoundError()
     return _answer(task)

@@ -68,6 +68,10 @@ class Keys:
         """Sorted set of one API key's tasks not final yet, scored by when each expires (ms)."""
         return f"{self.prefix}unfinished:{scope}"
 
+    def stored_bytes(self, scope: str) -> str:
+        """Hash of the bytes one API key's stored tasks hold, per expiry bucket (submit.lua)."""
+        return f"{self.prefix}stored:{scope}"
+
     @property
     def stream(self) -> str:
         """The stream workers consume; entries carry only the task id."""

@@ -290,7 +290,7 @@ class RedisTaskQueue(SlotRouting):
     @_translated
     async def _submit_many(self, partition: Keys, tasks: Sequence[_NewTask]) -> list[Submitted]:
         s = self.settings
-        # Quotas are per API key; without a key (scope "") there is nothing to count.
+        # Quotas are per API key; without API_KEYS every client shares scope "" and its quota.
         quotas = s.quotas
         keys = [partition.stream]
         batch = []
@@ -301,7 +301,11 @@ class RedisTaskQueue(SlotRouting):
                 partition.idempotency(t.idempotency_key or "", t.scope),
             )
             if quotas:
-                keys += (partition.submit_quota(t.scope), partition.unfinished(t.scope))
+                keys += (
+                    partition.submit_quota(t.scope),
+                    partition.unfinished(t.scope),
+                    partition.stored_bytes(t.scope),
+                )
             keyed: int | str = 0 if t.idempotency_key is None else (t.replacing or 1)
             batch.append(
                 {
@@ -322,7 +326,7 @@ class RedisTaskQueue(SlotRouting):
                   repr(s.submit_rate_per_key), s.submit_burst_per_key, s.max_unfinished_per_key,
                   int(quotas), orjson.dumps(batch),
                   partition.work if len(self.partitions) > 1 else "", self._publish,
-                  s.recent_tasks],
+                  s.max_stored_bytes_per_key, s.recent_tasks],
         )  # fmt: skip
         submitted = []
         for answer in orjson.loads(reply):
@@ -336,6 +340,7 @@ class RedisTaskQueue(SlotRouting):
                     if outcome is SubmitOutcome.CACHED
                     else None,
                     quota=_quota(s, tokens, answer["reset_ms"]) if tokens >= 0 else None,
+                    retry_after=math.ceil(answer["reset_ms"] / 1000),
                 )
             )
         return submitted

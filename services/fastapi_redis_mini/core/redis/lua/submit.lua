@@ -10,28 +10,37 @@
 -- it expires after IDEMPOTENCY_TTL or with the task, whichever comes first, so a key whose
 -- task is gone is free and the next submit with it creates exactly one new task.
 -- With quotas, each submit of an API key takes a token from its bucket (rate, burst), and a
--- submit that would be queued is refused while the key has max_unfinished tasks not final.
--- KEYS: stream, then per task: task, cache, idempotency[, quota bucket, unfinished set]
+-- submit that would be queued is refused while the key has max_unfinished tasks not final, or
+-- while its stored tasks hold max_stored_bytes. A task's bytes count until it expires: they
+-- are kept per expiry bucket (1/24 of result_expiry), so the sum costs at most 25 fields.
+-- KEYS: stream, then per task: task, cache, idempotency[, quota bucket, unfinished set,
+--       stored-bytes hash]
 -- ARGV: now, cache_ttl, result_expiry, idempotency_ttl, rate (tokens a second; 0: none),
 --       burst, max_unfinished (0: none), quota_keys (1: KEYS carry the two quota keys),
 --       JSON [{task_id, request, signature, scope, trace, idempotency}, ..],
---       work_channel (announces new entries; "" with a single partition), publish command
---       where idempotency is 0 (no key), 1 (a key), or the id of a task the caller found gone
---       that the key may still point at (then the key is taken over for this task),
+--       work_channel (announces new entries; "" with a single partition), publish command,
+--       max_stored_bytes (0: none),
 --       recent_cap (the recent-task index keeps about this many ids; absent or 0: none)
+--       where idempotency is 0 (no key), 1 (a key), or the id of a task the caller found gone
+--       that the key may still point at (then the key is taken over for this task)
 -- KEYS end with the recent-task index when recent_cap is given.
 -- Returns JSON, per task {outcome, task_id, result, tokens, reset_ms}, outcome one of
 -- 'queued', 'cached' (task_id: the task that computed the result), 'duplicate' (task_id: the
 -- key's first task), 'idempotency_key_reused' (task_id: the key's first task, of another
--- request), 'rate_limited' (reset_ms: until a token is back), 'too_many_unfinished';
+-- request), 'rate_limited' (reset_ms: until a token is back), 'too_many_unfinished',
+-- 'too_many_stored_bytes' (reset_ms: until the oldest stored bytes stop counting);
 -- tokens (whole tokens left) is -1 without a rate; reset_ms is until the bucket is full again.
 local stream, now, cache_ttl, result_expiry, idempotency_ttl =
   KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local rate, burst, max_unfinished = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
-local stride = ARGV[8] == '1' and 5 or 3
+local stride = ARGV[8] == '1' and 6 or 3
 local batch = cjson.decode(ARGV[9])
 local work_channel, publish = ARGV[10], ARGV[11]
-local recent_cap = tonumber(ARGV[12] or '0')
+local max_stored = tonumber(ARGV[12]) or 0
+local recent_cap = tonumber(ARGV[13] or '0')
+-- A task's Redis cost beyond its request: hash fields, the stream entry, key names.
+local TASK_OVERHEAD = 512
+local stored_bucket_ms = math.ceil(result_expiry * 1000 / 24)
 local queued = 0
 local queued_ids = {}
 local out = {}
@@ -63,6 +72,23 @@ local function take_token(bucket)
   return true, math.floor(tokens), full_ms
 end
 
+-- The bytes a key's tasks hold that have not expired, dropping buckets that have; and the ms
+-- until the oldest live bucket ends.
+local function stored_bytes(stored)
+  local fields = redis.call('HGETALL', stored)
+  local total, first_end = 0, nil
+  for f = 1, #fields, 2 do
+    local ends = (tonumber(fields[f]) + 1) * stored_bucket_ms
+    if ends <= clock() then
+      redis.call('HDEL', stored, fields[f])
+    else
+      total = total + tonumber(fields[f + 1])
+      first_end = math.min(first_end or ends, ends)
+    end
+  end
+  return total, (first_end or clock()) - clock()
+end
+
 -- A cached result is "task_id:expires_at:result" (finish.lua): the result, the task that
 -- computed it, and the seconds that task has left. Anything else is no hit.
 local function cached_result(cache)
@@ -81,7 +107,7 @@ end
 for i, task in ipairs(batch) do
   local base = stride * (i - 1) + 1
   local key, cache, idempotency = KEYS[base + 1], KEYS[base + 2], KEYS[base + 3]
-  local bucket, unfinished = KEYS[base + 4], KEYS[base + 5]
+  local bucket, unfinished, stored = KEYS[base + 4], KEYS[base + 5], KEYS[base + 6]
   local task_id, request, signature, scope, trace, keyed =
     task.task_id, task.request, task.signature, task.scope, task.trace, task.idempotency
   if redis.call('EXISTS', key) == 1 then
@@ -113,6 +139,13 @@ for i, task in ipairs(batch) do
       end
     end
     local allowed, tokens, reset_ms = true, -1, 0
+    local size = #request + #signature + #scope + #trace + TASK_OVERHEAD
+    if not refused and not existing and not hit and max_stored > 0 then
+      local total, until_ms = stored_bytes(stored)
+      if total + size > max_stored then
+        refused, reset_ms = 'too_many_stored_bytes', until_ms
+      end
+    end
     if not refused and rate > 0 then
       allowed, tokens, reset_ms = take_token(bucket)
       if not allowed then
@@ -151,6 +184,11 @@ for i, task in ipairs(batch) do
           redis.call('ZADD', unfinished, clock() + result_expiry * 1000, task_id)
           redis.call('PEXPIRE', unfinished, result_expiry * 1000)
           redis.call('HSET', key, 'counted', '1')
+        end
+        if max_stored > 0 then
+          local expires = clock() + result_expiry * 1000
+          redis.call('HINCRBY', stored, math.floor(expires / stored_bucket_ms), size)
+          redis.call('PEXPIRE', stored, result_expiry * 1000 + stored_bucket_ms)
         end
         redis.call('EXPIRE', key, result_expiry)
         if keyed ~= 0 then
