@@ -143,6 +143,8 @@ def test_the_calls_and_models_carry_the_names_of_the_operations_and_schemas(
         "ErrorBody",
         "ErrorResponse",
         "Health",
+        "HealthDetail",
+        "HealthDetailPartitionsType0",
         "TaskCreate",
         "TaskCreateParams",
         "Task",

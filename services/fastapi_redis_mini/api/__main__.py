@@ -63,7 +63,7 @@ def _prepare_metrics_dir(settings: Settings) -> str:
 
 
 def main() -> None:
-    settings = load_settings_or_exit()
+    settings = load_settings_or_exit(api=True)
     configure_logging(settings.log_format, settings.log_level, "api")
     try:
         # Submits are checked with the handler's Params, so its module must load here too.

@@ -272,10 +272,13 @@ def get_settings() -> Settings:
         raise SettingsError(describe_error(error)) from None
 
 
-def load_settings_or_exit() -> Settings:
+def load_settings_or_exit(*, api: bool = False) -> Settings:
     """Entry-point helper: print the one-line error to stderr and exit 2 on bad configuration."""
     try:
-        return get_settings()
+        settings = get_settings()
+        if api:
+            settings.check_api()
+        return settings
     except SettingsError as error:
         print(f"fastapi-redis-mini: {error}", file=sys.stderr)
         raise SystemExit(2) from None

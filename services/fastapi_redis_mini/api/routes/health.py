@@ -8,6 +8,7 @@ import logging
 from fastapi import APIRouter, Request
 from pydantic import BaseModel
 
+from ...core.models import ErrorResponse
 from ..deps import operation_id
 from ..errors import UNAVAILABLE
 from ..state import api_state
@@ -30,7 +31,12 @@ class HealthDetail(Health):
     partitions: dict[str, str] | None = None
 
 
-@router.get("/healthz", response_model=HealthDetail, response_model_exclude_none=True)
+@router.get(
+    "/healthz",
+    response_model=HealthDetail,
+    response_model_exclude_none=True,
+    responses={422: {"model": ErrorResponse}},
+)
 async def healthz(request: Request, detail: bool = False) -> HealthDetail:
     """Liveness: the process is up and serving. `?detail=true` adds Redis's state."""
     if not detail:
