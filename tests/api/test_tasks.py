@@ -173,6 +173,7 @@ async def test_openapi_operation_ids_are_the_endpoint_names(client: httpx.AsyncC
         ("post", "/tasks"): "submit_task",
         ("get", "/tasks/{task_id}"): "get_task",
         ("delete", "/tasks/{task_id}"): "cancel_task",
+        ("get", "/tasks/{task_id}/events"): "task_events",
         ("get", "/healthz"): "healthz",
         ("get", "/readyz"): "readyz",
     }

@@ -30,9 +30,10 @@ BATCH = 50  # tasks a worker reads, starts and finishes together: its read batch
 SUBMIT_MISS = (1, 6)  # EVALSHA: EXISTS, GET (cache), HSET, XADD, EXPIRE
 SUBMIT_HIT = (1, 5)  # EVALSHA: EXISTS, GET (cache), TIME, EXPIRE (cache)
 READ = (1, 2)  # EVALSHA: HMGET
-# read: XREADGROUP (one partition); start: EVALSHA + (HMGET, HSET) a task;
-# finish: EVALSHA + (HMGET, HSET, SET, EXPIRE) a task + TIME, XACK, PUBLISH.
-FINISH_BATCH = (3, 1 + 2 + 6 * BATCH + 3)
+# read: XREADGROUP (one partition); start: EVALSHA + (HMGET, HSET) a task + PUBLISH (the
+# tasks started, for event streams); finish: EVALSHA + (HMGET, HSET, SET, EXPIRE) a task +
+# TIME, XACK, PUBLISH.
+FINISH_BATCH = (3, 1 + 3 + 6 * BATCH + 3)
 
 
 class Counted:

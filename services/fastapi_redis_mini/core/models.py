@@ -79,6 +79,12 @@ class Task(BaseModel):
     started_at: float | None = None
     finished_at: float | None = None
     cancel_requested: bool = False
+    progress: float | None = Field(
+        default=None, description="The latest progress its handler reported, from 0 to 1."
+    )
+    progress_message: str | None = Field(
+        default=None, description="The message that came with that progress."
+    )
 
 
 class ErrorBody(BaseModel):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -40,6 +41,8 @@ from ..core.settings import Settings
 from ..core.telemetry.metrics import redis_errors
 from . import _telemetry, metrics
 from ._handler import HandlerRunner
+from ._report import NO_REPORTS as _NO_REPORTS
+from ._report import TaskReports
 from ._sidecar import Sidecar
 from .inflight import InFlight, Phase, StopReason, decide
 
@@ -49,6 +52,8 @@ _FINISH_BATCH = 500
 _RETRY_PROMOTE_INTERVAL = 0.5
 _TRIM_INTERVAL = 10.0
 _RUN_PHASES = (Phase.RUNNING, Phase.ALONE)
+# How long a run's last reports may take to be sent before its outcome is written anyway.
+_REPORTS_GRACE = 2.0
 _CLOSE_TIMEOUT = 5.0  # for the handler's close(), within the pod's termination grace
 
 
@@ -375,9 +380,10 @@ class Worker:
         job = record.job
         ended: BaseException | None = None
         result = b""
+        reports = self._reports_of(job)
         try:
             async with asyncio.timeout(self.settings.task_timeout):
-                output = await self._call(job.prompt, job.params)
+                output = await self._call(job.prompt, job.params, reports or _NO_REPORTS)
             result = orjson.dumps(output)
         except asyncio.CancelledError as error:
             if record.stop is None:
@@ -387,9 +393,18 @@ class Worker:
             if not isinstance(error, TimeoutError | RetryableError):
                 log.warning("task failed: %s", type(error).__name__, extra={"task_id": job.task_id})
             ended = error
+        if reports is not None:
+            # Every report lands before the outcome, so an event stream misses none of them.
+            await reports.close(_REPORTS_GRACE)
         finish = decide(job, ended, result, record.stop, self.settings)
         _telemetry.run_ended(finish, ended, max(0.0, time.time() - job.started_at))
         return finish
+
+    def _reports_of(self, job: Job) -> TaskReports | None:
+        if not self.runner.takes_context:
+            return None
+        send = functools.partial(self.queue.report, self.consumer)
+        return TaskReports(job.task_id, send, asyncio.get_running_loop())
 
     def _span(self, job: Job) -> contextlib.AbstractContextManager[Any]:
         if not self.tracing:

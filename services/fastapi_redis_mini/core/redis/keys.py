@@ -48,6 +48,10 @@ class Keys:
         """Hash holding one task's status, request, result and timestamps."""
         return f"{self.prefix}task:{task_id}"
 
+    def task_events(self, task_id: str) -> str:
+        """Stream of one task's progress and output reports, capped, expiring with the task."""
+        return f"{self.prefix}task:{task_id}:events"
+
     def cache(self, signature: str, scope: str = "") -> str:
         """String holding a finished result, shared by identical requests of one scope."""
         return (
@@ -92,6 +96,11 @@ class Keys:
     def events(self) -> str:
         """Pub/Sub channel announcing each task of the partition that reached a final status."""
         return f"{self.prefix}{self.queue}:events"
+
+    @property
+    def reports(self) -> str:
+        """Pub/Sub channel announcing tasks of the partition that started or reported."""
+        return f"{self.prefix}{self.queue}:reports"
 
     @property
     def work(self) -> str:

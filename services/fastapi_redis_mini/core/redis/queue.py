@@ -22,7 +22,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, ParamSpec, TypeVar
@@ -45,10 +45,13 @@ from ..queue import (
     QueueState,
     QueueStats,
     QueueUnavailable,
+    Report,
     StartVerdict,
     SubmitOutcome,
     SubmitQuota,
     Submitted,
+    TaskEvent,
+    TaskEvents,
 )
 from ..settings import Settings
 from ._connect import Client, connect, is_cluster
@@ -173,11 +176,21 @@ class RedisTaskQueue(SlotRouting):
         self._prune_script = _load_script(redis, "prune_consumers")
         self._stats_script = _load_script(redis, "stats")
         self._read_group_script = _load_script(redis, "read_group")
+        self._report_script = _load_script(redis, "report")
+        self._read_events_script = _load_script(redis, "read_events")
         events = [keys.events for keys in self.partitions.all]
         self._completions = Subscription(redis, events, sharded=cluster, name="completions")
         # Workers of several partitions sleep until a submit announces new entries.
         self._work_announced = Subscription(
             redis, [keys.work for keys in self.partitions.all], sharded=cluster, name="work"
+        )
+        # Event streams wake on a task's start and reports, and on its end; subscribed on the
+        # first stream a process serves.
+        self._task_events = Subscription(
+            redis,
+            [keys.reports for keys in self.partitions.all] + events,
+            sharded=cluster,
+            name="task events",
         )
         # (consumer, partition) -> where its XAUTOCLAIM scan is
         self._claim_cursors: dict[tuple[str, int], str] = {}
@@ -207,6 +220,7 @@ class RedisTaskQueue(SlotRouting):
             await gets.close()
         await self._completions.close()
         await self._work_announced.close()
+        await self._task_events.close()
         await self.redis.aclose()
 
     # -- the api side
@@ -330,6 +344,37 @@ class RedisTaskQueue(SlotRouting):
             args=[scope, repr(time.time()), partition.events, task_id, self._publish],
         )
         return CancelOutcome(reply)
+
+    @_translated
+    async def read_events(
+        self, task_id: str, scope: str, after: str, count: int
+    ) -> TaskEvents | None:
+        partition = self.partitions.of_task(task_id)
+        if partition is None:
+            return None
+        reply = orjson.loads(
+            await self._read_events_script(
+                keys=[partition.task(task_id), partition.task_events(task_id)],
+                args=[after, count],
+            )
+        )
+        fields = reply.get("task")
+        if not fields or fields.get("scope", "") != scope:
+            return None
+        if "result" in fields:
+            fields["result"] = orjson.loads(fields["result"])
+        fields["task_id"] = task_id
+        # cjson writes an empty array as {}.
+        events = [
+            TaskEvent(entry_id, kind, text, float(fraction or 0), int(attempt))
+            for entry_id, kind, fraction, text, attempt in reply["events"] or ()
+        ]
+        return TaskEvents(Task.model_validate(fields), events)
+
+    @contextlib.asynccontextmanager
+    async def follow(self, task_id: str) -> AsyncIterator[asyncio.Event]:
+        async with self._task_events.watch(task_id) as changed:
+            yield changed
 
     @_translated
     async def stats(self) -> QueueStats:
@@ -472,7 +517,7 @@ class RedisTaskQueue(SlotRouting):
                 [keys.group, consumer, repr(now), self.settings.max_deliveries, int(alone),
                  orjson.dumps([(d.entry_id, d.task_id) for d in batch]),
                  self.settings.result_expiry, keys.events, self.settings.dead_letter_maxlen,
-                 self._publish],
+                 self._publish, keys.reports],
             ))  # fmt: skip
         rows: list[dict[str, Any]] = [{"verdict": "skip"}] * len(deliveries)
         for positions, reply in zip(
@@ -565,6 +610,23 @@ class RedisTaskQueue(SlotRouting):
             for position, answer in zip(positions, reply, strict=True):
                 answers[position] = answer
         return answers
+
+    @_translated
+    async def report(self, consumer: str, task_id: str, reports: Sequence[Report]) -> bool:
+        partition = self.partitions.of_task(task_id)
+        if partition is None or not reports:
+            return False
+        settings = self.settings
+        reply = await self._report_script(
+            keys=[partition.task(task_id), partition.task_events(task_id)],
+            # The event stream outlives the run by RESULT_EXPIRY, as the task does, plus the
+            # longest a run may go on after its last report.
+            args=[consumer, settings.events_maxlen,
+                  settings.result_expiry + math.ceil(settings.task_timeout),
+                  partition.reports, self._publish, task_id,
+                  orjson.dumps([(r.kind, repr(r.fraction), r.text) for r in reports])],
+        )  # fmt: skip
+        return bool(reply == "written")
 
     @_translated
     async def promote_due_retries(self, limit: int) -> int:
