@@ -70,7 +70,29 @@ class BatchTaskHandler(Protocol):
     def __call__(self, prompts: list[str], params: list[Mapping[str, Any]]) -> Any: ...
 
 
-AnyTaskHandler = TaskHandler | SyncTaskHandler | BatchTaskHandler
+class ReportingTaskHandler(Protocol):
+    """A handler, async or sync, that reports through its TaskContext as it runs."""
+
+    def __call__(self, prompt: str, params: Mapping[str, Any], context: TaskContext) -> Any: ...
+
+
+class ReportingBatchTaskHandler(Protocol):
+    """A batched handler that reports per item, through `contexts` (one per item, in order)."""
+
+    max_batch_size: int
+
+    def __call__(
+        self, prompts: list[str], params: list[Mapping[str, Any]], contexts: list[TaskContext]
+    ) -> Any: ...
+
+
+AnyTaskHandler = (
+    TaskHandler
+    | SyncTaskHandler
+    | BatchTaskHandler
+    | ReportingTaskHandler
+    | ReportingBatchTaskHandler
+)
 
 
 # What a Params model's validators find in their ValidationInfo.context.
