@@ -149,6 +149,7 @@ def test_the_calls_and_models_carry_the_names_of_the_operations_and_schemas(
         "Task",
         "TaskStatus",
         "TaskSubmitted",
+        "WebhookEvent",
     }
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal, Protocol
@@ -117,6 +117,8 @@ class Job:
     created_at: float = 0.0
     started_at: float = 0.0
     attempts: int = 0
+    webhook: str = ""
+    webhook_events: frozenset[str] = frozenset()
 
 
 class Outcome(StrEnum):
@@ -262,6 +264,10 @@ class TaskQueue(Protocol):
 
     async def report(self, consumer: str, task_id: str, reports: Sequence[Report]) -> bool:
         """Store a running task's reports; False when the run is no longer this consumer's."""
+        ...
+
+    async def dead_letter_webhook(self, task_id: str, fields: Mapping[str, str]) -> None:
+        """Keep a webhook delivery that failed for good where an operator can see it."""
         ...
 
     async def promote_due_retries(self, limit: int) -> int: ...

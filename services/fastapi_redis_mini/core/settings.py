@@ -11,6 +11,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from .webhooks import secret_key
+
 PositiveSeconds = Annotated[float, Field(gt=0)]
 
 
@@ -99,6 +101,18 @@ class Settings(BaseSettings):
     events_heartbeat: PositiveSeconds = 15.0
     events_max_streams_per_key: int = Field(default=100, ge=0)
 
+    # Webhooks: the signing secret (whsec_<base64>; a submit with a webhook is refused without
+    # it), deliveries in flight per worker, attempts before a delivery is dead-lettered with
+    # the backoff between them, seconds per attempt, and the hosts or networks (CIDRs) that
+    # may be reached though not public.
+    webhook_secret: SecretStr | None = None
+    webhook_concurrency: int = Field(default=10, ge=1, le=1000)
+    webhook_max_attempts: int = Field(default=5, ge=1, le=20)
+    webhook_backoff: PositiveSeconds = 1.0
+    webhook_backoff_max: PositiveSeconds = 60.0
+    webhook_timeout: PositiveSeconds = 10.0
+    webhook_allowed_hosts: Annotated[tuple[str, ...], NoDecode] = ()
+
     # Telemetry
     log_format: Literal["json", "text"] = "json"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -147,6 +161,20 @@ class Settings(BaseSettings):
     def _split_api_keys(cls, value: object) -> object:
         if isinstance(value, str):
             return tuple(key.strip() for key in value.split(",") if key.strip())
+        return value
+
+    @field_validator("webhook_allowed_hosts", mode="before")
+    @classmethod
+    def _split_allowed_hosts(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(entry.strip() for entry in value.split(",") if entry.strip())
+        return value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _check_webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            secret_key(value.get_secret_value())
         return value
 
     @field_validator("log_level", mode="before")

@@ -34,16 +34,19 @@ from ..core.queue import (
     Job,
     Outcome,
     QueueUnavailable,
+    Report,
     StartVerdict,
     TaskQueue,
 )
 from ..core.settings import Settings
 from ..core.telemetry.metrics import redis_errors
+from ..core.webhooks import WebhookEvent
 from . import _telemetry, metrics
 from ._handler import HandlerRunner
 from ._report import NO_REPORTS as _NO_REPORTS
 from ._report import TaskReports
 from ._sidecar import Sidecar
+from ._webhooks import WebhookSender
 from .inflight import InFlight, Phase, StopReason, decide
 
 log = logging.getLogger(__name__)
@@ -87,6 +90,7 @@ class Worker:
         self.queue = queue
         self.handler = handler
         self.runner = HandlerRunner(handler, settings)
+        self.webhooks = WebhookSender(settings, queue)
         self._call = self.runner.call
         self.sidecar = sidecar
         self.loading = True  # until the handler's load() has returned
@@ -192,6 +196,7 @@ class Worker:
             if unfinished:
                 await asyncio.wait(unfinished, timeout=1)
             await self.runner.close(_CLOSE_TIMEOUT)
+            await self.webhooks.close(_CLOSE_TIMEOUT)
         # Every step of stopping is bounded, so a worker stops within SHUTDOWN_GRACE plus a
         # few seconds even while Redis is unreachable; what it could not write stays pending
         # and is reclaimed.
@@ -328,6 +333,9 @@ class Worker:
     def _take(self, job: Job, *, alone: bool = False) -> bool:
         """Act on what start decided for one delivery; False when it is left to others."""
         if job.verdict is StartVerdict.RUN:
+            if job.webhook:
+                data = {"task_id": job.task_id, "status": "RUNNING", "attempt": job.attempts}
+                self.webhooks.send(job, WebhookEvent.START, data)
             record = InFlight(job, Phase.ALONE if alone else Phase.RUNNING)
             self._hold(record)
             record.run = asyncio.create_task(self._execute(record))
@@ -404,7 +412,21 @@ class Worker:
         if not self.runner.takes_context:
             return None
         send = functools.partial(self.queue.report, self.consumer)
+        if job.webhook and job.webhook_events & {"progress", "output"}:
+            send = functools.partial(self._report_and_deliver, job)
         return TaskReports(job.task_id, send, asyncio.get_running_loop())
+
+    async def _report_and_deliver(self, job: Job, task_id: str, reports: Sequence[Report]) -> bool:
+        stored = await self.queue.report(self.consumer, task_id, reports)
+        if stored:
+            for report in reports:
+                if report.kind == "progress":
+                    data = {"task_id": task_id, "fraction": report.fraction, "message": report.text}
+                    self.webhooks.send(job, WebhookEvent.PROGRESS, data)
+                else:
+                    data = {"task_id": task_id, "chunk": report.text}
+                    self.webhooks.send(job, WebhookEvent.OUTPUT, data)
+        return stored
 
     def _span(self, job: Job) -> contextlib.AbstractContextManager[Any]:
         if not self.tracing:
@@ -464,6 +486,8 @@ class Worker:
             if finish.outcome is Outcome.RETRY:
                 metrics.tasks_retried.inc()
             elif finish.outcome is not Outcome.RELEASE:
+                if job.webhook:
+                    self.webhooks.send(job, WebhookEvent.COMPLETED, _completed(finish, now))
                 metrics.tasks_finished.labels(finish.outcome.value).inc()
                 metrics.task_run.observe(max(0.0, now - job.started_at))
                 metrics.task_end_to_end.observe(max(0.0, now - job.created_at))
@@ -650,6 +674,20 @@ class Worker:
 
     def _runs(self) -> list[InFlight]:
         return [r for r in self._tasks.values() if r.phase in (Phase.RUNNING, Phase.ALONE)]
+
+
+def _completed(finish: Finish, now: float) -> dict[str, Any]:
+    """A `completed` webhook's data: the task as GET would show it, in short."""
+    job = finish.job
+    return {
+        "task_id": job.task_id,
+        "status": finish.outcome.value,
+        "result": orjson.loads(finish.result) if finish.outcome is Outcome.DONE else None,
+        "error": finish.error,
+        "attempts": job.attempts,
+        "started_at": job.started_at,
+        "finished_at": now,
+    }
 
 
 class _Backoff:

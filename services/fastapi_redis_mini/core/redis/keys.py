@@ -83,6 +83,11 @@ class Keys:
         return f"{self.prefix}{self.queue}:dead"
 
     @property
+    def webhooks_dead(self) -> str:
+        """Stream of webhook deliveries that failed for good (WEBHOOK_MAX_ATTEMPTS)."""
+        return f"{self.prefix}{self.queue}:webhooks:dead"
+
+    @property
     def retries(self) -> str:
         """Sorted set of tasks waiting out a retry backoff, scored by when they are due."""
         return f"{self.prefix}{self.queue}:retry"

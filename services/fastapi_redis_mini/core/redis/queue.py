@@ -22,7 +22,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, ParamSpec, TypeVar
@@ -542,6 +542,9 @@ class RedisTaskQueue(SlotRouting):
                 job.traceparent = row["traceparent"]
                 job.created_at = float(row["created_at"])
                 job.attempts = int(row["attempts"])
+                if "webhook" in request:
+                    job.webhook = request["webhook"]
+                    job.webhook_events = frozenset(request["webhook_events"] or ("completed",))
             jobs.append(job)
         if ended and self.settings.max_unfinished_per_key:
             await self._forget_unfinished(ended)
@@ -627,6 +630,16 @@ class RedisTaskQueue(SlotRouting):
                   orjson.dumps([(r.kind, repr(r.fraction), r.text) for r in reports])],
         )  # fmt: skip
         return bool(reply == "written")
+
+    @_translated
+    async def dead_letter_webhook(self, task_id: str, fields: Mapping[str, str]) -> None:
+        keys = self.partitions.of_task(task_id) or self.keys
+        await self.redis.xadd(
+            keys.webhooks_dead,
+            dict(fields),  # type: ignore[arg-type]
+            maxlen=self.settings.dead_letter_maxlen,
+            approximate=False,
+        )
 
     @_translated
     async def promote_due_retries(self, limit: int) -> int:
