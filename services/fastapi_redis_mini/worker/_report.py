@@ -110,6 +110,9 @@ class TaskReports:
         """Take no more reports, and wait up to `within` seconds for those pending to be sent."""
         with self._lock:
             self._closed = True
+            reported = self._scheduled or self._sending is not None
+        if not reported:
+            return  # the common case, a handler that reported nothing: no loop round
         # A thread's last report may still be on its way to the loop: let it land first.
         await asyncio.sleep(0)
         sending = self._sending
