@@ -181,34 +181,34 @@ def test_an_idle_stream_gets_keep_alives_and_a_key_over_its_cap_gets_429(
 def test_a_browser_eventsource_reads_the_stream_to_its_end(api: Start, worker: Start) -> None:
     chromium = require_chromium()
     server = api()
-    worker()
     with httpx.Client(base_url=server.base_url, timeout=10) as client:
         body = {"prompt": WORDS, "params": {"duration": 0.8}}
         task_id = client.post("/tasks", json=body).json()["task_id"]
-    script = """async (path) => await new Promise((resolve, reject) => {
-        const seen = [];
+    follow = """(path) => {
+        window.seen = [];
         const source = new EventSource(path);
-        const keep = (kind) => (e) => seen.push([kind, e.lastEventId, JSON.parse(e.data)]);
-        for (const kind of ["status", "progress", "output"]) {
+        const keep = (kind) => (e) => {
+            window.seen.push([kind, e.lastEventId, JSON.parse(e.data)]);
+            if (kind === "done") source.close();
+        };
+        for (const kind of ["status", "progress", "output", "done"]) {
             source.addEventListener(kind, keep(kind));
         }
-        source.addEventListener("done", (e) => {
-            seen.push(["done", e.lastEventId, JSON.parse(e.data)]);
-            source.close();
-            resolve(seen);
-        });
-        setTimeout(() => reject(new Error("no done event in 20 s")), 20000);
-    })"""
+    }"""
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
         try:
             page = browser.new_page()
             page.goto(f"{server.base_url}/healthz")  # same origin as the stream
-            seen = page.evaluate(script, f"/tasks/{task_id}/events")
+            page.evaluate(follow, f"/tasks/{task_id}/events")
+            page.wait_for_function("window.seen.length > 0")  # PENDING, before any worker
+            worker()
+            page.wait_for_function("window.seen.some((e) => e[0] === 'done')", timeout=20_000)
+            seen = page.evaluate("window.seen")
         finally:
             browser.close()
     kinds = [kind for kind, _, _ in seen]
-    assert kinds[0] == "status"
+    assert kinds[:2] == ["status", "status"]  # PENDING, then RUNNING
     assert kinds[-1] == "done"
     output = "".join(data["chunk"] for kind, _, data in seen if kind == "output")
     assert output == seen[-1][2]["result"]["output"]

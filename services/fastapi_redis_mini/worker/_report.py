@@ -45,19 +45,37 @@ def merged(reports: Sequence[Report]) -> list[Report]:
 
 
 class TaskReports:
-    """The TaskContext of one run: buffers its reports and sends them in the background."""
+    """The TaskContext of one run: buffers its reports and sends them in the background.
 
-    def __init__(self, task_id: str, send: Send, loop: asyncio.AbstractEventLoop) -> None:
+    Every task of a handler that takes a context gets one, most of them never used: making
+    one costs a few attribute writes, and the lock is one per worker (held for a list swap).
+    """
+
+    __slots__ = ("_closed", "_lock", "_loop", "_pending", "_scheduled", "_send", "_sending",
+                 "dropped", "task_id")  # fmt: skip
+
+    def __init__(
+        self,
+        task_id: str,
+        send: Send,
+        loop: asyncio.AbstractEventLoop,
+        lock: threading.Lock | None = None,
+    ) -> None:
         self.task_id = task_id
         self._send = send
         self._loop = loop
-        self._loop_thread = threading.get_ident()
-        self._lock = threading.Lock()  # the pending list is shared with the pool's threads
+        # The pending list is shared with the pool's threads.
+        self._lock = lock or threading.Lock()
         self._pending: list[Report] = []
         self._scheduled = False  # a send is in flight or about to start
         self._closed = False
         self._sending: asyncio.Task[None] | None = None
         self.dropped = 0
+
+    @property
+    def used(self) -> bool:
+        """Whether the handler reported anything (only then has close() anything to do)."""
+        return self._scheduled or self._sending is not None
 
     def progress(self, fraction: float, message: str = "") -> None:
         if not isinstance(fraction, int | float) or not math.isfinite(fraction):
@@ -80,7 +98,7 @@ class TaskReports:
             if self._scheduled:
                 return
             self._scheduled = True
-        if threading.get_ident() == self._loop_thread:
+        if asyncio._get_running_loop() is self._loop:
             self._start_sending()
         else:
             self._loop.call_soon_threadsafe(self._start_sending)
@@ -106,13 +124,15 @@ class TaskReports:
             if not stored:
                 self.dropped += len(batch)
 
+    def close_unused(self) -> None:
+        """Take no more reports, when none came: a handler still running (abandoned) drops
+        whatever it reports later."""
+        self._closed = True
+
     async def close(self, within: float) -> None:
         """Take no more reports, and wait up to `within` seconds for those pending to be sent."""
         with self._lock:
             self._closed = True
-            reported = self._scheduled or self._sending is not None
-        if not reported:
-            return  # the common case, a handler that reported nothing: no loop round
         # A thread's last report may still be on its way to the loop: let it land first.
         await asyncio.sleep(0)
         sending = self._sending

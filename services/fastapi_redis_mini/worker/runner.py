@@ -91,6 +91,7 @@ class Worker:
         self.handler = handler
         self.runner = HandlerRunner(handler, settings)
         self.webhooks = WebhookSender(settings, queue)
+        self._reports_lock = threading.Lock()  # shared by the runs' TaskReports
         self._call = self.runner.call
         self.sidecar = sidecar
         self.loading = True  # until the handler's load() has returned
@@ -401,9 +402,11 @@ class Worker:
             if not isinstance(error, TimeoutError | RetryableError):
                 log.warning("task failed: %s", type(error).__name__, extra={"task_id": job.task_id})
             ended = error
-        if reports is not None:
+        if reports is not None and reports.used:
             # Every report lands before the outcome, so an event stream misses none of them.
             await reports.close(_REPORTS_GRACE)
+        elif reports is not None:
+            reports.close_unused()
         finish = decide(job, ended, result, record.stop, self.settings)
         _telemetry.run_ended(finish, ended, max(0.0, time.time() - job.started_at))
         return finish
@@ -411,10 +414,13 @@ class Worker:
     def _reports_of(self, job: Job) -> TaskReports | None:
         if not self.runner.takes_context:
             return None
-        send = functools.partial(self.queue.report, self.consumer)
+        send = self._send_reports
         if job.webhook and job.webhook_events & {"progress", "output"}:
             send = functools.partial(self._report_and_deliver, job)
-        return TaskReports(job.task_id, send, asyncio.get_running_loop())
+        return TaskReports(job.task_id, send, asyncio.get_running_loop(), self._reports_lock)
+
+    def _send_reports(self, task_id: str, reports: Sequence[Report]) -> Awaitable[bool]:
+        return self.queue.report(self.consumer, task_id, reports)
 
     async def _report_and_deliver(self, job: Job, task_id: str, reports: Sequence[Report]) -> bool:
         stored = await self.queue.report(self.consumer, task_id, reports)
