@@ -19,13 +19,14 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass
 
 import orjson
 from fastapi import APIRouter, Request, Response, status
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
+from starlette.types import Receive, Scope, Send
 
 from ...core.models import ErrorResponse, Task, TaskId, TaskStatus, is_task_id
 from ...core.queue import QueueUnavailable, TaskEvent, TaskQueue
@@ -164,25 +165,42 @@ async def task_events(request: Request) -> Response:
         raise TaskNotFoundError()
     if cursor.status is not None and cursor.status.is_final:
         return Response(status_code=status.HTTP_204_NO_CONTENT)
-    # Held from here until the stream's generator ends (the client left, or the task did).
+    # Held from here until the response ends, however it ends (see _HeldStream).
     held = streams.held(scope, state.settings.events_max_streams_per_key)
     held.__enter__()
     heartbeat = state.settings.events_heartbeat
 
-    async def body() -> AsyncIterator[bytes]:
-        try:
-            yield b"retry: %d\n\n" % _RETRY_MS
-            async for chunk in _follow(state.queue, task_id, scope, cursor, heartbeat):
-                yield chunk
-        finally:
-            held.__exit__(None, None, None)
+    async def body() -> AsyncGenerator[bytes, None]:
+        yield b"retry: %d\n\n" % _RETRY_MS
+        async for chunk in _follow(state.queue, task_id, scope, cursor, heartbeat):
+            yield chunk
 
-    return StreamingResponse(
-        body(),
-        media_type="text/event-stream",
-        # No proxy may buffer or transform the stream (nginx reads X-Accel-Buffering).
-        headers={"Cache-Control": "no-cache, no-transform", "X-Accel-Buffering": "no"},
-    )
+    return _HeldStream(body(), held)
+
+
+class _HeldStream(StreamingResponse):
+    """A stream that gives back its place under the cap and closes its generator (leaving
+    its task's watch) when the response ends: finished, failed, or its client gone, even
+    before the generator ever ran."""
+
+    def __init__(
+        self, body: AsyncGenerator[bytes, None], held: contextlib.AbstractContextManager[None]
+    ) -> None:
+        super().__init__(
+            body,
+            media_type="text/event-stream",
+            # No proxy may buffer or transform the stream (nginx reads X-Accel-Buffering).
+            headers={"Cache-Control": "no-cache, no-transform", "X-Accel-Buffering": "no"},
+        )
+        self._body = body
+        self._held = held
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._held.__exit__(None, None, None)
+            await self._body.aclose()
 
 
 async def _follow(
