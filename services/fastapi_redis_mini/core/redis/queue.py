@@ -642,6 +642,16 @@ class RedisTaskQueue(SlotRouting):
         )
 
     @_translated
+    async def webhook_dead_letters(self, count: int) -> list[DeadLetter]:
+        letters: list[DeadLetter] = []
+        for keys in self.partitions.all:
+            entries: list[tuple[str, dict[str, str]]] = await self.redis.xrevrange(  # type: ignore[assignment]
+                keys.webhooks_dead, count=count
+            )
+            letters += [DeadLetter(entry_id, f.get("task_id", ""), f) for entry_id, f in entries]
+        return letters
+
+    @_translated
     async def promote_due_retries(self, limit: int) -> int:
         # Two round trips, once per maintenance pass: the script must name each task's key,
         # so the due ids are read first. The script checks again that each is still due.
