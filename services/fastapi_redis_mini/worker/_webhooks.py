@@ -96,10 +96,18 @@ class WebhookSender:
         self._http: httpx.AsyncClient | None = None
         self._idle = asyncio.Event()
         self._idle.set()
+        self._warned = False
 
     def send(self, job: Job, kind: WebhookEvent, data: dict[str, Any]) -> None:
         """Deliver `data` to the job's webhook, if it asked for this kind of event."""
-        if not job.webhook or kind not in job.webhook_events or self._key is None:
+        if not job.webhook or kind not in job.webhook_events:
+            return
+        if self._key is None:
+            # The api refuses a webhook without a secret; a worker configured without one
+            # (unlike its api) can only say so.
+            if not self._warned:
+                self._warned = True
+                log.warning("a task asks for a webhook but this worker has no WEBHOOK_SECRET")
             return
         body = {"type": f"task.{kind.value}", "timestamp": time.time(), "data": data}
         message = Message(
