@@ -213,3 +213,21 @@ def test_a_browser_eventsource_reads_the_stream_to_its_end(api: Start, worker: S
     output = "".join(data["chunk"] for kind, _, data in seen if kind == "output")
     assert output == seen[-1][2]["result"]["output"]
     assert len({event_id for _, event_id, _ in seen}) == len(seen)
+
+
+def test_a_stream_cut_on_one_api_resumes_on_another(api: Start, worker: Start) -> None:
+    first_api, second_api = api(), api()
+    worker()
+    with (
+        httpx.Client(base_url=first_api.base_url, timeout=10) as one,
+        httpx.Client(base_url=second_api.base_url, timeout=10) as other,
+    ):
+        body = {"prompt": WORDS, "params": {"duration": 1.5}}
+        task_id = one.post("/tasks", json=body).json()["task_id"]
+        _, before, _ = read_events(one, task_id, stop_after=6)
+        assert first_api.stop() == 0  # that replica is gone
+        _, after, _ = read_events(other, task_id, last_event_id=before[-1].id)
+    events = before + after
+    assert events[-1].kind == "done"
+    assert output_of(events) == events[-1].data["result"]["output"]  # type: ignore[index]
+    assert len({e.id for e in events}) == len(events)
