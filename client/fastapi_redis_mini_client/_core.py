@@ -321,6 +321,9 @@ class Core:
         """
         attempt = 0
         failure: Exception | None = None
+        # The service's last answer: when the deadline cuts a later attempt short, that
+        # answer, not the cut-off read, says why the call did not succeed.
+        answered: APIError | None = None
         while True:
             left = None if deadline is None else deadline - self._clock()
             if left is not None and left + grace <= 0:
@@ -335,6 +338,8 @@ class Core:
                     raise _OutOfTimeError() from pool_timeout
                 raise PoolTimeoutError(call.method, call.path) from pool_timeout
             except httpx.TransportError as transport_error:
+                if deadline is not None and self._clock() >= deadline:
+                    raise _OutOfTimeError() from (answered or transport_error)
                 failure = transport_error
                 retry_after = None
                 retryable = not _cannot_improve(transport_error)
@@ -342,7 +347,7 @@ class Core:
                 assert response is not None
                 if response.is_success:
                     return response
-                failure = error_from_response(response, attempts=attempt)
+                failure = answered = error_from_response(response, attempts=attempt)
                 retry_after = failure.retry_after
                 retryable = failure.retryable and (retry_after or 0) <= self.retry.retry_after_max
             delay = self.retry.delay(attempt, retry_after, self._rng)

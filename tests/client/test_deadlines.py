@@ -5,7 +5,9 @@ new user would, since the defaults are what once let a 5 s call take 106 s.
 
 from __future__ import annotations
 
+import json
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -31,6 +33,59 @@ def silent_url() -> Iterator[str]:
     """A listener that completes every connection (the kernel does) and never answers."""
     with socket.create_server(("127.0.0.1", 0), backlog=64) as listener:
         yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+
+@pytest.fixture
+def answers_once_then_hangs() -> Iterator[str]:
+    """A service that answers its first request 503 redis_unavailable and never answers again.
+
+    The deadline then falls inside the second attempt's read, as it does when a loaded api is
+    slow to answer its 503: the call must still say the service's answer was why.
+    """
+    body = json.dumps({"error": {"code": "redis_unavailable", "message": "redis is down"}})
+    answer = (
+        f"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+        f"retry-after: 1\r\nconnection: close\r\ncontent-length: {len(body)}\r\n\r\n{body}"
+    ).encode()
+    stop = threading.Event()
+    held: list[socket.socket] = []
+
+    def serve(listener: socket.socket) -> None:
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                connection, _ = listener.accept()
+            except TimeoutError:
+                continue
+            if held or stop.is_set():  # every later request: read, then never answer
+                held.append(connection)
+                continue
+            held.append(connection)
+            connection.settimeout(5)
+            connection.recv(65536)
+            connection.sendall(answer)
+            connection.close()
+
+    with socket.create_server(("127.0.0.1", 0), backlog=16) as listener:
+        thread = threading.Thread(target=serve, args=(listener,), daemon=True)
+        thread.start()
+        try:
+            yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+        finally:
+            stop.set()
+            thread.join(timeout=5)
+            for connection in held:
+                connection.close()
+
+
+def test_a_deadline_inside_a_retry_keeps_the_services_answer_as_the_cause(
+    connect: Connect, answers_once_then_hangs: str
+) -> None:
+    client = connect(answers_once_then_hangs, None, retry=DEFAULTS)
+    error, took = timed_out(client.run, "slow 503", timeout=3)
+    assert took < 3 + SLACK
+    assert error.task_id is None
+    assert isinstance(error.__cause__, RedisUnavailableError), repr(error.__cause__)
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ import yaml
 
 from fastapi_redis_mini_harness.ports import free_port
 from fastapi_redis_mini_harness.processes import Process, start_api, start_worker
+from fastapi_redis_mini_harness.redis_server import RedisServer
 
 from ..chart import helm
 from . import _dashboard
@@ -109,6 +110,33 @@ def run_redis_exporter(binary: str, redis_url: str) -> Iterator[str]:
             process.wait(timeout=5)
 
 
+@contextmanager
+def one_node_cluster() -> Iterator[RedisServer]:
+    """A cluster-enabled server holding every slot: what a cluster node's exporter reports.
+
+    The service runs on the standalone server; this node only gives the cluster panel real
+    CLUSTER INFO series (state, failing slots, known nodes) to read.
+    """
+    server = RedisServer()
+    # Its own bus port: a free port above 55535 leaves no room for the default port + 10000.
+    server.extra_args = [
+        "--cluster-enabled", "yes",
+        "--cluster-config-file", "nodes.conf",
+        "--cluster-port", str(free_port()),
+    ]  # fmt: skip
+    try:
+        server.start()
+        with server.client() as client:
+            client.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+            deadline = time.monotonic() + 10
+            while client.cluster("info")["cluster_state"] != "ok":
+                assert time.monotonic() < deadline, "the one-node cluster never reported ok"
+                time.sleep(0.05)
+        yield server
+    finally:
+        server.close()
+
+
 @pytest.fixture
 def stack(
     prometheus_binary: str, redis_exporter_binary: str, redis_url: str, tmp_path: Path
@@ -152,6 +180,8 @@ def stack(
         ]
         with (
             run_redis_exporter(redis_exporter_binary, redis_url) as exporter,
+            one_node_cluster() as cluster_node,
+            run_redis_exporter(redis_exporter_binary, cluster_node.url) as cluster_exporter,
             serve_kube_state(cluster, limits) as kube_state,
             run_prometheus(
                 prometheus_binary,
@@ -159,12 +189,13 @@ def stack(
                 [
                     *targets,
                     Target("redis", exporter, {**labels, "pod": redis_pod}),
+                    Target("redis", cluster_exporter, {**labels, "pod": f"{redis_pod}-cluster"}),
                     Target("kube-state-metrics", kube_state, honor_labels=True),
                 ],
                 [RULES, chart_threshold_rules(tmp_path / "thresholds.yaml", RELEASE, NAMESPACE)],
             ) as prometheus,
         ):
-            targets.append(Target("redis", exporter))
+            targets += [Target("redis", exporter), Target("redis", cluster_exporter)]
             prometheus.wait_for(
                 "count(up == 1)",
                 lambda samples: single_value(samples) == len(targets) + 1,

@@ -17,7 +17,9 @@
 --       JSON [{task_id, request, signature, scope, trace, idempotency}, ..],
 --       work_channel (announces new entries; "" with a single partition), publish command
 --       where idempotency is 0 (no key), 1 (a key), or the id of a task the caller found gone
---       that the key may still point at (then the key is taken over for this task)
+--       that the key may still point at (then the key is taken over for this task),
+--       recent_cap (the recent-task index keeps about this many ids; absent or 0: none)
+-- KEYS end with the recent-task index when recent_cap is given.
 -- Returns JSON, per task {outcome, task_id, result, tokens, reset_ms}, outcome one of
 -- 'queued', 'cached' (task_id: the task that computed the result), 'duplicate' (task_id: the
 -- key's first task), 'idempotency_key_reused' (task_id: the key's first task, of another
@@ -29,7 +31,9 @@ local rate, burst, max_unfinished = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumb
 local stride = ARGV[8] == '1' and 5 or 3
 local batch = cjson.decode(ARGV[9])
 local work_channel, publish = ARGV[10], ARGV[11]
+local recent_cap = tonumber(ARGV[12] or '0')
 local queued = 0
+local queued_ids = {}
 local out = {}
 local now_ms = nil
 
@@ -140,6 +144,7 @@ for i, task in ipairs(batch) do
           'attempts', '0', 'deliveries', '0')
         redis.call('XADD', stream, '*', 'task_id', task_id)
         queued = queued + 1
+        queued_ids[queued] = task_id
         if max_unfinished > 0 then
           -- Scored by when the task expires, so one that never finishes stops counting then.
           -- `counted` tells finish.lua to take it off again, whatever the worker's settings.
@@ -157,6 +162,17 @@ for i, task in ipairs(batch) do
           reset_ms = reset_ms}
       end
     end
+  end
+end
+if queued > 0 and recent_cap > 0 then
+  -- One LPUSH a batch; the list is trimmed only once it is a tenth over its cap, so the index
+  -- costs about one command a batch and at most 1.1 x recent_cap ids of memory.
+  local recent, length = KEYS[#KEYS], 0
+  for first = 1, queued, 1000 do  -- unpack() is limited to a few thousand values
+    length = redis.call('LPUSH', recent, unpack(queued_ids, first, math.min(first + 999, queued)))
+  end
+  if length > recent_cap + math.ceil(recent_cap / 10) then
+    redis.call('LTRIM', recent, 0, recent_cap - 1)
   end
 end
 if queued > 0 and work_channel ~= '' then
