@@ -86,3 +86,17 @@ def test_an_unreachable_redis_is_one_line_not_a_traceback() -> None:
     assert answer.returncode == 1
     assert answer.stderr.startswith("redis cannot serve this now (unreachable:")
     assert "Traceback" not in answer.stderr
+
+
+async def test_webhook_dead_letters_are_listed_as_json_lines(
+    settings: Settings, redis_url: str
+) -> None:
+    queue = RedisTaskQueue(connect(settings), settings)
+    task_id = "a" * 32
+    fields = {"task_id": task_id, "url": "https://hooks.example/x", "error": "answered 500"}
+    await queue.dead_letter_webhook(task_id, fields)
+    await queue.close()
+    listed = admin(redis_url, "webhooks", "dead-letter")
+    assert listed.returncode == 0, listed.stderr
+    [line] = [orjson.loads(line) for line in listed.stdout.splitlines()]
+    assert {key: line[key] for key in fields} == fields

@@ -36,7 +36,9 @@ from .errors import (
     UnsupportedMediaTypeError,
     WaitTimeoutError,
 )
+from .events import TaskEvent
 from .models import Task, TaskStatus
+from .webhooks import WebhookVerificationError, verify_webhook
 
 __all__ = [
     "APIError",
@@ -62,6 +64,7 @@ __all__ = [
     "TaskCancelledError",
     "TaskClientError",
     "TaskEndedError",
+    "TaskEvent",
     "TaskFailedError",
     "TaskNotFoundError",
     "TaskStatus",
@@ -70,4 +73,6 @@ __all__ = [
     "UnexpectedResponseError",
     "UnsupportedMediaTypeError",
     "WaitTimeoutError",
+    "WebhookVerificationError",
+    "verify_webhook",
 ]

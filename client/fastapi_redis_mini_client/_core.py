@@ -179,7 +179,7 @@ def _task_path(task_id: str) -> str:
     return "/tasks/" + quote(task_id, safe="")
 
 
-def _check_timeout(timeout: float | None) -> None:
+def check_timeout(timeout: float | None) -> None:
     if timeout is not None and not timeout >= 0:
         raise ValueError(f"timeout must be 0 or more seconds, or None, not {timeout}")
 
@@ -232,7 +232,7 @@ class Core:
 
     def wait(self, task_id: str, timeout: float | None) -> Flow[Task]:
         """Long-poll in slices of at most 30 s until the task is final or `timeout` passes."""
-        _check_timeout(timeout)
+        check_timeout(timeout)
         deadline = None if timeout is None else self._clock() + timeout
         return (yield from self._wait(task_id, deadline, timeout))
 
@@ -288,17 +288,28 @@ class Core:
         `timeout` bounds the whole call, the submit and its retries included. `on_submit` is
         called with the submitted task before the wait.
         """
-        _check_timeout(timeout)
+        check_timeout(timeout)
         deadline = None if timeout is None else self._clock() + timeout
-        try:
-            task = yield from self.submit(prompt, params, idempotency_key, deadline)
-        except _OutOfTimeError as out:
-            raise WaitTimeoutError(None, timeout or 0.0, None) from out.__cause__
+        task = yield from self.submit_within(prompt, params, idempotency_key, deadline, timeout)
         if on_submit is not None:
             on_submit(task)
         if not task.is_final:
             task = yield from self._wait(task.task_id, deadline, timeout)
         return outcome(task)
+
+    def submit_within(
+        self,
+        prompt: str,
+        params: Mapping[str, Any] | None,
+        idempotency_key: str | None,
+        deadline: float | None,
+        timeout: float | None,
+    ) -> Flow[Task]:
+        """The submit of a run: WaitTimeoutError when it cannot succeed before the deadline."""
+        try:
+            return (yield from self.submit(prompt, params, idempotency_key, deadline))
+        except _OutOfTimeError as out:
+            raise WaitTimeoutError(None, timeout or 0.0, None) from out.__cause__
 
     def _exchange(
         self, call: Call, deadline: float | None = None, grace: float = 0.0

@@ -170,6 +170,15 @@ def _wait(client: Client, args: argparse.Namespace, _: Submitted) -> Exit:
     return _exit_of_task(task)
 
 
+def _watch(client: Client, args: argparse.Namespace, _: Submitted) -> Exit:
+    task = None
+    for event in client.events(args.task_id, args.last_event_id, timeout=args.timeout):
+        _print(event.to_json())
+        sys.stdout.flush()  # a line as soon as its event comes, even into a pipe
+        task = event.task
+    return Exit.OK if task is None else _exit_of_task(task)
+
+
 def _cancel(client: Client, args: argparse.Namespace, _: Submitted) -> Exit:
     _print(client.cancel(args.task_id).to_json())
     return Exit.OK
@@ -295,8 +304,13 @@ def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     command("get", _get, "print a task's current state").add_argument("task_id", type=_task_id)
     wait = command("wait", _wait, "wait until the task is final; prints it, exit by its status")
     wait.add_argument("task_id", type=_task_id)
+    watch = command(
+        "watch", _watch, "print the task's events as JSON lines until it ends; exit by its status"
+    )
+    watch.add_argument("task_id", type=_task_id)
+    watch.add_argument("--last-event-id", help="resume after this event's id")
     command("cancel", _cancel, "cancel a task; prints it").add_argument("task_id", type=_task_id)
-    for sub in (wait, commands.choices["run"]):
+    for sub in (wait, watch, commands.choices["run"]):
         sub.add_argument(
             "--timeout",
             type=_seconds,

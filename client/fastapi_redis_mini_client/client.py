@@ -8,14 +8,26 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import Any, Self, cast
 
 import httpx
 
-from ._core import DEFAULT_LIMITS, DEFAULT_URL, Core, Flow, Options, RetryPolicy, Sleep, T
+from ._core import (
+    DEFAULT_LIMITS,
+    DEFAULT_URL,
+    Core,
+    Flow,
+    Options,
+    RetryPolicy,
+    Sleep,
+    T,
+    check_timeout,
+    outcome,
+)
 from .errors import ClientClosedError, WaitTimeoutError
+from .events import Follower, TaskEvent
 from .models import Task
 
 __all__ = ["DEFAULT_URL", "AsyncClient", "Client"]
@@ -80,14 +92,67 @@ class Client:
         idempotency_key: str | None = None,
         *,
         on_submit: Callable[[Task], None] | None = None,
+        on_progress: Callable[[TaskEvent], None] | None = None,
     ) -> Any:
         """Submit and wait: the result, or TaskFailedError, TaskCancelledError, WaitTimeoutError.
 
         `timeout` bounds the whole call, the submit included. `on_submit(task)` is called once
-        the task is submitted, e.g. to keep its id should the wait be interrupted.
+        the task is submitted, e.g. to keep its id should the wait be interrupted. With
+        `on_progress(event)`, the wait follows the task's events and calls it for each
+        progress event (`event.fraction`, `event.data["message"]`).
         """
-        flow = self._core.run(prompt, params, timeout, idempotency_key, on_submit)
-        return self._drive(flow)
+        if on_progress is None:
+            return self._drive(self._core.run(prompt, params, timeout, idempotency_key, on_submit))
+        check_timeout(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        task = self._drive(
+            self._core.submit_within(prompt, params, idempotency_key, deadline, timeout)
+        )
+        if on_submit is not None:
+            on_submit(task)
+        if not task.is_final:
+            left = None if deadline is None else deadline - time.monotonic()
+            for event in self.events(task.task_id, timeout=left):
+                if event.kind == "progress":
+                    on_progress(event)
+                final = event.task
+                if final is not None:
+                    task = final
+        return outcome(task)
+
+    def events(
+        self, task_id: str, last_event_id: str | None = None, *, timeout: float | None = None
+    ) -> Iterator[TaskEvent]:
+        """The task's events as they happen, until its final one (done, failed, cancelled).
+
+        A dropped connection is resumed after the last event received, so every event comes
+        once; `last_event_id` resumes an earlier follow. WaitTimeoutError after `timeout` s.
+        """
+        if self._closed or self._http.is_closed:
+            raise ClientClosedError("this client is closed")
+        follower = Follower(task_id, self._core.retry, last_event_id, timeout)
+        while not follower.ended:
+            try:
+                answer = self._http.send(follower.request(self._http, self._options), stream=True)
+                try:
+                    if answer.status_code >= 400:
+                        answer.read()
+                        delay = follower.refused(answer)
+                    elif not follower.opened(answer):
+                        return
+                    else:
+                        for line in answer.iter_lines():
+                            event = follower.line(line)
+                            if event is not None:
+                                yield event
+                        if follower.ended:
+                            return
+                        delay = follower.dropped(None)
+                finally:
+                    answer.close()
+            except httpx.TransportError as error:
+                delay = follower.dropped(error)
+            time.sleep(delay)
 
     def wait_all(self, task_ids: Iterable[str], timeout: float | None = None) -> list[Task]:
         """Every task once final, in the order given; one `timeout` for them all.
@@ -204,10 +269,63 @@ class AsyncClient:
         idempotency_key: str | None = None,
         *,
         on_submit: Callable[[Task], None] | None = None,
+        on_progress: Callable[[TaskEvent], None] | None = None,
     ) -> Any:
         """See Client.run."""
-        flow = self._core.run(prompt, params, timeout, idempotency_key, on_submit)
-        return await self._drive(flow)
+        if on_progress is None:
+            flow = self._core.run(prompt, params, timeout, idempotency_key, on_submit)
+            return await self._drive(flow)
+        check_timeout(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        task = await self._drive(
+            self._core.submit_within(prompt, params, idempotency_key, deadline, timeout)
+        )
+        if on_submit is not None:
+            on_submit(task)
+        if not task.is_final:
+            left = None if deadline is None else deadline - time.monotonic()
+            async for event in self.events(task.task_id, timeout=left):
+                if event.kind == "progress":
+                    on_progress(event)
+                final = event.task
+                if final is not None:
+                    task = final
+        return outcome(task)
+
+    async def events(
+        self,
+        task_id: str,
+        last_event_id: str | None = None,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 (see the class docstring)
+    ) -> AsyncIterator[TaskEvent]:
+        """See Client.events."""
+        if self._closed or self._http.is_closed:
+            raise ClientClosedError("this client is closed")
+        follower = Follower(task_id, self._core.retry, last_event_id, timeout)
+        while not follower.ended:
+            try:
+                request = follower.request(self._http, self._options)
+                answer = await self._http.send(request, stream=True)
+                try:
+                    if answer.status_code >= 400:
+                        await answer.aread()
+                        delay = follower.refused(answer)
+                    elif not follower.opened(answer):
+                        return
+                    else:
+                        async for line in answer.aiter_lines():
+                            event = follower.line(line)
+                            if event is not None:
+                                yield event
+                        if follower.ended:
+                            return
+                        delay = follower.dropped(None)
+                finally:
+                    await answer.aclose()
+            except httpx.TransportError as error:
+                delay = follower.dropped(error)
+            await asyncio.sleep(delay)
 
     async def wait_all(
         self,

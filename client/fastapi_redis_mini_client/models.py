@@ -34,6 +34,8 @@ class Task:
     started_at: float | None = None
     finished_at: float | None = None
     cancel_requested: bool = False
+    progress: float | None = None  # the latest progress the handler reported, 0 to 1
+    progress_message: str | None = None
 
     @property
     def is_final(self) -> bool:

@@ -4,6 +4,7 @@ dead-letter list [--count N]          show dead-lettered tasks with their errors
 dead-letter replay ENTRY_ID ...       put those tasks back on the stream
 dead-letter replay --all              put every dead-lettered task back
 stats                                 stream length, lag, pending and dead letters
+webhooks dead-letter [--count N]      show webhook deliveries that failed for good, newest first
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ async def _run(args: argparse.Namespace) -> int:
         if args.command == "stats":
             stats = await queue.stats()
             print(orjson.dumps(dataclasses.asdict(stats)).decode())
+            return 0
+        if args.command == "webhooks":
+            for letter in await queue.webhook_dead_letters(args.count):
+                print(orjson.dumps({"entry_id": letter.entry_id, **letter.fields}).decode())
             return 0
         if args.action == "list":
             for letter in await queue.dead_letters(args.count):
@@ -63,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     replay = actions.add_parser("replay", help="put dead-lettered tasks back on the stream")
     replay.add_argument("entry_ids", nargs="*", metavar="ENTRY_ID")
     replay.add_argument("--all", action="store_true", help="replay every dead-lettered task")
+    webhooks = commands.add_parser("webhooks", help="webhook deliveries that failed for good")
+    webhook_actions = webhooks.add_subparsers(dest="action", required=True)
+    failed = webhook_actions.add_parser("dead-letter", help="show them as JSON lines")
+    failed.add_argument("--count", type=int, default=100)
     return asyncio.run(_run(parser.parse_args(argv)))
 
 

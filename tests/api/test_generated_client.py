@@ -136,6 +136,7 @@ def test_the_calls_and_models_carry_the_names_of_the_operations_and_schemas(
         "tasks.submit_task",
         "tasks.get_task",
         "tasks.cancel_task",
+        "tasks.task_events",
         "operations.healthz",
         "operations.readyz",
     }
@@ -150,6 +151,7 @@ def test_the_calls_and_models_carry_the_names_of_the_operations_and_schemas(
         "Task",
         "TaskStatus",
         "TaskSubmitted",
+        "WebhookEvent",
     }
 
 

@@ -87,3 +87,34 @@ def _pipe(source: socket.socket, target: socket.socket) -> None:
             target.sendall(data)
     except OSError:
         pass
+
+
+class StreamCuttingProxy(AnswerDroppingProxy):
+    """A TCP proxy to the api that, for its first `drop` connections, passes `keep` bytes of
+    the answer back and then closes the client's connection: a stream cut in the middle."""
+
+    def __init__(self, upstream_port: int, drop: int = 1, keep: int = 600) -> None:
+        super().__init__(upstream_port, drop)
+        self._keep = keep
+
+    def _relay(self, downstream: socket.socket, drop: bool) -> None:
+        if not drop:
+            super()._relay(downstream, drop)
+            return
+        downstream.settimeout(IDLE_SECONDS)
+        try:
+            upstream = socket.create_connection(
+                ("127.0.0.1", self._upstream_port), timeout=IDLE_SECONDS
+            )
+        except OSError:
+            downstream.close()
+            return
+        with upstream, downstream:
+            threading.Thread(target=_pipe, args=(downstream, upstream), daemon=True).start()
+            passed = 0
+            with contextlib.suppress(OSError):
+                while passed < self._keep and (data := upstream.recv(self._keep - passed)):
+                    downstream.sendall(data)
+                    passed += len(data)
+            with contextlib.suppress(OSError):
+                downstream.shutdown(socket.SHUT_RDWR)

@@ -7,7 +7,7 @@ from the test's thread through an anyio portal), so the two are held to one spec
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -15,7 +15,7 @@ from typing import Any, Protocol, TypeVar
 import pytest
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
-from fastapi_redis_mini_client import AsyncClient, Client, RetryPolicy, Task
+from fastapi_redis_mini_client import AsyncClient, Client, RetryPolicy, Task, TaskEvent
 from fastapi_redis_mini_harness.processes import Process, start_api, start_worker
 from fastapi_redis_mini_harness.redis_server import RedisServer
 
@@ -57,7 +57,13 @@ class BlockingClient(Protocol):
         params: Mapping[str, Any] | None = None,
         timeout: float | None = None,
         idempotency_key: str | None = None,
+        *,
+        on_progress: Callable[[TaskEvent], None] | None = None,
     ) -> Any: ...
+
+    def events(
+        self, task_id: str, last_event_id: str | None = None, *, timeout: float | None = None
+    ) -> Iterable[TaskEvent]: ...
 
 
 class PortalClient:
@@ -97,8 +103,21 @@ class PortalClient:
         params: Mapping[str, Any] | None = None,
         timeout: float | None = None,
         idempotency_key: str | None = None,
+        *,
+        on_progress: Callable[[TaskEvent], None] | None = None,
     ) -> Any:
-        return self._call(self._client.run, prompt, params, timeout, idempotency_key)
+        run = functools.partial(self._client.run, on_progress=on_progress)
+        return self._call(run, prompt, params, timeout, idempotency_key)
+
+    def events(
+        self, task_id: str, last_event_id: str | None = None, *, timeout: float | None = None
+    ) -> Iterable[TaskEvent]:
+        async def collect() -> list[TaskEvent]:
+            follow = self._client.events(task_id, last_event_id, timeout=timeout)
+            return [event async for event in follow]
+
+        events: list[TaskEvent] = self._portal.call(collect)
+        return events
 
 
 @dataclass

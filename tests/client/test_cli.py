@@ -84,6 +84,20 @@ def test_submit_get_and_wait_print_the_task_and_exit_0(stack: Stack) -> None:
     assert waited.json["result"]["model"] == "sim-1"
 
 
+def test_watch_prints_each_event_as_a_json_line_and_exits_by_the_status(stack: Stack) -> None:
+    url = stack.api.base_url
+    submitted = frm("submit", unique("watch me"), "--params", '{"duration": 0.5}', url=url)
+    watched = frm("watch", submitted.json["task_id"], "--timeout", "20", url=url)
+    assert watched.code == 0, watched.stderr
+    lines = [json.loads(line) for line in watched.stdout.splitlines()]
+    assert lines[-1]["event"] == "done"
+    chunks = "".join(line["data"]["chunk"] for line in lines if line["event"] == "output")
+    assert chunks == lines[-1]["data"]["result"]["output"]
+
+    failed = frm("submit", unique("fail"), "--params", '{"fail": true}', url=url)
+    assert frm("watch", failed.json["task_id"], url=url).code == 1
+
+
 def test_run_prints_the_result_and_exits_0(stack: Stack) -> None:
     ran = frm("run", unique("run it"), "--params", '{"model": "m-9"}', url=stack.api.base_url)
     assert ran.code == 0, ran.stderr

@@ -31,10 +31,11 @@ BATCH = 50  # tasks a worker reads, starts and finishes together: its read batch
 SUBMIT_MISS = (1, 7)
 SUBMIT_HIT = (1, 5)  # EVALSHA: EXISTS, GET (cache), TIME, EXPIRE (cache)
 READ = (1, 2)  # EVALSHA: HMGET
-# read: XREADGROUP (one partition); start: EVALSHA + (HMGET, HSET) a task;
-# finish: EVALSHA + (HMGET, HSET, SET, EXPIRE) a task + TIME, XACK, PUBLISH, and for the
-# console's index and counts LPUSH (done list), HINCRBY and EXPIRE (the ten-second bucket).
-FINISH_BATCH = (3, 1 + 2 + 6 * BATCH + 3 + 3)
+# read: XREADGROUP (one partition); start: EVALSHA + (HMGET, HSET) a task + PUBLISH (the
+# tasks started, for event streams); finish: EVALSHA + (HMGET, HSET, SET, EXPIRE) a task +
+# TIME, XACK, PUBLISH, and for the console's index and counts LPUSH (done list), HINCRBY and
+# EXPIRE (the ten-second bucket).
+FINISH_BATCH = (3, 1 + 3 + 6 * BATCH + 3 + 3)
 
 
 class Counted:

@@ -19,7 +19,7 @@ import redis
 from redis.exceptions import ResponseError
 
 from fastapi_redis_mini.core.models import TaskCreate, request_signature
-from fastapi_redis_mini.core.queue import Finish, Job, Outcome
+from fastapi_redis_mini.core.queue import Finish, Job, Outcome, Report
 from fastapi_redis_mini.core.redis import RedisTaskQueue, connect
 from fastapi_redis_mini.core.redis.console import ConsoleStore, RetryOutcome
 from fastapi_redis_mini.core.settings import Settings
@@ -102,6 +102,14 @@ async def _every_transition(queue: RedisTaskQueue) -> None:
     cancelled_id = await submit("cancelled")
     await queue.cancel(cancelled_id, "t")
     await take()  # start ends the cancelled task
+
+    reported_id = await submit("reported")
+    [job] = await take()
+    assert await queue.report(CONSUMER, job.task_id, [Report("progress", "half", 0.5)])
+    read = await queue.read_events(reported_id, "t", "0-0", 10)
+    assert read is not None
+    assert [e.fraction for e in read.events] == [0.5]
+    await queue.finish(CONSUMER, [Finish(job, Outcome.DONE, result=orjson.dumps("r"))])
 
     retried_id = await submit("retried")
     [job] = await take()

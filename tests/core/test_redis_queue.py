@@ -255,6 +255,7 @@ async def test_a_read_fills_every_field_of_the_task_from_its_hash(
             "status": "RUNNING", "scope": "tenant-a", "result": '{"n": 1.25}', "error": "e",
             "cached": "1", "attempts": "3", "created_at": "10.5", "started_at": "11.5",
             "finished_at": "12.5", "cancel": "1", "request": "{}", "owner": "w",
+            "progress": "0.5", "progress_message": "half",
         },
     )  # fmt: skip
     task = await queue.get(task_id, scope="tenant-a")
@@ -264,6 +265,7 @@ async def test_a_read_fills_every_field_of_the_task_from_its_hash(
         "task_id": task_id, "status": TaskStatus.RUNNING, "scope": "tenant-a",
         "result": {"n": 1.25}, "error": "e", "cached": True, "attempts": 3,
         "created_at": 10.5, "started_at": 11.5, "finished_at": 12.5, "cancel_requested": True,
+        "progress": 0.5, "progress_message": "half",
     }  # fmt: skip
     assert dict(task).keys() == Task.model_fields.keys()
     # Stored and checked, but never answered.

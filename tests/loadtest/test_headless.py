@@ -80,3 +80,28 @@ def test_environment_variables_set_the_mix_and_failures_asked_for_are_not_locust
     # About half the tasks were asked to fail, and did, on the worker.
     assert finished(service.worker.base_url, "FAILED") >= 2
     assert finished(service.worker.base_url, "DONE") >= 2
+
+
+def test_a_stream_share_follows_tasks_through_their_events_and_times_the_first_output(
+    service: RunningService, tmp_path: Path
+) -> None:
+    prefix = tmp_path / "streams"
+    result = run_locust(
+        service.url,
+        ["--headless", "-u", "6", "-r", "6", "-t", "6s", "--stop-timeout", STOP_TIMEOUT,
+         "--csv", str(prefix), "--only-summary", *FAST_MIX, "--stream-share", "1",
+         "--unique-share", "1", "--duration-dist", "fixed", "--duration-mean", "0.3"],
+        cwd=tmp_path,
+        timeout=120,
+    )  # fmt: skip
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = stats_rows(prefix)
+    streams = rows[("GET", "GET /tasks/{id}/events")]
+    first_output = rows[("TASK", "task first output")]
+    assert int(streams["Request Count"]) >= 3
+    assert int(first_output["Request Count"]) >= 3
+    assert ("GET", "GET /tasks/{id}?wait") not in rows  # every task was streamed
+    assert {name: row["Failure Count"] for name, row in rows.items()} == {
+        name: "0" for name in rows
+    }

@@ -18,6 +18,11 @@ outcome with request type TASK:
                                  designed and saying when to come back; the user waits that
                                  long, and it is not a failure (a 429 or 503 without
                                  Retry-After is one)
+    task first output            submit -> the first output event, for streamed tasks
+
+With --stream-share above 0, that share of tasks is followed through GET /tasks/{id}/events
+(Server-Sent Events) instead of long-polls, to the final event; the stream's own row times
+the whole connection.
 
 The traffic mix is set with these options. Each also reads an environment variable,
 LOCUST_ plus the option in upper case (--unique-share -> LOCUST_UNIQUE_SHARE), and all of them
@@ -33,6 +38,7 @@ appear in the web UI's start form. Defaults in brackets.
     --task-deadline     give up on a task after this long, seconds [120]
     --think-min/-max    pause between two tasks of one user, seconds [0.5 / 2.0]
     --api-key           sent as X-API-Key when the service has API_KEYS [none]
+    --stream-share      share of tasks followed through their event stream [0]
 
 Repeated prompts always carry the same params, so after their first run they hit the cache.
 Submissions asked to fail always use a unique prompt, and a task that ends FAILED because it was
@@ -69,6 +75,9 @@ SHED_STATUSES = frozenset({429, 503})
 RETRY_AFTER_MAX = 30.0
 SUBMIT_NAME = "POST /tasks"
 POLL_NAME = "GET /tasks/{id}?wait"
+EVENTS_NAME = "GET /tasks/{id}/events"
+FIRST_OUTPUT = "task first output"
+FINAL_EVENTS = {"done": "DONE", "failed": "FAILED", "cancelled": "CANCELLED"}
 MODEL = "loadtest"
 # Upper bound on polls per task, on top of the deadline, so no loop can run away.
 MAX_POLLS_PER_TASK = 1000
@@ -149,6 +158,13 @@ def add_options(parser: LocustArgumentParser) -> None:
         help="Longest pause between two tasks of one user, seconds",
     )
     parser.add_argument(
+        "--stream-share",
+        type=float,
+        default=0.0,
+        env_var="LOCUST_STREAM_SHARE",
+        help="Share of tasks followed through GET /tasks/{id}/events instead of long-polls",
+    )
+    parser.add_argument(
         "--api-key",
         default="",
         env_var="LOCUST_API_KEY",
@@ -218,6 +234,7 @@ class TrafficMix:
     think_min: float
     think_max: float
     api_key: str
+    stream_share: float
 
     @classmethod
     def from_environment(cls, environment: Environment) -> TrafficMix:
@@ -248,6 +265,7 @@ class TrafficMix:
             think_min=think_min,
             think_max=max(think_min, number("think_max", 2.0)),
             api_key=text("api_key", ""),
+            stream_share=min(1.0, max(0.0, number("stream_share", 0.0))),
         )
 
     def draw_duration(self, rng: random.Random) -> float:
@@ -311,7 +329,10 @@ class TaskSubmitter(FastHttpUser):
             return
 
         task_id = str(submitted["task_id"])
-        status, error = self._wait_until_terminal(task_id, mix, headers, started)
+        if self.rng.random() < mix.stream_share:
+            status, error = self._follow_events(task_id, mix, headers, started)
+        else:
+            status, error = self._wait_until_terminal(task_id, mix, headers, started)
         if error is None:
             wanted = "FAILED" if expect_failure else "DONE"
             if status != wanted:
@@ -389,6 +410,42 @@ class TaskSubmitter(FastHttpUser):
         )
         self._respect_retry_after(response)
         return True
+
+    def _follow_events(
+        self, task_id: str, mix: TrafficMix, headers: dict[str, str], started: float
+    ) -> tuple[str, str | None]:
+        """Read the task's event stream to its final event; report the first output's time."""
+        status = "PENDING"
+        first_output = True
+        deadline = started + mix.task_deadline
+        with self.client.get(
+            f"/tasks/{task_id}/events",
+            headers=headers,
+            name=EVENTS_NAME,
+            stream=True,
+            catch_response=True,
+        ) as raw:
+            response = cast(_Answer, raw)
+            if response.status_code != 200:
+                response.failure(_describe(response))
+                return status, f"events of {task_id} got HTTP {response.status_code}"
+            stream = raw.stream
+            while time.perf_counter() < deadline:
+                line = stream.readline(b"\n")
+                if not line:
+                    response.failure("the stream ended before the task did")
+                    return status, f"events of {task_id} ended early"
+                if not line.startswith(b"event: "):
+                    continue
+                kind = line[7:].strip().decode()
+                if kind == "output" and first_output:
+                    first_output = False
+                    self._report(FIRST_OUTPUT, started, None)
+                if kind in FINAL_EVENTS:
+                    response.success()
+                    return FINAL_EVENTS[kind], None
+            response.failure("deadline")
+        return status, f"task {task_id} still {status} after {mix.task_deadline:g}s"
 
     def _respect_retry_after(self, response: _Answer) -> None:
         retry_after = _retry_after(response)

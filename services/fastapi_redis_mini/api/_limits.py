@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field, ValidationError
 from ..core.handlers import MAX_TASK_DURATION
 from ..core.models import TaskCreate
 from ..core.settings import Settings
+from ..core.webhooks import AllowedHosts, WebhookRefused, check_url
 from .deps import validated
 from .errors import InvalidFieldError
 
@@ -109,3 +110,18 @@ def check_task(
         raise InvalidFieldError("params", f"larger than {settings.max_params_bytes} bytes")
     if check_params is not None:
         check_params(params)
+    if task.webhook is not None:
+        _check_webhook(task.webhook, settings)
+    elif task.webhook_events is not None:
+        raise InvalidFieldError("webhook_events", "given without a webhook")
+
+
+def _check_webhook(url: str, settings: Settings) -> None:
+    if settings.webhook_secret is None:
+        raise InvalidFieldError(
+            "webhook", "this service has no WEBHOOK_SECRET to sign deliveries with"
+        )
+    try:
+        check_url(url, AllowedHosts(settings.webhook_allowed_hosts))
+    except WebhookRefused as refused:
+        raise InvalidFieldError("webhook", str(refused)) from None

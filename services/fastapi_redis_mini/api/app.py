@@ -21,7 +21,7 @@ from .console import console_routes
 from .deps import operation_id
 from .drain import DrainMiddleware, marker_path
 from .errors import install_error_handlers
-from .routes import docs, health, tasks
+from .routes import docs, events, health, tasks
 from .state import ApiKeys, ApiState
 
 DESCRIPTION = """
@@ -69,6 +69,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # included router is matched through a second, nested router on every request.
         routes=[
             *tasks.router.routes,
+            *events.router.routes,
             *health.router.routes,
             *(docs.routes if settings.docs_enabled else ()),
             *console,

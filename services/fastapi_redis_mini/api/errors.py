@@ -73,6 +73,13 @@ class TooManyWaitsError(ServiceError):
     headers: ClassVar[Mapping[str, str]] = {"Retry-After": "1"}
 
 
+class TooManyStreamsError(ServiceError):
+    """The API key holds EVENTS_MAX_STREAMS_PER_KEY event streams open already."""
+
+    status_code, code = 429, "too_many_streams"
+    headers: ClassVar[Mapping[str, str]] = {"Retry-After": "5"}
+
+
 class UnsupportedMediaTypeError(ServiceError):
     status_code, code = 415, "unsupported_media_type"
 

@@ -29,6 +29,21 @@ class TaskFailedError(Exception):
     """Raise from a handler to fail a task with a message meant for the client."""
 
 
+class TaskContext(Protocol):
+    """What a handler may report while it runs, if it takes a `context` argument (a batched
+    handler: `contexts`, one per item). Both calls return at once, from the event loop or a
+    thread: reports are sent in the background, consecutive ones merged, and a report that
+    cannot be stored is dropped, never failing the task."""
+
+    def progress(self, fraction: float, message: str = "") -> None:
+        """How far the task got, from 0 to 1, with an optional message for humans."""
+        ...
+
+    def emit(self, chunk: str) -> None:
+        """A piece of partial output, such as the next tokens; the result is still returned."""
+        ...
+
+
 class TaskHandler(Protocol):
     """Runs one task. The return value is stored as the result and must be JSON-serialisable.
 
@@ -55,7 +70,29 @@ class BatchTaskHandler(Protocol):
     def __call__(self, prompts: list[str], params: list[Mapping[str, Any]]) -> Any: ...
 
 
-AnyTaskHandler = TaskHandler | SyncTaskHandler | BatchTaskHandler
+class ReportingTaskHandler(Protocol):
+    """A handler, async or sync, that reports through its TaskContext as it runs."""
+
+    def __call__(self, prompt: str, params: Mapping[str, Any], context: TaskContext) -> Any: ...
+
+
+class ReportingBatchTaskHandler(Protocol):
+    """A batched handler that reports per item, through `contexts` (one per item, in order)."""
+
+    max_batch_size: int
+
+    def __call__(
+        self, prompts: list[str], params: list[Mapping[str, Any]], contexts: list[TaskContext]
+    ) -> Any: ...
+
+
+AnyTaskHandler = (
+    TaskHandler
+    | SyncTaskHandler
+    | BatchTaskHandler
+    | ReportingTaskHandler
+    | ReportingBatchTaskHandler
+)
 
 
 # What a Params model's validators find in their ValidationInfo.context.
@@ -88,31 +125,50 @@ class SimulateParams(BaseModel):
 
 
 class SimulatedInference:
-    """Stands in for a model: waits params.duration seconds, then answers deterministically."""
+    """Stands in for a model: waits params.duration seconds, then answers deterministically.
+
+    With a duration, it reports as a model would: the words of its output one by one, at
+    even intervals over the duration, each with its progress.
+    """
 
     Params = SimulateParams
 
     def __init__(self, max_duration: float) -> None:
         self.max_duration = max_duration
 
-    async def __call__(self, prompt: str, params: Mapping[str, Any]) -> Any:
+    async def __call__(
+        self, prompt: str, params: Mapping[str, Any], context: TaskContext | None = None
+    ) -> Any:
         options = SimulateParams.model_validate(params)
         duration = min(options.duration, self.max_duration)
+        model = options.model
+        digest = hashlib.sha256(f"{model}\0{prompt}".encode()).hexdigest()[:16]
+        words = prompt.split()
+        output = f"[{model}] {digest}: {' '.join(reversed(words[:32]))}"
         if duration > 0:
-            await asyncio.sleep(duration)
+            if context is None:
+                await asyncio.sleep(duration)
+            else:
+                await _stream(output.split(" "), duration, context)
         if options.fail:
             if options.retryable:
                 raise RetryableError("simulated transient failure")
             raise TaskFailedError("simulated failure requested by params.fail")
-        model = options.model
-        digest = hashlib.sha256(f"{model}\0{prompt}".encode()).hexdigest()[:16]
-        words = prompt.split()
         return {
             "model": model,
-            "output": f"[{model}] {digest}: {' '.join(reversed(words[:32]))}",
+            "output": output,
             "prompt_tokens": len(words),
             "completion_tokens": min(len(words), 32) + 2,
         }
+
+
+async def _stream(words: list[str], duration: float, context: TaskContext) -> None:
+    """Emit `words` at even intervals over `duration`, each step with its progress."""
+    interval = duration / len(words)
+    for index, word in enumerate(words):
+        await asyncio.sleep(interval)
+        context.emit(word if index == 0 else f" {word}")
+        context.progress((index + 1) / len(words), f"{index + 1} of {len(words)} words")
 
 
 class SimulatedAccelerator:

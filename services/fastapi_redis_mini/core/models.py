@@ -11,6 +11,8 @@ from typing import Annotated, Any
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from .webhooks import WebhookEvent
+
 # A UUID4 in hex, after its partition's number and a dash when QUEUE_PARTITIONS is above 1
 # (core/redis/keys.py). The api answers 404, not 422, for an id that does not match: it names
 # no task.
@@ -46,10 +48,27 @@ class TaskCreate(BaseModel):
         "built-in handler reads duration, fail, retryable and model; other keys pass.",
     )
 
+    webhook: str | None = Field(
+        default=None,
+        max_length=2048,
+        description="An http(s) URL to POST signed deliveries to (Standard Webhooks); only "
+        "public addresses, unless the service allows the host.",
+    )
+    webhook_events: list[WebhookEvent] | None = Field(
+        default=None,
+        max_length=4,
+        description="What to deliver: any of start, progress, output, completed (the "
+        "default: completed only).",
+    )
+
     @cached_property
     def canonical(self) -> bytes:
-        """The request as canonical JSON: what is stored, and what the signature hashes."""
-        return canonical_json(self.model_dump(mode="json"))
+        """The request as canonical JSON: what is stored, and what the signature hashes.
+
+        A request without a webhook leaves both webhook fields out, so it hashes as it did
+        before webhooks existed, and its cached results stay found."""
+        exclude = {"webhook", "webhook_events"} if self.webhook is None else None
+        return canonical_json(self.model_dump(mode="json", exclude=exclude))
 
 
 class TaskSubmitted(BaseModel):
@@ -79,6 +98,12 @@ class Task(BaseModel):
     started_at: float | None = None
     finished_at: float | None = None
     cancel_requested: bool = False
+    progress: float | None = Field(
+        default=None, description="The latest progress its handler reported, from 0 to 1."
+    )
+    progress_message: str | None = Field(
+        default=None, description="The message that came with that progress."
+    )
 
 
 class ErrorBody(BaseModel):

@@ -6,10 +6,12 @@ broker (Kafka for the stream, say) can stand behind the same interface.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from .models import Task, TaskCreate
 
@@ -134,6 +136,8 @@ class Job:
     created_at: float = 0.0
     started_at: float = 0.0
     attempts: int = 0
+    webhook: str = ""
+    webhook_events: frozenset[str] = frozenset()
 
 
 class Outcome(StrEnum):
@@ -157,6 +161,34 @@ class FinishVerdict(StrEnum):
     WRITTEN = "written"
     STALE = "stale"  # the task was already final; only acknowledged
     LOST = "lost"  # another worker owns it now; left alone
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """One thing a running handler reported: its progress, or a chunk of partial output."""
+
+    kind: Literal["progress", "output"]
+    text: str  # the progress message, or the output chunk
+    fraction: float = 0.0  # progress only: from 0 to 1
+
+
+@dataclass(frozen=True, slots=True)
+class TaskEvent:
+    """A report as the task's event stream holds it, with the entry id that orders it."""
+
+    entry_id: str
+    kind: Literal["progress", "output"]
+    text: str
+    fraction: float
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class TaskEvents:
+    """A task, and the reports after a cursor, read together (see TaskQueue.read_events)."""
+
+    task: Task
+    events: list[TaskEvent]
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +248,18 @@ class TaskQueue(Protocol):
 
     async def cancel(self, task_id: str, scope: str = "") -> CancelOutcome: ...
 
+    async def read_events(
+        self, task_id: str, scope: str, after: str, count: int
+    ) -> TaskEvents | None:
+        """The task and at most `count` of its reports after the entry id `after`; None when
+        there is no such task. When the task read is final and fewer than `count` reports came
+        back, there are no more: reports are refused once a task is final."""
+        ...
+
+    def follow(self, task_id: str) -> contextlib.AbstractAsyncContextManager[asyncio.Event]:
+        """An event set whenever the task starts, reports or ends (clear it after each read)."""
+        ...
+
     async def stats(self) -> QueueStats: ...
 
     async def check_writable(self) -> None:
@@ -260,6 +304,18 @@ class TaskQueue(Protocol):
     async def finish(self, consumer: str, finishes: Sequence[Finish]) -> list[FinishVerdict]: ...
 
     async def keep_alive(self, consumer: str, jobs: Sequence[Job]) -> list[str]: ...
+
+    async def report(self, consumer: str, task_id: str, reports: Sequence[Report]) -> bool:
+        """Store a running task's reports; False when the run is no longer this consumer's."""
+        ...
+
+    async def dead_letter_webhook(self, task_id: str, fields: Mapping[str, str]) -> None:
+        """Keep a webhook delivery that failed for good where an operator can see it."""
+        ...
+
+    async def webhook_dead_letters(self, count: int) -> list[DeadLetter]:
+        """The newest webhook deliveries that failed for good, at most `count` per partition."""
+        ...
 
     async def promote_due_retries(self, limit: int) -> int: ...
 

@@ -11,6 +11,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from .webhooks import secret_key
+
 PositiveSeconds = Annotated[float, Field(gt=0)]
 # The admin key opens every tenant's tasks: 16 random characters of [A-Za-z0-9] are 95 bits,
 # out of reach of guessing over the network.
@@ -123,6 +125,25 @@ class Settings(BaseSettings):
     # against offline.
     tenant_secret: SecretStr | None = None
 
+    # Task events: reports a task's stream keeps (the oldest are dropped first), seconds
+    # between keep-alive comments on an idle event stream, and event streams one API key may
+    # hold open at once on one api process (0: no cap; only with API_KEYS).
+    events_maxlen: int = Field(default=1000, ge=1, le=1_000_000)
+    events_heartbeat: PositiveSeconds = 15.0
+    events_max_streams_per_key: int = Field(default=100, ge=0)
+
+    # Webhooks: the signing secret (whsec_<base64>; a submit with a webhook is refused without
+    # it), deliveries in flight per worker, attempts before a delivery is dead-lettered with
+    # the backoff between them, seconds per attempt, and the hosts or networks (CIDRs) that
+    # may be reached though not public.
+    webhook_secret: SecretStr | None = None
+    webhook_concurrency: int = Field(default=10, ge=1, le=1000)
+    webhook_max_attempts: int = Field(default=5, ge=1, le=20)
+    webhook_backoff: PositiveSeconds = 1.0
+    webhook_backoff_max: PositiveSeconds = 60.0
+    webhook_timeout: PositiveSeconds = 10.0
+    webhook_allowed_hosts: Annotated[tuple[str, ...], NoDecode] = ()
+
     # Telemetry
     log_format: Literal["json", "text"] = "json"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -178,6 +199,20 @@ class Settings(BaseSettings):
     def _check_tenant_secret(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and len(value.get_secret_value()) < 16:
             raise ValueError("must be at least 16 characters")
+        return value
+
+    @field_validator("webhook_allowed_hosts", mode="before")
+    @classmethod
+    def _split_allowed_hosts(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(entry.strip() for entry in value.split(",") if entry.strip())
+        return value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _check_webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            secret_key(value.get_secret_value())
         return value
 
     @field_validator("log_level", mode="before")

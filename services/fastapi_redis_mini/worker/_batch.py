@@ -25,11 +25,13 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
+from ..core.handlers import TaskContext
 from . import metrics
+from ._report import NO_REPORTS
 
 DEFAULT_BATCH_WAIT_MS = 5.0
 
-BatchCall = Callable[[list[str], list[Mapping[str, Any]]], Awaitable[Sequence[Any]]]
+BatchCall = Callable[..., Awaitable[Sequence[Any]]]
 
 
 def batch_options(handler: object, name: str) -> tuple[int, float] | None:
@@ -48,7 +50,7 @@ def batch_options(handler: object, name: str) -> tuple[int, float] | None:
     return size, float(wait)
 
 
-_Item = tuple[str, Mapping[str, Any], "asyncio.Future[Any]", float]
+_Item = tuple[str, Mapping[str, Any], "asyncio.Future[Any]", float, TaskContext]
 
 
 class Batcher:
@@ -60,18 +62,23 @@ class Batcher:
     by themselves, and an idle handler adds at most `wait_ms` to a task.
     """
 
-    def __init__(self, call: BatchCall, size: int, wait_ms: float) -> None:
+    def __init__(
+        self, call: BatchCall, size: int, wait_ms: float, *, with_contexts: bool = False
+    ) -> None:
         self._call = call
+        self._with_contexts = with_contexts  # the handler takes `contexts`, one per item
         self._size = size
         self._wait = wait_ms / 1000
         self._waiting: list[_Item] = []
         self._timer: asyncio.TimerHandle | None = None
         self._running: asyncio.Task[None] | None = None
 
-    def __call__(self, prompt: str, params: Mapping[str, Any]) -> Awaitable[Any]:
+    def __call__(
+        self, prompt: str, params: Mapping[str, Any], context: TaskContext = NO_REPORTS
+    ) -> Awaitable[Any]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._waiting.append((prompt, params, future, time.monotonic()))
+        self._waiting.append((prompt, params, future, time.monotonic(), context))
         if self._running is not None:
             return future  # the batch in flight sends the next one when it returns
         if len(self._waiting) >= self._size:
@@ -109,15 +116,18 @@ class Batcher:
 
     async def _answer(self, batch: list[_Item]) -> None:
         try:
-            results = await self._call([p for p, _, _, _ in batch], [q for _, q, _, _ in batch])
+            arguments = [[p for p, *_ in batch], [item[1] for item in batch]]
+            if self._with_contexts:
+                arguments.append([item[4] for item in batch])
+            results = await self._call(*arguments)
             if len(results) != len(batch):
                 raise RuntimeError(f"a batch of {len(batch)} items returned {len(results)} results")
         except Exception as error:
-            for _, _, future, _ in batch:
+            for _, _, future, *_ in batch:
                 if not future.done():
                     future.set_exception(error)
             return
-        for (_, _, future, _), result in zip(batch, results, strict=True):
+        for (_, _, future, *_), result in zip(batch, results, strict=True):
             if future.done():
                 continue  # its task stopped waiting: timed out, cancelled or released
             if isinstance(result, BaseException):

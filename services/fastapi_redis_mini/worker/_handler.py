@@ -17,6 +17,10 @@ its thread runs on until the handler returns, its result is thrown away, and mea
 pool has one thread fewer. A call still running TASK_TIMEOUT + LIVENESS_GRACE after it began
 fails /healthz, so that Kubernetes restarts the worker and frees the thread.
 
+A handler that declares a `context` parameter (a batched one: `contexts`) gets a TaskContext
+per task to report progress and partial output through (see _report.py). A process of
+HANDLER_POOL=process cannot reach the worker's loop, so such a handler is refused there.
+
 Optional lifecycle methods, sync or async, each called once per worker process:
 `load()` before the worker reads its first task (/readyz answers "loading" until it
 returns), and `close()` once the worker has drained, at shutdown.
@@ -35,11 +39,20 @@ from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any, cast
 
-from ..core.handlers import AnyTaskHandler, resolve_handler
+from ..core.handlers import AnyTaskHandler, TaskContext, resolve_handler
 from ..core.settings import Settings
 from ._batch import BatchCall, Batcher, batch_options
+from ._report import NO_REPORTS
 
 log = logging.getLogger(__name__)
+
+
+def takes_parameter(handler: object, name: str) -> bool:
+    """Whether the handler's call declares a parameter of this name."""
+    try:
+        return name in inspect.signature(handler).parameters  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
 
 
 def is_async(handler: object) -> bool:
@@ -77,12 +90,22 @@ class HandlerRunner:
             self._executor = ThreadPoolExecutor(
                 settings.handler_thread_count, thread_name_prefix="handler"
             )
-        # The one callable the worker awaits per task: the handler itself when it is async.
-        self.call = cast(
-            Callable[[str, Mapping[str, Any]], Awaitable[Any]],
-            handler if self.is_async else self._call_in_thread,
-        )
         self.batching = batch_options(handler, self.name)
+        self.takes_context = takes_parameter(
+            handler, "context" if self.batching is None else "contexts"
+        )
+        if self.takes_context and self.in_processes:
+            raise ValueError(
+                f"TASK_HANDLER: {self.name!r} takes a context, which HANDLER_POOL=process "
+                "cannot pass; use HANDLER_POOL=thread"
+            )
+        # The one callable the worker awaits per task: the handler itself when it is async.
+        target = cast(
+            Callable[..., Awaitable[Any]], handler if self.is_async else self._call_in_thread
+        )
+        self.call: Callable[..., Awaitable[Any]] = (
+            target if self.takes_context else _without_context(target)
+        )
         if self.batching is not None:
             size, wait_ms = self.batching
             if size > settings.max_concurrency:
@@ -93,7 +116,7 @@ class HandlerRunner:
                 )  # fmt: skip
                 size = settings.max_concurrency
             batch_call = cast(BatchCall, handler if self.is_async else self._call_in_thread)
-            self.call = Batcher(batch_call, size, wait_ms)
+            self.call = Batcher(batch_call, size, wait_ms, with_contexts=self.takes_context)
 
     def _call_in_thread(self, *args: Any) -> Awaitable[Any]:
         assert self._executor is not None
@@ -158,6 +181,17 @@ class HandlerRunner:
         else:
             await asyncio.to_thread(functools.partial(method))
         log.info("handler %s: %s() took %.2fs", self.name, step, time.monotonic() - started)
+
+
+def _without_context(
+    call: Callable[..., Awaitable[Any]],
+) -> Callable[[str, Mapping[str, Any], TaskContext], Awaitable[Any]]:
+    def without(
+        prompt: str, params: Mapping[str, Any], _: TaskContext = NO_REPORTS
+    ) -> Awaitable[Any]:
+        return call(prompt, params)
+
+    return without
 
 
 def _terminate_children(within: float) -> None:

@@ -96,3 +96,9 @@ for _status in TaskStatus:
 REDIS_OPERATIONS = ("ensure_group", "start", "read", "finish", "keep_alive", "maintenance")
 for _operation in REDIS_OPERATIONS:
     redis_errors.labels(_operation)
+webhook_deliveries = Counter(
+    "webhook_deliveries",
+    "Webhook delivery attempts by outcome: delivered, retried, dead_lettered.",
+    ["outcome"],
+    namespace=NAMESPACE,
+)

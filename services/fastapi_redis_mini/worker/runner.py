@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -34,15 +35,20 @@ from ..core.queue import (
     Outcome,
     PartitionsUnavailable,
     QueueUnavailable,
+    Report,
     StartVerdict,
     TaskQueue,
 )
 from ..core.settings import Settings
 from ..core.telemetry.metrics import redis_errors
+from ..core.webhooks import WebhookEvent
 from . import _telemetry, metrics
 from ._handler import HandlerRunner
 from ._outbox import Outbox
+from ._report import NO_REPORTS as _NO_REPORTS
+from ._report import TaskReports
 from ._sidecar import Sidecar
+from ._webhooks import WebhookSender
 from .inflight import InFlight, Phase, StopReason, decide
 
 log = logging.getLogger(__name__)
@@ -51,6 +57,8 @@ _FINISH_BATCH = 500
 _RETRY_PROMOTE_INTERVAL = 0.5
 _TRIM_INTERVAL = 10.0
 _RUN_PHASES = (Phase.RUNNING, Phase.ALONE)
+# How long a run's last reports may take to be sent before its outcome is written anyway.
+_REPORTS_GRACE = 2.0
 _CLOSE_TIMEOUT = 5.0  # for the handler's close(), within the pod's termination grace
 
 
@@ -84,6 +92,8 @@ class Worker:
         self.queue = queue
         self.handler = handler
         self.runner = HandlerRunner(handler, settings)
+        self.webhooks = WebhookSender(settings, queue)
+        self._reports_lock = threading.Lock()  # shared by the runs' TaskReports
         self._call = self.runner.call
         self.sidecar = sidecar
         self.loading = True  # until the handler's load() has returned
@@ -200,6 +210,7 @@ class Worker:
             if unfinished:
                 await asyncio.wait(unfinished, timeout=1)
             await self.runner.close(_CLOSE_TIMEOUT)
+            await self.webhooks.close(_CLOSE_TIMEOUT)
         # Every step of stopping is bounded, so a worker stops within SHUTDOWN_GRACE plus a
         # few seconds even while Redis is unreachable; what it could not write stays pending
         # and is reclaimed.
@@ -346,6 +357,9 @@ class Worker:
     def _take(self, job: Job, *, alone: bool = False) -> bool:
         """Act on what start decided for one delivery; False when it is left to others."""
         if job.verdict is StartVerdict.RUN:
+            if job.webhook:
+                data = {"task_id": job.task_id, "status": "RUNNING", "attempt": job.attempts}
+                self.webhooks.send(job, WebhookEvent.START, data)
             record = InFlight(job, Phase.ALONE if alone else Phase.RUNNING)
             self._hold(record)
             record.run = asyncio.create_task(self._execute(record))
@@ -398,9 +412,10 @@ class Worker:
         job = record.job
         ended: BaseException | None = None
         result = b""
+        reports = self._reports_of(job)
         try:
             async with asyncio.timeout(self.settings.task_timeout):
-                output = await self._call(job.prompt, job.params)
+                output = await self._call(job.prompt, job.params, reports or _NO_REPORTS)
             result = orjson.dumps(output)
         except asyncio.CancelledError as error:
             if record.stop is None:
@@ -410,9 +425,37 @@ class Worker:
             if not isinstance(error, TimeoutError | RetryableError):
                 log.warning("task failed: %s", type(error).__name__, extra={"task_id": job.task_id})
             ended = error
+        if reports is not None and reports.used:
+            # Every report lands before the outcome, so an event stream misses none of them.
+            await reports.close(_REPORTS_GRACE)
+        elif reports is not None:
+            reports.close_unused()
         finish = decide(job, ended, result, record.stop, self.settings)
         _telemetry.run_ended(finish, ended, max(0.0, time.time() - job.started_at))
         return finish
+
+    def _reports_of(self, job: Job) -> TaskReports | None:
+        if not self.runner.takes_context:
+            return None
+        send = self._send_reports
+        if job.webhook and job.webhook_events & {"progress", "output"}:
+            send = functools.partial(self._report_and_deliver, job)
+        return TaskReports(job.task_id, send, asyncio.get_running_loop(), self._reports_lock)
+
+    def _send_reports(self, task_id: str, reports: Sequence[Report]) -> Awaitable[bool]:
+        return self.queue.report(self.consumer, task_id, reports)
+
+    async def _report_and_deliver(self, job: Job, task_id: str, reports: Sequence[Report]) -> bool:
+        stored = await self.queue.report(self.consumer, task_id, reports)
+        if stored:
+            for report in reports:
+                if report.kind == "progress":
+                    data = {"task_id": task_id, "fraction": report.fraction, "message": report.text}
+                    self.webhooks.send(job, WebhookEvent.PROGRESS, data)
+                else:
+                    data = {"task_id": task_id, "chunk": report.text}
+                    self.webhooks.send(job, WebhookEvent.OUTPUT, data)
+        return stored
 
     def _span(self, job: Job) -> contextlib.AbstractContextManager[Any]:
         if not self.tracing:
@@ -496,6 +539,8 @@ class Worker:
             if finish.outcome is Outcome.RETRY:
                 metrics.tasks_retried.inc()
             elif finish.outcome is not Outcome.RELEASE:
+                if job.webhook:
+                    self.webhooks.send(job, WebhookEvent.COMPLETED, _completed(finish, now))
                 metrics.tasks_finished.labels(finish.outcome.value).inc()
                 metrics.task_run.observe(max(0.0, now - job.started_at))
                 metrics.task_end_to_end.observe(max(0.0, now - job.created_at))
@@ -687,6 +732,20 @@ class Worker:
 
     def _runs(self) -> list[InFlight]:
         return [r for r in self._tasks.values() if r.phase in (Phase.RUNNING, Phase.ALONE)]
+
+
+def _completed(finish: Finish, now: float) -> dict[str, Any]:
+    """A `completed` webhook's data: the task as GET would show it, in short."""
+    job = finish.job
+    return {
+        "task_id": job.task_id,
+        "status": finish.outcome.value,
+        "result": orjson.loads(finish.result) if finish.outcome is Outcome.DONE else None,
+        "error": finish.error,
+        "attempts": job.attempts,
+        "started_at": job.started_at,
+        "finished_at": now,
+    }
 
 
 class _Backoff:

@@ -48,6 +48,10 @@ class Keys:
         """Hash holding one task's status, request, result and timestamps."""
         return f"{self.prefix}task:{task_id}"
 
+    def task_events(self, task_id: str) -> str:
+        """Stream of one task's progress and output reports, capped, expiring with the task."""
+        return f"{self.prefix}task:{task_id}:events"
+
     def cache(self, signature: str, scope: str = "") -> str:
         """String holding a finished result, shared by identical requests of one scope."""
         return (
@@ -83,6 +87,11 @@ class Keys:
         return f"{self.prefix}{self.queue}:dead"
 
     @property
+    def webhooks_dead(self) -> str:
+        """Stream of webhook deliveries that failed for good (WEBHOOK_MAX_ATTEMPTS)."""
+        return f"{self.prefix}{self.queue}:webhooks:dead"
+
+    @property
     def retries(self) -> str:
         """Sorted set of tasks waiting out a retry backoff, scored by when they are due."""
         return f"{self.prefix}{self.queue}:retry"
@@ -109,6 +118,11 @@ class Keys:
     def events(self) -> str:
         """Pub/Sub channel announcing each task of the partition that reached a final status."""
         return f"{self.prefix}{self.queue}:events"
+
+    @property
+    def reports(self) -> str:
+        """Pub/Sub channel announcing tasks of the partition that started or reported."""
+        return f"{self.prefix}{self.queue}:reports"
 
     @property
     def work(self) -> str:

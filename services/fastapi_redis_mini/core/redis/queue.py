@@ -23,7 +23,15 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Collection, Coroutine, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Coroutine,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, ParamSpec, TypeVar
@@ -47,10 +55,13 @@ from ..queue import (
     QueueState,
     QueueStats,
     QueueUnavailable,
+    Report,
     StartVerdict,
     SubmitOutcome,
     SubmitQuota,
     Submitted,
+    TaskEvent,
+    TaskEvents,
 )
 from ..settings import Settings
 from ._avoidance import AvoidedPartitions
@@ -180,6 +191,8 @@ class RedisTaskQueue(SlotRouting):
         self._prune_script = _load_script(redis, "prune_consumers")
         self._stats_script = _load_script(redis, "stats")
         self._read_group_script = _load_script(redis, "read_group")
+        self._report_script = _load_script(redis, "report")
+        self._read_events_script = _load_script(redis, "read_events")
         self._probe_script = _load_script(redis, "probe")
         # Partitions that failed a submit lately: unkeyed submits go elsewhere meanwhile.
         self._avoided = AvoidedPartitions()
@@ -188,6 +201,14 @@ class RedisTaskQueue(SlotRouting):
         # Workers of several partitions sleep until a submit announces new entries.
         self._work_announced = Subscription(
             redis, [keys.work for keys in self.partitions.all], sharded=cluster, name="work"
+        )
+        # Event streams wake on a task's start and reports, and on its end; subscribed on the
+        # first stream a process serves.
+        self._task_events = Subscription(
+            redis,
+            [keys.reports for keys in self.partitions.all] + events,
+            sharded=cluster,
+            name="task events",
         )
         # (consumer, partition) -> where its XAUTOCLAIM scan is
         self._claim_cursors: dict[tuple[str, int], str] = {}
@@ -217,6 +238,7 @@ class RedisTaskQueue(SlotRouting):
             await gets.close()
         await self._completions.close()
         await self._work_announced.close()
+        await self._task_events.close()
         await self.redis.aclose()
 
     # -- the api side
@@ -390,6 +412,37 @@ class RedisTaskQueue(SlotRouting):
             args=[scope, repr(time.time()), partition.events, task_id, self._publish],
         )
         return CancelOutcome(reply)
+
+    @_translated
+    async def read_events(
+        self, task_id: str, scope: str, after: str, count: int
+    ) -> TaskEvents | None:
+        partition = self.partitions.of_task(task_id)
+        if partition is None:
+            return None
+        reply = orjson.loads(
+            await self._read_events_script(
+                keys=[partition.task(task_id), partition.task_events(task_id)],
+                args=[after, count],
+            )
+        )
+        fields = reply.get("task")
+        if not fields or fields.get("scope", "") != scope:
+            return None
+        if "result" in fields:
+            fields["result"] = orjson.loads(fields["result"])
+        fields["task_id"] = task_id
+        # cjson writes an empty array as {}.
+        events = [
+            TaskEvent(entry_id, kind, text, float(fraction or 0), int(attempt))
+            for entry_id, kind, fraction, text, attempt in reply["events"] or ()
+        ]
+        return TaskEvents(Task.model_validate(fields), events)
+
+    @contextlib.asynccontextmanager
+    async def follow(self, task_id: str) -> AsyncIterator[asyncio.Event]:
+        async with self._task_events.watch(task_id) as changed:
+            yield changed
 
     @_translated
     async def stats(self) -> QueueStats:
@@ -581,7 +634,7 @@ class RedisTaskQueue(SlotRouting):
                 [keys.group, consumer, repr(now), self.settings.max_deliveries, int(alone),
                  orjson.dumps([(d.entry_id, d.task_id) for d in batch]),
                  self.settings.result_expiry, keys.events, self.settings.dead_letter_maxlen,
-                 self._publish],
+                 self._publish, keys.reports],
             ))  # fmt: skip
         replies = await self._call_each_isolated(self._start_script, calls)
         rows, failed = _spread(groups, replies, len(deliveries), {"verdict": "skip"}, orjson.loads)
@@ -605,6 +658,9 @@ class RedisTaskQueue(SlotRouting):
                 job.traceparent = row["traceparent"]
                 job.created_at = float(row["created_at"])
                 job.attempts = int(row["attempts"])
+                if "webhook" in request:
+                    job.webhook = request["webhook"]
+                    job.webhook_events = frozenset(request["webhook_events"] or ("completed",))
             jobs.append(job)
         if ended and self.settings.max_unfinished_per_key:
             await self._forget_unfinished(ended)
@@ -680,6 +736,43 @@ class RedisTaskQueue(SlotRouting):
         if failed:
             raise PartitionsUnavailable(failed, answers)
         return [a for a in answers if a is not None]
+
+    @_translated
+    async def report(self, consumer: str, task_id: str, reports: Sequence[Report]) -> bool:
+        partition = self.partitions.of_task(task_id)
+        if partition is None or not reports:
+            return False
+        settings = self.settings
+        reply = await self._report_script(
+            keys=[partition.task(task_id), partition.task_events(task_id)],
+            # The event stream outlives the run by RESULT_EXPIRY, as the task does, plus the
+            # longest a run may go on after its last report.
+            args=[consumer, settings.events_maxlen,
+                  settings.result_expiry + math.ceil(settings.task_timeout),
+                  partition.reports, self._publish, task_id,
+                  orjson.dumps([(r.kind, repr(r.fraction), r.text) for r in reports])],
+        )  # fmt: skip
+        return bool(reply == "written")
+
+    @_translated
+    async def dead_letter_webhook(self, task_id: str, fields: Mapping[str, str]) -> None:
+        keys = self.partitions.of_task(task_id) or self.keys
+        await self.redis.xadd(
+            keys.webhooks_dead,
+            dict(fields),  # type: ignore[arg-type]
+            maxlen=self.settings.dead_letter_maxlen,
+            approximate=False,
+        )
+
+    @_translated
+    async def webhook_dead_letters(self, count: int) -> list[DeadLetter]:
+        letters: list[DeadLetter] = []
+        for keys in self.partitions.all:
+            entries: list[tuple[str, dict[str, str]]] = await self.redis.xrevrange(  # type: ignore[assignment]
+                keys.webhooks_dead, count=count
+            )
+            letters += [DeadLetter(entry_id, f.get("task_id", ""), f) for entry_id, f in entries]
+        return letters
 
     @_translated
     async def promote_due_retries(self, limit: int) -> int:

@@ -9,10 +9,12 @@
 -- task's expiry is set to RESULT_EXPIRY at every change from its submission on, so a younger
 -- one has more than half of it left, and a run (bounded by TASK_TIMEOUT) ends well within
 -- that; its outcome renews it again. That keeps the common start at two commands a task.
+-- The tasks started are announced once per batch on the reports channel, so that an event
+-- stream shows RUNNING at once.
 -- KEYS: stream, dead_letter, task_1 .. task_n
 -- ARGV: group, consumer, now, max_deliveries, alone (1: the worker runs this batch alone),
 --       JSON [[entry_1, task_id_1], ..], result_expiry, events_channel, dead_letter_maxlen,
---       publish command (PUBLISH, or SPUBLISH on a cluster)
+--       publish command (PUBLISH, or SPUBLISH on a cluster), reports_channel
 -- Returns: the JSON array, one object per delivery in order: {verdict, request, signature, scope,
 --   traceparent, created_at, attempts} to run ('run'; request is the request's JSON as a
 --   string); {verdict, scope} for a task ended here ('cancelled', 'dead'); {verdict} otherwise
@@ -22,7 +24,7 @@ local max_deliveries = tonumber(ARGV[4])
 local alone = ARGV[5] == '1'
 local batch = cjson.decode(ARGV[6])
 local result_expiry, channel, dead_maxlen, publish = ARGV[7], ARGV[8], ARGV[9], ARGV[10]
-local out, acks, finished = {}, {}, {}
+local out, acks, finished, started = {}, {}, {}, {}
 
 for i, delivery in ipairs(batch) do
   local key, entry, task_id = KEYS[i + 2], delivery[1], delivery[2]
@@ -59,6 +61,7 @@ for i, delivery in ipairs(batch) do
     if (tonumber(now) - (tonumber(t[8]) or 0)) * 2 > tonumber(result_expiry) then
       redis.call('EXPIRE', key, result_expiry)
     end
+    started[#started + 1] = task_id
     out[i] = {verdict = 'run', request = t[4], signature = t[5] or '', scope = t[6] or '',
       traceparent = t[7] or '', created_at = t[8] or '0', attempts = attempts}
   end
@@ -68,5 +71,8 @@ if #acks > 0 then
 end
 if #finished > 0 then
   redis.call(publish, channel, table.concat(finished, ' '))
+end
+if #started > 0 then
+  redis.call(publish, ARGV[11], table.concat(started, ' '))
 end
 return cjson.encode(out)

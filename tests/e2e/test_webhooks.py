@@ -1,0 +1,189 @@
+"""Webhooks from a real worker to a real HTTP receiver: signed, retried, dead-lettered, guarded."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from fastapi_redis_mini_client import verify_webhook
+from fastapi_redis_mini_harness.polling import poll
+
+from .conftest import Start
+
+pytestmark = [pytest.mark.slow, pytest.mark.single_server(reason="reads the dead-letter stream")]
+
+SECRET = "whsec_" + base64.b64encode(b"webhook tests secret 32 bytes...").decode()
+FAST = {"WEBHOOK_SECRET": SECRET, "WEBHOOK_BACKOFF": "0.1", "WEBHOOK_BACKOFF_MAX": "0.2"}
+
+
+@dataclass
+class Receiver:
+    """A local HTTP server that records deliveries; fails the first `failures` with 500."""
+
+    failures: int = 0
+    redirect_to: str = ""
+    deliveries: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
+    attempts: int = 0
+    server: ThreadingHTTPServer | None = None
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return self.server.server_address[1]
+
+    def url(self, host: str = "127.0.0.1", path: str = "/hook") -> str:
+        return f"http://{host}:{self.port}{path}"
+
+    def payloads(self) -> list[Any]:
+        return [json.loads(body) for _, body in self.deliveries]
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    state = Receiver()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["content-length"]))
+            state.attempts += 1
+            if self.path == "/redirect":
+                self.send_response(302)
+                self.send_header("location", state.redirect_to)
+            elif state.attempts <= state.failures:
+                self.send_response(500)
+            else:
+                state.deliveries.append((dict(self.headers.items()), body))
+                self.send_response(204)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    state.server = server
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield state
+    server.shutdown()
+    server.server_close()
+
+
+def dead_letters(redis_url: str) -> list[dict[str, str]]:
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        entries: list[tuple[str, dict[str, str]]] = client.xrange("task_stream:webhooks:dead")  # type: ignore[assignment]
+        return [fields for _, fields in entries]
+    finally:
+        client.close()
+
+
+def test_a_receiver_gets_signed_deliveries_of_the_events_it_asked_for(
+    api: Start, worker: Start, receiver: Receiver
+) -> None:
+    env = {**FAST, "WEBHOOK_ALLOWED_HOSTS": "127.0.0.1"}
+    server = api(**env)
+    worker(**env)
+    body = {
+        "prompt": "a b c",
+        "params": {"duration": 0.3},
+        "webhook": receiver.url(),
+        "webhook_events": ["start", "output", "completed"],
+    }
+    submitted = httpx.post(f"{server.base_url}/tasks", json=body, timeout=10)
+    assert submitted.status_code == 202, submitted.text
+    task_id = submitted.json()["task_id"]
+    poll(lambda: any(p["type"] == "task.completed" for p in receiver.payloads()), timeout=15)
+    payloads = [verify_webhook(SECRET, headers, raw) for headers, raw in receiver.deliveries]
+    kinds = [p["type"] for p in payloads]
+    assert kinds[0] == "task.start"
+    assert kinds[-1] == "task.completed"
+    assert "task.progress" not in kinds  # not asked for
+    assert {p["data"]["task_id"] for p in payloads} == {task_id}
+    outputs = "".join(p["data"]["chunk"] for p in payloads if p["type"] == "task.output")
+    completed = payloads[-1]["data"]
+    assert completed["status"] == "DONE"
+    assert outputs == completed["result"]["output"]
+    ids = [headers["webhook-id"] for headers, _ in receiver.deliveries]
+    assert len(set(ids)) == len(ids)
+
+
+def test_a_receiver_that_is_down_gets_retries_then_the_delivery_is_dead_lettered(
+    api: Start, worker: Start, receiver: Receiver, redis_url: str
+) -> None:
+    env = {**FAST, "WEBHOOK_ALLOWED_HOSTS": "127.0.0.1", "WEBHOOK_MAX_ATTEMPTS": "3"}
+    server = api(**env)
+    worker(**env)
+    receiver.failures = 2  # the third attempt lands
+    first = {"prompt": "retried", "webhook": receiver.url()}
+    httpx.post(f"{server.base_url}/tasks", json=first, timeout=10).raise_for_status()
+    poll(lambda: len(receiver.deliveries) == 1, timeout=15)
+    assert receiver.attempts == 3
+
+    receiver.failures = 1000  # down for good
+    second = {"prompt": "never delivered", "webhook": receiver.url()}
+    task_id = httpx.post(f"{server.base_url}/tasks", json=second, timeout=10).json()["task_id"]
+    poll(lambda: any(d["task_id"] == task_id for d in dead_letters(redis_url)), timeout=15)
+    [dead] = [d for d in dead_letters(redis_url) if d["task_id"] == task_id]
+    assert (dead["attempts"], dead["error"], dead["event"]) == ("3", "answered 500", "completed")
+    assert receiver.attempts == 3 + 3
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("http://127.0.0.1:9/hook", "non-public"),
+        ("http://169.254.169.254/latest/meta-data", "non-public"),
+        ("http://[::1]/hook", "non-public"),
+        ("ftp://example.com/hook", "http or https"),
+        ("http://user:pw@example.com/", "credentials"),
+    ],
+)
+def test_a_webhook_the_guard_refuses_is_a_422_naming_the_field(
+    api: Start, url: str, problem: str
+) -> None:
+    server = api(WEBHOOK_SECRET=SECRET)
+    answer = httpx.post(
+        f"{server.base_url}/tasks", json={"prompt": "p", "webhook": url}, timeout=10
+    )
+    assert answer.status_code == 422
+    message = answer.json()["error"]["message"]
+    assert message.startswith("webhook: ")
+    assert problem in message
+
+
+def test_a_name_resolving_to_a_private_address_and_a_redirect_to_one_are_refused(
+    api: Start, worker: Start, receiver: Receiver, redis_url: str
+) -> None:
+    # `localhost` passes the submit (a name), and is refused once resolved, at delivery.
+    server = api(**FAST)
+    strict = worker(**FAST)
+    by_name = {"prompt": "by name", "webhook": receiver.url(host="localhost")}
+    named = httpx.post(f"{server.base_url}/tasks", json=by_name, timeout=10).json()["task_id"]
+    poll(lambda: any(d["task_id"] == named for d in dead_letters(redis_url)), timeout=15)
+    [dead] = [d for d in dead_letters(redis_url) if d["task_id"] == named]
+    assert dead["error"].startswith("refused: localhost resolves to")
+    assert dead["attempts"] == "1"  # a refusal is not retried
+
+    # The receiver's name is allowed; its redirect to 127.0.0.1 is checked again, refused.
+    assert strict.stop() == 0
+    worker(**FAST, WEBHOOK_ALLOWED_HOSTS="localhost")
+    receiver.redirect_to = receiver.url(host="127.0.0.1")
+    redirected = {"prompt": "redirected", "webhook": receiver.url("localhost", "/redirect")}
+    moved = httpx.post(f"{server.base_url}/tasks", json=redirected, timeout=10)
+    moved_id = moved.json()["task_id"]
+    poll(lambda: any(d["task_id"] == moved_id for d in dead_letters(redis_url)), timeout=15)
+    [dead] = [d for d in dead_letters(redis_url) if d["task_id"] == moved_id]
+    assert dead["error"].startswith("refused: 127.0.0.1 resolves to 127.0.0.1")
+    assert receiver.deliveries == []
+    assert time.time() - float(dead["failed_at"]) < 60
