@@ -16,6 +16,7 @@ import signal
 import time
 from collections.abc import AsyncIterator, Iterator
 
+import httpx
 import pytest
 from prometheus_client import REGISTRY
 
@@ -23,6 +24,7 @@ from fastapi_redis_mini.core.handlers import SimulatedInference
 from fastapi_redis_mini.core.models import TaskCreate, TaskStatus, request_signature
 from fastapi_redis_mini.core.redis import RedisTaskQueue, connect
 from fastapi_redis_mini.core.settings import Settings
+from fastapi_redis_mini.worker._http import build_app
 from fastapi_redis_mini.worker.runner import Worker
 from fastapi_redis_mini_harness.polling import poll_async
 from fastapi_redis_mini_harness.redis_cluster import RedisCluster
@@ -151,6 +153,16 @@ async def test_a_partition_without_a_replica_holds_up_no_other_partition(
         # (MAX_CONCURRENCY x 2) was taken before its first refusal, the rest still waits.
         taken = len(in_bad) - list(waiting.values()).count(TaskStatus.PENDING)
         assert taken <= 16, waiting
+        # The worker stays ready, and says which partitions refuse what.
+        transport = httpx.ASGITransport(app=build_app(worker, queue, settings))
+        async with httpx.AsyncClient(transport=transport, base_url="http://worker") as client:
+            ready = await client.get("/readyz")
+            detail = (await client.get("/healthz", params={"detail": "true"})).json()
+        assert ready.status_code == 200
+        assert detail["redis"] == "partitions_unavailable"
+        assert set(detail["partitions"]) == {str(i) for i in bad}
+        assert set(detail["partitions"].values()) == {"no_replicas"}
+        assert detail["refusing_outcomes"] == sorted(refusing)
     finally:
         frozen.send_signal(signal.SIGCONT)
 

@@ -59,8 +59,11 @@ class PartitionsUnavailable(QueueUnavailable):
 
     def __init__(self, failed: Mapping[int, QueueUnavailable], partial: Sequence[Any]) -> None:
         first = next(iter(failed.values()))
-        named = ", ".join(str(index) for index in sorted(failed))
-        super().__init__(first.state, f"partition {named}: {first}")
+        why: dict[str, list[str]] = {}
+        for index, error in sorted(failed.items()):
+            why.setdefault(str(error), []).append(str(index))
+        detail = "; ".join(f"partition {', '.join(named)}: {error}" for error, named in why.items())
+        super().__init__(first.state, detail)
         self.failed = dict(failed)
         self.partial = list(partial)
 
