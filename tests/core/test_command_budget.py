@@ -27,7 +27,8 @@ CONSUMER = "budget"
 BATCH = 50  # tasks a worker reads, starts and finishes together: its read batch is 100
 
 # (calls sent, commands run in all) for one operation, or for a batch of BATCH tasks.
-SUBMIT_MISS = (1, 6)  # EVALSHA: EXISTS, GET (cache), HSET, XADD, EXPIRE
+# SET: single-flight's inflight key (SET NX GET), one command a task since scheduling landed.
+SUBMIT_MISS = (1, 7)  # EVALSHA: EXISTS, GET (cache), SET (inflight), HSET, XADD, EXPIRE
 SUBMIT_HIT = (1, 5)  # EVALSHA: EXISTS, GET (cache), TIME, EXPIRE (cache)
 READ = (1, 2)  # EVALSHA: HMGET
 # read: XREADGROUP (one partition); start: EVALSHA + (HMGET, HSET) a task;

@@ -25,8 +25,12 @@ _REJECTED = metrics.tasks_submitted.labels("rejected")
 class ApiKeys:
     """The configured API keys, kept only as SHA-256 digests, and the tenant each one names."""
 
-    def __init__(self, keys: Iterable[SecretStr]) -> None:
+    def __init__(self, keys: Iterable[SecretStr], high_priority: Iterable[SecretStr] = ()) -> None:
         self._digests = tuple(self._digest(key.get_secret_value()) for key in keys)
+        # PRIORITY_HIGH_KEYS, as the tenants those keys name; empty: every tenant.
+        self._high_priority = frozenset(
+            self._digest(key.get_secret_value()).hex()[:16] for key in high_priority
+        )
 
     @staticmethod
     def _digest(key: str) -> bytes:
@@ -48,6 +52,10 @@ class ApiKeys:
             matched |= hmac.compare_digest(candidate, digest)
         return candidate.hex()[:16] if matched else None
 
+    def may_submit_high(self, tenant: str) -> bool:
+        """Whether a tenant may use the high lane (PRIORITY_HIGH_KEYS; unset: every one)."""
+        return not self._high_priority or tenant in self._high_priority
+
 
 class BacklogGate:
     """Refuses new work while the consumer group's lag is above MAX_BACKLOG.
@@ -68,7 +76,7 @@ class BacklogGate:
         now = time.monotonic()
         if now - self._read_at >= self.refresh_seconds:
             self._read_at = now
-            self._lag = (await queue.stats()).lag
+            self._lag = (await queue.stats()).backlog
         if self._lag > self.limit:
             _REJECTED.inc()
             raise BacklogFullError(
@@ -102,7 +110,7 @@ class ApiState:
             yield cls(
                 settings=settings,
                 queue=queue,
-                api_keys=ApiKeys(settings.api_keys),
+                api_keys=ApiKeys(settings.api_keys, settings.priority_high_keys),
                 backlog=BacklogGate(settings.max_backlog),
                 tracing=tracing,
                 check_params=check_params,

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import re
+from datetime import datetime
 from enum import StrEnum
 from functools import cached_property
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
@@ -25,13 +26,25 @@ class TaskStatus(StrEnum):
     DONE = "DONE"
     FAILED = "FAILED"
     CANCELLED = "CANCELLED"
+    EXPIRED = "EXPIRED"  # not started by its deadline; it never ran
 
     @property
     def is_final(self) -> bool:
         return self in FINAL_STATUSES
 
 
-FINAL_STATUSES = frozenset({TaskStatus.DONE, TaskStatus.FAILED, TaskStatus.CANCELLED})
+FINAL_STATUSES = frozenset(
+    {TaskStatus.DONE, TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.EXPIRED}
+)
+
+Priority = Literal["high", "normal", "low"]
+# Highest first: the order workers prefer the lanes in.
+PRIORITIES: tuple[Priority, ...] = ("high", "normal", "low")
+
+# When and in which lane a task runs, not what it computes: left out of the request signature,
+# so the cache and single-flight treat two requests that differ only here as one, and the
+# signature of a request without them is what it was before they existed.
+SCHEDULING_FIELDS = {"priority", "delay_seconds", "run_at", "deadline_seconds"}
 
 
 class TaskCreate(BaseModel):
@@ -45,11 +58,38 @@ class TaskCreate(BaseModel):
         description="Handler options, checked with the Params model of the handler. The "
         "built-in handler reads duration, fail, retryable and model; other keys pass.",
     )
+    priority: Priority | None = Field(
+        default=None,
+        description="The lane the task waits in: high, normal (the default) or low. Workers "
+        "prefer higher lanes; PRIORITY_HIGH_KEYS may restrict high to some API keys.",
+    )
+    delay_seconds: float | None = Field(
+        default=None,
+        ge=0,
+        allow_inf_nan=False,
+        description="Start no sooner than this many seconds after the submit.",
+    )
+    run_at: datetime | None = Field(
+        default=None,
+        description="Start no sooner than this time (ISO 8601 with a time zone, or Unix "
+        "seconds). Not together with delay_seconds.",
+    )
+    deadline_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        allow_inf_nan=False,
+        description="A task not started within this many seconds of when it was due ends as "
+        "EXPIRED and never runs.",
+    )
 
     @cached_property
     def canonical(self) -> bytes:
         """The request as canonical JSON: what is stored, and what the signature hashes."""
-        return canonical_json(self.model_dump(mode="json"))
+        return canonical_json(self.model_dump(mode="json", exclude=SCHEDULING_FIELDS))
+
+    @property
+    def lane(self) -> Priority:
+        return self.priority or "normal"
 
 
 class TaskSubmitted(BaseModel):
@@ -59,6 +99,11 @@ class TaskSubmitted(BaseModel):
     status: TaskStatus
     cached: bool
     result: Any | None = None
+    coalesced: bool = Field(
+        default=False,
+        description="True when an identical request of the same API key was already queued "
+        "or running: task_id is that task, and no second one was made.",
+    )
 
 
 class Task(BaseModel):
@@ -79,6 +124,13 @@ class Task(BaseModel):
     started_at: float | None = None
     finished_at: float | None = None
     cancel_requested: bool = False
+    priority: Priority = "normal"
+    run_at: float | None = Field(
+        default=None, description="When a delayed task becomes due (Unix seconds)."
+    )
+    deadline_at: float | None = Field(
+        default=None, description="A task not started by then ends as EXPIRED (Unix seconds)."
+    )
 
 
 class ErrorBody(BaseModel):

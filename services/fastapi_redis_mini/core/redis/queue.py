@@ -33,7 +33,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from ..batching import Coalescer
-from ..models import Task, TaskCreate
+from ..models import PRIORITIES, Task, TaskCreate, TaskStatus
 from ..queue import (
     CancelOutcome,
     DeadLetter,
@@ -41,6 +41,7 @@ from ..queue import (
     Finish,
     FinishVerdict,
     Job,
+    LaneStats,
     Outcome,
     QueueState,
     QueueStats,
@@ -118,6 +119,11 @@ class _NewTask:
     idempotency_key: str | None
     traceparent: str
     replacing: str | None
+    priority: str
+    due_at: float  # Unix seconds; 0 when due now
+    deadline_at: float  # Unix seconds; 0 for none
+    single_flight: bool
+    replacing_in_flight: str | None
 
 
 def _quota(settings: Settings, tokens: int, reset_ms: int) -> SubmitQuota:
@@ -173,6 +179,7 @@ class RedisTaskQueue(SlotRouting):
         self._prune_script = _load_script(redis, "prune_consumers")
         self._stats_script = _load_script(redis, "stats")
         self._read_group_script = _load_script(redis, "read_group")
+        self._dispatch_script = _load_script(redis, "dispatch")
         events = [keys.events for keys in self.partitions.all]
         self._completions = Subscription(redis, events, sharded=cluster, name="completions")
         # Workers of several partitions sleep until a submit announces new entries.
@@ -220,8 +227,11 @@ class RedisTaskQueue(SlotRouting):
         idempotency_key: str | None = None,
         traceparent: str = "",
         replacing: str | None = None,
+        due_at: float = 0.0,
+        replacing_in_flight: str | None = None,
     ) -> Submitted:
         keys = self.partitions.of_submit(signature, scope, idempotency_key)
+        deadline = request.deadline_seconds
         task = _NewTask(
             task_id=self.partitions.new_task_id(keys),
             request=request.canonical.decode(),
@@ -230,6 +240,12 @@ class RedisTaskQueue(SlotRouting):
             idempotency_key=idempotency_key,
             traceparent=traceparent,
             replacing=replacing,
+            priority=request.lane,
+            due_at=due_at,
+            deadline_at=(due_at or time.time()) + deadline if deadline else 0.0,
+            # A delayed request is a promise about later, not a second copy of one in flight.
+            single_flight=self.settings.single_flight and not due_at,
+            replacing_in_flight=replacing_in_flight,
         )
         return await self._submit_coalescers[keys.index](task)
 
@@ -240,17 +256,20 @@ class RedisTaskQueue(SlotRouting):
         s = self.settings
         # Quotas are per API key; without a key (scope "") there is nothing to count.
         quotas = s.quotas
-        keys = [partition.stream]
+        lanes = s.priority_lanes
+        keys = [partition.stream, partition.retries, partition.lane_turns, *partition.lanes]
         batch = []
         for t in tasks:
             keys += (
                 partition.task(t.task_id),
                 partition.cache(t.signature, t.scope),
                 partition.idempotency(t.idempotency_key or "", t.scope),
+                partition.inflight(t.signature, t.scope),
             )
             if quotas:
                 keys += (partition.submit_quota(t.scope), partition.unfinished(t.scope))
             keyed: int | str = 0 if t.idempotency_key is None else (t.replacing or 1)
+            in_flight: int | str = 0 if not t.single_flight else (t.replacing_in_flight or 1)
             batch.append(
                 {
                     "task_id": t.task_id,
@@ -259,15 +278,24 @@ class RedisTaskQueue(SlotRouting):
                     "scope": t.scope,
                     "trace": t.traceparent,
                     "idempotency": keyed,
+                    "inflight": in_flight,
+                    "lane": PRIORITIES.index(t.priority) + 1 if lanes else 0,
+                    "turn_of": t.scope if s.fair_share else "",
+                    "priority": t.priority,
+                    "due": t.due_at,
+                    "deadline": t.deadline_at,
                 }
             )
+        # Workers wait on the work channel when they cannot block on one stream: with several
+        # partitions, or with lanes, whose tasks are not in the stream until dispatched.
+        announce = len(self.partitions) > 1 or lanes
         reply = await self._call(
             self._submit_script,
             keys,
             args=[repr(time.time()), s.cache_ttl, s.result_expiry, s.idempotency_ttl,
                   repr(s.submit_rate_per_key), s.submit_burst_per_key, s.max_unfinished_per_key,
                   int(quotas), orjson.dumps(batch),
-                  partition.work if len(self.partitions) > 1 else "", self._publish],
+                  partition.work if announce else "", self._publish],
         )  # fmt: skip
         submitted = []
         for answer in orjson.loads(reply):
@@ -296,7 +324,17 @@ class RedisTaskQueue(SlotRouting):
         if "result" in fields:
             fields["result"] = orjson.loads(fields["result"])
         fields["task_id"] = task_id
-        return Task.model_validate(fields)
+        task = Task.model_validate(fields)
+        if (
+            task.status is TaskStatus.PENDING
+            and task.deadline_at is not None
+            and task.deadline_at < time.time()
+            and not task.attempts
+        ):
+            # What the worker that reaches it will write (start.lua); said now, as the client
+            # should not wait for a task that will never run.
+            task.status = TaskStatus.EXPIRED
+        return task
 
     async def _get_many(self, partition: Keys, task_ids: Sequence[str]) -> list[dict[str, Any]]:
         reply = await self._get_tasks_script(keys=[partition.task(t) for t in task_ids])
@@ -336,7 +374,7 @@ class RedisTaskQueue(SlotRouting):
         parts = self.partitions.all
         replies = await self._call_each(
             self._stats_script,
-            [([k.stream, k.dead_letter, k.retries], [k.group]) for k in parts],
+            [([k.stream, k.dead_letter, k.retries, *k.lanes], [k.group]) for k in parts],
         )
         each = tuple(
             _partition_stats(keys, reply) for keys, reply in zip(parts, replies, strict=True)
@@ -355,6 +393,14 @@ class RedisTaskQueue(SlotRouting):
             oldest_undelivered_age=max(p.oldest_undelivered_age for p in each),
             oldest_pending_age=max(p.oldest_pending_age for p in each),
             retry_size=sum(p.retry_size for p in each),
+            lanes=tuple(
+                LaneStats(
+                    priority=lane.priority,
+                    depth=sum(p.lanes[i].depth for p in each),
+                    oldest_age=max(p.lanes[i].oldest_age for p in each),
+                )
+                for i, lane in enumerate(each[0].lanes)
+            ),
             partitions=each,
         )
 
@@ -384,7 +430,7 @@ class RedisTaskQueue(SlotRouting):
 
     @_translated
     async def read(self, consumer: str, count: int, block_ms: int) -> list[Delivery]:
-        if len(self.partitions) == 1:
+        if len(self.partitions) == 1 and not self.settings.priority_lanes:
             return await self._read_blocking(consumer, count, block_ms)
         # A blocking read cannot wait on streams of several slots, so a worker reads every
         # partition without blocking and, finding nothing, sleeps until a submit announces new
@@ -415,10 +461,20 @@ class RedisTaskQueue(SlotRouting):
 
     async def _read_fairly(self, consumer: str, count: int) -> list[Delivery]:
         async def read_group(shares: list[tuple[Keys, int]]) -> list[list[Delivery]]:
-            replies = await self._call_each(
-                self._read_group_script,
-                [([keys.stream], [keys.group, consumer, share]) for keys, share in shares],
-            )
+            if self.settings.priority_lanes:
+                guard = self.settings.priority_starvation_guard
+                replies = await self._call_each(
+                    self._dispatch_script,
+                    [
+                        ([k.stream, k.lane_turns, *k.lanes], [k.group, consumer, share, guard])
+                        for k, share in shares
+                    ],
+                )
+            else:
+                replies = await self._call_each(
+                    self._read_group_script,
+                    [([keys.stream], [keys.group, consumer, share]) for keys, share in shares],
+                )
             return [
                 [Delivery(entry_id=r[i], task_id=r[i + 1]) for i in range(0, len(r), 2)]
                 for r in replies
@@ -485,7 +541,7 @@ class RedisTaskQueue(SlotRouting):
         for d, row in zip(deliveries, rows, strict=True):
             verdict = StartVerdict(row["verdict"])
             job = Job(entry_id=d.entry_id, task_id=d.task_id, verdict=verdict, started_at=now)
-            if verdict in (StartVerdict.DEAD, StartVerdict.CANCELLED):
+            if verdict in (StartVerdict.DEAD, StartVerdict.CANCELLED, StartVerdict.EXPIRED):
                 job.scope = row["scope"]
                 ended.append(job)
             if verdict is StartVerdict.RUN:
@@ -680,6 +736,16 @@ def _partition_stats(keys: Keys, reply: str) -> QueueStats:
         oldest_undelivered_age=_age(stats["oldest_undelivered"], now_ms),
         oldest_pending_age=_age(stats["oldest_pending"], now_ms),
         retry_size=int(stats["retry_size"]),
+        lanes=tuple(
+            LaneStats(
+                priority=priority,
+                depth=int(lane["depth"]),
+                oldest_age=max(0, now_ms - int(lane["next_queued_ms"])) / 1000
+                if int(lane["depth"])
+                else 0.0,
+            )
+            for priority, lane in zip(PRIORITIES, stats["lanes"], strict=True)
+        ),
         partition=keys.index,
     )
 

@@ -75,6 +75,22 @@ class QueueStateCollector(Collector):
             family = GaugeMetricFamily(f"{NAMESPACE}_{name}", doc, labels=["stream", "group"])
             family.add_metric([stats.stream, stats.group], value_of(stats))
             families.append(family)
+        # Per lane (high, normal, low), zero while PRIORITY_LANES is off: KEDA and the alerts
+        # take the sum of the depths and the worst age.
+        depth = GaugeMetricFamily(
+            f"{NAMESPACE}_lane_depth",
+            "Tasks waiting in a priority lane, not yet handed to a worker.",
+            labels=["stream", "group", "priority"],
+        )
+        age = GaugeMetricFamily(
+            f"{NAMESPACE}_lane_oldest_age_seconds",
+            "How long the task next to leave a priority lane has waited; 0 when it is empty.",
+            labels=["stream", "group", "priority"],
+        )
+        for lane in stats.lanes:
+            depth.add_metric([stats.stream, stats.group, lane.priority], lane.depth)
+            age.add_metric([stats.stream, stats.group, lane.priority], lane.oldest_age)
+        families += [depth, age]
         if stats.partitions:
             # Per partition under their own names, so a sum over a gauge above never counts
             # a task twice.

@@ -7,7 +7,7 @@
 --   has (empty ones left out; a missing task is {}); `result` is the result's JSON as a
 --   string, since cjson would round its numbers.
 local stored = {'status', 'scope', 'result', 'error', 'cached', 'attempts', 'created_at',
-  'started_at', 'finished_at', 'cancel'}
+  'started_at', 'finished_at', 'cancel', 'priority', 'run_at', 'deadline_at'}
 -- The one field stored under another name than the model's.
 local names = {cancel = 'cancel_requested'}
 local out = {}
