@@ -83,9 +83,11 @@ def _script_shas() -> dict[str, str]:
 async def _every_transition(queue: RedisTaskQueue) -> None:
     """Run every script at least once, through the queue as the services call it."""
 
-    async def submit(prompt: str, **kwargs: str) -> str:
+    async def submit(prompt: str, idempotency_key: str | None = None) -> str:
         task = TaskCreate(prompt=prompt)
-        submitted = await queue.submit(task, signature=request_signature(task), scope="t", **kwargs)
+        submitted = await queue.submit(
+            task, signature=request_signature(task), scope="t", idempotency_key=idempotency_key
+        )
         return submitted.task_id
 
     async def take(alone: bool = False) -> list[Job]:

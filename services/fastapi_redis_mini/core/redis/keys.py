@@ -123,10 +123,12 @@ class Keys:
 def partition_count(settings: Settings, *, cluster: bool) -> int:
     """QUEUE_PARTITIONS, or its default: 1 on a single server (today's key names and task ids),
     CLUSTER_PARTITIONS on a cluster, so the queue spreads over its masters. Per-key quotas
-    count in one place, so with them a cluster's default is 1 too."""
+    count in one place, and priority lanes order in one place, so with either a cluster's
+    default is 1 too (with several partitions, each orders its own lanes)."""
     if settings.queue_partitions is not None:
         return settings.queue_partitions
-    return CLUSTER_PARTITIONS if cluster and not settings.quotas else 1
+    one_place = settings.quotas or settings.priority_lanes
+    return CLUSTER_PARTITIONS if cluster and not one_place else 1
 
 
 def _hash_tag(base: str, index: int, count: int) -> str:
