@@ -10,7 +10,13 @@ import orjson
 import pytest
 import redis.asyncio
 
-from fastapi_redis_mini.core.models import Task, TaskCreate, TaskStatus, request_signature
+from fastapi_redis_mini.core.models import (
+    Priority,
+    Task,
+    TaskCreate,
+    TaskStatus,
+    request_signature,
+)
 from fastapi_redis_mini.core.queue import (
     CancelOutcome,
     Finish,
@@ -270,7 +276,7 @@ async def test_a_read_fills_every_field_of_the_task_from_its_hash(
         "task_id": task_id, "status": TaskStatus.RUNNING, "scope": "tenant-a",
         "result": {"n": 1.25}, "error": "e", "cached": True, "attempts": 3,
         "created_at": 10.5, "started_at": 11.5, "finished_at": 12.5, "cancel_requested": True,
-        "priority": "high", "run_at": 9.5, "deadline_at": 13.5,
+        "priority": Priority.HIGH, "run_at": 9.5, "deadline_at": 13.5,
     }  # fmt: skip
     assert dict(task).keys() == Task.model_fields.keys()
     # Stored and checked, but never answered.
@@ -320,7 +326,7 @@ async def test_a_submit_script_sent_again_stores_the_task_once(
     # What the client does when it times out waiting for a reply: the same call, same ids.
     tasks = [
         _NewTask(fresh_task_id(queue), TaskCreate(prompt=f"p{i}").canonical.decode(), f"s{i}", "",
-                 "k" if i == 0 else None, "", None, "normal", 0.0, 0.0, True, None)
+                 "k" if i == 0 else None, "", None, Priority.NORMAL, 0.0, 0.0, True, None)
         for i in range(3)
     ]  # fmt: skip
     first = await queue._submit_many(queue.keys, tasks)

@@ -7,7 +7,7 @@ import re
 from datetime import datetime
 from enum import StrEnum
 from functools import cached_property
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
@@ -37,9 +37,17 @@ FINAL_STATUSES = frozenset(
     {TaskStatus.DONE, TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.EXPIRED}
 )
 
-Priority = Literal["high", "normal", "low"]
+
+class Priority(StrEnum):
+    """The lane a task waits in; workers prefer higher lanes."""
+
+    HIGH = "high"
+    NORMAL = "normal"
+    LOW = "low"
+
+
 # Highest first: the order workers prefer the lanes in.
-PRIORITIES: tuple[Priority, ...] = ("high", "normal", "low")
+PRIORITIES: tuple[Priority, ...] = (Priority.HIGH, Priority.NORMAL, Priority.LOW)
 
 # When and in which lane a task runs, not what it computes: left out of the request signature,
 # so the cache and single-flight treat two requests that differ only here as one, and the
@@ -89,7 +97,7 @@ class TaskCreate(BaseModel):
 
     @property
     def lane(self) -> Priority:
-        return self.priority or "normal"
+        return self.priority or Priority.NORMAL
 
 
 class TaskSubmitted(BaseModel):
@@ -124,7 +132,7 @@ class Task(BaseModel):
     started_at: float | None = None
     finished_at: float | None = None
     cancel_requested: bool = False
-    priority: Priority = "normal"
+    priority: Priority = Priority.NORMAL
     run_at: float | None = Field(
         default=None, description="When a delayed task becomes due (Unix seconds)."
     )

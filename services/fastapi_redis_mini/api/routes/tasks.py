@@ -16,6 +16,7 @@ from pydantic import BaseModel
 
 from ...core.models import (
     ErrorResponse,
+    Priority,
     Task,
     TaskCreate,
     TaskId,
@@ -108,7 +109,7 @@ async def submit_task(request: Request) -> Response:
     task = await json_body(request, TaskCreate)
     idempotency_key = _idempotency_key(request)
     check_task(task, state.settings, state.check_params)
-    if task.priority == "high" and not state.api_keys.may_submit_high(scope):
+    if task.priority is Priority.HIGH and not state.api_keys.may_submit_high(scope):
         raise InvalidFieldError("priority", "high is not open to this API key")
     due = due_at(task, state.settings)
     await state.backlog.check(state.queue)

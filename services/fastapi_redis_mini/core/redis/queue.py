@@ -33,7 +33,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from ..batching import Coalescer
-from ..models import PRIORITIES, Task, TaskCreate, TaskStatus
+from ..models import PRIORITIES, Priority, Task, TaskCreate, TaskStatus
 from ..queue import (
     CancelOutcome,
     DeadLetter,
@@ -119,7 +119,7 @@ class _NewTask:
     idempotency_key: str | None
     traceparent: str
     replacing: str | None
-    priority: str
+    priority: Priority
     due_at: float  # Unix seconds; 0 when due now
     deadline_at: float  # Unix seconds; 0 for none
     single_flight: bool
@@ -281,7 +281,7 @@ class RedisTaskQueue(SlotRouting):
                     "inflight": in_flight,
                     "lane": PRIORITIES.index(t.priority) + 1 if lanes else 0,
                     "turn_of": t.scope if s.fair_share else "",
-                    "priority": t.priority,
+                    "priority": t.priority.value,
                     "due": t.due_at,
                     "deadline": t.deadline_at,
                 }
@@ -738,7 +738,7 @@ def _partition_stats(keys: Keys, reply: str) -> QueueStats:
         retry_size=int(stats["retry_size"]),
         lanes=tuple(
             LaneStats(
-                priority=priority,
+                priority=priority.value,
                 depth=int(lane["depth"]),
                 oldest_age=max(0, now_ms - int(lane["next_queued_ms"])) / 1000
                 if int(lane["depth"])

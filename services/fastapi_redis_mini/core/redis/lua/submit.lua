@@ -187,20 +187,20 @@ for i, task in ipairs(batch) do
         out[i] = {outcome = 'cached', task_id = hit_id, result = hit, tokens = tokens,
           reset_ms = reset_ms}
       else
-        redis.call('HSET', key, 'status', 'PENDING', 'request', request, 'signature', signature,
-          'scope', scope, 'created_at', now, 'trace', trace,
-          'attempts', '0', 'deliveries', '0')
-        local waits = due > 0 and math.max(0, math.ceil(due - tonumber(now))) or 0
-        if task.lane ~= 0 or due > 0 or deadline > 0 then
-          local schedule = {'priority', task.priority}
-          if due > 0 then
-            schedule[#schedule + 1], schedule[#schedule + 2] = 'run_at', task.due
-          end
-          if deadline > 0 then
-            schedule[#schedule + 1], schedule[#schedule + 2] = 'deadline_at', task.deadline
-          end
-          redis.call('HSET', key, unpack(schedule))
+        local fields = {'status', 'PENDING', 'request', request, 'signature', signature,
+          'scope', scope, 'created_at', now, 'trace', trace, 'attempts', '0', 'deliveries', '0'}
+        -- Stored only when set, so a task that uses none of them costs what it did before.
+        if task.priority ~= 'normal' then
+          fields[#fields + 1], fields[#fields + 2] = 'priority', task.priority
         end
+        if due > 0 then
+          fields[#fields + 1], fields[#fields + 2] = 'run_at', task.due
+        end
+        if deadline > 0 then
+          fields[#fields + 1], fields[#fields + 2] = 'deadline_at', task.deadline
+        end
+        redis.call('HSET', key, unpack(fields))
+        local waits = due > 0 and math.max(0, math.ceil(due - tonumber(now))) or 0
         if due > 0 then
           redis.call('ZADD', retries, due, task_id)
         elseif task.lane ~= 0 then
