@@ -21,7 +21,7 @@ async def test_bad_scheduling_fields_get_422_naming_the_field(
     make_client: ClientFactory,
 ) -> None:
     past = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
-    cases = [
+    cases: list[tuple[dict[str, object], str]] = [
         ({"priority": "urgent"}, "priority: "),
         ({"delay_seconds": -1}, "delay_seconds: "),
         ({"delay_seconds": "soon"}, "delay_seconds: "),
