@@ -166,6 +166,9 @@ class RedisTaskQueue(SlotRouting):
         # Sharded pub/sub on a cluster: a message stays on the shard of its partition instead
         # of being broadcast to every node.
         self._publish = "SPUBLISH" if cluster else "PUBLISH"
+        # Workers wait on the work channel when they cannot block on one stream: with several
+        # partitions, or with lanes, whose tasks are not in the stream until dispatched.
+        self._announces_work = len(self.partitions) > 1 or settings.priority_lanes
         # One name per thing: `_<name>_script` runs lua/<name>.lua; `read()` alone is XREADGROUP.
         self._submit_script = _load_script(redis, "submit")
         self._start_script = _load_script(redis, "start")
@@ -286,16 +289,14 @@ class RedisTaskQueue(SlotRouting):
                     "deadline": t.deadline_at,
                 }
             )
-        # Workers wait on the work channel when they cannot block on one stream: with several
-        # partitions, or with lanes, whose tasks are not in the stream until dispatched.
-        announce = len(self.partitions) > 1 or lanes
+
         reply = await self._call(
             self._submit_script,
             keys,
             args=[repr(time.time()), s.cache_ttl, s.result_expiry, s.idempotency_ttl,
                   repr(s.submit_rate_per_key), s.submit_burst_per_key, s.max_unfinished_per_key,
                   int(quotas), orjson.dumps(batch),
-                  partition.work if announce else "", self._publish],
+                  partition.work if self._announces_work else "", self._publish],
         )  # fmt: skip
         submitted = []
         for answer in orjson.loads(reply):
@@ -633,10 +634,11 @@ class RedisTaskQueue(SlotRouting):
                 pipe.zrangebyscore(keys.retries, "-inf", now, start=0, num=limit)
             due_per_partition: list[list[str]] = await self._execute(pipe)
         calls = [
-            ([keys.retries, keys.stream, *map(keys.task, due)], [now, *due])
+            ([keys.retries, keys.stream, *map(keys.task, due)],
+             [now, keys.work if self._announces_work else "", self._publish, *due])
             for keys, due in zip(parts, due_per_partition, strict=True)
             if due
-        ]
+        ]  # fmt: skip
         if not calls:
             return 0
         return sum(int(n) for n in await self._call_each(self._promote_script, calls))
