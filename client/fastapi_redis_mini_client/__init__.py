@@ -28,6 +28,7 @@ from .errors import (
     TaskCancelledError,
     TaskClientError,
     TaskEndedError,
+    TaskExpiredError,
     TaskFailedError,
     TaskNotFoundError,
     TooManyUnfinishedError,
@@ -36,7 +37,7 @@ from .errors import (
     UnsupportedMediaTypeError,
     WaitTimeoutError,
 )
-from .models import Task, TaskStatus
+from .models import Priority, Schedule, Task, TaskStatus
 
 __all__ = [
     "APIError",
@@ -51,10 +52,12 @@ __all__ = [
     "NotFoundError",
     "PayloadTooLargeError",
     "PoolTimeoutError",
+    "Priority",
     "RateLimitedError",
     "RedisUnavailableError",
     "RequestRefusedError",
     "RetryPolicy",
+    "Schedule",
     "ServerError",
     "ServiceUnavailableError",
     "ServiceUnreachableError",
@@ -62,6 +65,7 @@ __all__ = [
     "TaskCancelledError",
     "TaskClientError",
     "TaskEndedError",
+    "TaskExpiredError",
     "TaskFailedError",
     "TaskNotFoundError",
     "TaskStatus",

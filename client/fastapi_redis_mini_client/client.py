@@ -16,7 +16,7 @@ import httpx
 
 from ._core import DEFAULT_LIMITS, DEFAULT_URL, Core, Flow, Options, RetryPolicy, Sleep, T
 from .errors import ClientClosedError, WaitTimeoutError
-from .models import Task
+from .models import Schedule, Task
 
 __all__ = ["DEFAULT_URL", "AsyncClient", "Client"]
 
@@ -56,9 +56,15 @@ class Client:
         prompt: str,
         params: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
+        *,
+        schedule: Schedule | None = None,
     ) -> Task:
-        """Queue a task (or get a cached result). Without an idempotency_key, one is made."""
-        return self._drive(self._core.submit(prompt, params, idempotency_key))
+        """Queue a task (or get a cached result). Without an idempotency_key, one is made.
+
+        `schedule` sets its priority, a delayed start and a deadline (see Schedule). An
+        identical request in flight answers with its task, `coalesced` True.
+        """
+        return self._drive(self._core.submit(prompt, params, idempotency_key, None, schedule))
 
     def get(self, task_id: str) -> Task:
         """The task's current state."""
@@ -80,13 +86,15 @@ class Client:
         idempotency_key: str | None = None,
         *,
         on_submit: Callable[[Task], None] | None = None,
+        schedule: Schedule | None = None,
     ) -> Any:
-        """Submit and wait: the result, or TaskFailedError, TaskCancelledError, WaitTimeoutError.
+        """Submit and wait: the result, or TaskFailedError, TaskCancelledError,
+        TaskExpiredError, WaitTimeoutError.
 
         `timeout` bounds the whole call, the submit included. `on_submit(task)` is called once
         the task is submitted, e.g. to keep its id should the wait be interrupted.
         """
-        flow = self._core.run(prompt, params, timeout, idempotency_key, on_submit)
+        flow = self._core.run(prompt, params, timeout, idempotency_key, on_submit, schedule)
         return self._drive(flow)
 
     def wait_all(self, task_ids: Iterable[str], timeout: float | None = None) -> list[Task]:
@@ -180,9 +188,12 @@ class AsyncClient:
         prompt: str,
         params: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
+        *,
+        schedule: Schedule | None = None,
     ) -> Task:
         """See Client.submit."""
-        return await self._drive(self._core.submit(prompt, params, idempotency_key))
+        flow = self._core.submit(prompt, params, idempotency_key, None, schedule)
+        return await self._drive(flow)
 
     async def get(self, task_id: str) -> Task:
         """See Client.get."""
@@ -204,9 +215,10 @@ class AsyncClient:
         idempotency_key: str | None = None,
         *,
         on_submit: Callable[[Task], None] | None = None,
+        schedule: Schedule | None = None,
     ) -> Any:
         """See Client.run."""
-        flow = self._core.run(prompt, params, timeout, idempotency_key, on_submit)
+        flow = self._core.run(prompt, params, timeout, idempotency_key, on_submit, schedule)
         return await self._drive(flow)
 
     async def wait_all(

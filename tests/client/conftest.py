@@ -15,7 +15,7 @@ from typing import Any, Protocol, TypeVar
 import pytest
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
-from fastapi_redis_mini_client import AsyncClient, Client, RetryPolicy, Task
+from fastapi_redis_mini_client import AsyncClient, Client, RetryPolicy, Schedule, Task
 from fastapi_redis_mini_harness.processes import Process, start_api, start_worker
 from fastapi_redis_mini_harness.redis_server import RedisServer
 
@@ -43,6 +43,8 @@ class BlockingClient(Protocol):
         prompt: str,
         params: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
+        *,
+        schedule: Schedule | None = None,
     ) -> Task: ...
 
     def get(self, task_id: str) -> Task: ...
@@ -57,6 +59,8 @@ class BlockingClient(Protocol):
         params: Mapping[str, Any] | None = None,
         timeout: float | None = None,
         idempotency_key: str | None = None,
+        *,
+        schedule: Schedule | None = None,
     ) -> Any: ...
 
 
@@ -75,8 +79,11 @@ class PortalClient:
         prompt: str,
         params: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
+        *,
+        schedule: Schedule | None = None,
     ) -> Task:
-        task: Task = self._call(self._client.submit, prompt, params, idempotency_key)
+        submit = functools.partial(self._client.submit, schedule=schedule)
+        task: Task = self._call(submit, prompt, params, idempotency_key)
         return task
 
     def get(self, task_id: str) -> Task:
@@ -97,8 +104,11 @@ class PortalClient:
         params: Mapping[str, Any] | None = None,
         timeout: float | None = None,
         idempotency_key: str | None = None,
+        *,
+        schedule: Schedule | None = None,
     ) -> Any:
-        return self._call(self._client.run, prompt, params, timeout, idempotency_key)
+        run = functools.partial(self._client.run, schedule=schedule)
+        return self._call(run, prompt, params, timeout, idempotency_key)
 
 
 @dataclass
