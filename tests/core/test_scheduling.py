@@ -203,3 +203,26 @@ async def test_fair_turns_hold_in_every_partition(settings: Settings) -> None:
         print(f"\nkey B's task was handed out after {handed.index('b 0')} of key A's")
         # At most one turn in each of the four partitions goes first.
         assert handed.index("b 0") <= 4
+
+
+async def test_tasks_queued_before_lanes_were_on_are_handed_out_first(
+    settings: Settings,
+) -> None:
+    async with opened(settings) as before:
+        await submit(before, "queued by the previous version")
+    async with opened(settings, priority_lanes=True) as queue:
+        await submit(queue, "in a lane", priority="high")
+        assert await taken(queue, 1) == ["queued by the previous version"]
+        assert await taken(queue, 1) == ["in a lane"]
+
+
+async def test_a_task_handed_out_from_a_lane_is_reclaimed_when_its_worker_dies(
+    settings: Settings,
+) -> None:
+    async with opened(settings, priority_lanes=True, claim_idle=0.2) as queue:
+        task_id = await submit(queue, "orphaned", priority="low")
+        [delivery] = await queue.read("dies", 1, block_ms=10)
+        assert delivery.task_id == task_id
+        await asyncio.sleep(0.3)
+        [claimed] = await queue.claim_idle("survivor", 10)
+        assert claimed.task_id == task_id
