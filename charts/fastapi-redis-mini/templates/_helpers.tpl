@@ -326,7 +326,7 @@ volumeMounts:
 {{- $set := .Values.config.queuePartitions }}
 {{- if $set }}{{ int $set }}
 {{- else if eq .Values.redis.mode "cluster" }}
-{{- if or .Values.api.submitRatePerKey .Values.api.maxUnfinishedPerKey }}1{{ else }}16{{ end }}
+{{- if or .Values.api.submitRatePerKey .Values.api.maxUnfinishedPerKey .Values.config.priorityLanes }}1{{ else }}16{{ end }}
 {{- else if eq .Values.redis.mode "standalone" }}1
 {{- end }}
 {{- end }}
