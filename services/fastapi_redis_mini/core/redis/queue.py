@@ -272,23 +272,28 @@ class RedisTaskQueue(SlotRouting):
             if quotas:
                 keys += (partition.submit_quota(t.scope), partition.unfinished(t.scope))
             keyed: int | str = 0 if t.idempotency_key is None else (t.replacing or 1)
-            in_flight: int | str = 0 if not t.single_flight else (t.replacing_in_flight or 1)
-            batch.append(
-                {
-                    "task_id": t.task_id,
-                    "request": t.request,
-                    "signature": t.signature,
-                    "scope": t.scope,
-                    "trace": t.traceparent,
-                    "idempotency": keyed,
-                    "inflight": in_flight,
-                    "lane": PRIORITIES.index(t.priority) + 1 if lanes else 0,
-                    "turn_of": t.scope if s.fair_share else "",
-                    "priority": t.priority.value,
-                    "due": t.due_at,
-                    "deadline": t.deadline_at,
-                }
-            )
+            task: dict[str, Any] = {
+                "task_id": t.task_id,
+                "request": t.request,
+                "signature": t.signature,
+                "scope": t.scope,
+                "trace": t.traceparent,
+                "idempotency": keyed,
+            }
+            # Scheduling fields travel only when set: the script reads a missing one as its
+            # default, and the batch's JSON stays as small as before for plain submits.
+            if t.single_flight:
+                task["inflight"] = t.replacing_in_flight or 1
+            if lanes:
+                task["lane"] = PRIORITIES.index(t.priority) + 1
+                task["turn_of"] = t.scope if s.fair_share else ""
+            if t.priority is not Priority.NORMAL:
+                task["priority"] = t.priority.value
+            if t.due_at:
+                task["due"] = t.due_at
+            if t.deadline_at:
+                task["deadline"] = t.deadline_at
+            batch.append(task)
 
         reply = await self._call(
             self._submit_script,

@@ -20,14 +20,14 @@
 -- ARGV: now, cache_ttl, result_expiry, idempotency_ttl, rate (tokens a second; 0: none),
 --       burst, max_unfinished (0: none), quota_keys (1: KEYS carry the two quota keys),
 --       JSON [{task_id, request, signature, scope, trace, idempotency, inflight, lane, turn_of,
---       priority, due, deadline}, ..],
+--       priority, due, deadline}, ..] (the last six only when set),
 --       work_channel (announces new entries; "" when no worker waits on it), publish command
 --       where idempotency is 0 (no key), 1 (a key), or the id of a task the caller found gone
 --       that the key may still point at (then the key is taken over for this task);
---       inflight likewise: 0 (no single-flight), 1, or the id of a task the caller found final;
---       lane: 0 (append to the stream) or 1..3 (high, normal, low); turn_of: whose turns the
---       lane counts (the scope with FAIR_SHARE, else ""); due: Unix seconds, 0 when due now;
---       deadline: Unix seconds, 0 for none
+--       inflight likewise: 0 or none (no single-flight), 1, or the id of a task the caller
+--       found final; lane: none (append to the stream) or 1..3 (high, normal, low); turn_of:
+--       whose turns the lane counts (the scope with FAIR_SHARE, else ""); priority: none for
+--       normal; due: Unix seconds, none when due now; deadline: Unix seconds, none for none
 -- Returns JSON, per task {outcome, task_id, result, tokens, reset_ms}, outcome one of
 -- 'queued', 'cached' (task_id: the task that computed the result), 'duplicate' (task_id: the
 -- key's first task), 'coalesced' (task_id: the identical request's task in flight),
@@ -101,7 +101,7 @@ for i, task in ipairs(batch) do
   local inflight, bucket, unfinished = KEYS[base + 4], KEYS[base + 5], KEYS[base + 6]
   local task_id, request, signature, scope, trace, keyed =
     task.task_id, task.request, task.signature, task.scope, task.trace, task.idempotency
-  local single_flight, due, deadline = task.inflight, tonumber(task.due), tonumber(task.deadline)
+  local single_flight, due, deadline = task.inflight or 0, task.due or 0, task.deadline or 0
   if redis.call('EXISTS', key) == 1 then
     -- This very submit ran before and queued its task: answer as then, change nothing, count
     -- nothing. (A hit stores nothing, so sent again it is simply answered again.)
@@ -190,7 +190,7 @@ for i, task in ipairs(batch) do
         local fields = {'status', 'PENDING', 'request', request, 'signature', signature,
           'scope', scope, 'created_at', now, 'trace', trace, 'attempts', '0', 'deliveries', '0'}
         -- Stored only when set, so a task that uses none of them costs what it did before.
-        if task.priority ~= 'normal' then
+        if task.priority then
           fields[#fields + 1], fields[#fields + 2] = 'priority', task.priority
         end
         if due > 0 then
@@ -203,7 +203,7 @@ for i, task in ipairs(batch) do
         local waits = due > 0 and math.max(0, math.ceil(due - tonumber(now))) or 0
         if due > 0 then
           redis.call('ZADD', retries, due, task_id)
-        elseif task.lane ~= 0 then
+        elseif task.lane then
           enqueue(task.lane, task.turn_of, task_id)
           queued = queued + 1
         else
