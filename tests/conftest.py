@@ -34,8 +34,9 @@ def pytest_report_header() -> str:
 
 
 # Tests that share something machine-wide or costly run in one xdist worker (`--dist
-# loadgroup`): the image tests build the same tags on one Docker engine, and each worker that
-# touches the session cluster would start six more servers of its own.
+# loadgroup`): the image tests build the same tags on one Docker engine, each worker that
+# touches the session cluster would start six more servers of its own, and the first
+# `ip netns add` of several processes at once can race to mount /run/netns.
 DOCKER_TESTS = ("tests/images/", "tests/chart/test_images.py")
 
 
@@ -45,6 +46,8 @@ def _xdist_group(item: pytest.Item) -> str | None:
         return "docker"
     if "redis_cluster" in getattr(item, "fixturenames", ()):
         return "cluster"
+    if item.get_closest_marker("netns") is not None:
+        return "netns"
     return None
 
 

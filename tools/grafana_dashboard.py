@@ -547,6 +547,18 @@ def workers_row() -> list[Builder[model.Panel]]:
             ],
         ),
         graph(
+            "Partitions taking outcomes",
+            "taking: partitions whose master takes every worker's outcomes now; partitions: "
+            "all of them. A partition below that refuses outcomes (its master unreachable, "
+            "its slots down, or no replica to confirm with DURABLE_ACKS=replica): its tasks "
+            "wait, the other partitions' go on. Standalone Redis is one partition.",
+            "short",
+            [
+                Query(f"sum(min by (partition) ({metric('partition_writable')}))", "taking"),
+                Query(f"count(min by (partition) ({metric('partition_writable')}))", "partitions"),
+            ],
+        ),
+        graph(
             "Redis errors",
             "Failed Redis calls per second, by operation: api (a request), metrics (the "
             "api's queue reading at scrape time) and the workers' read, start, finish, "

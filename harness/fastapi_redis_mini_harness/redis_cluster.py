@@ -16,7 +16,7 @@ import os
 import random
 import shutil
 import subprocess
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -41,6 +41,9 @@ SLOTS = 16384
 START_ATTEMPTS = 5
 # `redis-cli --cluster create` refuses a cluster of fewer masters.
 CLI_MIN_MASTERS = 3
+# Node i on a host of its own listens on HOSTED_PORT + i: no other process is there to hold
+# it, and distinct ports keep `roles()` and `master_of()` keyed by port as on loopback.
+HOSTED_PORT = 7001
 
 
 def redis_cli() -> str:
@@ -99,16 +102,34 @@ class RedisCluster:
     `start_nodes()` starts the servers without joining them (what a StatefulSet's pods are
     before its create Job runs); `create()` joins them with redis-cli; `start()` does both.
     `close()` stops only this cluster's own processes and removes their directories.
+
+    With `hosts`, node i listens on hosts[i] (an address in a network namespace, see
+    netns.py) instead of 127.0.0.1; the caller starts each node inside its host.
     """
 
     def __init__(
-        self, *, masters: int = 3, replicas_per_master: int = 1, password: str | None = None
+        self,
+        *,
+        masters: int = 3,
+        replicas_per_master: int = 1,
+        password: str | None = None,
+        hosts: Sequence[str] | None = None,
     ) -> None:
         self.masters = masters
         self.replicas_per_master = replicas_per_master
         self.password = password
-        ports = cluster_ports(masters * (1 + replicas_per_master))
-        self.nodes = [RedisServer(port=port, password=password) for port in ports]
+        count = masters * (1 + replicas_per_master)
+        if hosts is None:
+            self.nodes = [
+                RedisServer(port=port, password=password) for port in cluster_ports(count)
+            ]
+        else:
+            if len(hosts) != count:
+                raise ValueError(f"{count} nodes need {count} hosts, not {len(hosts)}")
+            self.nodes = [
+                RedisServer(port=HOSTED_PORT + i, password=password, host=host)
+                for i, host in enumerate(hosts)
+            ]
         for node in self.nodes:
             node.extra_args = list(CLUSTER_ARGS)
             if password is not None:  # replicas authenticate to their master
@@ -120,7 +141,7 @@ class RedisCluster:
 
     @property
     def addresses(self) -> list[str]:
-        return [f"127.0.0.1:{node.port}" for node in self.nodes]
+        return [f"{node.host}:{node.port}" for node in self.nodes]
 
     @property
     def url(self) -> str:
@@ -170,13 +191,13 @@ class RedisCluster:
             with node.client() as client:
                 # A node learns its own address from the first MEET it gets, and a lone
                 # master gets none: CLUSTER NODES and SLOTS would name it with no host.
-                client.config_set("cluster-announce-ip", "127.0.0.1")
+                client.config_set("cluster-announce-ip", node.host)
         for node, first, end in zip(masters, bounds, bounds[1:], strict=False):
             with node.client() as client:
                 client.execute_command("CLUSTER ADDSLOTSRANGE", first, end - 1)
         for node in self.nodes[1:]:
             with node.client() as client:
-                client.execute_command("CLUSTER MEET", "127.0.0.1", self.nodes[0].port)
+                client.execute_command("CLUSTER MEET", self.nodes[0].host, self.nodes[0].port)
         for n, node in enumerate(replicas):
             master = masters[n % self.masters]
             with master.client() as client:

@@ -55,8 +55,12 @@ class RedisServer:
         port: int | None = None,
         directory: Path | None = None,
         kind: str | None = None,
+        host: str = "127.0.0.1",
     ) -> None:
         self.binary = server_binary(kind)
+        # The address it listens on and is reached at: loopback, unless it runs in a network
+        # namespace of its own (netns.Host), where only that host's address reaches it.
+        self.host = host
         self.port = port if port is not None else free_port()
         self.appendonly = appendonly
         self.appendfsync = appendfsync
@@ -70,7 +74,7 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://{self.host}:{self.port}/0"
 
     @property
     def kind(self) -> str:
@@ -81,7 +85,7 @@ class RedisServer:
         args = [
             self.binary,
             "--port", str(self.port),
-            "--bind", "127.0.0.1",
+            "--bind", self.host,
             "--dir", str(self.data_dir),
             "--save", "",
             "--appendonly", "yes" if self.appendonly else "no",
@@ -91,13 +95,17 @@ class RedisServer:
         ]  # fmt: skip
         if self.password is not None:
             args += ["--requirepass", self.password]
+        elif self.host != "127.0.0.1":
+            # Protected mode answers only loopback without a password; a server on a host of
+            # its own is reached from the other hosts, all of them namespaces a test made.
+            args += ["--protected-mode", "no"]
         args += self.extra_args
         # Start-up errors (a bad option) go to the console before the log file exists.
         with (self.data_dir / "console.log").open("ab") as console:
             process = subprocess.Popen(args, stdout=console, stderr=subprocess.STDOUT)
         self.process = process
         with redis.Redis(
-            port=self.port, password=self.password, socket_connect_timeout=0.5
+            host=self.host, port=self.port, password=self.password, socket_connect_timeout=0.5
         ) as client:
 
             def answers() -> bool:
@@ -142,7 +150,9 @@ class RedisServer:
         self.start()
 
     def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, password=self.password, decode_responses=True)
+        return redis.Redis(
+            host=self.host, port=self.port, password=self.password, decode_responses=True
+        )
 
     def flush(self) -> None:
         with self.client() as client:

@@ -54,6 +54,7 @@ VALUE_SETS: dict[str, Values] = {
         "networkPolicy": {"enabled": True},
     },
     "persistence-off": {"redis": {"persistence": {"enabled": False}}},
+    "console": {"api": {"console": {"enabled": True, "adminKey": {"existingSecret": "admin"}}}},
     "loadtest": {"loadtest": {"enabled": True, "job": {"enabled": True}}},
     "ingress-networkpolicy": {
         "api": {"ingress": {"enabled": True, "className": "nginx"}},

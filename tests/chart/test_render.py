@@ -92,6 +92,9 @@ def test_schema_validation_catches_a_misspelt_field() -> None:
         ({"loadtest": {"job": {"runTime": "two minutes"}}}, "runTime"),
         ({"redis": {"maxmemory": "lots"}}, "maxmemory"),
         ({"clusterDomain": "cluster local"}, "clusterDomain"),
+        ({"api": {"console": {"enabled": True}}}, "existingSecret"),
+        ({"api": {"console": {"enabled": "yes"}}}, "enabled"),
+        ({"api": {"console": {"adminKey": {"secret": "s"}}}}, "secret"),
     ],
 )
 def test_values_schema_rejects_typos_and_wrong_types(

@@ -34,6 +34,7 @@ LEAVES = dict(leaves(default_values()))
 FEATURE_BASE: list[tuple[str, Values]] = [
     ("api.ingress.", VALUE_SETS["ingress-networkpolicy"]),
     ("api.apiKeys.secretKey", {"api": {"apiKeys": {"existingSecret": "keys"}}}),
+    ("api.console.", VALUE_SETS["console"]),
     (
         "loadtest.apiKey.secretKey",
         {"loadtest": {"enabled": True, "apiKey": {"existingSecret": "k"}}},

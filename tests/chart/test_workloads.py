@@ -130,6 +130,21 @@ def test_api_keys_come_from_an_existing_secret_and_only_the_api_sees_them() -> N
     assert "API_KEYS" not in env_of(only(render_set("defaults"), "Deployment", "api"))
 
 
+def test_the_console_takes_its_admin_key_from_a_secret_and_only_the_api_sees_it() -> None:
+    objects = render_set("console")
+    api_env = env_of(only(objects, "Deployment", "api"))
+    assert api_env["ADMIN_API_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": "admin",
+        "key": "admin-api-key",
+    }
+    assert config_data(objects)["CONSOLE_ENABLED"] == "true"
+    assert "ADMIN_API_KEY" not in env_of(only(objects, "Deployment", "worker"))
+    assert "ADMIN_API_KEY" not in config_data(objects)
+    defaults = render_set("defaults")
+    assert "ADMIN_API_KEY" not in env_of(only(defaults, "Deployment", "api"))
+    assert config_data(defaults)["CONSOLE_ENABLED"] == "false"
+
+
 # -- api and worker ----------------------------------------------------------------------
 
 

@@ -27,13 +27,15 @@ CONSUMER = "budget"
 BATCH = 50  # tasks a worker reads, starts and finishes together: its read batch is 100
 
 # (calls sent, commands run in all) for one operation, or for a batch of BATCH tasks.
-# SET: single-flight's inflight key (SET NX GET), one command a task since scheduling landed.
-SUBMIT_MISS = (1, 7)  # EVALSHA: EXISTS, GET (cache), SET (inflight), HSET, XADD, EXPIRE
+# EVALSHA: EXISTS, GET (cache), SET (single-flight's inflight key, SET NX GET), HSET, XADD,
+# EXPIRE, LPUSH (the recent-task index)
+SUBMIT_MISS = (1, 8)
 SUBMIT_HIT = (1, 5)  # EVALSHA: EXISTS, GET (cache), TIME, EXPIRE (cache)
 READ = (1, 2)  # EVALSHA: HMGET
 # read: XREADGROUP (one partition); start: EVALSHA + (HMGET, HSET) a task;
-# finish: EVALSHA + (HMGET, HSET, SET, EXPIRE) a task + TIME, XACK, PUBLISH.
-FINISH_BATCH = (3, 1 + 2 + 6 * BATCH + 3)
+# finish: EVALSHA + (HMGET, HSET, SET, EXPIRE) a task + TIME, XACK, PUBLISH, and for the
+# console's index and counts LPUSH (done list), HINCRBY and EXPIRE (the ten-second bucket).
+FINISH_BATCH = (3, 1 + 2 + 6 * BATCH + 3 + 3)
 
 
 class Counted:

@@ -23,6 +23,7 @@ from redis.exceptions import ResponseError
 from fastapi_redis_mini.core.models import TaskCreate, request_signature
 from fastapi_redis_mini.core.queue import Finish, Job, Outcome, StartVerdict
 from fastapi_redis_mini.core.redis import RedisTaskQueue, connect
+from fastapi_redis_mini.core.redis.console import ConsoleStore, RetryOutcome
 from fastapi_redis_mini.core.settings import Settings
 
 from ..support.monitor import ARGUMENT, monitored, unquote
@@ -106,12 +107,14 @@ async def _every_transition(queue: RedisTaskQueue) -> None:
     await queue.cancel(cancelled_id, "t")
     await take()  # start ends the cancelled task
 
-    await submit("retried")
+    retried_id = await submit("retried")
     [job] = await take()
     await queue.finish(CONSUMER, [Finish(job, Outcome.RETRY, error="again", due_at=0.0)])
     assert await queue.promote_due_retries(10) == 1
     [job] = await take()
     await queue.finish(CONSUMER, [Finish(job, Outcome.FAILED, error="no")])
+    assert await ConsoleStore(queue).retry(retried_id) is RetryOutcome.QUEUED  # from the console
+    await take()
 
     await submit("dead")
     deliveries = await queue.read(CONSUMER, count=10, block_ms=10)
@@ -121,6 +124,7 @@ async def _every_transition(queue: RedisTaskQueue) -> None:
     assert await queue.replay_dead_letters([d.entry_id for d in dead]) == 1
 
     await queue.stats()
+    assert await queue.writable_partitions() == [None] * len(queue.partitions)
     await queue.trim()
     await queue.leave(CONSUMER)
 

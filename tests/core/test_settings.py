@@ -139,3 +139,33 @@ def test_an_unknown_handler_stops_the_worker_with_its_name() -> None:
     assert completed.returncode != 0
     assert "TASK_HANDLER" in completed.stderr
     assert "Traceback" not in completed.stderr
+
+
+@pytest.mark.parametrize(
+    ("admin_key", "api_keys"),
+    [("", ""), ("short-key", ""), ("same-as-a-tenant-key", "same-as-a-tenant-key,other")],
+)
+def test_the_console_needs_its_own_admin_key_of_16_characters(
+    admin_key: str, api_keys: str
+) -> None:
+    settings = Settings(console_enabled=True, admin_api_key=admin_key or None, api_keys=api_keys)
+    with pytest.raises(SettingsError, match="ADMIN_API_KEY must"):
+        settings.check_api()
+    Settings(admin_api_key=admin_key or None, api_keys=api_keys).check_api()  # console off
+    Settings(console_enabled=True, admin_api_key="x" * 16, api_keys=api_keys).check_api()
+
+
+@pytest.mark.slow
+def test_the_api_stops_with_one_line_naming_admin_api_key() -> None:
+    completed = subprocess.run(
+        [sys.executable, "-m", "fastapi_redis_mini.api"],
+        env={"CONSOLE_ENABLED": "true", "ADMIN_API_KEY": "too-short", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert completed.returncode == 2
+    lines = completed.stderr.strip().splitlines()
+    assert len(lines) == 1, completed.stderr
+    assert "ADMIN_API_KEY must be set to at least 16 characters" in lines[0]
+    assert "too-short" not in completed.stderr

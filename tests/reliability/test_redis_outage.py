@@ -43,9 +43,10 @@ def test_redis_restart_under_load_loses_no_accepted_task(
         while time.monotonic() - outage_began < OUTAGE_SECONDS:
             ready = httpx.get(api.base_url + "/readyz", timeout=10).status_code
             alive = httpx.get(api.base_url + "/healthz", timeout=10).status_code
+            detail = httpx.get(api.base_url + "/healthz?detail=true", timeout=10).json()
             worker_ready = httpx.get(worker.base_url + "/readyz", timeout=10).status_code
             probes.update([f"api readyz {ready}", f"api healthz {alive}"])
-            probes.update([f"worker readyz {worker_ready}"])
+            probes.update([f"api redis {detail['redis']}", f"worker readyz {worker_ready}"])
             time.sleep(0.2)
         accepted_before = len(load.accepted)
         aof_server.start()
@@ -83,11 +84,11 @@ def test_redis_restart_under_load_loses_no_accepted_task(
             assert int(answer.retry_after) > 0
             assert answer.content_type == "application/json"
             assert '"code":"redis_unavailable"' in answer.body
-    assert probes["api readyz 200"] == 0
-    assert probes["api readyz 503"] > 0
-    assert probes["api healthz 200"] > 0
+    # Both stay ready (the api answers its own 503s), live, and say what Redis is doing.
+    assert probes["api readyz 503"] == 0
     assert probes["api healthz 503"] == 0
-    assert probes["worker readyz 503"] > 0
+    assert probes["api redis redis_unavailable"] > 0
+    assert probes["worker readyz 503"] == 0
     # The worker rode it out: the same process, which saw the errors and carried on.
     assert worker.process.poll() is None
     assert worker.log.count("consuming as") == 1

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.routing import BaseRoute
 
 from .. import __version__
 from ..core.handlers import handler_params
@@ -15,11 +16,12 @@ from ..core.telemetry.logging import configure_logging
 from ..core.telemetry.tracing import configure_tracing, shutdown_tracing
 from ._limits import ParamsCheck
 from ._middleware import BodyLimitMiddleware, MetricsMiddleware
+from .console import console_routes
 from .deps import operation_id
 from .drain import DrainMiddleware, marker_path
 from .errors import install_error_handlers
 from .routes import docs, health, tasks
-from .state import ApiState
+from .state import ApiKeys, ApiState
 
 DESCRIPTION = """
 Submit slow, inference-style tasks and read their results.
@@ -36,6 +38,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     params = handler_params(settings.task_handler)
     check_params = ParamsCheck(params, settings.max_task_duration) if params else None
     tracing = configure_tracing(settings, "fastapi-redis-mini-api")
+    console: list[BaseRoute] = []
+    if settings.console_enabled:
+        settings.check_api()  # the admin key's rules, for an app made without the entry point
+        assert settings.admin_api_key is not None
+        admin_key = settings.admin_api_key.get_secret_value()
+        console = console_routes(admin_key, ApiKeys(settings.api_keys))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -61,6 +69,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             *tasks.router.routes,
             *health.router.routes,
             *(docs.routes if settings.docs_enabled else ()),
+            *console,
         ],
         # FastAPI's own pages load their assets from a CDN; routes/docs.py serves them instead.
         docs_url=None,

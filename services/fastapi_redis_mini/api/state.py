@@ -15,6 +15,7 @@ from pydantic import SecretStr
 
 from ..core.queue import TaskQueue
 from ..core.redis import RedisTaskQueue, connect
+from ..core.redis.console import ConsoleStore
 from ..core.settings import Settings
 from . import metrics
 from .errors import BacklogFullError
@@ -93,6 +94,8 @@ class ApiState:
     tracing: bool
     # Checks a submit's params with the Params model of TASK_HANDLER, if it declares one.
     check_params: Callable[[dict[str, Any]], None] | None
+    # The console's reads and actions, with CONSOLE_ENABLED.
+    console: ConsoleStore | None = None
 
     @classmethod
     @asynccontextmanager
@@ -114,6 +117,7 @@ class ApiState:
                 backlog=BacklogGate(settings.max_backlog),
                 tracing=tracing,
                 check_params=check_params,
+                console=ConsoleStore(queue) if settings.console_enabled else None,
             )
         finally:
             await queue.close()

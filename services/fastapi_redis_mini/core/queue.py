@@ -6,7 +6,7 @@ broker (Kafka for the stream, say) can stand behind the same interface.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
@@ -45,6 +45,22 @@ class QueueUnavailable(Exception):  # noqa: N818 - a state, as asyncio.QueueEmpt
 
 class QueueBusy(QueueUnavailable):
     """The broker answered but refuses for now: a transient server state, not a lost link."""
+
+
+class PartitionsUnavailable(QueueUnavailable):
+    """Some partitions could not serve a call that spans several; the others did.
+
+    `failed` names each partition that could not, with why. `partial` is the call's answer,
+    item by item as it was asked, with None for every item of a failed partition: those
+    items are to be retried, and only those (the others' changes are made).
+    """
+
+    def __init__(self, failed: Mapping[int, QueueUnavailable], partial: Sequence[Any]) -> None:
+        first = next(iter(failed.values()))
+        named = ", ".join(str(index) for index in sorted(failed))
+        super().__init__(first.state, f"partition {named}: {first}")
+        self.failed = dict(failed)
+        self.partial = list(partial)
 
 
 class SubmitOutcome(StrEnum):
@@ -227,13 +243,37 @@ class TaskQueue(Protocol):
         """Return when the broker accepts writes now; raise QueueUnavailable when not."""
         ...
 
+    async def writable_partitions(self) -> list[QueueState | None]:
+        """Each partition's state now: None when it takes writes, else why it does not."""
+        ...
+
+    # -- partitions
+    @property
+    def partition_count(self) -> int: ...
+
+    def partition_of(self, task_id: str) -> int | None:
+        """The partition a task lives in, or None for an id of none."""
+        ...
+
     # -- the worker side
     async def ensure_group(self) -> None: ...
 
-    async def read(self, consumer: str, count: int, block_ms: int) -> list[Delivery]: ...
+    async def read(
+        self, consumer: str, count: int, block_ms: int, *, avoid: Collection[int] = ()
+    ) -> list[Delivery]:
+        """Up to `count` new deliveries from every partition but those in `avoid`.
 
-    async def claim_idle(self, consumer: str, count: int) -> list[Delivery]: ...
+        With several partitions, one that cannot be read is left out and the others' entries
+        are returned; PartitionsUnavailable is raised only when none could be read.
+        """
+        ...
 
+    async def claim_idle(
+        self, consumer: str, count: int, *, avoid: Collection[int] = ()
+    ) -> list[Delivery]: ...
+
+    # start, finish and keep_alive raise PartitionsUnavailable when only some partitions
+    # failed: its `partial` holds the answers of the others.
     async def start(
         self, consumer: str, deliveries: Sequence[Delivery], *, alone: bool = False
     ) -> list[Job]: ...

@@ -12,6 +12,9 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PositiveSeconds = Annotated[float, Field(gt=0)]
+# The admin key opens every tenant's tasks: 16 random characters of [A-Za-z0-9] are 95 bits,
+# out of reach of guessing over the network.
+MIN_ADMIN_KEY_CHARS = 16
 
 
 def _default_web_concurrency() -> int:
@@ -72,6 +75,10 @@ class Settings(BaseSettings):
     liveness_grace: PositiveSeconds = 30.0
     metrics_port: int = Field(default=9100, ge=0, le=65535)
 
+    # Ids of the newest tasks each partition keeps, in all and per final status, for the
+    # console; about 1.1 x this many ids per list at most (0: keep none).
+    recent_tasks: int = Field(default=1000, ge=0, le=100_000)
+
     # The api
     host: str = "0.0.0.0"
     port: int = Field(default=8000, ge=0, le=65535)
@@ -82,6 +89,9 @@ class Settings(BaseSettings):
     max_prompt_chars: int = Field(default=8192, ge=1)
     max_params_bytes: int = Field(default=4096, ge=2)
     max_params_depth: int = Field(default=5, ge=1)
+    # The operator's console at /console; it needs ADMIN_API_KEY.
+    console_enabled: bool = False
+    admin_api_key: SecretStr | None = None
     # Swagger UI at /docs and ReDoc at /redoc; /openapi.json stays either way.
     docs_enabled: bool = True
     # Seconds the api answers requests in flight after SIGTERM; the longest is a 30 s long-poll.
@@ -206,6 +216,17 @@ class Settings(BaseSettings):
             if any(key.get_secret_value() not in configured for key in self.priority_high_keys):
                 raise SettingsError(
                     "invalid configuration: PRIORITY_HIGH_KEYS must name keys of API_KEYS"
+                )
+        if self.console_enabled:
+            admin_key = self.admin_api_key.get_secret_value() if self.admin_api_key else ""
+            if len(admin_key) < MIN_ADMIN_KEY_CHARS:
+                raise SettingsError(
+                    "invalid configuration: ADMIN_API_KEY must be set to at least "
+                    f"{MIN_ADMIN_KEY_CHARS} characters when CONSOLE_ENABLED is true"
+                )
+            if any(key.get_secret_value() == admin_key for key in self.api_keys):
+                raise SettingsError(
+                    "invalid configuration: ADMIN_API_KEY must differ from every key of API_KEYS"
                 )
         for name in ("submit_rate_per_key", "max_unfinished_per_key"):
             if getattr(self, name) and not self.api_keys:

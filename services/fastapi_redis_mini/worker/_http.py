@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ..core.queue import QueueUnavailable, TaskQueue
+from ..core.queue import TaskQueue
 from ..core.settings import Settings
 from ..core.telemetry import metrics
 from .runner import Worker
@@ -28,7 +28,7 @@ def build_app(worker: Worker, queue: TaskQueue, settings: Settings) -> Starlette
         body, content_type = metrics.render(settings.prometheus_multiproc_dir)
         return Response(body, media_type=content_type)
 
-    async def healthz(_: Request) -> Response:
+    async def healthz(request: Request) -> Response:
         if worker.failure is not None:
             return JSONResponse({"status": "failed", "reason": worker.failure}, 503)
         hung = worker.hung()
@@ -42,15 +42,22 @@ def build_app(worker: Worker, queue: TaskQueue, settings: Settings) -> Starlette
         stalled = time.monotonic() - worker.last_progress
         if stalled > _STALL_SECONDS:
             return JSONResponse({"status": "stalled", "seconds": round(stalled, 1)}, 503)
-        return JSONResponse({"status": "ok", "in_flight": worker.in_flight})
+        answer: dict[str, object] = {"status": "ok", "in_flight": worker.in_flight}
+        if request.query_params.get("detail") == "true":
+            # Still 200 whatever Redis says: a restart would not bring Redis back.
+            states = await queue.writable_partitions()
+            refusing = {str(i): s.value for i, s in enumerate(states) if s is not None}
+            answer["redis"] = "ok" if not refusing else "partitions_unavailable"
+            if refusing:
+                answer["partitions"] = refusing
+            answer["refusing_outcomes"] = sorted(worker.refusing_partitions())
+        return JSONResponse(answer)
 
     async def readyz(_: Request) -> Response:
+        # The process only: a worker takes no traffic, and one whose Redis is away waits
+        # for it and retries (its partitions' state is in /healthz?detail=true and metrics).
         if worker.loading:
             return JSONResponse({"status": "loading"}, 503)
-        try:
-            await queue.check_writable()
-        except QueueUnavailable as error:
-            return JSONResponse({"status": f"redis {error.state.value}"}, 503)
         return JSONResponse({"status": "ok"})
 
     return Starlette(

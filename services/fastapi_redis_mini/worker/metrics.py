@@ -76,6 +76,16 @@ batch_wait = Histogram(
     namespace=NAMESPACE,
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
 )
+# Set by the worker for every partition once it consumes: one series, partition "0", on a
+# single partition too, so dashboards and alerts read the same name everywhere.
+partition_writable = Gauge(
+    "partition_writable",
+    "1 while a partition takes this worker's outcomes, 0 while it refuses them (its master is "
+    "unreachable, its slots are down, or it has no replica to confirm with DURABLE_ACKS).",
+    ["partition"],
+    namespace=NAMESPACE,
+    multiprocess_mode="livemin",
+)
 
 # Every labelled series exists at 0 from the first scrape: a counter whose first sample is
 # already 1 hides that increment from rate() and increase(), so the first failure of a fresh

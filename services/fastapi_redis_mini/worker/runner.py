@@ -32,6 +32,7 @@ from ..core.queue import (
     FinishVerdict,
     Job,
     Outcome,
+    PartitionsUnavailable,
     QueueUnavailable,
     StartVerdict,
     TaskQueue,
@@ -40,6 +41,7 @@ from ..core.settings import Settings
 from ..core.telemetry.metrics import redis_errors
 from . import _telemetry, metrics
 from ._handler import HandlerRunner
+from ._outbox import Outbox
 from ._sidecar import Sidecar
 from .inflight import InFlight, Phase, StopReason, decide
 
@@ -94,7 +96,12 @@ class Worker:
         self.failure: str | None = None  # why the worker is going down, once it is
         self._tasks: dict[str, InFlight] = {}  # task id -> what this worker holds of it
         self._phases = [0] * len(Phase)  # how many records are in each phase
-        self._finished: list[Finish] = []  # outcomes waiting to be written, oldest first
+        # Outcomes waiting to be written, per partition (see _outbox.py).
+        self._outbox = Outbox(queue.partition_count, queue.partition_of)
+        # Tasks whose outcome was sent in a call that then failed: the script may have run
+        # (a durable wait that timed out, a reply lost on the way back). If the retry finds
+        # such a task final, that is this worker's own write, and it is counted as written.
+        self._unsure: set[str] = set()
         self._stopping = asyncio.Event()
         self._closed = asyncio.Event()  # set once draining is over: the helper loops end
         self._slot_free = asyncio.Event()
@@ -119,6 +126,10 @@ class Worker:
         """Tasks whose handler is running."""
         return self._phases[Phase.RUNNING] + self._phases[Phase.ALONE]
 
+    def refusing_partitions(self) -> frozenset[int]:
+        """The partitions that refuse this worker's outcomes now (see _outbox.py)."""
+        return self._outbox.refusing()
+
     def _hold(self, record: InFlight) -> None:
         self._tasks[record.job.task_id] = record
         self._phases[record.phase] += 1
@@ -140,9 +151,11 @@ class Worker:
             return 0  # nothing new runs beside a suspect, nor while suspects wait
         # A slot frees when its handler returns, so the next batch is read while the previous
         # outcomes are being written. Unwritten outcomes are capped too, so a Redis that
-        # refuses writes cannot let them pile up.
+        # refuses writes cannot let them pile up. Those of a partition that refuses them are
+        # not counted: nothing more is read from it (see _consume_loop), so they cannot grow,
+        # and the other partitions' work goes on beside them.
         running = self.settings.max_concurrency - self.in_flight
-        unwritten = 2 * self.settings.max_concurrency - len(self._tasks)
+        unwritten = 2 * self.settings.max_concurrency - len(self._tasks) + self._outbox.held_back()
         return min(running, unwritten)
 
     async def run(self) -> None:
@@ -278,7 +291,9 @@ class Worker:
                 continue
             try:
                 count = min(free, self.settings.read_batch)
-                deliveries = await self.queue.read(self.consumer, count, block_ms=1000)
+                deliveries = await self.queue.read(
+                    self.consumer, count, block_ms=1000, avoid=self._outbox.refusing()
+                )
                 backoff.reset()
             except QueueUnavailable as error:
                 redis_errors.labels("read").inc()
@@ -307,6 +322,14 @@ class Worker:
                 break
             except QueueUnavailable as error:
                 redis_errors.labels("start").inc()
+                partial = error.partial if isinstance(error, PartitionsUnavailable) else []
+                jobs = [job for job in partial if job is not None]
+                if jobs:
+                    # The other partitions' tasks started: they run now. Those of the
+                    # partitions that failed are not retried here, where they would hold up
+                    # the healthy partitions' work: they stay pending, reclaimed once idle.
+                    log.warning("redis cannot start some tasks (%s); left to be reclaimed", error)
+                    break
                 if self._stopping.is_set() or time.monotonic() >= give_up_at:
                     log.warning("redis cannot start tasks (%s); left to be reclaimed", error)
                     return 0
@@ -370,7 +393,7 @@ class Worker:
                 self._let_go(record)
             else:
                 self._move(record, Phase.WRITING)
-                self._finished.append(finish)
+                self._outbox.add(finish)
                 self._flush_needed.set()
             self._slot_free.set()
 
@@ -405,37 +428,61 @@ class Worker:
     # -- writing outcomes
 
     async def _flush_loop(self) -> None:
-        backoff = _Backoff()
-        # Tasks whose outcome was sent in a call that then failed: the script may have run
-        # (a durable wait that timed out, a reply lost on the way back). If the retry finds
-        # such a task final, that is this worker's own write, and it is counted as written.
-        unsure: set[str] = set()
-        while True:
-            await _first(self._flush_needed.wait(), self._closed.wait())
-            if self._closed.is_set():
-                return
-            self._flush_needed.clear()
-            while self._finished:
-                batch = self._finished[:_FINISH_BATCH]
-                try:
-                    verdicts = await self.queue.finish(self.consumer, batch)
-                except QueueUnavailable as error:
-                    # The outcomes stay buffered and their entries unacknowledged: nothing is
-                    # lost, and a worker that dies meanwhile leaves them to be reclaimed.
-                    redis_errors.labels("finish").inc()
-                    unsure.update(f.job.task_id for f in batch)
-                    log.warning("redis cannot take outcomes (%s); retrying", error)
-                    await _sleep_or_stop(backoff.next(), self._closed)
-                    if self._closed.is_set():
-                        return
-                    continue
-                backoff.reset()
-                del self._finished[: len(batch)]
-                self._record(batch, verdicts, unsure)
+        retries: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                await _first(
+                    self._flush_needed.wait(),
+                    self._closed.wait(),
+                    at_most=self._outbox.next_retry_in(),
+                )
+                if self._closed.is_set():
+                    return
+                self._flush_needed.clear()
+                # A refusing partition's retry runs beside the others' flushes, never in them.
+                for batch in self._outbox.retries_due(_FINISH_BATCH):
+                    retry = asyncio.create_task(self._flush(batch))
+                    retries.add(retry)
+                    retry.add_done_callback(self._retry_ended)
+                    retry.add_done_callback(retries.discard)
+                while batch := self._outbox.due(_FINISH_BATCH):
+                    await self._flush(batch)
+        finally:
+            for retry in retries:
+                retry.cancel()
 
-    def _record(
-        self, batch: Sequence[Finish], verdicts: Sequence[FinishVerdict], unsure: set[str]
-    ) -> None:
+    def _retry_ended(self, retry: asyncio.Task[None]) -> None:
+        if not retry.cancelled() and retry.exception() is not None:
+            error = retry.exception()
+            self.fail(f"a retry of outcomes ended with {type(error).__name__}: {error}", error)
+
+    async def _flush(self, batch: Sequence[Finish]) -> None:
+        """Write one batch of outcomes; what a partition refuses waits in the outbox."""
+        try:
+            verdicts = await self.queue.finish(self.consumer, batch)
+        except QueueUnavailable as error:
+            # The outcomes stay buffered and their entries unacknowledged: nothing is lost,
+            # and a worker that dies meanwhile leaves them to be reclaimed. Only the
+            # partitions that refused wait; the others' outcomes are written.
+            redis_errors.labels("finish").inc()
+            if isinstance(error, PartitionsUnavailable):
+                pairs = list(zip(batch, error.partial, strict=True))
+                written = [(f, v) for f, v in pairs if v is not None]
+                refused: Sequence[Finish] = [f for f, v in pairs if v is None]
+                self._outbox.written(f for f, _ in written)
+                self._record([f for f, _ in written], [v for _, v in written])
+                refusing = set(error.failed)
+            else:
+                refused = batch
+                refusing = self._outbox.partitions_of(batch)
+            self._unsure.update(f.job.task_id for f in refused)
+            self._outbox.refused(refusing, error)
+            self._flush_needed.set()  # wakes the loop to wait for the next retry
+            return
+        self._outbox.written(batch)
+        self._record(batch, verdicts)
+
+    def _record(self, batch: Sequence[Finish], verdicts: Sequence[FinishVerdict]) -> None:
         now = time.time()
         for finish, verdict in zip(batch, verdicts, strict=True):
             job = finish.job
@@ -443,8 +490,8 @@ class Worker:
             if record is not None and record.job is job:
                 del self._tasks[job.task_id]
                 self._phases[Phase.WRITING] -= 1
-            sent_before = job.task_id in unsure
-            unsure.discard(job.task_id)
+            sent_before = job.task_id in self._unsure
+            self._unsure.discard(job.task_id)
             if verdict is FinishVerdict.STALE and sent_before:
                 verdict = FinishVerdict.WRITTEN  # written by the call that failed after it ran
             if verdict is not FinishVerdict.WRITTEN:
@@ -484,19 +531,22 @@ class Worker:
                 held = [
                     r for r in held if not (r.phase in _RUN_PHASES and r.job.started_at < overdue)
                 ]
-            try:
-                for start in range(0, len(held), _FINISH_BATCH):
-                    chunk = held[start : start + _FINISH_BATCH]
+            for start in range(0, len(held), _FINISH_BATCH):
+                chunk = held[start : start + _FINISH_BATCH]
+                try:
                     replies = await queue.keep_alive(self.consumer, [r.job for r in chunk])
-                    if worker_loop is None:
-                        self._on_keep_alive_replies(chunk, replies)
-                    else:
-                        worker_loop.call_soon_threadsafe(
-                            self._on_keep_alive_replies, chunk, replies
-                        )
-            except QueueUnavailable as error:
-                redis_errors.labels("keep_alive").inc()
-                log.warning("redis cannot keep entries alive (%s); retrying", error)
+                except QueueUnavailable as error:
+                    redis_errors.labels("keep_alive").inc()
+                    log.warning("redis cannot keep entries alive (%s); retrying", error)
+                    if not isinstance(error, PartitionsUnavailable):
+                        break
+                    # The other partitions' entries were kept alive: act on their replies.
+                    chunk = [r for r, a in zip(chunk, error.partial, strict=True) if a is not None]
+                    replies = [a for a in error.partial if a is not None]
+                if worker_loop is None:
+                    self._on_keep_alive_replies(chunk, replies)
+                else:
+                    worker_loop.call_soon_threadsafe(self._on_keep_alive_replies, chunk, replies)
 
     def _on_keep_alive_replies(self, chunk: Sequence[InFlight], replies: Sequence[str]) -> None:
         for record, reply in zip(chunk, replies, strict=True):
@@ -584,7 +634,9 @@ class Worker:
                 free = self._free_slots()
                 if now >= next_claim and free > 0 and not self._stopping.is_set():
                     next_claim = now + claim_every
-                    claimed = await self.queue.claim_idle(self.consumer, free)
+                    claimed = await self.queue.claim_idle(
+                        self.consumer, free, avoid=self._outbox.refusing()
+                    )
                     # Entries of tasks held here went idle because keep-alive could not reach
                     # Redis, or are a second entry of one task: claiming them only reset their
                     # idle time, and they must not start a second run (_begin skips them).

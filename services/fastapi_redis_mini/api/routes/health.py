@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from ...core.queue import QueueUnavailable
@@ -24,24 +23,32 @@ class Health(BaseModel):
     status: str
 
 
-@router.get("/healthz")
-async def healthz() -> Health:
-    """Liveness: the process is up and serving."""
+class HealthDetail(Health):
+    """Liveness, with Redis's state: "ok", or each partition's error code while it cannot
+    take writes (the api answers 503 with that code meanwhile, and stays ready)."""
+
+    redis: str | None = None
+    partitions: dict[str, str] | None = None
+
+
+@router.get("/healthz", response_model=HealthDetail, response_model_exclude_none=True)
+async def healthz(request: Request, detail: bool = False) -> HealthDetail:
+    """Liveness: the process is up and serving. `?detail=true` adds Redis's state."""
+    if not detail:
+        return HealthDetail(status="ok")
+    states = await api_state(request).queue.writable_partitions()
+    codes = {str(i): UNAVAILABLE[state][0] for i, state in enumerate(states) if state is not None}
+    if not codes:
+        return HealthDetail(status="ok", redis="ok")
+    redis = next(iter(codes.values())) if len(codes) == len(states) else "partitions_unavailable"
+    return HealthDetail(status="ok", redis=redis, partitions=codes if len(states) > 1 else None)
+
+
+@router.get("/readyz")
+async def readyz() -> Health:
+    """Readiness: the process serves requests. Redis is not asked: while it cannot take
+    writes the api answers 503 itself, with Retry-After, which a client can act on."""
     return Health(status="ok")
-
-
-@router.get(
-    "/readyz",
-    response_model=Health,
-    responses={503: {"model": Health, "description": "Redis does not accept writes now"}},
-)
-async def readyz(request: Request) -> JSONResponse:
-    """Readiness: Redis accepts writes, so a submit can be stored."""
-    try:
-        await api_state(request).queue.check_writable()
-    except QueueUnavailable as error:
-        return JSONResponse({"status": UNAVAILABLE[error.state][0]}, status_code=503)
-    return JSONResponse({"status": "ok"})
 
 
 @router.get("/metrics", include_in_schema=False)

@@ -2,7 +2,8 @@
 
 Owns SlotRouting, the part of RedisTaskQueue that sends its script calls: one call, with
 DURABLE_ACKS' wait on the same connection (_call; on a cluster, on the master of the call's
-slot); several partitions' calls in one pipeline (_call_each); a pipeline whose cluster
+slot); several partitions' calls in one pipeline (_call_each), or one pipeline per master so that
+a master's failure stays its own partitions' (_call_each_isolated); a pipeline whose cluster
 connection was closed under it (_execute); the slot table a new cluster client reads first
 (learn_slots); and task ids grouped by partition (_by_partition). What DURABLE_ACKS waits for
 and how its answer is judged are _durability's.
@@ -29,10 +30,11 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ..queue import QueueBusy, QueueState
+from ..queue import QueueBusy, QueueState, QueueUnavailable
 from ..settings import Settings
 from ._connect import Client
 from ._durability import check_confirmed
+from ._errors import queue_error, torn_down
 from .keys import Partitions
 
 
@@ -45,6 +47,17 @@ class SlotRouting:
     partitions: Partitions
     slots_unknown: bool
     _durable_wait: tuple[str | int, ...] | None
+
+    def _witness(self, key: str) -> tuple[str | int, ...]:
+        """A write to send right before DURABLE_ACKS' wait, in the partition of `key`.
+
+        WAIT and WAITAOF confirm the writes of their own connection up to its last one. A
+        script that wrote nothing (a retry that finds its own earlier write, sent on another
+        connection and never confirmed) would be confirmed at once; this write comes after
+        every earlier one on its master, so its confirmation covers them all.
+        """
+        partition = next(k for k in self.partitions.all if key.startswith(k.prefix))
+        return ("SET", partition.probe, "1", "PX", 10_000)
 
     async def _call(self, script: AsyncScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """Run a script that records work acknowledged to someone; with DURABLE_ACKS, return
@@ -61,13 +74,14 @@ class SlotRouting:
         for _ in range(2):
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.evalsha(script.sha, len(keys), *keys, *args)
+                pipe.execute_command(*self._witness(keys[0]))
                 pipe.execute_command(*self._durable_wait)
-                reply, confirmed = await pipe.execute(raise_on_error=False)
+                reply, witnessed, confirmed = await pipe.execute(raise_on_error=False)
             if isinstance(reply, NoScriptError):
                 # Redis lost its scripts (a restart): the script did not run; load it, again.
                 await self.redis.script_load(script.script)
                 continue
-            for value in (reply, confirmed):
+            for value in (reply, witnessed, confirmed):
                 if isinstance(value, Exception):
                     raise value
             check_confirmed(self.settings, confirmed)
@@ -92,12 +106,13 @@ class SlotRouting:
             node: ClusterNode = cluster.get_node_from_key(keys[0])  # type: ignore[assignment]
             commands = [
                 PipelineCommand(0, "EVALSHA", script.sha, len(keys), *keys, *args),
-                PipelineCommand(1, *self._durable_wait),
+                PipelineCommand(1, *self._witness(keys[0])),
+                PipelineCommand(2, *self._durable_wait),
             ]
             if load:
                 commands.insert(0, PipelineCommand(0, "SCRIPT", "LOAD", script.script))
             await _pipeline_on(cluster, node, commands)
-            reply, confirmed = commands[-2].result, commands[-1].result
+            reply, confirmed = commands[-3].result, commands[-1].result
             if isinstance(reply, NoScriptError):
                 load = True  # this master lost its scripts: a restart, or a promoted replica
                 continue
@@ -107,7 +122,7 @@ class SlotRouting:
             if isinstance(reply, AskError):
                 # A resharding moves the slot: the keys are split between two masters.
                 raise QueueBusy(QueueState.TRY_AGAIN, f"slot {reply.slot_id} is being moved")
-            for value in (*(c.result for c in commands[:-2]), reply, confirmed):
+            for value in (*(c.result for c in commands[:-3]), commands[-2].result, confirmed):
                 if isinstance(value, Exception):
                     raise value
             check_confirmed(self.settings, confirmed)
@@ -179,9 +194,13 @@ class SlotRouting:
                     # EVALSHA by name: a cluster pipeline refuses its evalsha() method.
                     pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
                 if wait is not None:
+                    pipe.execute_command(*self._witness(calls[0][0][0]))
                     pipe.execute_command(*wait)
                 answers = await self._execute(pipe, raise_on_error=False)
             confirmed = answers.pop() if wait is not None else None
+            witnessed = answers.pop() if wait is not None else None
+            if isinstance(witnessed, Exception):
+                raise witnessed
             missing = []
             for i, answer in zip(todo, answers, strict=True):
                 if isinstance(answer, NoScriptError):
@@ -203,6 +222,113 @@ class SlotRouting:
             todo = missing
         raise NoScriptError("the script vanished again right after it was loaded")
 
+    async def _call_each_isolated(
+        self,
+        script: AsyncScript,
+        calls: Sequence[tuple[Sequence[str], Sequence[Any]]],
+        *,
+        durable: bool = False,
+    ) -> list[Any]:
+        """_call_each where a master's failure stays with its own partitions: each call's
+        reply, or the QueueUnavailable that kept it from running or from being confirmed.
+
+        On a single server every partition lives on the one server, so a failure is every
+        call's and is raised, as by _call_each. On a cluster the calls go in one pipeline per
+        master, all at once, each ending with DURABLE_ACKS' wait when `durable` (one wait per
+        master covers its calls): a master that is unreachable, refuses, or has no replica to
+        confirm fails only its own calls. A call whose script ran but was not confirmed is
+        failed too; the caller retries it, and the scripts are idempotent for that.
+        """
+        cluster = self.redis
+        if not isinstance(cluster, RedisCluster):
+            return await self._call_each(script, calls, durable=durable)
+        wait = self._durable_wait if durable else None
+        replies: list[Any] = [None] * len(calls)
+        todo = list(range(len(calls)))
+        load_on: set[str] = set()  # masters that lost the script: load it there first
+        for _ in range(3):
+            await cluster.initialize()  # a no-op once the client knows the slots
+            per_node: dict[str, tuple[ClusterNode, list[int]]] = {}
+            for i in todo:
+                try:
+                    node = cluster.get_node_from_key(calls[i][0][0])
+                except (RedisError, RedisClusterException) as error:
+                    replies[i] = error
+                    continue
+                if node is None:
+                    replies[i] = QueueUnavailable(
+                        QueueState.CLUSTER_DOWN, "no node serves the slot"
+                    )
+                    continue
+                per_node.setdefault(node.name, (node, []))[1].append(i)
+
+            async def send(node: ClusterNode, positions: list[int]) -> list[PipelineCommand]:
+                commands = [
+                    PipelineCommand(i, "EVALSHA", script.sha, len(calls[i][0]), *calls[i][0],
+                                    *calls[i][1])
+                    for i in positions
+                ]  # fmt: skip
+                if node.name in load_on:
+                    commands.insert(0, PipelineCommand(-1, "SCRIPT", "LOAD", script.script))
+                if wait is not None:
+                    commands.append(PipelineCommand(-1, *self._witness(calls[positions[0]][0][0])))
+                    commands.append(PipelineCommand(-1, *wait))
+                await _pipeline_on(cluster, node, commands)
+                return commands
+
+            sent = list(per_node.values())
+            results = await asyncio.gather(
+                *(send(node, positions) for node, positions in sent), return_exceptions=True
+            )
+            again: list[int] = []
+            for (node, positions), result in zip(sent, results, strict=True):
+                if isinstance(result, BaseException):
+                    if not isinstance(result, Exception):
+                        raise result
+                    for i in positions:
+                        replies[i] = result
+                    continue
+                unconfirmed: Exception | None = None
+                if wait is not None:
+                    confirmed = result.pop().result
+                    witnessed = result.pop().result
+                    if isinstance(witnessed, Exception):
+                        unconfirmed = witnessed
+                    elif isinstance(confirmed, Exception):
+                        unconfirmed = confirmed
+                    else:
+                        try:
+                            check_confirmed(self.settings, confirmed)
+                        except QueueBusy as error:
+                            unconfirmed = error
+                if node.name in load_on:
+                    load_on.discard(node.name)
+                    result.pop(0)
+                for i, command in zip(positions, result, strict=True):
+                    answer = command.result
+                    if isinstance(answer, NoScriptError):
+                        load_on.add(node.name)
+                        again.append(i)
+                    elif isinstance(answer, MovedError):
+                        await cluster.nodes_manager.move_slot(answer)
+                        again.append(i)
+                    elif isinstance(answer, AskError):
+                        replies[i] = QueueBusy(
+                            QueueState.TRY_AGAIN, f"slot {answer.slot_id} is being moved"
+                        )
+                    else:
+                        replies[i] = (
+                            answer if isinstance(answer, Exception) else unconfirmed or answer
+                        )
+            todo = again
+            if not todo:
+                break
+        for i in todo:
+            replies[i] = QueueBusy(
+                QueueState.TRY_AGAIN, "the slot's master changed during the call"
+            )
+        return [_unavailable(reply) if isinstance(reply, Exception) else reply for reply in replies]
+
     def _by_partition(self, task_ids: Sequence[str]) -> dict[int, list[int]]:
         """The positions of task_ids grouped by partition, in order; ids of none are left out."""
         groups: dict[int, list[int]] = {}
@@ -211,6 +337,20 @@ class SlotRouting:
             if keys is not None:
                 groups.setdefault(keys.index, []).append(position)
         return groups
+
+
+def _unavailable(error: Exception) -> QueueUnavailable:
+    """The QueueUnavailable a failed call stands for; a defect of ours is raised instead."""
+    if isinstance(error, QueueUnavailable):
+        return error
+    if torn_down(error):
+        return QueueUnavailable(QueueState.UNREACHABLE, f"a connection closed during the call "
+                                f"({type(error).__name__}: {error})")  # fmt: skip
+    if isinstance(error, (RedisError, RedisClusterException)):
+        translated = queue_error(error)
+        if translated is not None:
+            return translated
+    raise error
 
 
 async def _pipeline_on(

@@ -105,6 +105,19 @@ class Keys:
         return f"{self.prefix}{self.queue}:retry"
 
     @property
+    def recent(self) -> str:
+        """List of the newest task ids the partition queued, newest first (submit.lua caps it)."""
+        return f"{self.prefix}{self.queue}:recent"
+
+    def finished(self, status: str) -> str:
+        """List of the newest task ids that ended with `status` (done, failed, cancelled)."""
+        return f"{self.prefix}{self.queue}:finished:{status.lower()}"
+
+    def counts(self, bucket: int) -> str:
+        """Hash counting the outcomes written in one ten-second bucket (unix time // 10)."""
+        return f"{self.prefix}{self.queue}:counts:{bucket}"
+
+    @property
     def probe(self) -> str:
         """String the readiness probes write, to learn whether Redis accepts writes."""
         return f"{self.prefix}{self.queue}:probe"

@@ -8,7 +8,8 @@ This module owns the class, the `_translated` decorator its methods wear, and th
 its scripts' replies. The rest lives beside it, each module saying what it owns: _errors.py
 (what a redis-py error means for the queue), _connect.py (the client and cluster detection),
 _durability.py (DURABLE_ACKS), _routing.py (how a script call reaches its slot's node, a base
-of the class), _fairness.py (reading every partition in turn) and _subscription.py (pub/sub).
+of the class), _fairness.py (reading every partition in turn), _avoidance.py (where an unkeyed
+submit goes while its partition cannot confirm) and _subscription.py (pub/sub).
 Their public names are imported here too, where they were before the split.
 """
 
@@ -22,7 +23,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, ParamSpec, TypeVar
@@ -43,6 +44,7 @@ from ..queue import (
     Job,
     LaneStats,
     Outcome,
+    PartitionsUnavailable,
     QueueState,
     QueueStats,
     QueueUnavailable,
@@ -52,6 +54,7 @@ from ..queue import (
     Submitted,
 )
 from ..settings import Settings
+from ._avoidance import AvoidedPartitions
 from ._connect import Client, connect, is_cluster
 from ._durability import check_durable_acks, durable_wait, exit_unless_durable_acks
 from ._errors import queue_error, torn_down
@@ -103,6 +106,10 @@ def _translated(method: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any,
 
 
 _IDLE_CONSUMER_MS = 3_600_000
+# finish.lua counts outcomes in ten-second buckets, kept a quarter of an hour: the console
+# charts the last five minutes of them.
+COUNTS_BUCKET_SECONDS = 10
+COUNTS_KEPT_SECONDS = 900
 
 
 def new_task_id() -> str:
@@ -183,6 +190,9 @@ class RedisTaskQueue(SlotRouting):
         self._stats_script = _load_script(redis, "stats")
         self._read_group_script = _load_script(redis, "read_group")
         self._dispatch_script = _load_script(redis, "dispatch")
+        self._probe_script = _load_script(redis, "probe")
+        # Partitions that failed a submit lately: unkeyed submits go elsewhere meanwhile.
+        self._avoided = AvoidedPartitions()
         events = [keys.events for keys in self.partitions.all]
         self._completions = Subscription(redis, events, sharded=cluster, name="completions")
         # Workers of several partitions sleep until a submit announces new entries.
@@ -233,24 +243,67 @@ class RedisTaskQueue(SlotRouting):
         due_at: float = 0.0,
         replacing_in_flight: str | None = None,
     ) -> Submitted:
-        keys = self.partitions.of_submit(signature, scope, idempotency_key)
+        home = self.partitions.of_submit(signature, scope, idempotency_key)
+        # A keyed submit stays in its key's partition, so that a key names one task. An
+        # unkeyed one may be stored anywhere: while its own partition cannot confirm, it goes
+        # to a partition of another master (see _avoidance.py).
+        reroutable = idempotency_key is None and len(self.partitions) > 1
+        keys = home
+        if reroutable and self._avoided.avoids(home.index):
+            keys = self._elsewhere(home, signature) or home
+        tried: set[int] = set()
         deadline = request.deadline_seconds
-        task = _NewTask(
-            task_id=self.partitions.new_task_id(keys),
-            request=request.canonical.decode(),
-            signature=signature,
-            scope=scope,
-            idempotency_key=idempotency_key,
-            traceparent=traceparent,
-            replacing=replacing,
-            priority=request.lane,
-            due_at=due_at,
-            deadline_at=(due_at or time.time()) + deadline if deadline else 0.0,
-            # A delayed request is a promise about later, not a second copy of one in flight.
-            single_flight=self.settings.single_flight and not due_at,
-            replacing_in_flight=replacing_in_flight,
+        while True:
+            task = _NewTask(
+                task_id=self.partitions.new_task_id(keys),
+                request=request.canonical.decode(),
+                signature=signature,
+                scope=scope,
+                idempotency_key=idempotency_key,
+                traceparent=traceparent,
+                replacing=replacing,
+                priority=request.lane,
+                due_at=due_at,
+                deadline_at=(due_at or time.time()) + deadline if deadline else 0.0,
+                # A delayed request is a promise about later, not a second copy of one in
+                # flight.
+                single_flight=self.settings.single_flight and not due_at,
+                replacing_in_flight=replacing_in_flight,
+            )
+            try:
+                return await self._submit_coalescers[keys.index](task)
+            except QueueUnavailable as error:
+                tried.add(keys.index)
+                if not reroutable:
+                    raise
+                if self._avoided.avoid(keys.index):
+                    log.warning(
+                        "partition %d cannot confirm submits (%s): unkeyed submits go to "
+                        "other partitions for %gs", keys.index, error, self._avoided.seconds,
+                    )  # fmt: skip
+                other = self._elsewhere(keys, signature, tried)
+                if other is None or len(tried) >= 2:
+                    raise
+                keys = other
+
+    def _elsewhere(self, keys: Keys, signature: str, tried: Collection[int] = ()) -> Keys | None:
+        """A partition to take an unkeyed submit that `keys`' partition cannot confirm: one on
+        another master, not avoided, chosen by the signature so that retries spread."""
+        cluster = self.redis
+        if not isinstance(cluster, RedisCluster):
+            return None  # every partition lives on the one server
+
+        def master_of(index: int) -> str | None:
+            try:
+                node = cluster.get_node_from_key(self.partitions.all[index].stream)
+            except (RedisError, RedisClusterException):
+                return None
+            return None if node is None else str(node.name)
+
+        index = self._avoided.alternative(
+            keys.index, signature, len(self.partitions), master_of, tried
         )
-        return await self._submit_coalescers[keys.index](task)
+        return None if index is None else self.partitions.all[index]
 
     # Translated once per batch rather than once per submit: the coalescer raises the batch's
     # error in every submit of it.
@@ -294,14 +347,16 @@ class RedisTaskQueue(SlotRouting):
             if t.deadline_at:
                 task["deadline"] = t.deadline_at
             batch.append(task)
-
+        if s.recent_tasks:
+            keys.append(partition.recent)
         reply = await self._call(
             self._submit_script,
             keys,
             args=[repr(time.time()), s.cache_ttl, s.result_expiry, s.idempotency_ttl,
                   repr(s.submit_rate_per_key), s.submit_burst_per_key, s.max_unfinished_per_key,
                   int(quotas), orjson.dumps(batch),
-                  partition.work if self._announces_work else "", self._publish],
+                  partition.work if self._announces_work else "", self._publish,
+                  s.recent_tasks],
         )  # fmt: skip
         submitted = []
         for answer in orjson.loads(reply):
@@ -423,6 +478,30 @@ class RedisTaskQueue(SlotRouting):
                 pipe.set(keys.probe, "1", px=10_000)
             await self._execute(pipe)
 
+    @_translated
+    async def writable_partitions(self) -> list[QueueState | None]:
+        # With DURABLE_ACKS the probe waits for its confirmation, as an outcome would: a
+        # partition whose master has no replica takes the write but cannot confirm it.
+        calls = [([keys.probe], [10_000]) for keys in self.partitions.all]
+        try:
+            replies = await self._call_each_isolated(self._probe_script, calls, durable=True)
+        except (RedisError, RedisClusterException) as error:  # a single server's
+            translated = queue_error(error)
+            if translated is None:
+                raise
+            return [translated.state] * len(calls)
+        except QueueUnavailable as error:
+            return [error.state] * len(calls)
+        return [r.state if isinstance(r, QueueUnavailable) else None for r in replies]
+
+    @property
+    def partition_count(self) -> int:
+        return len(self.partitions)
+
+    def partition_of(self, task_id: str) -> int | None:
+        keys = self.partitions.of_task(task_id)
+        return None if keys is None else keys.index
+
     # -- the worker side
 
     @_translated
@@ -435,7 +514,13 @@ class RedisTaskQueue(SlotRouting):
                     raise
 
     @_translated
-    async def read(self, consumer: str, count: int, block_ms: int) -> list[Delivery]:
+    async def read(
+        self, consumer: str, count: int, block_ms: int, *, avoid: Collection[int] = ()
+    ) -> list[Delivery]:
+        readable = [keys for keys in self.partitions.all if keys.index not in avoid]
+        if not readable:
+            await asyncio.sleep(block_ms / 1000)
+            return []
         if len(self.partitions) == 1 and not self.settings.priority_lanes:
             return await self._read_blocking(consumer, count, block_ms)
         # A blocking read cannot wait on streams of several slots, so a worker reads every
@@ -444,11 +529,11 @@ class RedisTaskQueue(SlotRouting):
         # cleared before the reads, so an announcement that comes during them is not missed.
         await self._work_announced.start()
         self._work_announced.clear()
-        deliveries = await self._read_fairly(consumer, count)
+        deliveries = await self._read_fairly(consumer, count, readable)
         if deliveries:
             return deliveries
         await self._work_announced.wait(block_ms / 1000)
-        return await self._read_fairly(consumer, count)
+        return await self._read_fairly(consumer, count, readable)
 
     async def _read_blocking(self, consumer: str, count: int, block_ms: int) -> list[Delivery]:
         try:
@@ -465,11 +550,17 @@ class RedisTaskQueue(SlotRouting):
             return []
         return _deliveries(reply[0][1])
 
-    async def _read_fairly(self, consumer: str, count: int) -> list[Delivery]:
+    async def _read_fairly(
+        self, consumer: str, count: int, partitions: Sequence[Keys]
+    ) -> list[Delivery]:
+        """A fair read of `partitions`; one that cannot be read gives nothing this time, and
+        only when none could be read does the read fail."""
+        failed: dict[int, QueueUnavailable] = {}
+
         async def read_group(shares: list[tuple[Keys, int]]) -> list[list[Delivery]]:
             if self.settings.priority_lanes:
                 guard = self.settings.priority_starvation_guard
-                replies = await self._call_each(
+                replies = await self._call_each_isolated(
                     self._dispatch_script,
                     [
                         ([k.stream, k.lane_turns, *k.lanes], [k.group, consumer, share, guard])
@@ -477,22 +568,35 @@ class RedisTaskQueue(SlotRouting):
                     ],
                 )
             else:
-                replies = await self._call_each(
+                replies = await self._call_each_isolated(
                     self._read_group_script,
                     [([keys.stream], [keys.group, consumer, share]) for keys, share in shares],
                 )
-            return [
-                [Delivery(entry_id=r[i], task_id=r[i + 1]) for i in range(0, len(r), 2)]
-                for r in replies
-            ]
+            found: list[list[Delivery]] = []
+            for (keys, _), r in zip(shares, replies, strict=True):
+                if isinstance(r, QueueUnavailable):
+                    failed[keys.index] = r
+                    found.append([])
+                    continue
+                found.append(
+                    [Delivery(entry_id=r[i], task_id=r[i + 1]) for i in range(0, len(r), 2)]
+                )
+            return found
 
         deliveries, self._read_turn = await fair_share(
-            self.partitions.all, self._read_turn, count, read_group
+            partitions, self._read_turn % len(partitions), count, read_group
         )
+        if not deliveries and len(failed) == len(partitions):
+            raise PartitionsUnavailable(failed, [])
         return deliveries
 
     @_translated
-    async def claim_idle(self, consumer: str, count: int) -> list[Delivery]:
+    async def claim_idle(
+        self, consumer: str, count: int, *, avoid: Collection[int] = ()
+    ) -> list[Delivery]:
+        claimable = [keys for keys in self.partitions.all if keys.index not in avoid]
+        if not claimable:
+            return []
         min_idle_ms = int(self.settings.claim_idle * 1000)
 
         async def claim(shares: list[tuple[Keys, int]]) -> list[list[Delivery]]:
@@ -511,7 +615,7 @@ class RedisTaskQueue(SlotRouting):
             return claimed
 
         deliveries, self._claim_turn = await fair_share(
-            self.partitions.all, self._claim_turn, count, claim
+            claimable, self._claim_turn % len(claimable), count, claim
         )
         return deliveries
 
@@ -536,15 +640,14 @@ class RedisTaskQueue(SlotRouting):
                  self.settings.result_expiry, keys.events, self.settings.dead_letter_maxlen,
                  self._publish],
             ))  # fmt: skip
-        rows: list[dict[str, Any]] = [{"verdict": "skip"}] * len(deliveries)
-        for positions, reply in zip(
-            groups.values(), await self._call_each(self._start_script, calls), strict=True
-        ):
-            for position, row in zip(positions, orjson.loads(reply), strict=True):
-                rows[position] = row
-        jobs = []
+        replies = await self._call_each_isolated(self._start_script, calls)
+        rows, failed = _spread(groups, replies, len(deliveries), {"verdict": "skip"}, orjson.loads)
+        jobs: list[Job | None] = []
         ended: list[Job] = []
         for d, row in zip(deliveries, rows, strict=True):
+            if row is None:  # its partition failed: not started, to be tried again
+                jobs.append(None)
+                continue
             verdict = StartVerdict(row["verdict"])
             job = Job(entry_id=d.entry_id, task_id=d.task_id, verdict=verdict, started_at=now)
             if verdict in (StartVerdict.DEAD, StartVerdict.CANCELLED, StartVerdict.EXPIRED):
@@ -562,7 +665,9 @@ class RedisTaskQueue(SlotRouting):
             jobs.append(job)
         if ended and self.settings.max_unfinished_per_key:
             await self._forget_unfinished(ended)
-        return jobs
+        if failed:
+            raise PartitionsUnavailable(failed, jobs)
+        return [job for job in jobs if job is not None]
 
     async def _forget_unfinished(self, jobs: Sequence[Job]) -> None:
         """Take tasks start.lua ended off their API key's set of unfinished tasks.
@@ -597,17 +702,23 @@ class RedisTaskQueue(SlotRouting):
                          p.unfinished(job.scope))  # fmt: skip
                 payload = f.result.decode() if f.outcome is Outcome.DONE else (f.error or "")
                 batch.append((job.entry_id, job.task_id, f.outcome.value, payload, f.due_at))
+            if self.settings.recent_tasks:
+                keys += (p.finished("done"), p.finished("failed"), p.finished("cancelled"),
+                         p.counts(int(float(now)) // COUNTS_BUCKET_SECONDS))  # fmt: skip
             calls.append((
                 keys,
                 [p.group, consumer, now, self.settings.cache_ttl, p.events,
-                 self.settings.result_expiry, orjson.dumps(batch), self._publish],
+                 self.settings.result_expiry, orjson.dumps(batch), self._publish,
+                 self.settings.recent_tasks, COUNTS_KEPT_SECONDS],
             ))  # fmt: skip
-        verdicts = [FinishVerdict.LOST] * len(finishes)
-        replies = await self._call_each(self._finish_script, calls, durable=True)
-        for positions, reply in zip(groups.values(), replies, strict=True):
-            for position, verdict in zip(positions, reply, strict=True):
-                verdicts[position] = FinishVerdict(verdict)
-        return verdicts
+        replies = await self._call_each_isolated(self._finish_script, calls, durable=True)
+        verdicts, failed = _spread(
+            groups, replies, len(finishes), FinishVerdict.LOST,
+            lambda reply: [FinishVerdict(v) for v in reply],
+        )  # fmt: skip
+        if failed:
+            raise PartitionsUnavailable(failed, verdicts)
+        return [v for v in verdicts if v is not None]
 
     @_translated
     async def keep_alive(self, consumer: str, jobs: Sequence[Job]) -> list[str]:
@@ -621,12 +732,11 @@ class RedisTaskQueue(SlotRouting):
                 [keys.stream, *(keys.task(jobs[i].task_id) for i in positions)],
                 [keys.group, consumer, *(jobs[i].entry_id for i in positions)],
             ))  # fmt: skip
-        answers = ["lost"] * len(jobs)
-        replies = await self._call_each(self._keep_alive_script, calls)
-        for positions, reply in zip(groups.values(), replies, strict=True):
-            for position, answer in zip(positions, reply, strict=True):
-                answers[position] = answer
-        return answers
+        replies = await self._call_each_isolated(self._keep_alive_script, calls)
+        answers, failed = _spread(groups, replies, len(jobs), "lost", lambda reply: reply)
+        if failed:
+            raise PartitionsUnavailable(failed, answers)
+        return [a for a in answers if a is not None]
 
     @_translated
     async def promote_due_retries(self, limit: int) -> int:
@@ -725,6 +835,29 @@ class RedisTaskQueue(SlotRouting):
                 args=[*(e for e, _ in found), *(t for _, t in found)],
             )
         )
+
+
+def _spread(
+    groups: dict[int, list[int]],
+    replies: Sequence[Any],
+    size: int,
+    fill: T,
+    each: Callable[[Any], Sequence[T]],
+) -> tuple[list[T | None], dict[int, QueueUnavailable]]:
+    """Per-partition replies put back in the order of the `size` items they answer (`each`
+    turns one reply into its items' answers; `fill` answers an item of no partition), with
+    None for the items of a partition whose call failed, and those partitions' errors."""
+    answers: list[T | None] = [fill] * size
+    failed: dict[int, QueueUnavailable] = {}
+    for (index, positions), reply in zip(groups.items(), replies, strict=True):
+        if isinstance(reply, QueueUnavailable):
+            failed[index] = reply
+            for position in positions:
+                answers[position] = None
+            continue
+        for position, answer in zip(positions, each(reply), strict=True):
+            answers[position] = answer
+    return answers, failed
 
 
 def _partition_stats(keys: Keys, reply: str) -> QueueStats:

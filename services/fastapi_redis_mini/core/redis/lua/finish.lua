@@ -6,9 +6,14 @@
 -- The common path (DONE) costs four commands a task: HMGET, HSET, SET and EXPIRE. The owner is
 -- blanked in the same HSET rather than deleted, and an error left by an earlier attempt is
 -- deleted only when there is one; the server's clock is read once per batch.
--- KEYS: stream, retries, (task_i, cache_i, unfinished_i) for each outcome
+-- With recent_cap, the ids of the tasks that ended go to one capped list per final status, and
+-- a ten-second bucket counts them: one LPUSH and one HINCRBY per status in the batch, and one
+-- EXPIRE (three commands for a batch that is all DONE).
+-- KEYS: stream, retries, (task_i, cache_i, unfinished_i) for each outcome[, then with
+--       recent_cap: the done, failed and cancelled lists and the bucket's counts hash]
 -- ARGV: group, consumer, now, cache_ttl, events_channel, result_expiry,
---       JSON [[entry_id, task_id, outcome, payload, due_at], ..], publish command
+--       JSON [[entry_id, task_id, outcome, payload, due_at], ..], publish command,
+--       recent_cap (absent or 0: no lists, no counts), counts_ttl
 -- Returns per outcome: 'written', 'stale' or 'lost'
 local stream, retries = KEYS[1], KEYS[2]
 local group, consumer, now, channel = ARGV[1], ARGV[2], ARGV[3], ARGV[5]
@@ -16,7 +21,9 @@ local cache_ttl = tonumber(ARGV[4])
 local result_expiry = tonumber(ARGV[6])
 local batch = cjson.decode(ARGV[7])
 local publish = ARGV[8]
+local recent_cap, counts_ttl = tonumber(ARGV[9] or '0'), ARGV[10]
 local out, acks, finished = {}, {}, {}
+local ended = {DONE = {}, FAILED = {}, CANCELLED = {}}
 local expires_at = nil
 
 for i, item in ipairs(batch) do
@@ -48,6 +55,7 @@ for i, item in ipairs(batch) do
         redis.call('ZREM', unfinished, task_id)
       end
       finished[#finished + 1] = task_id
+      ended.DONE[#ended.DONE + 1] = task_id
     elseif outcome == 'FAILED' or outcome == 'CANCELLED' then
       redis.call('HSET', key, 'status', outcome, 'error', payload, 'finished_at', now,
         'owner', '')
@@ -55,6 +63,7 @@ for i, item in ipairs(batch) do
         redis.call('ZREM', unfinished, task_id)
       end
       finished[#finished + 1] = task_id
+      ended[outcome][#ended[outcome] + 1] = task_id
     else
       -- RETRY or RELEASE: back to PENDING, to be appended to the stream again when due.
       -- A retry ends an attempt properly, so the delivery count starts again; a release
@@ -77,6 +86,23 @@ for i, item in ipairs(batch) do
 end
 if #acks > 0 then
   redis.call('XACK', stream, group, unpack(acks))
+end
+if #finished > 0 and recent_cap > 0 then
+  local n = #KEYS
+  local lists = {DONE = KEYS[n - 3], FAILED = KEYS[n - 2], CANCELLED = KEYS[n - 1]}
+  for status, ids in pairs(ended) do
+    if #ids > 0 then
+      local length = 0
+      for first = 1, #ids, 1000 do  -- unpack() is limited to a few thousand values
+        length = redis.call('LPUSH', lists[status], unpack(ids, first, math.min(first + 999, #ids)))
+      end
+      if length > recent_cap + math.ceil(recent_cap / 10) then
+        redis.call('LTRIM', lists[status], 0, recent_cap - 1)
+      end
+      redis.call('HINCRBY', KEYS[n], status, #ids)
+    end
+  end
+  redis.call('EXPIRE', KEYS[n], counts_ttl)
 end
 if #finished > 0 then
   -- One message per batch: long-polls split it on spaces.

@@ -27,7 +27,9 @@
 --       inflight likewise: 0 or none (no single-flight), 1, or the id of a task the caller
 --       found final; lane: none (append to the stream) or 1..3 (high, normal, low); turn_of:
 --       whose turns the lane counts (the scope with FAIR_SHARE, else ""); priority: none for
---       normal; due: Unix seconds, none when due now; deadline: Unix seconds, none for none
+--       normal; due: Unix seconds, none when due now; deadline: Unix seconds, none for none;
+--       recent_cap (the recent-task index keeps about this many ids; absent or 0: none)
+-- KEYS end with the recent-task index when recent_cap is given.
 -- Returns JSON, per task {outcome, task_id, result, tokens, reset_ms}, outcome one of
 -- 'queued', 'cached' (task_id: the task that computed the result), 'duplicate' (task_id: the
 -- key's first task), 'coalesced' (task_id: the identical request's task in flight),
@@ -41,7 +43,10 @@ local retries, lane_turns = KEYS[2], KEYS[3]
 local stride = ARGV[8] == '1' and 6 or 4
 local batch = cjson.decode(ARGV[9])
 local work_channel, publish = ARGV[10], ARGV[11]
+local recent_cap = tonumber(ARGV[12] or '0')
 local queued = 0
+-- Every task stored, delayed ones too (queued counts those workers can take now).
+local created = {}
 local out = {}
 local now_ms = nil
 
@@ -201,6 +206,7 @@ for i, task in ipairs(batch) do
         end
         redis.call('HSET', key, unpack(fields))
         local waits = due > 0 and math.max(0, math.ceil(due - tonumber(now))) or 0
+        created[#created + 1] = task_id
         if due > 0 then
           redis.call('ZADD', retries, due, task_id)
         elseif task.lane then
@@ -228,6 +234,17 @@ for i, task in ipairs(batch) do
           reset_ms = reset_ms}
       end
     end
+  end
+end
+if #created > 0 and recent_cap > 0 then
+  -- One LPUSH a batch; the list is trimmed only once it is a tenth over its cap, so the index
+  -- costs about one command a batch and at most 1.1 x recent_cap ids of memory.
+  local recent, length = KEYS[#KEYS], 0
+  for first = 1, #created, 1000 do  -- unpack() is limited to a few thousand values
+    length = redis.call('LPUSH', recent, unpack(created, first, math.min(first + 999, #created)))
+  end
+  if length > recent_cap + math.ceil(recent_cap / 10) then
+    redis.call('LTRIM', recent, 0, recent_cap - 1)
   end
 end
 if queued > 0 and work_channel ~= '' then
