@@ -85,6 +85,10 @@ def queue_gauge(name: str) -> str:
     return f"max by (namespace, stream, group) ({metric(name)})"
 
 
+def lane_gauge(name: str, *matchers: str) -> str:
+    return f"max by (namespace, priority) ({metric(name, *matchers)})"
+
+
 def partition_gauge(name: str) -> str:
     return f"max by (namespace, partition) ({metric(name)})"
 
@@ -285,9 +289,15 @@ def queue_row() -> list[Builder[model.Panel]]:
         ),
         single_stat(
             "Waiting tasks",
-            "Consumer-group lag: tasks no worker has picked up yet.",
+            "Consumer-group lag plus the tasks waiting in the priority lanes: tasks no "
+            "worker has picked up yet.",
             "short",
-            [Query(f"sum({queue_gauge('stream_lag')})", "lag")],
+            [
+                Query(
+                    f"sum({queue_gauge('stream_lag')}) + sum({lane_gauge('lane_depth')})",
+                    "waiting",
+                )
+            ],
             warn_above=1000,
         ),
         single_stat(
@@ -320,6 +330,23 @@ def queue_row() -> list[Builder[model.Panel]]:
                 Query(f"min({metric('redis_up')})", "redis up"),
             ],
             width=12,
+        ),
+        *(
+            graph(
+                f"Lane {priority}",
+                f"With PRIORITY_LANES: the tasks waiting in the {priority} lane, and how long "
+                "the next one to leave it has waited (0 when empty). Workers prefer higher "
+                "lanes; every PRIORITY_STARVATION_GUARD-th task comes from a lower one.",
+                "short",
+                [
+                    Query(lane_gauge("lane_depth", f'priority="{priority}"'), "waiting"),
+                    Query(
+                        lane_gauge("lane_oldest_age_seconds", f'priority="{priority}"'),
+                        "next one's wait (s)",
+                    ),
+                ],
+            )
+            for priority in ("high", "normal", "low")
         ),
         graph(
             "Backlog per partition",

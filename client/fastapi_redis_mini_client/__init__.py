@@ -28,6 +28,7 @@ from .errors import (
     TaskCancelledError,
     TaskClientError,
     TaskEndedError,
+    TaskExpiredError,
     TaskFailedError,
     TaskNotFoundError,
     TooManyUnfinishedError,
@@ -37,7 +38,7 @@ from .errors import (
     WaitTimeoutError,
 )
 from .events import TaskEvent
-from .models import Task, TaskStatus
+from .models import Priority, Schedule, Task, TaskStatus
 from .webhooks import WebhookVerificationError, verify_webhook
 
 __all__ = [
@@ -53,10 +54,12 @@ __all__ = [
     "NotFoundError",
     "PayloadTooLargeError",
     "PoolTimeoutError",
+    "Priority",
     "RateLimitedError",
     "RedisUnavailableError",
     "RequestRefusedError",
     "RetryPolicy",
+    "Schedule",
     "ServerError",
     "ServiceUnavailableError",
     "ServiceUnreachableError",
@@ -65,6 +68,7 @@ __all__ = [
     "TaskClientError",
     "TaskEndedError",
     "TaskEvent",
+    "TaskExpiredError",
     "TaskFailedError",
     "TaskNotFoundError",
     "TaskStatus",

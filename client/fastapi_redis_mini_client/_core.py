@@ -29,12 +29,13 @@ from .errors import (
     PoolTimeoutError,
     ServiceUnreachableError,
     TaskCancelledError,
+    TaskExpiredError,
     TaskFailedError,
     UnexpectedResponseError,
     WaitTimeoutError,
     error_from_response,
 )
-from .models import Task, TaskStatus
+from .models import Schedule, Task, TaskStatus
 
 log = logging.getLogger("fastapi_redis_mini_client")
 
@@ -211,16 +212,20 @@ class Core:
         params: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
         deadline: float | None = None,
+        schedule: Schedule | None = None,
     ) -> Flow[Task]:
         if params is not None and not isinstance(params, Mapping):
             raise TypeError(f"params must be a mapping, not {type(params).__name__}")
+        body = {"prompt": prompt, "params": dict(params or {})}
+        if schedule is not None:
+            body |= schedule.to_json()
         # Every submit carries a key, so a retry of a submit whose answer was lost finds the
         # first task instead of creating a second.
         key = idempotency_key or uuid.uuid4().hex
         call = Call(
             "POST",
             "/tasks",
-            json={"prompt": prompt, "params": dict(params or {})},
+            json=body,
             headers={"Idempotency-Key": key},
         )
         response = yield from self._exchange(call, deadline)
@@ -282,6 +287,7 @@ class Core:
         timeout: float | None = None,
         idempotency_key: str | None = None,
         on_submit: Callable[[Task], None] | None = None,
+        schedule: Schedule | None = None,
     ) -> Flow[Any]:
         """Submit, wait, and return the result, or raise TaskFailedError/TaskCancelledError.
 
@@ -290,7 +296,9 @@ class Core:
         """
         check_timeout(timeout)
         deadline = None if timeout is None else self._clock() + timeout
-        task = yield from self.submit_within(prompt, params, idempotency_key, deadline, timeout)
+        task = yield from self.submit_within(
+            prompt, params, idempotency_key, deadline, timeout, schedule
+        )
         if on_submit is not None:
             on_submit(task)
         if not task.is_final:
@@ -304,10 +312,11 @@ class Core:
         idempotency_key: str | None,
         deadline: float | None,
         timeout: float | None,
+        schedule: Schedule | None = None,
     ) -> Flow[Task]:
         """The submit of a run: WaitTimeoutError when it cannot succeed before the deadline."""
         try:
-            return (yield from self.submit(prompt, params, idempotency_key, deadline))
+            return (yield from self.submit(prompt, params, idempotency_key, deadline, schedule))
         except _OutOfTimeError as out:
             raise WaitTimeoutError(None, timeout or 0.0, None) from out.__cause__
 
@@ -416,4 +425,6 @@ def outcome(task: Task) -> Any:
         raise TaskFailedError(task)
     if task.status is TaskStatus.CANCELLED:
         raise TaskCancelledError(task)
+    if task.status is TaskStatus.EXPIRED:
+        raise TaskExpiredError(task)
     return task.result

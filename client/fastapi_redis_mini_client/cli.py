@@ -27,12 +27,13 @@ from .errors import (
     ServerError,
     ServiceUnreachableError,
     TaskCancelledError,
+    TaskExpiredError,
     TaskFailedError,
     TaskNotFoundError,
     UnexpectedResponseError,
     WaitTimeoutError,
 )
-from .models import Task, TaskStatus
+from .models import Priority, Schedule, Task, TaskStatus
 
 
 class Exit(IntEnum):
@@ -42,6 +43,7 @@ class Exit(IntEnum):
     TASK_FAILED = 1
     USAGE = 2  # bad arguments or environment (argparse uses 2 as well)
     TASK_CANCELLED = 3
+    TASK_EXPIRED = 7  # not started by its --deadline; it never ran
     NOT_FOUND = 4  # no such task (or it belongs to another API key)
     REFUSED = 5  # the service refused the request: 401, 409 (already final), 413, 415, 422
     UNAVAILABLE = 6  # no answer, 429 or 5xx after every retry, or not the service's answer
@@ -65,13 +67,14 @@ exit codes:
   5    the service refused the request (401, 409 already final, 413, 415, 422)
   6    the service was unreachable or unavailable (429, 5xx) after every retry,
        or what answered is not the service
+  7    the task EXPIRED: not started by its --deadline (wait, run)
   70   a defect of frm-client itself (please report it)
   124  the task was not final within --timeout (wait, run)
   130  interrupted (Ctrl-C); a submitted task goes on running, and its id is in
        the error's task_id
   141  stdout was closed before the output was written
 
-wait and run print the task on stdout when it ends FAILED or CANCELLED or is not
+wait and run print the task on stdout when it ends FAILED, CANCELLED or EXPIRED or is not
 final in time, and the error on stderr.
 """
 
@@ -119,6 +122,9 @@ def _main(argv: Sequence[str] | None, environ: Mapping[str, str]) -> int:
         except TaskCancelledError as error:  # run
             _print(error.task.to_json())
             return _fail(Exit.TASK_CANCELLED, "task_cancelled", str(error))
+        except TaskExpiredError as error:  # run
+            _print(error.task.to_json())
+            return _fail(Exit.TASK_EXPIRED, "task_expired", str(error))
         except APIError as error:
             return _fail(_exit_of(error), error.code, error.message, status=error.status_code)
         except (ServiceUnreachableError, PoolTimeoutError, ClientClosedError) as error:
@@ -155,7 +161,8 @@ Submitted = Callable[[Task], None]
 
 
 def _submit(client: Client, args: argparse.Namespace, _: Submitted) -> Exit:
-    _print(client.submit(args.prompt, args.params, args.idempotency_key).to_json())
+    task = client.submit(args.prompt, args.params, args.idempotency_key, schedule=_schedule(args))
+    _print(task.to_json())
     return Exit.OK
 
 
@@ -186,8 +193,9 @@ def _cancel(client: Client, args: argparse.Namespace, _: Submitted) -> Exit:
 
 def _run(client: Client, args: argparse.Namespace, submitted: Submitted) -> Exit:
     result = client.run(
-        args.prompt, args.params, args.timeout, args.idempotency_key, on_submit=submitted
-    )
+        args.prompt, args.params, args.timeout, args.idempotency_key, on_submit=submitted,
+        schedule=_schedule(args),
+    )  # fmt: skip
     _print(result)
     return Exit.OK
 
@@ -197,7 +205,18 @@ def _exit_of_task(task: Task) -> Exit:
         return Exit.TASK_FAILED
     if task.status is TaskStatus.CANCELLED:
         return Exit.TASK_CANCELLED
+    if task.status is TaskStatus.EXPIRED:
+        return Exit.TASK_EXPIRED
     return Exit.OK
+
+
+def _schedule(args: argparse.Namespace) -> Schedule:
+    return Schedule(
+        priority=args.priority,
+        delay_seconds=args.delay,
+        run_at=args.run_at,
+        deadline_seconds=args.deadline,
+    )
 
 
 def _params(text: str) -> dict[str, Any]:
@@ -291,7 +310,11 @@ def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
 
     for name, handler, help_text in (
         ("submit", _submit, "queue a task; prints the task (DONE at once on a cache hit)"),
-        ("run", _run, "submit and wait; prints the result, exit 1 if FAILED, 3 if CANCELLED"),
+        (
+            "run",
+            _run,
+            "submit and wait; prints the result, exit 1 if FAILED, 3 if CANCELLED, 7 if EXPIRED",
+        ),
     ):
         sub = command(name, handler, help_text)
         sub.add_argument("prompt")
@@ -300,6 +323,16 @@ def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         )
         sub.add_argument(
             "--idempotency-key", help="repeat a submit safely (one is made when absent)"
+        )
+        sub.add_argument(
+            "--priority", choices=[p.value for p in Priority], help="its lane (default normal)"
+        )
+        sub.add_argument("--delay", type=_seconds, help="start no sooner than this many seconds")
+        sub.add_argument(
+            "--run-at", help="start no sooner than this time, ISO 8601 with a time zone"
+        )
+        sub.add_argument(
+            "--deadline", type=_seconds, help="seconds from when it is due to start, or EXPIRED"
         )
     command("get", _get, "print a task's current state").add_argument("task_id", type=_task_id)
     wait = command("wait", _wait, "wait until the task is final; prints it, exit by its status")

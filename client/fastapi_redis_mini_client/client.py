@@ -28,7 +28,7 @@ from ._core import (
 )
 from .errors import ClientClosedError, WaitTimeoutError
 from .events import Follower, TaskEvent
-from .models import Task
+from .models import Schedule, Task
 
 __all__ = ["DEFAULT_URL", "AsyncClient", "Client"]
 
@@ -68,9 +68,15 @@ class Client:
         prompt: str,
         params: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
+        *,
+        schedule: Schedule | None = None,
     ) -> Task:
-        """Queue a task (or get a cached result). Without an idempotency_key, one is made."""
-        return self._drive(self._core.submit(prompt, params, idempotency_key))
+        """Queue a task (or get a cached result). Without an idempotency_key, one is made.
+
+        `schedule` sets its priority, a delayed start and a deadline (see Schedule). An
+        identical request in flight answers with its task, `coalesced` True.
+        """
+        return self._drive(self._core.submit(prompt, params, idempotency_key, None, schedule))
 
     def get(self, task_id: str) -> Task:
         """The task's current state."""
@@ -93,8 +99,10 @@ class Client:
         *,
         on_submit: Callable[[Task], None] | None = None,
         on_progress: Callable[[TaskEvent], None] | None = None,
+        schedule: Schedule | None = None,
     ) -> Any:
-        """Submit and wait: the result, or TaskFailedError, TaskCancelledError, WaitTimeoutError.
+        """Submit and wait: the result, or TaskFailedError, TaskCancelledError,
+        TaskExpiredError, WaitTimeoutError.
 
         `timeout` bounds the whole call, the submit included. `on_submit(task)` is called once
         the task is submitted, e.g. to keep its id should the wait be interrupted. With
@@ -102,11 +110,15 @@ class Client:
         progress event (`event.fraction`, `event.data["message"]`).
         """
         if on_progress is None:
-            return self._drive(self._core.run(prompt, params, timeout, idempotency_key, on_submit))
+            return self._drive(self._core.run(
+                    prompt, params, timeout, idempotency_key, on_submit, schedule
+                ))
         check_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         task = self._drive(
-            self._core.submit_within(prompt, params, idempotency_key, deadline, timeout)
+            self._core.submit_within(
+                prompt, params, idempotency_key, deadline, timeout, schedule
+            )
         )
         if on_submit is not None:
             on_submit(task)
@@ -245,9 +257,12 @@ class AsyncClient:
         prompt: str,
         params: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
+        *,
+        schedule: Schedule | None = None,
     ) -> Task:
         """See Client.submit."""
-        return await self._drive(self._core.submit(prompt, params, idempotency_key))
+        flow = self._core.submit(prompt, params, idempotency_key, None, schedule)
+        return await self._drive(flow)
 
     async def get(self, task_id: str) -> Task:
         """See Client.get."""
@@ -270,15 +285,18 @@ class AsyncClient:
         *,
         on_submit: Callable[[Task], None] | None = None,
         on_progress: Callable[[TaskEvent], None] | None = None,
+        schedule: Schedule | None = None,
     ) -> Any:
         """See Client.run."""
         if on_progress is None:
-            flow = self._core.run(prompt, params, timeout, idempotency_key, on_submit)
+            flow = self._core.run(prompt, params, timeout, idempotency_key, on_submit, schedule)
             return await self._drive(flow)
         check_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         task = await self._drive(
-            self._core.submit_within(prompt, params, idempotency_key, deadline, timeout)
+            self._core.submit_within(
+                prompt, params, idempotency_key, deadline, timeout, schedule
+            )
         )
         if on_submit is not None:
             on_submit(task)

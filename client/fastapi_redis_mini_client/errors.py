@@ -183,6 +183,13 @@ class TaskCancelledError(TaskEndedError):
         super().__init__(task, f"task {task.task_id} was cancelled")
 
 
+class TaskExpiredError(TaskEndedError):
+    """The task ended EXPIRED: it was not started by its deadline, and never ran."""
+
+    def __init__(self, task: Task) -> None:
+        super().__init__(task, f"task {task.task_id} expired before it started")
+
+
 class WaitTimeoutError(TaskClientError, TimeoutError):
     """The task was not final within the timeout; `task` is the last state read, if any.
 

@@ -179,7 +179,8 @@ async def wait_idle(url: str, deadline: float) -> float:
 
     async def idle() -> float | None:
         stats = await queue.stats()
-        return time.perf_counter() if stats.lag == 0 and stats.pending == 0 else None
+        # The backlog, not the lag: with PRIORITY_LANES tasks wait in the lanes, not the stream.
+        return time.perf_counter() if stats.backlog == 0 and stats.pending == 0 else None
 
     try:
         return await poll_async(

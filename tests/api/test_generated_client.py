@@ -146,6 +146,7 @@ def test_the_calls_and_models_carry_the_names_of_the_operations_and_schemas(
         "Health",
         "HealthDetail",
         "HealthDetailPartitionsType0",
+        "Priority",
         "TaskCreate",
         "TaskCreateParams",
         "Task",
@@ -203,6 +204,30 @@ def test_cancel_of_a_running_task(generated: Generated) -> None:
         again = cancel_task.sync_detailed(task_id, client=client)
         assert again.status_code == 409
         assert again.parsed.error.code == "conflict"
+
+
+def test_scheduling_fields_coalescing_and_expiry(generated: Generated) -> None:
+    submit_task = generated.module("api.tasks.submit_task")
+    get_task = generated.module("api.tasks.get_task")
+    models = generated.module("models")
+    params = models.TaskCreateParams.from_dict({"duration": 1})
+    with generated.client() as client:
+        body = models.TaskCreate(prompt="one of two", params=params, priority=models.Priority.LOW)
+        first = submit_task.sync(client=client, body=body)
+        second = submit_task.sync_detailed(client=client, body=body)
+        assert second.status_code == 202
+        assert (second.parsed.task_id, second.parsed.coalesced) == (first.task_id, True)
+        assert get_task.sync(first.task_id, client=client).priority == models.Priority.LOW
+
+        # Due in 5 s, and given 0.1 s from then to start: the worker finds it expired.
+        late = models.TaskCreate(prompt="too late", delay_seconds=5, deadline_seconds=0.1)
+        task_id = submit_task.sync(client=client, body=late).task_id
+        waiting = get_task.sync(task_id, client=client)
+        assert waiting.status == models.TaskStatus.PENDING
+        assert waiting.run_at > time.time() + 3
+        assert waiting.deadline_at == pytest.approx(waiting.run_at + 0.1)
+        expired = get_task.sync(task_id, client=client, wait=10.0)
+        assert expired.status == models.TaskStatus.EXPIRED
 
 
 def test_error_answers_parse_as_the_documented_error(generated: Generated) -> None:

@@ -199,6 +199,9 @@ async def test_openapi_documents_what_the_request_routes_parse_themselves(
         if "default" in field and field["default"] is None:
             del field["default"]
     assert components["TaskCreate"] == schema
+    assert set(schema["properties"]) == {"prompt", "params", "priority", "delay_seconds",
+                                         "run_at", "deadline_seconds", "webhook",
+                                         "webhook_events"}  # fmt: skip
     [key] = submit["parameters"]
     assert (key["name"], key["in"], key["required"]) == ("Idempotency-Key", "header", False)
     [key_schema, _null] = key["schema"]["anyOf"]

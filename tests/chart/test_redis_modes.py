@@ -227,6 +227,25 @@ def test_keda_scales_a_partitioned_queue_on_the_apis_summed_lag() -> None:
     assert trigger["type"] == "prometheus"
 
 
+def test_keda_scales_priority_lanes_on_the_lag_plus_the_lanes_depth() -> None:
+    # Lanes hold the backlog the stream used to; the stream's own lag stays near 0.
+    lanes = merge(VALUE_SETS["redis-cluster-keda-networkpolicy"],
+                  {"redis": {"mode": "standalone"}, "config": {"priorityLanes": True}})  # fmt: skip
+    objects = render(lanes)
+    (trigger,) = only(objects, "ScaledObject", "worker")["spec"]["triggers"]
+    assert trigger["type"] == "prometheus"
+    selector = 'namespace="tasks",stream="task_stream",group="workers"'
+    assert trigger["metadata"]["query"] == (
+        f"max(fastapi_redis_mini_stream_lag{{{selector}}}) + "
+        f"sum(max by (priority) (fastapi_redis_mini_lane_depth{{{selector}}}))"
+    )
+    data = only(objects, "ConfigMap", "config")["data"]
+    assert (data["PRIORITY_LANES"], data["QUEUE_PARTITIONS"]) == ("true", "1")
+    without = merge(VALUE_SETS["keda"], {"config": {"priorityLanes": True}})
+    with pytest.raises(RenderError, match=r"config\.priorityLanes"):
+        render(without)
+
+
 def test_a_partitioned_queue_scaled_by_keda_needs_a_prometheus_to_ask() -> None:
     values = merge(VALUE_SETS["redis-cluster"], VALUE_SETS["keda"])
     with pytest.raises(RenderError, match=r"worker\.autoscaling\.keda\.prometheus\.serverAddress"):
@@ -238,6 +257,8 @@ def test_a_partitioned_queue_scaled_by_keda_needs_a_prometheus_to_ask() -> None:
     [
         ({}, "1"),
         ({"redis": {"mode": "cluster"}, "api": QUOTAS_OFF}, "16"),
+        # Lanes order in one partition, as the service's own default has it.
+        ({"redis": {"mode": "cluster"}, "api": QUOTAS_OFF, "config": {"priorityLanes": True}}, "1"),
         (
             {"redis": {"mode": "cluster"}, "api": QUOTAS_OFF, "config": {"queuePartitions": 4}},
             "4",

@@ -15,7 +15,14 @@ from typing import Any, Protocol, TypeVar
 import pytest
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
-from fastapi_redis_mini_client import AsyncClient, Client, RetryPolicy, Task, TaskEvent
+from fastapi_redis_mini_client import (
+    AsyncClient,
+    Client,
+    RetryPolicy,
+    Schedule,
+    Task,
+    TaskEvent,
+)
 from fastapi_redis_mini_harness.processes import Process, start_api, start_worker
 from fastapi_redis_mini_harness.redis_server import RedisServer
 
@@ -43,6 +50,8 @@ class BlockingClient(Protocol):
         prompt: str,
         params: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
+        *,
+        schedule: Schedule | None = None,
     ) -> Task: ...
 
     def get(self, task_id: str) -> Task: ...
@@ -59,6 +68,7 @@ class BlockingClient(Protocol):
         idempotency_key: str | None = None,
         *,
         on_progress: Callable[[TaskEvent], None] | None = None,
+        schedule: Schedule | None = None,
     ) -> Any: ...
 
     def events(
@@ -81,8 +91,11 @@ class PortalClient:
         prompt: str,
         params: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
+        *,
+        schedule: Schedule | None = None,
     ) -> Task:
-        task: Task = self._call(self._client.submit, prompt, params, idempotency_key)
+        submit = functools.partial(self._client.submit, schedule=schedule)
+        task: Task = self._call(submit, prompt, params, idempotency_key)
         return task
 
     def get(self, task_id: str) -> Task:
@@ -105,8 +118,9 @@ class PortalClient:
         idempotency_key: str | None = None,
         *,
         on_progress: Callable[[TaskEvent], None] | None = None,
+        schedule: Schedule | None = None,
     ) -> Any:
-        run = functools.partial(self._client.run, on_progress=on_progress)
+        run = functools.partial(self._client.run, on_progress=on_progress, schedule=schedule)
         return self._call(run, prompt, params, timeout, idempotency_key)
 
     def events(

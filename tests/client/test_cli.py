@@ -117,6 +117,24 @@ def test_a_failed_task_exits_1(stack: Stack) -> None:
     assert waited.json == ran.json
 
 
+def test_a_scheduled_submit_and_an_expired_run_exit_7(stack: Stack) -> None:
+    url = stack.api.base_url
+    submitted = frm("submit", unique("low, later"), "--priority", "low", "--delay", "60",
+                    url=url)  # fmt: skip
+    assert submitted.code == 0
+    read = frm("get", submitted.json["task_id"], url=url).json
+    assert (read["status"], read["priority"]) == ("PENDING", "low")
+    assert read["run_at"] > time.time() + 50
+    # Due in 1 s and given 1 ms from then (see test_client's expired run).
+    expired = frm("run", unique("too late"), "--delay", "1", "--deadline", "0.001", url=url)
+    assert expired.code == 7, expired.stderr
+    assert expired.json["status"] == "EXPIRED"
+    assert expired.error["code"] == "task_expired"
+    refused = frm("submit", "x", "--run-at", "2020-01-01T00:00:00Z", url=url)
+    assert refused.code == 5
+    assert refused.error["message"].startswith("run_at: is in the past")
+
+
 def test_cancel_exits_0_a_cancelled_task_3_and_a_second_cancel_5(stack: Stack) -> None:
     url = stack.api.base_url
     task_id = frm("submit", unique("cancel"), "--params", '{"duration": 10}', url=url).json[

@@ -15,7 +15,10 @@ from fastapi_redis_mini_client import (
     ConflictError,
     IdempotencyKeyReusedError,
     NotFoundError,
+    Priority,
+    Schedule,
     TaskCancelledError,
+    TaskExpiredError,
     TaskFailedError,
     TaskNotFoundError,
     TaskStatus,
@@ -95,12 +98,14 @@ def test_a_key_sent_again_with_another_body_is_refused(client: BlockingClient) -
 
 
 def test_each_submit_without_a_key_gets_a_fresh_one(client: BlockingClient) -> None:
-    # Same body while the first is still pending: not a cache hit, so only a shared
-    # generated key could make these one task.
+    # Same body while the first is still pending: single-flight answers with the first task,
+    # marked coalesced. A shared generated key would have found it as its key's duplicate,
+    # which is not marked.
     prompt = unique("twice")
     first = client.submit(prompt, {"duration": 2})
     second = client.submit(prompt, {"duration": 2})
-    assert second.task_id != first.task_id
+    assert second.task_id == first.task_id
+    assert (first.coalesced, second.coalesced) == (False, True)
 
 
 def test_run_returns_the_result(client: BlockingClient) -> None:
@@ -133,6 +138,29 @@ def test_run_raises_task_cancelled_when_the_task_is_cancelled(
             running.result(timeout=30)
     assert raised.value.task.task_id == task_id
     assert raised.value.task.status is TaskStatus.CANCELLED
+
+
+def test_a_schedule_is_sent_and_read_back(client: BlockingClient) -> None:
+    before = time.time()
+    task = client.submit(unique("later"), schedule=Schedule(priority=Priority.LOW,
+                                                            delay_seconds=30))  # fmt: skip
+    read = client.get(task.task_id)
+    assert (read.status, read.priority) == (TaskStatus.PENDING, "low")
+    assert read.run_at is not None
+    assert before + 30 <= read.run_at <= time.time() + 30
+    client.cancel(task.task_id)
+
+
+def test_run_raises_task_expired_when_not_started_by_its_deadline(
+    client: BlockingClient,
+) -> None:
+    # Due in 1 s and given 1 ms from then: the worker's promotion pass comes every 0.5 s, so
+    # it starts in time only if a pass falls in that millisecond (1 in 500).
+    schedule = Schedule(delay_seconds=1, deadline_seconds=0.001)
+    with pytest.raises(TaskExpiredError) as raised:
+        client.run(unique("too late"), timeout=20, schedule=schedule)
+    assert raised.value.task.status is TaskStatus.EXPIRED
+    assert raised.value.task.started_at is None
 
 
 def test_wait_raises_a_timeout_with_the_last_state_when_not_final(

@@ -27,8 +27,9 @@ CONSUMER = "budget"
 BATCH = 50  # tasks a worker reads, starts and finishes together: its read batch is 100
 
 # (calls sent, commands run in all) for one operation, or for a batch of BATCH tasks.
-# EVALSHA: EXISTS, GET (cache), HSET, XADD, EXPIRE, LPUSH (the recent-task index)
-SUBMIT_MISS = (1, 7)
+# EVALSHA: EXISTS, GET (cache), SET (single-flight's inflight key, SET NX GET), HSET, XADD,
+# EXPIRE, LPUSH (the recent-task index)
+SUBMIT_MISS = (1, 8)
 SUBMIT_HIT = (1, 5)  # EVALSHA: EXISTS, GET (cache), TIME, EXPIRE (cache)
 READ = (1, 2)  # EVALSHA: HMGET
 # read: XREADGROUP (one partition); start: EVALSHA + (HMGET, HSET) a task + PUBLISH (the

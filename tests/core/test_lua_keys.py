@@ -9,7 +9,9 @@ the script.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import time
 from collections.abc import Awaitable, Callable
 from importlib import resources
 
@@ -19,7 +21,7 @@ import redis
 from redis.exceptions import ResponseError
 
 from fastapi_redis_mini.core.models import TaskCreate, request_signature
-from fastapi_redis_mini.core.queue import Finish, Job, Outcome, Report
+from fastapi_redis_mini.core.queue import Finish, Job, Outcome, Report, StartVerdict
 from fastapi_redis_mini.core.redis import RedisTaskQueue, connect
 from fastapi_redis_mini.core.redis.console import ConsoleStore, RetryOutcome
 from fastapi_redis_mini.core.settings import Settings
@@ -82,9 +84,11 @@ def _script_shas() -> dict[str, str]:
 async def _every_transition(queue: RedisTaskQueue) -> None:
     """Run every script at least once, through the queue as the services call it."""
 
-    async def submit(prompt: str, **kwargs: str) -> str:
+    async def submit(prompt: str, idempotency_key: str | None = None) -> str:
         task = TaskCreate(prompt=prompt)
-        submitted = await queue.submit(task, signature=request_signature(task), scope="t", **kwargs)
+        submitted = await queue.submit(
+            task, signature=request_signature(task), scope="t", idempotency_key=idempotency_key
+        )
         return submitted.task_id
 
     async def take(alone: bool = False) -> list[Job]:
@@ -133,11 +137,32 @@ async def _every_transition(queue: RedisTaskQueue) -> None:
     await queue.leave(CONSUMER)
 
 
+async def _scheduled(queue: RedisTaskQueue) -> None:
+    """Every transition again, and the scheduling ones: lanes, a delayed start, a deadline."""
+    await _every_transition(queue)
+    for priority in ("low", "high"):
+        task = TaskCreate(prompt=f"in the {priority} lane", priority=priority)
+        await queue.submit(task, signature=request_signature(task), scope="t")
+    late = TaskCreate(prompt="expires", deadline_seconds=0.001)
+    await queue.submit(late, signature=request_signature(late), scope="t")
+    delayed = TaskCreate(prompt="delayed")
+    await queue.submit(delayed, signature=request_signature(delayed), due_at=time.time())
+    assert await queue.promote_due_retries(10) == 1
+    deliveries = await queue.read(CONSUMER, count=10, block_ms=10)
+    await asyncio.sleep(0.01)
+    assert {job.verdict for job in await queue.start(CONSUMER, deliveries)} == {
+        StartVerdict.RUN,
+        StartVerdict.EXPIRED,
+    }
+    await queue.stats()
+
+
 Exercise = Callable[[RedisTaskQueue], Awaitable[None]]
 
 
 async def _check(settings: Settings, exercise: Exercise) -> ScriptCalls:
     queue = RedisTaskQueue(connect(settings), settings)
+    await queue.redis.flushall()  # each run starts from nothing, as a deployment does
     try:
         with monitored(settings.redis_url) as lines:
             await exercise(queue)
@@ -154,7 +179,13 @@ async def test_every_script_touches_only_the_keys_it_declares(settings: Settings
     # Quotas come with a single partition; several partitions run their own script calls
     # (read_group.lua, and every other one per partition).
     partitioned = settings.model_copy(update={"max_deliveries": 1, "queue_partitions": 4})
-    runs = [await _check(quotas, _every_transition), await _check(partitioned, _every_transition)]
+    # Priority lanes hand tasks out through dispatch.lua instead of read_group.lua.
+    lanes = settings.model_copy(update={"max_deliveries": 1, "priority_lanes": True})
+    runs = [
+        await _check(quotas, _every_transition),
+        await _check(partitioned, _every_transition),
+        await _check(lanes, _scheduled),
+    ]
     scripts = _script_shas()
     seen = {scripts[sha] for calls in runs for sha in calls.shas if sha in scripts}
     assert seen == set(scripts.values())

@@ -10,7 +10,13 @@ import orjson
 import pytest
 import redis.asyncio
 
-from fastapi_redis_mini.core.models import Task, TaskCreate, TaskStatus, request_signature
+from fastapi_redis_mini.core.models import (
+    Priority,
+    Task,
+    TaskCreate,
+    TaskStatus,
+    request_signature,
+)
 from fastapi_redis_mini.core.queue import (
     CancelOutcome,
     Finish,
@@ -227,8 +233,13 @@ async def test_a_cache_hit_refreshes_the_ttl_and_the_entry_expires_unread(
     await redis_client.pexpire(cache_key, 100)
     await asyncio.sleep(0.3)
     assert await redis_client.exists(cache_key) == 0
+    # Single-flight still names the finished task; the api finds it final and takes its place.
     miss = await queue.submit(task, signature=request_signature(task))
-    assert miss.outcome is SubmitOutcome.QUEUED
+    assert (miss.outcome, miss.task_id) == (SubmitOutcome.COALESCED, job.task_id)
+    replaced = await queue.submit(
+        task, signature=request_signature(task), replacing_in_flight=job.task_id
+    )
+    assert replaced.outcome is SubmitOutcome.QUEUED
 
 
 async def test_reading_a_done_task_is_a_pure_read_that_leaves_its_cache_ttl(
@@ -256,6 +267,7 @@ async def test_a_read_fills_every_field_of_the_task_from_its_hash(
             "cached": "1", "attempts": "3", "created_at": "10.5", "started_at": "11.5",
             "finished_at": "12.5", "cancel": "1", "request": "{}", "owner": "w",
             "progress": "0.5", "progress_message": "half",
+            "priority": "high", "run_at": "9.5", "deadline_at": "13.5",
         },
     )  # fmt: skip
     task = await queue.get(task_id, scope="tenant-a")
@@ -266,6 +278,7 @@ async def test_a_read_fills_every_field_of_the_task_from_its_hash(
         "result": {"n": 1.25}, "error": "e", "cached": True, "attempts": 3,
         "created_at": 10.5, "started_at": 11.5, "finished_at": 12.5, "cancel_requested": True,
         "progress": 0.5, "progress_message": "half",
+        "priority": Priority.HIGH, "run_at": 9.5, "deadline_at": 13.5,
     }  # fmt: skip
     assert dict(task).keys() == Task.model_fields.keys()
     # Stored and checked, but never answered.
@@ -315,7 +328,7 @@ async def test_a_submit_script_sent_again_stores_the_task_once(
     # What the client does when it times out waiting for a reply: the same call, same ids.
     tasks = [
         _NewTask(fresh_task_id(queue), TaskCreate(prompt=f"p{i}").canonical.decode(), f"s{i}", "",
-                 "k" if i == 0 else None, "", None)
+                 "k" if i == 0 else None, "", None, Priority.NORMAL, 0.0, 0.0, True, None)
         for i in range(3)
     ]  # fmt: skip
     first = await queue._submit_many(queue.keys, tasks)

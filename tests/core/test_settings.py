@@ -95,6 +95,21 @@ def test_a_service_with_a_bad_value_exits_at_once_with_one_line(module: str) -> 
     assert "Traceback" not in completed.stderr
 
 
+def test_priority_high_keys_must_be_api_keys() -> None:
+    settings = Settings(api_keys="alpha,beta", priority_high_keys=" beta ,")
+    assert [key.get_secret_value() for key in settings.priority_high_keys] == ["beta"]
+    settings.check_api()
+    with pytest.raises(SettingsError, match="PRIORITY_HIGH_KEYS must name keys of API_KEYS"):
+        Settings(api_keys="alpha", priority_high_keys="gamma").check_api()
+
+
+def test_scheduling_defaults() -> None:
+    settings = Settings(_env_file=None)
+    assert settings.single_flight is True
+    assert settings.priority_lanes is False
+    assert (settings.priority_starvation_guard, settings.fair_share) == (10, True)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("variable", "value"),

@@ -68,6 +68,7 @@ def exported_metric_names() -> set[str]:
         names |= {family.name + suffix for suffix in suffixes}
     for name, _doc, _value in metrics._QUEUE_GAUGES:
         names |= {f"{metrics.NAMESPACE}_{name}", f"{metrics.NAMESPACE}_partition_{name}"}
+    names |= {f"{metrics.NAMESPACE}_{name}" for name, _doc, _value in metrics.LANE_GAUGES}
     names.add(f"{metrics.NAMESPACE}_redis_up")
     return names
 

@@ -99,10 +99,10 @@ async def test_non_finite_numbers_in_params_are_refused(
 async def test_unknown_top_level_fields_are_refused_but_params_keys_are_free(
     client: httpx.AsyncClient,
 ) -> None:
-    refused = await client.post("/tasks", json={"prompt": "x", "priority": 1})
+    refused = await client.post("/tasks", json={"prompt": "x", "urgency": 1})
     assert refused.status_code == 422
-    assert refused.json()["error"]["message"].startswith("priority")
-    accepted = await client.post("/tasks", json={"prompt": "x", "params": {"priority": 1}})
+    assert refused.json()["error"]["message"].startswith("urgency")
+    accepted = await client.post("/tasks", json={"prompt": "x", "params": {"urgency": 1}})
     plain = await client.post("/tasks", json={"prompt": "x"})
     assert (accepted.status_code, plain.status_code) == (202, 202)
     # Unknown params keys are part of the signature: these are two different tasks.

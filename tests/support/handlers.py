@@ -179,3 +179,19 @@ class BatchModel:
             else:
                 answers.append({"upper": prompt.upper(), "batch": len(prompts)})
         return answers
+
+
+class Recorder:
+    """Appends "<prompt>\\t<time.time()>" to the file params["log"] names as each run starts,
+    then waits params["duration"] seconds: the order and times the handler saw, across
+    processes."""
+
+    def __init__(self, max_duration: float) -> None:
+        pass
+
+    async def __call__(self, prompt: str, params: Mapping[str, Any]) -> Any:
+        # One short append, before the run: the start time is what the tests read.
+        with open(str(params["log"]), "a") as log:  # noqa: ASYNC230
+            log.write(f"{prompt}\t{time.time()!r}\n")
+        await asyncio.sleep(float(params.get("duration", 0)))
+        return {"prompt": prompt}

@@ -340,7 +340,7 @@ volumeMounts:
 {{- $set := .Values.config.queuePartitions }}
 {{- if $set }}{{ int $set }}
 {{- else if include "frm.redisIsCluster" . }}
-{{- if or .Values.api.submitRatePerKey .Values.api.maxUnfinishedPerKey .Values.api.maxStoredBytesPerKey }}1{{ else }}16{{ end }}
+{{- if or .Values.api.submitRatePerKey .Values.api.maxUnfinishedPerKey .Values.api.maxStoredBytesPerKey .Values.config.priorityLanes }}1{{ else }}16{{ end }}
 {{- else if eq .Values.redis.mode "standalone" }}1
 {{- end }}
 {{- end }}

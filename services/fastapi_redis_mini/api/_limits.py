@@ -7,6 +7,7 @@ OpenAPI entries are built from, so the limits are written once.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -125,3 +126,30 @@ def _check_webhook(url: str, settings: Settings) -> None:
         check_url(url, AllowedHosts(settings.webhook_allowed_hosts))
     except WebhookRefused as refused:
         raise InvalidFieldError("webhook", str(refused)) from None
+
+
+def due_at(task: TaskCreate, settings: Settings) -> float:
+    """When a task may start (Unix seconds), 0 for now; raise a 422 naming a bad schedule.
+
+    A task waits at most RESULT_EXPIRY, the longest anything of it is kept.
+    """
+    limit = settings.result_expiry
+    if task.deadline_seconds is not None and task.deadline_seconds > limit:
+        raise InvalidFieldError("deadline_seconds", f"more than RESULT_EXPIRY ({limit} s)")
+    if task.run_at is not None and task.delay_seconds is not None:
+        raise InvalidFieldError("run_at", "give delay_seconds or run_at, not both")
+    now = time.time()
+    if task.delay_seconds is not None:
+        if task.delay_seconds > limit:
+            raise InvalidFieldError("delay_seconds", f"more than RESULT_EXPIRY ({limit} s)")
+        return now + task.delay_seconds if task.delay_seconds else 0.0
+    if task.run_at is None:
+        return 0.0
+    if task.run_at.tzinfo is None:
+        raise InvalidFieldError("run_at", "needs a time zone, e.g. 2030-01-01T10:00:00Z")
+    at = task.run_at.timestamp()
+    if at < now:
+        raise InvalidFieldError("run_at", "is in the past")
+    if at - now > limit:
+        raise InvalidFieldError("run_at", f"more than RESULT_EXPIRY ({limit} s) ahead")
+    return at

@@ -32,17 +32,25 @@ class ApiKeys:
     it is those of SHA-256(key), the ids of earlier releases (docs/security.md: migrating).
     """
 
-    def __init__(self, keys: Iterable[SecretStr], secret: SecretStr | None = None) -> None:
-        values = [key.get_secret_value() for key in keys]
-        self._digests = tuple(self._digest(value) for value in values)
-        self._tenants = {
-            self._digest(value): (
+    def __init__(
+        self,
+        keys: Iterable[SecretStr],
+        secret: SecretStr | None = None,
+        high_priority: Iterable[SecretStr] = (),
+    ) -> None:
+        def tenant(value: str) -> str:
+            mac = (
                 hmac.new(secret.get_secret_value().encode(), value.encode(), hashlib.sha256)
                 if secret is not None
                 else hashlib.sha256(value.encode())
-            ).hexdigest()[:16]
-            for value in values
-        }
+            )
+            return mac.hexdigest()[:16]
+
+        values = [key.get_secret_value() for key in keys]
+        self._digests = tuple(self._digest(value) for value in values)
+        self._tenants = {self._digest(value): tenant(value) for value in values}
+        # PRIORITY_HIGH_KEYS, as the tenants those keys name; empty: every tenant.
+        self._high_priority = frozenset(tenant(key.get_secret_value()) for key in high_priority)
 
     @staticmethod
     def _digest(key: str) -> bytes:
@@ -64,6 +72,10 @@ class ApiKeys:
             matched |= hmac.compare_digest(candidate, digest)
         return self._tenants[candidate] if matched else None
 
+    def may_submit_high(self, tenant: str) -> bool:
+        """Whether a tenant may use the high lane (PRIORITY_HIGH_KEYS; unset: every one)."""
+        return not self._high_priority or tenant in self._high_priority
+
 
 class BacklogGate:
     """Refuses new work while the consumer group's lag is above MAX_BACKLOG.
@@ -84,7 +96,7 @@ class BacklogGate:
         now = time.monotonic()
         if now - self._read_at >= self.refresh_seconds:
             self._read_at = now
-            self._lag = (await queue.stats()).lag
+            self._lag = (await queue.stats()).backlog
         if self._lag > self.limit:
             _REJECTED.inc()
             raise BacklogFullError(
@@ -150,7 +162,9 @@ class ApiState:
             yield cls(
                 settings=settings,
                 queue=queue,
-                api_keys=ApiKeys(settings.api_keys, settings.tenant_secret),
+                api_keys=ApiKeys(
+                    settings.api_keys, settings.tenant_secret, settings.priority_high_keys
+                ),
                 backlog=BacklogGate(settings.max_backlog),
                 waits=WaitSlots(settings.max_waits_per_key),
                 tracing=tracing,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from datetime import datetime
 from enum import StrEnum
 from functools import cached_property
 from typing import Annotated, Any
@@ -27,13 +28,33 @@ class TaskStatus(StrEnum):
     DONE = "DONE"
     FAILED = "FAILED"
     CANCELLED = "CANCELLED"
+    EXPIRED = "EXPIRED"  # not started by its deadline; it never ran
 
     @property
     def is_final(self) -> bool:
         return self in FINAL_STATUSES
 
 
-FINAL_STATUSES = frozenset({TaskStatus.DONE, TaskStatus.FAILED, TaskStatus.CANCELLED})
+FINAL_STATUSES = frozenset(
+    {TaskStatus.DONE, TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.EXPIRED}
+)
+
+
+class Priority(StrEnum):
+    """The lane a task waits in; workers prefer higher lanes."""
+
+    HIGH = "high"
+    NORMAL = "normal"
+    LOW = "low"
+
+
+# Highest first: the order workers prefer the lanes in.
+PRIORITIES: tuple[Priority, ...] = (Priority.HIGH, Priority.NORMAL, Priority.LOW)
+
+# When and in which lane a task runs, not what it computes: left out of the request signature,
+# so the cache and single-flight treat two requests that differ only here as one, and the
+# signature of a request without them is what it was before they existed.
+SCHEDULING_FIELDS = {"priority", "delay_seconds", "run_at", "deadline_seconds"}
 
 
 class TaskCreate(BaseModel):
@@ -46,6 +67,29 @@ class TaskCreate(BaseModel):
         default_factory=dict,
         description="Handler options, checked with the Params model of the handler. The "
         "built-in handler reads duration, fail, retryable and model; other keys pass.",
+    )
+    priority: Priority | None = Field(
+        default=None,
+        description="The lane the task waits in: high, normal (the default) or low. Workers "
+        "prefer higher lanes; PRIORITY_HIGH_KEYS may restrict high to some API keys.",
+    )
+    delay_seconds: float | None = Field(
+        default=None,
+        ge=0,
+        allow_inf_nan=False,
+        description="Start no sooner than this many seconds after the submit.",
+    )
+    run_at: datetime | None = Field(
+        default=None,
+        description="Start no sooner than this time (ISO 8601 with a time zone, or Unix "
+        "seconds). Not together with delay_seconds.",
+    )
+    deadline_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        allow_inf_nan=False,
+        description="A task not started within this many seconds of when it was due ends as "
+        "EXPIRED and never runs.",
     )
 
     webhook: str | None = Field(
@@ -65,10 +109,21 @@ class TaskCreate(BaseModel):
     def canonical(self) -> bytes:
         """The request as canonical JSON: what is stored, and what the signature hashes.
 
-        A request without a webhook leaves both webhook fields out, so it hashes as it did
-        before webhooks existed, and its cached results stay found."""
-        exclude = {"webhook", "webhook_events"} if self.webhook is None else None
-        return canonical_json(self.model_dump(mode="json", exclude=exclude))
+        Built by hand rather than with model_dump(exclude=...), which costs twice as much on
+        the submit path: prompt and params, and the webhook fields only when a webhook is
+        given, so a request without one hashes as it did before webhooks existed and its
+        cached results stay found. Scheduling fields are not part of it."""
+        body: dict[str, Any] = {"params": self.params, "prompt": self.prompt}
+        if self.webhook is not None:
+            body["webhook"] = self.webhook
+            body["webhook_events"] = (
+                None if self.webhook_events is None else [e.value for e in self.webhook_events]
+            )
+        return canonical_json(body)
+
+    @property
+    def lane(self) -> Priority:
+        return self.priority or Priority.NORMAL
 
 
 class TaskSubmitted(BaseModel):
@@ -78,6 +133,11 @@ class TaskSubmitted(BaseModel):
     status: TaskStatus
     cached: bool
     result: Any | None = None
+    coalesced: bool = Field(
+        default=False,
+        description="True when an identical request of the same API key was already queued "
+        "or running: task_id is that task, and no second one was made.",
+    )
 
 
 class Task(BaseModel):
@@ -103,6 +163,13 @@ class Task(BaseModel):
     )
     progress_message: str | None = Field(
         default=None, description="The message that came with that progress."
+    )
+    priority: Priority = Priority.NORMAL
+    run_at: float | None = Field(
+        default=None, description="When a delayed task becomes due (Unix seconds)."
+    )
+    deadline_at: float | None = Field(
+        default=None, description="A task not started by then ends as EXPIRED (Unix seconds)."
     )
 
 

@@ -72,6 +72,9 @@ class SubmitOutcome(StrEnum):
     QUEUED = "queued"
     CACHED = "cached"
     DUPLICATE = "duplicate"
+    # Single-flight: an identical request of the same API key is PENDING or RUNNING; its task
+    # answers, and nothing is stored.
+    COALESCED = "coalesced"
     # Refused, nothing stored: the Idempotency-Key belongs to a task of another request.
     IDEMPOTENCY_KEY_REUSED = "idempotency_key_reused"
     # Refused, nothing stored: the API key is over its submit rate, or has too many tasks
@@ -121,6 +124,7 @@ class StartVerdict(StrEnum):
     SKIP = "skip"  # already final, or gone: acknowledged, nothing to do
     CANCELLED = "cancelled"  # cancelled before it started
     DEAD = "dead"  # reached MAX_DELIVERIES: FAILED and moved to the dead-letter stream
+    EXPIRED = "expired"  # not started by its deadline: EXPIRED, never run
     SUSPECT = "suspect"  # in flight when a worker died: left untouched until it can run alone
 
 
@@ -195,6 +199,15 @@ class TaskEvents:
 
 
 @dataclass(frozen=True, slots=True)
+class LaneStats:
+    """One priority lane: the tasks waiting in it, and how long the next to leave has waited."""
+
+    priority: str
+    depth: int
+    oldest_age: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
 class QueueStats:
     """Queue depth and ages as the stream and its consumer group report them.
 
@@ -210,11 +223,17 @@ class QueueStats:
     consumers: int = 0
     oldest_undelivered_age: float = 0.0  # the oldest entry the group has not been handed
     oldest_pending_age: float = 0.0  # the oldest entry handed out and not yet acknowledged
-    retry_size: int = 0  # tasks waiting out a retry backoff
+    retry_size: int = 0  # tasks waiting out a retry backoff or a delayed start
+    lanes: tuple[LaneStats, ...] = ()  # with PRIORITY_LANES: each lane, highest first
     partition: int | None = None  # which partition these figures are of, if of one
     # With several partitions: the figures above are their sums (ages and consumers: the
     # largest), and these are each partition's own.
     partitions: tuple[QueueStats, ...] = ()
+
+    @property
+    def backlog(self) -> int:
+        """Tasks waiting for a worker: the group's lag and every lane's depth."""
+        return self.lag + sum(lane.depth for lane in self.lanes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,11 +256,16 @@ class TaskQueue(Protocol):
         idempotency_key: str | None = None,
         traceparent: str = "",
         replacing: str | None = None,
+        due_at: float = 0.0,
+        replacing_in_flight: str | None = None,
     ) -> Submitted:
-        """Store a task, or answer from the cache or with the first task of idempotency_key.
+        """Store a task, or answer from the cache, with the first task of idempotency_key, or
+        (single-flight) with the identical request's task in flight.
 
         `replacing` is the id of the key's first task when the caller found it gone: the key
         then moves to the new task, atomically, unless it already points elsewhere.
+        `replacing_in_flight` likewise for the task single-flight named that the caller found
+        final. `due_at` (Unix seconds) delays the start; 0 is now.
         """
         ...
 

@@ -144,6 +144,22 @@ class Settings(BaseSettings):
     webhook_timeout: PositiveSeconds = 10.0
     webhook_allowed_hosts: Annotated[tuple[str, ...], NoDecode] = ()
 
+    # Scheduling (docs/scheduling.md)
+    # An identical request of one API key, sent while a task for it is PENDING or RUNNING,
+    # is answered with that task instead of making a second one.
+    single_flight: bool = True
+    # Tasks wait in per-priority lanes (high, normal, low) and a worker takes them from there;
+    # off, every task is appended to the stream at once, in submit order.
+    priority_lanes: bool = False
+    # With lanes: of every PRIORITY_STARVATION_GUARD tasks a worker takes, one comes from a
+    # lower lane when one has work, so low still progresses under a steady high load.
+    priority_starvation_guard: int = Field(default=10, ge=2, le=1_000_000)
+    # The API keys (some of API_KEYS) that may submit to the high lane; unset: every key.
+    priority_high_keys: Annotated[tuple[SecretStr, ...], NoDecode] = ()
+    # With lanes: each API key's tasks take turns with every other key's within a lane, so
+    # one key's backlog does not delay another's task; off, a lane is first come first served.
+    fair_share: bool = True
+
     # Telemetry
     log_format: Literal["json", "text"] = "json"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -215,6 +231,13 @@ class Settings(BaseSettings):
             secret_key(value.get_secret_value())
         return value
 
+    @field_validator("priority_high_keys", mode="before")
+    @classmethod
+    def _split_high_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(key.strip() for key in value.split(",") if key.strip())
+        return value
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper_log_level(cls, value: object) -> object:
@@ -258,6 +281,12 @@ class Settings(BaseSettings):
 
     def check_api(self) -> None:
         """What only the api needs to hold (the worker shares the rest but not API_KEYS)."""
+        if self.priority_high_keys:
+            configured = {key.get_secret_value() for key in self.api_keys}
+            if any(key.get_secret_value() not in configured for key in self.priority_high_keys):
+                raise SettingsError(
+                    "invalid configuration: PRIORITY_HIGH_KEYS must name keys of API_KEYS"
+                )
         if self.console_enabled:
             admin_key = self.admin_api_key.get_secret_value() if self.admin_api_key else ""
             if len(admin_key) < MIN_ADMIN_KEY_CHARS:

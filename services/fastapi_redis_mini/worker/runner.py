@@ -380,6 +380,9 @@ class Worker:
             log.warning("task dead-lettered", extra={"task_id": job.task_id})
         elif job.verdict is StartVerdict.CANCELLED:
             metrics.tasks_finished.labels("CANCELLED").inc()
+        elif job.verdict is StartVerdict.EXPIRED:
+            metrics.tasks_finished.labels("EXPIRED").inc()
+            log.info("task expired before it started", extra={"task_id": job.task_id})
         return True
 
     async def _run_suspect_alone(self) -> None:

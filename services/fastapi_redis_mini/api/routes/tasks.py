@@ -16,6 +16,7 @@ from pydantic import BaseModel
 
 from ...core.models import (
     ErrorResponse,
+    Priority,
     Task,
     TaskCreate,
     TaskId,
@@ -27,7 +28,7 @@ from ...core.models import (
 from ...core.queue import CancelOutcome, SubmitOutcome, SubmitQuota
 from ...core.telemetry.tracing import current_traceparent
 from .. import metrics
-from .._limits import ReadQuery, SubmitHeaders, check_task
+from .._limits import ReadQuery, SubmitHeaders, check_task, due_at
 from ..deps import (
     RequestRoute,
     json_body,
@@ -39,6 +40,7 @@ from ..deps import (
 from ..errors import (
     ConflictError,
     IdempotencyKeyReusedError,
+    InvalidFieldError,
     RateLimitedError,
     TaskNotFoundError,
     TooManyStoredBytesError,
@@ -108,8 +110,11 @@ async def submit_task(request: Request) -> Response:
     task = await json_body(request, TaskCreate)
     idempotency_key = _idempotency_key(request)
     check_task(task, state.settings, state.check_params)
+    if task.priority is Priority.HIGH and not state.api_keys.may_submit_high(scope):
+        raise InvalidFieldError("priority", "high is not open to this API key")
+    due = due_at(task, state.settings)
     await state.backlog.check(state.queue)
-    return await _submit(state, task, scope, idempotency_key)
+    return await _submit(state, task, scope, idempotency_key, due)
 
 
 _MAX_TAKEOVERS = 3
@@ -120,8 +125,10 @@ async def _submit(
     task: TaskCreate,
     scope: str,
     idempotency_key: str | None,
+    due: float,
     replacing: str | None = None,
     takeovers: int = 0,
+    replacing_in_flight: str | None = None,
 ) -> Response:
     submitted = await state.queue.submit(
         task,
@@ -130,6 +137,8 @@ async def _submit(
         idempotency_key=idempotency_key,
         traceparent=current_traceparent() if state.tracing else "",
         replacing=replacing,
+        due_at=due,
+        replacing_in_flight=replacing_in_flight,
     )
     _SUBMITTED[submitted.outcome].inc()
     fields = _rate_limit_fields(submitted.quota)
@@ -185,7 +194,26 @@ async def _submit(
         # takeover is atomic, so of N such requests one creates the task and the rest find it.
         if takeovers >= _MAX_TAKEOVERS:
             raise ConflictError("Idempotency-Key points at tasks that keep vanishing; retry")
-        return await _submit(state, task, scope, idempotency_key, submitted.task_id, takeovers + 1)
+        return await _submit(
+            state, task, scope, idempotency_key, due, submitted.task_id, takeovers + 1
+        )
+    if submitted.outcome is SubmitOutcome.COALESCED:
+        record = await state.queue.get(submitted.task_id, scope)
+        if record is not None and not record.status.is_final:
+            return _answer(
+                TaskSubmitted(task_id=record.task_id, status=record.status, cached=False,
+                              coalesced=True),
+                status.HTTP_202_ACCEPTED,
+                fields,
+            )  # fmt: skip
+        # The task in flight ended (or expired) since: a final one without a cached result
+        # (failed, cancelled) is not an answer to a new request, so take its place.
+        if takeovers >= _MAX_TAKEOVERS:
+            raise ConflictError("identical requests keep ending as they are submitted; retry")
+        return await _submit(
+            state, task, scope, idempotency_key, due, replacing, takeovers + 1,
+            replacing_in_flight=submitted.task_id,
+        )  # fmt: skip
     metrics.cache_misses.inc()
     return _answer(
         TaskSubmitted(task_id=submitted.task_id, status=TaskStatus.PENDING, cached=False),

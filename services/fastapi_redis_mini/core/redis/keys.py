@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
+from ..models import PRIORITIES
 from ..settings import Settings
 
 # On a cluster, enough partitions that every master of a 3- to 8-master cluster serves some,
@@ -64,6 +65,25 @@ class Keys:
         """String mapping a client's Idempotency-Key to the task it created."""
         return f"{self.prefix}idempotency:{scope}:{key}"
 
+    def inflight(self, signature: str, scope: str = "") -> str:
+        """String naming the task PENDING or RUNNING for a request of one scope (single-flight)."""
+        return f"{self.prefix}inflight:{scope}:{signature}"
+
+    def lane(self, priority: str) -> str:
+        """Sorted set of the tasks waiting in one priority lane, in the order they are taken."""
+        return f"{self.prefix}{self.queue}:lane:{priority}"
+
+    @property
+    def lanes(self) -> tuple[str, ...]:
+        """The lanes' sorted sets, highest priority first."""
+        return tuple(self.lane(p) for p in PRIORITIES)
+
+    @property
+    def lane_turns(self) -> str:
+        """Hash of the lanes' bookkeeping: each lane's and each API key's last turn, and the
+        count of tasks taken (for the starvation guard)."""
+        return f"{self.prefix}{self.queue}:lane-turns"
+
     def submit_quota(self, scope: str) -> str:
         """Hash holding one API key's token bucket (tokens, refilled_at); gone once full."""
         return f"{self.prefix}quota:{scope}"
@@ -93,7 +113,8 @@ class Keys:
 
     @property
     def retries(self) -> str:
-        """Sorted set of tasks waiting out a retry backoff, scored by when they are due."""
+        """Sorted set of tasks waiting out a retry backoff or a delayed start, scored by when
+        they are due."""
         return f"{self.prefix}{self.queue}:retry"
 
     @property
@@ -133,10 +154,12 @@ class Keys:
 def partition_count(settings: Settings, *, cluster: bool) -> int:
     """QUEUE_PARTITIONS, or its default: 1 on a single server (today's key names and task ids),
     CLUSTER_PARTITIONS on a cluster, so the queue spreads over its masters. Per-key quotas
-    count in one place, so with them a cluster's default is 1 too."""
+    count in one place, and priority lanes order in one place, so with either a cluster's
+    default is 1 too (with several partitions, each orders its own lanes)."""
     if settings.queue_partitions is not None:
         return settings.queue_partitions
-    return CLUSTER_PARTITIONS if cluster and not settings.quotas else 1
+    one_place = settings.quotas or settings.priority_lanes
+    return CLUSTER_PARTITIONS if cluster and not one_place else 1
 
 
 def _hash_tag(base: str, index: int, count: int) -> str:

@@ -42,7 +42,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from ..batching import Coalescer
-from ..models import Task, TaskCreate
+from ..models import PRIORITIES, Priority, Task, TaskCreate, TaskStatus
 from ..queue import (
     CancelOutcome,
     DeadLetter,
@@ -50,6 +50,7 @@ from ..queue import (
     Finish,
     FinishVerdict,
     Job,
+    LaneStats,
     Outcome,
     PartitionsUnavailable,
     QueueState,
@@ -136,6 +137,11 @@ class _NewTask:
     idempotency_key: str | None
     traceparent: str
     replacing: str | None
+    priority: Priority
+    due_at: float  # Unix seconds; 0 when due now
+    deadline_at: float  # Unix seconds; 0 for none
+    single_flight: bool
+    replacing_in_flight: str | None
 
 
 def _quota(settings: Settings, tokens: int, reset_ms: int) -> SubmitQuota:
@@ -178,6 +184,9 @@ class RedisTaskQueue(SlotRouting):
         # Sharded pub/sub on a cluster: a message stays on the shard of its partition instead
         # of being broadcast to every node.
         self._publish = "SPUBLISH" if cluster else "PUBLISH"
+        # Workers wait on the work channel when they cannot block on one stream: with several
+        # partitions, or with lanes, whose tasks are not in the stream until dispatched.
+        self._announces_work = len(self.partitions) > 1 or settings.priority_lanes
         # One name per thing: `_<name>_script` runs lua/<name>.lua; `read()` alone is XREADGROUP.
         self._submit_script = _load_script(redis, "submit")
         self._start_script = _load_script(redis, "start")
@@ -193,6 +202,7 @@ class RedisTaskQueue(SlotRouting):
         self._read_group_script = _load_script(redis, "read_group")
         self._report_script = _load_script(redis, "report")
         self._read_events_script = _load_script(redis, "read_events")
+        self._dispatch_script = _load_script(redis, "dispatch")
         self._probe_script = _load_script(redis, "probe")
         # Partitions that failed a submit lately: unkeyed submits go elsewhere meanwhile.
         self._avoided = AvoidedPartitions()
@@ -252,6 +262,8 @@ class RedisTaskQueue(SlotRouting):
         idempotency_key: str | None = None,
         traceparent: str = "",
         replacing: str | None = None,
+        due_at: float = 0.0,
+        replacing_in_flight: str | None = None,
     ) -> Submitted:
         home = self.partitions.of_submit(signature, scope, idempotency_key)
         # A keyed submit stays in its key's partition, so that a key names one task. An
@@ -262,6 +274,7 @@ class RedisTaskQueue(SlotRouting):
         if reroutable and self._avoided.avoids(home.index):
             keys = self._elsewhere(home, signature) or home
         tried: set[int] = set()
+        deadline = request.deadline_seconds
         while True:
             task = _NewTask(
                 task_id=self.partitions.new_task_id(keys),
@@ -271,6 +284,13 @@ class RedisTaskQueue(SlotRouting):
                 idempotency_key=idempotency_key,
                 traceparent=traceparent,
                 replacing=replacing,
+                priority=request.lane,
+                due_at=due_at,
+                deadline_at=(due_at or time.time()) + deadline if deadline else 0.0,
+                # A delayed request is a promise about later, not a second copy of one in
+                # flight.
+                single_flight=self.settings.single_flight and not due_at,
+                replacing_in_flight=replacing_in_flight,
             )
             try:
                 return await self._submit_coalescers[keys.index](task)
@@ -314,13 +334,15 @@ class RedisTaskQueue(SlotRouting):
         s = self.settings
         # Quotas are per API key; without API_KEYS every client shares scope "" and its quota.
         quotas = s.quotas
-        keys = [partition.stream]
+        lanes = s.priority_lanes
+        keys = [partition.stream, partition.retries, partition.lane_turns, *partition.lanes]
         batch = []
         for t in tasks:
             keys += (
                 partition.task(t.task_id),
                 partition.cache(t.signature, t.scope),
                 partition.idempotency(t.idempotency_key or "", t.scope),
+                partition.inflight(t.signature, t.scope),
             )
             if quotas:
                 keys += (
@@ -329,16 +351,28 @@ class RedisTaskQueue(SlotRouting):
                     partition.stored_bytes(t.scope),
                 )
             keyed: int | str = 0 if t.idempotency_key is None else (t.replacing or 1)
-            batch.append(
-                {
-                    "task_id": t.task_id,
-                    "request": t.request,
-                    "signature": t.signature,
-                    "scope": t.scope,
-                    "trace": t.traceparent,
-                    "idempotency": keyed,
-                }
-            )
+            task: dict[str, Any] = {
+                "task_id": t.task_id,
+                "request": t.request,
+                "signature": t.signature,
+                "scope": t.scope,
+                "trace": t.traceparent,
+                "idempotency": keyed,
+            }
+            # Scheduling fields travel only when set: the script reads a missing one as its
+            # default, and the batch's JSON stays as small as before for plain submits.
+            if t.single_flight:
+                task["inflight"] = t.replacing_in_flight or 1
+            if lanes:
+                task["lane"] = PRIORITIES.index(t.priority) + 1
+                task["turn_of"] = t.scope if s.fair_share else ""
+            if t.priority is not Priority.NORMAL:
+                task["priority"] = t.priority.value
+            if t.due_at:
+                task["due"] = t.due_at
+            if t.deadline_at:
+                task["deadline"] = t.deadline_at
+            batch.append(task)
         if s.recent_tasks:
             keys.append(partition.recent)
         reply = await self._call(
@@ -347,7 +381,7 @@ class RedisTaskQueue(SlotRouting):
             args=[repr(time.time()), s.cache_ttl, s.result_expiry, s.idempotency_ttl,
                   repr(s.submit_rate_per_key), s.submit_burst_per_key, s.max_unfinished_per_key,
                   int(quotas), orjson.dumps(batch),
-                  partition.work if len(self.partitions) > 1 else "", self._publish,
+                  partition.work if self._announces_work else "", self._publish,
                   s.max_stored_bytes_per_key, s.recent_tasks],
         )  # fmt: skip
         submitted = []
@@ -378,7 +412,17 @@ class RedisTaskQueue(SlotRouting):
         if "result" in fields:
             fields["result"] = orjson.loads(fields["result"])
         fields["task_id"] = task_id
-        return Task.model_validate(fields)
+        task = Task.model_validate(fields)
+        if (
+            task.status is TaskStatus.PENDING
+            and task.deadline_at is not None
+            and task.deadline_at < time.time()
+            and not task.attempts
+        ):
+            # What the worker that reaches it will write (start.lua); said now, as the client
+            # should not wait for a task that will never run.
+            task.status = TaskStatus.EXPIRED
+        return task
 
     async def _get_many(self, partition: Keys, task_ids: Sequence[str]) -> list[dict[str, Any]]:
         reply = await self._get_tasks_script(keys=[partition.task(t) for t in task_ids])
@@ -449,7 +493,7 @@ class RedisTaskQueue(SlotRouting):
         parts = self.partitions.all
         replies = await self._call_each(
             self._stats_script,
-            [([k.stream, k.dead_letter, k.retries], [k.group]) for k in parts],
+            [([k.stream, k.dead_letter, k.retries, *k.lanes], [k.group]) for k in parts],
         )
         each = tuple(
             _partition_stats(keys, reply) for keys, reply in zip(parts, replies, strict=True)
@@ -468,6 +512,14 @@ class RedisTaskQueue(SlotRouting):
             oldest_undelivered_age=max(p.oldest_undelivered_age for p in each),
             oldest_pending_age=max(p.oldest_pending_age for p in each),
             retry_size=sum(p.retry_size for p in each),
+            lanes=tuple(
+                LaneStats(
+                    priority=lane.priority,
+                    depth=sum(p.lanes[i].depth for p in each),
+                    oldest_age=max(p.lanes[i].oldest_age for p in each),
+                )
+                for i, lane in enumerate(each[0].lanes)
+            ),
             partitions=each,
         )
 
@@ -527,7 +579,7 @@ class RedisTaskQueue(SlotRouting):
         if not readable:
             await asyncio.sleep(block_ms / 1000)
             return []
-        if len(self.partitions) == 1:
+        if len(self.partitions) == 1 and not self.settings.priority_lanes:
             return await self._read_blocking(consumer, count, block_ms)
         # A blocking read cannot wait on streams of several slots, so a worker reads every
         # partition without blocking and, finding nothing, sleeps until a submit announces new
@@ -564,10 +616,20 @@ class RedisTaskQueue(SlotRouting):
         failed: dict[int, QueueUnavailable] = {}
 
         async def read_group(shares: list[tuple[Keys, int]]) -> list[list[Delivery]]:
-            replies = await self._call_each_isolated(
-                self._read_group_script,
-                [([keys.stream], [keys.group, consumer, share]) for keys, share in shares],
-            )
+            if self.settings.priority_lanes:
+                guard = self.settings.priority_starvation_guard
+                replies = await self._call_each_isolated(
+                    self._dispatch_script,
+                    [
+                        ([k.stream, k.lane_turns, *k.lanes], [k.group, consumer, share, guard])
+                        for k, share in shares
+                    ],
+                )
+            else:
+                replies = await self._call_each_isolated(
+                    self._read_group_script,
+                    [([keys.stream], [keys.group, consumer, share]) for keys, share in shares],
+                )
             found: list[list[Delivery]] = []
             for (keys, _), r in zip(shares, replies, strict=True):
                 if isinstance(r, QueueUnavailable):
@@ -646,7 +708,7 @@ class RedisTaskQueue(SlotRouting):
                 continue
             verdict = StartVerdict(row["verdict"])
             job = Job(entry_id=d.entry_id, task_id=d.task_id, verdict=verdict, started_at=now)
-            if verdict in (StartVerdict.DEAD, StartVerdict.CANCELLED):
+            if verdict in (StartVerdict.DEAD, StartVerdict.CANCELLED, StartVerdict.EXPIRED):
                 job.scope = row["scope"]
                 ended.append(job)
             if verdict is StartVerdict.RUN:
@@ -785,10 +847,11 @@ class RedisTaskQueue(SlotRouting):
                 pipe.zrangebyscore(keys.retries, "-inf", now, start=0, num=limit)
             due_per_partition: list[list[str]] = await self._execute(pipe)
         calls = [
-            ([keys.retries, keys.stream, *map(keys.task, due)], [now, *due])
+            ([keys.retries, keys.stream, *map(keys.task, due)],
+             [now, keys.work if self._announces_work else "", self._publish, *due])
             for keys, due in zip(parts, due_per_partition, strict=True)
             if due
-        ]
+        ]  # fmt: skip
         if not calls:
             return 0
         return sum(int(n) for n in await self._call_each(self._promote_script, calls))
@@ -911,6 +974,16 @@ def _partition_stats(keys: Keys, reply: str) -> QueueStats:
         oldest_undelivered_age=_age(stats["oldest_undelivered"], now_ms),
         oldest_pending_age=_age(stats["oldest_pending"], now_ms),
         retry_size=int(stats["retry_size"]),
+        lanes=tuple(
+            LaneStats(
+                priority=priority.value,
+                depth=int(lane["depth"]),
+                oldest_age=max(0, now_ms - int(lane["next_queued_ms"])) / 1000
+                if int(lane["depth"])
+                else 0.0,
+            )
+            for priority, lane in zip(PRIORITIES, stats["lanes"], strict=True)
+        ),
         partition=keys.index,
     )
 

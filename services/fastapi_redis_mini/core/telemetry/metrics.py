@@ -24,7 +24,7 @@ from prometheus_client import multiprocess as _multiprocess
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from ..queue import QueueStats
+from ..queue import LaneStats, QueueStats
 
 NAMESPACE = "fastapi_redis_mini"
 
@@ -75,6 +75,15 @@ class QueueStateCollector(Collector):
             family = GaugeMetricFamily(f"{NAMESPACE}_{name}", doc, labels=["stream", "group"])
             family.add_metric([stats.stream, stats.group], value_of(stats))
             families.append(family)
+        # Per lane (high, normal, low), zero while PRIORITY_LANES is off: KEDA and the alerts
+        # take the sum of the depths and the worst age.
+        for name, doc, lane_value in LANE_GAUGES:
+            family = GaugeMetricFamily(
+                f"{NAMESPACE}_{name}", doc, labels=["stream", "group", "priority"]
+            )
+            for lane in stats.lanes:
+                family.add_metric([stats.stream, stats.group, lane.priority], lane_value(lane))
+            families.append(family)
         if stats.partitions:
             # Per partition under their own names, so a sum over a gauge above never counts
             # a task twice.
@@ -90,6 +99,14 @@ class QueueStateCollector(Collector):
                 families.append(family)
         return families
 
+
+LANE_GAUGES: tuple[tuple[str, str, Callable[[LaneStats], float]], ...] = (
+    ("lane_depth", "Tasks waiting in a priority lane, not yet handed to a worker.",
+     lambda lane: lane.depth),
+    ("lane_oldest_age_seconds",
+     "How long the task next to leave a priority lane has waited; 0 when it is empty.",
+     lambda lane: lane.oldest_age),
+)  # fmt: skip
 
 _QUEUE_GAUGES: tuple[tuple[str, str, Callable[[QueueStats], float]], ...] = (
     ("stream_length", "Entries in the task stream (XLEN).", lambda s: s.stream_length),

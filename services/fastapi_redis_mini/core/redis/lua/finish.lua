@@ -31,7 +31,8 @@ for i, item in ipairs(batch) do
   local entry, task_id, outcome, payload, due = item[1], item[2], item[3], item[4], item[5]
   local t = redis.call('HMGET', key, 'status', 'owner', 'error', 'counted')
   local status = t[1]
-  if not status or status == 'DONE' or status == 'FAILED' or status == 'CANCELLED' then
+  if not status or status == 'DONE' or status == 'FAILED' or status == 'CANCELLED' or
+    status == 'EXPIRED' then
     acks[#acks + 1] = entry
     out[i] = 'stale'
   elseif t[2] ~= consumer then

@@ -7,7 +7,8 @@
 --   has (empty ones left out; a missing task is {}); `result` is the result's JSON as a
 --   string, since cjson would round its numbers.
 local stored = {'status', 'scope', 'result', 'error', 'cached', 'attempts', 'created_at',
-  'started_at', 'finished_at', 'cancel', 'progress', 'progress_message'}
+  'started_at', 'finished_at', 'cancel', 'progress', 'progress_message', 'priority', 'run_at',
+  'deadline_at'}
 -- The one field stored under another name than the model's.
 local names = {cancel = 'cancel_requested'}
 local out = {}

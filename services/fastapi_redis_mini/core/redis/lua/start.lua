@@ -11,13 +11,16 @@
 -- that; its outcome renews it again. That keeps the common start at two commands a task.
 -- The tasks started are announced once per batch on the reports channel, so that an event
 -- stream shows RUNNING at once.
+-- A task not started by its deadline (deadline_at) is EXPIRED here, and never runs; one that
+-- ran an attempt before is past that promise and retried as usual.
 -- KEYS: stream, dead_letter, task_1 .. task_n
 -- ARGV: group, consumer, now, max_deliveries, alone (1: the worker runs this batch alone),
 --       JSON [[entry_1, task_id_1], ..], result_expiry, events_channel, dead_letter_maxlen,
 --       publish command (PUBLISH, or SPUBLISH on a cluster), reports_channel
 -- Returns: the JSON array, one object per delivery in order: {verdict, request, signature, scope,
 --   traceparent, created_at, attempts} to run ('run'; request is the request's JSON as a
---   string); {verdict, scope} for a task ended here ('cancelled', 'dead'); {verdict} otherwise
+--   string); {verdict, scope} for a task ended here ('cancelled', 'dead', 'expired');
+--   {verdict} otherwise
 local stream, dead = KEYS[1], KEYS[2]
 local group, consumer, now = ARGV[1], ARGV[2], ARGV[3]
 local max_deliveries = tonumber(ARGV[4])
@@ -29,10 +32,11 @@ local out, acks, finished, started = {}, {}, {}, {}
 for i, delivery in ipairs(batch) do
   local key, entry, task_id = KEYS[i + 2], delivery[1], delivery[2]
   local t = redis.call('HMGET', key, 'status', 'deliveries', 'cancel', 'request', 'signature',
-    'scope', 'trace', 'created_at', 'attempts')
+    'scope', 'trace', 'created_at', 'attempts', 'deadline_at')
   local status = t[1]
   local deliveries = tonumber(t[2] or '0')
-  if not status or status == 'DONE' or status == 'FAILED' or status == 'CANCELLED' then
+  if not status or status == 'DONE' or status == 'FAILED' or status == 'CANCELLED' or
+    status == 'EXPIRED' then
     acks[#acks + 1] = entry
     out[i] = {verdict = 'skip'}
   elseif t[3] == '1' then
@@ -42,6 +46,13 @@ for i, delivery in ipairs(batch) do
     acks[#acks + 1] = entry
     finished[#finished + 1] = task_id
     out[i] = {verdict = 'cancelled', scope = t[6] or ''}
+  elseif t[10] and tonumber(t[9] or '0') == 0 and tonumber(t[10]) < tonumber(now) then
+    redis.call('HSET', key, 'status', 'EXPIRED', 'finished_at', now,
+      'error', 'not started by its deadline')
+    redis.call('EXPIRE', key, result_expiry)
+    acks[#acks + 1] = entry
+    finished[#finished + 1] = task_id
+    out[i] = {verdict = 'expired', scope = t[6] or ''}
   elseif deliveries >= max_deliveries then
     local message = 'dead-lettered: delivered ' .. deliveries ..
       ' times without finishing (MAX_DELIVERIES=' .. max_deliveries .. ')'

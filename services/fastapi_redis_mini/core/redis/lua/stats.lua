@@ -1,17 +1,29 @@
 -- Read the queue's depth and ages in one round trip, against Redis's own clock, so the ages
 -- do not depend on the reader's clock. An entry id's first part is the time it was added.
--- KEYS: stream, dead_letter, retries
+-- KEYS: stream, dead_letter, retries, lane_high, lane_normal, lane_low
 -- ARGV: group
 -- Returns: a JSON object {stream_length, group_found (true|false), consumers, pending, lag
 --   (-1 when undefined), oldest_undelivered (the id of the oldest entry not yet delivered to
 --   the group, or ""), oldest_pending (the id of the oldest pending entry, or ""),
---   dead_letter_length, retry_size, now_ms} (now_ms has 13 digits, within cjson's 14)
+--   dead_letter_length, retry_size, lanes, now_ms} (now_ms has 13 digits, within cjson's
+--   14); lanes: per lane, highest first, {depth, next_queued_ms} (0 when empty): a lane's
+--   member starts with the time it was queued (submit.lua)
 local stream, group = KEYS[1], ARGV[1]
 local now = redis.call('TIME')
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 local length = redis.call('XLEN', stream)
 local dead = redis.call('XLEN', KEYS[2])
 local retries = redis.call('ZCARD', KEYS[3])
+local lanes = {}
+for i = 4, 6 do
+  local depth = redis.call('ZCARD', KEYS[i])
+  local queued_ms = 0
+  if depth > 0 then
+    local head = redis.call('ZRANGE', KEYS[i], 0, 0)
+    queued_ms = tonumber(string.match(head[1] or '', '^(%d+):')) or 0
+  end
+  lanes[#lanes + 1] = {depth = depth, next_queued_ms = queued_ms}
+end
 
 local info = nil
 if redis.call('EXISTS', stream) == 1 then
@@ -31,7 +43,7 @@ if info == nil then
   local oldest = first[1] and first[1][1] or ''
   return cjson.encode({stream_length = length, group_found = false, consumers = 0, pending = 0,
     lag = length, oldest_undelivered = oldest, oldest_pending = '', dead_letter_length = dead,
-    retry_size = retries, now_ms = now_ms})
+    retry_size = retries, lanes = lanes, now_ms = now_ms})
 end
 
 local after = redis.call('XRANGE', stream, '(' .. info['last-delivered-id'], '+', 'COUNT', 1)
@@ -45,4 +57,4 @@ end
 return cjson.encode({stream_length = length, group_found = true, consumers = info['consumers'],
   pending = info['pending'], lag = lag, oldest_undelivered = undelivered,
   oldest_pending = pending_oldest, dead_letter_length = dead, retry_size = retries,
-  now_ms = now_ms})
+  lanes = lanes, now_ms = now_ms})

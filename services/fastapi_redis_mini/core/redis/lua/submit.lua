@@ -12,28 +12,40 @@
 -- With quotas, each submit of an API key takes a token from its bucket (rate, burst), and a
 -- submit that would be queued is refused while the key has max_unfinished tasks not final, or
 -- while its stored tasks hold max_stored_bytes. A task's bytes count until it expires: they
--- are kept per expiry bucket (1/24 of result_expiry), so the sum costs at most 25 fields.
--- KEYS: stream, then per task: task, cache, idempotency[, quota bucket, unfinished set,
---       stored-bytes hash]
+-- are kept per expiry bucket (1/24 of result_expiry), so the sum costs at most 25 fields (a
+-- delayed task's a few more).
+-- Scheduling: with single-flight, an identical request of one scope finds the task still in
+-- flight through its inflight key (SET NX GET) and is answered with it. A task due later waits
+-- in the retry set (promote.lua appends it when due); with priority lanes, a task due now
+-- waits in its lane, scored by its API key's next turn, until dispatch.lua hands it out.
+-- KEYS: stream, retries, lane_turns, lane_high, lane_normal, lane_low, then per task: task,
+--       cache, idempotency, inflight[, quota bucket, unfinished set, stored-bytes hash]
 -- ARGV: now, cache_ttl, result_expiry, idempotency_ttl, rate (tokens a second; 0: none),
---       burst, max_unfinished (0: none), quota_keys (1: KEYS carry the two quota keys),
---       JSON [{task_id, request, signature, scope, trace, idempotency}, ..],
---       work_channel (announces new entries; "" with a single partition), publish command,
+--       burst, max_unfinished (0: none), quota_keys (1: KEYS carry the three quota keys),
+--       JSON [{task_id, request, signature, scope, trace, idempotency, inflight, lane, turn_of,
+--       priority, due, deadline}, ..] (the last six only when set),
+--       work_channel (announces new entries; "" when no worker waits on it), publish command,
 --       max_stored_bytes (0: none),
 --       recent_cap (the recent-task index keeps about this many ids; absent or 0: none)
 --       where idempotency is 0 (no key), 1 (a key), or the id of a task the caller found gone
---       that the key may still point at (then the key is taken over for this task)
+--       that the key may still point at (then the key is taken over for this task);
+--       inflight likewise: 0 or none (no single-flight), 1, or the id of a task the caller
+--       found final; lane: none (append to the stream) or 1..3 (high, normal, low); turn_of:
+--       whose turns the lane counts (the scope with FAIR_SHARE, else ""); priority: none for
+--       normal; due: Unix seconds, none when due now; deadline: Unix seconds, none for none
 -- KEYS end with the recent-task index when recent_cap is given.
 -- Returns JSON, per task {outcome, task_id, result, tokens, reset_ms}, outcome one of
 -- 'queued', 'cached' (task_id: the task that computed the result), 'duplicate' (task_id: the
--- key's first task), 'idempotency_key_reused' (task_id: the key's first task, of another
--- request), 'rate_limited' (reset_ms: until a token is back), 'too_many_unfinished',
+-- key's first task), 'coalesced' (task_id: the identical request's task in flight),
+-- 'idempotency_key_reused' (task_id: the key's first task, of another request),
+-- 'rate_limited' (reset_ms: until a token is back), 'too_many_unfinished',
 -- 'too_many_stored_bytes' (reset_ms: until the oldest stored bytes stop counting);
 -- tokens (whole tokens left) is -1 without a rate; reset_ms is until the bucket is full again.
 local stream, now, cache_ttl, result_expiry, idempotency_ttl =
   KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local rate, burst, max_unfinished = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
-local stride = ARGV[8] == '1' and 6 or 3
+local retries, lane_turns = KEYS[2], KEYS[3]
+local stride = ARGV[8] == '1' and 7 or 4
 local batch = cjson.decode(ARGV[9])
 local work_channel, publish = ARGV[10], ARGV[11]
 local max_stored = tonumber(ARGV[12]) or 0
@@ -42,7 +54,8 @@ local recent_cap = tonumber(ARGV[13] or '0')
 local TASK_OVERHEAD = 512
 local stored_bucket_ms = math.ceil(result_expiry * 1000 / 24)
 local queued = 0
-local queued_ids = {}
+-- Every task stored, delayed ones too (queued counts those workers can take now).
+local created = {}
 local out = {}
 local now_ms = nil
 
@@ -53,6 +66,15 @@ local function clock()
     now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   end
   return now_ms
+end
+
+-- The task's place in its lane: one past the later of the lane's last turn taken and this
+-- key's last turn, so a key with a backlog waits its turns while a new key goes next.
+local function enqueue(lane, turn_of, task_id)
+  local turns = redis.call('HMGET', lane_turns, 'lane:' .. lane, 'key:' .. lane .. ':' .. turn_of)
+  local turn = math.max(tonumber(turns[1]) or 0, tonumber(turns[2]) or 0) + 1
+  redis.call('HSET', lane_turns, 'key:' .. lane .. ':' .. turn_of, turn)
+  redis.call('ZADD', KEYS[3 + lane], turn, clock() .. ':' .. task_id)
 end
 
 -- Takes one token; returns whether there was one, the whole tokens left, and the ms until
@@ -105,11 +127,13 @@ local function cached_result(cache)
 end
 
 for i, task in ipairs(batch) do
-  local base = stride * (i - 1) + 1
+  local base = stride * (i - 1) + 6
   local key, cache, idempotency = KEYS[base + 1], KEYS[base + 2], KEYS[base + 3]
-  local bucket, unfinished, stored = KEYS[base + 4], KEYS[base + 5], KEYS[base + 6]
+  local inflight, bucket, unfinished, stored =
+    KEYS[base + 4], KEYS[base + 5], KEYS[base + 6], KEYS[base + 7]
   local task_id, request, signature, scope, trace, keyed =
     task.task_id, task.request, task.signature, task.scope, task.trace, task.idempotency
+  local single_flight, due, deadline = task.inflight or 0, task.due or 0, task.deadline or 0
   if redis.call('EXISTS', key) == 1 then
     -- This very submit ran before and queued its task: answer as then, change nothing, count
     -- nothing. (A hit stores nothing, so sent again it is simply answered again.)
@@ -138,21 +162,51 @@ for i, task in ipairs(batch) do
         refused = 'too_many_unfinished'
       end
     end
+    local in_flight, claimed = nil, false
+    if not existing and not hit and not refused and single_flight ~= 0 then
+      if single_flight == 1 then
+        in_flight = redis.call('SET', inflight, task_id, 'NX', 'GET', 'EX', result_expiry)
+        if in_flight and in_flight == keyed then
+          -- The Idempotency-Key's task the caller found gone: this submit replaces it here too.
+          redis.call('SET', inflight, task_id, 'EX', result_expiry)
+          in_flight = false
+        end
+      else
+        -- The caller found the task this key named final: take the key over, unless another
+        -- submit already did.
+        in_flight = redis.call('GET', inflight)
+        if in_flight == single_flight then
+          redis.call('SET', inflight, task_id, 'EX', result_expiry)
+          in_flight = false
+        end
+      end
+      claimed = not in_flight
+    end
     local allowed, tokens, reset_ms = true, -1, 0
     local size = #request + #signature + #scope + #trace + TASK_OVERHEAD
-    if not refused and not existing and not hit and max_stored > 0 then
+    if not refused and not existing and not hit and not in_flight and max_stored > 0 then
       local total, until_ms = stored_bytes(stored)
       if total + size > max_stored then
         refused, reset_ms = 'too_many_stored_bytes', until_ms
       end
     end
-    if not refused and rate > 0 then
+    if not refused and not in_flight and rate > 0 then
       allowed, tokens, reset_ms = take_token(bucket)
       if not allowed then
         refused = 'rate_limited'
+        if claimed then
+          redis.call('DEL', inflight)
+        end
       end
     end
-    if refused then
+    if in_flight then
+      if keyed ~= 0 then
+        redis.call('SET', idempotency, in_flight .. ':' .. signature, 'EX',
+          math.min(idempotency_ttl, result_expiry))
+      end
+      out[i] = {outcome = 'coalesced', task_id = in_flight, result = '', tokens = tokens,
+        reset_ms = reset_ms}
+    elseif refused then
       out[i] = {outcome = refused, task_id = '', result = '', tokens = tokens, reset_ms = reset_ms}
     elseif existing and existing_signature and existing_signature ~= signature then
       out[i] = {outcome = 'idempotency_key_reused', task_id = existing, result = '',
@@ -172,25 +226,44 @@ for i, task in ipairs(batch) do
         out[i] = {outcome = 'cached', task_id = hit_id, result = hit, tokens = tokens,
           reset_ms = reset_ms}
       else
-        redis.call('HSET', key, 'status', 'PENDING', 'request', request, 'signature', signature,
-          'scope', scope, 'created_at', now, 'trace', trace,
-          'attempts', '0', 'deliveries', '0')
-        redis.call('XADD', stream, '*', 'task_id', task_id)
-        queued = queued + 1
-        queued_ids[queued] = task_id
+        local fields = {'status', 'PENDING', 'request', request, 'signature', signature,
+          'scope', scope, 'created_at', now, 'trace', trace, 'attempts', '0', 'deliveries', '0'}
+        -- Stored only when set, so a task that uses none of them costs what it did before.
+        if task.priority then
+          fields[#fields + 1], fields[#fields + 2] = 'priority', task.priority
+        end
+        if due > 0 then
+          fields[#fields + 1], fields[#fields + 2] = 'run_at', task.due
+        end
+        if deadline > 0 then
+          fields[#fields + 1], fields[#fields + 2] = 'deadline_at', task.deadline
+        end
+        redis.call('HSET', key, unpack(fields))
+        local waits = due > 0 and math.max(0, math.ceil(due - tonumber(now))) or 0
+        created[#created + 1] = task_id
+        if due > 0 then
+          redis.call('ZADD', retries, due, task_id)
+        elseif task.lane then
+          enqueue(task.lane, task.turn_of, task_id)
+          queued = queued + 1
+        else
+          redis.call('XADD', stream, '*', 'task_id', task_id)
+          queued = queued + 1
+        end
         if max_unfinished > 0 then
           -- Scored by when the task expires, so one that never finishes stops counting then.
           -- `counted` tells finish.lua to take it off again, whatever the worker's settings.
-          redis.call('ZADD', unfinished, clock() + result_expiry * 1000, task_id)
-          redis.call('PEXPIRE', unfinished, result_expiry * 1000)
+          redis.call('ZADD', unfinished, clock() + (result_expiry + waits) * 1000, task_id)
+          redis.call('PEXPIRE', unfinished, (result_expiry + waits) * 1000)
           redis.call('HSET', key, 'counted', '1')
         end
         if max_stored > 0 then
-          local expires = clock() + result_expiry * 1000
+          local expires = clock() + (result_expiry + waits) * 1000
           redis.call('HINCRBY', stored, math.floor(expires / stored_bucket_ms), size)
-          redis.call('PEXPIRE', stored, result_expiry * 1000 + stored_bucket_ms)
+          redis.call('PEXPIRE', stored, (result_expiry + waits) * 1000 + stored_bucket_ms)
         end
-        redis.call('EXPIRE', key, result_expiry)
+        -- A delayed task is kept RESULT_EXPIRY past when it is due.
+        redis.call('EXPIRE', key, result_expiry + waits)
         if keyed ~= 0 then
           -- Set in the same instant as the task's TTL, and a task's TTL is only ever extended.
           redis.call('SET', idempotency, task_id .. ':' .. signature, 'EX',
@@ -202,12 +275,12 @@ for i, task in ipairs(batch) do
     end
   end
 end
-if queued > 0 and recent_cap > 0 then
+if #created > 0 and recent_cap > 0 then
   -- One LPUSH a batch; the list is trimmed only once it is a tenth over its cap, so the index
   -- costs about one command a batch and at most 1.1 x recent_cap ids of memory.
   local recent, length = KEYS[#KEYS], 0
-  for first = 1, queued, 1000 do  -- unpack() is limited to a few thousand values
-    length = redis.call('LPUSH', recent, unpack(queued_ids, first, math.min(first + 999, queued)))
+  for first = 1, #created, 1000 do  -- unpack() is limited to a few thousand values
+    length = redis.call('LPUSH', recent, unpack(created, first, math.min(first + 999, #created)))
   end
   if length > recent_cap + math.ceil(recent_cap / 10) then
     redis.call('LTRIM', recent, 0, recent_cap - 1)
