@@ -110,15 +110,13 @@ class Client:
         progress event (`event.fraction`, `event.data["message"]`).
         """
         if on_progress is None:
-            return self._drive(self._core.run(
-                    prompt, params, timeout, idempotency_key, on_submit, schedule
-                ))
+            return self._drive(
+                self._core.run(prompt, params, timeout, idempotency_key, on_submit, schedule)
+            )
         check_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         task = self._drive(
-            self._core.submit_within(
-                prompt, params, idempotency_key, deadline, timeout, schedule
-            )
+            self._core.submit_within(prompt, params, idempotency_key, deadline, timeout, schedule)
         )
         if on_submit is not None:
             on_submit(task)
@@ -294,9 +292,7 @@ class AsyncClient:
         check_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         task = await self._drive(
-            self._core.submit_within(
-                prompt, params, idempotency_key, deadline, timeout, schedule
-            )
+            self._core.submit_within(prompt, params, idempotency_key, deadline, timeout, schedule)
         )
         if on_submit is not None:
             on_submit(task)

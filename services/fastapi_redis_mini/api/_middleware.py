@@ -88,11 +88,16 @@ class SecurityHeadersMiddleware:
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", ()))
+                # A page that sets its own (the console's) keeps it: a second header of the
+                # same name would be enforced too, and the stricter of two CSPs wins.
+                present = {name.lower() for name, _ in headers}
                 static = isinstance(scope.get("endpoint"), StaticFiles)
-                headers.append(_NOSNIFF)
-                if not static:
+                if b"x-content-type-options" not in present:
+                    headers.append(_NOSNIFF)
+                if not static and b"cache-control" not in present:
                     headers.append(_NO_STORE)
-                if any(n == b"content-type" and v.startswith(b"text/html") for n, v in headers):
+                html = any(n == b"content-type" and v.startswith(b"text/html") for n, v in headers)
+                if html and b"content-security-policy" not in present:
                     headers.append((b"content-security-policy", DOCS_CSP))
                 message["headers"] = headers
             await send(message)
