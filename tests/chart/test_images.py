@@ -42,7 +42,12 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def ports() -> dict[str, int]:
-    return {"redis": free_port(), "api": free_port(), "metrics": free_port()}
+    return {
+        "redis": free_port(),
+        "api": free_port(),
+        "api_metrics": free_port(),
+        "metrics": free_port(),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +55,11 @@ def objects(ports: dict[str, int]) -> list[Rendered]:
     return render(
         {
             "redis": {"port": ports["redis"]},
-            "api": {"port": ports["api"], "service": {"port": ports["api"]}},
+            "api": {
+                "port": ports["api"],
+                "metricsPort": ports["api_metrics"],
+                "service": {"port": ports["api"]},
+            },
             "worker": {"metricsPort": ports["metrics"]},
         }
     )
@@ -173,8 +182,11 @@ def test_images_run_under_the_charts_own_settings_and_finish_a_task(
                     wait_for_http(url, container=worker)
 
                 base = f"http://127.0.0.1:{ports['api']}"
-                # The backlog series the External-metric HPA selects is the one the api exports.
-                exported = httpx.get(f"{base}/metrics", timeout=10).text
+                # The backlog series the External-metric HPA selects is the one the api exports,
+                # on its metrics port: the public one has no /metrics.
+                assert httpx.get(f"{base}/metrics", timeout=10).status_code == 404
+                metrics_url = f"http://127.0.0.1:{ports['api_metrics']}/metrics"
+                exported = httpx.get(metrics_url, timeout=10).text
                 assert _hpa_selects_an_exported_series(exported)
                 submitted = httpx.post(
                     f"{base}/tasks", json={"prompt": "chart", "params": {"duration": 0.05}}

@@ -470,7 +470,10 @@ def test_an_external_cluster_is_declared_and_keda_logs_in_as_the_urls_user() -> 
     assert trigger["metadata"]["usernameFromEnv"] == "REDIS_USERNAME"
     worker = pod_spec(only(objects, "Deployment", "worker"))["containers"][0]
     assert {"name": "REDIS_USERNAME", "value": "app"} in worker["env"]
-    # Left alone, the partitions follow the service's cluster default.
+    # Left alone, the partitions follow the service's cluster default: one while the per-key
+    # quotas (on by default) count there, 16 with them off.
     values["config"] = {}
     values["worker"]["autoscaling"]["keda"]["prometheus"] = {"serverAddress": PROMETHEUS}
+    assert only(render(values), "ConfigMap", "config")["data"]["QUEUE_PARTITIONS"] == "1"
+    values["api"] = {**values.get("api", {}), **QUOTAS_OFF}
     assert only(render(values), "ConfigMap", "config")["data"]["QUEUE_PARTITIONS"] == "16"

@@ -84,8 +84,8 @@ def test_each_setting_comes_from_the_value_of_its_camel_case_name() -> None:
             env = next(key for key in data if camel(key) == name)
             assert data[env] == str(value), env
     # From redis.mode and where Redis is; API_METRICS_PORT from api.metricsPort, named as the
-    # worker's metricsPort is.
-    derived = {"REDIS_URL", "REDIS_CLUSTER", "HOST", "API_METRICS_PORT"}
+    # worker's metricsPort is; CONSOLE_ENABLED from api.console.enabled, beside its key's Secret.
+    derived = {"REDIS_URL", "REDIS_CLUSTER", "HOST", "API_METRICS_PORT", "CONSOLE_ENABLED"}
     defaults = yaml.safe_load((CHART / "values.yaml").read_text())
     for key in set(data) - derived:
         if key.startswith("OTEL_"):  # otel.<name> becomes OTEL_<NAME>

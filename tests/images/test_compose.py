@@ -131,7 +131,11 @@ def on_host_network(
     variant = copy.deepcopy(config)
     variant.pop("networks", None)
     redis_url = f"redis://redis:{redis_port}/0"
-    ports = {"api": {"PORT": str(api_port)}, "worker": {"METRICS_PORT": str(metrics_port)}}
+    # The api's /metrics port too: on the host network its default (9101) may be taken.
+    ports = {
+        "api": {"PORT": str(api_port), "API_METRICS_PORT": str(free_port())},
+        "worker": {"METRICS_PORT": str(metrics_port)},
+    }
     for name, service in variant["services"].items():
         service.pop("ports", None)
         service.pop("networks", None)
