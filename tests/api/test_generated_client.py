@@ -219,13 +219,15 @@ def test_scheduling_fields_coalescing_and_expiry(generated: Generated) -> None:
         assert (second.parsed.task_id, second.parsed.coalesced) == (first.task_id, True)
         assert get_task.sync(first.task_id, client=client).priority == models.Priority.LOW
 
-        # Due in 5 s, and given 0.1 s from then to start: the worker finds it expired.
-        late = models.TaskCreate(prompt="too late", delay_seconds=5, deadline_seconds=0.1)
+        # Due in 5 s, and given 1 µs from then to start: a start comes at least one Redis
+        # round trip after the task is handed out, which is no sooner than it is due, so the
+        # worker always finds it expired.
+        late = models.TaskCreate(prompt="too late", delay_seconds=5, deadline_seconds=0.000001)
         task_id = submit_task.sync(client=client, body=late).task_id
         waiting = get_task.sync(task_id, client=client)
         assert waiting.status == models.TaskStatus.PENDING
         assert waiting.run_at > time.time() + 3
-        assert waiting.deadline_at == pytest.approx(waiting.run_at + 0.1)
+        assert waiting.deadline_at == pytest.approx(waiting.run_at, abs=0.001)
         expired = get_task.sync(task_id, client=client, wait=10.0)
         assert expired.status == models.TaskStatus.EXPIRED
 

@@ -234,7 +234,8 @@ def test_keda_scales_priority_lanes_on_the_lag_plus_the_lanes_depth() -> None:
     objects = render(lanes)
     (trigger,) = only(objects, "ScaledObject", "worker")["spec"]["triggers"]
     assert trigger["type"] == "prometheus"
-    selector = 'namespace="tasks",stream="task_stream",group="workers"'
+    # Selected by release too, so two releases in one namespace are never summed together.
+    selector = 'namespace="tasks",release="demo",stream="task_stream",group="workers"'
     assert trigger["metadata"]["query"] == (
         f"max(fastapi_redis_mini_stream_lag{{{selector}}}) + "
         f"sum(max by (priority) (fastapi_redis_mini_lane_depth{{{selector}}}))"

@@ -125,8 +125,8 @@ def test_a_scheduled_submit_and_an_expired_run_exit_7(stack: Stack) -> None:
     read = frm("get", submitted.json["task_id"], url=url).json
     assert (read["status"], read["priority"]) == ("PENDING", "low")
     assert read["run_at"] > time.time() + 50
-    # Due in 1 s and given 1 ms from then (see test_client's expired run).
-    expired = frm("run", unique("too late"), "--delay", "1", "--deadline", "0.001", url=url)
+    # Due in 1 s and given 1 µs from then (see test_client's expired run).
+    expired = frm("run", unique("too late"), "--delay", "1", "--deadline", "0.000001", url=url)
     assert expired.code == 7, expired.stderr
     assert expired.json["status"] == "EXPIRED"
     assert expired.error["code"] == "task_expired"

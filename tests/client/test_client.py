@@ -154,9 +154,9 @@ def test_a_schedule_is_sent_and_read_back(client: BlockingClient) -> None:
 def test_run_raises_task_expired_when_not_started_by_its_deadline(
     client: BlockingClient,
 ) -> None:
-    # Due in 1 s and given 1 ms from then: the worker's promotion pass comes every 0.5 s, so
-    # it starts in time only if a pass falls in that millisecond (1 in 500).
-    schedule = Schedule(delay_seconds=1, deadline_seconds=0.001)
+    # Due in 1 s and given 1 µs from then: a task is handed out no sooner than it is due, and
+    # a start is at least one Redis round trip after that, so it can never start in time.
+    schedule = Schedule(delay_seconds=1, deadline_seconds=0.000001)
     with pytest.raises(TaskExpiredError) as raised:
         client.run(unique("too late"), timeout=20, schedule=schedule)
     assert raised.value.task.status is TaskStatus.EXPIRED

@@ -101,7 +101,10 @@ def test_an_idempotency_key_gives_back_the_first_task(redis_url: str, launch: La
     assert changed_body.status_code == 422
     assert changed_body.json()["error"]["code"] == "idempotency_key_reused"
     assert task_id in changed_body.json()["error"]["message"]
-    assert other_key.json()["task_id"] != task_id
+    # Another key for the same body while its task is in flight: single-flight (on by
+    # default) answers with that task, as the cache would once it is done.
+    assert (other_key.status_code, other_key.json()["task_id"]) == (202, task_id)
+    assert other_key.json()["coalesced"] is True
     assert other_tenant.json()["task_id"] != task_id  # keys are scoped per tenant
     assert malformed.status_code == 422
     assert len({r.json()["task_id"] for r in racing}) == 1
