@@ -233,7 +233,7 @@ def test_a_stream_cut_on_one_api_resumes_on_another(api: Start, worker: Start) -
     assert len({e.id for e in events}) == len(events)
 
 
-def test_without_api_keys_the_stream_cap_counts_nobody(api: Start) -> None:
+def test_without_api_keys_the_stream_cap_bounds_all_clients_together(api: Start) -> None:
     server = api(EVENTS_MAX_STREAMS_PER_KEY="1", WEB_CONCURRENCY="1")
     with httpx.Client(base_url=server.base_url, timeout=10) as client:
         task_id = client.post("/tasks", json={"prompt": "no keys"}).json()["task_id"]
@@ -241,4 +241,6 @@ def test_without_api_keys_the_stream_cap_counts_nobody(api: Start) -> None:
             client.stream("GET", f"/tasks/{task_id}/events") as one,
             client.stream("GET", f"/tasks/{task_id}/events") as two,
         ):
-            assert (one.status_code, two.status_code) == (200, 200)
+            assert (one.status_code, two.status_code) == (200, 429)
+            two.read()
+            assert two.json()["error"]["code"] == "too_many_streams"

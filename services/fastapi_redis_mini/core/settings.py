@@ -127,7 +127,7 @@ class Settings(BaseSettings):
 
     # Task events: reports a task's stream keeps (the oldest are dropped first), seconds
     # between keep-alive comments on an idle event stream, and event streams one API key may
-    # hold open at once on one api process (0: no cap; only with API_KEYS).
+    # hold open at once on one api process (0: no cap; without API_KEYS, all clients together).
     events_maxlen: int = Field(default=1000, ge=1, le=1_000_000)
     events_heartbeat: PositiveSeconds = 15.0
     events_max_streams_per_key: int = Field(default=100, ge=0)

@@ -166,9 +166,9 @@ async def task_events(request: Request) -> Response:
     if cursor.status is not None and cursor.status.is_final:
         return Response(status_code=status.HTTP_204_NO_CONTENT)
     # Held from here until the response ends, however it ends (see _HeldStream).
-    # Without API_KEYS there is no key to count by: every client would share one allowance.
-    cap = state.settings.events_max_streams_per_key if state.api_keys.required else 0
-    held = streams.held(scope, cap)
+    # Without API_KEYS every client shares scope "" and so one allowance, as with the other
+    # per-key limits: a bound on what one process holds open either way.
+    held = streams.held(scope, state.settings.events_max_streams_per_key)
     held.__enter__()
     heartbeat = state.settings.events_heartbeat
 
