@@ -23,6 +23,7 @@ from typing import Any
 import redis
 
 from fastapi_redis_mini.core.models import TaskCreate, TaskStatus, request_signature
+from fastapi_redis_mini.core.queue import SubmitOutcome
 from fastapi_redis_mini.core.redis import RedisTaskQueue, connect
 from fastapi_redis_mini.core.settings import Settings
 from fastapi_redis_mini_harness.polling import poll_async
@@ -149,7 +150,14 @@ class DrainResult:
 
 
 def _queue(url: str) -> RedisTaskQueue:
-    settings = Settings(redis_url=url)
+    # One submitter stands for every tenant: the per-key quotas (on by default) would queue
+    # the first hundred tasks and refuse the rest, as the api section's settings say.
+    settings = Settings(
+        redis_url=url,
+        submit_rate_per_key=0,
+        max_unfinished_per_key=0,
+        max_stored_bytes_per_key=0,
+    )
     return RedisTaskQueue(connect(settings), settings)
 
 
@@ -166,6 +174,9 @@ async def enqueue_ours(url: str, tasks: int, label: str) -> list[str]:
             submitted = await asyncio.gather(
                 *(queue.submit(r, signature=request_signature(r)) for r in requests)
             )
+            refused = {s.outcome for s in submitted} - {SubmitOutcome.QUEUED}
+            if refused:
+                raise RuntimeError(f"bench tasks not queued: {', '.join(sorted(refused))}")
             ids.extend(s.task_id for s in submitted)
     finally:
         await queue.close()
