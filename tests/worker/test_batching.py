@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytest
@@ -19,14 +19,6 @@ from fastapi_redis_mini.worker.runner import Worker
 from fastapi_redis_mini_harness.polling import poll_async
 
 from ..support.handlers import BatchModel
-
-
-@pytest.fixture
-async def queue(settings: Settings) -> AsyncIterator[RedisTaskQueue]:
-    queue = RedisTaskQueue(connect(settings), settings)
-    await queue.ensure_group()
-    yield queue
-    await queue.close()
 
 
 async def submit_all(queue: RedisTaskQueue, prompts: Sequence[str], **params: object) -> list[str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -29,14 +29,6 @@ def model() -> Iterator[EmbedModel]:
     model.load()
     yield model
     model.close()
-
-
-@pytest.fixture
-async def queue(settings: Settings) -> AsyncIterator[RedisTaskQueue]:
-    queue = RedisTaskQueue(connect(settings), settings)
-    await queue.ensure_group()
-    yield queue
-    await queue.close()
 
 
 def norm(vector: list[float]) -> float:

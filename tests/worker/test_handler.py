@@ -6,7 +6,7 @@ import asyncio
 import multiprocessing
 import os
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import httpx
@@ -21,14 +21,6 @@ from fastapi_redis_mini.worker._http import build_app
 from fastapi_redis_mini.worker.runner import Worker, WorkerFailed
 
 from ..support.handlers import BlockingModel, LoopBlocker
-
-
-@pytest.fixture
-async def queue(settings: Settings) -> AsyncIterator[RedisTaskQueue]:
-    queue = RedisTaskQueue(connect(settings), settings)
-    await queue.ensure_group()
-    yield queue
-    await queue.close()
 
 
 async def submit(queue: RedisTaskQueue, prompt: str, **params: object) -> str:

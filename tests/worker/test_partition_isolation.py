@@ -14,7 +14,7 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -57,14 +57,6 @@ def settings(cluster: RedisCluster) -> Settings:
         shutdown_grace=5.0,
         log_format="text",
     )
-
-
-@pytest.fixture
-async def queue(settings: Settings) -> AsyncIterator[RedisTaskQueue]:
-    queue = RedisTaskQueue(connect(settings), settings)
-    await queue.ensure_group()
-    yield queue
-    await queue.close()
 
 
 def _replica_of(cluster: RedisCluster, master: RedisServer) -> RedisServer:

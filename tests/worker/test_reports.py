@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytest
@@ -17,14 +17,6 @@ from fastapi_redis_mini.core.settings import Settings
 from fastapi_redis_mini.worker._handler import HandlerRunner
 from fastapi_redis_mini.worker._report import TaskReports, merged
 from fastapi_redis_mini.worker.runner import Worker
-
-
-@pytest.fixture
-async def queue(settings: Settings) -> AsyncIterator[RedisTaskQueue]:
-    queue = RedisTaskQueue(connect(settings), settings)
-    await queue.ensure_group()
-    yield queue
-    await queue.close()
 
 
 async def submit(queue: RedisTaskQueue, prompt: str, **params: object) -> str:
