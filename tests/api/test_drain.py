@@ -12,7 +12,8 @@ import pytest
 from starlette.responses import PlainTextResponse
 from starlette.types import Receive, Scope, Send
 
-from fastapi_redis_mini.api.drain import DrainMiddleware, marker_path
+from fastapi_redis_mini.api._middleware import EdgeMiddleware
+from fastapi_redis_mini.api.drain import Drain, marker_path
 
 
 async def hello(scope: Scope, receive: Receive, send: Send) -> None:
@@ -21,7 +22,7 @@ async def hello(scope: Scope, receive: Receive, send: Send) -> None:
 
 async def test_answers_close_their_connection_once_the_marker_exists(tmp_path: Path) -> None:
     marker = tmp_path / "leaving"
-    app = DrainMiddleware(hello, marker)
+    app = EdgeMiddleware(hello, max_body_bytes=1024, drain=Drain(marker))
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
         before = await client.get("/")

@@ -131,8 +131,10 @@ async def test_a_body_streamed_without_content_length_is_cut_off_at_the_limit(
         (b'{"prompt": "a", "prompt": "b"}', "prompt"),
         (b'{"prompt": "a", "params": {"model": "x", "model": "y"}}', "model"),
         (b'{"prompt": "a\\":b", "params": {"n": 1, "n": 2}}', "n"),
+        (b'{"prompt": "a", "params": {"n": 1, "\\u006e": 2}}', "n"),
+        (b'{"prompt": "v", "params": {":x": 1, "z": "w",  ":x": 2}}', ":x"),
     ],
-    ids=["top-level", "in-params", "after-a-colon-in-a-string"],
+    ids=["top-level", "in-params", "after-a-colon-in-a-string", "escaped", "key-opening-colon"],
 )
 async def test_a_repeated_key_is_refused_naming_it(
     client: httpx.AsyncClient, body: bytes, field: str
@@ -141,6 +143,11 @@ async def test_a_repeated_key_is_refused_naming_it(
     answer = await post_raw(client, body)
     assert answer.status_code == 422
     assert answer.json()["error"]["message"] == f"{field}: duplicate key in the JSON object"
+
+
+async def test_one_key_in_two_objects_is_no_repeat(client: httpx.AsyncClient) -> None:
+    answer = await post_raw(client, b'{"prompt": "a", "params": {"prompt": "b", "x": {"x": 1}}}')
+    assert answer.status_code == 202
 
 
 async def test_a_string_value_holding_a_quote_and_colon_is_still_accepted(

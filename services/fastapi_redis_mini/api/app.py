@@ -16,10 +16,10 @@ from ..core.telemetry.logging import configure_logging
 from ..core.telemetry.tracing import configure_tracing, shutdown_tracing
 from . import metrics_port
 from ._limits import ParamsCheck
-from ._middleware import BodyLimitMiddleware, MetricsMiddleware, SecurityHeadersMiddleware
+from ._middleware import EdgeMiddleware
 from .console import console_routes
 from .deps import operation_id
-from .drain import DrainMiddleware, marker_path
+from .drain import Drain, marker_path
 from .errors import install_error_handlers
 from .routes import docs, events, health, tasks
 from .state import ApiKeys, ApiState
@@ -83,10 +83,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         generate_unique_id_function=operation_id,
     )
     install_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(SecurityHeadersMiddleware)
-    app.add_middleware(MetricsMiddleware)
-    app.add_middleware(DrainMiddleware, marker=marker_path())
+    app.add_middleware(
+        EdgeMiddleware, max_body_bytes=settings.max_body_bytes, drain=Drain(marker_path())
+    )
     if tracing:
         from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 

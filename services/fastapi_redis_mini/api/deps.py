@@ -29,7 +29,8 @@ M = TypeVar("M", bound=BaseModel)
 MAX_BODY_DEPTH = 200
 _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 _BRACKET = re.compile(rb"[\[\]{}]")
-_KEY_TOKEN = re.compile(rb'"\s*:')
+# A JSON string, and the colon after it when it is an object's key.
+_STRING_TOKEN = re.compile(rb'"((?:[^"\\]|\\.)*)"(\s*:)?', re.DOTALL)
 
 
 def tenant_of(request: Request, api_keys: ApiKeys) -> str:
@@ -81,7 +82,7 @@ async def json_body(request: Request, model: type[M]) -> M:
             raise InvalidFieldError("body", f"nested deeper than {MAX_BODY_DEPTH} levels") from None
         first = error
     else:
-        if _key_tokens(body) != _key_count(parsed):
+        if _may_repeat_a_key(body):
             _reject_duplicate_keys(body)
         return parsed
     # pydantic's parser refuses some text Python's accepts, such as a lone surrogate escape.
@@ -119,27 +120,19 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
-def _key_tokens(body: bytes) -> int:
-    """How many object keys the text may hold: every key is a string followed by a colon.
+def _may_repeat_a_key(body: bytes) -> bool:
+    """False when no object of a valid JSON text can repeat a key; True when one may.
 
-    A string value that contains `":` counts too, so this is never below the true count.
+    Scanned from the start, the string pattern matches the text's strings and nothing
+    inside them, so the strings followed by a colon are exactly its keys. No key seen twice
+    (in any object) and no escape in the text means no object repeats one; otherwise the
+    exact check decides, since a key may recur in another object, or be spelled with an
+    escape (`"a"` and `"\\u0061"` are one key).
     """
-    return len(_KEY_TOKEN.findall(body))
-
-
-def _key_count(parsed: BaseModel) -> int:
-    """The object keys a parsed body holds: its fields that were sent, and every key nested
-    in them. Fewer than `_key_tokens` when the text repeated a key (or a value held `":`)."""
-    count = len(parsed.model_fields_set)
-    stack: list[Any] = [getattr(parsed, name) for name in parsed.model_fields_set]
-    while stack:
-        value = stack.pop()
-        if isinstance(value, dict):
-            count += len(value)
-            stack.extend(value.values())
-        elif isinstance(value, list):
-            stack.extend(value)
-    return count
+    if b"\\" in body:
+        return True
+    keys = [key for key, colon in _STRING_TOKEN.findall(body) if colon]
+    return len(set(keys)) != len(keys)
 
 
 def _reject_duplicate_keys(body: bytes) -> None:

@@ -18,13 +18,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
 _MARKER = "fastapi-redis-mini-leaving"
 # How stale the middleware's view of the marker may be: a stat every quarter second, not one
 # per request. The preStop pause is seconds long, so a quarter second is plenty.
 _RECHECK_SECONDS = 0.25
-_CLOSE = (b"connection", b"close")
 
 
 def marker_path() -> Path:
@@ -32,11 +29,14 @@ def marker_path() -> Path:
     return Path(tempfile.gettempdir()) / _MARKER
 
 
-class DrainMiddleware:
-    """Adds `Connection: close` to every response once the pod is leaving."""
+class Drain:
+    """Whether the pod is leaving: the marker, looked at no more than every quarter second.
 
-    def __init__(self, app: ASGIApp, marker: Path) -> None:
-        self.app = app
+    `_middleware.EdgeMiddleware` asks it when each answer starts, so a long-poll begun
+    before the hook closes its connection too.
+    """
+
+    def __init__(self, marker: Path) -> None:
         self.marker = marker
         self._leaving = False
         self._checked_at = float("-inf")
@@ -48,19 +48,6 @@ class DrainMiddleware:
                 self._checked_at = now
                 self._leaving = self.marker.exists()
         return self._leaving
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def send_closing_when_leaving(message: Message) -> None:
-            # Asked when the answer starts, so a long-poll begun before the hook closes too.
-            if message["type"] == "http.response.start" and self.leaving():
-                message = {**message, "headers": [*message.get("headers", []), _CLOSE]}
-            await send(message)
-
-        await self.app(scope, receive, send_closing_when_leaving)
 
 
 def main(argv: list[str]) -> int:

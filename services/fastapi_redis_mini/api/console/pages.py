@@ -290,7 +290,7 @@ class ConsolePages:
             Route("/console/dead-letters/delete", act(self.delete), methods=["POST"]),
             Route("/console/workers", read(self.workers)),
             Route("/console/scheduled", read(self.scheduled)),
-            # MetricsMiddleware leaves static files uncounted: a file name is no route.
+            # EdgeMiddleware leaves static files uncounted: a file name is no route.
             Mount(
                 "/console/static",
                 StaticFiles(packages=[("fastapi_redis_mini.api.console", "static")]),

@@ -69,7 +69,7 @@ def _assets(directory: str) -> StaticFiles:
     return StaticFiles(packages=[(ASSETS_PACKAGE, f"static/{directory}")])
 
 
-# MetricsMiddleware leaves static files uncounted: a file name is no route template.
+# EdgeMiddleware leaves static files uncounted: a file name is no route template.
 # /redoc/ holds the ReDoc build and the logo it asks for at the page's own path.
 routes = [
     *router.routes,
