@@ -228,3 +228,24 @@ async def test_a_task_handed_out_from_a_lane_is_reclaimed_when_its_worker_dies(
         await asyncio.sleep(0.3)
         [claimed] = await queue.claim_idle("survivor", 10)
         assert claimed.task_id == task_id
+
+
+async def test_a_lanes_oldest_age_is_its_oldest_task_whichever_leaves_next(
+    settings: Settings,
+) -> None:
+    async with opened(settings, priority_lanes=True, queue_partitions=1) as queue:
+        # Key B queues two tasks (turns 1 and 2); later key A queues one, which gets turn 1 as
+        # well, since B's backlog must not delay it. Once B's first is taken, A's task (the
+        # youngest) leaves next, and B's second (the oldest) waits behind it.
+        await submit(queue, "b 1", scope="key-b")
+        await submit(queue, "b 2", scope="key-b")
+        await asyncio.sleep(0.5)
+        await submit(queue, "a 1", scope="key-a")
+        assert await taken(queue, 1) == ["b 1"]
+        [lane] = [lane for lane in (await queue.stats()).lanes if lane.priority == "normal"]
+        assert lane.depth == 2
+        assert 0.5 <= lane.oldest_age < 30
+        assert await taken(queue, 2) == ["a 1", "b 2"]
+        [lane] = [lane for lane in (await queue.stats()).lanes if lane.priority == "normal"]
+        assert (lane.depth, lane.oldest_age) == (0, 0)
+

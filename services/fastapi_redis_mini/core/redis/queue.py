@@ -978,7 +978,7 @@ def _partition_stats(keys: Keys, reply: str) -> QueueStats:
             LaneStats(
                 priority=priority.value,
                 depth=int(lane["depth"]),
-                oldest_age=max(0, now_ms - int(lane["next_queued_ms"])) / 1000
+                oldest_age=max(0, now_ms - int(lane["oldest_queued_ms"])) / 1000
                 if int(lane["depth"])
                 else 0.0,
             )
