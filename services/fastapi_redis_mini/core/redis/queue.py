@@ -117,6 +117,10 @@ def _translated(method: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any,
 
 
 _IDLE_CONSUMER_MS = 3_600_000
+# trim_turns.lua looks at about this many lane-turns fields per partition and trim (every
+# 10 s), so one call's work is bounded; a hash needs more than one sweep only while more keys
+# than that have tasks waiting, or once after an upgrade from a version that kept every key.
+_TURNS_TRIMMED_PER_CALL = 1000
 # finish.lua counts outcomes in ten-second buckets, kept a quarter of an hour: the console
 # charts the last five minutes of them.
 COUNTS_BUCKET_SECONDS = 10
@@ -194,6 +198,7 @@ class RedisTaskQueue(SlotRouting):
         self._keep_alive_script = _load_script(redis, "keep_alive")
         self._promote_script = _load_script(redis, "promote")
         self._trim_script = _load_script(redis, "trim")
+        self._trim_turns_script = _load_script(redis, "trim_turns")
         self._cancel_script = _load_script(redis, "cancel")
         self._get_tasks_script = _load_script(redis, "get_tasks")
         self._replay_script = _load_script(redis, "replay")
@@ -862,6 +867,9 @@ class RedisTaskQueue(SlotRouting):
         removed = await self._call_each(self._trim_script, [([k.stream], []) for k in parts])
         await self._call_each(
             self._prune_script, [([k.stream], [k.group, "", _IDLE_CONSUMER_MS]) for k in parts]
+        )
+        await self._call_each(
+            self._trim_turns_script, [([k.lane_turns], [_TURNS_TRIMMED_PER_CALL]) for k in parts]
         )
         return sum(int(n) for n in removed)
 
