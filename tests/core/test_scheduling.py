@@ -305,3 +305,23 @@ async def test_dropping_turns_sweeps_a_large_hash_a_bounded_part_at_a_time(
         await queue.trim()
         assert await turn_fields(queue, redis_client) == {}
         assert await redis_client.hexists(queue.keys.lane_turns, "trim-cursor") == 0
+
+
+async def test_identical_requests_with_different_idempotency_keys_make_one_task(
+    settings: Settings,
+) -> None:
+    # Sixteen partitions, a cluster's default: routed by their keys, these twenty submits
+    # would land in several partitions and never meet.
+    async with opened(settings, queue_partitions=16) as queue:
+        task = TaskCreate(prompt="one request, many keys")
+        answers = await asyncio.gather(
+            *(
+                queue.submit(task, signature=request_signature(task), scope="a",
+                             idempotency_key=f"key-{n}")
+                for n in range(20)
+            )
+        )  # fmt: skip
+        outcomes = sorted(answer.outcome for answer in answers)
+        assert outcomes == [SubmitOutcome.COALESCED] * 19 + [SubmitOutcome.QUEUED]
+        assert len({answer.task_id for answer in answers}) == 1
+        assert len(await taken(queue, 10)) == 1

@@ -271,7 +271,7 @@ class RedisTaskQueue(SlotRouting):
         replacing_in_flight: str | None = None,
     ) -> Submitted:
         home = self.partitions.of_submit(signature, scope, idempotency_key)
-        # A keyed submit stays in its key's partition, so that a key names one task. An
+        # A keyed submit stays in its home partition, so that a key names one task. An
         # unkeyed one may be stored anywhere: while its own partition cannot confirm, it goes
         # to a partition of another master (see _avoidance.py).
         reroutable = idempotency_key is None and len(self.partitions) > 1
