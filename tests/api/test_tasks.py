@@ -10,7 +10,7 @@ import httpx
 import redis.asyncio
 from pydantic import SecretStr
 
-from fastapi_redis_mini.core.models import TASK_ID_PATTERN, Task, TaskCreate
+from fastapi_redis_mini.core.models import TASK_ID_PATTERN, Task, TaskCreate, request_signature
 from fastapi_redis_mini.core.redis.keys import Partitions
 
 from .conftest import ClientFactory
@@ -263,8 +263,11 @@ async def test_repeats_of_an_idempotency_key_after_its_task_expired_make_one_tas
         await redis_client.delete(second_keys.task(second))
         [third] = await five_repeats(client)
         assert third != second
-        # A submit with an Idempotency-Key is decided in the key's partition.
-        key_name = partitions.of_submit("", "", "order-17").idempotency("order-17")
+        # A submit with an Idempotency-Key is decided in the partition of_submit names (with
+        # single-flight, its request's).
+        order = TaskCreate(prompt="order")
+        home = partitions.of_submit(request_signature(order), "", "order-17")
+        key_name = home.idempotency("order-17")
         # It names the task and the request it was first sent with.
         stored = await redis_client.get(key_name)
         assert stored is not None

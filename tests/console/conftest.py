@@ -63,11 +63,13 @@ class Console:
 
 
 @pytest.fixture
-def console(redis_url: str) -> Iterator[Console]:
+def console(redis_url: str, request: pytest.FixtureRequest) -> Iterator[Console]:
+    """The api with the console on; a test parametrized indirectly adds settings to it."""
+    extra: dict[str, str] = getattr(request, "param", {})
     started: list[Process] = []
     api = start_api(
         redis_url,
-        {"CONSOLE_ENABLED": "true", "ADMIN_API_KEY": ADMIN_KEY, "API_KEYS": TENANT_KEY},
+        {"CONSOLE_ENABLED": "true", "ADMIN_API_KEY": ADMIN_KEY, "API_KEYS": TENANT_KEY, **extra},
     )
     started.append(api)
     try:

@@ -111,3 +111,17 @@ def test_bad_input_is_a_clear_error_naming_the_field(console: Console) -> None:
         as_json = client.post("/console/dead-letters/replay", json={"all": "1"})
         assert as_json.status_code == 422
         assert "content-type: " in as_json.text
+
+
+def test_a_tasks_page_and_its_events_are_the_admins_only(console: Console) -> None:
+    task_id = console.submit("whose events")
+    path = f"/console/tasks/{task_id}"
+    with httpx.Client(base_url=console.url, timeout=10) as anonymous:
+        assert anonymous.get(path).status_code == 401
+    with console.tenant() as tenant:
+        assert tenant.get(path).status_code == 403
+    with console.admin() as admin:
+        answer = admin.get(path)
+        assert answer.status_code == 200, answer.text
+        assert 'id="events"' in answer.text
+        assert "default-src 'none'" in answer.headers["content-security-policy"]

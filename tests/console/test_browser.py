@@ -187,3 +187,78 @@ def test_the_sign_in_page_refuses_a_wrong_key(browser: Browser, console: Console
         shoot(page, "login")
     finally:
         page.close()
+
+
+LANES = {"PRIORITY_LANES": "true"}
+# A prompt that would run script if a page ever put it into the HTML unescaped.
+MARKUP = "</pre><script>document.title='owned'</script>"
+
+
+def submit_with(console: Console, body: dict[str, object]) -> str:
+    with console.tenant() as client:
+        answer = client.post("/tasks", json=body)
+    assert answer.status_code == 202, answer.text
+    task_id: str = answer.json()["task_id"]
+    return task_id
+
+
+@pytest.mark.parametrize("console", [LANES], indirect=True)
+def test_lanes_and_delayed_tasks_are_shown_as_they_wait(page: Page, console: Console) -> None:
+    # No worker yet: what is submitted waits in its lane, or in the schedule.
+    for n in range(2):
+        submit_with(console, {"prompt": f"normal {n}"})
+    submit_with(console, {"prompt": "low", "priority": "low"})
+    delayed = submit_with(console, {"prompt": "later", "delay_seconds": 600})
+
+    page.goto(f"{console.url}/console")
+    lanes = page.locator("#lanes tbody tr")
+    expect(lanes).to_have_count(3)
+    expect(page.locator('#lanes tr[data-lane="normal"] [data-field=depth]')).to_have_text("2")
+    expect(page.locator('#lanes tr[data-lane="low"] [data-field=depth]')).to_have_text("1")
+    expect(page.locator('#lanes tr[data-lane="high"] [data-field=depth]')).to_have_text("0")
+    # The live refresh fills the ages in again: the oldest normal task has waited a while.
+    expect(page.locator('#lanes tr[data-lane="normal"] [data-field=oldest_age]')).not_to_have_text(
+        "0.0 s", timeout=15_000
+    )
+    shoot(page, "lanes")
+
+    page.get_by_role("link", name="Scheduled").click()
+    row = page.locator("#delayed tbody tr")
+    expect(row).to_have_count(1)
+    expect(row).to_contain_text(delayed)
+    expect(row).to_contain_text(" UTC")  # its run_at
+    expect(page.locator("#scheduled")).to_contain_text("Nothing is waiting.")
+    shoot(page, "delayed")
+
+    # A worker takes the lanes' tasks: they empty, and the delayed task still waits.
+    console.worker(PRIORITY_LANES="true")
+    page.goto(f"{console.url}/console")
+    expect(page.locator('#lanes tr[data-lane="normal"] [data-field=depth]')).to_have_text(
+        "0", timeout=30_000
+    )
+    page.goto(f"{console.url}/console/scheduled")
+    expect(page.locator("#delayed tbody tr")).to_contain_text(delayed)
+
+
+def test_a_tasks_page_shows_its_event_stream(page: Page, console: Console) -> None:
+    console.worker()
+    task_id = console.submit(f"three words {MARKUP}", duration=1)
+    console.wait_for(task_id, "DONE")
+
+    task_page(page, console, task_id)
+    events = page.locator("#events tbody tr")
+    # The simulated model streams its output word by word, each word with its progress:
+    # "[simulate] <digest>: <markup> words three", five words.
+    expect(events.filter(has_text="output")).to_have_count(5)
+    expect(events.filter(has_text="progress")).to_have_count(5)
+    expect(events.last).to_contain_text("100% 5 of 5 words")
+    # The prompt's markup is shown as text, never run.
+    expect(page.locator("#events")).to_contain_text(MARKUP)
+    assert page.title() != "owned"
+    shoot(page, "task-events")
+
+    # A task that reported nothing says so.
+    quiet = console.submit("quiet")
+    console.wait_for(quiet, "DONE")
+    task_page(page, console, quiet)
+    expect(page.locator("#events")).to_contain_text("No reports")

@@ -11,7 +11,7 @@ import pytest
 import redis.asyncio
 
 from fastapi_redis_mini.core.models import TaskCreate, request_signature
-from fastapi_redis_mini.core.queue import CancelOutcome, Finish, Job, Outcome
+from fastapi_redis_mini.core.queue import CancelOutcome, Finish, Job, Outcome, Report
 from fastapi_redis_mini.core.redis import RedisTaskQueue, connect
 from fastapi_redis_mini.core.redis.console import ConsoleStore, RetryOutcome
 from fastapi_redis_mini.core.settings import Settings
@@ -184,13 +184,45 @@ async def test_workers_show_the_tasks_they_hold_and_scheduled_the_due_order(
     assert [s.task_id for s in await store.scheduled()] == [sooner, later]
 
 
+async def test_scheduled_tells_delayed_starts_from_retries(queue: RedisTaskQueue) -> None:
+    store = ConsoleStore(queue)
+    retried = await submit(queue, "retried")
+    [job] = await take(queue)
+    await queue.finish(CONSUMER, [Finish(job, Outcome.RETRY, error="x", due_at=1_900_000_000.0)])
+    task = TaskCreate(prompt="delayed")
+    delayed = await queue.submit(task, signature=request_signature(task), due_at=1_800_000_000.0)
+    shown = await store.scheduled()
+    assert [(s.task_id, s.delayed, s.run_at) for s in shown] == [
+        (delayed.task_id, True, 1_800_000_000.0),
+        (retried, False, None),
+    ]
+
+
+async def test_a_tasks_events_are_its_newest_reports_in_order(queue: RedisTaskQueue) -> None:
+    store = ConsoleStore(queue)
+    task_id = await submit(queue, "reports")
+    [job] = await take(queue)
+    reports = [Report("output", f"chunk {n}", 0.0) for n in range(5)]
+    assert await queue.report(CONSUMER, task_id, [*reports, Report("progress", "done", 1.0)])
+    shown = await store.events(task_id, limit=3)
+    assert shown.total == 6
+    assert [(e.kind, e.text, e.fraction, e.attempt) for e in shown.events] == [
+        ("output", "chunk 3", 0.0, 1),
+        ("output", "chunk 4", 0.0, 1),
+        ("progress", "done", 1.0, 1),
+    ]
+    assert job.task_id == task_id
+    nothing = await store.events(await submit(queue, "silent"))
+    assert (nothing.events, nothing.total) == ([], 0)
+
+
 @pytest.mark.single_server(reason="MONITOR watches the commands of one server")
 async def test_a_page_reads_a_bounded_amount_however_many_tasks_there_are(
     queue: RedisTaskQueue,
 ) -> None:
     store = ConsoleStore(queue)
     for n in range(600):
-        await submit(queue, f"many {n}")
+        task_id = await submit(queue, f"many {n}")
     for read in (
         lambda: store.recent(limit=20),
         lambda: store.recent(status="FAILED", scope="d" * 16, limit=20),
@@ -198,6 +230,7 @@ async def test_a_page_reads_a_bounded_amount_however_many_tasks_there_are(
         store.workers,
         store.scheduled,
         store.overview,
+        lambda: store.events(task_id),
     ):
         with monitored(queue.settings.redis_url) as lines:
             await read()

@@ -5,6 +5,7 @@ with its default of 16 partitions over three masters.)"""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 
@@ -141,9 +142,20 @@ async def test_get_and_cancel_find_a_task_by_its_id_alone(pqueue: RedisTaskQueue
     assert cancelled.status is TaskStatus.CANCELLED
 
 
-async def test_an_idempotency_key_is_decided_in_one_partition_whatever_the_bodies(
-    pqueue: RedisTaskQueue,
+async def test_without_single_flight_an_idempotency_key_is_decided_in_one_partition(
+    settings: Settings,
 ) -> None:
+    configured = settings.model_copy(
+        update={"queue_partitions": PARTITIONS, "single_flight": False}
+    )
+    pqueue = RedisTaskQueue(connect(configured), configured)
+    try:
+        await _a_key_names_one_task_whatever_the_bodies(pqueue)
+    finally:
+        await pqueue.close()
+
+
+async def _a_key_names_one_task_whatever_the_bodies(pqueue: RedisTaskQueue) -> None:
     first, outcome = await submit(pqueue, "first body", key="order-7")
     assert outcome == "queued"
     # Other bodies with the same key: their signatures point at every partition, the key at
@@ -157,6 +169,28 @@ async def test_an_idempotency_key_is_decided_in_one_partition_whatever_the_bodie
     )
     keyed = pqueue.partitions.of_submit("", "", "order-7")
     assert first.startswith(f"{keyed.index}-")
+
+
+async def test_with_single_flight_identical_requests_meet_in_one_partition_whatever_their_keys(
+    pqueue: RedisTaskQueue,
+) -> None:
+    # Routed by their keys, as without single-flight, these would go to several partitions.
+    keys = [f"order-{n}" for n in range(40)]
+    by_key = dataclasses.replace(pqueue.partitions, by_signature=False)
+    assert len({by_key.of_submit("", "", key).index for key in keys}) > 1
+    answers = await asyncio.gather(*(submit(pqueue, "one body", key=key) for key in keys))
+    assert sorted(outcome for _, outcome in answers) == ["coalesced"] * 39 + ["queued"]
+    [task_id] = {task_id for task_id, _ in answers}
+    home = pqueue.partitions.of_submit(request_signature(TaskCreate(prompt="one body")), "", None)
+    assert task_id.startswith(f"{home.index}-")
+    # Each key names that task when sent again with its body, and a key sent again with
+    # another body whose signature lands in the same partition is refused as before.
+    assert await submit(pqueue, "one body", key="order-3") == (task_id, "duplicate")
+    [other_body] = prompts_in(pqueue, home.index, 1, tag="other-")
+    assert await submit(pqueue, other_body, key="order-3") == (
+        task_id,
+        SubmitOutcome.IDEMPOTENCY_KEY_REUSED.value,
+    )
 
 
 async def test_reads_go_round_every_partition_so_a_backlog_starves_none(

@@ -114,7 +114,7 @@ async def test_a_task_runs_its_whole_life_on_the_cluster(
     task_id, outcome = await submit(queue, "hello")
     assert outcome == "queued"
     keyed_id, _ = await submit(queue, "keyed", key="k-1")
-    assert (await submit(queue, "other", key="k-1"))[0] == keyed_id  # the Idempotency-Key
+    assert (await submit(queue, "keyed", key="k-1")) == (keyed_id, "duplicate")
     await queue.cancel(keyed_id)
     jobs = await take(queue)
     [job] = [j for j in jobs if j.verdict is StartVerdict.RUN]
@@ -386,11 +386,13 @@ async def test_replica_acks_on_a_slot_being_resharded_are_a_try_again(
         # The first step of moving a slot: its master answers ASK for keys it does not hold.
         client.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
     try:
-        # A keyed submit stays in its key's partition (chosen here to be the moving one).
+        # A keyed submit stays in its home partition (chosen here to be the moving one; with
+        # single-flight it is the request's, whatever the key).
         key = next(
             f"k{n}"
             for n in range(10_000)
-            if queue.partitions.of_submit("", "", f"k{n}").index == partition.index
+            if queue.partitions.of_submit(request_signature(moving), "", f"k{n}").index
+            == partition.index
         )
         with pytest.raises(QueueBusy) as refused:
             await submit(queue, "while the slot moves", key=key)

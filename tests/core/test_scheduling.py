@@ -228,3 +228,100 @@ async def test_a_task_handed_out_from_a_lane_is_reclaimed_when_its_worker_dies(
         await asyncio.sleep(0.3)
         [claimed] = await queue.claim_idle("survivor", 10)
         assert claimed.task_id == task_id
+
+
+async def test_a_lanes_oldest_age_is_its_oldest_task_whichever_leaves_next(
+    settings: Settings,
+) -> None:
+    async with opened(settings, priority_lanes=True, queue_partitions=1) as queue:
+        # Key B queues two tasks (turns 1 and 2); later key A queues one, which gets turn 1 as
+        # well, since B's backlog must not delay it. Once B's first is taken, A's task (the
+        # youngest) leaves next, and B's second (the oldest) waits behind it.
+        await submit(queue, "b 1", scope="key-b")
+        await submit(queue, "b 2", scope="key-b")
+        await asyncio.sleep(0.5)
+        await submit(queue, "a 1", scope="key-a")
+        assert await taken(queue, 1) == ["b 1"]
+        [lane] = [lane for lane in (await queue.stats()).lanes if lane.priority == "normal"]
+        assert lane.depth == 2
+        assert 0.5 <= lane.oldest_age < 30
+        assert await taken(queue, 2) == ["a 1", "b 2"]
+        [lane] = [lane for lane in (await queue.stats()).lanes if lane.priority == "normal"]
+        assert (lane.depth, lane.oldest_age) == (0, 0)
+
+
+async def turn_fields(queue: RedisTaskQueue, client: Any) -> dict[str, str]:
+    """The per-key fields of the partition's lane-turns hash: {"key:LANE:SCOPE": turn}."""
+    fields: dict[str, str] = await client.hgetall(queue.keys.lane_turns)
+    return {name: turn for name, turn in fields.items() if name.startswith("key:")}
+
+
+async def test_the_turns_of_keys_with_nothing_waiting_are_dropped(
+    settings: Settings, redis_client: Any
+) -> None:
+    async with opened(settings, priority_lanes=True, queue_partitions=1) as queue:
+        await asyncio.gather(*(submit(queue, f"once {n}", scope=f"once-{n}") for n in range(30)))
+        assert len(await turn_fields(queue, redis_client)) == 30
+        assert len(await taken(queue, 30)) == 30
+        for i in range(40):
+            await submit(queue, f"a {i}", scope="key-a")
+        assert len(await taken(queue, 5)) == 5
+        await queue.trim()
+        # The thirty keys whose one task was taken are gone; key A, with tasks still waiting,
+        # keeps its place (turns 2 to 41, after the others' turn 1).
+        assert await turn_fields(queue, redis_client) == {"key:2:key-a": "41"}
+        # A key that comes back after its field went starts one past the lane's last turn,
+        # exactly as it would have with the field kept, and takes turns with A as a new key.
+        await submit(queue, "b 0", scope="key-b")
+        await submit(queue, "b 1", scope="key-b")
+        await submit(queue, "once 0 again", scope="once-0")
+        handed = [prompt.split()[0] for prompt in await taken(queue, 6)]
+        # Turn by turn: A, B and the returning key share the next turn (in the order queued,
+        # to the millisecond), then A and B, then A alone.
+        assert [sorted(handed[:3]), sorted(handed[3:5]), handed[5:]] == [
+            ["a", "b", "once"], ["a", "b"], ["a"],
+        ]  # fmt: skip
+        await queue.trim()
+        assert await turn_fields(queue, redis_client) == {"key:2:key-a": "41"}
+        while await taken(queue, 10):
+            pass
+        await queue.trim()
+        assert await turn_fields(queue, redis_client) == {}
+
+
+async def test_dropping_turns_sweeps_a_large_hash_a_bounded_part_at_a_time(
+    settings: Settings, redis_client: Any
+) -> None:
+    async with opened(settings, priority_lanes=True, queue_partitions=1) as queue:
+        keys = 1500
+        await asyncio.gather(*(submit(queue, f"t {n}", scope=f"k-{n}") for n in range(keys)))
+        assert len(await turn_fields(queue, redis_client)) == keys
+        while await taken(queue, 500):
+            pass
+        await queue.trim()
+        # One call looks at about a thousand fields, and leaves its cursor for the next.
+        left = len(await turn_fields(queue, redis_client))
+        assert 0 < left < keys
+        await queue.trim()
+        assert await turn_fields(queue, redis_client) == {}
+        assert await redis_client.hexists(queue.keys.lane_turns, "trim-cursor") == 0
+
+
+async def test_identical_requests_with_different_idempotency_keys_make_one_task(
+    settings: Settings,
+) -> None:
+    # Sixteen partitions, a cluster's default: routed by their keys, these twenty submits
+    # would land in several partitions and never meet.
+    async with opened(settings, queue_partitions=16) as queue:
+        task = TaskCreate(prompt="one request, many keys")
+        answers = await asyncio.gather(
+            *(
+                queue.submit(task, signature=request_signature(task), scope="a",
+                             idempotency_key=f"key-{n}")
+                for n in range(20)
+            )
+        )  # fmt: skip
+        outcomes = sorted(answer.outcome for answer in answers)
+        assert outcomes == [SubmitOutcome.COALESCED] * 19 + [SubmitOutcome.QUEUED]
+        assert len({answer.task_id for answer in answers}) == 1
+        assert len(await taken(queue, 10)) == 1

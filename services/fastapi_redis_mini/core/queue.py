@@ -200,7 +200,7 @@ class TaskEvents:
 
 @dataclass(frozen=True, slots=True)
 class LaneStats:
-    """One priority lane: the tasks waiting in it, and how long the next to leave has waited."""
+    """One priority lane: the tasks waiting in it, and how long the oldest of them has waited."""
 
     priority: str
     depth: int

@@ -145,7 +145,12 @@ class ConsolePages:
     # -- pages
 
     async def overview(self, request: Request, access: Access, store: ConsoleStore) -> Response:
-        return page(request, "overview.html", access=access, overview=await store.overview(),
+        overview = await store.overview()
+        # Lanes are shown while PRIORITY_LANES is on, or while tasks still wait in them.
+        lanes = store.queue.settings.priority_lanes or any(
+            lane.depth for lane in overview.stats.lanes
+        )
+        return page(request, "overview.html", access=access, overview=overview, lanes=lanes,
                     section="overview")  # fmt: skip
 
     async def overview_json(
@@ -168,6 +173,11 @@ class ConsolePages:
                         "dead_letters": p.dead_letter_length,
                         "retries": p.retry_size,
                         "workers": p.consumers,
+                        "lanes": [
+                            {"priority": lane.priority, "depth": lane.depth,
+                             "oldest_age": lane.oldest_age}
+                            for lane in p.lanes
+                        ],
                     }
                     for p in partitions
                 ],
@@ -206,7 +216,9 @@ class ConsolePages:
         record = await store.task(task_id) if is_task_id(task_id) else None
         if record is None:
             raise ConsoleNotFoundError(f"no task {task_id}: it never existed or it expired")
-        return page(request, "task.html", access=access, task=record, section="tasks")
+        events = await store.events(task_id)
+        return page(request, "task.html", access=access, task=record, events=events,
+                    section="tasks")  # fmt: skip
 
     async def dead_letters(self, request: Request, access: Access, store: ConsoleStore) -> Response:
         letters = await store.dead_letters(limit=100)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from ..queue import CancelOutcome, DeadLetter, QueueStats
+from ..queue import CancelOutcome, DeadLetter, QueueStats, TaskEvent
 from .keys import Keys
 from .queue import COUNTS_BUCKET_SECONDS, RedisTaskQueue, _load_script, _translated
 
@@ -25,6 +25,8 @@ FILTER_WINDOW = 200
 # A worker's held entries shown, and the consumers shown per partition.
 HELD_SHOWN = 10
 CONSUMERS_SHOWN = 100
+# A task page shows the newest reports of its event stream, at most this many.
+EVENTS_SHOWN = 100
 
 
 class RetryOutcome(StrEnum):
@@ -72,9 +74,23 @@ class Consumer:
 
 @dataclass(frozen=True, slots=True)
 class ScheduledTask:
+    """A task in a partition's retry set: a delayed start (`run_at` set, never attempted) or a
+    retry waiting out its backoff."""
+
     task_id: str
     partition: int
     due_at: float
+    delayed: bool = False
+    run_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskEventPage:
+    """The newest reports of a task's event stream, oldest of them first, and how many the
+    stream holds."""
+
+    events: list[TaskEvent]
+    total: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,17 +258,42 @@ class ConsoleStore:
         return sorted(consumers, key=lambda c: (-c.pending, c.idle_seconds, c.name))
 
     @_translated
+    async def events(self, task_id: str, limit: int = EVENTS_SHOWN) -> TaskEventPage:
+        """The newest `limit` reports of a task's event stream (task:{id}:events)."""
+        keys = self.partitions.of_task(task_id)
+        if keys is None:
+            return TaskEventPage([], 0)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xrevrange(keys.task_events(task_id), count=limit)
+            pipe.xlen(keys.task_events(task_id))
+            newest, total = await self.queue._execute(pipe)
+        return TaskEventPage([_event(entry_id, f) for entry_id, f in reversed(newest)], total)
+
+    @_translated
     async def scheduled(self, limit: int = 50) -> list[ScheduledTask]:
-        """Tasks waiting out a retry backoff, soonest due first."""
+        """Tasks waiting in the retry sets, soonest due first: delayed starts and retries."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for keys in self.partitions.all:
                 pipe.zrange(keys.retries, 0, limit - 1, withscores=True)
             replies: list[list[tuple[str, float]]] = await self.queue._execute(pipe)
         each = [
-            [ScheduledTask(task_id, keys.index, float(due)) for task_id, due in reply]
+            [(keys, task_id, float(due)) for task_id, due in reply]
             for keys, reply in zip(self.partitions.all, replies, strict=True)
         ]
-        return list(heapq.merge(*each, key=lambda s: s.due_at))[:limit]
+        soonest = list(heapq.merge(*each, key=lambda s: s[2]))[:limit]
+        if not soonest:
+            return []
+        # A delayed task has run_at and no attempt yet; a retry has run at least once.
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for keys, task_id, _ in soonest:
+                pipe.hmget(keys.task(task_id), "run_at", "attempts")
+            rows: list[list[str | None]] = await self.queue._execute(pipe)
+        return [
+            ScheduledTask(task_id, keys.index, due,
+                          delayed=bool(run_at) and attempts in (None, "0"),
+                          run_at=float(run_at) if run_at else None)
+            for (keys, task_id, due), (run_at, attempts) in zip(soonest, rows, strict=True)
+        ]  # fmt: skip
 
     @_translated
     async def dead_letters(self, limit: int = 50) -> list[DeadLetter]:
@@ -328,6 +369,15 @@ class ConsoleStore:
         if record is None:
             return CancelOutcome.NOT_FOUND
         return await self.queue.cancel(task_id, record.scope)
+
+
+def _event(entry_id: str, fields: dict[str, str]) -> TaskEvent:
+    """A report as report.lua stored it; read_events.lua reads the same fields."""
+    attempt = int(fields.get("attempt") or 1)
+    if fields.get("kind") == "progress":
+        fraction = float(fields.get("fraction") or 0)
+        return TaskEvent(entry_id, "progress", fields.get("message", ""), fraction, attempt)
+    return TaskEvent(entry_id, "output", fields.get("chunk", ""), 0.0, attempt)
 
 
 def _created_at(record: TaskRecord) -> float:

@@ -187,12 +187,14 @@ class Partitions:
     """
 
     all: tuple[Keys, ...]
+    # SINGLE_FLIGHT: identical requests must meet in one partition, whatever their keys.
+    by_signature: bool = False
 
     @classmethod
     def from_settings(cls, settings: Settings, *, cluster: bool = False) -> Partitions:
         count = partition_count(settings, cluster=cluster)
         if count == 1:
-            return cls((Keys.from_settings(settings, cluster=cluster),))
+            return cls((Keys.from_settings(settings, cluster=cluster),), settings.single_flight)
         base = f"{settings.key_prefix}{settings.queue_key}"
         return cls(
             tuple(
@@ -203,7 +205,8 @@ class Partitions:
                     index=index,
                 )
                 for index in range(count)
-            )
+            ),
+            settings.single_flight,
         )
 
     def __len__(self) -> int:
@@ -225,10 +228,14 @@ class Partitions:
         return self.all[int(match[1])]
 
     def of_submit(self, signature: str, scope: str, idempotency_key: str | None) -> Keys:
-        """Where a submit is decided: by its Idempotency-Key when it has one, so a key names
-        exactly one task whatever the bodies sent with it; otherwise by its signature, so the
-        cache lookup and the task it may create share one slot."""
+        """Where a submit is decided: by its signature, so the cache lookup, the single-flight
+        key and the task it may create share one slot, and identical requests meet there
+        whatever their Idempotency-Keys. Without single-flight, a submit with a key is
+        decided by the key instead, so a key names exactly one task whatever the bodies sent
+        with it (with single-flight, a key sent with another body is refused only when that
+        body's signature shares the first one's partition)."""
         if len(self.all) == 1:
             return self.all[0]
-        routed_by = signature if idempotency_key is None else f"{scope}\0{idempotency_key}"
+        keyed = idempotency_key is not None and not self.by_signature
+        routed_by = f"{scope}\0{idempotency_key}" if keyed else signature
         return self.all[zlib.crc32(routed_by.encode()) % len(self.all)]

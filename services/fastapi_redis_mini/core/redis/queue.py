@@ -117,6 +117,10 @@ def _translated(method: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any,
 
 
 _IDLE_CONSUMER_MS = 3_600_000
+# trim_turns.lua looks at about this many lane-turns fields per partition and trim (every
+# 10 s), so one call's work is bounded; a hash needs more than one sweep only while more keys
+# than that have tasks waiting, or once after an upgrade from a version that kept every key.
+_TURNS_TRIMMED_PER_CALL = 1000
 # finish.lua counts outcomes in ten-second buckets, kept a quarter of an hour: the console
 # charts the last five minutes of them.
 COUNTS_BUCKET_SECONDS = 10
@@ -194,6 +198,7 @@ class RedisTaskQueue(SlotRouting):
         self._keep_alive_script = _load_script(redis, "keep_alive")
         self._promote_script = _load_script(redis, "promote")
         self._trim_script = _load_script(redis, "trim")
+        self._trim_turns_script = _load_script(redis, "trim_turns")
         self._cancel_script = _load_script(redis, "cancel")
         self._get_tasks_script = _load_script(redis, "get_tasks")
         self._replay_script = _load_script(redis, "replay")
@@ -266,7 +271,7 @@ class RedisTaskQueue(SlotRouting):
         replacing_in_flight: str | None = None,
     ) -> Submitted:
         home = self.partitions.of_submit(signature, scope, idempotency_key)
-        # A keyed submit stays in its key's partition, so that a key names one task. An
+        # A keyed submit stays in its home partition, so that a key names one task. An
         # unkeyed one may be stored anywhere: while its own partition cannot confirm, it goes
         # to a partition of another master (see _avoidance.py).
         reroutable = idempotency_key is None and len(self.partitions) > 1
@@ -863,6 +868,9 @@ class RedisTaskQueue(SlotRouting):
         await self._call_each(
             self._prune_script, [([k.stream], [k.group, "", _IDLE_CONSUMER_MS]) for k in parts]
         )
+        await self._call_each(
+            self._trim_turns_script, [([k.lane_turns], [_TURNS_TRIMMED_PER_CALL]) for k in parts]
+        )
         return sum(int(n) for n in removed)
 
     @_translated
@@ -978,7 +986,7 @@ def _partition_stats(keys: Keys, reply: str) -> QueueStats:
             LaneStats(
                 priority=priority.value,
                 depth=int(lane["depth"]),
-                oldest_age=max(0, now_ms - int(lane["next_queued_ms"])) / 1000
+                oldest_age=max(0, now_ms - int(lane["oldest_queued_ms"])) / 1000
                 if int(lane["depth"])
                 else 0.0,
             )

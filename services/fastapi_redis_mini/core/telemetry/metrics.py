@@ -104,7 +104,7 @@ LANE_GAUGES: tuple[tuple[str, str, Callable[[LaneStats], float]], ...] = (
     ("lane_depth", "Tasks waiting in a priority lane, not yet handed to a worker.",
      lambda lane: lane.depth),
     ("lane_oldest_age_seconds",
-     "How long the task next to leave a priority lane has waited; 0 when it is empty.",
+     "How long the oldest task waiting in a priority lane has waited; 0 when it is empty.",
      lambda lane: lane.oldest_age),
 )  # fmt: skip
 

@@ -1,5 +1,5 @@
 // The overview's live parts: every 5 s, the figures of /console/overview.json fill the
-// partition table and redraw the two bar charts. No other page runs any script.
+// partition and lane tables and redraw the two bar charts. No other page runs any script.
 "use strict";
 
 const SVG = "http://www.w3.org/2000/svg";
@@ -31,13 +31,21 @@ function drawBars(svg, values, css) {
   document.getElementById(svg.id + "-max").textContent = "highest " + top;
 }
 
+function fillRow(row, values) {
+  if (!row) return;
+  for (const cell of row.querySelectorAll("[data-field]")) {
+    const value = values[cell.dataset.field];
+    cell.textContent = cell.dataset.field === "oldest_age" ? seconds(value) : String(value);
+  }
+}
+
 function fill(data) {
   for (const p of data.partitions) {
-    const row = document.querySelector('#partitions tr[data-partition="' + p.partition + '"]');
-    if (!row) continue;
-    for (const cell of row.querySelectorAll("[data-field]")) {
-      const value = p[cell.dataset.field];
-      cell.textContent = cell.dataset.field === "oldest_age" ? seconds(value) : String(value);
+    fillRow(document.querySelector('#partitions tr[data-partition="' + p.partition + '"]'), p);
+    for (const lane of p.lanes) {
+      const selector = '#lanes tr[data-partition="' + p.partition + '"][data-lane="' +
+        lane.priority + '"]';
+      fillRow(document.querySelector(selector), lane);
     }
   }
   drawBars(document.getElementById("chart-done"), data.counts.map((c) => c.done), "bar-done");

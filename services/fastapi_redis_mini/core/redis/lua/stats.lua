@@ -6,8 +6,8 @@
 --   (-1 when undefined), oldest_undelivered (the id of the oldest entry not yet delivered to
 --   the group, or ""), oldest_pending (the id of the oldest pending entry, or ""),
 --   dead_letter_length, retry_size, lanes, now_ms} (now_ms has 13 digits, within cjson's
---   14); lanes: per lane, highest first, {depth, next_queued_ms} (0 when empty): a lane's
---   member starts with the time it was queued (submit.lua)
+--   14); lanes: per lane, highest first, {depth, oldest_queued_ms} (when its oldest task
+--   was queued; 0 when empty): a lane's member starts with the time it was queued (submit.lua)
 local stream, group = KEYS[1], ARGV[1]
 local now = redis.call('TIME')
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
@@ -19,10 +19,22 @@ for i = 4, 6 do
   local depth = redis.call('ZCARD', KEYS[i])
   local queued_ms = 0
   if depth > 0 then
-    local head = redis.call('ZRANGE', KEYS[i], 0, 0)
-    queued_ms = tonumber(string.match(head[1] or '', '^(%d+):')) or 0
+    -- The oldest task is the first of some API key's tasks (a key's turns rise with time),
+    -- and each key's first task holds the lowest turn or the one after it: its turn was one
+    -- past the lane's last turn taken, or past its key's previous task, taken since. Among
+    -- equal turns members sort by their text, which starts with the time queued. So the
+    -- oldest is the first member of the lowest turn or the first of the next.
+    local head = redis.call('ZRANGE', KEYS[i], 0, 0, 'WITHSCORES')
+    local next_turn = redis.call('ZRANGEBYSCORE', KEYS[i], head[2] + 1, head[2] + 1,
+      'LIMIT', 0, 1)
+    for _, member in ipairs({head[1], next_turn[1]}) do
+      local at = tonumber(string.match(member, '^(%d+):'))
+      if at and (queued_ms == 0 or at < queued_ms) then
+        queued_ms = at
+      end
+    end
   end
-  lanes[#lanes + 1] = {depth = depth, next_queued_ms = queued_ms}
+  lanes[#lanes + 1] = {depth = depth, oldest_queued_ms = queued_ms}
 end
 
 local info = nil
