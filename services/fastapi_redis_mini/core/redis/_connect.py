@@ -56,7 +56,10 @@ def connect(settings: Settings) -> Client:
         "max_connections": settings.redis_max_connections,
         "password": password,
         "decode_responses": True,
-        "socket_connect_timeout": 5,
+        # A connect to a node across a cut link waits for this; on a cluster the client tries
+        # the node again after reading the slots, so it counts twice or more per command. A
+        # reachable server, even a frozen one, completes the handshake in the kernel at once.
+        "socket_connect_timeout": settings.redis_socket_timeout,
         "socket_timeout": settings.redis_socket_timeout,
         "socket_keepalive": True,
         "health_check_interval": 30,
