@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -57,6 +58,7 @@ _FINISH_BATCH = 500
 _RETRY_PROMOTE_INTERVAL = 0.5
 _TRIM_INTERVAL = 10.0
 _RUN_PHASES = (Phase.RUNNING, Phase.ALONE)
+_FINAL = (Outcome.DONE, Outcome.FAILED, Outcome.CANCELLED)
 # How long a run's last reports may take to be sent before its outcome is written anyway.
 _REPORTS_GRACE = 2.0
 _CLOSE_TIMEOUT = 5.0  # for the handler's close(), within the pod's termination grace
@@ -193,6 +195,7 @@ class Worker:
                     keep_alive = self._loop(self.sidecar.run(body), "keep-alive", self._closed)
                 helpers += [
                     self._loop(self._flush_loop(), "flush", self._closed),
+                    self._loop(self.webhooks.run(self._closed), "webhooks", self._closed),
                     keep_alive,
                     self._loop(self._maintenance_loop(), "maintenance", self._stopping),
                 ]
@@ -406,6 +409,11 @@ class Worker:
             if finish is None:  # another worker took the entry over; its outcome is theirs
                 self._let_go(record)
             else:
+                if job.webhook and finish.outcome in _FINAL:
+                    # Recorded with the outcome, in the same script call (see finish.lua).
+                    data = _completed(finish, time.time())
+                    message = self.webhooks.message(job, WebhookEvent.COMPLETED, data)
+                    finish = dataclasses.replace(finish, webhook=message)
                 self._move(record, Phase.WRITING)
                 self._outbox.add(finish)
                 self._flush_needed.set()
@@ -542,8 +550,8 @@ class Worker:
             if finish.outcome is Outcome.RETRY:
                 metrics.tasks_retried.inc()
             elif finish.outcome is not Outcome.RELEASE:
-                if job.webhook:
-                    self.webhooks.send(job, WebhookEvent.COMPLETED, _completed(finish, now))
+                if finish.webhook is not None:
+                    self.webhooks.wake()
                 metrics.tasks_finished.labels(finish.outcome.value).inc()
                 metrics.task_run.observe(max(0.0, now - job.started_at))
                 metrics.task_end_to_end.observe(max(0.0, now - job.created_at))
