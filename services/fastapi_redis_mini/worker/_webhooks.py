@@ -84,8 +84,8 @@ def body_of(message: WebhookMessage) -> bytes:
 class WebhookSender:
     """One worker's share of the deliveries: at most WEBHOOK_CONCURRENCY attempts at once.
 
-    Without WEBHOOK_SECRET it sends nothing and asks Redis for nothing: the api refuses a
-    webhook without a secret.
+    Without WEBHOOK_SECRET it sends nothing and claims nothing: the api refuses a webhook
+    without a secret.
     """
 
     def __init__(self, settings: Settings, queue: TaskQueue) -> None:
@@ -111,17 +111,19 @@ class WebhookSender:
         """The delivery of `data` to the job's webhook, if it asked for this kind of event.
 
         A `completed` delivery is named by its task, which ends once: an outcome written
-        twice (a retried write) records it once.
+        twice (a retried write) records it once. A worker without WEBHOOK_SECRET still
+        records deliveries, for a worker that has one to send.
         """
         if not job.webhook or kind not in job.webhook_events:
             return None
-        if self._key is None:
+        if self._key is None and not self._warned:
             # The api refuses a webhook without a secret; a worker configured without one
             # (unlike its api) can only say so.
-            if not self._warned:
-                self._warned = True
-                log.warning("a task asks for a webhook but this worker has no WEBHOOK_SECRET")
-            return None
+            self._warned = True
+            log.warning(
+                "a task asks for a webhook but this worker has no WEBHOOK_SECRET: its "
+                "deliveries wait in Redis for a worker that has one"
+            )
         message_id = (
             f"msg_{job.task_id}_completed"
             if kind is WebhookEvent.COMPLETED

@@ -59,6 +59,7 @@ _RETRY_PROMOTE_INTERVAL = 0.5
 _TRIM_INTERVAL = 10.0
 _RUN_PHASES = (Phase.RUNNING, Phase.ALONE)
 _FINAL = (Outcome.DONE, Outcome.FAILED, Outcome.CANCELLED)
+_ENDED_AT_START = (StartVerdict.DEAD, StartVerdict.CANCELLED, StartVerdict.EXPIRED)
 # How long a run's last reports may take to be sent before its outcome is written anyway.
 _REPORTS_GRACE = 2.0
 _CLOSE_TIMEOUT = 5.0  # for the handler's close(), within the pod's termination grace
@@ -359,6 +360,10 @@ class Worker:
 
     def _take(self, job: Job, *, alone: bool = False) -> bool:
         """Act on what start decided for one delivery; False when it is left to others."""
+        if job.verdict in _ENDED_AT_START:
+            # start.lua recorded the completed delivery of any with a webhook: send it now
+            # rather than at the next poll.
+            self.webhooks.wake()
         if job.verdict is StartVerdict.RUN:
             if job.webhook:
                 data = {"task_id": job.task_id, "status": "RUNNING", "attempt": job.attempts}
