@@ -126,7 +126,6 @@ async def test_cancelling_a_pending_task_records_its_completed_delivery(
     task_id, _ = await submit(queue, "cancelled", webhook=HOOK)
     await queue.cancel(task_id)
     [message] = await queue.claim_webhooks(10, lease=60)
-    assert message.message_id == f"msg_{task_id}_completed"
     assert (message.task_id, message.url, message.event) == (task_id, HOOK, "completed")
     assert message.data["status"] == "CANCELLED"
     assert message.data["error"] == "cancelled before it started"
@@ -157,6 +156,31 @@ async def test_a_task_dead_lettered_by_start_records_its_completed_delivery(
     assert message.data["attempts"] == 1
 
 
+async def test_a_task_that_ends_again_after_a_replay_gets_a_delivery_of_its_own(
+    settings: Settings,
+) -> None:
+    configured = settings.model_copy(update={"max_deliveries": 1})
+    queue = RedisTaskQueue(connect(configured), configured)
+    ids = []
+    try:
+        await queue.ensure_group()
+        await submit(queue, "poison twice", webhook=HOOK)
+        for _ in range(2):
+            deliveries = await queue.read(CONSUMER, count=10, block_ms=10)
+            await queue.start(CONSUMER, deliveries)
+            [job] = await queue.start(CONSUMER, deliveries, alone=True)
+            assert job.verdict is StartVerdict.DEAD
+            [message] = await queue.claim_webhooks(10, lease=60)
+            assert await queue.settle_webhook(message, WebhookVerdict.DELIVERED)
+            ids.append(message.message_id)
+            dead = await queue.dead_letters(10)
+            assert await queue.replay_dead_letters([d.entry_id for d in dead]) == 1
+            await asyncio.sleep(0.01)
+    finally:
+        await queue.close()
+    assert len(set(ids)) == 2  # a receiver deduping by id still hears of the second end
+
+
 async def test_a_cache_hit_with_a_webhook_records_a_delivery_of_the_cached_result(
     queue: RedisTaskQueue,
 ) -> None:
@@ -174,7 +198,7 @@ async def test_a_cache_hit_with_a_webhook_records_a_delivery_of_the_cached_resul
     messages = await queue.claim_webhooks(10, lease=60)
     assert len({m.message_id for m in messages}) == 2  # one per submit answered
     for message in messages:
-        assert message.message_id != f"msg_{done_id}_completed"
+        assert message.message_id != f"msg_{done_id}_completed"  # not the computing task's
         assert (message.task_id, message.url) == (done_id, HOOK)
         assert message.data == {
             "task_id": done_id,

@@ -264,7 +264,6 @@ def test_a_task_cancelled_before_it_started_sends_its_completed_delivery(
     [(headers, raw)] = receiver.deliveries
     data = verify_webhook(SECRET, headers, raw)["data"]
     assert (data["task_id"], data["status"], data["result"]) == (task_id, "CANCELLED", None)
-    assert headers["webhook-id"] == f"msg_{task_id}_completed"
 
 
 def test_a_cache_hit_sends_the_cached_result_to_its_webhook(

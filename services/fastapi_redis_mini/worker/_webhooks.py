@@ -110,9 +110,10 @@ class WebhookSender:
     def message(self, job: Job, kind: WebhookEvent, data: dict[str, Any]) -> WebhookMessage | None:
         """The delivery of `data` to the job's webhook, if it asked for this kind of event.
 
-        A `completed` delivery is named by its task, which ends once: an outcome written
-        twice (a retried write) records it once. A worker without WEBHOOK_SECRET still
-        records deliveries, for a worker that has one to send.
+        Each message has an id of its own; a `completed` one sent again in a retried write
+        of its outcome is recorded once all the same, as finish.lua never writes over a final
+        status. A worker without WEBHOOK_SECRET still records deliveries, for a worker that
+        has one to send.
         """
         if not job.webhook or kind not in job.webhook_events:
             return None
@@ -124,11 +125,7 @@ class WebhookSender:
                 "a task asks for a webhook but this worker has no WEBHOOK_SECRET: its "
                 "deliveries wait in Redis for a worker that has one"
             )
-        message_id = (
-            f"msg_{job.task_id}_completed"
-            if kind is WebhookEvent.COMPLETED
-            else f"msg_{uuid.uuid4().hex}"
-        )
+        message_id = f"msg_{uuid.uuid4().hex}"
         return WebhookMessage(message_id, job.task_id, job.webhook, kind.value, time.time(), data)
 
     def send(self, job: Job, kind: WebhookEvent, data: dict[str, Any]) -> None:

@@ -20,7 +20,9 @@ local function completed_webhook(due, messages, request, task_id, fields)
       return
     end
   end
-  local id = 'msg_' .. task_id .. '_completed'
+  -- Named by the task and the instant it ended: a task run again (a replayed dead letter, a
+  -- console retry) ends again, and that ending is news to the receiver, not a duplicate.
+  local id = 'msg_' .. task_id .. '_' .. (string.gsub(fields.finished_at, '%D', ''))
   local data = {task_id = task_id, status = fields.status, result = cjson.null,
     error = fields.error, attempts = tonumber(fields.attempts) or 0,
     started_at = tonumber(fields.started_at) or cjson.null,

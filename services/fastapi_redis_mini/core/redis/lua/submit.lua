@@ -236,7 +236,7 @@ for i, task in ipairs(batch) do
         end
         if task.webhook and webhooks_due then
           -- Named by this submit's own id (never stored), so each hit is its own delivery.
-          local id = 'msg_' .. task_id .. '_completed'
+          local id = 'msg_' .. task_id
           redis.call('HSET', webhook_messages, id, cjson.encode({id = id, task_id = hit_id,
             url = task.webhook, event = 'completed', at = tonumber(now), result = hit,
             data = {task_id = hit_id, status = 'DONE', error = cjson.null, cached = true}}))
