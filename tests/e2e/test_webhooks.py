@@ -119,8 +119,19 @@ def test_a_receiver_gets_signed_deliveries_of_the_events_it_asked_for(
     submitted = httpx.post(f"{server.base_url}/tasks", json=body, timeout=10)
     assert submitted.status_code == 202, submitted.text
     task_id = submitted.json()["task_id"]
-    poll(lambda: any(p["type"] == "task.completed" for p in receiver.payloads()), timeout=15)
+
+    def all_arrived() -> bool:
+        # Senders work in parallel, so deliveries may arrive out of order; their timestamps
+        # (when each event happened) order them.
+        arrived = sorted(receiver.payloads(), key=lambda p: p["timestamp"])
+        if not arrived or arrived[-1]["type"] != "task.completed":
+            return False
+        chunks = "".join(p["data"]["chunk"] for p in arrived if p["type"] == "task.output")
+        return chunks == arrived[-1]["data"]["result"]["output"]
+
+    poll(all_arrived, timeout=15)
     payloads = [verify_webhook(SECRET, headers, raw) for headers, raw in receiver.deliveries]
+    payloads.sort(key=lambda p: p["timestamp"])
     kinds = [p["type"] for p in payloads]
     assert kinds[0] == "task.start"
     assert kinds[-1] == "task.completed"
