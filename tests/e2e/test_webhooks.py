@@ -127,7 +127,7 @@ def test_a_receiver_gets_signed_deliveries_of_the_events_it_asked_for(
         if not arrived or arrived[-1]["type"] != "task.completed":
             return False
         chunks = "".join(p["data"]["chunk"] for p in arrived if p["type"] == "task.output")
-        return chunks == arrived[-1]["data"]["result"]["output"]
+        return bool(chunks == arrived[-1]["data"]["result"]["output"])
 
     poll(all_arrived, timeout=15)
     payloads = [verify_webhook(SECRET, headers, raw) for headers, raw in receiver.deliveries]
