@@ -6,12 +6,14 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import orjson
 import pytest
 import redis
 
 from fastapi_redis_mini.core.models import TaskCreate, request_signature
+from fastapi_redis_mini.core.queue import WebhookMessage, WebhookVerdict
 from fastapi_redis_mini.core.redis import RedisTaskQueue, connect
 from fastapi_redis_mini.core.settings import Settings
 from fastapi_redis_mini_harness.ports import free_port
@@ -94,7 +96,11 @@ async def test_webhook_dead_letters_are_listed_as_json_lines(
     queue = RedisTaskQueue(connect(settings), settings)
     task_id = "a" * 32
     fields = {"task_id": task_id, "url": "https://hooks.example/x", "error": "answered 500"}
-    await queue.dead_letter_webhook(task_id, fields)
+    message = WebhookMessage("msg_1", task_id, fields["url"], "completed", time.time(), {})
+    await queue.enqueue_webhooks([message])
+    [claimed] = await queue.claim_webhooks(1, lease=60)
+    claimed.last_error = fields["error"]
+    assert await queue.settle_webhook(claimed, WebhookVerdict.DEAD)
     await queue.close()
     listed = admin(redis_url, "webhooks", "dead-letter")
     assert listed.returncode == 0, listed.stderr

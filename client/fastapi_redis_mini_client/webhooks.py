@@ -3,6 +3,10 @@
 The service signs `{webhook-id}.{webhook-timestamp}.{body}` with HMAC-SHA256 under the
 secret, given in its `whsec_<base64>` form, and sends `v1,<base64 signature>` in the
 `webhook-signature` header (several, space-separated, while a secret is being rotated).
+
+Deliveries are at-least-once: the same delivery may arrive twice (say, when the worker that
+sent it died before recording that it got through). Its `webhook-id` and body are the same
+each time, so a receiver keeps the ids it has handled and ignores one it has seen.
 """
 
 from __future__ import annotations

@@ -21,7 +21,15 @@ import redis
 from redis.exceptions import ResponseError
 
 from fastapi_redis_mini.core.models import TaskCreate, request_signature
-from fastapi_redis_mini.core.queue import Finish, Job, Outcome, Report, StartVerdict
+from fastapi_redis_mini.core.queue import (
+    Finish,
+    Job,
+    Outcome,
+    Report,
+    StartVerdict,
+    WebhookMessage,
+    WebhookVerdict,
+)
 from fastapi_redis_mini.core.redis import RedisTaskQueue, connect
 from fastapi_redis_mini.core.redis.console import ConsoleStore, RetryOutcome
 from fastapi_redis_mini.core.settings import Settings
@@ -84,8 +92,10 @@ def _script_shas() -> dict[str, str]:
 async def _every_transition(queue: RedisTaskQueue) -> None:
     """Run every script at least once, through the queue as the services call it."""
 
-    async def submit(prompt: str, idempotency_key: str | None = None) -> str:
-        task = TaskCreate(prompt=prompt)
+    async def submit(
+        prompt: str, idempotency_key: str | None = None, webhook: str | None = None
+    ) -> str:
+        task = TaskCreate(prompt=prompt, webhook=webhook)
         submitted = await queue.submit(
             task, signature=request_signature(task), scope="t", idempotency_key=idempotency_key
         )
@@ -124,7 +134,22 @@ async def _every_transition(queue: RedisTaskQueue) -> None:
     assert await ConsoleStore(queue).retry(retried_id) is RetryOutcome.QUEUED  # from the console
     await take()
 
-    await submit("dead")
+    hook = "https://hooks.example/tasks"
+    hooked_id = await submit("hooked", webhook=hook)
+    [job] = await take()
+    message = WebhookMessage(f"msg_{hooked_id}_completed", hooked_id, hook, "completed", 1.0, {})
+    done = Finish(job, Outcome.DONE, result=orjson.dumps("r"), webhook=message)
+    await queue.finish(CONSUMER, [done])
+    await submit("hooked", webhook=hook)  # a cache hit records its delivery
+    await queue.cancel(await submit("hooked, cancelled", webhook=hook), "t")
+    await take()
+    await queue.enqueue_webhooks([WebhookMessage("msg_s", hooked_id, hook, "start", 1.0, {})])
+    claimed = await queue.claim_webhooks(100, lease=60)
+    assert len(claimed) == 4
+    for message, verdict in zip(claimed, WebhookVerdict, strict=True):
+        assert await queue.settle_webhook(message, verdict, due_at=time.time())
+
+    await submit("dead", webhook=hook)
     deliveries = await queue.read(CONSUMER, count=10, block_ms=10)
     await queue.start(CONSUMER, deliveries)
     await queue.start(CONSUMER, deliveries, alone=True)  # MAX_DELIVERIES=1: dead-lettered

@@ -35,6 +35,9 @@ class Receiver:
     deliveries: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
     attempts: int = 0
     server: ThreadingHTTPServer | None = None
+    # While set and not released, an attempt hangs (its webhook-id noted) and then fails.
+    hold: threading.Event | None = None
+    held_ids: list[str] = field(default_factory=list)
 
     @property
     def port(self) -> int:
@@ -56,7 +59,11 @@ def receiver() -> Iterator[Receiver]:
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers["content-length"]))
             state.attempts += 1
-            if self.path == "/redirect":
+            if state.hold is not None and not state.hold.is_set():
+                state.held_ids.append(self.headers["webhook-id"])
+                state.hold.wait(30)
+                self.send_response(500)
+            elif self.path == "/redirect":
                 self.send_response(302)
                 self.send_header("location", state.redirect_to)
             elif state.attempts <= state.failures:
@@ -77,6 +84,15 @@ def receiver() -> Iterator[Receiver]:
     yield state
     server.shutdown()
     server.server_close()
+
+
+def undelivered(redis_url: str) -> int:
+    """Deliveries Redis still holds, due or claimed."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        return int(client.zcard("task_stream:webhooks:due"))
+    finally:
+        client.close()
 
 
 def dead_letters(redis_url: str) -> list[dict[str, str]]:
@@ -103,8 +119,19 @@ def test_a_receiver_gets_signed_deliveries_of_the_events_it_asked_for(
     submitted = httpx.post(f"{server.base_url}/tasks", json=body, timeout=10)
     assert submitted.status_code == 202, submitted.text
     task_id = submitted.json()["task_id"]
-    poll(lambda: any(p["type"] == "task.completed" for p in receiver.payloads()), timeout=15)
+
+    def all_arrived() -> bool:
+        # Senders work in parallel, so deliveries may arrive out of order; their timestamps
+        # (when each event happened) order them.
+        arrived = sorted(receiver.payloads(), key=lambda p: p["timestamp"])
+        if not arrived or arrived[-1]["type"] != "task.completed":
+            return False
+        chunks = "".join(p["data"]["chunk"] for p in arrived if p["type"] == "task.output")
+        return bool(chunks == arrived[-1]["data"]["result"]["output"])
+
+    poll(all_arrived, timeout=15)
     payloads = [verify_webhook(SECRET, headers, raw) for headers, raw in receiver.deliveries]
+    payloads.sort(key=lambda p: p["timestamp"])
     kinds = [p["type"] for p in payloads]
     assert kinds[0] == "task.start"
     assert kinds[-1] == "task.completed"
@@ -187,3 +214,85 @@ def test_a_name_resolving_to_a_private_address_and_a_redirect_to_one_are_refused
     assert dead["error"].startswith("refused: 127.0.0.1 resolves to 127.0.0.1")
     assert receiver.deliveries == []
     assert time.time() - float(dead["failed_at"]) < 60
+
+
+def test_a_delivery_whose_worker_is_killed_mid_attempt_is_made_by_the_restarted_worker(
+    api: Start, worker: Start, receiver: Receiver, redis_url: str
+) -> None:
+    # WEBHOOK_TIMEOUT bounds an attempt (four requests with redirects), and the claim lapses
+    # five seconds after that: 9 s here.
+    env = {**FAST, "WEBHOOK_ALLOWED_HOSTS": "127.0.0.1", "WEBHOOK_TIMEOUT": "1"}
+    server = api(**env)
+    doomed = worker(**env)
+    receiver.hold = threading.Event()
+    body = {"prompt": "outlives its worker", "webhook": receiver.url()}
+    task_id = httpx.post(f"{server.base_url}/tasks", json=body, timeout=10).json()["task_id"]
+    poll(lambda: len(receiver.held_ids) > 0, timeout=15)
+    doomed.kill()  # SIGKILL, mid-attempt: the receiver has the request, the worker is gone
+    receiver.hold.set()
+    worker(**env)
+    poll(lambda: len(receiver.deliveries) > 0, timeout=30)
+    [(headers, raw)] = receiver.deliveries
+    assert headers["webhook-id"] == receiver.held_ids[0]  # the same message: receivers dedupe
+    payload = verify_webhook(SECRET, headers, raw)
+    assert (payload["type"], payload["data"]["task_id"]) == ("task.completed", task_id)
+    assert payload["data"]["status"] == "DONE"
+    poll(lambda: undelivered(redis_url) == 0, timeout=10)
+    assert dead_letters(redis_url) == []
+
+
+def test_a_delivery_backing_off_when_its_worker_stops_is_made_by_the_next_worker(
+    api: Start, worker: Start, receiver: Receiver, redis_url: str
+) -> None:
+    env = {**FAST, "WEBHOOK_ALLOWED_HOSTS": "127.0.0.1", "WEBHOOK_BACKOFF": "3",
+           "WEBHOOK_BACKOFF_MAX": "3"}  # fmt: skip
+    server = api(**env)
+    first = worker(**env)
+    receiver.failures = 1
+    body = {"prompt": "outlives a restart", "webhook": receiver.url()}
+    httpx.post(f"{server.base_url}/tasks", json=body, timeout=10).raise_for_status()
+    poll(lambda: receiver.attempts == 1, timeout=15)
+    assert first.stop() == 0  # within its backoff: the delivery waits in Redis, not in it
+    assert receiver.deliveries == []
+    worker(**env)
+    poll(lambda: len(receiver.deliveries) > 0, timeout=15)
+    assert receiver.attempts == 2
+    assert dead_letters(redis_url) == []
+    poll(lambda: undelivered(redis_url) == 0, timeout=10)
+
+
+def test_a_task_cancelled_before_it_started_sends_its_completed_delivery(
+    api: Start, worker: Start, receiver: Receiver
+) -> None:
+    env = {**FAST, "WEBHOOK_ALLOWED_HOSTS": "127.0.0.1"}
+    server = api(**env)
+    worker(**env)
+    body = {"prompt": "never runs", "delay_seconds": 600, "webhook": receiver.url()}
+    task_id = httpx.post(f"{server.base_url}/tasks", json=body, timeout=10).json()["task_id"]
+    cancelled = httpx.delete(f"{server.base_url}/tasks/{task_id}", timeout=10)
+    assert cancelled.status_code == 202, cancelled.text
+    poll(lambda: len(receiver.deliveries) > 0, timeout=15)
+    [(headers, raw)] = receiver.deliveries
+    data = verify_webhook(SECRET, headers, raw)["data"]
+    assert (data["task_id"], data["status"], data["result"]) == (task_id, "CANCELLED", None)
+
+
+def test_a_cache_hit_sends_the_cached_result_to_its_webhook(
+    api: Start, worker: Start, receiver: Receiver
+) -> None:
+    env = {**FAST, "WEBHOOK_ALLOWED_HOSTS": "127.0.0.1"}
+    server = api(**env)
+    worker(**env)
+    body = {"prompt": "asked twice", "webhook": receiver.url()}
+    task_id = httpx.post(f"{server.base_url}/tasks", json=body, timeout=10).json()["task_id"]
+    poll(lambda: len(receiver.deliveries) > 0, timeout=15)
+    hit = httpx.post(f"{server.base_url}/tasks", json=body, timeout=10)
+    assert hit.json()["task_id"] == task_id
+    assert hit.json()["status"] == "DONE"  # answered at once, from the cache
+    poll(lambda: len(receiver.deliveries) == 2, timeout=15)
+    computed, cached = (verify_webhook(SECRET, h, raw)["data"] for h, raw in receiver.deliveries)
+    assert cached["cached"] is True
+    assert (cached["task_id"], cached["status"]) == (task_id, "DONE")
+    assert cached["result"] == computed["result"]
+    ids = {headers["webhook-id"] for headers, _ in receiver.deliveries}
+    assert len(ids) == 2

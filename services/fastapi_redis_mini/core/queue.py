@@ -147,6 +147,35 @@ class Job:
     webhook_events: frozenset[str] = frozenset()
 
 
+@dataclass(slots=True)
+class WebhookMessage:
+    """One webhook delivery, kept in the broker until it is delivered or dead-lettered.
+
+    Its id and body are the same on every attempt, whichever sender makes it; `attempt` is
+    the attempt being made (counted when the message is claimed) and `last_error` why the
+    one before it failed.
+    """
+
+    message_id: str
+    task_id: str
+    url: str
+    event: str
+    timestamp: float
+    data: dict[str, Any]
+    attempt: int = 0
+    last_error: str = ""
+    partition: int = 0  # where the broker keeps it (a cache hit's is the submit's partition)
+
+
+class WebhookVerdict(StrEnum):
+    """How one attempt of a webhook delivery ended, as settle_webhook records it."""
+
+    DELIVERED = "delivered"  # removed, whoever holds it now
+    RETRY = "retry"  # due again at `due_at`
+    RELEASE = "release"  # its sender stopped: due again now, the attempt not counted
+    DEAD = "dead"  # moved to the webhook dead-letter stream
+
+
 class Outcome(StrEnum):
     DONE = "DONE"
     FAILED = "FAILED"
@@ -162,6 +191,8 @@ class Finish:
     result: bytes = b""  # the JSON of a DONE task's result
     error: str | None = None
     due_at: float = 0.0
+    # A final outcome's `completed` webhook delivery, recorded in the same step as the outcome.
+    webhook: WebhookMessage | None = None
 
 
 class FinishVerdict(StrEnum):
@@ -336,8 +367,20 @@ class TaskQueue(Protocol):
         """Store a running task's reports; False when the run is no longer this consumer's."""
         ...
 
-    async def dead_letter_webhook(self, task_id: str, fields: Mapping[str, str]) -> None:
-        """Keep a webhook delivery that failed for good where an operator can see it."""
+    async def enqueue_webhooks(self, messages: Sequence[WebhookMessage]) -> None:
+        """Record webhook deliveries, due now, for any worker to send."""
+        ...
+
+    async def claim_webhooks(self, count: int, lease: float) -> list[WebhookMessage]:
+        """Up to `count` due deliveries, each taken for one attempt: due again after `lease`
+        seconds unless settled before, so a sender that dies leaves them to the others."""
+        ...
+
+    async def settle_webhook(
+        self, message: WebhookMessage, verdict: WebhookVerdict, *, due_at: float = 0.0
+    ) -> bool:
+        """Record how an attempt ended; False when another sender took the message since (a
+        lease that ran out) or it was settled already, and nothing changed."""
         ...
 
     async def webhook_dead_letters(self, count: int) -> list[DeadLetter]:

@@ -1,20 +1,24 @@
-"""Webhook deliveries of one worker: signed, retried with backoff, then dead-lettered.
+"""Webhook deliveries: recorded in Redis, sent by any worker, signed, retried, dead-lettered.
 
-A delivery never holds a task slot: the worker hands it over (`send`) and goes on, and
-WEBHOOK_CONCURRENCY senders work through the deliveries apart from the tasks. A delivery that
-fails (a connection error, a timeout, an answer other than 2xx) is tried again after a
-backoff (WEBHOOK_BACKOFF doubling up to WEBHOOK_BACKOFF_MAX, with jitter) without holding a
-sender meanwhile; after WEBHOOK_MAX_ATTEMPTS it goes to the webhook dead-letter stream, where
-an operator sees the task, the URL and the last error. A URL the guard refuses (see
+A delivery is recorded in Redis before anything is sent: a `completed` one in the same atomic
+step as its task's final status (finish.lua, and start.lua, cancel.lua and submit.lua for the
+tasks that end without a run), the others (`start`, `progress`, `output`) as they happen. Every
+worker's sender claims due deliveries for one attempt at a time (webhook_claim.lua); a claim is
+a lease, so the deliveries of a worker that dies or restarts mid-attempt are claimed again by
+another sender once the lease runs out. Deliveries are therefore at-least-once: a receiver
+dedupes by `webhook-id`, the same on every attempt of a message.
+
+A delivery never holds a task slot: WEBHOOK_CONCURRENCY attempts run apart from the tasks. One
+that fails (a connection error, a timeout, an answer other than 2xx) is due again after a
+backoff (WEBHOOK_BACKOFF doubling up to WEBHOOK_BACKOFF_MAX, with jitter), waiting in Redis, not
+in a sender; after WEBHOOK_MAX_ATTEMPTS it goes to the webhook dead-letter stream, where an
+operator sees the task, the URL and the last error. A URL the guard refuses (see
 core/webhooks.py) is dead-lettered at once: it will not become allowed by trying again.
 
 Each attempt resolves the host, checks every address it resolves to, and connects to the
 address it checked (TLS still verifies the host's name), so a name cannot be re-pointed at a
 private address between the check and the request. Redirects are followed by hand, at most
 _MAX_REDIRECTS, each checked the same way.
-
-Deliveries wait in memory: those not yet delivered when the worker stops, after its grace,
-are dead-lettered as such, and those of a worker that dies are lost.
 """
 
 from __future__ import annotations
@@ -27,14 +31,13 @@ import random
 import socket
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import httpx
 import orjson
 
-from ..core.queue import Job, QueueUnavailable, TaskQueue
+from ..core.queue import Job, QueueUnavailable, TaskQueue, WebhookMessage, WebhookVerdict
 from ..core.settings import Settings
 from ..core.webhooks import (
     AllowedHosts,
@@ -50,22 +53,13 @@ from . import metrics
 log = logging.getLogger(__name__)
 
 _MAX_REDIRECTS = 3
-# Deliveries a worker holds at most; past it new ones are dead-lettered at once, so a
-# receiver that is down cannot grow the worker's memory without bound.
-_MAX_WAITING = 10_000
-
-
-@dataclass(slots=True)
-class Message:
-    """One delivery: the same id and body on every attempt."""
-
-    message_id: str
-    task_id: str
-    url: str
-    kind: str
-    body: bytes
-    attempts: int = 0
-    last_error: str = ""
+# How often an idle sender looks for deliveries due: those recorded by the api (a cancel, a
+# cache hit) or by another worker, and those of a worker that died, once their lease is over.
+_POLL_SECONDS = 1.0
+# A claim outlives the longest attempt by this much before another sender may take it.
+_LEASE_MARGIN = 5.0
+# How long a stopping sender waits to hand back an attempt it cut short.
+_RELEASE_SECONDS = 1.0
 
 
 class _Undelivered(Exception):  # noqa: N818 - an outcome of one attempt
@@ -80,8 +74,19 @@ def _pinned(url: str, address: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
 
 
+def body_of(message: WebhookMessage) -> bytes:
+    """What a delivery POSTs: the same bytes on every attempt of one message."""
+    return orjson.dumps(
+        {"type": f"task.{message.event}", "timestamp": message.timestamp, "data": message.data}
+    )
+
+
 class WebhookSender:
-    """The deliveries of one worker, sent by WEBHOOK_CONCURRENCY senders."""
+    """One worker's share of the deliveries: at most WEBHOOK_CONCURRENCY attempts at once.
+
+    Without WEBHOOK_SECRET it sends nothing and claims nothing: the api refuses a webhook
+    without a secret.
+    """
 
     def __init__(self, settings: Settings, queue: TaskQueue) -> None:
         self.settings = settings
@@ -89,96 +94,155 @@ class WebhookSender:
         secret = settings.webhook_secret
         self._key = secret_key(secret.get_secret_value()) if secret is not None else None
         self._allowed = AllowedHosts(settings.webhook_allowed_hosts)
-        self._waiting: asyncio.Queue[Message] = asyncio.Queue()
-        self._held = 0  # waiting, sending or backing off
-        self._senders: list[asyncio.Task[None]] = []
-        self._retries: dict[asyncio.TimerHandle, Message] = {}
+        # Every redirect is a request of its own, each bounded by WEBHOOK_TIMEOUT.
+        self._attempt_limit = settings.webhook_timeout * (_MAX_REDIRECTS + 1)
+        self.lease = self._attempt_limit + _LEASE_MARGIN
+        self._attempts: set[asyncio.Task[None]] = set()
+        self._recording: set[asyncio.Task[None]] = set()
+        self._wake = asyncio.Event()
         self._http: httpx.AsyncClient | None = None
-        self._idle = asyncio.Event()
-        self._idle.set()
         self._warned = False
 
-    def send(self, job: Job, kind: WebhookEvent, data: dict[str, Any]) -> None:
-        """Deliver `data` to the job's webhook, if it asked for this kind of event."""
+    @property
+    def enabled(self) -> bool:
+        return self._key is not None
+
+    def message(self, job: Job, kind: WebhookEvent, data: dict[str, Any]) -> WebhookMessage | None:
+        """The delivery of `data` to the job's webhook, if it asked for this kind of event.
+
+        Each message has an id of its own; a `completed` one sent again in a retried write
+        of its outcome is recorded once all the same, as finish.lua never writes over a final
+        status. A worker without WEBHOOK_SECRET still records deliveries, for a worker that
+        has one to send.
+        """
         if not job.webhook or kind not in job.webhook_events:
-            return
-        if self._key is None:
+            return None
+        if self._key is None and not self._warned:
             # The api refuses a webhook without a secret; a worker configured without one
             # (unlike its api) can only say so.
-            if not self._warned:
-                self._warned = True
-                log.warning("a task asks for a webhook but this worker has no WEBHOOK_SECRET")
-            return
-        body = {"type": f"task.{kind.value}", "timestamp": time.time(), "data": data}
-        message = Message(
-            f"msg_{uuid.uuid4().hex}", job.task_id, job.webhook, kind.value, orjson.dumps(body)
-        )
-        if self._held >= _MAX_WAITING:
-            message.last_error = f"more than {_MAX_WAITING} deliveries waiting in this worker"
-            asyncio.get_running_loop().create_task(self._dead_letter(message))
-            return
-        self._hold(message)
+            self._warned = True
+            log.warning(
+                "a task asks for a webhook but this worker has no WEBHOOK_SECRET: its "
+                "deliveries wait in Redis for a worker that has one"
+            )
+        message_id = f"msg_{uuid.uuid4().hex}"
+        return WebhookMessage(message_id, job.task_id, job.webhook, kind.value, time.time(), data)
 
-    def _hold(self, message: Message) -> None:
-        self._held += 1
-        self._idle.clear()
-        if not self._senders:
-            self._start()
-        self._waiting.put_nowait(message)
+    def send(self, job: Job, kind: WebhookEvent, data: dict[str, Any]) -> None:
+        """Record a `start`, `progress` or `output` delivery, if the job asked for it."""
+        message = self.message(job, kind, data)
+        if message is None:
+            return
+        recording = asyncio.get_running_loop().create_task(self._record(message))
+        self._recording.add(recording)
+        recording.add_done_callback(self._recording.discard)
 
-    def _start(self) -> None:
+    async def _record(self, message: WebhookMessage) -> None:
+        try:
+            await self.queue.enqueue_webhooks([message])
+        except QueueUnavailable as error:
+            log.warning(
+                "webhook %s delivery not recorded, so not sent: %s", message.event, error,
+                extra={"task_id": message.task_id},
+            )  # fmt: skip
+            return
+        self.wake()
+
+    def wake(self) -> None:
+        """Deliveries were recorded: look for due ones now rather than at the next poll."""
+        self._wake.set()
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Claim and send due deliveries until `stopping` is set."""
+        if self._key is None:
+            await stopping.wait()
+            return
         self._http = httpx.AsyncClient(
             timeout=self.settings.webhook_timeout, follow_redirects=False, trust_env=False
         )
-        self._senders = [
-            asyncio.create_task(self._sender(), name=f"webhook-{n}")
-            for n in range(self.settings.webhook_concurrency)
-        ]
+        failures = 0
+        while not stopping.is_set():
+            self._wake.clear()
+            free = self.settings.webhook_concurrency - len(self._attempts)
+            pause = _POLL_SECONDS
+            if free > 0:
+                try:
+                    messages = await self.queue.claim_webhooks(free, self.lease)
+                    failures = 0
+                except QueueUnavailable as error:
+                    failures += 1
+                    log.warning("redis cannot hand out webhook deliveries (%s); retrying", error)
+                    messages = []
+                    pause = min(_POLL_SECONDS * 2**failures, 30.0)
+                for message in messages:
+                    attempt = asyncio.create_task(self._deliver(message))
+                    self._attempts.add(attempt)
+                    attempt.add_done_callback(self._attempt_ended)
+                if len(messages) >= free:
+                    continue  # more may be due
+            wakes = [asyncio.ensure_future(e.wait()) for e in (self._wake, stopping)]
+            await asyncio.wait(wakes, timeout=pause, return_when=asyncio.FIRST_COMPLETED)
+            for wake in wakes:
+                wake.cancel()
 
-    def _release(self) -> None:
-        self._held -= 1
-        if self._held == 0:
-            self._idle.set()
+    def _attempt_ended(self, attempt: asyncio.Task[None]) -> None:
+        self._attempts.discard(attempt)
+        self._wake.set()  # a sender is free
 
-    async def _sender(self) -> None:
-        while True:
-            message = await self._waiting.get()
-            message.attempts += 1
-            try:
-                await self._attempt(message)
-            except WebhookRefused as refused:
-                message.last_error = f"refused: {refused}"
-                await self._dead_letter(message)
-            except _Undelivered as failed:
-                message.last_error = str(failed)
-                if message.attempts >= self.settings.webhook_max_attempts:
-                    await self._dead_letter(message)
-                else:
-                    metrics.webhook_deliveries.labels("retried").inc()
-                    self._retry_later(message)
-                    continue
-            except Exception:
-                log.exception("webhook delivery failed", extra={"task_id": message.task_id})
-                message.last_error = "an internal error; see the worker's log"
+    async def _deliver(self, message: WebhookMessage) -> None:
+        if message.attempt > self.settings.webhook_max_attempts:
+            # Its last attempt's sender went away mid-attempt: claimed once more than allowed.
+            message.last_error = message.last_error or "its senders stopped mid-attempt"
+            await self._dead_letter(message)
+            return
+        try:
+            async with asyncio.timeout(self._attempt_limit):
+                await self._attempt(message, body_of(message))
+        except asyncio.CancelledError:
+            # Stopping: hand the message back at once rather than at the end of its lease.
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(_RELEASE_SECONDS):
+                    await self.queue.settle_webhook(message, WebhookVerdict.RELEASE)
+            raise
+        except WebhookRefused as refused:
+            message.last_error = f"refused: {refused}"
+            await self._dead_letter(message)
+        except (_Undelivered, TimeoutError) as failed:
+            message.last_error = str(failed) or f"no answer within {self._attempt_limit:g}s"
+            if message.attempt >= self.settings.webhook_max_attempts:
                 await self._dead_letter(message)
             else:
-                metrics.webhook_deliveries.labels("delivered").inc()
-            self._release()
+                await self._retry_later(message)
+        except Exception:
+            log.exception("webhook delivery failed", extra={"task_id": message.task_id})
+            message.last_error = "an internal error; see the worker's log"
+            await self._dead_letter(message)
+        else:
+            metrics.webhook_deliveries.labels("delivered").inc()
+            await self._settle(message, WebhookVerdict.DELIVERED)
 
-    def _retry_later(self, message: Message) -> None:
+    async def _retry_later(self, message: WebhookMessage) -> None:
         s = self.settings
-        ceiling = min(s.webhook_backoff * 2 ** (message.attempts - 1), s.webhook_backoff_max)
+        ceiling = min(s.webhook_backoff * 2 ** (message.attempt - 1), s.webhook_backoff_max)
         delay = ceiling / 2 + random.random() * ceiling / 2
-        loop = asyncio.get_running_loop()
+        if await self._settle(message, WebhookVerdict.RETRY, due_at=time.time() + delay):
+            metrics.webhook_deliveries.labels("retried").inc()
+            asyncio.get_running_loop().call_later(delay, self._wake.set)
 
-        def due() -> None:
-            del self._retries[handle]
-            self._waiting.put_nowait(message)
+    async def _settle(
+        self, message: WebhookMessage, verdict: WebhookVerdict, *, due_at: float = 0.0
+    ) -> bool:
+        try:
+            return await self.queue.settle_webhook(message, verdict, due_at=due_at)
+        except QueueUnavailable as error:
+            # Its lease runs out and it is claimed again: at worst a second delivery.
+            log.warning(
+                "webhook delivery not settled (%s): it is tried again once its claim lapses",
+                error, extra={"task_id": message.task_id},
+            )  # fmt: skip
+            return False
 
-        handle = loop.call_later(delay, due)
-        self._retries[handle] = message
-
-    async def _attempt(self, message: Message) -> None:
+    async def _attempt(self, message: WebhookMessage, body: bytes) -> None:
         assert self._http is not None
         assert self._key is not None
         url = message.url
@@ -192,15 +256,13 @@ class WebhookSender:
                 "host": urlsplit(url).netloc,
                 "webhook-id": message.message_id,
                 "webhook-timestamp": str(timestamp),
-                "webhook-signature": signature(
-                    self._key, message.message_id, timestamp, message.body
-                ),
+                "webhook-signature": signature(self._key, message.message_id, timestamp, body),
             }
             extensions = {"sni_hostname": host} if url.startswith("https") else {}
             try:
                 answer = await self._http.post(
                     _pinned(url, address),
-                    content=message.body,
+                    content=body,
                     headers=headers,
                     extensions=extensions,
                 )
@@ -233,42 +295,25 @@ class WebhookSender:
             check_address(host, address, self._allowed)
         return addresses[0]
 
-    async def _dead_letter(self, message: Message) -> None:
+    async def _dead_letter(self, message: WebhookMessage) -> None:
+        if not await self._settle(message, WebhookVerdict.DEAD):
+            return  # another sender holds it now, or it was settled already
         metrics.webhook_deliveries.labels("dead_lettered").inc()
         log.warning(
             "webhook dead-lettered after %d attempts: %s",
-            message.attempts, message.last_error, extra={"task_id": message.task_id},
+            message.attempt, message.last_error, extra={"task_id": message.task_id},
         )  # fmt: skip
-        fields = {
-            "task_id": message.task_id,
-            "message_id": message.message_id,
-            "url": message.url,
-            "event": message.kind,
-            "attempts": str(message.attempts),
-            "error": message.last_error[:500],
-            "failed_at": repr(time.time()),
-        }
-        try:
-            await self.queue.dead_letter_webhook(message.task_id, fields)
-        except QueueUnavailable as error:
-            log.warning("webhook dead letter lost: %s", error, extra={"task_id": message.task_id})
 
     async def close(self, within: float) -> None:
-        """Deliver what is held for up to `within` seconds; dead-letter the rest."""
-        if not self._senders:
-            return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._idle.wait(), within)
-        for handle in self._retries:
-            handle.cancel()
-        for sender in self._senders:
-            sender.cancel()
-        await asyncio.wait(self._senders, timeout=1)
-        left = list(self._retries.values())
-        while not self._waiting.empty():
-            left.append(self._waiting.get_nowait())
-        for message in left:
-            message.last_error = message.last_error or "the worker stopped before delivering"
-            await self._dead_letter(message)
+        """Let the attempts under way end for up to `within` seconds; hand back the rest."""
+        for recording in list(self._recording):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(recording, within)
+        if self._attempts:
+            await asyncio.wait(list(self._attempts), timeout=within)
+        for attempt in list(self._attempts):
+            attempt.cancel()
+        if self._attempts:
+            await asyncio.wait(list(self._attempts), timeout=_RELEASE_SECONDS + 1)
         if self._http is not None:
             await self._http.aclose()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -57,6 +58,8 @@ _FINISH_BATCH = 500
 _RETRY_PROMOTE_INTERVAL = 0.5
 _TRIM_INTERVAL = 10.0
 _RUN_PHASES = (Phase.RUNNING, Phase.ALONE)
+_FINAL = (Outcome.DONE, Outcome.FAILED, Outcome.CANCELLED)
+_ENDED_AT_START = (StartVerdict.DEAD, StartVerdict.CANCELLED, StartVerdict.EXPIRED)
 # How long a run's last reports may take to be sent before its outcome is written anyway.
 _REPORTS_GRACE = 2.0
 _CLOSE_TIMEOUT = 5.0  # for the handler's close(), within the pod's termination grace
@@ -193,6 +196,7 @@ class Worker:
                     keep_alive = self._loop(self.sidecar.run(body), "keep-alive", self._closed)
                 helpers += [
                     self._loop(self._flush_loop(), "flush", self._closed),
+                    self._loop(self.webhooks.run(self._closed), "webhooks", self._closed),
                     keep_alive,
                     self._loop(self._maintenance_loop(), "maintenance", self._stopping),
                 ]
@@ -356,6 +360,10 @@ class Worker:
 
     def _take(self, job: Job, *, alone: bool = False) -> bool:
         """Act on what start decided for one delivery; False when it is left to others."""
+        if job.verdict in _ENDED_AT_START:
+            # start.lua recorded the completed delivery of any with a webhook: send it now
+            # rather than at the next poll.
+            self.webhooks.wake()
         if job.verdict is StartVerdict.RUN:
             if job.webhook:
                 data = {"task_id": job.task_id, "status": "RUNNING", "attempt": job.attempts}
@@ -406,6 +414,11 @@ class Worker:
             if finish is None:  # another worker took the entry over; its outcome is theirs
                 self._let_go(record)
             else:
+                if job.webhook and finish.outcome in _FINAL:
+                    # Recorded with the outcome, in the same script call (see finish.lua).
+                    data = _completed(finish, time.time())
+                    message = self.webhooks.message(job, WebhookEvent.COMPLETED, data)
+                    finish = dataclasses.replace(finish, webhook=message)
                 self._move(record, Phase.WRITING)
                 self._outbox.add(finish)
                 self._flush_needed.set()
@@ -542,8 +555,8 @@ class Worker:
             if finish.outcome is Outcome.RETRY:
                 metrics.tasks_retried.inc()
             elif finish.outcome is not Outcome.RELEASE:
-                if job.webhook:
-                    self.webhooks.send(job, WebhookEvent.COMPLETED, _completed(finish, now))
+                if finish.webhook is not None:
+                    self.webhooks.wake()
                 metrics.tasks_finished.labels(finish.outcome.value).inc()
                 metrics.task_run.observe(max(0.0, now - job.started_at))
                 metrics.task_end_to_end.observe(max(0.0, now - job.created_at))

@@ -107,6 +107,17 @@ class Keys:
         return f"{self.prefix}{self.queue}:dead"
 
     @property
+    def webhooks_due(self) -> str:
+        """Sorted set of the webhook deliveries waiting to be sent, by when each is due next."""
+        return f"{self.prefix}{self.queue}:webhooks:due"
+
+    @property
+    def webhook_messages(self) -> str:
+        """Hash of the webhook deliveries not settled yet: id -> message, and per id its
+        attempts (`<id>:attempts`) and last error (`<id>:error`)."""
+        return f"{self.prefix}{self.queue}:webhooks:messages"
+
+    @property
     def webhooks_dead(self) -> str:
         """Stream of webhook deliveries that failed for good (WEBHOOK_MAX_ATTEMPTS)."""
         return f"{self.prefix}{self.queue}:webhooks:dead"

@@ -29,7 +29,6 @@ from collections.abc import (
     Callable,
     Collection,
     Coroutine,
-    Mapping,
     Sequence,
 )
 from dataclasses import dataclass
@@ -63,6 +62,8 @@ from ..queue import (
     Submitted,
     TaskEvent,
     TaskEvents,
+    WebhookMessage,
+    WebhookVerdict,
 )
 from ..settings import Settings
 from ._avoidance import AvoidedPartitions
@@ -72,6 +73,7 @@ from ._errors import queue_error, torn_down
 from ._fairness import fair_share
 from ._routing import SlotRouting
 from ._subscription import Subscription
+from ._webhook_messages import completed_url, decode, encode
 from .keys import Keys, Partitions
 
 __all__ = [
@@ -146,6 +148,7 @@ class _NewTask:
     deadline_at: float  # Unix seconds; 0 for none
     single_flight: bool
     replacing_in_flight: str | None
+    webhook: str | None = None  # where a cache hit's `completed` delivery goes, if one is asked for
 
 
 def _quota(settings: Settings, tokens: int, reset_ms: int) -> SubmitQuota:
@@ -209,6 +212,10 @@ class RedisTaskQueue(SlotRouting):
         self._read_events_script = _load_script(redis, "read_events")
         self._dispatch_script = _load_script(redis, "dispatch")
         self._probe_script = _load_script(redis, "probe")
+        self._webhook_enqueue_script = _load_script(redis, "webhook_enqueue")
+        self._webhook_claim_script = _load_script(redis, "webhook_claim")
+        self._webhook_settle_script = _load_script(redis, "webhook_settle")
+        self._webhook_turn = 0  # the partition the next claim of deliveries starts at
         # Partitions that failed a submit lately: unkeyed submits go elsewhere meanwhile.
         self._avoided = AvoidedPartitions()
         events = [keys.events for keys in self.partitions.all]
@@ -296,6 +303,7 @@ class RedisTaskQueue(SlotRouting):
                 # flight.
                 single_flight=self.settings.single_flight and not due_at,
                 replacing_in_flight=replacing_in_flight,
+                webhook=completed_url(request),
             )
             try:
                 return await self._submit_coalescers[keys.index](task)
@@ -377,9 +385,15 @@ class RedisTaskQueue(SlotRouting):
                 task["due"] = t.due_at
             if t.deadline_at:
                 task["deadline"] = t.deadline_at
+            if t.webhook:
+                task["webhook"] = t.webhook
             batch.append(task)
         if s.recent_tasks:
             keys.append(partition.recent)
+        # Named only when a submit of the batch has a webhook: the others pay nothing for it.
+        webhooks = any(t.webhook for t in tasks)
+        if webhooks:
+            keys += (partition.webhooks_due, partition.webhook_messages)
         reply = await self._call(
             self._submit_script,
             keys,
@@ -387,7 +401,7 @@ class RedisTaskQueue(SlotRouting):
                   repr(s.submit_rate_per_key), s.submit_burst_per_key, s.max_unfinished_per_key,
                   int(quotas), orjson.dumps(batch),
                   partition.work if self._announces_work else "", self._publish,
-                  s.max_stored_bytes_per_key, s.recent_tasks],
+                  s.max_stored_bytes_per_key, s.recent_tasks, int(webhooks)],
         )  # fmt: skip
         submitted = []
         for answer in orjson.loads(reply):
@@ -457,7 +471,12 @@ class RedisTaskQueue(SlotRouting):
         # A cancel's 202 is an acknowledgement too: with DURABLE_ACKS it waits like a submit.
         reply = await self._call(
             self._cancel_script,
-            [partition.task(task_id), partition.unfinished(scope)],
+            [
+                partition.task(task_id),
+                partition.unfinished(scope),
+                partition.webhooks_due,
+                partition.webhook_messages,
+            ],
             args=[scope, repr(time.time()), partition.events, task_id, self._publish],
         )
         return CancelOutcome(reply)
@@ -695,7 +714,8 @@ class RedisTaskQueue(SlotRouting):
             keys = self.partitions.all[index]
             batch = [deliveries[i] for i in positions]
             calls.append((
-                [keys.stream, keys.dead_letter, *(keys.task(d.task_id) for d in batch)],
+                [keys.stream, keys.dead_letter, *(keys.task(d.task_id) for d in batch),
+                 keys.webhooks_due, keys.webhook_messages],
                 # The batch travels as one JSON argument: encoding one string is far cheaper
                 # for the client than encoding hundreds of separate arguments.
                 [keys.group, consumer, repr(now), self.settings.max_deliveries, int(alone),
@@ -761,21 +781,31 @@ class RedisTaskQueue(SlotRouting):
         for index, positions in groups.items():
             p = self.partitions.all[index]
             keys = [p.stream, p.retries]
-            batch = []
+            batch: list[tuple[Any, ...]] = []
+            webhooks = False
             for f in (finishes[i] for i in positions):
                 job = f.job
                 keys += (p.task(job.task_id), p.cache(job.signature, job.scope),
                          p.unfinished(job.scope))  # fmt: skip
                 payload = f.result.decode() if f.outcome is Outcome.DONE else (f.error or "")
-                batch.append((job.entry_id, job.task_id, f.outcome.value, payload, f.due_at))
+                item: tuple[Any, ...] = (job.entry_id, job.task_id, f.outcome.value, payload,
+                                         f.due_at)  # fmt: skip
+                if f.webhook is not None:
+                    webhooks = True
+                    item += (f.webhook.message_id, encode(f.webhook).decode())
+                batch.append(item)
             if self.settings.recent_tasks:
                 keys += (p.finished("done"), p.finished("failed"), p.finished("cancelled"),
                          p.counts(int(float(now)) // COUNTS_BUCKET_SECONDS))  # fmt: skip
+            # Named only when an outcome of the batch has a delivery: a batch without webhooks
+            # costs what it did before.
+            if webhooks:
+                keys += (p.webhooks_due, p.webhook_messages)
             calls.append((
                 keys,
                 [p.group, consumer, now, self.settings.cache_ttl, p.events,
                  self.settings.result_expiry, orjson.dumps(batch), self._publish,
-                 self.settings.recent_tasks, COUNTS_KEPT_SECONDS],
+                 self.settings.recent_tasks, COUNTS_KEPT_SECONDS, int(webhooks)],
             ))  # fmt: skip
         replies = await self._call_each_isolated(self._finish_script, calls, durable=True)
         verdicts, failed = _spread(
@@ -822,14 +852,56 @@ class RedisTaskQueue(SlotRouting):
         return bool(reply == "written")
 
     @_translated
-    async def dead_letter_webhook(self, task_id: str, fields: Mapping[str, str]) -> None:
-        keys = self.partitions.of_task(task_id) or self.keys
-        await self.redis.xadd(
-            keys.webhooks_dead,
-            dict(fields),  # type: ignore[arg-type]
-            maxlen=self.settings.dead_letter_maxlen,
-            approximate=False,
-        )
+    async def enqueue_webhooks(self, messages: Sequence[WebhookMessage]) -> None:
+        if not messages:
+            return
+        groups = self._by_partition([m.task_id for m in messages])
+        now = repr(time.time())
+        calls = []
+        for index, positions in groups.items():
+            keys = self.partitions.all[index]
+            args: list[Any] = [now]
+            for i in positions:
+                args += (messages[i].message_id, encode(messages[i]))
+            calls.append(([keys.webhooks_due, keys.webhook_messages], args))
+        await self._call_each(self._webhook_enqueue_script, calls)
+
+    @_translated
+    async def claim_webhooks(self, count: int, lease: float) -> list[WebhookMessage]:
+        # Every partition is asked for a share, starting at a turn that moves on, so one
+        # partition's backlog does not keep the others' deliveries waiting.
+        parts = self.partitions.all
+        turn = self._webhook_turn % len(parts)
+        self._webhook_turn += 1
+        ordered = parts[turn:] + parts[:turn]
+        if len(parts) <= count:
+            shares = [(keys, count // len(parts)) for keys in ordered]
+        else:
+            shares = [(keys, 1) for keys in ordered[:count]]
+        now = repr(time.time())
+        calls = [([k.webhooks_due, k.webhook_messages], [now, lease, n]) for k, n in shares]
+        replies = await self._call_each_isolated(self._webhook_claim_script, calls)
+        messages = []
+        for (keys, _), reply in zip(shares, replies, strict=True):
+            if isinstance(reply, QueueUnavailable):
+                continue  # that partition's deliveries wait; the others' are sent
+            for i in range(0, len(reply), 3):
+                message = decode(reply[i], int(reply[i + 1]), _text(reply[i + 2]))
+                message.partition = keys.index
+                messages.append(message)
+        return messages
+
+    @_translated
+    async def settle_webhook(
+        self, message: WebhookMessage, verdict: WebhookVerdict, *, due_at: float = 0.0
+    ) -> bool:
+        keys = self.partitions.all[message.partition]
+        reply = await self._webhook_settle_script(
+            keys=[keys.webhooks_due, keys.webhook_messages, keys.webhooks_dead],
+            args=[message.message_id, message.attempt, verdict.value, repr(due_at),
+                  message.last_error[:500], repr(time.time()), self.settings.dead_letter_maxlen],
+        )  # fmt: skip
+        return _text(reply) == "settled"
 
     @_translated
     async def webhook_dead_letters(self, count: int) -> list[DeadLetter]:
@@ -941,6 +1013,10 @@ class RedisTaskQueue(SlotRouting):
                 args=[*(e for e, _ in found), *(t for _, t in found)],
             )
         )
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _spread(

@@ -9,11 +9,16 @@
 -- With recent_cap, the ids of the tasks that ended go to one capped list per final status, and
 -- a ten-second bucket counts them: one LPUSH and one HINCRBY per status in the batch, and one
 -- EXPIRE (three commands for a batch that is all DONE).
+-- A final outcome of a task with a `completed` webhook records its delivery in the same step
+-- (see webhook_claim.lua), so no outcome is written without its delivery, however the worker
+-- ends. A batch without webhooks neither names those keys nor runs a command more.
 -- KEYS: stream, retries, (task_i, cache_i, unfinished_i) for each outcome[, then with
---       recent_cap: the done, failed and cancelled lists and the bucket's counts hash]
+--       recent_cap: the done, failed and cancelled lists and the bucket's counts hash][, then
+--       with webhooks: the deliveries' due set and messages hash]
 -- ARGV: group, consumer, now, cache_ttl, events_channel, result_expiry,
---       JSON [[entry_id, task_id, outcome, payload, due_at], ..], publish command,
---       recent_cap (absent or 0: no lists, no counts), counts_ttl
+--       JSON [[entry_id, task_id, outcome, payload, due_at[, message_id, message]], ..],
+--       publish command, recent_cap (absent or 0: no lists, no counts), counts_ttl,
+--       webhooks (1: KEYS end with the webhook keys, and an outcome with a message records it)
 -- Returns per outcome: 'written', 'stale' or 'lost'
 local stream, retries = KEYS[1], KEYS[2]
 local group, consumer, now, channel = ARGV[1], ARGV[2], ARGV[3], ARGV[5]
@@ -22,6 +27,12 @@ local result_expiry = tonumber(ARGV[6])
 local batch = cjson.decode(ARGV[7])
 local publish = ARGV[8]
 local recent_cap, counts_ttl = tonumber(ARGV[9] or '0'), ARGV[10]
+local last = #KEYS  -- the last key before the webhook keys
+local webhooks_due, webhook_messages = nil, nil
+if ARGV[11] == '1' then
+  webhooks_due, webhook_messages = KEYS[last - 1], KEYS[last]
+  last = last - 2
+end
 local out, acks, finished = {}, {}, {}
 local ended = {DONE = {}, FAILED = {}, CANCELLED = {}}
 local expires_at = nil
@@ -56,6 +67,10 @@ for i, item in ipairs(batch) do
       end
       finished[#finished + 1] = task_id
       ended.DONE[#ended.DONE + 1] = task_id
+      if item[6] and webhooks_due then
+        redis.call('HSET', webhook_messages, item[6], item[7])
+        redis.call('ZADD', webhooks_due, now, item[6])
+      end
     elseif outcome == 'FAILED' or outcome == 'CANCELLED' then
       redis.call('HSET', key, 'status', outcome, 'error', payload, 'finished_at', now,
         'owner', '')
@@ -64,6 +79,10 @@ for i, item in ipairs(batch) do
       end
       finished[#finished + 1] = task_id
       ended[outcome][#ended[outcome] + 1] = task_id
+      if item[6] and webhooks_due then
+        redis.call('HSET', webhook_messages, item[6], item[7])
+        redis.call('ZADD', webhooks_due, now, item[6])
+      end
     else
       -- RETRY or RELEASE: back to PENDING, to be appended to the stream again when due.
       -- A retry ends an attempt properly, so the delivery count starts again; a release
@@ -88,7 +107,7 @@ if #acks > 0 then
   redis.call('XACK', stream, group, unpack(acks))
 end
 if #finished > 0 and recent_cap > 0 then
-  local n = #KEYS
+  local n = last
   local lists = {DONE = KEYS[n - 3], FAILED = KEYS[n - 2], CANCELLED = KEYS[n - 1]}
   for status, ids in pairs(ended) do
     if #ids > 0 then

@@ -13,7 +13,9 @@
 -- stream shows RUNNING at once.
 -- A task not started by its deadline (deadline_at) is EXPIRED here, and never runs; one that
 -- ran an attempt before is past that promise and retried as usual.
--- KEYS: stream, dead_letter, task_1 .. task_n
+-- A task ended here (cancelled, expired, dead-lettered) records the `completed` webhook its
+-- request asked for in the same step; a task started costs nothing more for it.
+-- KEYS: stream, dead_letter, task_1 .. task_n, webhooks_due, webhook_messages
 -- ARGV: group, consumer, now, max_deliveries, alone (1: the worker runs this batch alone),
 --       JSON [[entry_1, task_id_1], ..], result_expiry, events_channel, dead_letter_maxlen,
 --       publish command (PUBLISH, or SPUBLISH on a cluster), reports_channel
@@ -28,6 +30,35 @@ local alone = ARGV[5] == '1'
 local batch = cjson.decode(ARGV[6])
 local result_expiry, channel, dead_maxlen, publish = ARGV[7], ARGV[8], ARGV[9], ARGV[10]
 local out, acks, finished, started = {}, {}, {}, {}
+local webhooks_due, webhook_messages = KEYS[#KEYS - 1], KEYS[#KEYS]
+
+-- A task ended here sends the `completed` webhook its request asked for, as one the worker
+-- ends does: its delivery is recorded with the final status (see webhook_claim.lua).
+local function completed_webhook(due, messages, request, task_id, fields)
+  local ok, r = pcall(cjson.decode, request or '')
+  if not ok or type(r) ~= 'table' or type(r.webhook) ~= 'string' then
+    return
+  end
+  if type(r.webhook_events) == 'table' and #r.webhook_events > 0 then  -- none: the default
+    local wanted = false
+    for _, event in ipairs(r.webhook_events) do
+      wanted = wanted or event == 'completed'
+    end
+    if not wanted then
+      return
+    end
+  end
+  -- Named by the task and the instant it ended: a task run again (a replayed dead letter, a
+  -- console retry) ends again, and that ending is news to the receiver, not a duplicate.
+  local id = 'msg_' .. task_id .. '_' .. (string.gsub(fields.finished_at, '%D', ''))
+  local data = {task_id = task_id, status = fields.status, result = cjson.null,
+    error = fields.error, attempts = tonumber(fields.attempts) or 0,
+    started_at = tonumber(fields.started_at) or cjson.null,
+    finished_at = tonumber(fields.finished_at)}
+  redis.call('HSET', messages, id, cjson.encode({id = id, task_id = task_id, url = r.webhook,
+    event = 'completed', at = tonumber(fields.finished_at), data = data}))
+  redis.call('ZADD', due, fields.finished_at, id)
+end
 
 for i, delivery in ipairs(batch) do
   local key, entry, task_id = KEYS[i + 2], delivery[1], delivery[2]
@@ -43,6 +74,8 @@ for i, delivery in ipairs(batch) do
     redis.call('HSET', key, 'status', 'CANCELLED', 'finished_at', now,
       'error', 'cancelled before it started')
     redis.call('EXPIRE', key, result_expiry)
+    completed_webhook(webhooks_due, webhook_messages, t[4], task_id, {status = 'CANCELLED',
+      error = 'cancelled before it started', attempts = t[9], finished_at = now})
     acks[#acks + 1] = entry
     finished[#finished + 1] = task_id
     out[i] = {verdict = 'cancelled', scope = t[6] or ''}
@@ -50,6 +83,8 @@ for i, delivery in ipairs(batch) do
     redis.call('HSET', key, 'status', 'EXPIRED', 'finished_at', now,
       'error', 'not started by its deadline')
     redis.call('EXPIRE', key, result_expiry)
+    completed_webhook(webhooks_due, webhook_messages, t[4], task_id, {status = 'EXPIRED',
+      error = 'not started by its deadline', attempts = t[9], finished_at = now})
     acks[#acks + 1] = entry
     finished[#finished + 1] = task_id
     out[i] = {verdict = 'expired', scope = t[6] or ''}
@@ -58,6 +93,8 @@ for i, delivery in ipairs(batch) do
       ' times without finishing (MAX_DELIVERIES=' .. max_deliveries .. ')'
     redis.call('HSET', key, 'status', 'FAILED', 'finished_at', now, 'error', message)
     redis.call('EXPIRE', key, result_expiry)
+    completed_webhook(webhooks_due, webhook_messages, t[4], task_id, {status = 'FAILED',
+      error = message, attempts = t[9], finished_at = now})
     redis.call('XADD', dead, 'MAXLEN', dead_maxlen, '*', 'task_id', task_id, 'entry_id', entry,
       'scope', t[6] or '', 'deliveries', deliveries, 'failed_at', now)
     acks[#acks + 1] = entry

@@ -33,7 +33,12 @@
 --       found final; lane: none (append to the stream) or 1..3 (high, normal, low); turn_of:
 --       whose turns the lane counts (the scope with FAIR_SHARE, else ""); priority: none for
 --       normal; due: Unix seconds, none when due now; deadline: Unix seconds, none for none
--- KEYS end with the recent-task index when recent_cap is given.
+--       webhooks (1: KEYS end with the webhook keys; absent or 0: no task carries a webhook)
+--       and per task `webhook`: the URL of a request whose webhook asks for `completed`
+-- KEYS end with the recent-task index when recent_cap is given, then, with webhooks, the
+-- deliveries' due set and messages hash.
+-- A cache hit of a request with a webhook records its `completed` delivery (the cached result)
+-- in the same step; a submit without a webhook pays nothing for it.
 -- Returns JSON, per task {outcome, task_id, result, tokens, reset_ms}, outcome one of
 -- 'queued', 'cached' (task_id: the task that computed the result), 'duplicate' (task_id: the
 -- key's first task), 'coalesced' (task_id: the identical request's task in flight),
@@ -50,6 +55,12 @@ local batch = cjson.decode(ARGV[9])
 local work_channel, publish = ARGV[10], ARGV[11]
 local max_stored = tonumber(ARGV[12]) or 0
 local recent_cap = tonumber(ARGV[13] or '0')
+local last = #KEYS  -- the last key before the webhook keys
+local webhooks_due, webhook_messages = nil, nil
+if ARGV[14] == '1' then
+  webhooks_due, webhook_messages = KEYS[last - 1], KEYS[last]
+  last = last - 2
+end
 -- A task's Redis cost beyond its request: hash fields, the stream entry, key names.
 local TASK_OVERHEAD = 512
 local stored_bucket_ms = math.ceil(result_expiry * 1000 / 24)
@@ -223,6 +234,14 @@ for i, task in ipairs(batch) do
           redis.call('SET', idempotency, hit_id .. ':' .. signature, 'EX',
             math.min(idempotency_ttl, hit_left))
         end
+        if task.webhook and webhooks_due then
+          -- Named by this submit's own id (never stored), so each hit is its own delivery.
+          local id = 'msg_' .. task_id
+          redis.call('HSET', webhook_messages, id, cjson.encode({id = id, task_id = hit_id,
+            url = task.webhook, event = 'completed', at = tonumber(now), result = hit,
+            data = {task_id = hit_id, status = 'DONE', error = cjson.null, cached = true}}))
+          redis.call('ZADD', webhooks_due, now, id)
+        end
         out[i] = {outcome = 'cached', task_id = hit_id, result = hit, tokens = tokens,
           reset_ms = reset_ms}
       else
@@ -278,7 +297,7 @@ end
 if #created > 0 and recent_cap > 0 then
   -- One LPUSH a batch; the list is trimmed only once it is a tenth over its cap, so the index
   -- costs about one command a batch and at most 1.1 x recent_cap ids of memory.
-  local recent, length = KEYS[#KEYS], 0
+  local recent, length = KEYS[last], 0
   for first = 1, #created, 1000 do  -- unpack() is limited to a few thousand values
     length = redis.call('LPUSH', recent, unpack(created, first, math.min(first + 999, #created)))
   end

@@ -1,0 +1,224 @@
+"""Webhook deliveries kept in Redis: recorded with the final status, claimed under a lease,
+settled once. Each script runs on a real server; the worker's sender is tested in e2e."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import orjson
+import pytest
+
+from fastapi_redis_mini.core.models import TaskCreate, request_signature
+from fastapi_redis_mini.core.queue import (
+    Finish,
+    Job,
+    Outcome,
+    StartVerdict,
+    SubmitOutcome,
+    WebhookMessage,
+    WebhookVerdict,
+)
+from fastapi_redis_mini.core.redis import RedisTaskQueue, connect
+from fastapi_redis_mini.core.settings import Settings
+
+CONSUMER = "webhooks"
+HOOK = "https://hooks.example/tasks"
+
+
+async def submit(queue: RedisTaskQueue, prompt: str, **fields: object) -> tuple[str, TaskCreate]:
+    task = TaskCreate.model_validate({"prompt": prompt, **fields})
+    submitted = await queue.submit(task, signature=request_signature(task))
+    return submitted.task_id, task
+
+
+async def take(queue: RedisTaskQueue, *, alone: bool = False) -> list[Job]:
+    deliveries = await queue.read(CONSUMER, count=10, block_ms=10)
+    return await queue.start(CONSUMER, deliveries, alone=alone)
+
+
+def completed(task_id: str) -> WebhookMessage:
+    data = {"task_id": task_id, "status": "DONE", "result": "r"}
+    return WebhookMessage(f"msg_{task_id}_completed", task_id, HOOK, "completed", 1.5, data)
+
+
+async def test_a_final_outcome_records_its_delivery_and_one_without_a_webhook_records_none(
+    queue: RedisTaskQueue,
+) -> None:
+    hooked_id, _ = await submit(queue, "hooked", webhook=HOOK)
+    plain_id, _ = await submit(queue, "plain")
+    jobs = {job.task_id: job for job in await take(queue)}
+    assert jobs[hooked_id].webhook == HOOK
+    finishes = [
+        Finish(jobs[hooked_id], Outcome.DONE, orjson.dumps("r"), webhook=completed(hooked_id)),
+        Finish(jobs[plain_id], Outcome.DONE, orjson.dumps("r")),
+    ]
+    await queue.finish(CONSUMER, finishes)
+    [message] = await queue.claim_webhooks(10, lease=60)
+    assert message == WebhookMessage(
+        f"msg_{hooked_id}_completed", hooked_id, HOOK, "completed", 1.5,
+        {"task_id": hooked_id, "status": "DONE", "result": "r"}, attempt=1,
+    )  # fmt: skip
+
+
+async def test_a_retried_outcome_records_no_delivery_until_the_task_ends(
+    queue: RedisTaskQueue,
+) -> None:
+    task_id, _ = await submit(queue, "retried", webhook=HOOK)
+    [job] = await take(queue)
+    # The worker attaches a message to final outcomes only; a RETRY carrying one is ignored.
+    retry = Finish(job, Outcome.RETRY, error="again", due_at=0.0, webhook=completed(task_id))
+    await queue.finish(CONSUMER, [retry])
+    assert await queue.claim_webhooks(10, lease=60) == []
+
+
+async def test_a_claim_is_a_lease_another_sender_takes_once_it_lapses(
+    queue: RedisTaskQueue,
+) -> None:
+    await queue.enqueue_webhooks([completed("a" * 32)])
+    [first] = await queue.claim_webhooks(10, lease=0.3)
+    assert await queue.claim_webhooks(10, lease=0.3) == []  # held
+    await asyncio.sleep(0.4)  # its sender died: nothing settled it
+    [second] = await queue.claim_webhooks(10, lease=60)
+    assert (second.message_id, second.attempt) == (first.message_id, 2)
+    # The first sender comes back late: it cannot reschedule what another sender holds ...
+    first.last_error = "late"
+    assert not await queue.settle_webhook(first, WebhookVerdict.RETRY, due_at=time.time())
+    assert not await queue.settle_webhook(first, WebhookVerdict.DEAD)
+    assert await queue.webhook_dead_letters(10) == []
+    # ... but a delivery it made counts, whoever holds the message now.
+    assert await queue.settle_webhook(first, WebhookVerdict.DELIVERED)
+    assert not await queue.settle_webhook(second, WebhookVerdict.DELIVERED)
+    await asyncio.sleep(0.1)
+    assert await queue.claim_webhooks(10, lease=60) == []
+
+
+async def test_a_retry_waits_its_backoff_and_a_release_takes_its_attempt_back(
+    queue: RedisTaskQueue,
+) -> None:
+    await queue.enqueue_webhooks([completed("b" * 32)])
+    [message] = await queue.claim_webhooks(10, lease=60)
+    message.last_error = "answered 500"
+    assert await queue.settle_webhook(message, WebhookVerdict.RETRY, due_at=time.time() + 0.3)
+    assert await queue.claim_webhooks(10, lease=60) == []
+    await asyncio.sleep(0.4)
+    [again] = await queue.claim_webhooks(10, lease=60)
+    assert (again.attempt, again.last_error) == (2, "answered 500")
+    assert await queue.settle_webhook(again, WebhookVerdict.RELEASE)
+    [released] = await queue.claim_webhooks(10, lease=60)
+    assert released.attempt == 2
+    released.last_error = "answered 503"
+    assert await queue.settle_webhook(released, WebhookVerdict.DEAD)
+    [dead] = await queue.webhook_dead_letters(10)
+    assert {k: dead.fields[k] for k in ("message_id", "url", "event", "attempts", "error")} == {
+        "message_id": released.message_id,
+        "url": HOOK,
+        "event": "completed",
+        "attempts": "2",
+        "error": "answered 503",
+    }
+    assert await queue.claim_webhooks(10, lease=60) == []
+
+
+async def test_cancelling_a_pending_task_records_its_completed_delivery(
+    queue: RedisTaskQueue,
+) -> None:
+    task_id, _ = await submit(queue, "cancelled", webhook=HOOK)
+    await queue.cancel(task_id)
+    [message] = await queue.claim_webhooks(10, lease=60)
+    assert (message.task_id, message.url, message.event) == (task_id, HOOK, "completed")
+    assert message.data["status"] == "CANCELLED"
+    assert message.data["error"] == "cancelled before it started"
+    assert message.data["result"] is None
+    # The worker that later receives the entry only acknowledges it: no second delivery.
+    assert [job.verdict for job in await take(queue)] == [StartVerdict.SKIP]
+    assert await queue.claim_webhooks(10, lease=60) == []
+
+
+async def test_a_task_dead_lettered_by_start_records_its_completed_delivery(
+    settings: Settings,
+) -> None:
+    configured = settings.model_copy(update={"max_deliveries": 1})
+    queue = RedisTaskQueue(connect(configured), configured)
+    try:
+        await queue.ensure_group()
+        task_id, _ = await submit(queue, "poison", webhook=HOOK, webhook_events=["completed"])
+        deliveries = await queue.read(CONSUMER, count=10, block_ms=10)
+        await queue.start(CONSUMER, deliveries)  # its worker dies mid-run
+        [job] = await queue.start(CONSUMER, deliveries, alone=True)
+        assert job.verdict is StartVerdict.DEAD
+        [message] = await queue.claim_webhooks(10, lease=60)
+    finally:
+        await queue.close()
+    assert message.task_id == task_id
+    assert message.data["status"] == "FAILED"
+    assert message.data["error"].startswith("dead-lettered: delivered 1 times")
+    assert message.data["attempts"] == 1
+
+
+async def test_a_task_that_ends_again_after_a_replay_gets_a_delivery_of_its_own(
+    settings: Settings,
+) -> None:
+    configured = settings.model_copy(update={"max_deliveries": 1})
+    queue = RedisTaskQueue(connect(configured), configured)
+    ids = []
+    try:
+        await queue.ensure_group()
+        await submit(queue, "poison twice", webhook=HOOK)
+        for _ in range(2):
+            deliveries = await queue.read(CONSUMER, count=10, block_ms=10)
+            await queue.start(CONSUMER, deliveries)
+            [job] = await queue.start(CONSUMER, deliveries, alone=True)
+            assert job.verdict is StartVerdict.DEAD
+            [message] = await queue.claim_webhooks(10, lease=60)
+            assert await queue.settle_webhook(message, WebhookVerdict.DELIVERED)
+            ids.append(message.message_id)
+            dead = await queue.dead_letters(10)
+            assert await queue.replay_dead_letters([d.entry_id for d in dead]) == 1
+            await asyncio.sleep(0.01)
+    finally:
+        await queue.close()
+    assert len(set(ids)) == 2  # a receiver deduping by id still hears of the second end
+
+
+async def test_a_cache_hit_with_a_webhook_records_a_delivery_of_the_cached_result(
+    queue: RedisTaskQueue,
+) -> None:
+    done_id, _ = await submit(queue, "computed once", webhook=HOOK)
+    [job] = await take(queue)
+    result = {"output": "r", "n": [1, 2.5]}
+    done = Finish(job, Outcome.DONE, orjson.dumps(result), webhook=completed(done_id))
+    await queue.finish(CONSUMER, [done])
+    [message] = await queue.claim_webhooks(10, lease=60)
+    assert await queue.settle_webhook(message, WebhookVerdict.DELIVERED)
+
+    task = TaskCreate(prompt="computed once", webhook=HOOK)
+    hits = [await queue.submit(task, signature=request_signature(task)) for _ in range(2)]
+    assert [hit.outcome for hit in hits] == [SubmitOutcome.CACHED] * 2
+    messages = await queue.claim_webhooks(10, lease=60)
+    assert len({m.message_id for m in messages}) == 2  # one per submit answered
+    for message in messages:
+        assert message.message_id != f"msg_{done_id}_completed"  # not the computing task's
+        assert (message.task_id, message.url) == (done_id, HOOK)
+        assert message.data == {
+            "task_id": done_id,
+            "status": "DONE",
+            "error": None,
+            "cached": True,
+            "result": result,
+        }
+
+
+@pytest.mark.parametrize("events", [["start"], ["progress", "output"]])
+async def test_no_completed_delivery_is_recorded_for_a_webhook_that_did_not_ask_for_one(
+    queue: RedisTaskQueue, events: list[str]
+) -> None:
+    fields = {"webhook": HOOK, "webhook_events": events}
+    cancelled_id, _ = await submit(queue, "cancelled", **fields)
+    await queue.cancel(cancelled_id)
+    _, task = await submit(queue, "done", **fields)
+    [job] = [j for j in await take(queue) if j.verdict is StartVerdict.RUN]
+    await queue.finish(CONSUMER, [Finish(job, Outcome.DONE, orjson.dumps("r"))])
+    hit = await queue.submit(task, signature=request_signature(task))
+    assert hit.outcome is SubmitOutcome.CACHED
+    assert await queue.claim_webhooks(10, lease=60) == []
