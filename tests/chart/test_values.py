@@ -79,6 +79,10 @@ ALTERNATIVES: dict[str, Any] = {
     "redis.maxmemory": "200mb",
     "redis.persistence.size": "2Gi",
     "redis.image.tag": "7.4.7-bookworm",
+    **{
+        f"{image}.image.digest": "sha256:" + "0123456789abcdef" * 4
+        for image in ("api", "worker", "redis", "redis.metrics", "loadtest")
+    },
     "clusterDomain": "k8s.example.internal",
     "worker.taskTimeout": 28,
     "externalRedis.url": "redis://other.example.internal:6379/0",

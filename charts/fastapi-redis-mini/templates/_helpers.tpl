@@ -47,11 +47,19 @@ app.kubernetes.io/part-of: {{ include "frm.name" $root }}
 {{- end }}
 {{- end }}
 
-{{/* Images: tag defaults to the chart's appVersion. Call with (list $ .Values.api.image). */}}
+{{/*
+Images: repository@digest when a digest is set (the tag is then ignored: a digest names one
+image, a tag can be moved), else repository:tag with the tag defaulting to the chart's
+appVersion. Call with (list $ .Values.api.image).
+*/}}
 {{- define "frm.image" -}}
 {{- $root := index . 0 }}
 {{- $image := index . 1 }}
+{{- if $image.digest }}
+{{- printf "%s@%s" $image.repository $image.digest }}
+{{- else }}
 {{- printf "%s:%s" $image.repository (default $root.Chart.AppVersion $image.tag) }}
+{{- end }}
 {{- end }}
 
 {{/*
