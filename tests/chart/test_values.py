@@ -35,6 +35,12 @@ FEATURE_BASE: list[tuple[str, Values]] = [
     ("api.ingress.", VALUE_SETS["ingress-networkpolicy"]),
     ("api.apiKeys.secretKey", {"api": {"apiKeys": {"existingSecret": "keys"}}}),
     ("api.console.", VALUE_SETS["console"]),
+    ("api.tenantSecret.secretKey", {"api": {"tenantSecret": {"existingSecret": "t"}}}),
+    (
+        "api.priorityHighKeys.",
+        {"api": {"apiKeys": {"existingSecret": "k"}, "priorityHighKeys": {"existingSecret": "p"}}},
+    ),
+    ("config.webhookSecret.secretKey", {"config": {"webhookSecret": {"existingSecret": "w"}}}),
     (
         "loadtest.apiKey.secretKey",
         {"loadtest": {"enabled": True, "apiKey": {"existingSecret": "k"}}},
@@ -63,6 +69,8 @@ ALTERNATIVES: dict[str, Any] = {
     "config.logLevel": "DEBUG",
     "config.durableAcks": "fsync",
     "config.queuePartitions": 4,
+    "config.webhookAllowedHosts": ["10.0.0.0/8"],
+    "api.priorityHighKeys.existingSecret": "other-high-keys",
     "worker.handlerThreads": 8,
     "worker.handlerPool": "process",
     "worker.autoscaling.keda.prometheus.serverAddress": "http://prometheus.example:9090",

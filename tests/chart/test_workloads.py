@@ -16,6 +16,7 @@ from .helm import (
     EXTERNAL_REDIS_URL,
     VALUE_SETS,
     Manifest,
+    RenderError,
     find,
     only,
     pod_spec,
@@ -145,6 +146,61 @@ def test_the_console_takes_its_admin_key_from_a_secret_and_only_the_api_sees_it(
     defaults = render_set("defaults")
     assert "ADMIN_API_KEY" not in env_of(only(defaults, "Deployment", "api"))
     assert config_data(defaults)["CONSOLE_ENABLED"] == "false"
+
+
+SECRET_SETTINGS = {
+    "api": {
+        "apiKeys": {"existingSecret": "api-keys"},
+        "tenantSecret": {"existingSecret": "tenant", "secretKey": "hmac"},
+        "priorityHighKeys": {"existingSecret": "lanes", "secretKey": "high"},
+    },
+    "config": {"webhookSecret": {"existingSecret": "hooks", "secretKey": "signing"}},
+}
+
+
+@pytest.mark.parametrize(
+    ("variable", "reference", "readers"),
+    [
+        ("TENANT_SECRET", {"name": "tenant", "key": "hmac"}, {"api"}),
+        ("PRIORITY_HIGH_KEYS", {"name": "lanes", "key": "high"}, {"api"}),
+        ("WEBHOOK_SECRET", {"name": "hooks", "key": "signing"}, {"api", "worker"}),
+    ],
+)
+def test_secret_settings_come_from_their_secret_to_the_processes_that_read_them(
+    variable: str, reference: dict[str, str], readers: set[str]
+) -> None:
+    objects = render(SECRET_SETTINGS)
+    assert variable not in config_data(objects)
+    for component in ("api", "worker"):
+        env = env_of(only(objects, "Deployment", component))
+        if component in readers:
+            assert env[variable]["valueFrom"]["secretKeyRef"] == reference
+        else:
+            assert variable not in env
+    for component in ("api", "worker"):
+        assert variable not in env_of(only(render_set("defaults"), "Deployment", component))
+
+
+def test_high_lane_keys_without_api_keys_are_refused() -> None:
+    with pytest.raises(RenderError, match=r"api.priorityHighKeys.existingSecret needs api.apiKeys"):
+        render({"api": {"priorityHighKeys": {"existingSecret": "lanes"}}})
+
+
+def test_the_code_accepts_the_webhook_hosts_and_scheduling_settings_the_chart_renders(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    values = {
+        "config": {"webhookAllowedHosts": ["10.0.0.0/8", "hooks.internal"], "recentTasks": 0},
+        "worker": {"webhookMaxAttempts": 7, "webhookTimeout": 2.5},
+        "api": {"maxHeaders": 50, "headerTimeout": 5},
+    }
+    for key, value in {**config_data(render(values)), "REDIS_PASSWORD": "p"}.items():
+        monkeypatch.setenv(key, value)
+    settings = Settings()
+    assert settings.webhook_allowed_hosts == ("10.0.0.0/8", "hooks.internal")
+    assert settings.recent_tasks == 0
+    assert (settings.webhook_max_attempts, settings.webhook_timeout) == (7, 2.5)
+    assert (settings.max_headers, settings.header_timeout) == (50, 5)
 
 
 # -- api and worker ----------------------------------------------------------------------

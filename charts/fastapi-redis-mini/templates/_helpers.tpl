@@ -273,7 +273,8 @@ capabilities:
   drop: ["ALL"]
 {{- end }}
 
-{{/* Env every api and worker container gets: settings from the ConfigMap, the Redis password by reference. */}}
+{{/* Env every api and worker container gets: settings from the ConfigMap, the Redis password
+(and the webhook signing secret, when there is one) by reference. */}}
 {{- define "frm.appEnv" -}}
 envFrom:
   - configMapRef:
@@ -284,6 +285,20 @@ env:
       secretKeyRef:
         name: {{ include "frm.redisSecretName" . }}
         key: {{ include "frm.redisSecretKey" . }}
+  {{- with .Values.config.webhookSecret.existingSecret }}
+  - name: WEBHOOK_SECRET
+    valueFrom:
+      secretKeyRef:
+        name: {{ . }}
+        key: {{ $.Values.config.webhookSecret.secretKey }}
+  {{- end }}
+{{- end }}
+
+{{/* Checksums of the user's Secrets that both the api and the worker read. */}}
+{{- define "frm.appSecretChecksums" -}}
+{{- with .Values.config.webhookSecret.existingSecret }}
+checksum/webhook-secret: {{ include "frm.secretChecksum" (list $ . $.Values.config.webhookSecret.secretKey) }}
+{{- end }}
 {{- end }}
 
 {{/* Which autoscaler the worker gets: keda, prometheusAdapter, cpu or none. */}}
