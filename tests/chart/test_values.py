@@ -69,6 +69,7 @@ ALTERNATIVES: dict[str, Any] = {
     "config.logLevel": "DEBUG",
     "config.durableAcks": "fsync",
     "config.queuePartitions": 4,
+    "config.durableAckTimeout": 0.5,
     "config.webhookAllowedHosts": ["10.0.0.0/8"],
     "api.priorityHighKeys.existingSecret": "other-high-keys",
     "worker.handlerThreads": 8,

@@ -110,7 +110,8 @@ def test_api_and_worker_take_settings_from_the_configmap_and_the_password_from_a
     assert container(deployment)["envFrom"] == [{"configMapRef": {"name": config.name}}]
     password = env_of(deployment)["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]
     secret = only(objects, "Secret", "redis")
-    assert password == {"name": secret["metadata"]["name"], "key": "redis-password"}
+    # The service user's password (redis.acl), not the default user's.
+    assert password == {"name": secret["metadata"]["name"], "key": "service-password"}
 
 
 def test_pods_roll_when_their_settings_change() -> None:
@@ -305,7 +306,7 @@ def test_redis_runs_behind_a_headless_service_that_governs_the_statefulset() -> 
     assert service["spec"]["clusterIP"] == "None"
     assert statefulset["spec"]["serviceName"] == service["metadata"]["name"]
     host = service["metadata"]["name"]
-    assert config_data(objects)["REDIS_URL"] == f"redis://{host}:6379/0"
+    assert config_data(objects)["REDIS_URL"] == f"redis://fastapi-redis-mini@{host}:6379/0"
 
 
 def test_redis_data_lives_on_a_claim_unless_persistence_is_off() -> None:
@@ -331,11 +332,18 @@ def test_generated_redis_password_is_random_and_survives_uninstall() -> None:
 
 def test_an_existing_redis_secret_replaces_the_generated_one() -> None:
     objects = render(
-        {"redis": {"auth": {"existingSecret": "my-redis", "existingSecretPasswordKey": "pw"}}}
+        {
+            "redis": {
+                "auth": {"existingSecret": "my-redis", "existingSecretPasswordKey": "pw"},
+                "acl": {"passwordKey": "service-pw"},
+            }
+        }
     )
     assert find(objects, "Secret") == []
     reference = env_of(only(objects, "Deployment", "worker"))["REDIS_PASSWORD"]["valueFrom"]
-    assert reference["secretKeyRef"] == {"name": "my-redis", "key": "pw"}
+    assert reference["secretKeyRef"] == {"name": "my-redis", "key": "service-pw"}
+    redis = {e["name"]: e for e in container(only(objects, "StatefulSet", "redis"))["env"]}
+    assert redis["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "my-redis", "key": "pw"}
 
 
 def test_external_redis_replaces_the_statefulset() -> None:
