@@ -33,9 +33,10 @@ from fastapi_redis_mini.core.settings import Settings
 from fastapi_redis_mini_harness.polling import poll
 from fastapi_redis_mini_harness.ports import free_port
 from fastapi_redis_mini_harness.processes import Process, start_api, start_worker
+from fastapi_redis_mini_harness.redis_cluster import RedisCluster
 from fastapi_redis_mini_harness.redis_server import server_binary
 
-from .helm import CHART, REPO, Rendered, Values, find, only, pod_spec, render
+from .helm import CHART, QUOTAS_OFF, REPO, Rendered, Values, find, only, pod_spec, render
 
 LUA = REPO / "services" / "fastapi_redis_mini" / "core" / "redis" / "lua"
 COMMANDS_FILE = CHART / "files" / "redis" / "service-commands.txt"
@@ -394,15 +395,8 @@ def denials(server: AclServer) -> list[dict[str, Any]]:
     return entries
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("lanes", ["false", "true"])
-def test_the_service_runs_every_path_as_the_acl_user_and_nothing_is_denied(
-    acl_server: AclServer, lanes: str
-) -> None:
-    acl_server.admin().flushall()
-    acl_server.admin().acl_log_reset()
-    env = {
-        **acl_server.service_env,
+def path_env(lanes: str) -> dict[str, str]:
+    return {
         "PRIORITY_LANES": lanes,
         "API_KEYS": TENANT_KEY,
         "CONSOLE_ENABLED": "true",
@@ -410,10 +404,15 @@ def test_the_service_runs_every_path_as_the_acl_user_and_nothing_is_denied(
         "MAX_RETRIES": "1",
         "RETRY_BACKOFF": "0.1",
     }
+
+
+def run_every_path(url: str, env: dict[str, str]) -> None:
+    """Submit to DONE, a cache hit, a failure, a delayed task, cancel, GET and a long-poll,
+    the console's pages, readiness and the admin command, with the api and a worker on `url`."""
     processes: list[Process] = []
     try:
-        processes.append(start_api(acl_server.service_url, env, cwd=REPO))
-        processes.append(start_worker(acl_server.service_url, env, cwd=REPO))
+        processes.append(start_api(url, env, cwd=REPO))
+        processes.append(start_worker(url, env, cwd=REPO))
         api, worker = processes
         tenant = {"Authorization": f"Bearer {TENANT_KEY}"}
         with httpx.Client(base_url=api.base_url, headers=tenant, timeout=10) as client:
@@ -464,7 +463,7 @@ def test_the_service_runs_every_path_as_the_acl_user_and_nothing_is_denied(
         for command in (["stats"], ["dead-letter", "list"]):
             admin_run = subprocess.run(
                 [sys.executable, "-m", "fastapi_redis_mini.admin", *command],
-                env={**os.environ, "REDIS_URL": acl_server.service_url, **env},
+                env={**os.environ, "REDIS_URL": url, **env},
                 capture_output=True,
                 text=True,
                 timeout=30,
@@ -475,6 +474,16 @@ def test_the_service_runs_every_path_as_the_acl_user_and_nothing_is_denied(
     finally:
         for process in processes:
             process.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lanes", ["false", "true"])
+def test_the_service_runs_every_path_as_the_acl_user_and_nothing_is_denied(
+    acl_server: AclServer, lanes: str
+) -> None:
+    acl_server.admin().flushall()
+    acl_server.admin().acl_log_reset()
+    run_every_path(acl_server.service_url, {**acl_server.service_env, **path_env(lanes)})
     assert denials(acl_server) == []
 
 
@@ -519,3 +528,59 @@ def test_the_exporter_user_reads_statistics_but_no_key(acl_server: AclServer) ->
 def test_the_default_password_still_opens_the_server_for_the_probes(acl_server: AclServer) -> None:
     assert acl_server.admin().ping()
     assert acl_server.admin().acl_whoami() == "default"
+
+
+@pytest.fixture(scope="module")
+def acl_cluster() -> Iterator[tuple[RedisCluster, str, dict[str, str]]]:
+    """A 3-master cluster whose every node holds the service user of the chart's cluster mode,
+    with the rules rendered for it; yields it, the service's URL and its settings."""
+    values = {"redis": {"mode": "cluster"}, "api": QUOTAS_OFF}
+    objects = render(values)
+    rules = redis_data(objects)["service-user.acl"].split()
+    password = "service-user-password-0123456789"
+    cluster = RedisCluster(masters=3, replicas_per_master=0, password="default-password-0123")
+    try:
+        cluster.start()
+        for node in cluster.nodes:
+            client = node.client()
+            try:
+                client.acl_setuser(SERVICE_USER, reset=True)
+                client.execute_command(  # type: ignore[no-untyped-call]
+                    "ACL", "SETUSER", SERVICE_USER, "on", f">{password}", *rules
+                )
+            finally:
+                client.close()
+        rendered = config(objects)
+        host = urlsplit(rendered["REDIS_URL"]).hostname or ""
+        first = cluster.nodes[0]
+        url = rendered["REDIS_URL"].replace(f"{host}:6379", f"127.0.0.1:{first.port}")
+        env = {
+            "REDIS_PASSWORD": password,
+            "REDIS_CLUSTER": rendered["REDIS_CLUSTER"],
+            "QUEUE_PARTITIONS": rendered["QUEUE_PARTITIONS"],
+        }
+        yield cluster, url, env
+    finally:
+        cluster.close()
+
+
+@pytest.mark.slow
+def test_on_a_cluster_the_service_runs_every_path_as_the_acl_user(
+    acl_cluster: tuple[RedisCluster, str, dict[str, str]],
+) -> None:
+    cluster, url, env = acl_cluster
+    assert urlsplit(url).username == SERVICE_USER
+    assert env["QUEUE_PARTITIONS"] == "16"  # spread over every master
+    run_every_path(url, {**env, **path_env("false")})
+    for node in cluster.nodes:
+        client = node.client()
+        try:
+            assert client.acl_log() == [], f"node {node.port} denied a command"
+            client.execute_command(  # type: ignore[no-untyped-call]
+                "AUTH", SERVICE_USER, env["REDIS_PASSWORD"]
+            )
+            for refused in (("CLUSTER", "RESET"), ("CLUSTER", "FAILOVER"), ("FLUSHALL",)):
+                with pytest.raises(redis.exceptions.NoPermissionError):
+                    client.execute_command(*refused)  # type: ignore[no-untyped-call]
+        finally:
+            client.close()
