@@ -116,7 +116,7 @@ def test_clients_bootstrap_through_a_service_of_ready_nodes_only() -> None:
     pod_labels = only(objects, "StatefulSet", "redis")["spec"]["template"]["metadata"]["labels"]
     assert client["spec"]["selector"].items() <= pod_labels.items()
     data = only(objects, "ConfigMap", "config")["data"]
-    assert data["REDIS_URL"] == f"redis://{FULLNAME}-redis-client:6379/0"
+    assert data["REDIS_URL"] == f"redis://fastapi-redis-mini@{FULLNAME}-redis-client:6379/0"
 
 
 def test_the_cluster_keeps_serving_the_slots_it_has_while_a_shard_is_away() -> None:

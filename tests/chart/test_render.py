@@ -95,6 +95,15 @@ def test_schema_validation_catches_a_misspelt_field() -> None:
         ({"api": {"console": {"enabled": True}}}, "existingSecret"),
         ({"api": {"console": {"enabled": "yes"}}}, "enabled"),
         ({"api": {"console": {"adminKey": {"secret": "s"}}}}, "secret"),
+        ({"config": {"recentTasks": -1}}, "recentTasks"),
+        ({"config": {"redisSocketTimeout": 1}}, "redisSocketTimeout"),
+        ({"config": {"webhookAllowedHosts": "10.0.0.0/8"}}, "webhookAllowedHosts"),
+        ({"config": {"webhookAllowedHosts": ["a.example,b.example"]}}, "webhookAllowedHosts"),
+        ({"config": {"webhookSecret": "whsec_abc"}}, "webhookSecret"),
+        ({"worker": {"webhookMaxAttempts": 50}}, "webhookMaxAttempts"),
+        ({"worker": {"webhookTimeout": 0}}, "webhookTimeout"),
+        ({"api": {"maxHeaderBytes": 100}}, "maxHeaderBytes"),
+        ({"api": {"tenantSecret": {"existingSecret": 5}}}, "existingSecret"),
     ],
 )
 def test_values_schema_rejects_typos_and_wrong_types(
@@ -156,6 +165,14 @@ def test_values_schema_rejects_typos_and_wrong_types(
                 }
             },
             "not both",
+        ),
+        (
+            {"config": {"durableAckTimeout": 2, "redisSocketTimeout": 2}},
+            r"config.durableAckTimeout \(2\) must be below config.redisSocketTimeout \(2\)",
+        ),
+        (
+            {"worker": {"webhookBackoff": 90}},
+            r"worker.webhookBackoff \(90\) must not exceed worker.webhookBackoffMax \(60\)",
         ),
         (
             {"redis": {"mode": "external"}, "externalRedis": {"existingSecret": "s"}},

@@ -213,7 +213,21 @@ def test_upgrades_keep_the_pods_while_the_generated_password_stays(
     api_server: FakeApiServer,
 ) -> None:
     api_server.secret = _secret(SECRET_NAME, "redis-password", b"generated-at-install")
+    # Every password the chart generates: the default user's and the service user's.
+    api_server.secret["data"]["service-password"] = base64.b64encode(b"service").decode()
     assert pod_templates(api_server, {}) == pod_templates(api_server, {})
+
+
+def test_an_upgrade_to_the_acl_keeps_the_password_and_adds_the_service_users(
+    api_server: FakeApiServer,
+) -> None:
+    api_server.secret = _secret(SECRET_NAME, "redis-password", b"generated-at-install")
+    secret = render_against(api_server, {})
+    assert password(secret) == "generated-at-install"
+    assert secret is not None
+    service = base64.b64decode(secret["data"]["service-password"]).decode()
+    assert len(service) == 32
+    assert service != "generated-at-install"
 
 
 def test_rotating_an_existing_secret_rolls_redis_the_api_and_the_worker_on_upgrade(

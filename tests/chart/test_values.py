@@ -35,6 +35,12 @@ FEATURE_BASE: list[tuple[str, Values]] = [
     ("api.ingress.", VALUE_SETS["ingress-networkpolicy"]),
     ("api.apiKeys.secretKey", {"api": {"apiKeys": {"existingSecret": "keys"}}}),
     ("api.console.", VALUE_SETS["console"]),
+    ("api.tenantSecret.secretKey", {"api": {"tenantSecret": {"existingSecret": "t"}}}),
+    (
+        "api.priorityHighKeys.",
+        {"api": {"apiKeys": {"existingSecret": "k"}, "priorityHighKeys": {"existingSecret": "p"}}},
+    ),
+    ("config.webhookSecret.secretKey", {"config": {"webhookSecret": {"existingSecret": "w"}}}),
     (
         "loadtest.apiKey.secretKey",
         {"loadtest": {"enabled": True, "apiKey": {"existingSecret": "k"}}},
@@ -63,6 +69,9 @@ ALTERNATIVES: dict[str, Any] = {
     "config.logLevel": "DEBUG",
     "config.durableAcks": "fsync",
     "config.queuePartitions": 4,
+    "config.durableAckTimeout": 0.5,
+    "config.webhookAllowedHosts": ["10.0.0.0/8"],
+    "api.priorityHighKeys.existingSecret": "other-high-keys",
     "worker.handlerThreads": 8,
     "worker.handlerPool": "process",
     "worker.autoscaling.keda.prometheus.serverAddress": "http://prometheus.example:9090",
@@ -79,6 +88,10 @@ ALTERNATIVES: dict[str, Any] = {
     "redis.maxmemory": "200mb",
     "redis.persistence.size": "2Gi",
     "redis.image.tag": "7.4.7-bookworm",
+    **{
+        f"{image}.image.digest": "sha256:" + "0123456789abcdef" * 4
+        for image in ("api", "worker", "redis", "redis.metrics", "loadtest")
+    },
     "clusterDomain": "k8s.example.internal",
     "worker.taskTimeout": 28,
     "externalRedis.url": "redis://other.example.internal:6379/0",

@@ -16,6 +16,7 @@ from .helm import (
     EXTERNAL_REDIS_URL,
     VALUE_SETS,
     Manifest,
+    RenderError,
     find,
     only,
     pod_spec,
@@ -109,7 +110,8 @@ def test_api_and_worker_take_settings_from_the_configmap_and_the_password_from_a
     assert container(deployment)["envFrom"] == [{"configMapRef": {"name": config.name}}]
     password = env_of(deployment)["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]
     secret = only(objects, "Secret", "redis")
-    assert password == {"name": secret["metadata"]["name"], "key": "redis-password"}
+    # The service user's password (redis.acl), not the default user's.
+    assert password == {"name": secret["metadata"]["name"], "key": "service-password"}
 
 
 def test_pods_roll_when_their_settings_change() -> None:
@@ -145,6 +147,61 @@ def test_the_console_takes_its_admin_key_from_a_secret_and_only_the_api_sees_it(
     defaults = render_set("defaults")
     assert "ADMIN_API_KEY" not in env_of(only(defaults, "Deployment", "api"))
     assert config_data(defaults)["CONSOLE_ENABLED"] == "false"
+
+
+SECRET_SETTINGS = {
+    "api": {
+        "apiKeys": {"existingSecret": "api-keys"},
+        "tenantSecret": {"existingSecret": "tenant", "secretKey": "hmac"},
+        "priorityHighKeys": {"existingSecret": "lanes", "secretKey": "high"},
+    },
+    "config": {"webhookSecret": {"existingSecret": "hooks", "secretKey": "signing"}},
+}
+
+
+@pytest.mark.parametrize(
+    ("variable", "reference", "readers"),
+    [
+        ("TENANT_SECRET", {"name": "tenant", "key": "hmac"}, {"api"}),
+        ("PRIORITY_HIGH_KEYS", {"name": "lanes", "key": "high"}, {"api"}),
+        ("WEBHOOK_SECRET", {"name": "hooks", "key": "signing"}, {"api", "worker"}),
+    ],
+)
+def test_secret_settings_come_from_their_secret_to_the_processes_that_read_them(
+    variable: str, reference: dict[str, str], readers: set[str]
+) -> None:
+    objects = render(SECRET_SETTINGS)
+    assert variable not in config_data(objects)
+    for component in ("api", "worker"):
+        env = env_of(only(objects, "Deployment", component))
+        if component in readers:
+            assert env[variable]["valueFrom"]["secretKeyRef"] == reference
+        else:
+            assert variable not in env
+    for component in ("api", "worker"):
+        assert variable not in env_of(only(render_set("defaults"), "Deployment", component))
+
+
+def test_high_lane_keys_without_api_keys_are_refused() -> None:
+    with pytest.raises(RenderError, match=r"api.priorityHighKeys.existingSecret needs api.apiKeys"):
+        render({"api": {"priorityHighKeys": {"existingSecret": "lanes"}}})
+
+
+def test_the_code_accepts_the_webhook_hosts_and_scheduling_settings_the_chart_renders(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    values = {
+        "config": {"webhookAllowedHosts": ["10.0.0.0/8", "hooks.internal"], "recentTasks": 0},
+        "worker": {"webhookMaxAttempts": 7, "webhookTimeout": 2.5},
+        "api": {"maxHeaders": 50, "headerTimeout": 5},
+    }
+    for key, value in {**config_data(render(values)), "REDIS_PASSWORD": "p"}.items():
+        monkeypatch.setenv(key, value)
+    settings = Settings()
+    assert settings.webhook_allowed_hosts == ("10.0.0.0/8", "hooks.internal")
+    assert settings.recent_tasks == 0
+    assert (settings.webhook_max_attempts, settings.webhook_timeout) == (7, 2.5)
+    assert (settings.max_headers, settings.header_timeout) == (50, 5)
 
 
 # -- api and worker ----------------------------------------------------------------------
@@ -249,7 +306,7 @@ def test_redis_runs_behind_a_headless_service_that_governs_the_statefulset() -> 
     assert service["spec"]["clusterIP"] == "None"
     assert statefulset["spec"]["serviceName"] == service["metadata"]["name"]
     host = service["metadata"]["name"]
-    assert config_data(objects)["REDIS_URL"] == f"redis://{host}:6379/0"
+    assert config_data(objects)["REDIS_URL"] == f"redis://fastapi-redis-mini@{host}:6379/0"
 
 
 def test_redis_data_lives_on_a_claim_unless_persistence_is_off() -> None:
@@ -275,11 +332,18 @@ def test_generated_redis_password_is_random_and_survives_uninstall() -> None:
 
 def test_an_existing_redis_secret_replaces_the_generated_one() -> None:
     objects = render(
-        {"redis": {"auth": {"existingSecret": "my-redis", "existingSecretPasswordKey": "pw"}}}
+        {
+            "redis": {
+                "auth": {"existingSecret": "my-redis", "existingSecretPasswordKey": "pw"},
+                "acl": {"passwordKey": "service-pw"},
+            }
+        }
     )
     assert find(objects, "Secret") == []
     reference = env_of(only(objects, "Deployment", "worker"))["REDIS_PASSWORD"]["valueFrom"]
-    assert reference["secretKeyRef"] == {"name": "my-redis", "key": "pw"}
+    assert reference["secretKeyRef"] == {"name": "my-redis", "key": "service-pw"}
+    redis = {e["name"]: e for e in container(only(objects, "StatefulSet", "redis"))["env"]}
+    assert redis["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "my-redis", "key": "pw"}
 
 
 def test_external_redis_replaces_the_statefulset() -> None:

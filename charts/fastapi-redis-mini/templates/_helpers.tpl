@@ -47,11 +47,19 @@ app.kubernetes.io/part-of: {{ include "frm.name" $root }}
 {{- end }}
 {{- end }}
 
-{{/* Images: tag defaults to the chart's appVersion. Call with (list $ .Values.api.image). */}}
+{{/*
+Images: repository@digest when a digest is set (the tag is then ignored: a digest names one
+image, a tag can be moved), else repository:tag with the tag defaulting to the chart's
+appVersion. Call with (list $ .Values.api.image).
+*/}}
 {{- define "frm.image" -}}
 {{- $root := index . 0 }}
 {{- $image := index . 1 }}
+{{- if $image.digest }}
+{{- printf "%s@%s" $image.repository $image.digest }}
+{{- else }}
 {{- printf "%s:%s" $image.repository (default $root.Chart.AppVersion $image.tag) }}
+{{- end }}
 {{- end }}
 
 {{/*
@@ -150,7 +158,9 @@ as the URL's ssl_ca_certs option.
 */}}
 {{- define "frm.redisUrl" -}}
 {{- if include "frm.redisDeployed" . }}
-{{- printf "redis://%s:%d/0" (include "frm.redisClientHost" .) (int .Values.redis.port) }}
+{{- $user := "" }}
+{{- with include "frm.redisUsername" . }}{{ $user = printf "%s@" (urlquery .) }}{{ end }}
+{{- printf "redis://%s%s:%d/0" $user (include "frm.redisClientHost" .) (int .Values.redis.port) }}
 {{- else }}
 {{- $url := required "externalRedis.url is required when redis.mode=external" .Values.externalRedis.url }}
 {{- with .Values.externalRedis.tls.caSecret }}
@@ -210,19 +220,38 @@ as the URL's ssl_ca_certs option.
 {{- end }}
 
 {{/*
-The generated Redis password, base64-encoded: read back from the live Secret on upgrade,
-generated on install. It is worked out once per render and kept in .Values, so the Secret
-and the checksums on the pods that read it agree.
+A generated Redis password, base64-encoded: read back from the live Secret on upgrade,
+generated on install. Each is worked out once per render and kept in .Values, so the Secret
+and the checksums on the pods that read it agree. Call with (list $ key).
 */}}
-{{- define "frm.redisGeneratedPassword" -}}
-{{- if not (hasKey .Values "frmGeneratedRedisPassword") }}
-{{- $password := randAlphaNum 32 | b64enc }}
-{{- with lookup "v1" "Secret" .Release.Namespace (include "frm.componentName" (list . "redis")) }}
-{{- with index .data $.Values.redis.auth.existingSecretPasswordKey }}{{ $password = . }}{{ end }}
+{{- define "frm.redisGeneratedSecretValue" -}}
+{{- $root := index . 0 }}
+{{- $key := index . 1 }}
+{{- if not (hasKey $root.Values "frmGeneratedRedisSecret") }}
+{{- $_ := set $root.Values "frmGeneratedRedisSecret" dict }}
 {{- end }}
-{{- $_ := set .Values "frmGeneratedRedisPassword" $password }}
+{{- $generated := $root.Values.frmGeneratedRedisSecret }}
+{{- if not (hasKey $generated $key) }}
+{{- $value := randAlphaNum 32 | b64enc }}
+{{- with lookup "v1" "Secret" $root.Release.Namespace (include "frm.componentName" (list $root "redis")) }}
+{{- with index .data $key }}{{ $value = . }}{{ end }}
 {{- end }}
-{{- .Values.frmGeneratedRedisPassword }}
+{{- $_ := set $generated $key $value }}
+{{- end }}
+{{- index $generated $key }}
+{{- end }}
+
+{{/* The keys of the Redis Secret: the default user's password, and with redis.acl the
+service's and the exporter's users' passwords. */}}
+{{- define "frm.redisSecretKeys" -}}
+{{- $keys := list .Values.redis.auth.existingSecretPasswordKey }}
+{{- if include "frm.redisAclEnabled" . }}
+{{- $keys = append $keys .Values.redis.acl.passwordKey }}
+{{- if .Values.redis.metrics.enabled }}
+{{- $keys = append $keys .Values.redis.acl.exporter.passwordKey }}
+{{- end }}
+{{- end }}
+{{- toJson $keys }}
 {{- end }}
 
 {{/*
@@ -233,10 +262,19 @@ read it and gives a fixed checksum.
 */}}
 {{- define "frm.redisSecretChecksum" -}}
 {{- if and (include "frm.redisDeployed" .) (not .Values.redis.auth.existingSecret) }}
-{{- include "frm.redisGeneratedPassword" . | sha256sum }}
+{{- $values := list }}
+{{- range $key := include "frm.redisSecretKeys" . | fromJsonArray }}
+{{- $values = append $values (include "frm.redisGeneratedSecretValue" (list $ $key)) }}
+{{- end }}
+{{- join "\n" $values | sha256sum }}
 {{- else }}
 {{- $secret := lookup "v1" "Secret" .Release.Namespace (include "frm.redisSecretName" .) }}
-{{- index (default (dict) (get $secret "data")) (include "frm.redisSecretKey" .) | default "" | sha256sum }}
+{{- $data := default (dict) (get $secret "data") }}
+{{- $values := list }}
+{{- range $key := include "frm.redisSecretKeys" . | fromJsonArray }}
+{{- $values = append $values (index $data $key | default "") }}
+{{- end }}
+{{- join "\n" $values | sha256sum }}
 {{- end }}
 {{- end }}
 
@@ -265,7 +303,8 @@ capabilities:
   drop: ["ALL"]
 {{- end }}
 
-{{/* Env every api and worker container gets: settings from the ConfigMap, the Redis password by reference. */}}
+{{/* Env every api and worker container gets: settings from the ConfigMap, the Redis password
+(and the webhook signing secret, when there is one) by reference. */}}
 {{- define "frm.appEnv" -}}
 envFrom:
   - configMapRef:
@@ -275,7 +314,21 @@ env:
     valueFrom:
       secretKeyRef:
         name: {{ include "frm.redisSecretName" . }}
-        key: {{ include "frm.redisSecretKey" . }}
+        key: {{ include "frm.redisClientSecretKey" . }}
+  {{- with .Values.config.webhookSecret.existingSecret }}
+  - name: WEBHOOK_SECRET
+    valueFrom:
+      secretKeyRef:
+        name: {{ . }}
+        key: {{ $.Values.config.webhookSecret.secretKey }}
+  {{- end }}
+{{- end }}
+
+{{/* Checksums of the user's Secrets that both the api and the worker read. */}}
+{{- define "frm.appSecretChecksums" -}}
+{{- with .Values.config.webhookSecret.existingSecret }}
+checksum/webhook-secret: {{ include "frm.secretChecksum" (list $ . $.Values.config.webhookSecret.secretKey) }}
+{{- end }}
 {{- end }}
 
 {{/* Which autoscaler the worker gets: keda, prometheusAdapter, cpu or none. */}}
@@ -480,9 +533,70 @@ external one (externalRedis.cluster). */}}
 {{- if or (eq .Values.redis.mode "cluster") (and (eq .Values.redis.mode "external") .Values.externalRedis.cluster) }}true{{ end }}
 {{- end }}
 
-{{/* The user name in externalRedis.url, or nothing. */}}
-{{- define "frm.externalRedisUsername" -}}
+{{/* The user the api, the worker and KEDA reach Redis as: the one in externalRedis.url, the
+chart's service user (redis.acl), or nothing (the default user). */}}
+{{- define "frm.redisUsername" -}}
 {{- if eq .Values.redis.mode "external" }}
 {{- with (urlParse .Values.externalRedis.url).userinfo }}{{ (splitList ":" .) | first }}{{ end }}
+{{- else if include "frm.redisAclEnabled" . }}
+{{- .Values.redis.acl.username }}
 {{- end }}
+{{- end }}
+
+{{/* "true" when the chart runs Redis with its least-privilege users (redis.acl.enabled). */}}
+{{- define "frm.redisAclEnabled" -}}
+{{- if and (include "frm.redisDeployed" .) .Values.redis.acl.enabled }}true{{ end }}
+{{- end }}
+
+{{/* The key of the password the api, the worker and KEDA use: the service user's with
+redis.acl, else the default user's. */}}
+{{- define "frm.redisClientSecretKey" -}}
+{{- if include "frm.redisAclEnabled" . }}
+{{- .Values.redis.acl.passwordKey }}
+{{- else }}
+{{- include "frm.redisSecretKey" . }}
+{{- end }}
+{{- end }}
+
+{{/*
+One ACL rule per line of a files/redis/*-commands.txt file: `+command` or
+`+command|subcommand`, comments and blank lines left out. Call with (list $ "service").
+*/}}
+{{- define "frm.aclCommands" -}}
+{{- $root := index . 0 }}
+{{- $rules := list }}
+{{- range $line := splitList "\n" ($root.Files.Get (printf "files/redis/%s-commands.txt" (index . 1))) }}
+{{- $command := trim $line }}
+{{- if and $command (not (hasPrefix "#" $command)) }}
+{{- $rules = append $rules (printf "+%s" (lower $command)) }}
+{{- end }}
+{{- end }}
+{{- join " " $rules }}
+{{- end }}
+
+{{/*
+The service user's ACL, without its password (start-node.sh adds it): the commands of
+files/redis/service-commands.txt, on the keys and channels core/redis/keys.py names. With one
+partition on a single server they are the task families and the queue's own names under
+config.keyPrefix; on a cluster or with partitions, all of them start with a hash tag that
+opens with the prefix and the queue's name.
+*/}}
+{{- define "frm.redisServiceAcl" -}}
+{{- $prefix := .Values.config.keyPrefix }}
+{{- $queue := printf "%s%s" $prefix .Values.config.queueKey }}
+{{- if regexMatch "[*?\\[\\]\\\\\\s]" $queue }}
+{{- fail (printf "config.queueKey (%q) must hold no *, ?, [, ], \\ or space while redis.acl.enabled: the service user's key patterns are built from it" .Values.config.queueKey) }}
+{{- end }}
+{{- $patterns := list }}
+{{- range $family := list "task" "cache" "idempotency" "inflight" "quota" "unfinished" "stored" }}
+{{- $patterns = append $patterns (printf "~%s%s:*" $prefix $family) }}
+{{- end }}
+{{- $patterns = concat $patterns (list (printf "~%s" $queue) (printf "~%s:*" $queue) (printf "~{%s}:*" $queue) (printf "~{%s:*" $queue)) }}
+{{- $channels := list (printf "&%s:*" $queue) (printf "&{%s}:*" $queue) (printf "&{%s:*" $queue) }}
+{{- printf "resetkeys resetchannels %s %s -@all %s" (join " " $patterns) (join " " $channels) (include "frm.aclCommands" (list . "service")) }}
+{{- end }}
+
+{{/* The exporter user's ACL: server statistics only, no keys or channels. */}}
+{{- define "frm.redisExporterAcl" -}}
+{{- printf "resetkeys resetchannels -@all %s" (include "frm.aclCommands" (list . "exporter")) }}
 {{- end }}

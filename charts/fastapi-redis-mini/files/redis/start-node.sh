@@ -6,7 +6,10 @@
 # node pool replaced) would otherwise dial only addresses that are gone and stay `fail`.
 #
 # Runs as the Redis container's command, and as is in the chart's tests.
-# REDIS_PASSWORD      the password
+# REDIS_PASSWORD      the password (of the default user)
+# REDIS_SERVICE_USER, REDIS_SERVICE_PASSWORD    with redis.acl: the service's user, whose
+#                     rules are in REDIS_ACL_DIR/service-user.acl (/etc/redis)
+# REDIS_EXPORTER_USER, REDIS_EXPORTER_PASSWORD  the same for redis_exporter's user
 # REDIS_CLUSTER       "true" in cluster mode
 # POD_NAME, POD_IP    this pod's name and address (the downward API)
 # REDIS_POD_DOMAIN    the headless Service's domain: each pod is POD_NAME.REDIS_POD_DOMAIN
@@ -76,8 +79,23 @@ refresh_nodes_conf() {
   rm -f "$run_dir/nodes.conf.new" "$addresses"
 }
 
+# A user line: name, password, and the rules the chart rendered for it.
+add_user() {
+  rules_file=${REDIS_ACL_DIR:-/etc/redis}/$3-user.acl
+  [ -s "$rules_file" ] || { log "$rules_file is missing"; exit 1; }
+  printf 'user "%s" reset on ">%s" %s\n' "$1" "$2" "$(cat "$rules_file")" >>"$config"
+}
+
 umask 077
 printf 'include %s\nrequirepass "%s"\n' "$base_config" "$REDIS_PASSWORD" >"$config"
+if [ -n "${REDIS_SERVICE_USER:-}" ]; then
+  : "${REDIS_SERVICE_PASSWORD:?REDIS_SERVICE_PASSWORD must be set with REDIS_SERVICE_USER}"
+  add_user "$REDIS_SERVICE_USER" "$REDIS_SERVICE_PASSWORD" service
+fi
+if [ -n "${REDIS_EXPORTER_USER:-}" ]; then
+  : "${REDIS_EXPORTER_PASSWORD:?REDIS_EXPORTER_PASSWORD must be set with REDIS_EXPORTER_USER}"
+  add_user "$REDIS_EXPORTER_USER" "$REDIS_EXPORTER_PASSWORD" exporter
+fi
 if [ "${REDIS_CLUSTER:-false}" = true ]; then
   : "${POD_NAME:?POD_NAME must be set in cluster mode}"
   : "${REDIS_POD_DOMAIN:?REDIS_POD_DOMAIN must be set in cluster mode}"
