@@ -76,10 +76,16 @@ def test_a_master_away_for_30s_stops_neither_the_healthy_partitions_nor_unkeyed_
     services: list[Process] = []
     loads: list[Load] = []
     try:
-        api = start_api(cluster.url, DURABLE)
+        # All three start at once: on two cores their imports overlap instead of queueing.
+        api = start_api(cluster.url, DURABLE, wait=False)
         services.append(api)
-        workers = [start_worker(cluster.url, DURABLE, name=f"worker-{n}") for n in range(2)]
+        workers = [
+            start_worker(cluster.url, DURABLE, name=f"worker-{n}", wait=False) for n in range(2)
+        ]
         services += workers
+        api.wait_until_answers("/readyz")
+        for worker in workers:
+            worker.wait_until_answers("/healthz")
         loads = [Load(api.base_url, limit=20_000, label=f"away-{n}") for n in range(2)]
         for load in loads:
             load.start()

@@ -21,7 +21,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -331,14 +331,19 @@ def partition_the_busiest_master(site: Site, durable_acks: str) -> Partition:
     services: list[Process] = []
     loads: dict[str, SideLoad] = {}
     try:
-        for side, host, url in (
-            (MINORITY, minority, cut_master.url),
-            (MAJORITY, majority, replica.url),
-        ):
-            api = host.run(start_api, url, env, name=f"api-{side}")
-            services.append(api)
-            services.append(host.run(start_worker, url, env, name=f"worker-{side}"))
-            loads[side] = SideLoad(side, host, api)
+        # All four start at once: on two cores their imports overlap instead of queueing.
+        sides = ((MINORITY, minority, cut_master.url), (MAJORITY, majority, replica.url))
+        apis = {
+            side: host.submit(start_api, url, env, name=f"api-{side}") for side, host, url in sides
+        }
+        workers = [
+            host.submit(start_worker, url, env, name=f"worker-{side}") for side, host, url in sides
+        ]
+        wait([*apis.values(), *workers])
+        # Every one that started is closed below, also when another failed to.
+        services += [f.result() for f in (*apis.values(), *workers) if f.exception() is None]
+        for side, host, _ in sides:
+            loads[side] = SideLoad(side, host, apis[side].result())
         for load in loads.values():
             load.start()
         for load in loads.values():
