@@ -77,11 +77,12 @@ async def test_a_retried_outcome_records_no_delivery_until_the_task_ends(
     assert await queue.claim_webhooks(CLAIM, lease=60) == []
 
 
-@pytest.mark.single_server(reason="open: on a cluster an enqueued delivery is not claimed back")
 async def test_a_claim_is_a_lease_another_sender_takes_once_it_lapses(
     queue: RedisTaskQueue,
 ) -> None:
-    await queue.enqueue_webhooks([completed("a" * 32)])
+    # A real task's id: on a cluster the id names its partition, where the delivery waits.
+    task_id, _ = await submit(queue, "leased", webhook=HOOK)
+    await queue.enqueue_webhooks([completed(task_id)])
     [first] = await queue.claim_webhooks(CLAIM, lease=0.3)
     assert await queue.claim_webhooks(CLAIM, lease=0.3) == []  # held
     await asyncio.sleep(0.4)  # its sender died: nothing settled it
@@ -99,11 +100,11 @@ async def test_a_claim_is_a_lease_another_sender_takes_once_it_lapses(
     assert await queue.claim_webhooks(CLAIM, lease=60) == []
 
 
-@pytest.mark.single_server(reason="open: on a cluster an enqueued delivery is not claimed back")
 async def test_a_retry_waits_its_backoff_and_a_release_takes_its_attempt_back(
     queue: RedisTaskQueue,
 ) -> None:
-    await queue.enqueue_webhooks([completed("b" * 32)])
+    task_id, _ = await submit(queue, "retried later", webhook=HOOK)
+    await queue.enqueue_webhooks([completed(task_id)])
     [message] = await queue.claim_webhooks(CLAIM, lease=60)
     message.last_error = "answered 500"
     assert await queue.settle_webhook(message, WebhookVerdict.RETRY, due_at=time.time() + 0.3)
