@@ -14,6 +14,9 @@ outcome with request type TASK:
 
     task end-to-end              submit -> terminal state, for tasks a worker ran
     task end-to-end (cache hit)  the POST itself answered DONE from the result cache
+    task end-to-end (coalesced)  submit -> terminal state, for a POST that single-flight
+                                 joined to an identical task already in flight: one run
+                                 answers several users, so this row is not counted as runs
     task shed                    a 429 or 503 with Retry-After: the service refusing load as
                                  designed and saying when to come back; the user waits that
                                  long, and it is not a failure (a 429 or 503 without
@@ -69,6 +72,7 @@ TERMINAL = frozenset({"DONE", "FAILED", "CANCELLED"})
 TASK_REQUEST_TYPE = "TASK"
 END_TO_END = "task end-to-end"
 END_TO_END_CACHED = "task end-to-end (cache hit)"
+END_TO_END_COALESCED = "task end-to-end (coalesced)"
 SHED = "task shed"
 # Answers that shed load on purpose, when they say when to retry.
 SHED_STATUSES = frozenset({429, 503})
@@ -337,7 +341,9 @@ class TaskSubmitter(FastHttpUser):
             wanted = "FAILED" if expect_failure else "DONE"
             if status != wanted:
                 error = f"task {task_id} ended {status}, expected {wanted}"
-        self._report(END_TO_END, started, error)
+        self._report(
+            END_TO_END_COALESCED if submitted.get("coalesced") else END_TO_END, started, error
+        )
 
     def _accept_submission(self, response: _Answer) -> dict[str, Any] | None:
         if self._shed(response):
