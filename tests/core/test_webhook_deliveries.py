@@ -292,3 +292,29 @@ async def test_the_webhook_gauges_count_deliveries_waiting_and_dead_lettered_per
         }
     finally:
         await queue.close()
+
+
+async def test_every_recorded_delivery_carries_the_scope_of_the_key_that_asked_for_it(
+    queue: RedisTaskQueue,
+) -> None:
+    # A sender picks the secret that signs a delivery by its scope (core/webhooks.py).
+    scope = "0123456789abcdef"
+    later = TaskCreate(prompt="cancelled before it starts", webhook=HOOK, delay_seconds=600)
+    cancelled = await queue.submit(later, signature=request_signature(later), scope=scope)
+    await queue.cancel(cancelled.task_id, scope)
+    computed = TaskCreate(prompt="computed, then a cache hit", webhook=HOOK)
+    done = await queue.submit(computed, signature=request_signature(computed), scope=scope)
+    [job] = [j for j in await take(queue) if j.verdict is StartVerdict.RUN]
+    assert job.scope == scope
+    await queue.enqueue_webhooks(
+        [WebhookMessage("msg_start", done.task_id, HOOK, "start", 1.0, {}, job.scope)]
+    )
+    await queue.finish(CONSUMER, [Finish(job, Outcome.DONE, orjson.dumps("r"))])
+    hit = await queue.submit(computed, signature=request_signature(computed), scope=scope)
+    assert hit.outcome is SubmitOutcome.CACHED
+
+    messages = await queue.claim_webhooks(CLAIM, lease=60)
+    assert sorted((m.task_id, m.event) for m in messages) == sorted([
+        (cancelled.task_id, "completed"), (done.task_id, "start"), (done.task_id, "completed"),
+    ])  # fmt: skip
+    assert {m.scope for m in messages} == {scope}

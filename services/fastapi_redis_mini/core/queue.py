@@ -162,6 +162,7 @@ class WebhookMessage:
     event: str
     timestamp: float
     data: dict[str, Any]
+    scope: str = ""  # the tenant of the task's API key, whose signing key signs it
     attempt: int = 0
     last_error: str = ""
     partition: int = 0  # where the broker keeps it (a cache hit's is the submit's partition)
