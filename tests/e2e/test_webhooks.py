@@ -348,3 +348,30 @@ def test_a_key_with_its_own_secret_gets_deliveries_signed_with_it_and_others_the
         (waiting, "task.completed"): "own",
         (other, "task.completed"): "global",
     }
+
+
+def test_a_worker_without_the_secret_of_a_deliverys_key_dead_letters_it_saying_why(
+    api: Start, worker: Start, receiver: Receiver, redis_url: str
+) -> None:
+    own = "whsec_" + base64.b64encode(b"the hooked key's own signing secret").decode()
+    env = {
+        "WEBHOOK_ALLOWED_HOSTS": "127.0.0.1",
+        "WEBHOOK_BACKOFF": "0.1",
+        "WEBHOOK_BACKOFF_MAX": "0.2",
+        "WEBHOOK_MAX_ATTEMPTS": "2",
+        "API_KEYS": "hooked-key",
+        "WEBHOOK_KEY_SECRETS": f"hooked-key={own}",
+    }
+    server = api(**env, TENANT_SECRET="the api's tenant secret")
+    # Another TENANT_SECRET: the worker derives other tenants, so it finds no secret.
+    worker(**env, TENANT_SECRET="not the api's tenant secret")
+    body = {"prompt": "unsigned", "webhook": receiver.url()}
+    answer = httpx.post(
+        f"{server.base_url}/tasks", json=body, headers={"X-API-Key": "hooked-key"}, timeout=10
+    )
+    task_id = answer.json()["task_id"]
+    poll(lambda: any(d["task_id"] == task_id for d in dead_letters(redis_url)), timeout=15)
+    [dead] = [d for d in dead_letters(redis_url) if d["task_id"] == task_id]
+    assert dead["attempts"] == "2"
+    assert dead["error"].startswith("this worker has no secret to sign it with")
+    assert receiver.attempts == 0  # nothing unsigned, or signed with another key, was sent
