@@ -566,6 +566,18 @@ def workers_row() -> list[Builder[model.Panel]]:
             "ops",
             [Query(f"sum by (operation) ({rate('redis_errors_total')})", "{{operation}}")],
         ),
+        graph(
+            "Webhook deliveries waiting",
+            "waiting: deliveries not settled yet (due, backing off between attempts, or "
+            "being attempted); dead-lettered: those that failed WEBHOOK_MAX_ATTEMPTS times or "
+            "were refused by the guard. List them with `python -m fastapi_redis_mini.admin "
+            "webhooks dead-letter`.",
+            "short",
+            [
+                Query(queue_gauge("webhook_deliveries_pending"), "waiting"),
+                Query(queue_gauge("webhook_dead_letter_length"), "dead-lettered"),
+            ],
+        ),
     ]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 from typing import Any
 
@@ -285,3 +286,23 @@ async def test_a_tenants_task_is_answered_without_its_scope(make_client: ClientF
     assert (read.status_code, set(read.json())) == (200, public)
     assert (cancelled.status_code, set(cancelled.json())) == (202, public)
     assert cancelled.json()["status"] == "CANCELLED"
+
+
+async def test_a_webhook_is_taken_only_from_a_key_whose_deliveries_can_be_signed(
+    make_client: ClientFactory,
+) -> None:
+    own = "whsec_" + base64.b64encode(b"the hooked key's own secret").decode()
+    keys = (SecretStr("hooked"), SecretStr("plain"))
+    body = {"prompt": "tell me when done", "webhook": "https://hooks.example/tasks"}
+    # No WEBHOOK_SECRET: only the key WEBHOOK_KEY_SECRETS gives a secret may ask for one.
+    secrets = ((keys[0], SecretStr(own)),)
+    async with make_client(worker=False, api_keys=keys, webhook_key_secrets=secrets) as client:
+        taken = await submit(client, body, **{"X-API-Key": "hooked"})
+        refused = await submit(client, body, **{"X-API-Key": "plain"})
+        no_webhook = await submit(client, {"prompt": "quietly"}, **{"X-API-Key": "plain"})
+    assert taken.status_code == 202, taken.text
+    assert refused.status_code == 422
+    assert refused.json()["error"]["message"].startswith("webhook: this service has no ")
+    assert no_webhook.status_code == 202
+    async with make_client(worker=False, api_keys=keys) as client:
+        assert (await submit(client, body, **{"X-API-Key": "hooked"})).status_code == 422

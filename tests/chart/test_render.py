@@ -100,6 +100,7 @@ def test_schema_validation_catches_a_misspelt_field() -> None:
         ({"config": {"webhookAllowedHosts": "10.0.0.0/8"}}, "webhookAllowedHosts"),
         ({"config": {"webhookAllowedHosts": ["a.example,b.example"]}}, "webhookAllowedHosts"),
         ({"config": {"webhookSecret": "whsec_abc"}}, "webhookSecret"),
+        ({"config": {"webhookKeySecrets": "key=whsec_abc"}}, "webhookKeySecrets"),
         ({"worker": {"webhookMaxAttempts": 50}}, "webhookMaxAttempts"),
         ({"worker": {"webhookTimeout": 0}}, "webhookTimeout"),
         ({"api": {"maxHeaderBytes": 100}}, "maxHeaderBytes"),

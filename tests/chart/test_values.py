@@ -42,6 +42,13 @@ FEATURE_BASE: list[tuple[str, Values]] = [
     ),
     ("config.webhookSecret.secretKey", {"config": {"webhookSecret": {"existingSecret": "w"}}}),
     (
+        "config.webhookKeySecrets.secretKey",
+        {
+            "api": {"apiKeys": {"existingSecret": "k"}},
+            "config": {"webhookKeySecrets": {"existingSecret": "w"}},
+        },
+    ),
+    (
         "loadtest.apiKey.secretKey",
         {"loadtest": {"enabled": True, "apiKey": {"existingSecret": "k"}}},
     ),

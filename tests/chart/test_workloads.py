@@ -182,6 +182,32 @@ def test_secret_settings_come_from_their_secret_to_the_processes_that_read_them(
         assert variable not in env_of(only(render_set("defaults"), "Deployment", component))
 
 
+def test_per_key_webhook_secrets_reach_the_api_and_the_worker_and_the_worker_gets_tenants() -> None:
+    values = {
+        **SECRET_SETTINGS,
+        "config": {"webhookKeySecrets": {"existingSecret": "key-hooks", "secretKey": "pairs"}},
+    }
+    objects = render(values)
+    assert "WEBHOOK_KEY_SECRETS" not in config_data(objects)
+    for component in ("api", "worker"):
+        deployment = only(objects, "Deployment", component)
+        env = env_of(deployment)
+        assert env["WEBHOOK_KEY_SECRETS"]["valueFrom"]["secretKeyRef"] == {
+            "name": "key-hooks", "key": "pairs",
+        }  # fmt: skip
+        # The worker finds a task's key by its tenant, derived with the api's TENANT_SECRET.
+        assert env["TENANT_SECRET"]["valueFrom"]["secretKeyRef"] == {
+            "name": "tenant",
+            "key": "hmac",
+        }
+        annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+        assert {"checksum/webhook-key-secrets", "checksum/tenant-secret"} <= set(annotations)
+    with pytest.raises(
+        RenderError, match=r"config.webhookKeySecrets.existingSecret needs api.apiKeys"
+    ):
+        render({"config": {"webhookKeySecrets": {"existingSecret": "key-hooks"}}})
+
+
 def test_high_lane_keys_without_api_keys_are_refused() -> None:
     with pytest.raises(RenderError, match=r"api.priorityHighKeys.existingSecret needs api.apiKeys"):
         render({"api": {"priorityHighKeys": {"existingSecret": "lanes"}}})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import subprocess
 import sys
 
@@ -101,6 +102,52 @@ def test_priority_high_keys_must_be_api_keys() -> None:
     settings.check_api()
     with pytest.raises(SettingsError, match="PRIORITY_HIGH_KEYS must name keys of API_KEYS"):
         Settings(api_keys="alpha", priority_high_keys="gamma").check_api()
+
+
+KEY_SECRET = "whsec_" + base64.b64encode(b"one API key's signing secret").decode()
+
+
+def test_webhook_key_secrets_pair_api_keys_with_secrets_that_are_never_shown() -> None:
+    # A key may end with '=' (base64): the secret starts at the last `=whsec_`.
+    settings = Settings(
+        api_keys="alpha,beta=", webhook_key_secrets=f" alpha={KEY_SECRET} ,beta=={KEY_SECRET},"
+    )
+    pairs = [(k.get_secret_value(), s.get_secret_value()) for k, s in settings.webhook_key_secrets]
+    assert pairs == [("alpha", KEY_SECRET), ("beta=", KEY_SECRET)]
+    assert "alpha" not in repr(settings)
+    assert KEY_SECRET.removeprefix("whsec_") not in repr(settings)
+    settings.check_api()
+    with pytest.raises(SettingsError, match="WEBHOOK_KEY_SECRETS must name keys of API_KEYS"):
+        Settings(api_keys="alpha", webhook_key_secrets=f"gamma={KEY_SECRET}").check_api()
+    with pytest.raises(SettingsError, match="WEBHOOK_KEY_SECRETS must name keys of API_KEYS"):
+        Settings(webhook_key_secrets=f"alpha={KEY_SECRET}").check_api()
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("alpha", "entry 1 is not of the form API_KEY=whsec_<base64>"),
+        (f"alpha={KEY_SECRET.removeprefix('whsec_')}", "entry 1 is not of the form"),
+        (f"={KEY_SECRET}", "entry 1 is not of the form"),
+        (f"alpha={KEY_SECRET},beta=whsec_secret!", "entry 2's secret must be whsec_ followed by"),
+        ("alpha=whsec_" + base64.b64encode(b"too short").decode(), "at least 16 bytes"),
+        (f"alpha={KEY_SECRET},alpha={KEY_SECRET}", "entry 2 names an API key an earlier entry"),
+    ],
+)
+def test_a_bad_webhook_key_secret_names_the_variable_and_shows_neither_key_nor_secret(
+    monkeypatch: pytest.MonkeyPatch, value: str, problem: str
+) -> None:
+    monkeypatch.setenv("WEBHOOK_KEY_SECRETS", value)
+    get_settings.cache_clear()
+    with pytest.raises(SettingsError) as raised:
+        get_settings()
+    get_settings.cache_clear()
+    message = str(raised.value)
+    assert message.startswith("invalid configuration: WEBHOOK_KEY_SECRETS: "), message
+    assert problem in message
+    assert "\n" not in message
+    for shown in ("alpha", "beta", "secret!", KEY_SECRET.removeprefix("whsec_")[:12]):
+        assert shown not in message
 
 
 def test_scheduling_defaults() -> None:

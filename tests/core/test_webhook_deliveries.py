@@ -8,12 +8,15 @@ import time
 
 import orjson
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from fastapi_redis_mini.core.models import TaskCreate, request_signature
 from fastapi_redis_mini.core.queue import (
     Finish,
     Job,
     Outcome,
+    QueueStats,
     StartVerdict,
     SubmitOutcome,
     WebhookMessage,
@@ -21,6 +24,7 @@ from fastapi_redis_mini.core.queue import (
 )
 from fastapi_redis_mini.core.redis import RedisTaskQueue, connect
 from fastapi_redis_mini.core.settings import Settings
+from fastapi_redis_mini.core.telemetry.metrics import QueueStateCollector
 
 CONSUMER = "webhooks"
 HOOK = "https://hooks.example/tasks"
@@ -230,3 +234,87 @@ async def test_no_completed_delivery_is_recorded_for_a_webhook_that_did_not_ask_
     hit = await queue.submit(task, signature=request_signature(task))
     assert hit.outcome is SubmitOutcome.CACHED
     assert await queue.claim_webhooks(CLAIM, lease=60) == []
+
+
+async def test_the_webhook_gauges_count_deliveries_waiting_and_dead_lettered_per_partition(
+    settings: Settings,
+) -> None:
+    configured = settings.model_copy(update={"queue_partitions": 2})
+    queue = RedisTaskQueue(connect(configured), configured)
+    await queue.ensure_group()
+    try:
+        # One task in each partition; the first gets two deliveries, the second one.
+        by_partition: dict[int | None, str] = {}
+        n = 0
+        while len(by_partition) < 2:
+            task_id, _ = await submit(queue, f"gauged {n}", webhook=HOOK)
+            by_partition.setdefault(queue.partition_of(task_id), task_id)
+            n += 1
+        first, second = by_partition[0], by_partition[1]
+        await queue.enqueue_webhooks([
+            WebhookMessage(f"msg_{first}_a", first, HOOK, "start", 1.0, {}),
+            WebhookMessage(f"msg_{first}_b", first, HOOK, "completed", 2.0, {}),
+            WebhookMessage(f"msg_{second}_a", second, HOOK, "completed", 1.0, {}),
+        ])  # fmt: skip
+
+        def gauges(stats: QueueStats) -> dict[str, float]:
+            registry = CollectorRegistry()
+            registry.register(QueueStateCollector(stats))
+            return {
+                f"{sample.name}{sample.labels.get('partition', '')}": sample.value
+                for family in text_string_to_metric_families(generate_latest(registry).decode())
+                for sample in family.samples
+                if "webhook" in sample.name
+            }
+
+        waiting = {
+            "fastapi_redis_mini_webhook_deliveries_pending": 3,
+            "fastapi_redis_mini_partition_webhook_deliveries_pending0": 2,
+            "fastapi_redis_mini_partition_webhook_deliveries_pending1": 1,
+            "fastapi_redis_mini_webhook_dead_letter_length": 0,
+            "fastapi_redis_mini_partition_webhook_dead_letter_length0": 0,
+            "fastapi_redis_mini_partition_webhook_dead_letter_length1": 0,
+        }
+        assert gauges(await queue.stats()) == waiting
+        claimed = await queue.claim_webhooks(CLAIM, lease=60)
+        assert gauges(await queue.stats()) == waiting  # being attempted: not settled yet
+
+        delivered, dead = [m for m in claimed if m.task_id == first]
+        assert await queue.settle_webhook(delivered, WebhookVerdict.DELIVERED)
+        dead.last_error = "answered 500"
+        assert await queue.settle_webhook(dead, WebhookVerdict.DEAD)
+        assert gauges(await queue.stats()) == {
+            **waiting,
+            "fastapi_redis_mini_webhook_deliveries_pending": 1,
+            "fastapi_redis_mini_partition_webhook_deliveries_pending0": 0,
+            "fastapi_redis_mini_webhook_dead_letter_length": 1,
+            "fastapi_redis_mini_partition_webhook_dead_letter_length0": 1,
+        }
+    finally:
+        await queue.close()
+
+
+async def test_every_recorded_delivery_carries_the_scope_of_the_key_that_asked_for_it(
+    queue: RedisTaskQueue,
+) -> None:
+    # A sender picks the secret that signs a delivery by its scope (core/webhooks.py).
+    scope = "0123456789abcdef"
+    later = TaskCreate(prompt="cancelled before it starts", webhook=HOOK, delay_seconds=600)
+    cancelled = await queue.submit(later, signature=request_signature(later), scope=scope)
+    await queue.cancel(cancelled.task_id, scope)
+    computed = TaskCreate(prompt="computed, then a cache hit", webhook=HOOK)
+    done = await queue.submit(computed, signature=request_signature(computed), scope=scope)
+    [job] = [j for j in await take(queue) if j.verdict is StartVerdict.RUN]
+    assert job.scope == scope
+    await queue.enqueue_webhooks(
+        [WebhookMessage("msg_start", done.task_id, HOOK, "start", 1.0, {}, job.scope)]
+    )
+    await queue.finish(CONSUMER, [Finish(job, Outcome.DONE, orjson.dumps("r"))])
+    hit = await queue.submit(computed, signature=request_signature(computed), scope=scope)
+    assert hit.outcome is SubmitOutcome.CACHED
+
+    messages = await queue.claim_webhooks(CLAIM, lease=60)
+    assert sorted((m.task_id, m.event) for m in messages) == sorted([
+        (cancelled.task_id, "completed"), (done.task_id, "start"), (done.task_id, "completed"),
+    ])  # fmt: skip
+    assert {m.scope for m in messages} == {scope}

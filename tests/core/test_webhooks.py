@@ -6,8 +6,11 @@ import base64
 
 import pytest
 
+from fastapi_redis_mini.api.state import ApiKeys
+from fastapi_redis_mini.core.settings import Settings
 from fastapi_redis_mini.core.webhooks import (
     AllowedHosts,
+    SigningKeys,
     WebhookRefused,
     check_address,
     check_url,
@@ -65,3 +68,32 @@ def test_the_signature_is_what_the_clients_verifier_expects() -> None:
     for bad in ("k" * 24, "whsec_not base64!", "whsec_" + base64.b64encode(b"short").decode()):
         with pytest.raises(ValueError, match=r"whsec_|16 bytes"):
             secret_key(bad)
+
+
+def test_a_scope_whose_api_key_has_a_secret_signs_with_it_and_any_other_with_the_default() -> None:
+    default = "whsec_" + base64.b64encode(b"the service's own secret").decode()
+    own = "whsec_" + base64.b64encode(b"the alpha key's own secret").decode()
+    settings = Settings(
+        api_keys="alpha,beta",
+        tenant_secret="tenant secret of 16+ chars",
+        webhook_secret=default,
+        webhook_key_secrets=f"alpha={own}",
+    )
+    keys = SigningKeys.from_settings(settings)
+    # The scope a task carries is the tenant the api derives from the key that submitted it.
+    tenants = ApiKeys(settings.api_keys, settings.tenant_secret)
+    alpha, beta = tenants.tenant("alpha"), tenants.tenant("beta")
+    assert alpha is not None
+    assert beta is not None
+    assert keys.for_scope(alpha) == secret_key(own)
+    assert keys.for_scope(beta) == secret_key(default)
+    assert keys.for_scope("") == secret_key(default)
+
+    only_own = SigningKeys.from_settings(settings.model_copy(update={"webhook_secret": None}))
+    assert (only_own.any, only_own.for_scope(alpha), only_own.for_scope(beta)) == (
+        True, secret_key(own), None,
+    )  # fmt: skip
+    # Without TENANT_SECRET the tenants are other ids: the worker needs the api's secret.
+    plain = settings.model_copy(update={"tenant_secret": None})
+    assert SigningKeys.from_settings(plain).for_scope(alpha) == secret_key(default)
+    assert not SigningKeys.from_settings(Settings(_env_file=None)).any

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import redis
 
-from fastapi_redis_mini_client import verify_webhook
+from fastapi_redis_mini_client import WebhookVerificationError, verify_webhook
 from fastapi_redis_mini_harness.polling import poll
 
 from .conftest import Start
@@ -296,3 +296,82 @@ def test_a_cache_hit_sends_the_cached_result_to_its_webhook(
     assert cached["result"] == computed["result"]
     ids = {headers["webhook-id"] for headers, _ in receiver.deliveries}
     assert len(ids) == 2
+
+
+def test_a_key_with_its_own_secret_gets_deliveries_signed_with_it_and_others_the_global_one(
+    api: Start, worker: Start, receiver: Receiver
+) -> None:
+    own = "whsec_" + base64.b64encode(b"the hooked key's own signing secret").decode()
+    env = {
+        **FAST,
+        "WEBHOOK_ALLOWED_HOSTS": "127.0.0.1",
+        "API_KEYS": "hooked-key,plain-key",
+        # The worker finds a task's key by its scope, so it derives scopes as the api does.
+        "TENANT_SECRET": "a tenant secret of 16+ characters",
+        "WEBHOOK_KEY_SECRETS": f"hooked-key={own}",
+    }
+    server = api(**env)
+    worker(**env)
+
+    def submit(key: str, body: dict[str, Any]) -> str:
+        answer = httpx.post(
+            f"{server.base_url}/tasks", json=body, headers={"X-API-Key": key}, timeout=10
+        )
+        assert answer.status_code == 202, answer.text
+        task_id: str = answer.json()["task_id"]
+        return task_id
+
+    # A run (its start and completed deliveries signed by the worker), a cancel before the
+    # start (its delivery recorded by the api's script) and another key's run.
+    ran = submit("hooked-key", {"prompt": "own secret", "webhook": receiver.url(),
+                                "webhook_events": ["start", "completed"]})  # fmt: skip
+    waiting = submit("hooked-key", {"prompt": "cancelled", "delay_seconds": 600,
+                                    "webhook": receiver.url()})  # fmt: skip
+    cancelled = httpx.delete(
+        f"{server.base_url}/tasks/{waiting}", headers={"X-API-Key": "hooked-key"}, timeout=10
+    )
+    assert cancelled.status_code == 202, cancelled.text
+    other = submit("plain-key", {"prompt": "global secret", "webhook": receiver.url()})
+    poll(lambda: len(receiver.deliveries) == 4, timeout=15)
+
+    signed_by: dict[tuple[str, str], str] = {}
+    for headers, raw in receiver.deliveries:
+        for name, secret in (("own", own), ("global", SECRET)):
+            try:
+                payload = verify_webhook(secret, headers, raw)
+            except WebhookVerificationError:
+                continue
+            signed_by[(payload["data"]["task_id"], payload["type"])] = name
+    assert signed_by == {
+        (ran, "task.start"): "own",
+        (ran, "task.completed"): "own",
+        (waiting, "task.completed"): "own",
+        (other, "task.completed"): "global",
+    }
+
+
+def test_a_worker_without_the_secret_of_a_deliverys_key_dead_letters_it_saying_why(
+    api: Start, worker: Start, receiver: Receiver, redis_url: str
+) -> None:
+    own = "whsec_" + base64.b64encode(b"the hooked key's own signing secret").decode()
+    env = {
+        "WEBHOOK_ALLOWED_HOSTS": "127.0.0.1",
+        "WEBHOOK_BACKOFF": "0.1",
+        "WEBHOOK_BACKOFF_MAX": "0.2",
+        "WEBHOOK_MAX_ATTEMPTS": "2",
+        "API_KEYS": "hooked-key",
+        "WEBHOOK_KEY_SECRETS": f"hooked-key={own}",
+    }
+    server = api(**env, TENANT_SECRET="the api's tenant secret")
+    # Another TENANT_SECRET: the worker derives other tenants, so it finds no secret.
+    worker(**env, TENANT_SECRET="not the api's tenant secret")
+    body = {"prompt": "unsigned", "webhook": receiver.url()}
+    answer = httpx.post(
+        f"{server.base_url}/tasks", json=body, headers={"X-API-Key": "hooked-key"}, timeout=10
+    )
+    task_id = answer.json()["task_id"]
+    poll(lambda: any(d["task_id"] == task_id for d in dead_letters(redis_url)), timeout=15)
+    [dead] = [d for d in dead_letters(redis_url) if d["task_id"] == task_id]
+    assert dead["attempts"] == "2"
+    assert dead["error"].startswith("this worker has no secret to sign it with")
+    assert receiver.attempts == 0  # nothing unsigned, or signed with another key, was sent

@@ -304,7 +304,7 @@ capabilities:
 {{- end }}
 
 {{/* Env every api and worker container gets: settings from the ConfigMap, the Redis password
-(and the webhook signing secret, when there is one) by reference. */}}
+(and the webhook signing secrets, when there are some) by reference. */}}
 {{- define "frm.appEnv" -}}
 envFrom:
   - configMapRef:
@@ -322,12 +322,30 @@ env:
         name: {{ . }}
         key: {{ $.Values.config.webhookSecret.secretKey }}
   {{- end }}
+  {{- with .Values.config.webhookKeySecrets.existingSecret }}
+  - name: WEBHOOK_KEY_SECRETS
+    valueFrom:
+      secretKeyRef:
+        name: {{ . }}
+        key: {{ $.Values.config.webhookKeySecrets.secretKey }}
+  {{- end }}
 {{- end }}
 
 {{/* Checksums of the user's Secrets that both the api and the worker read. */}}
 {{- define "frm.appSecretChecksums" -}}
 {{- with .Values.config.webhookSecret.existingSecret }}
 checksum/webhook-secret: {{ include "frm.secretChecksum" (list $ . $.Values.config.webhookSecret.secretKey) }}
+{{- end }}
+{{- with .Values.config.webhookKeySecrets.existingSecret }}
+checksum/webhook-key-secrets: {{ include "frm.secretChecksum" (list $ . $.Values.config.webhookKeySecrets.secretKey) }}
+{{- end }}
+{{- end }}
+
+{{/* The Secret of TENANT_SECRET when the worker needs it too (per-key webhook secrets), else
+empty. */}}
+{{- define "frm.workerTenantSecret" -}}
+{{- if .Values.config.webhookKeySecrets.existingSecret }}
+{{- .Values.api.tenantSecret.existingSecret }}
 {{- end }}
 {{- end }}
 

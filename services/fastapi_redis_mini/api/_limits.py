@@ -89,11 +89,13 @@ def check_task(
     task: TaskCreate,
     settings: Settings,
     check_params: Callable[[dict[str, Any]], None] | None,
+    signing_key: bytes | None,
 ) -> None:
     """Raise a 422 naming the first field that breaks a limit.
 
     The size and depth limits hold for any handler; what the params mean is the handler's,
-    checked with the Params model it declares (core/handlers.py), if it declares one.
+    checked with the Params model it declares (core/handlers.py), if it declares one. A
+    webhook needs a `signing_key`: the one the submitting API key's deliveries get.
     """
     if len(task.prompt) > settings.max_prompt_chars:
         raise InvalidFieldError("prompt", f"longer than {settings.max_prompt_chars} characters")
@@ -112,15 +114,17 @@ def check_task(
     if check_params is not None:
         check_params(params)
     if task.webhook is not None:
-        _check_webhook(task.webhook, settings)
+        _check_webhook(task.webhook, settings, signing_key)
     elif task.webhook_events is not None:
         raise InvalidFieldError("webhook_events", "given without a webhook")
 
 
-def _check_webhook(url: str, settings: Settings) -> None:
-    if settings.webhook_secret is None:
+def _check_webhook(url: str, settings: Settings, signing_key: bytes | None) -> None:
+    if signing_key is None:
         raise InvalidFieldError(
-            "webhook", "this service has no WEBHOOK_SECRET to sign deliveries with"
+            "webhook",
+            "this service has no WEBHOOK_SECRET, nor a WEBHOOK_KEY_SECRETS entry for this API "
+            "key, to sign deliveries with",
         )
     try:
         check_url(url, AllowedHosts(settings.webhook_allowed_hosts))

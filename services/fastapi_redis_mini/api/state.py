@@ -18,6 +18,8 @@ from ..core.queue import TaskQueue
 from ..core.redis import RedisTaskQueue, connect
 from ..core.redis.console import ConsoleStore
 from ..core.settings import Settings
+from ..core.tenants import tenant_of_key
+from ..core.webhooks import SigningKeys
 from . import metrics
 from .errors import BacklogFullError, TooManyWaitsError
 
@@ -25,12 +27,8 @@ _REJECTED = metrics.tasks_submitted.labels("rejected")
 
 
 class ApiKeys:
-    """The configured API keys, kept only as SHA-256 digests, and the tenant each one names.
-
-    A tenant id is the first 16 hex digits of HMAC-SHA256(TENANT_SECRET, key): without the
-    secret, a copy of Redis gives nothing to test guessed keys against. Without TENANT_SECRET
-    it is those of SHA-256(key), the ids of earlier releases (docs/security.md: migrating).
-    """
+    """The configured API keys, kept only as SHA-256 digests, and the tenant each one names
+    (core/tenants.py)."""
 
     def __init__(
         self,
@@ -39,12 +37,7 @@ class ApiKeys:
         high_priority: Iterable[SecretStr] = (),
     ) -> None:
         def tenant(value: str) -> str:
-            mac = (
-                hmac.new(secret.get_secret_value().encode(), value.encode(), hashlib.sha256)
-                if secret is not None
-                else hashlib.sha256(value.encode())
-            )
-            return mac.hexdigest()[:16]
+            return tenant_of_key(value, secret)
 
         values = [key.get_secret_value() for key in keys]
         self._digests = tuple(self._digest(value) for value in values)
@@ -140,6 +133,8 @@ class ApiState:
     api_keys: ApiKeys
     backlog: BacklogGate
     waits: WaitSlots
+    # Which key signs a scope's webhook deliveries; a webhook without one is refused.
+    webhook_keys: SigningKeys
     tracing: bool
     # Checks a submit's params with the Params model of TASK_HANDLER, if it declares one.
     check_params: Callable[[dict[str, Any]], None] | None
@@ -167,6 +162,7 @@ class ApiState:
                 ),
                 backlog=BacklogGate(settings.max_backlog),
                 waits=WaitSlots(settings.max_waits_per_key),
+                webhook_keys=SigningKeys.from_settings(settings),
                 tracing=tracing,
                 check_params=check_params,
                 console=ConsoleStore(queue) if settings.console_enabled else None,

@@ -162,6 +162,7 @@ class WebhookMessage:
     event: str
     timestamp: float
     data: dict[str, Any]
+    scope: str = ""  # the tenant of the task's API key, whose signing key signs it
     attempt: int = 0
     last_error: str = ""
     partition: int = 0  # where the broker keeps it (a cache hit's is the submit's partition)
@@ -255,6 +256,8 @@ class QueueStats:
     oldest_undelivered_age: float = 0.0  # the oldest entry the group has not been handed
     oldest_pending_age: float = 0.0  # the oldest entry handed out and not yet acknowledged
     retry_size: int = 0  # tasks waiting out a retry backoff or a delayed start
+    webhook_deliveries_pending: int = 0  # not settled yet: due, backing off or being attempted
+    webhook_dead_letter_length: int = 0  # deliveries that failed for good
     lanes: tuple[LaneStats, ...] = ()  # with PRIORITY_LANES: each lane, highest first
     partition: int | None = None  # which partition these figures are of, if of one
     # With several partitions: the figures above are their sums (ages and consumers: the

@@ -132,11 +132,13 @@ class Settings(BaseSettings):
     events_heartbeat: PositiveSeconds = 15.0
     events_max_streams_per_key: int = Field(default=100, ge=0)
 
-    # Webhooks: the signing secret (whsec_<base64>; a submit with a webhook is refused without
-    # it), deliveries in flight per worker, attempts before a delivery is dead-lettered with
-    # the backoff between them, seconds per attempt, and the hosts or networks (CIDRs) that
-    # may be reached though not public.
+    # Webhooks: the signing secret (whsec_<base64>) and, for some API keys, one of their own
+    # (API_KEY=whsec_<base64>, comma-separated; a submit with a webhook is refused when its
+    # key has neither), deliveries in flight per worker, attempts before a delivery is
+    # dead-lettered with the backoff between them, seconds per attempt, and the hosts or
+    # networks (CIDRs) that may be reached though not public.
     webhook_secret: SecretStr | None = None
+    webhook_key_secrets: Annotated[tuple[tuple[SecretStr, SecretStr], ...], NoDecode] = ()
     webhook_concurrency: int = Field(default=10, ge=1, le=1000)
     webhook_max_attempts: int = Field(default=5, ge=1, le=20)
     webhook_backoff: PositiveSeconds = 1.0
@@ -231,6 +233,37 @@ class Settings(BaseSettings):
             secret_key(value.get_secret_value())
         return value
 
+    @field_validator("webhook_key_secrets", mode="before")
+    @classmethod
+    def _split_key_secrets(cls, value: object) -> object:
+        # The messages name an entry by its position: its text holds an API key and a secret.
+        if not isinstance(value, str):
+            return value
+        pairs = []
+        for number, entry in enumerate((e.strip() for e in value.split(",") if e.strip()), 1):
+            # A key may hold '=' (base64 keys end with it); the secret starts at =whsec_.
+            key, marker, secret = entry.rpartition("=whsec_")
+            if not marker or not key.strip():
+                raise ValueError(f"entry {number} is not of the form API_KEY=whsec_<base64>")
+            pairs.append((key.strip(), "whsec_" + secret.strip()))
+        return tuple(pairs)
+
+    @field_validator("webhook_key_secrets")
+    @classmethod
+    def _check_key_secrets(
+        cls, value: tuple[tuple[SecretStr, SecretStr], ...]
+    ) -> tuple[tuple[SecretStr, SecretStr], ...]:
+        seen: set[str] = set()
+        for number, (key, secret) in enumerate(value, 1):
+            if key.get_secret_value() in seen:
+                raise ValueError(f"entry {number} names an API key an earlier entry names")
+            seen.add(key.get_secret_value())
+            try:
+                secret_key(secret.get_secret_value())
+            except ValueError as error:
+                raise ValueError(f"entry {number}'s secret {error}") from None
+        return value
+
     @field_validator("priority_high_keys", mode="before")
     @classmethod
     def _split_high_keys(cls, value: object) -> object:
@@ -286,6 +319,12 @@ class Settings(BaseSettings):
             if any(key.get_secret_value() not in configured for key in self.priority_high_keys):
                 raise SettingsError(
                     "invalid configuration: PRIORITY_HIGH_KEYS must name keys of API_KEYS"
+                )
+        if self.webhook_key_secrets:
+            configured = {key.get_secret_value() for key in self.api_keys}
+            if any(key.get_secret_value() not in configured for key, _ in self.webhook_key_secrets):
+                raise SettingsError(
+                    "invalid configuration: WEBHOOK_KEY_SECRETS must name keys of API_KEYS"
                 )
         if self.console_enabled:
             admin_key = self.admin_api_key.get_secret_value() if self.admin_api_key else ""

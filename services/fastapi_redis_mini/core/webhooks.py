@@ -2,7 +2,8 @@
 
 Deliveries follow the Standard Webhooks scheme: `webhook-id` (one per message, the same on
 every retry of it), `webhook-timestamp` (seconds) and `webhook-signature`, `v1,` and the
-base64 HMAC-SHA256 of `{id}.{timestamp}.{body}` under WEBHOOK_SECRET (`whsec_<base64>`).
+base64 HMAC-SHA256 of `{id}.{timestamp}.{body}` under a `whsec_<base64>` secret: the one
+WEBHOOK_KEY_SECRETS gives the API key that submitted the task, else WEBHOOK_SECRET.
 
 The guard against server-side request forgery: a webhook may reach only public addresses,
 checked on the addresses its host resolves to (not its name) and again on every redirect.
@@ -18,9 +19,15 @@ import binascii
 import hashlib
 import hmac
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from enum import StrEnum
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
+
+from .tenants import tenant_of_key
+
+if TYPE_CHECKING:
+    from .settings import Settings
 
 MAX_URL_CHARS = 2048
 
@@ -55,6 +62,41 @@ def signature(key: bytes, message_id: str, timestamp: int, body: bytes) -> str:
     """The `webhook-signature` header's value for one delivery."""
     signed = f"{message_id}.{timestamp}.".encode() + body
     return "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+
+
+class SigningKeys:
+    """The key that signs each task's deliveries, by the task's scope (its tenant id).
+
+    A task carries its scope, not its API key, so WEBHOOK_KEY_SECRETS is turned into scopes
+    here, in each process, as the api derives them (with TENANT_SECRET): the secrets
+    themselves never reach Redis.
+    """
+
+    def __init__(self, default: bytes | None, by_scope: Mapping[str, bytes]) -> None:
+        self.default = default
+        self.by_scope = dict(by_scope)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SigningKeys:
+        default = settings.webhook_secret
+        return cls(
+            secret_key(default.get_secret_value()) if default is not None else None,
+            {
+                tenant_of_key(key.get_secret_value(), settings.tenant_secret): secret_key(
+                    secret.get_secret_value()
+                )
+                for key, secret in settings.webhook_key_secrets
+            },
+        )
+
+    @property
+    def any(self) -> bool:
+        """Whether some delivery can be signed here."""
+        return self.default is not None or bool(self.by_scope)
+
+    def for_scope(self, scope: str) -> bytes | None:
+        """The key of the scope's API key (WEBHOOK_KEY_SECRETS), else WEBHOOK_SECRET's."""
+        return self.by_scope.get(scope, self.default)
 
 
 class AllowedHosts:

@@ -41,11 +41,11 @@ from ..core.queue import Job, QueueUnavailable, TaskQueue, WebhookMessage, Webho
 from ..core.settings import Settings
 from ..core.webhooks import (
     AllowedHosts,
+    SigningKeys,
     WebhookEvent,
     WebhookRefused,
     check_address,
     check_url,
-    secret_key,
     signature,
 )
 from . import metrics
@@ -84,15 +84,15 @@ def body_of(message: WebhookMessage) -> bytes:
 class WebhookSender:
     """One worker's share of the deliveries: at most WEBHOOK_CONCURRENCY attempts at once.
 
-    Without WEBHOOK_SECRET it sends nothing and claims nothing: the api refuses a webhook
-    without a secret.
+    Each delivery is signed with the secret of the API key that submitted its task
+    (WEBHOOK_KEY_SECRETS, found by the task's scope), else with WEBHOOK_SECRET. Without any
+    secret it sends nothing and claims nothing: the api refuses a webhook it cannot sign.
     """
 
     def __init__(self, settings: Settings, queue: TaskQueue) -> None:
         self.settings = settings
         self.queue = queue
-        secret = settings.webhook_secret
-        self._key = secret_key(secret.get_secret_value()) if secret is not None else None
+        self._keys = SigningKeys.from_settings(settings)
         self._allowed = AllowedHosts(settings.webhook_allowed_hosts)
         # Every redirect is a request of its own, each bounded by WEBHOOK_TIMEOUT.
         self._attempt_limit = settings.webhook_timeout * (_MAX_REDIRECTS + 1)
@@ -105,28 +105,31 @@ class WebhookSender:
 
     @property
     def enabled(self) -> bool:
-        return self._key is not None
+        return self._keys.any
 
     def message(self, job: Job, kind: WebhookEvent, data: dict[str, Any]) -> WebhookMessage | None:
         """The delivery of `data` to the job's webhook, if it asked for this kind of event.
 
         Each message has an id of its own; a `completed` one sent again in a retried write
         of its outcome is recorded once all the same, as finish.lua never writes over a final
-        status. A worker without WEBHOOK_SECRET still records deliveries, for a worker that
-        has one to send.
+        status. A worker without the secret to sign it still records the delivery, for a
+        worker that has one to send.
         """
         if not job.webhook or kind not in job.webhook_events:
             return None
-        if self._key is None and not self._warned:
-            # The api refuses a webhook without a secret; a worker configured without one
-            # (unlike its api) can only say so.
+        if self._keys.for_scope(job.scope) is None and not self._warned:
+            # The api refuses a webhook it cannot sign; a worker configured without the
+            # secret (unlike its api) can only say so.
             self._warned = True
             log.warning(
-                "a task asks for a webhook but this worker has no WEBHOOK_SECRET: its "
-                "deliveries wait in Redis for a worker that has one"
+                "a task asks for a webhook but this worker has no secret to sign it with "
+                "(WEBHOOK_KEY_SECRETS for its API key, or WEBHOOK_SECRET)",
+                extra={"task_id": job.task_id},
             )
         message_id = f"msg_{uuid.uuid4().hex}"
-        return WebhookMessage(message_id, job.task_id, job.webhook, kind.value, time.time(), data)
+        return WebhookMessage(
+            message_id, job.task_id, job.webhook, kind.value, time.time(), data, job.scope
+        )
 
     def send(self, job: Job, kind: WebhookEvent, data: dict[str, Any]) -> None:
         """Record a `start`, `progress` or `output` delivery, if the job asked for it."""
@@ -154,7 +157,7 @@ class WebhookSender:
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Claim and send due deliveries until `stopping` is set."""
-        if self._key is None:
+        if not self._keys.any:
             await stopping.wait()
             return
         self._http = httpx.AsyncClient(
@@ -244,7 +247,13 @@ class WebhookSender:
 
     async def _attempt(self, message: WebhookMessage, body: bytes) -> None:
         assert self._http is not None
-        assert self._key is not None
+        key = self._keys.for_scope(message.scope)
+        if key is None:
+            # The api that took the task could sign it; this worker is configured otherwise.
+            raise _Undelivered(
+                "this worker has no secret to sign it with (WEBHOOK_KEY_SECRETS for the "
+                "task's API key, or WEBHOOK_SECRET)"
+            )
         url = message.url
         for _ in range(_MAX_REDIRECTS + 1):
             host, port = check_url(url, self._allowed)
@@ -256,7 +265,7 @@ class WebhookSender:
                 "host": urlsplit(url).netloc,
                 "webhook-id": message.message_id,
                 "webhook-timestamp": str(timestamp),
-                "webhook-signature": signature(self._key, message.message_id, timestamp, body),
+                "webhook-signature": signature(key, message.message_id, timestamp, body),
             }
             extensions = {"sni_hostname": host} if url.startswith("https") else {}
             try:

@@ -109,7 +109,7 @@ async def submit_task(request: Request) -> Response:
     scope = tenant_of(request, state.api_keys)
     task = await json_body(request, TaskCreate)
     idempotency_key = _idempotency_key(request)
-    check_task(task, state.settings, state.check_params)
+    check_task(task, state.settings, state.check_params, state.webhook_keys.for_scope(scope))
     if task.priority is Priority.HIGH and not state.api_keys.may_submit_high(scope):
         raise InvalidFieldError("priority", "high is not open to this API key")
     due = due_at(task, state.settings)

@@ -1,9 +1,10 @@
 """How a webhook delivery is kept in Redis: one JSON message per id, written once.
 
-A message is `{id, task_id, url, event, at, data}`, with `result` beside `data` when a script
-wrote it (a cache hit's result, kept as the JSON text it was cached as, so Lua never has to
-re-encode it). Its attempts and last error live in fields of their own (see keys.py), so a
-message is never rewritten and its body is the same on every attempt.
+A message is `{id, task_id, scope, url, event, at, data}`, with `result` beside `data` when a
+script wrote it (a cache hit's result, kept as the JSON text it was cached as, so Lua never has
+to re-encode it). The scope, the task's tenant, tells a sender which key signs it. Its attempts
+and last error live in fields of their own (see keys.py), so a message is never rewritten and
+its body is the same on every attempt.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ def encode(message: WebhookMessage) -> bytes:
     return orjson.dumps({
         "id": message.message_id,
         "task_id": message.task_id,
+        "scope": message.scope,
         "url": message.url,
         "event": message.event,
         "at": message.timestamp,
@@ -40,6 +42,8 @@ def decode(raw: str | bytes, attempt: int, last_error: str) -> WebhookMessage:
         event=fields["event"],
         timestamp=float(fields["at"]),
         data=data,
+        # A message recorded before messages carried a scope is signed as the default's.
+        scope=fields.get("scope", ""),
         attempt=attempt,
         last_error=last_error,
     )

@@ -515,10 +515,12 @@ class RedisTaskQueue(SlotRouting):
     @_translated
     async def stats(self) -> QueueStats:
         parts = self.partitions.all
-        replies = await self._call_each(
-            self._stats_script,
-            [([k.stream, k.dead_letter, k.retries, *k.lanes], [k.group]) for k in parts],
-        )
+        calls = [
+            ([k.stream, k.dead_letter, k.retries, *k.lanes, k.webhooks_due, k.webhooks_dead],
+             [k.group])
+            for k in parts
+        ]  # fmt: skip
+        replies = await self._call_each(self._stats_script, calls)
         each = tuple(
             _partition_stats(keys, reply) for keys, reply in zip(parts, replies, strict=True)
         )
@@ -536,6 +538,8 @@ class RedisTaskQueue(SlotRouting):
             oldest_undelivered_age=max(p.oldest_undelivered_age for p in each),
             oldest_pending_age=max(p.oldest_pending_age for p in each),
             retry_size=sum(p.retry_size for p in each),
+            webhook_deliveries_pending=sum(p.webhook_deliveries_pending for p in each),
+            webhook_dead_letter_length=sum(p.webhook_dead_letter_length for p in each),
             lanes=tuple(
                 LaneStats(
                     priority=lane.priority,
@@ -1058,6 +1062,8 @@ def _partition_stats(keys: Keys, reply: str) -> QueueStats:
         oldest_undelivered_age=_age(stats["oldest_undelivered"], now_ms),
         oldest_pending_age=_age(stats["oldest_pending"], now_ms),
         retry_size=int(stats["retry_size"]),
+        webhook_deliveries_pending=int(stats["webhooks_pending"]),
+        webhook_dead_letter_length=int(stats["webhooks_dead"]),
         lanes=tuple(
             LaneStats(
                 priority=priority.value,

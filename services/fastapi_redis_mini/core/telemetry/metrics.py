@@ -122,6 +122,11 @@ _QUEUE_GAUGES: tuple[tuple[str, str, Callable[[QueueStats], float]], ...] = (
     ("stream_oldest_pending_age_seconds",
      "Age of the oldest entry delivered and not yet acknowledged; 0 when none.",
      lambda s: s.oldest_pending_age),
+    ("webhook_deliveries_pending",
+     "Webhook deliveries not settled yet: due, backing off or being attempted.",
+     lambda s: s.webhook_deliveries_pending),
+    ("webhook_dead_letter_length", "Entries in the webhook dead-letter stream.",
+     lambda s: s.webhook_dead_letter_length),
 )  # fmt: skip
 
 

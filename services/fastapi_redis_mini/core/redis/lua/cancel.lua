@@ -6,7 +6,7 @@
 -- ARGV: scope, now, events_channel, task_id, publish command (PUBLISH, or SPUBLISH on a cluster)
 -- A task ended here sends the `completed` webhook its request asked for, as one the worker
 -- ends does: its delivery is recorded with the final status (see webhook_claim.lua).
-local function completed_webhook(due, messages, request, task_id, fields)
+local function completed_webhook(due, messages, request, task_id, scope, fields)
   local ok, r = pcall(cjson.decode, request or '')
   if not ok or type(r) ~= 'table' or type(r.webhook) ~= 'string' then
     return
@@ -27,8 +27,8 @@ local function completed_webhook(due, messages, request, task_id, fields)
     error = fields.error, attempts = tonumber(fields.attempts) or 0,
     started_at = tonumber(fields.started_at) or cjson.null,
     finished_at = tonumber(fields.finished_at)}
-  redis.call('HSET', messages, id, cjson.encode({id = id, task_id = task_id, url = r.webhook,
-    event = 'completed', at = tonumber(fields.finished_at), data = data}))
+  redis.call('HSET', messages, id, cjson.encode({id = id, task_id = task_id, scope = scope,
+    url = r.webhook, event = 'completed', at = tonumber(fields.finished_at), data = data}))
   redis.call('ZADD', due, fields.finished_at, id)
 end
 
@@ -40,7 +40,7 @@ if t[1] == 'PENDING' then
   redis.call('HSET', KEYS[1], 'status', 'CANCELLED', 'finished_at', ARGV[2],
     'error', 'cancelled before it started', 'cancel', '1')
   redis.call('ZREM', KEYS[2], ARGV[4])
-  completed_webhook(KEYS[3], KEYS[4], t[3], ARGV[4], {status = 'CANCELLED',
+  completed_webhook(KEYS[3], KEYS[4], t[3], ARGV[4], t[2] or '', {status = 'CANCELLED',
     error = 'cancelled before it started', attempts = t[4], started_at = t[5],
     finished_at = ARGV[2]})
   redis.call(ARGV[5], ARGV[3], ARGV[4])

@@ -34,7 +34,7 @@ local webhooks_due, webhook_messages = KEYS[#KEYS - 1], KEYS[#KEYS]
 
 -- A task ended here sends the `completed` webhook its request asked for, as one the worker
 -- ends does: its delivery is recorded with the final status (see webhook_claim.lua).
-local function completed_webhook(due, messages, request, task_id, fields)
+local function completed_webhook(due, messages, request, task_id, scope, fields)
   local ok, r = pcall(cjson.decode, request or '')
   if not ok or type(r) ~= 'table' or type(r.webhook) ~= 'string' then
     return
@@ -55,8 +55,8 @@ local function completed_webhook(due, messages, request, task_id, fields)
     error = fields.error, attempts = tonumber(fields.attempts) or 0,
     started_at = tonumber(fields.started_at) or cjson.null,
     finished_at = tonumber(fields.finished_at)}
-  redis.call('HSET', messages, id, cjson.encode({id = id, task_id = task_id, url = r.webhook,
-    event = 'completed', at = tonumber(fields.finished_at), data = data}))
+  redis.call('HSET', messages, id, cjson.encode({id = id, task_id = task_id, scope = scope,
+    url = r.webhook, event = 'completed', at = tonumber(fields.finished_at), data = data}))
   redis.call('ZADD', due, fields.finished_at, id)
 end
 
@@ -74,8 +74,9 @@ for i, delivery in ipairs(batch) do
     redis.call('HSET', key, 'status', 'CANCELLED', 'finished_at', now,
       'error', 'cancelled before it started')
     redis.call('EXPIRE', key, result_expiry)
-    completed_webhook(webhooks_due, webhook_messages, t[4], task_id, {status = 'CANCELLED',
-      error = 'cancelled before it started', attempts = t[9], finished_at = now})
+    completed_webhook(webhooks_due, webhook_messages, t[4], task_id, t[6] or '',
+      {status = 'CANCELLED', error = 'cancelled before it started', attempts = t[9],
+       finished_at = now})
     acks[#acks + 1] = entry
     finished[#finished + 1] = task_id
     out[i] = {verdict = 'cancelled', scope = t[6] or ''}
@@ -83,8 +84,9 @@ for i, delivery in ipairs(batch) do
     redis.call('HSET', key, 'status', 'EXPIRED', 'finished_at', now,
       'error', 'not started by its deadline')
     redis.call('EXPIRE', key, result_expiry)
-    completed_webhook(webhooks_due, webhook_messages, t[4], task_id, {status = 'EXPIRED',
-      error = 'not started by its deadline', attempts = t[9], finished_at = now})
+    completed_webhook(webhooks_due, webhook_messages, t[4], task_id, t[6] or '',
+      {status = 'EXPIRED', error = 'not started by its deadline', attempts = t[9],
+       finished_at = now})
     acks[#acks + 1] = entry
     finished[#finished + 1] = task_id
     out[i] = {verdict = 'expired', scope = t[6] or ''}
@@ -93,8 +95,8 @@ for i, delivery in ipairs(batch) do
       ' times without finishing (MAX_DELIVERIES=' .. max_deliveries .. ')'
     redis.call('HSET', key, 'status', 'FAILED', 'finished_at', now, 'error', message)
     redis.call('EXPIRE', key, result_expiry)
-    completed_webhook(webhooks_due, webhook_messages, t[4], task_id, {status = 'FAILED',
-      error = message, attempts = t[9], finished_at = now})
+    completed_webhook(webhooks_due, webhook_messages, t[4], task_id, t[6] or '',
+      {status = 'FAILED', error = message, attempts = t[9], finished_at = now})
     redis.call('XADD', dead, 'MAXLEN', dead_maxlen, '*', 'task_id', task_id, 'entry_id', entry,
       'scope', t[6] or '', 'deliveries', deliveries, 'failed_at', now)
     acks[#acks + 1] = entry

@@ -1,11 +1,13 @@
 -- Read the queue's depth and ages in one round trip, against Redis's own clock, so the ages
 -- do not depend on the reader's clock. An entry id's first part is the time it was added.
--- KEYS: stream, dead_letter, retries, lane_high, lane_normal, lane_low
+-- KEYS: stream, dead_letter, retries, lane_high, lane_normal, lane_low, webhooks_due,
+--   webhooks_dead
 -- ARGV: group
 -- Returns: a JSON object {stream_length, group_found (true|false), consumers, pending, lag
 --   (-1 when undefined), oldest_undelivered (the id of the oldest entry not yet delivered to
 --   the group, or ""), oldest_pending (the id of the oldest pending entry, or ""),
---   dead_letter_length, retry_size, lanes, now_ms} (now_ms has 13 digits, within cjson's
+--   dead_letter_length, retry_size, webhooks_pending (deliveries not settled: due, backing
+--   off or being attempted), webhooks_dead, lanes, now_ms} (now_ms has 13 digits, within cjson's
 --   14); lanes: per lane, highest first, {depth, oldest_queued_ms} (when its oldest task
 --   was queued; 0 when empty): a lane's member starts with the time it was queued (submit.lua)
 local stream, group = KEYS[1], ARGV[1]
@@ -14,6 +16,8 @@ local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 local length = redis.call('XLEN', stream)
 local dead = redis.call('XLEN', KEYS[2])
 local retries = redis.call('ZCARD', KEYS[3])
+local webhooks_pending = redis.call('ZCARD', KEYS[7])
+local webhooks_dead = redis.call('XLEN', KEYS[8])
 local lanes = {}
 for i = 4, 6 do
   local depth = redis.call('ZCARD', KEYS[i])
@@ -55,7 +59,8 @@ if info == nil then
   local oldest = first[1] and first[1][1] or ''
   return cjson.encode({stream_length = length, group_found = false, consumers = 0, pending = 0,
     lag = length, oldest_undelivered = oldest, oldest_pending = '', dead_letter_length = dead,
-    retry_size = retries, lanes = lanes, now_ms = now_ms})
+    retry_size = retries, webhooks_pending = webhooks_pending, webhooks_dead = webhooks_dead,
+    lanes = lanes, now_ms = now_ms})
 end
 
 local after = redis.call('XRANGE', stream, '(' .. info['last-delivered-id'], '+', 'COUNT', 1)
@@ -69,4 +74,5 @@ end
 return cjson.encode({stream_length = length, group_found = true, consumers = info['consumers'],
   pending = info['pending'], lag = lag, oldest_undelivered = undelivered,
   oldest_pending = pending_oldest, dead_letter_length = dead, retry_size = retries,
-  lanes = lanes, now_ms = now_ms})
+  webhooks_pending = webhooks_pending, webhooks_dead = webhooks_dead, lanes = lanes,
+  now_ms = now_ms})

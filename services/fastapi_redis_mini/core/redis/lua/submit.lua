@@ -238,7 +238,8 @@ for i, task in ipairs(batch) do
           -- Named by this submit's own id (never stored), so each hit is its own delivery.
           local id = 'msg_' .. task_id
           redis.call('HSET', webhook_messages, id, cjson.encode({id = id, task_id = hit_id,
-            url = task.webhook, event = 'completed', at = tonumber(now), result = hit,
+            scope = scope, url = task.webhook, event = 'completed', at = tonumber(now),
+            result = hit,
             data = {task_id = hit_id, status = 'DONE', error = cjson.null, cached = true}}))
           redis.call('ZADD', webhooks_due, now, id)
         end
