@@ -42,7 +42,7 @@ XDIST = -n $(TEST_WORKERS) --dist loadgroup
 NONE_SELECTED_IS_FINE = || [ $$? -eq 5 ]
 
 test: setup ## Run the whole test suite against real servers, in parallel; reports the package's coverage
-	$(BIN)/pytest $(XDIST) -m "not serial" --cov --cov-report= $(PYTEST_ARGS)
+	$(BIN)/pytest $(XDIST) -m "not serial" --cov --cov-report= --durations=20 $(PYTEST_ARGS)
 	$(BIN)/pytest -m serial --cov --cov-append --cov-report=term:skip-covered $(PYTEST_ARGS) \
 		$(NONE_SELECTED_IS_FINE)
 
