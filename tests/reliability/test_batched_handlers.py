@@ -104,8 +104,8 @@ def test_a_worker_runs_as_many_batches_at_once_as_the_handler_allows_and_no_more
     redis_url: str, launch: Launcher, tmp_path: Path, handler: str, at_once: int
 ) -> None:
     api = launch.api(redis_url)
-    # Batches of 4 (max_batch_size): with 12 tasks held, three are there to be run.
-    launch.worker(redis_url, TASK_HANDLER=f"tests.support.handlers:{handler}", MAX_CONCURRENCY="12")
+    # Batches of 4 (max_batch_size) from 8 tasks held: two batches are there to be run.
+    launch.worker(redis_url, TASK_HANDLER=f"tests.support.handlers:{handler}", MAX_CONCURRENCY="8")
     log = tmp_path / "calls.log"
     bodies = [{"prompt": f"item {n}", "params": {"block": 0.4, "log": str(log)}} for n in range(16)]
     with httpx.Client(base_url=api.base_url, timeout=30) as client:

@@ -54,7 +54,7 @@ async def test_tasks_held_together_meet_in_one_call_and_a_bad_input_fails_only_i
     prompts = ["one", "two", "bad three", "four", "five"]
     ids = await submit_all(queue, prompts)  # all waiting before the worker reads
     batches_before = sample("fastapi_redis_mini_handler_batch_size_count")
-    running = Running(settings, model, max_concurrency=16)  # room for this batch and the next
+    running = Running(settings, model)
     records = [await queue.wait(task_id, "", 10) for task_id in ids]
     await running.close()
     assert model.batches == [prompts]
@@ -67,16 +67,16 @@ async def test_tasks_held_together_meet_in_one_call_and_a_bad_input_fails_only_i
         assert by_prompt[prompt].result == {"upper": prompt.upper(), "batch": 5}
 
 
-async def test_batches_in_flight_and_the_next_one_share_max_concurrency(
+async def test_the_batches_in_flight_share_max_concurrency(
     queue: RedisTaskQueue, settings: Settings
 ) -> None:
     class TwoAtOnce(BatchModel):
-        max_batches_in_flight = 2  # with MAX_CONCURRENCY 12, batches of at most 12 / 3
+        max_batches_in_flight = 2  # with MAX_CONCURRENCY 8, batches of at most 8 / 2
 
     model = TwoAtOnce(1)
     prompts = [f"p{n}" for n in range(8)]
     ids = await submit_all(queue, prompts, block=0.2)
-    running = Running(settings, model, max_concurrency=12)
+    running = Running(settings, model)
     records = [await queue.wait(task_id, "", 10) for task_id in ids]
     await running.close()
     assert [r.status for r in records if r is not None] == [TaskStatus.DONE] * 8

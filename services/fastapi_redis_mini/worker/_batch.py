@@ -17,7 +17,9 @@ run, a batch is sent as soon as it holds `max_batch_size` items, and never later
 `max_batch_wait_ms` (default 5) after its first item arrived; so the next batch starts filling
 the moment the previous one is sent. While that many run, new items wait, and the next batch
 goes the moment one returns. A task therefore waits at most `max_batch_wait_ms` for a batch to
-fill, plus the time the handler is busy with the batches before it.
+fill, plus the time the handler is busy with the batches before it. A batch holds at most
+MAX_CONCURRENCY / max_batches_in_flight items (see _handler.py), so the next one can fill while
+the others run only when the worker holds more tasks than the batches in flight take.
 """
 
 from __future__ import annotations

@@ -114,15 +114,15 @@ class HandlerRunner:
         if self._executor is not None and in_flight > settings.handler_thread_count:
             in_flight = settings.handler_thread_count  # a batch in flight holds a thread
         size = options.max_size
-        # A worker holds at most MAX_CONCURRENCY tasks, shared by the batches in flight and
-        # the next one. Without room for that one, it could only start filling once a batch
-        # returned, and the handler would idle while its tasks were read and started: with
-        # batches of 64 from MAX_CONCURRENCY 64, embed's tasks waited 5 to 10 times longer.
-        limit = max(1, settings.max_concurrency // (in_flight + 1))
+        # A worker holds at most MAX_CONCURRENCY tasks, so the batches in flight share them.
+        # Room for the next batch to fill is not kept here: whether smaller batches that
+        # follow each other at once beat full ones with a pause between them depends on the
+        # model's fixed cost per call, which the handler knows (see max_batch_size).
+        limit = max(1, settings.max_concurrency // in_flight)
         if size > limit:
             log.info(
-                "handler %s: batches of at most %d (MAX_CONCURRENCY / (max_batches_in_flight "
-                "+ 1)), not %d (max_batch_size)", self.name, limit, size,
+                "handler %s: batches of at most %d (MAX_CONCURRENCY / max_batches_in_flight), "
+                "not %d (max_batch_size)", self.name, limit, size,
             )  # fmt: skip
             size = limit
         call = cast(BatchCall, self.handler if self.is_async else self._call_in_thread)
