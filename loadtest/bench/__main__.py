@@ -35,7 +35,7 @@ from ._api import (
 )
 from ._cluster import cluster_versus_standalone
 from ._e2e import end_to_end, memory_after
-from ._inference import BENCH_MODULE, accelerator_ceiling, embed_ceiling, service_run
+from ._inference import BENCH_MODULE, accelerator_ceiling, drain_run, embed_ceiling, service_run
 from ._measure import ROOT, require_wrk, wrk
 from ._report import print_table, targets, write_markdown
 from ._scaleout import scale_out
@@ -340,6 +340,11 @@ def inference_section(
         "batched": run("embed", "embed-batched"),
         "per_task": run(f"{BENCH_MODULE}:EmbedPerTask", "embed-per-task"),
     }
+    log(f"inference: embed-drain, {tasks} tasks queued over HTTP first, then drained")
+    embed["drain"] = drain_run(
+        space, redis_server, api, handler="embed", label="embed-drain", tasks=tasks,
+        concurrency=concurrency,
+    )  # fmt: skip
     log("inference: the simulated accelerator called directly, by batch size")
     accelerator: dict[str, Any] = {
         "ceiling": accelerator_ceiling(min(tasks, 640)),

@@ -4,11 +4,14 @@ For each: (a) the model called directly in this process at its best batch size, 
 (b) the service end to end, HTTP submit to DONE, with batching; (c) the same without
 batching, one call per task; (d) arq and SAQ running the same work per job at the same
 concurrency (the simulated accelerator only: their venv cannot hold the service's model).
+For embed also (b2): the batched worker draining a queue filled over HTTP before it started,
+which leaves out the api's submit rate that bounds (b) on a small machine.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -18,8 +21,10 @@ from fastapi_redis_mini.core.handlers import SimulatedAccelerator
 from fastapi_redis_mini_harness.processes import SERVICE_DEFAULTS, Process, Workspace, start_worker
 from fastapi_redis_mini_harness.redis_server import RedisServer
 
-from ._e2e import end_to_end
+from ._e2e import end_to_end, miss_requests
+from ._http import send_all
 from ._measure import ROOT
+from ._workers import task_times, wait_idle
 
 CEILING_BATCHES = (1, 8, 32, 64)
 BENCH_MODULE = "loadtest.bench._inference"
@@ -112,7 +117,61 @@ def service_run(
     """One api and one worker running `handler`; `tasks` submitted at once over HTTP."""
     redis_server.flush()
     api = start_api(f"api-{label}")
-    worker = space.own(
+    worker = _worker(space, redis_server, handler, label, concurrency)
+    try:
+        worker.wait_until_answers("/readyz", timeout=60)  # loaded
+        result = end_to_end(api, redis_server.url, tasks, label=label, params={})
+    finally:
+        worker.stop()
+        api.stop()
+    result["handler"] = handler
+    result["rate"] = result["done"] / result["all_done_seconds"] if result["done"] else 0.0
+    return result
+
+
+def drain_run(
+    space: Workspace,
+    redis_server: RedisServer,
+    start_api: Callable[[str], Process],
+    *,
+    handler: str,
+    label: str,
+    tasks: int,
+    concurrency: int,
+) -> dict[str, Any]:
+    """`tasks` queued over HTTP with no worker, then one worker running `handler` drains them:
+    tasks/s from the first task started to the last DONE."""
+    redis_server.flush()
+    api = start_api(f"api-{label}")
+    try:
+        requests = miss_requests(api.port, tasks, label, {})
+        answers = asyncio.run(send_all("127.0.0.1", api.port, requests, 100))
+    finally:
+        api.stop()
+    ids = [json.loads(body)["task_id"] for status, body in answers if status == 202]
+    worker = _worker(space, redis_server, handler, label, concurrency)
+    try:
+        worker.wait_until_answers("/readyz", timeout=60)
+        asyncio.run(wait_idle(redis_server.url, time.perf_counter() + 300))
+        times = asyncio.run(task_times(redis_server.url, ids))
+    finally:
+        worker.stop()
+    first_start = min((started for _, started, _ in times), default=0.0)
+    last_finish = max((finished for _, _, finished in times), default=0.0)
+    seconds = last_finish - first_start
+    return {
+        "handler": handler,
+        "tasks": tasks,
+        "done": len(times),
+        "drain_seconds": seconds,
+        "rate": len(times) / seconds if seconds > 0 else 0.0,
+    }
+
+
+def _worker(
+    space: Workspace, redis_server: RedisServer, handler: str, label: str, concurrency: int
+) -> Process:
+    return space.own(
         start_worker(
             redis_server.url,
             {"MAX_CONCURRENCY": str(concurrency), "LOG_LEVEL": "WARNING", "TASK_HANDLER": handler},
@@ -123,12 +182,3 @@ def service_run(
             cwd=ROOT,
         )
     )
-    try:
-        worker.wait_until_answers("/readyz", timeout=60)  # loaded
-        result = end_to_end(api, redis_server.url, tasks, label=label, params={})
-    finally:
-        worker.stop()
-        api.stop()
-    result["handler"] = handler
-    result["rate"] = result["done"] / result["all_done_seconds"] if result["done"] else 0.0
-    return result

@@ -339,6 +339,11 @@ def _rows(report: dict[str, Any]) -> list[tuple[str, list[list[str]]]]:
                              f"{run['time_to_done_p50'] * 1000:.0f} ms",
                              f"{run['time_to_done_p99'] * 1000:.0f} ms",
                              f"{run['done']}/{run['tasks']} DONE over HTTP"])  # fmt: skip
+            if "drain" in runs:
+                drain = runs["drain"]
+                rows.append([model, "(b2) worker, batched, queue filled first",
+                             f"{drain['rate']:.0f}", "", "",
+                             f"{drain['done']}/{drain['tasks']} DONE"])  # fmt: skip
             for peer in runs.get("peers") or []:
                 done = f"{peer['completed']}/{peer['tasks']} jobs, enqueued first"
                 rate = f"{peer['drain_rate']:.0f}"

@@ -139,6 +139,7 @@ def test_the_inference_section_runs_the_real_model_and_the_accelerator_end_to_en
         for run in ("batched", "per_task"):
             assert runs[run]["done"] == 100, (model, run, runs[run])
             assert runs[run]["rate"] > 0
+    assert inference["embed"]["drain"]["done"] == 100
     assert inference["accelerator"]["peers"] == []
     assert "## Inference" in (tmp_path / "bench.md").read_text()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
 import pytest
 
@@ -82,3 +84,35 @@ def test_two_embed_workers_answer_deterministically_from_the_real_model_and_the_
     assert again["result"] == expected[0]
     assert bad.status_code == 422
     assert bad.json()["error"]["message"].startswith("params.pair")
+
+
+def calls_at_once(log: Path) -> tuple[int, int]:
+    """The most calls the log shows running at the same moment, and the items they held."""
+    calls = [line.split("\t") for line in log.read_text().splitlines()]
+    edges = sorted(
+        [(float(began), 1) for began, _, _ in calls] + [(float(end), -1) for _, end, _ in calls]
+    )  # an end sorts before a begin at the same instant: touching calls did not overlap
+    running = most = 0
+    for _, step in edges:
+        running += step
+        most = max(most, running)
+    return most, sum(int(items) for _, _, items in calls)
+
+
+@pytest.mark.parametrize(("handler", "at_once"), [("OverlapModel", 2), ("OneAtATimeModel", 1)])
+def test_a_worker_runs_as_many_batches_at_once_as_the_handler_allows_and_no_more(
+    redis_url: str, launch: Launcher, tmp_path: Path, handler: str, at_once: int
+) -> None:
+    api = launch.api(redis_url)
+    # Batches of 4 (max_batch_size) from 8 tasks held: two batches are there to be run.
+    launch.worker(redis_url, TASK_HANDLER=f"tests.support.handlers:{handler}", MAX_CONCURRENCY="8")
+    log = tmp_path / "calls.log"
+    bodies = [{"prompt": f"item {n}", "params": {"block": 0.4, "log": str(log)}} for n in range(16)]
+    with httpx.Client(base_url=api.base_url, timeout=30) as client:
+        ids = submit_all(client, bodies)
+        tasks = collect(client, ids, timeout=60)
+    assert [tasks[i]["status"] for i in ids] == ["DONE"] * len(ids)
+    assert [tasks[i]["result"] for i in ids] == [{"prompt": b["prompt"]} for b in bodies]
+    most, items = calls_at_once(log)
+    assert items == len(ids)  # every task in exactly one call
+    assert most == at_once

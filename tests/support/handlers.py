@@ -181,6 +181,33 @@ class BatchModel:
         return answers
 
 
+class OverlapModel:
+    """A synchronous batched model that logs when each call begins and ends.
+
+    Appends "<begin>\t<end>\t<items>" (time.time()) to the file params["log"] names, after
+    blocking for params["block"] seconds: whether calls overlapped, seen from another process.
+    Takes two batches in flight; OneAtATimeModel, one.
+    """
+
+    max_batch_size = 4
+    max_batch_wait_ms = 20
+    max_batches_in_flight = 2
+
+    def __init__(self, max_duration: float) -> None:
+        pass
+
+    def __call__(self, prompts: list[str], params: list[Mapping[str, Any]]) -> list[Any]:
+        began = time.time()
+        time.sleep(float(params[0].get("block", 0)))
+        with open(str(params[0]["log"]), "a") as log:
+            log.write(f"{began!r}\t{time.time()!r}\t{len(prompts)}\n")
+        return [{"prompt": prompt} for prompt in prompts]
+
+
+class OneAtATimeModel(OverlapModel):
+    max_batches_in_flight = 1
+
+
 class Recorder:
     """Appends "<prompt>\\t<time.time()>" to the file params["log"] names as each run starts,
     then waits params["duration"] seconds: the order and times the handler saw, across

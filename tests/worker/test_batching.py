@@ -67,6 +67,22 @@ async def test_tasks_held_together_meet_in_one_call_and_a_bad_input_fails_only_i
         assert by_prompt[prompt].result == {"upper": prompt.upper(), "batch": 5}
 
 
+async def test_the_batches_in_flight_share_max_concurrency(
+    queue: RedisTaskQueue, settings: Settings
+) -> None:
+    class TwoAtOnce(BatchModel):
+        max_batches_in_flight = 2  # with MAX_CONCURRENCY 8, batches of at most 8 / 2
+
+    model = TwoAtOnce(1)
+    prompts = [f"p{n}" for n in range(8)]
+    ids = await submit_all(queue, prompts, block=0.2)
+    running = Running(settings, model)
+    records = [await queue.wait(task_id, "", 10) for task_id in ids]
+    await running.close()
+    assert [r.status for r in records if r is not None] == [TaskStatus.DONE] * 8
+    assert sorted(len(batch) for batch in model.batches) == [4, 4]
+
+
 async def test_each_item_is_cached_under_its_own_signature(
     queue: RedisTaskQueue, settings: Settings
 ) -> None:
@@ -206,6 +222,50 @@ async def test_items_that_arrive_while_a_batch_runs_go_together_the_moment_it_re
     assert calls == [["first"], ["b", "c", "d"]]
 
 
+async def test_with_two_in_flight_the_next_batch_goes_while_the_first_runs_and_a_third_waits() -> (
+    None
+):
+    calls: list[list[str]] = []
+    release = asyncio.Event()
+
+    async def call(prompts: list[str], params: list[Mapping[str, Any]]) -> list[Any]:
+        calls.append(prompts)
+        if len(calls) <= 2:
+            await release.wait()  # both calls busy
+        return prompts
+
+    batcher = Batcher(call, size=2, wait_ms=0, in_flight=2)
+    first = [asyncio.ensure_future(batcher(p, {})) for p in ("a", "b")]
+    await asyncio.sleep(0.01)
+    second = [asyncio.ensure_future(batcher(p, {})) for p in ("c",)]
+    await asyncio.sleep(0.01)
+    assert calls == [["a", "b"], ["c"]]  # sent after its wait, beside the first
+    third = [asyncio.ensure_future(batcher(p, {})) for p in ("d", "e", "f")]
+    await asyncio.sleep(0.05)
+    assert calls == [["a", "b"], ["c"]]  # two in flight: the rest wait
+    release.set()
+    results = await asyncio.wait_for(asyncio.gather(*first, *second, *third), 5)
+    assert results == list("abcdef")
+    assert sorted(calls[2:]) == [["d", "e"], ["f"]]
+
+
+async def test_a_backlog_of_two_batches_goes_at_once_with_two_in_flight() -> None:
+    calls: list[list[str]] = []
+    release = asyncio.Event()
+
+    async def call(prompts: list[str], params: list[Mapping[str, Any]]) -> list[Any]:
+        calls.append(prompts)
+        await release.wait()
+        return prompts
+
+    batcher = Batcher(call, size=2, wait_ms=60_000, in_flight=2)
+    items = [asyncio.ensure_future(batcher(p, {})) for p in "abcd"]
+    await asyncio.sleep(0.01)
+    assert calls == [["a", "b"], ["c", "d"]]
+    release.set()
+    assert await asyncio.wait_for(asyncio.gather(*items), 5) == list("abcd")
+
+
 async def test_an_item_that_stopped_waiting_is_left_out_of_its_batch() -> None:
     calls: list[list[str]] = []
 
@@ -236,15 +296,22 @@ async def test_a_batch_call_that_raises_fails_every_item_and_a_short_answer_too(
 
 
 @pytest.mark.parametrize(
-    ("size", "wait", "named"),
-    [(0, 5, "max_batch_size"), ("8", 5, "max_batch_size"), (8, -1, "max_batch_wait_ms")],
+    ("size", "wait", "in_flight", "named"),
+    [
+        (0, 5, 1, "max_batch_size"),
+        ("8", 5, 1, "max_batch_size"),
+        (8, -1, 1, "max_batch_wait_ms"),
+        (8, 5, 0, "max_batches_in_flight"),
+        (8, 5, True, "max_batches_in_flight"),
+    ],
 )
 def test_bad_batch_options_are_refused_naming_the_attribute(
-    size: object, wait: object, named: str
+    size: object, wait: object, in_flight: object, named: str
 ) -> None:
     class Handler:
         max_batch_size = size
         max_batch_wait_ms = wait
+        max_batches_in_flight = in_flight
 
     with pytest.raises(ValueError, match=named):
         batch_options(Handler(), "mine:Handler")

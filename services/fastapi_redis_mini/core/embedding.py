@@ -42,8 +42,13 @@ class EmbedModel:
     """
 
     Params = EmbedParams
-    max_batch_size = 64
+    # On a CPU a batch of 32 costs about as much per text as one of 64, and a worker with
+    # MAX_CONCURRENCY 64 then holds a second batch filling while one runs. With batches of 64
+    # the model idled while each next batch was read and started, and tasks waited 5 to 10
+    # times longer for DONE at the same rate (docs/BENCHMARKS.md, Inference).
+    max_batch_size = 32
     max_batch_wait_ms = 2.0
+    max_batches_in_flight = 1  # two at once drained no faster on two shared cores
 
     def __init__(self, max_duration: float) -> None:
         self.model: Any = None

@@ -41,7 +41,7 @@ from typing import Any, cast
 
 from ..core.handlers import AnyTaskHandler, TaskContext, resolve_handler
 from ..core.settings import Settings
-from ._batch import BatchCall, Batcher, batch_options
+from ._batch import BatchCall, Batcher, BatchOptions, batch_options
 from ._report import NO_REPORTS
 
 log = logging.getLogger(__name__)
@@ -107,16 +107,28 @@ class HandlerRunner:
             target if self.takes_context else _without_context(target)
         )
         if self.batching is not None:
-            size, wait_ms = self.batching
-            if size > settings.max_concurrency:
-                # A worker holds at most MAX_CONCURRENCY tasks, so no batch holds more.
-                log.info(
-                    "handler %s: batches of at most %d (MAX_CONCURRENCY), not %d (max_batch_size)",
-                    self.name, settings.max_concurrency, size,
-                )  # fmt: skip
-                size = settings.max_concurrency
-            batch_call = cast(BatchCall, handler if self.is_async else self._call_in_thread)
-            self.call = Batcher(batch_call, size, wait_ms, with_contexts=self.takes_context)
+            self.call = self._batcher(self.batching, settings)
+
+    def _batcher(self, options: BatchOptions, settings: Settings) -> Batcher:
+        in_flight = options.max_in_flight
+        if self._executor is not None and in_flight > settings.handler_thread_count:
+            in_flight = settings.handler_thread_count  # a batch in flight holds a thread
+        size = options.max_size
+        # A worker holds at most MAX_CONCURRENCY tasks, so the batches in flight share them.
+        # Room for the next batch to fill is not kept here: whether smaller batches that
+        # follow each other at once beat full ones with a pause between them depends on the
+        # model's fixed cost per call, which the handler knows (see max_batch_size).
+        limit = max(1, settings.max_concurrency // in_flight)
+        if size > limit:
+            log.info(
+                "handler %s: batches of at most %d (MAX_CONCURRENCY / max_batches_in_flight), "
+                "not %d (max_batch_size)", self.name, limit, size,
+            )  # fmt: skip
+            size = limit
+        call = cast(BatchCall, self.handler if self.is_async else self._call_in_thread)
+        return Batcher(
+            call, size, options.max_wait_ms, in_flight=in_flight, with_contexts=self.takes_context
+        )
 
     def _call_in_thread(self, *args: Any) -> Awaitable[Any]:
         assert self._executor is not None
