@@ -41,6 +41,8 @@ FEATURE_BASE: list[tuple[str, Values]] = [
         {"api": {"apiKeys": {"existingSecret": "k"}, "priorityHighKeys": {"existingSecret": "p"}}},
     ),
     ("config.webhookSecret.secretKey", {"config": {"webhookSecret": {"existingSecret": "w"}}}),
+    # The chart refuses per-key webhook secrets without API keys to give them to.
+    ("config.webhookKeySecrets.existingSecret", {"api": {"apiKeys": {"existingSecret": "k"}}}),
     (
         "config.webhookKeySecrets.secretKey",
         {
