@@ -1,16 +1,50 @@
-"""Loopback ports, picked when needed, never fixed: several runs share one machine."""
+"""Loopback ports, picked when needed, never fixed: several runs share one machine.
+
+Servers listen on ports below the kernel's ephemeral range (32768-60999 by default). A port
+the kernel hands out for bind(0) is one it also hands out as the local port of outgoing
+connections, and to every other process asking for one: between the pick and the server's
+bind, a client socket or another test process could take it (seen: an api that found its
+port held for five seconds). Below that range only a listener that asks for a port by
+number can hold one, and each pytest-xdist process takes its ports from a share of its own,
+so two processes of one run never pick the same port.
+"""
 
 from __future__ import annotations
 
+import os
+import random
 import socket
+
+# Below redis_cluster.PORT_RANGE (12000-22700) and its bus ports (+10000).
+LISTEN_RANGE = range(2000, 12000)
+# Ports this process has handed out and may not have bound yet: not handed out again until
+# half of the share has been.
+_given: set[int] = set()
+
+
+def own_share(ports: range) -> range:
+    """This test process's share of `ports`: all of it outside pytest-xdist."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or "1")
+    if not worker.startswith("gw") or count <= 1:
+        return ports
+    index = int(worker[2:]) % count
+    size = len(ports) // count
+    start = ports.start + index * size
+    return range(start, start + size)
 
 
 def free_port() -> int:
-    """A port on 127.0.0.1 that nothing listens on now (the kernel's choice)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A port on 127.0.0.1 that nothing listens on now, from this process's share."""
+    share = own_share(LISTEN_RANGE)
+    if len(_given) >= len(share) // 2:
+        _given.clear()
+    for _ in range(len(share)):
+        port = random.choice(share)
+        if port not in _given and bindable(port):
+            _given.add(port)
+            return port
+    raise RuntimeError(f"no free port in {share}")
 
 
 def bindable(port: int) -> bool:

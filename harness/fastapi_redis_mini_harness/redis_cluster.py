@@ -24,7 +24,7 @@ import redis
 from redis.crc import key_slot
 
 from .polling import poll
-from .ports import bindable
+from .ports import bindable, own_share
 from .redis_server import RedisServer
 
 BUS_PORT_OFFSET = 10000
@@ -53,27 +53,11 @@ def redis_cli() -> str:
     return found
 
 
-def _own_range() -> range:
-    """This test process's share of PORT_RANGE.
-
-    pytest-xdist runs several processes, and each may start a cluster at the same moment:
-    ports checked free by one can be taken by another before its servers bind them. Disjoint
-    shares rule that out between the processes of one run; `start_nodes` retries what is left
-    (another run on the same machine).
-    """
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
-    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or "1")
-    if not worker.startswith("gw") or count <= 1:
-        return PORT_RANGE
-    index = int(worker[2:]) % count
-    size = len(PORT_RANGE) // count
-    start = PORT_RANGE.start + index * size
-    return range(start, start + size)
-
-
 def cluster_ports(count: int, *, avoid: Collection[int] = ()) -> list[int]:
     """`count` distinct node ports whose own port and bus port are both free now."""
-    share = _own_range()
+    # Disjoint shares rule out two processes of one run picking the same ports at once;
+    # `start_nodes` retries what is left (another run on the same machine).
+    share = own_share(PORT_RANGE)
     chosen: list[int] = []
     for port in random.sample(share, len(share)):
         if port in avoid:
