@@ -3,6 +3,7 @@ submit and finish scripts keep for it: capped lists and ten-second counts."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections.abc import AsyncIterator
 
@@ -147,7 +148,13 @@ async def test_dead_letters_are_listed_replayed_and_deleted(small: RedisTaskQueu
     first, second = await submit(small, "dies"), await submit(small, "dies too")
     deliveries = await small.read(CONSUMER, count=10, block_ms=10)
     await small.start(CONSUMER, deliveries)
-    await small.start(CONSUMER, deliveries, alone=True)  # delivered once already: dead
+    # Delivered once already: each is dead at its second start. One after the other, a few
+    # milliseconds apart: on a cluster the two sit in different partitions, and the list
+    # orders letters across partitions by their stream time, which would otherwise tie.
+    by_task = {d.task_id: d for d in deliveries}
+    await small.start(CONSUMER, [by_task[first]], alone=True)
+    await asyncio.sleep(0.01)
+    await small.start(CONSUMER, [by_task[second]], alone=True)
     letters = await store.dead_letters()
     assert [d.task_id for d in letters] == [second, first]  # newest first
     one = await store.dead_letter(letters[0].entry_id)
