@@ -1,7 +1,7 @@
 """Error translation: what a redis-py error means for the queue.
 
 Owns the map from the server's error prefixes to QueueState (queue_error) and the test for a
-connection closed under a call (torn_down). RedisTaskQueue's `_translated` decorator (queue.py)
+connection closed under a call (torn_down). RedisTaskQueue's `_translated` decorator (_base.py)
 raises what these say, so no caller needs to know redis-py's errors.
 """
 
