@@ -1,7 +1,8 @@
 """Connecting: the client type, cluster detection, and the one pooled client per process.
 
 Owns `Client` (a single server's client or a Redis Cluster's), is_cluster() (REDIS_CLUSTER,
-or the server's own INFO cluster with "auto") and connect() with its connection options.
+or the server's own INFO cluster with "auto") and connect() with its connection options and
+the connection classes of _packing.py.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..settings import Settings
+from ._packing import packed
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +68,19 @@ def connect(settings: Settings) -> Client:
         "retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=1),
     }
     if is_cluster(settings):
-        return RedisCluster.from_url(settings.redis_url, **options)
+        cluster = RedisCluster.from_url(settings.redis_url, **options)
+        # Before any connection is made: the nodes found later are made with these kwargs
+        # (the nodes manager holds the same dict), the one REDIS_URL names already exists.
+        kwargs = cluster.connection_kwargs
+        kwargs["connection_class"] = packed(kwargs["connection_class"])
+        for node in cluster.startup_nodes:
+            node.connection_class = packed(node.connection_class)
+        return cluster
     pool = BlockingConnectionPool.from_url(
         settings.redis_url,
         timeout=5,
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
         **options,
     )
+    pool.connection_class = packed(pool.connection_class)  # TCP, TLS or a Unix socket
     return Redis.from_pool(pool)
