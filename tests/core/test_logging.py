@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from fastapi_redis_mini.core.telemetry.logging import configure_logging
+from fastapi_redis_mini.core.telemetry.logging import BATCHED, configure_logging
 
 
 @pytest.fixture(autouse=True)
@@ -65,3 +65,30 @@ def test_json_time_follows_a_dst_change_within_the_same_formatter(
         "2026-03-29T03:00:00.250+02:00",
         "2026-03-29T03:00:01.750+02:00",
     ]
+
+
+@pytest.mark.parametrize("log_format", ["json", "text"])
+def test_a_batched_record_is_written_as_the_records_it_stands_for(
+    log_format: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each entry of a batch is the line a record of its own, with those fields, would give."""
+    configure_logging(log_format, "INFO", "worker")
+    logger = logging.getLogger("fastapi_redis_mini.test")
+    now = time.time()
+    entries: list[tuple[float, str, dict[str, object]]] = [
+        (now - 2.5, "first: DONE", {"task_id": "t1", "status": "DONE", "attempt": 1}),
+        (now - 1.0, "second: FAILED, boom", {"task_id": "t2", "reason": "boom", "span_id": "ab"}),
+    ]
+    for created, message, fields in entries:
+        record = logger.makeRecord(logger.name, logging.INFO, __file__, 0, message, (), None)
+        record.__dict__.update(fields)
+        record.created = created
+        logger.handle(record)
+    logger.info("%d lines", 2, extra={BATCHED: entries})
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 4, lines
+    singles, batched = lines[:2], lines[2:]
+    if log_format == "json":
+        assert [json.loads(line) for line in batched] == [json.loads(line) for line in singles]
+    else:
+        assert batched == singles

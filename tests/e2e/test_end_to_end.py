@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -114,3 +115,32 @@ def test_two_workers_share_the_stream_and_run_each_task_once(api: Start, worker:
     print(f"tasks per worker: {per_worker}")
     assert sum(per_worker) == count
     assert min(per_worker) > 0
+
+
+def test_every_run_leaves_exactly_one_finished_line_in_the_workers_log(
+    api: Start, worker: Start
+) -> None:
+    """The lines of runs ending together reach logging as one record: none may be lost or
+    doubled, and each keeps its own task's status."""
+    server = api(SUBMIT_RATE_PER_KEY="0")
+    running = worker(LOG_FORMAT="json", MAX_CONCURRENCY="50")
+    expected: dict[str, str] = {}
+    with httpx.Client(base_url=server.base_url, timeout=10) as client:
+        for i in range(300):
+            body = {"prompt": f"log line {i}", "params": {"fail": i % 7 == 0}}
+            submitted = client.post("/tasks", json=body)
+            assert submitted.status_code == 202, submitted.text
+            expected[submitted.json()["task_id"]] = "FAILED" if i % 7 == 0 else "DONE"
+        deadline = time.monotonic() + 60
+        waiting = set(expected)
+        while waiting and time.monotonic() < deadline:
+            waiting = {t for t in waiting if client.get(f"/tasks/{t}").json()["status"] not in
+                       ("DONE", "FAILED")}  # fmt: skip
+            time.sleep(0.1)
+        assert not waiting, f"{len(waiting)} tasks not final in 60 s"
+    running.close()
+    records = [json.loads(line) for line in running.log.splitlines() if line.startswith("{")]
+    finished = [r for r in records if r["message"].startswith("task finished")]
+    assert sorted(r["task_id"] for r in finished) == sorted(expected)
+    assert {r["task_id"]: r["status"] for r in finished} == expected
+    assert all(r["level"] == "INFO" and r["attempt"] == 1 for r in finished)

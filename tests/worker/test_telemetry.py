@@ -12,9 +12,20 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from fastapi_redis_mini.core.queue import Finish, Job, Outcome, StartVerdict
+from fastapi_redis_mini.core.telemetry.logging import BATCHED
 from fastapi_redis_mini.worker import _telemetry
 
 JOB = Job(entry_id="1700000000000-0", task_id="t1", verdict=StartVerdict.RUN, attempts=2)
+
+
+def finished_lines(caplog: pytest.LogCaptureFixture) -> list[tuple[int, str, dict[str, object]]]:
+    """The `task finished` lines logged: level, message and fields of each."""
+    return [
+        (record.levelno, message, fields)
+        for record in caplog.records
+        for _, message, fields in record.__dict__.get(BATCHED) or ()
+        if message.startswith("task finished")
+    ]
 
 
 def run(finish: Finish, raised: BaseException | None) -> ReadableSpan:
@@ -39,15 +50,20 @@ def test_a_timed_out_run_ends_error_with_the_exception_recorded(
     assert event.name == "exception"
     assert event.attributes is not None
     assert event.attributes["exception.type"] == "TimeoutError"
-    (line,) = [r for r in caplog.records if r.getMessage().startswith("task finished")]
-    assert line.levelno == logging.INFO
-    assert line.getMessage() == "task finished: FAILED, attempt 2, 1.500s, timeout after 60s"
-    assert (line.status, line.attempt, line.duration_seconds, line.reason) == (  # type: ignore[attr-defined]
-        "FAILED",
-        2,
-        1.5,
-        "timeout after 60s",
-    )
+    ((level, message, fields),) = finished_lines(caplog)
+    assert level == logging.INFO
+    assert message == "task finished: FAILED, attempt 2, 1.500s, timeout after 60s"
+    context = span.get_span_context()
+    assert context is not None
+    assert fields == {
+        "task_id": "t1",
+        "status": "FAILED",
+        "attempt": 2,
+        "duration_seconds": 1.5,
+        "reason": "timeout after 60s",
+        "trace_id": format(context.trace_id, "032x"),
+        "span_id": format(context.span_id, "016x"),
+    }
 
 
 def test_a_run_that_will_retry_is_an_error_too() -> None:
@@ -95,4 +111,21 @@ def test_the_span_is_named_and_labelled_by_the_messaging_conventions() -> None:
 def test_a_release_at_shutdown_logs_nothing(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
     run(Finish(JOB, Outcome.RELEASE), asyncio.CancelledError())
-    assert not [r for r in caplog.records if r.getMessage().startswith("task finished")]
+    assert not finished_lines(caplog)
+
+
+async def test_the_lines_of_runs_ending_in_one_turn_of_the_loop_are_logged_together(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    for attempt in (1, 2, 3):
+        job = Job(entry_id="1-0", task_id=f"t{attempt}", verdict=StartVerdict.RUN, attempts=1)
+        _telemetry.run_ended(Finish(job, Outcome.DONE, result=b"{}"), None, 0.25)
+    assert not finished_lines(caplog), "logged before the loop's turn ended"
+    await asyncio.sleep(0)
+    batches = [r for r in caplog.records if r.__dict__.get(BATCHED)]
+    assert len(batches) == 1
+    assert [fields["task_id"] for _, _, fields in finished_lines(caplog)] == ["t1", "t2", "t3"]
+    _telemetry.run_ended(Finish(JOB, Outcome.DONE, result=b"{}"), None, 0.25)
+    _telemetry.flush_lines()  # as the worker does before an exit that skips atexit
+    assert len(finished_lines(caplog)) == 4

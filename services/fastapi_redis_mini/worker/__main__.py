@@ -21,6 +21,7 @@ from ..core.telemetry.tracing import configure_tracing, shutdown_tracing
 from ._batch import batch_options
 from ._http import build_app, http_server
 from ._sidecar import Sidecar
+from ._telemetry import flush_lines
 from .runner import Worker, WorkerFailed
 
 log = logging.getLogger("fastapi_redis_mini.worker")
@@ -102,6 +103,7 @@ def _exit_past_stuck_handler_threads(code: int) -> None:
     stuck = [t for t in threading.enumerate() if t.name.startswith("handler") and t.is_alive()]
     if stuck:
         log.warning("exiting past %d handler threads still running", len(stuck))
+        flush_lines()  # os._exit skips atexit, where the last runs' lines would be logged
         logging.shutdown()
         os._exit(code)
 
