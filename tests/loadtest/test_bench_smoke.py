@@ -32,8 +32,9 @@ def test_bench_without_peers_measures_every_section_and_writes_both_reports(
 ) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "loadtest.bench", "--sections", "api,durable,e2e,scale,memory",
-         "--tasks", "300", "--scale", "1,2", "--api-seconds", "1", "--api-rounds", "2",
-         "--e2e-tasks", "200", "--memory-tasks", "200", "--out", str(tmp_path)],
+         "--tasks", "100", "--scale", "1,2", "--api-workers", "1", "--api-seconds", "1",
+         "--api-rounds", "2", "--e2e-tasks", "100", "--memory-tasks", "100",
+         "--out", str(tmp_path)],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
@@ -57,15 +58,15 @@ def test_bench_without_peers_measures_every_section_and_writes_both_reports(
         assert len(endpoint["rounds"]["rps_ratio"]) == len(endpoint["rounds"]["p99_ratio"]) == 2
         assert endpoint["rps_ratio"] in endpoint["rounds"]["rps_ratio"]
         assert endpoint["p99_ratio"] in endpoint["rounds"]["p99_ratio"]
-    assert report["e2e"]["done"] == 200
-    assert [run["completed"] for run in report["scale"]["runs"]] == [300, 300]
+    assert report["e2e"]["done"] == 100
+    assert [run["completed"] for run in report["scale"]["runs"]] == [100, 100]
     for appendfsync in ("everysec", "always"):
         durable = report["durable"][appendfsync]
         assert durable["errors"] == 0, durable
         assert min(durable["rps"]["none"], durable["rps"]["fsync"]) > 0
         assert durable["rps_ratio"] in durable["rounds"]
-    assert report["memory"]["tasks"] == 200
-    assert report["memory"]["hits"] == 200
+    assert report["memory"]["tasks"] == 100
+    assert report["memory"]["hits"] == 100
     assert report["memory"]["after"]["redis_used_memory"] > 0
     assert "## Api throughput" in (tmp_path / "bench.md").read_text()
     assert "Targets" in result.stdout
