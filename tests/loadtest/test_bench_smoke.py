@@ -124,6 +124,7 @@ def test_the_inference_section_runs_the_real_model_and_the_accelerator_end_to_en
     result = subprocess.run(
         [sys.executable, "-m", "loadtest.bench", "--sections", "inference",
          "--inference-tasks", "100", "--inference-concurrency", "16",
+         "--inference-ceiling-items", "100", "--api-workers", "1",
          "--peer-python", str(tmp_path / "no-peers"), "--out", str(tmp_path)],
         cwd=REPO_ROOT,
         capture_output=True,
