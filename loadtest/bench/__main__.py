@@ -81,6 +81,12 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
         "--inference-concurrency", type=int, default=64, help="MAX_CONCURRENCY there [64]"
     )
     parser.add_argument(
+        "--inference-ceiling-items",
+        type=int,
+        help="items the models are called with directly, per batch size [inference tasks, "
+        "at least 2000]",
+    )
+    parser.add_argument(
         "--scaleout-cap",
         type=float,
         default=0.03,
@@ -127,6 +133,7 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     args.api_rounds = args.api_rounds or (2 if quick else 3)
     args.e2e_tasks = args.e2e_tasks or (2_000 if quick else 10_000)
     args.inference_tasks = args.inference_tasks or (1_000 if quick else 3_000)
+    args.inference_ceiling_items = args.inference_ceiling_items or max(args.inference_tasks, 2000)
     args.memory_tasks = args.memory_tasks or (5_000 if quick else 100_000)
     # Not 100k as in the memory section: the cluster's six servers share the two cores with
     # the api and the worker; --cluster-memory-tasks 100000 runs the figure.
@@ -336,7 +343,7 @@ def inference_section(
 
     log("inference: the embed model called directly, by batch size")
     embed = {
-        "ceiling": embed_ceiling(max(tasks, 2000)),
+        "ceiling": embed_ceiling(args.inference_ceiling_items),
         "batched": run("embed", "embed-batched"),
         "per_task": run(f"{BENCH_MODULE}:EmbedPerTask", "embed-per-task"),
     }

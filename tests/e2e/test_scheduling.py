@@ -108,11 +108,13 @@ def test_a_key_with_a_backlog_does_not_delay_another_keys_task(
     lanes = {"PRIORITY_LANES": "true", "API_KEYS": "key-a,key-b"}
     server = api(WEB_CONCURRENCY="2", **lanes)
     worker(TASK_HANDLER=RECORDER, MAX_CONCURRENCY="5", **lanes)
-    backlog = 5000
+    # 5 slots at 0.2 s a task run 25 of A's tasks a second: while the backlog is submitted
+    # most of it stays queued, so a B queued behind it would wait many seconds, not < 1 s.
+    backlog, duration = 500, 0.2
     with httpx.Client(base_url=server.base_url, timeout=30) as client:
 
         def submit_a(i: int) -> None:
-            request = body(f"a {i}", log, duration=0.05)
+            request = body(f"a {i}", log, duration=duration)
             response = client.post("/tasks", json=request, headers={"X-API-Key": "key-a"})
             assert response.status_code == 202
 

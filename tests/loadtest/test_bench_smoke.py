@@ -32,8 +32,9 @@ def test_bench_without_peers_measures_every_section_and_writes_both_reports(
 ) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "loadtest.bench", "--sections", "api,durable,e2e,scale,memory",
-         "--tasks", "300", "--scale", "1,2", "--api-seconds", "1", "--api-rounds", "2",
-         "--e2e-tasks", "200", "--memory-tasks", "200", "--out", str(tmp_path)],
+         "--tasks", "100", "--scale", "1,2", "--api-workers", "1", "--api-seconds", "1",
+         "--api-rounds", "2", "--e2e-tasks", "100", "--memory-tasks", "100",
+         "--out", str(tmp_path)],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
@@ -57,15 +58,15 @@ def test_bench_without_peers_measures_every_section_and_writes_both_reports(
         assert len(endpoint["rounds"]["rps_ratio"]) == len(endpoint["rounds"]["p99_ratio"]) == 2
         assert endpoint["rps_ratio"] in endpoint["rounds"]["rps_ratio"]
         assert endpoint["p99_ratio"] in endpoint["rounds"]["p99_ratio"]
-    assert report["e2e"]["done"] == 200
-    assert [run["completed"] for run in report["scale"]["runs"]] == [300, 300]
+    assert report["e2e"]["done"] == 100
+    assert [run["completed"] for run in report["scale"]["runs"]] == [100, 100]
     for appendfsync in ("everysec", "always"):
         durable = report["durable"][appendfsync]
         assert durable["errors"] == 0, durable
         assert min(durable["rps"]["none"], durable["rps"]["fsync"]) > 0
         assert durable["rps_ratio"] in durable["rounds"]
-    assert report["memory"]["tasks"] == 200
-    assert report["memory"]["hits"] == 200
+    assert report["memory"]["tasks"] == 100
+    assert report["memory"]["hits"] == 100
     assert report["memory"]["after"]["redis_used_memory"] > 0
     assert "## Api throughput" in (tmp_path / "bench.md").read_text()
     assert "Targets" in result.stdout
@@ -93,9 +94,9 @@ def test_the_cluster_section_measures_both_backends_and_memory_per_master(
     wrk_binary: str, tmp_path: Path
 ) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "loadtest.bench", "--sections", "cluster", "--tasks", "300",
-         "--api-seconds", "1", "--api-rounds", "1", "--cluster-memory-tasks", "200",
-         "--out", str(tmp_path)],
+        [sys.executable, "-m", "loadtest.bench", "--sections", "cluster", "--tasks", "100",
+         "--api-workers", "1", "--api-seconds", "1", "--api-rounds", "1",
+         "--cluster-memory-tasks", "100", "--out", str(tmp_path)],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
@@ -106,14 +107,14 @@ def test_the_cluster_section_measures_both_backends_and_memory_per_master(
     assert result.returncode == 0, result.stderr[-3000:]
     cluster = json.loads((tmp_path / "bench.json").read_text())["cluster"]
     runs = cluster["worker"]["runs"]
-    assert [runs[name]["completed"] for name in ("standalone", "cluster")] == [300, 300]
+    assert [runs[name]["completed"] for name in ("standalone", "cluster")] == [100, 100]
     assert cluster["api"]["errors"] == 0, cluster["api"]
     assert min(cluster["api"]["rps"].values()) > 0
     memory = cluster["memory"]
-    assert memory["tasks"] == 200
+    assert memory["tasks"] == 100
     assert len(memory["after"]) == 3  # every master, empty ones included
     # Each task leaves its hash and its cached result on the master of its slot.
-    assert sum(master["keys"] for master in memory["after"].values()) >= 2 * 200
+    assert sum(master["keys"] for master in memory["after"].values()) >= 2 * 100
     assert "Redis Cluster: memory per master" in (tmp_path / "bench.md").read_text()
 
 
@@ -123,6 +124,7 @@ def test_the_inference_section_runs_the_real_model_and_the_accelerator_end_to_en
     result = subprocess.run(
         [sys.executable, "-m", "loadtest.bench", "--sections", "inference",
          "--inference-tasks", "100", "--inference-concurrency", "16",
+         "--inference-ceiling-items", "100", "--api-workers", "1",
          "--peer-python", str(tmp_path / "no-peers"), "--out", str(tmp_path)],
         cwd=REPO_ROOT,
         capture_output=True,
@@ -149,8 +151,8 @@ def test_the_scaleout_section_drains_and_submits_on_capped_clusters_and_removes_
 ) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "loadtest.bench", "--sections", "scaleout",
-         "--scaleout-tasks", "300", "--scaleout-rounds", "1", "--scaleout-workers", "2",
-         "--api-seconds", "1", "--out", str(tmp_path)],
+         "--scaleout-tasks", "100", "--scaleout-rounds", "1", "--scaleout-workers", "1",
+         "--scaleout-api-workers", "1", "--api-seconds", "1", "--out", str(tmp_path)],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
@@ -166,7 +168,7 @@ def test_the_scaleout_section_drains_and_submits_on_capped_clusters_and_removes_
         assert f"scaleout: skipped: {reason}" in result.stdout
         return
     runs = scaleout["drain"]["runs"]
-    assert [runs[name]["completed"] for name in ("1 master", "3 masters")] == [300, 300]
+    assert [runs[name]["completed"] for name in ("1 master", "3 masters")] == [100, 100]
     assert scaleout["api"]["errors"] == 0, scaleout["api"]
     assert min(scaleout["api"]["rps"].values()) > 0
     # One group per node, each gone once the section ends.

@@ -11,6 +11,7 @@ worded (tests/observability/rules_test.yaml holds the wording).
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from collections.abc import Callable, Iterable, Mapping
@@ -21,6 +22,7 @@ from typing import Any
 import yaml
 
 from ..chart import helm
+from ..support.tools import PROMTOOL_ENV
 
 NAMESPACE = helm.NAMESPACE
 RELEASE = "shop"
@@ -182,6 +184,7 @@ def run_scenario(promtool: str, scenario: Scenario, tmp_path: Path) -> None:
         text=True,
         timeout=300,
         check=False,
+        env={**os.environ, **PROMTOOL_ENV},
     )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
 

@@ -3,6 +3,7 @@ into the thresholds the chart renders."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -13,6 +14,7 @@ import yaml
 from prometheus_client.utils import floatToGoString
 
 from ..chart import helm
+from ..support.tools import PROMTOOL_ENV
 
 REPO = Path(__file__).resolve().parents[2]
 RULES = REPO / "charts" / "fastapi-redis-mini" / "files" / "prometheus" / "rules.yaml"
@@ -25,7 +27,12 @@ pytestmark = pytest.mark.slow
 
 def run_promtool(promtool: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [promtool, *args], capture_output=True, text=True, timeout=120, check=False
+        [promtool, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, **PROMTOOL_ENV},
     )
 
 

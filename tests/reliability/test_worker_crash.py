@@ -101,7 +101,10 @@ def test_workers_killed_one_after_another_under_load_lose_nothing(
     stop = threading.Event()
 
     def submit_until_stopped() -> None:
-        durations = [0.1, 0.5, 1.0, 2.0]
+        # Short tasks, 20 submitted a second: a few are in flight at every kill. Each one a
+        # kill takes over is a suspect that its next worker runs alone, one claim scan
+        # (CLAIM_IDLE/2) after another, so every task in flight at a kill costs about 1 s.
+        durations = [0.05, 0.1, 0.2, 0.4]
         with httpx.Client(base_url=api.base_url, timeout=15) as client:
             for n in range(2000):
                 if stop.is_set():
@@ -116,7 +119,7 @@ def test_workers_killed_one_after_another_under_load_lose_nothing(
                     refused.append(f"submit {n}: {response.status_code} {response.text}")
                     return
                 accepted.append(response.json()["task_id"])
-                time.sleep(0.02)
+                time.sleep(0.05)
 
     load = threading.Thread(target=submit_until_stopped, daemon=True)
     load.start()
