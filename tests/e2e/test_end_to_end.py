@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from ..support.http import client_per_thread
 from .conftest import Start
 
 pytestmark = pytest.mark.slow
@@ -101,14 +102,14 @@ def test_two_workers_share_the_stream_and_run_each_task_once(api: Start, worker:
 
         def submit(i: int) -> str:
             body = {"prompt": f"task {i}", "params": {"duration": 0.05}}
-            response = client.post("/tasks", json=body)
+            response = own().post("/tasks", json=body)
             assert response.status_code == 202
             task_id: str = response.json()["task_id"]
             return task_id
 
-        with ThreadPoolExecutor(8) as pool:
+        with client_per_thread(client) as own, ThreadPoolExecutor(8) as pool:
             ids = list(pool.map(submit, range(count)))
-            tasks = list(pool.map(lambda t: client.get(f"/tasks/{t}?wait=20").json(), ids))
+            tasks = list(pool.map(lambda t: own().get(f"/tasks/{t}?wait=20").json(), ids))
     assert [t["status"] for t in tasks] == ["DONE"] * count
     assert all(t["attempts"] == 1 for t in tasks)
     per_worker = [finished_count(httpx.get(w.base_url + "/metrics").text) for w in workers]

@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
+from ..support.http import client_per_thread
 from .conftest import Start
 
 pytestmark = pytest.mark.slow
@@ -62,8 +63,8 @@ def test_twenty_identical_concurrent_submits_make_one_task_and_one_model_call(
     client: httpx.Client, log: Path
 ) -> None:
     request = body("one prompt, many callers", log, duration=0.5)
-    with ThreadPoolExecutor(20) as pool:
-        answers = list(pool.map(lambda _: client.post("/tasks", json=request), range(20)))
+    with client_per_thread(client) as own, ThreadPoolExecutor(20) as pool:
+        answers = list(pool.map(lambda _: own().post("/tasks", json=request), range(20)))
     assert {answer.status_code for answer in answers} == {202}
     assert len({answer.json()["task_id"] for answer in answers}) == 1
     assert sum(answer.json()["coalesced"] for answer in answers) == 19
@@ -115,10 +116,10 @@ def test_a_key_with_a_backlog_does_not_delay_another_keys_task(
 
         def submit_a(i: int) -> None:
             request = body(f"a {i}", log, duration=duration)
-            response = client.post("/tasks", json=request, headers={"X-API-Key": "key-a"})
+            response = own().post("/tasks", json=request, headers={"X-API-Key": "key-a"})
             assert response.status_code == 202
 
-        with ThreadPoolExecutor(16) as pool:
+        with client_per_thread(client) as own, ThreadPoolExecutor(16) as pool:
             list(pool.map(submit_a, range(backlog)))
         b = client.post("/tasks", json=body("b", log), headers={"X-API-Key": "key-b"})
         task_id = b.json()["task_id"]

@@ -16,6 +16,8 @@ import httpx
 from fastapi_redis_mini_harness.polling import holds_within
 from fastapi_redis_mini_harness.processes import Process
 
+from ..support.http import client_per_thread
+
 FINAL = frozenset({"DONE", "FAILED", "CANCELLED"})
 Task = dict[str, Any]
 
@@ -26,14 +28,16 @@ wait_until = holds_within  # callers assert on it with the log of the process th
 def submit_all(client: httpx.Client, bodies: Iterable[Mapping[str, Any]]) -> list[str]:
     """Submit each body and return the task ids; every one must be accepted (202)."""
 
-    def submit(body: Mapping[str, Any]) -> str:
-        response = client.post("/tasks", json=dict(body))
-        assert response.status_code == 202, response.text
-        task_id: str = response.json()["task_id"]
-        return task_id
+    with client_per_thread(client) as own:
 
-    with ThreadPoolExecutor(4) as pool:
-        return list(pool.map(submit, bodies))
+        def submit(body: Mapping[str, Any]) -> str:
+            response = own().post("/tasks", json=dict(body))
+            assert response.status_code == 202, response.text
+            task_id: str = response.json()["task_id"]
+            return task_id
+
+        with ThreadPoolExecutor(4) as pool:
+            return list(pool.map(submit, bodies))
 
 
 def collect(client: httpx.Client, task_ids: Iterable[str], timeout: float) -> dict[str, Task]:
@@ -46,7 +50,7 @@ def collect(client: httpx.Client, task_ids: Iterable[str], timeout: float) -> di
             remaining = deadline - time.monotonic()
             wait = max(0.1, min(remaining, 10.0))
             try:
-                response = client.get(f"/tasks/{task_id}", params={"wait": wait}, timeout=wait + 10)
+                response = own().get(f"/tasks/{task_id}", params={"wait": wait}, timeout=wait + 10)
             except httpx.TransportError:
                 response = None
             if response is not None and response.status_code == 200:
@@ -58,7 +62,7 @@ def collect(client: httpx.Client, task_ids: Iterable[str], timeout: float) -> di
             if response is None or response.status_code != 200:
                 time.sleep(0.2)
 
-    with ThreadPoolExecutor(16) as pool:
+    with client_per_thread(client) as own, ThreadPoolExecutor(16) as pool:
         return {task["task_id"]: task for task in pool.map(final, task_ids)}
 
 

@@ -18,6 +18,7 @@ from fastapi_redis_mini_harness.ports import free_port
 from fastapi_redis_mini_harness.redis_server import REDIS_BINARY, RedisServer
 
 from ..support import REPO_ROOT
+from ..support.http import client_per_thread
 from ._chaos import collect, wait_until
 from .conftest import Launcher
 
@@ -78,8 +79,10 @@ def test_an_idempotency_key_gives_back_the_first_task(redis_url: str, launch: La
     api = launch.api(redis_url, API_KEYS=f"{KEY_A},{KEY_B}")
     with httpx.Client(base_url=api.base_url, timeout=30) as client:
 
-        def submit(prompt: str, key: str, auth: dict[str, str]) -> httpx.Response:
-            return client.post(
+        def submit(
+            prompt: str, key: str, auth: dict[str, str], sender: httpx.Client = client
+        ) -> httpx.Response:
+            return sender.post(
                 "/tasks", json={"prompt": prompt}, headers={**auth, "Idempotency-Key": key}
             )
 
@@ -90,8 +93,8 @@ def test_an_idempotency_key_gives_back_the_first_task(redis_url: str, launch: La
         other_tenant = submit("charge card 42", "retry-1", B)
         malformed = submit("charge card 42", "has space", A)
         # Retries that overlap (a client timing out while the first is still in flight).
-        with ThreadPoolExecutor(10) as pool:
-            racing = list(pool.map(lambda _: submit("race", "retry-3", A), range(20)))
+        with client_per_thread(client) as own, ThreadPoolExecutor(10) as pool:
+            racing = list(pool.map(lambda _: submit("race", "retry-3", A, own()), range(20)))
 
     assert first.status_code == 202
     task_id = first.json()["task_id"]

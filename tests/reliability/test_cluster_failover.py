@@ -28,6 +28,7 @@ from fastapi_redis_mini_harness.processes import Process, start_api, start_worke
 from fastapi_redis_mini_harness.redis_cluster import RedisCluster
 from fastapi_redis_mini_harness.redis_server import RedisServer
 
+from ..support.http import client_per_thread
 from ._chaos import Load, Tally, collect
 
 pytestmark = pytest.mark.slow
@@ -213,12 +214,12 @@ def found(client: httpx.Client, task_ids: list[str], timeout: float) -> Counter[
 
     def status(task_id: str) -> int:
         while True:
-            code = client.get(f"/tasks/{task_id}").status_code
+            code = own().get(f"/tasks/{task_id}").status_code
             if code in (200, 404) or time.monotonic() > deadline:
                 return code
             time.sleep(0.2)
 
-    with ThreadPoolExecutor(8) as pool:
+    with client_per_thread(client) as own, ThreadPoolExecutor(8) as pool:
         return Counter(pool.map(status, task_ids))
 
 

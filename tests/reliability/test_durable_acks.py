@@ -15,6 +15,7 @@ import redis
 from fastapi_redis_mini_harness.processes import service_env
 from fastapi_redis_mini_harness.redis_server import RedisServer
 
+from ..support.http import client_per_thread
 from ._chaos import collect, wait_until
 from .conftest import Launcher
 
@@ -39,9 +40,9 @@ def submit_many(base_url: str, count: int, label: str) -> tuple[list[str], dict[
     with httpx.Client(base_url=base_url, timeout=20) as client:
 
         def one(n: int) -> httpx.Response:
-            return client.post("/tasks", json={"prompt": f"{label} {n}"})
+            return own().post("/tasks", json={"prompt": f"{label} {n}"})
 
-        with ThreadPoolExecutor(16) as pool:
+        with client_per_thread(client) as own, ThreadPoolExecutor(16) as pool:
             answers = list(pool.map(one, range(count)))
     for answer in answers:
         statuses[answer.status_code] = statuses.get(answer.status_code, 0) + 1

@@ -27,6 +27,7 @@ from fastapi_redis_mini_harness.processes import Process, start_api, start_worke
 from fastapi_redis_mini_harness.redis_cluster import RedisCluster
 from fastapi_redis_mini_harness.redis_server import RedisServer
 
+from ..support.http import client_per_thread
 from ._chaos import Load, Tally, collect, metric, scrape
 from .test_cluster_failover import keys_per_master, master_port, role
 
@@ -63,10 +64,10 @@ def _notable(log: str) -> str:
 
 def _statuses(client: httpx.Client, task_ids: list[str]) -> Counter[str]:
     def status(task_id: str) -> str:
-        response = client.get(f"/tasks/{task_id}")
+        response = own().get(f"/tasks/{task_id}")
         return str(response.json()["status"]) if response.status_code == 200 else "UNKNOWN"
 
-    with ThreadPoolExecutor(8) as pool:
+    with client_per_thread(client) as own, ThreadPoolExecutor(8) as pool:
         return Counter(pool.map(status, task_ids))
 
 

@@ -38,6 +38,7 @@ from fastapi_redis_mini_harness.processes import Process, start_api, start_worke
 from fastapi_redis_mini_harness.redis_cluster import NODE_TIMEOUT_MS, RedisCluster, cluster_info
 from fastapi_redis_mini_harness.redis_server import RedisServer
 
+from ..support.http import client_per_thread
 from ._chaos import collect
 
 pytestmark = [pytest.mark.slow, pytest.mark.serial, pytest.mark.netns]
@@ -295,14 +296,14 @@ def _finals(api: Process, task_ids: Iterable[str], timeout: float) -> dict[str, 
 
         def first_look(task_id: str) -> int:
             for _ in range(50):  # 503s while the healed cluster settles, 0.2 s apart
-                code = client.get(f"/tasks/{task_id}").status_code
+                code = own().get(f"/tasks/{task_id}").status_code
                 if code in (200, 404):
                     return code
                 time.sleep(0.2)
             return code
 
         ids = list(task_ids)
-        with ThreadPoolExecutor(8) as pool:
+        with client_per_thread(client) as own, ThreadPoolExecutor(8) as pool:
             codes = dict(zip(ids, pool.map(first_look, ids), strict=True))
         present = [task_id for task_id in ids if codes[task_id] != 404]
         outcomes = collect(client, present, timeout=timeout)

@@ -12,6 +12,7 @@ import pytest
 
 from fastapi_redis_mini_harness.redis_server import RedisServer
 
+from ..support.http import client_per_thread
 from ._chaos import Tally, collect, in_flight, submit_all, wait_until, worker_figures
 from .conftest import Launcher
 
@@ -106,8 +107,8 @@ def test_sigterm_lets_the_api_answer_requests_in_flight_then_exit_0(
     api = launch.api(redis_url, WEB_CONCURRENCY="2", DRAIN_TIMEOUT="10")
     with httpx.Client(base_url=api.base_url, timeout=30) as client:
         task_id = client.post("/tasks", json={"prompt": "nobody runs this"}).json()["task_id"]
-        with ThreadPoolExecutor(4) as pool:
-            polls = [pool.submit(client.get, f"/tasks/{task_id}?wait=3") for _ in range(4)]
+        with client_per_thread(client) as own, ThreadPoolExecutor(4) as pool:
+            polls = [pool.submit(lambda: own().get(f"/tasks/{task_id}?wait=3")) for _ in range(4)]
             time.sleep(1.0)  # the long-polls are now waiting inside the api
             stopping = time.monotonic()
             exit_code = api.stop(timeout=30)
