@@ -23,7 +23,7 @@ from typing import Any
 import redis
 
 from fastapi_redis_mini.core.models import TaskCreate, TaskStatus, request_signature
-from fastapi_redis_mini.core.queue import SubmitOutcome
+from fastapi_redis_mini.core.queue import QueueStats, SubmitOutcome
 from fastapi_redis_mini.core.redis import RedisTaskQueue, connect
 from fastapi_redis_mini.core.settings import Settings
 from fastapi_redis_mini_harness.polling import poll_async
@@ -149,15 +149,24 @@ class DrainResult:
         }
 
 
+# One submitter stands for every tenant: the per-key quotas (on by default) would queue the
+# first hundred tasks and refuse the rest, as the api section's settings say. The bench's own
+# queue (which queues the tasks and watches them drain) and the workers it starts take them
+# off alike: with any quota on, a cluster's queue is one partition, with none 16, so workers
+# with the defaults would read a stream nothing was queued in.
+QUOTAS_OFF: dict[str, Any] = {
+    "submit_rate_per_key": 0,
+    "max_unfinished_per_key": 0,
+    "max_stored_bytes_per_key": 0,
+}
+QUOTAS_OFF_ENV = {name.upper(): str(value) for name, value in QUOTAS_OFF.items()}
+# How long the workers may take to start reading the queue: a worker joins the consumer group
+# of every partition it reads with its first read, which follows its start-up by seconds.
+JOIN_TIMEOUT = 60.0
+
+
 def _queue(url: str) -> RedisTaskQueue:
-    # One submitter stands for every tenant: the per-key quotas (on by default) would queue
-    # the first hundred tasks and refuse the rest, as the api section's settings say.
-    settings = Settings(
-        redis_url=url,
-        submit_rate_per_key=0,
-        max_unfinished_per_key=0,
-        max_stored_bytes_per_key=0,
-    )
+    settings = Settings(redis_url=url, **QUOTAS_OFF)
     return RedisTaskQueue(connect(settings), settings)
 
 
@@ -183,22 +192,48 @@ async def enqueue_ours(url: str, tasks: int, label: str) -> list[str]:
     return ids
 
 
-async def wait_idle(url: str, deadline: float) -> float:
+async def wait_idle(url: str, deadline: float, *, join_timeout: float = JOIN_TIMEOUT) -> float:
     """When the consumer group was first seen with nothing undelivered or unacknowledged
-    (time.perf_counter()), polled until `deadline` on that clock."""
+    (time.perf_counter()), polled until `deadline` on that clock.
+
+    Raises RuntimeError once `join_timeout` seconds pass with tasks waiting and no consumer
+    in any of the queue's groups: the workers read other keys than the bench queued in (their
+    settings give other partitions), so waiting longer cannot help.
+    """
     queue = _queue(url)
+    joined_by = time.perf_counter() + join_timeout
+    last: list[QueueStats] = []
 
     async def idle() -> float | None:
         stats = await queue.stats()
+        last[:] = [stats]
         # The backlog, not the lag: with PRIORITY_LANES tasks wait in the lanes, not the stream.
-        return time.perf_counter() if stats.backlog == 0 and stats.pending == 0 else None
+        if stats.backlog == 0 and stats.pending == 0:
+            return time.perf_counter()
+        if stats.consumers == 0 and time.perf_counter() > joined_by:
+            raise RuntimeError(
+                f"no worker reads the queue: {stats.backlog} tasks wait and, {join_timeout:g} s "
+                f"after the workers were started, the consumer groups of the queue's "
+                f"{len(queue.partitions)} partition(s) have no consumer; the workers' settings "
+                "(QUEUE_PARTITIONS, the per-key quotas, PRIORITY_LANES) must give the same "
+                "partitions as the bench's"
+            )
+        return None
+
+    def undrained() -> str:
+        if not last:
+            return "the workers did not drain the queue"
+        stats = last[0]
+        return (
+            f"the workers did not drain the queue: {stats.backlog} tasks waiting, "
+            f"{stats.pending} delivered but not acknowledged, {stats.retry_size} waiting to be "
+            f"retried, {stats.consumers} consumer(s) in the groups of "
+            f"{len(queue.partitions)} partition(s)"
+        )
 
     try:
         return await poll_async(
-            idle,
-            max(0.0, deadline - time.perf_counter()),
-            POLL_INTERVAL,
-            "the workers did not drain the queue",
+            idle, max(0.0, deadline - time.perf_counter()), POLL_INTERVAL, undrained
         )
     finally:
         await queue.close()
@@ -229,10 +264,12 @@ async def task_times(url: str, ids: Sequence[str]) -> list[tuple[float, float, f
 
 
 def worker_env(concurrency: int, log_level: str = "WARNING") -> dict[str, str]:
-    # Defaults everywhere else, so every reliability guarantee is on; only logs are quieter,
-    # as the peers log nothing at their library defaults either. INFO (the worker's default)
-    # adds one JSON line per finished task; --worker-log-level INFO shows what that costs.
-    return {"MAX_CONCURRENCY": str(concurrency), "LOG_LEVEL": log_level}
+    # The quotas off, as in the bench's own queue (see QUOTAS_OFF), so that both name the
+    # same partitions whatever the calling shell sets. Defaults everywhere else, so every
+    # reliability guarantee is on; only logs are quieter, as the peers log nothing at their
+    # library defaults either. INFO (the worker's default) adds one JSON line per finished
+    # task; --worker-log-level INFO shows what that costs.
+    return {"MAX_CONCURRENCY": str(concurrency), "LOG_LEVEL": log_level, **QUOTAS_OFF_ENV}
 
 
 def spawn_worker(
