@@ -29,6 +29,7 @@ from .helm import (
     anonymous_unless_keyed,
     component_of,
     find,
+    load_all,
     only,
     pod_spec,
     render,
@@ -357,7 +358,7 @@ def render_fresh(values: Values, chart_dir: Path, edit: tuple[str, str] | None) 
     objects: list[Rendered] = []
     for source, rendered in sorted(files.items()):
         if source.endswith(".yaml"):
-            objects += [Rendered(source, d) for d in yaml.safe_load_all(rendered) if d]
+            objects += [Rendered(source, d) for d in load_all(rendered) if d]
     return objects
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from .helm import CHART, NAMESPACE, RELEASE, anonymous_unless_keyed, only, render
+from .helm import CHART, NAMESPACE, RELEASE, anonymous_unless_keyed, load_all, only, render
 
 SECRET_NAME = f"{RELEASE}-fastapi-redis-mini-redis"
 SECRET_PATH = f"/api/v1/namespaces/{NAMESPACE}/secrets/{SECRET_NAME}"
@@ -119,7 +119,7 @@ def api_server() -> Iterator[FakeApiServer]:
 def render_against(server: FakeApiServer, values: dict[str, Any]) -> dict[str, Any] | None:
     """The Redis Secret an upgrade against this API server would apply, or None."""
     files = upgrade_files(server, values)
-    for document in yaml.safe_load_all(files.get(f"{CHART.name}/templates/redis-secret.yaml", "")):
+    for document in load_all(files.get(f"{CHART.name}/templates/redis-secret.yaml", "")):
         if document:
             secret: dict[str, Any] = document
             return secret
@@ -132,7 +132,7 @@ def pod_templates(server: FakeApiServer, values: dict[str, Any]) -> dict[str, An
     for source, text in upgrade_files(server, values).items():
         if not source.endswith(".yaml"):
             continue
-        for document in yaml.safe_load_all(text):
+        for document in load_all(text):
             if document and document["kind"] in ("Deployment", "StatefulSet"):
                 templates[document["metadata"]["name"]] = document["spec"]["template"]
     return templates
