@@ -21,6 +21,7 @@ from types import MappingProxyType
 
 import httpx
 
+from .http import tls_context
 from .polling import poll
 from .ports import free_port
 from .redis_server import RedisServer
@@ -120,11 +121,12 @@ class Process:
                     f"{self.name} exited with {self.process.returncode}:\n{self.log_tail(80)}"
                 )
             try:
-                return httpx.get(self.base_url + path, timeout=1.0).status_code == 200
+                return client.get(self.base_url + path).status_code == 200
             except httpx.HTTPError:
                 return False
 
-        poll(answers, timeout, 0.1, lambda: f"{self.name} did not answer {path}:\n{self.log}")
+        with httpx.Client(timeout=1.0, verify=tls_context()) as client:
+            poll(answers, timeout, 0.1, lambda: f"{self.name} did not answer {path}:\n{self.log}")
 
     @property
     def log(self) -> str:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
+from fastapi_redis_mini_harness.http import tls_context
 from fastapi_redis_mini_harness.polling import poll
 from fastapi_redis_mini_harness.processes import Process, start_api, start_worker
 
@@ -37,12 +38,18 @@ class Console:
 
     def tenant(self) -> httpx.Client:
         return httpx.Client(
-            base_url=self.url, headers={"Authorization": f"Bearer {TENANT_KEY}"}, timeout=10
+            base_url=self.url,
+            headers={"Authorization": f"Bearer {TENANT_KEY}"},
+            timeout=10,
+            verify=tls_context(),
         )
 
     def admin(self) -> httpx.Client:
         return httpx.Client(
-            base_url=self.url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=10
+            base_url=self.url,
+            headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+            timeout=10,
+            verify=tls_context(),
         )
 
     def submit(self, prompt: str, **params: object) -> str:

@@ -12,6 +12,7 @@ import pytest
 from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.parser import text_string_to_metric_families
 
+from fastapi_redis_mini_harness.http import tls_context
 from fastapi_redis_mini_harness.processes import start_api
 
 from ._services import ready
@@ -39,7 +40,8 @@ def lookups(base_url: str) -> None:
     def one(_: int) -> int:
         # A client of its own per request: threads sharing one pool that keeps no connection
         # race on closing them (a read on a closed socket, "Bad file descriptor").
-        return httpx.get(f"{base_url}/tasks/{uuid.uuid4().hex}", timeout=10.0).status_code
+        url = f"{base_url}/tasks/{uuid.uuid4().hex}"
+        return httpx.get(url, timeout=10.0, verify=tls_context()).status_code
 
     with ThreadPoolExecutor(max_workers=12) as pool:
         statuses = Counter(pool.map(one, range(REQUESTS)))

@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 
+from fastapi_redis_mini_harness.http import tls_context
 from fastapi_redis_mini_harness.polling import holds_within
 from fastapi_redis_mini_harness.processes import Process
 
@@ -148,7 +149,7 @@ class Tally:
 
 
 def scrape(service: Process) -> str:
-    return httpx.get(service.metrics_url, timeout=5).text
+    return httpx.get(service.metrics_url, timeout=5, verify=tls_context()).text
 
 
 def metric(text: str, name: str, **labels: str) -> float:
@@ -176,6 +177,7 @@ def worker_figures(service: Process) -> dict[str, int]:
 
 def in_flight(service: Process) -> int:
     try:
-        return int(httpx.get(service.base_url + "/healthz", timeout=2).json()["in_flight"])
+        answer = httpx.get(service.base_url + "/healthz", timeout=2, verify=tls_context())
+        return int(answer.json()["in_flight"])
     except (httpx.HTTPError, KeyError, ValueError):
         return -1

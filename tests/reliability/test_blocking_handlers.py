@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from fastapi_redis_mini_harness.http import tls_context
 from fastapi_redis_mini_harness.polling import poll
 from fastapi_redis_mini_harness.processes import Process
 
@@ -77,7 +78,10 @@ def test_an_async_handler_that_blocks_its_loop_runs_once_and_is_counted(
         # While the loop is held, the worker still answers its probes from its sidecar.
         poll(lambda: runs(ran), 20, what="the task never started")
         for worker in workers:
-            assert httpx.get(worker.base_url + "/healthz", timeout=2).status_code == 200
+            assert (
+                httpx.get(worker.base_url + "/healthz", timeout=2, verify=tls_context()).status_code
+                == 200
+            )
         task = collect(client, [task_id], timeout=BLOCK + 30)[task_id]
     print(f"\nreliability[loop-block]: status={task['status']} runs={len(runs(ran))}")
     assert task["status"] == "DONE", task
@@ -112,7 +116,7 @@ def test_a_handler_that_hangs_is_retried_elsewhere_and_fails_its_workers_livenes
         task = collect(client, [task_id], timeout=timeout + grace + 30)[task_id]
 
         def liveness_failed() -> dict[str, str] | None:
-            answer = httpx.get(first.base_url + "/healthz", timeout=2)
+            answer = httpx.get(first.base_url + "/healthz", timeout=2, verify=tls_context())
             return answer.json() if answer.status_code == 503 else None
 
         health = poll(liveness_failed, timeout + grace + 10, what="the hung worker looks alive")

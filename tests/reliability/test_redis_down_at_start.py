@@ -11,6 +11,7 @@ import time
 import httpx
 import pytest
 
+from fastapi_redis_mini_harness.http import tls_context
 from fastapi_redis_mini_harness.ports import free_port
 from fastapi_redis_mini_harness.redis_server import RedisServer
 
@@ -46,7 +47,9 @@ def test_a_worker_waiting_for_redis_at_start_stays_live_and_then_works(
         answers: list[int] = []
         deadline = time.monotonic() + STALL_SECONDS + 3
         while time.monotonic() < deadline:
-            answers.append(httpx.get(worker.base_url + "/healthz", timeout=5).status_code)
+            answers.append(
+                httpx.get(worker.base_url + "/healthz", timeout=5, verify=tls_context()).status_code
+            )
             time.sleep(1.0)
         server.start()
         api.wait_until_answers("/readyz", timeout=40)

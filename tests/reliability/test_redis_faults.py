@@ -19,6 +19,7 @@ from contextlib import AbstractContextManager
 import httpx
 import pytest
 
+from fastapi_redis_mini_harness.http import tls_context
 from fastapi_redis_mini_harness.processes import Process
 from fastapi_redis_mini_harness.redis_server import RedisServer
 
@@ -115,7 +116,7 @@ def fill(server: RedisServer, keys: int) -> None:
 
 def probe(service: Process, path: str, field: str = "status") -> tuple[int, str]:
     try:
-        response = httpx.get(service.base_url + path, timeout=10)
+        response = httpx.get(service.base_url + path, timeout=10, verify=tls_context())
     except httpx.TransportError as error:
         return 0, type(error).__name__
     return response.status_code, response.json().get(field, "")

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 
+from fastapi_redis_mini_harness.http import tls_context
 from fastapi_redis_mini_harness.redis_server import RedisServer
 
 from ._chaos import Load, Tally, collect, wait_until, worker_figures
@@ -41,10 +42,18 @@ def test_redis_restart_under_load_loses_no_accepted_task(
         aof_server.stop(kill=True)
         outage_began = time.monotonic()
         while time.monotonic() - outage_began < OUTAGE_SECONDS:
-            ready = httpx.get(api.base_url + "/readyz", timeout=10).status_code
-            alive = httpx.get(api.base_url + "/healthz", timeout=10).status_code
-            detail = httpx.get(api.base_url + "/healthz?detail=true", timeout=10).json()
-            worker_ready = httpx.get(worker.base_url + "/readyz", timeout=10).status_code
+            ready = httpx.get(
+                api.base_url + "/readyz", timeout=10, verify=tls_context()
+            ).status_code
+            alive = httpx.get(
+                api.base_url + "/healthz", timeout=10, verify=tls_context()
+            ).status_code
+            detail = httpx.get(
+                api.base_url + "/healthz?detail=true", timeout=10, verify=tls_context()
+            ).json()
+            worker_ready = httpx.get(
+                worker.base_url + "/readyz", timeout=10, verify=tls_context()
+            ).status_code
             probes.update([f"api readyz {ready}", f"api healthz {alive}"])
             probes.update([f"api redis {detail['redis']}", f"worker readyz {worker_ready}"])
             time.sleep(0.2)

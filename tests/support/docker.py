@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 
+from fastapi_redis_mini_harness.http import tls_context
 from fastapi_redis_mini_harness.polling import poll
 
 from . import REPO_ROOT
@@ -553,7 +554,7 @@ def wait_for_http(
 
     def probe() -> httpx.Response | None:
         try:
-            response = httpx.get(url, timeout=2.0)
+            response = httpx.get(url, timeout=2.0, verify=tls_context())
         except httpx.HTTPError:
             response = None
         if response is not None and response.status_code == 200:
