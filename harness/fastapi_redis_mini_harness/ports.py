@@ -17,6 +17,12 @@ import socket
 
 # Below redis_cluster.PORT_RANGE (12000-22700) and its bus ports (+10000).
 LISTEN_RANGE = range(2000, 12000)
+# Never handed out: the ports the service and its tools listen on by default. A service
+# started with one port picked here and another left at its default would otherwise, now and
+# then, get both the same (seen: API_METRICS_PORT picked as 9100, the default METRICS_PORT,
+# which the api refuses at start). Redis, the api, the worker's and the api's metrics, the
+# Locust UI, Prometheus, Alertmanager and the Redis exporter.
+DEFAULT_PORTS = frozenset({6379, 8000, 9100, 9101, 8089, 9090, 9093, 9121})
 # Ports this process has handed out and may not have bound yet: not handed out again until
 # half of the share has been.
 _given: set[int] = set()
@@ -41,7 +47,7 @@ def free_port() -> int:
         _given.clear()
     for _ in range(len(share)):
         port = random.choice(share)
-        if port not in _given and bindable(port):
+        if port not in _given and port not in DEFAULT_PORTS and bindable(port):
             _given.add(port)
             return port
     raise RuntimeError(f"no free port in {share}")
