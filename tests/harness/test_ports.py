@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator, Sequence
 
 import pytest
@@ -18,7 +19,7 @@ def test_a_pick_that_lands_on_a_default_port_is_passed_over(
     def choice(share: Sequence[int]) -> int:
         return next(draws)
 
-    monkeypatch.setattr(ports.random, "choice", choice)
+    monkeypatch.setattr(random, "choice", choice)
     monkeypatch.setattr(ports, "own_share", lambda _: range(2000, 12000))
     monkeypatch.setattr(ports, "_given", set())
 
