@@ -3,8 +3,9 @@
 httpx builds a TLS context for each client it creates, loading the CA bundle: about 36 ms of
 CPU, even for a plain-HTTP URL. The harness waited for a service by making a client for every
 poll, ten a second, and so spent more CPU than the service it was waiting for took to start:
-about a third of the suite's own CPU. Clients made with `verify=tls_context()` share one,
-made once per process, with httpx's default certificate checks.
+about a third of the CPU of the test processes themselves. Clients made with
+`verify=tls_context()` share one, made once per process, with httpx's default certificate
+checks.
 """
 
 from __future__ import annotations
