@@ -19,6 +19,7 @@ from fastapi_redis_mini_harness.ports import free_port
 from fastapi_redis_mini_harness.processes import SERVICE_DEFAULTS, Process, Workspace, start_api
 
 from ._measure import ROOT, tree_cpu_seconds, wrk
+from ._workers import QUOTAS_OFF_ENV
 
 SCRIPTS = {"post_miss": "post_miss.lua", "post_hit": "post_hit.lua", "get": "get_task.lua"}
 LABELS = {
@@ -42,9 +43,7 @@ def api_env(workers: int, space: Workspace, name: str) -> dict[str, str]:
         # One client without a key stands for every tenant at once: the per-key quotas (20
         # submits a second by default) would measure the quota, not the api, and with any of
         # them on a cluster's queue is one partition. `make api-ab` measures what they cost.
-        "SUBMIT_RATE_PER_KEY": "0",
-        "MAX_UNFINISHED_PER_KEY": "0",
-        "MAX_STORED_BYTES_PER_KEY": "0",
+        **QUOTAS_OFF_ENV,
         "PROMETHEUS_MULTIPROC_DIR": str(space.root / f"metrics-{name}"),
     }
 
