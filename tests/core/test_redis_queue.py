@@ -188,11 +188,14 @@ async def _check_cache_hits_store_nothing(
     )
     assert {hit.outcome for hit in hits} == {SubmitOutcome.CACHED}
     assert {hit.task_id for hit in hits} == {task_id}
-    # Only the two Idempotency-Keys are new, and they expire with the task they name.
+    # Only the two Idempotency-Keys are new, and neither they nor the cache outlive the task
+    # they name, to the millisecond.
     assert await key_count(redis_client) == before + 2
-    task_ttl = await redis_client.ttl(keys_of(queue, task_id).task(task_id))
+    task_ends = await redis_client.pexpiretime(keys_of(queue, task_id).task(task_id))
     k1 = idempotency_key(queue, "k1", request_signature(task))
-    assert 0 < await redis_client.ttl(k1) <= task_ttl
+    cache = keys_of(queue, task_id).cache(request_signature(task))
+    for key in (k1, cache):
+        assert time.time() * 1000 < await redis_client.pexpiretime(key) <= task_ends, key
 
 
 async def test_a_cached_result_never_outlives_the_task_it_names(

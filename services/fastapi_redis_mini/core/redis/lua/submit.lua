@@ -47,7 +47,7 @@
 -- 'too_many_stored_bytes' (reset_ms: until the oldest stored bytes stop counting);
 -- tokens (whole tokens left) is -1 without a rate; reset_ms is until the bucket is full again.
 local stream, now, cache_ttl, result_expiry, idempotency_ttl =
-  KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+  KEYS[1], ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local rate, burst, max_unfinished = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local retries, lane_turns = KEYS[2], KEYS[3]
 local stride = ARGV[8] == '1' and 7 or 4
@@ -123,18 +123,32 @@ local function stored_bytes(stored)
 end
 
 -- A cached result is "task_id:expires_at:result" (finish.lua): the result, the task that
--- computed it, and the seconds that task has left. Anything else is no hit.
+-- computed it, and the second (Unix time) that task expires. Anything else is no hit.
+-- Returns the result, the task's id, the whole seconds it has left, and its expiry.
 local function cached_result(cache)
   local value = redis.call('GET', cache)
   if not value then
-    return false, nil, 0
+    return false, nil, 0, 0
   end
   local id, expires_at, at = string.match(value, '^([%x%-]+):(%d+):()')
-  local left = expires_at and tonumber(expires_at) - math.floor(clock() / 1000) or 0
+  local ends = tonumber(expires_at) or 0
+  local left = ends - math.floor(clock() / 1000)
   if left < 1 then
-    return false, nil, 0
+    return false, nil, 0, 0
   end
-  return string.sub(value, at), id, left
+  return string.sub(value, at), id, left, ends
+end
+
+-- The expiry of a key that names a cached task: `ttl` seconds, or the task's own expiry when
+-- that comes first, as SET's option and its argument. The expiry is absolute: finish.lua
+-- stamps it in the script that sets the task's TTL, rounded down to the second, so the key
+-- never outlives the task. (A TTL of `left` counted from now could, by up to the second that
+-- rounding dropped.)
+local function expiry_with_task(ttl, left, ends)
+  if ttl < left then
+    return 'EX', ttl
+  end
+  return 'EXAT', ends
 end
 
 for i, task in ipairs(batch) do
@@ -162,9 +176,9 @@ for i, task in ipairs(batch) do
     if existing == keyed then
       existing = false
     end
-    local hit, hit_id, hit_left = false, nil, 0
+    local hit, hit_id, hit_left, hit_ends = false, nil, 0, 0
     if not existing then
-      hit, hit_id, hit_left = cached_result(cache)
+      hit, hit_id, hit_left, hit_ends = cached_result(cache)
     end
     local refused = nil
     if not existing and not hit and max_unfinished > 0 then
@@ -229,10 +243,11 @@ for i, task in ipairs(batch) do
       if hit then
         -- Answered with the task that computed the result; nothing new is stored, so hits
         -- cost no memory however many there are.
-        redis.call('EXPIRE', cache, math.min(cache_ttl, hit_left))
+        local option, at = expiry_with_task(cache_ttl, hit_left, hit_ends)
+        redis.call(option == 'EX' and 'EXPIRE' or 'EXPIREAT', cache, at)
         if keyed ~= 0 then
-          redis.call('SET', idempotency, hit_id .. ':' .. signature, 'EX',
-            math.min(idempotency_ttl, hit_left))
+          redis.call('SET', idempotency, hit_id .. ':' .. signature,
+            expiry_with_task(idempotency_ttl, hit_left, hit_ends))
         end
         if task.webhook and webhooks_due then
           -- Named by this submit's own id (never stored), so each hit is its own delivery.
