@@ -85,6 +85,38 @@ async def test_a_handler_over_the_timeout_fails_the_task(
     assert (record.status, record.error) == (TaskStatus.FAILED, "timeout after 0.2s")
 
 
+async def test_each_run_times_out_on_its_own_deadline_and_the_others_finish(
+    queue: RedisTaskQueue, settings: Settings, submit: Submit
+) -> None:
+    # One timer serves every run: it is set for the first run's deadline, and must then be
+    # set again for a run that started later, while a run that ends in time is left alone.
+    async def sleeps(prompt: str, params: Mapping[str, Any]) -> Any:
+        await asyncio.sleep(float(prompt))
+        return {"slept": prompt}
+
+    worker, running = start(settings, sleeps, task_timeout=0.5, max_task_duration=0.5)
+    try:
+        first = await submit("30")
+        await started(worker)
+        await asyncio.sleep(0.3)
+        later, in_time = await submit("31"), await submit("0.1")
+        records = [await wait_final(queue, task_id) for task_id in (first, later, in_time)]
+    finally:
+        await stop(worker, running)
+    assert [(r.status, r.error) for r in records] == [
+        (TaskStatus.FAILED, "timeout after 0.5s"),
+        (TaskStatus.FAILED, "timeout after 0.5s"),
+        (TaskStatus.DONE, None),
+    ]
+    assert records[2].result == {"slept": "0.1"}
+    # Neither run was stopped before its own half second: the later one did not inherit what
+    # was left of the first one's. (A loaded machine only makes runs longer.)
+    for record in records[:2]:
+        assert record.started_at is not None
+        assert record.finished_at is not None
+        assert record.finished_at - record.started_at >= 0.5, record
+
+
 async def test_a_retryable_error_is_retried_with_backoff(
     queue: RedisTaskQueue, settings: Settings, submit: Submit
 ) -> None:

@@ -89,10 +89,9 @@ partition_writable = Gauge(
 
 # Every labelled series exists at 0 from the first scrape: a counter whose first sample is
 # already 1 hides that increment from rate() and increase(), so the first failure of a fresh
-# worker would never reach the alerts.
-for _status in TaskStatus:
-    if _status.is_final:
-        tasks_finished.labels(_status.value)
+# worker would never reach the alerts. tasks_finished's are kept by status, looked up once:
+# labels() costs a lock and a tuple per call.
+tasks_finished_as = {s.value: tasks_finished.labels(s.value) for s in TaskStatus if s.is_final}
 REDIS_OPERATIONS = ("ensure_group", "start", "read", "finish", "keep_alive", "maintenance")
 for _operation in REDIS_OPERATIONS:
     redis_errors.labels(_operation)

@@ -50,7 +50,7 @@ from ._report import NO_REPORTS as _NO_REPORTS
 from ._report import TaskReports
 from ._sidecar import Sidecar
 from ._webhooks import WebhookSender
-from .inflight import InFlight, Phase, StopReason, decide
+from .inflight import InFlight, Phase, RunTimeouts, StopReason, decide
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,7 @@ class Worker:
         self.last_progress = time.monotonic()
         self.failure: str | None = None  # why the worker is going down, once it is
         self._tasks: dict[str, InFlight] = {}  # task id -> what this worker holds of it
+        self._timeouts = RunTimeouts(settings.task_timeout, self._tasks.values)
         self._phases = [0] * len(Phase)  # how many records are in each phase
         # Outcomes waiting to be written, per partition (see _outbox.py).
         self._outbox = Outbox(queue.partition_count, queue.partition_of)
@@ -213,6 +214,7 @@ class Worker:
                 helper.cancel()
             if unfinished:
                 await asyncio.wait(unfinished, timeout=1)
+            self._timeouts.close()
             await self.runner.close(_CLOSE_TIMEOUT)
             await self.webhooks.close(_CLOSE_TIMEOUT)
         # Every step of stopping is bounded, so a worker stops within SHUTDOWN_GRACE plus a
@@ -429,18 +431,26 @@ class Worker:
         ended: BaseException | None = None
         result = b""
         reports = self._reports_of(job)
+        # Set and cleared with no await between them and the call's own: a stop for the
+        # timeout always lands in the call, never in the reports' close below.
+        self._timeouts.started(record)
         try:
-            async with asyncio.timeout(self.settings.task_timeout):
-                output = await self._call(job.prompt, job.params, reports or _NO_REPORTS)
+            output = await self._call(job.prompt, job.params, reports or _NO_REPORTS)
             result = orjson.dumps(output)
         except asyncio.CancelledError as error:
             if record.stop is None:
                 raise  # not cancelled by this worker: the process is going down
-            ended = error
+            ended = TimeoutError() if record.stop is StopReason.TIMED_OUT else error
         except Exception as error:
             if not isinstance(error, TimeoutError | RetryableError):
                 log.warning("task failed: %s", type(error).__name__, extra={"task_id": job.task_id})
             ended = error
+        self._timeouts.ended(record)
+        if record.stop is StopReason.TIMED_OUT:
+            # The cancel was this worker's timeout, handled here, as asyncio.timeout() does.
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
         if reports is not None and reports.used:
             # Every report lands before the outcome, so an event stream misses none of them.
             await reports.close(_REPORTS_GRACE)
@@ -557,7 +567,7 @@ class Worker:
             elif finish.outcome is not Outcome.RELEASE:
                 if finish.webhook is not None:
                     self.webhooks.wake()
-                metrics.tasks_finished.labels(finish.outcome.value).inc()
+                metrics.tasks_finished_as[finish.outcome.value].inc()
                 metrics.task_run.observe(max(0.0, now - job.started_at))
                 metrics.task_end_to_end.observe(max(0.0, now - job.created_at))
         self._slot_free.set()  # written outcomes make room for more (see _free_slots)
