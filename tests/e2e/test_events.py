@@ -110,7 +110,9 @@ def test_resuming_with_last_event_id_loses_and_repeats_nothing(api: Start, worke
 
 def test_failed_and_cancelled_tasks_end_their_streams(api: Start, worker: Start) -> None:
     server = api()
-    worker()
+    # A worker asks whether its tasks were cancelled every CLAIM_IDLE/3: 1 s here, not the
+    # default's 10 s, which alone could use up the bound below on a loaded machine.
+    worker(CLAIM_IDLE="3")
     with httpx.Client(base_url=server.base_url, timeout=10) as client:
         failing = client.post("/tasks", json={"prompt": "x", "params": {"fail": True}})
         _, events, _ = read_events(client, failing.json()["task_id"])
@@ -123,6 +125,7 @@ def test_failed_and_cancelled_tasks_end_their_streams(api: Start, worker: Start)
         started = time.monotonic()
         _, events, _ = read_events(client, task_id)
         assert events[-1].kind == "cancelled"
+        # Well before the 20 s run would have ended on its own.
         assert time.monotonic() - started < 10
 
 
