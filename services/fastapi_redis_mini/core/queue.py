@@ -68,6 +68,13 @@ class PartitionsUnavailable(QueueUnavailable):
         self.partial = list(partial)
 
 
+class LayoutMismatch(Exception):  # noqa: N818 - a state of the deployment, not a defect
+    """This process would lay the queue out otherwise than the processes already using it.
+
+    Its message names the settings that decide the layout, both layouts, and the way out.
+    """
+
+
 class SubmitOutcome(StrEnum):
     QUEUED = "queued"
     CACHED = "cached"
@@ -325,6 +332,12 @@ class TaskQueue(Protocol):
 
     async def check_writable(self) -> None:
         """Return when the broker accepts writes now; raise QueueUnavailable when not."""
+        ...
+
+    async def check_layout(self) -> None:
+        """Record this process's layout of the queue if none is recorded yet, else check it
+        against the one recorded: LayoutMismatch when they differ (QueueUnavailable when the
+        broker cannot answer). Every api and worker must read and write the same keys."""
         ...
 
     async def writable_partitions(self) -> list[QueueState | None]:

@@ -142,6 +142,12 @@ class Keys:
         return f"{self.prefix}{self.queue}:counts:{bucket}"
 
     @property
+    def layout(self) -> str:
+        """String: how the queue is laid out (partitions, lanes), as the first process to use
+        it recorded; kept under the single-partition names, the same whatever the layout."""
+        return f"{self.prefix}{self.queue}:layout"
+
+    @property
     def probe(self) -> str:
         """String the readiness probes write, to learn whether Redis accepts writes."""
         return f"{self.prefix}{self.queue}:probe"
@@ -171,6 +177,40 @@ def partition_count(settings: Settings, *, cluster: bool) -> int:
         return settings.queue_partitions
     one_place = settings.quotas or settings.priority_lanes
     return CLUSTER_PARTITIONS if cluster and not one_place else 1
+
+
+def layout(settings: Settings, *, cluster: bool) -> str:
+    """How the queue is laid out: what every api and worker using it must agree on, as it is
+    recorded in Redis (Keys.layout). Processes of another layout would read and write other
+    keys: a worker of fewer partitions never sees the others' tasks, and a worker without
+    lanes never takes the tasks waiting in them."""
+    lanes = "true" if settings.priority_lanes else "false"
+    return f"partitions={partition_count(settings, cluster=cluster)} priority_lanes={lanes}"
+
+
+def layout_reasons(settings: Settings, *, cluster: bool) -> str:
+    """Which settings gave this process its layout, for the message of a mismatch."""
+    count = partition_count(settings, cluster=cluster)
+    if settings.queue_partitions is not None:
+        partitions = f"QUEUE_PARTITIONS={settings.queue_partitions}"
+    elif not cluster:
+        partitions = "QUEUE_PARTITIONS unset: 1 on a single server"
+    elif count == 1:
+        why = (
+            "the per-key quotas on (SUBMIT_RATE_PER_KEY, MAX_UNFINISHED_PER_KEY or "
+            "MAX_STORED_BYTES_PER_KEY above 0)"
+            if settings.quotas
+            else "PRIORITY_LANES=true"
+        )
+        partitions = f"QUEUE_PARTITIONS unset and {why}: 1 on a cluster"
+    else:
+        partitions = (
+            "QUEUE_PARTITIONS unset, the per-key quotas off and PRIORITY_LANES=false: "
+            f"{count} on a cluster"
+        )
+    if "PRIORITY_LANES" in partitions:
+        return partitions
+    return f"{partitions}; PRIORITY_LANES={'true' if settings.priority_lanes else 'false'}"
 
 
 def _hash_tag(base: str, index: int, count: int) -> str:

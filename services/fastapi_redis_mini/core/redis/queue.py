@@ -40,6 +40,7 @@ from ..models import Task, TaskStatus
 from ..queue import (
     CancelOutcome,
     LaneStats,
+    LayoutMismatch,
     QueueState,
     QueueStats,
     QueueUnavailable,
@@ -61,7 +62,7 @@ from ._webhook_store import WebhookStore
 from ._worker import COUNTS_BUCKET_SECONDS as COUNTS_BUCKET_SECONDS
 from ._worker import COUNTS_KEPT_SECONDS as COUNTS_KEPT_SECONDS
 from ._worker import WorkerSide
-from .keys import Keys, Partitions
+from .keys import Keys, Partitions, layout, layout_reasons
 
 __all__ = [
     "Client",
@@ -320,6 +321,29 @@ class RedisTaskQueue(SubmitSide, WorkerSide, WebhookStore, OperatorSide):
             for keys in self.partitions.all:
                 pipe.set(keys.probe, "1", px=10_000)
             await self._execute(pipe)
+
+    @_translated
+    async def check_layout(self) -> None:
+        # One SET NX GET: the first process to use the queue records its layout, and every
+        # later one reads what was recorded in the same round trip.
+        cluster = isinstance(self.redis, RedisCluster)
+        ours = layout(self.settings, cluster=cluster)
+        key = Keys.from_settings(self.settings, cluster=cluster).layout
+        reply = await self.redis.set(key, ours, nx=True, get=True)
+        if reply is None:
+            return
+        recorded = reply.decode() if isinstance(reply, bytes) else str(reply)
+        if recorded == ours:
+            return
+        raise LayoutMismatch(
+            f"the queue {self.settings.queue_key!r} is laid out as {recorded} (recorded in "
+            f"Redis key {key!r} by the first api or worker to use it), but this process's "
+            f"settings give {ours} ({layout_reasons(self.settings, cluster=cluster)}). It "
+            "would use other keys than the processes already running, and their tasks would "
+            "never run: give every api and worker the same QUEUE_PARTITIONS, PRIORITY_LANES "
+            "and per-key quotas (or pin QUEUE_PARTITIONS). To change the layout on purpose: stop "
+            "the apis, let the workers drain the queue, stop them, then delete that key."
+        )
 
     @_translated
     async def writable_partitions(self) -> list[QueueState | None]:
