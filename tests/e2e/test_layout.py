@@ -51,7 +51,11 @@ def test_an_api_of_another_layout_than_the_running_worker_does_not_start(
     worker(QUEUE_PARTITIONS="2")
     late = start_api(redis_url, {"QUEUE_PARTITIONS": "3"}, wait=False)
     services.append(late)
-    assert exit_code(late) != 0
+    assert exit_code(late) == 2
     log = late.log
+    # One line, before gunicorn starts: no traceback.
+    assert "fastapi-redis-mini: invalid configuration: the queue 'task_stream'" in log, log
+    assert "Traceback" not in log
+    assert "gunicorn" not in log
     assert "is laid out as partitions=2 priority_lanes=false" in log, log
     assert "settings give partitions=3 priority_lanes=false (QUEUE_PARTITIONS=3;" in log, log

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
-import logging
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
@@ -16,7 +14,7 @@ from typing import Any
 from fastapi import Request
 from pydantic import SecretStr
 
-from ..core.queue import QueueUnavailable, TaskQueue
+from ..core.queue import TaskQueue
 from ..core.redis import RedisTaskQueue, connect
 from ..core.redis.console import ConsoleStore
 from ..core.settings import Settings
@@ -25,11 +23,7 @@ from ..core.webhooks import SigningKeys
 from . import metrics
 from .errors import BacklogFullError, TooManyWaitsError
 
-log = logging.getLogger(__name__)
-
 _REJECTED = metrics.tasks_submitted.labels("rejected")
-# How long the api's start waits for Redis to answer the layout check before it goes on.
-_LAYOUT_CHECK_SECONDS = 3.0
 
 
 class ApiKeys:
@@ -160,7 +154,6 @@ class ApiState:
         queue = RedisTaskQueue(connect(settings), settings)
         try:
             await queue.open()
-            await _check_layout(queue)
             yield cls(
                 settings=settings,
                 queue=queue,
@@ -176,18 +169,6 @@ class ApiState:
             )
         finally:
             await queue.close()
-
-
-async def _check_layout(queue: TaskQueue) -> None:
-    """Refuse to start with another layout of the queue than the one recorded (LayoutMismatch
-    propagates, and the process exits with its message). An api starts while Redis is down
-    (it answers 503 until Redis is back), so then the check is left to the workers, which
-    wait for Redis before they read anything and make the same check."""
-    try:
-        await asyncio.wait_for(queue.check_layout(), _LAYOUT_CHECK_SECONDS)
-    except (QueueUnavailable, TimeoutError) as error:
-        log.warning("the queue's layout could not be checked at start (%s); the workers check it",
-                    error or "no answer")  # fmt: skip
 
 
 def api_state(request: Request) -> ApiState:

@@ -25,6 +25,8 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import logging
+import sys
 import time
 from collections.abc import AsyncIterator, Sequence
 from importlib import resources
@@ -64,12 +66,15 @@ from ._worker import COUNTS_KEPT_SECONDS as COUNTS_KEPT_SECONDS
 from ._worker import WorkerSide
 from .keys import Keys, Partitions, layout, layout_reasons
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "Client",
     "RedisTaskQueue",
     "check_durable_acks",
     "connect",
     "exit_unless_durable_acks",
+    "exit_unless_layout_agrees",
     "is_cluster",
     "new_task_id",
     "queue_error",
@@ -368,3 +373,33 @@ class RedisTaskQueue(SubmitSide, WorkerSide, WebhookStore, OperatorSide):
     def partition_of(self, task_id: str) -> int | None:
         keys = self.partitions.of_task(task_id)
         return None if keys is None else keys.index
+
+
+# How long an api's start waits for Redis to answer its layout check before it goes on.
+LAYOUT_CHECK_SECONDS = 3.0
+
+
+def exit_unless_layout_agrees(settings: Settings) -> None:
+    """Entry-point helper: one line on stderr and exit 2 when the queue in Redis is laid out
+    otherwise than `settings` would lay it out (see RedisTaskQueue.check_layout).
+
+    The api starts while Redis is down (it answers 503 until Redis is back), so a Redis that
+    does not answer within LAYOUT_CHECK_SECONDS is only warned about: the workers wait for
+    Redis before they read anything, and make the same check then.
+    """
+
+    async def check() -> None:
+        queue = RedisTaskQueue(connect(settings), settings)
+        try:
+            await asyncio.wait_for(queue.check_layout(), LAYOUT_CHECK_SECONDS)
+        finally:
+            await queue.close()
+
+    try:
+        asyncio.run(check())
+    except LayoutMismatch as error:
+        print(f"fastapi-redis-mini: invalid configuration: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except (QueueUnavailable, TimeoutError) as error:
+        log.warning("the queue's layout could not be checked at start (%s); the workers check it",
+                    error or f"no answer within {LAYOUT_CHECK_SECONDS:g}s")  # fmt: skip
