@@ -1,13 +1,12 @@
-"""The queue's layout (partitions, lanes) is recorded by the first process to use it, and a
-process of another layout is refused before it touches a key: it would use other keys than
-the processes already running, and their tasks would never run."""
+"""The queue's layout (partitions, lanes) is recorded by every process that starts, and a
+process whose layout differs from the one recorded before it is told so, naming both and the
+settings behind its own: processes of two layouts use different keys, and the tasks one side
+submits the other never runs."""
 
 from __future__ import annotations
 
-import pytest
 import redis.asyncio
 
-from fastapi_redis_mini.core.queue import LayoutMismatch
 from fastapi_redis_mini.core.redis import Keys, RedisTaskQueue, connect
 from fastapi_redis_mini.core.redis.keys import layout, layout_reasons
 from fastapi_redis_mini.core.settings import Settings
@@ -15,65 +14,54 @@ from fastapi_redis_mini.core.settings import Settings
 NO_QUOTAS = {"submit_rate_per_key": 0, "max_unfinished_per_key": 0, "max_stored_bytes_per_key": 0}
 
 
-async def check(settings: Settings) -> None:
+async def record(settings: Settings) -> tuple[str | None, str]:
+    """What recording `settings`' layout says, and the key it is recorded in."""
     queue = RedisTaskQueue(connect(settings), settings)
     try:
-        await queue.check_layout()
+        cluster = isinstance(queue.redis, redis.asyncio.RedisCluster)
+        return await queue.record_layout(), Keys.from_settings(settings, cluster=cluster).layout
     finally:
         await queue.close()
 
 
-def layout_key(settings: Settings) -> str:
-    return Keys.from_settings(settings, cluster=False).layout
-
-
-async def test_the_first_process_records_its_layout_and_the_same_one_passes(
+async def test_the_first_process_records_its_layout_and_the_same_one_says_nothing(
     settings: Settings, redis_client: redis.asyncio.Redis
 ) -> None:
-    await check(settings)
-    queue = RedisTaskQueue(connect(settings), settings)
-    cluster = isinstance(queue.redis, redis.asyncio.RedisCluster)
-    await queue.close()
-    key = Keys.from_settings(settings, cluster=cluster).layout
-    recorded = await redis_client.get(key)
+    warning, key = await record(settings)
+    assert warning is None
     # The suite runs without quotas: a cluster's default is 16 partitions, a server's 1.
-    assert recorded == f"partitions={16 if cluster else 1} priority_lanes=false"
-    await check(settings)  # the same layout again: nothing to say
-    assert await redis_client.get(key) == recorded
+    cluster = key.startswith("{")
+    assert await redis_client.get(key) == f"partitions={16 if cluster else 1} priority_lanes=false"
+    assert await record(settings) == (None, key)
 
 
-async def test_another_partition_count_is_refused_naming_both_and_the_setting(
+async def test_another_partition_count_is_told_with_both_layouts_and_its_setting(
     settings: Settings, redis_client: redis.asyncio.Redis
 ) -> None:
     one = settings.model_copy(update={**NO_QUOTAS, "queue_partitions": 1})
     four = settings.model_copy(update={**NO_QUOTAS, "queue_partitions": 4})
-    await check(one)
-    with pytest.raises(LayoutMismatch) as refused:
-        await check(four)
-    message = str(refused.value)
-    assert "laid out as partitions=1 priority_lanes=false" in message
-    assert "settings give partitions=4 priority_lanes=false (QUEUE_PARTITIONS=4;" in message
-    assert "delete that key" in message
-    # Refused before it made anything of its own: no stream of a fourth partition.
-    assert not [k async for k in redis_client.scan_iter(match="*task_stream*") if "layout" not in k]
+    assert (await record(one))[0] is None
+    warning, key = await record(four)
+    assert warning is not None
+    assert "was last used laid out as partitions=1 priority_lanes=false" in warning
+    assert "lays it out as partitions=4 priority_lanes=false (QUEUE_PARTITIONS=4;" in warning
+    assert key in warning
+    # The last to start is recorded: the next process of its layout is not warned again, and
+    # one of the first layout is.
+    assert await redis_client.get(key) == "partitions=4 priority_lanes=false"
+    assert (await record(four))[0] is None
+    back, _ = await record(one)
+    assert back is not None
+    assert "was last used laid out as partitions=4" in back
 
 
-async def test_lanes_on_against_lanes_off_is_refused_and_a_deleted_record_starts_afresh(
-    settings: Settings, redis_client: redis.asyncio.Redis
-) -> None:
+async def test_lanes_on_against_lanes_off_is_told(settings: Settings) -> None:
     lanes = settings.model_copy(update={**NO_QUOTAS, "queue_partitions": 1, "priority_lanes": True})
     plain = settings.model_copy(update={**NO_QUOTAS, "queue_partitions": 1})
-    await check(plain)
-    with pytest.raises(LayoutMismatch, match="settings give partitions=1 priority_lanes=true"):
-        await check(lanes)
-    # The way out the message gives: with the queue drained, delete the record.
-    queue = RedisTaskQueue(connect(lanes), lanes)
-    cluster = isinstance(queue.redis, redis.asyncio.RedisCluster)
-    await queue.close()
-    assert await redis_client.delete(Keys.from_settings(lanes, cluster=cluster).layout) == 1
-    await check(lanes)
-    with pytest.raises(LayoutMismatch, match="laid out as partitions=1 priority_lanes=true"):
-        await check(plain)
+    assert (await record(plain))[0] is None
+    warning, _ = await record(lanes)
+    assert warning is not None
+    assert "lays it out as partitions=1 priority_lanes=true" in warning
 
 
 def test_the_message_says_which_settings_gave_a_clusters_partition_count() -> None:

@@ -19,7 +19,7 @@ from gunicorn.app.base import BaseApplication
 from gunicorn.glogging import Logger as GunicornLogger
 
 from ..core.handlers import handler_params
-from ..core.redis import exit_unless_durable_acks, exit_unless_layout_agrees
+from ..core.redis import exit_unless_durable_acks, record_layout_at_start
 from ..core.settings import Settings, load_settings_or_exit
 from ..core.telemetry.logging import configure_logging
 from .drain import marker_path
@@ -71,7 +71,7 @@ def main() -> None:
     except LookupError as error:
         raise SystemExit(f"fastapi-redis-mini: invalid configuration: {error}") from None
     exit_unless_durable_acks(settings)
-    exit_unless_layout_agrees(settings)
+    record_layout_at_start(settings)
     if not settings.api_keys:
         logging.getLogger(__name__).warning(
             "API_KEYS is not set: anyone who reaches the port may submit and read tasks, and "

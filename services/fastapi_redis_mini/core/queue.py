@@ -68,13 +68,6 @@ class PartitionsUnavailable(QueueUnavailable):
         self.partial = list(partial)
 
 
-class LayoutMismatch(Exception):  # noqa: N818 - a state of the deployment, not a defect
-    """This process would lay the queue out otherwise than the processes already using it.
-
-    Its message names the settings that decide the layout, both layouts, and the way out.
-    """
-
-
 class SubmitOutcome(StrEnum):
     QUEUED = "queued"
     CACHED = "cached"
@@ -334,10 +327,11 @@ class TaskQueue(Protocol):
         """Return when the broker accepts writes now; raise QueueUnavailable when not."""
         ...
 
-    async def check_layout(self) -> None:
-        """Record this process's layout of the queue if none is recorded yet, else check it
-        against the one recorded: LayoutMismatch when they differ (QueueUnavailable when the
-        broker cannot answer). Every api and worker must read and write the same keys."""
+    async def record_layout(self) -> str | None:
+        """Record this process's layout of the queue (partitions, lanes) in the broker, and
+        say so when it differs from the one recorded before it: the message to log, else
+        None. Every api and worker must use the same keys (QueueUnavailable when the broker
+        cannot answer)."""
         ...
 
     async def writable_partitions(self) -> list[QueueState | None]:

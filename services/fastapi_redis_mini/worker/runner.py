@@ -33,7 +33,6 @@ from ..core.queue import (
     Finish,
     FinishVerdict,
     Job,
-    LayoutMismatch,
     Outcome,
     PartitionsUnavailable,
     QueueUnavailable,
@@ -277,13 +276,11 @@ class Worker:
         while not self._stopping.is_set():
             self.last_progress = time.monotonic()  # waiting for Redis is not a stall
             try:
-                # First: a worker of another layout would make its streams and groups.
-                await self.queue.check_layout()
+                warning = await self.queue.record_layout()
+                if warning is not None:
+                    log.error("%s", warning)
                 await self.queue.ensure_group()
                 return True
-            except LayoutMismatch as error:
-                self.fail(str(error))
-                return False
             except QueueUnavailable as error:
                 redis_errors.labels("ensure_group").inc()
                 log.warning("redis cannot create the group (%s); retrying", error)

@@ -8,7 +8,7 @@ from ._connect import Client, connect
 from ._durability import exit_unless_durable_acks
 from ._errors import queue_error
 from .keys import Keys
-from .queue import RedisTaskQueue, exit_unless_layout_agrees, new_task_id
+from .queue import RedisTaskQueue, new_task_id, record_layout_at_start
 
 __all__ = [
     "Client",
@@ -16,7 +16,7 @@ __all__ = [
     "RedisTaskQueue",
     "connect",
     "exit_unless_durable_acks",
-    "exit_unless_layout_agrees",
     "new_task_id",
     "queue_error",
+    "record_layout_at_start",
 ]

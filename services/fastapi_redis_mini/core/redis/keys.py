@@ -143,8 +143,9 @@ class Keys:
 
     @property
     def layout(self) -> str:
-        """String: how the queue is laid out (partitions, lanes), as the first process to use
-        it recorded; kept under the single-partition names, the same whatever the layout."""
+        """String: how the queue is laid out (partitions, lanes), as the api or worker that
+        started last recorded it; under the single-partition names, the same whatever the
+        layout."""
         return f"{self.prefix}{self.queue}:layout"
 
     @property

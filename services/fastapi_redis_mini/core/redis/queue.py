@@ -26,7 +26,6 @@ import contextlib
 import dataclasses
 import functools
 import logging
-import sys
 import time
 from collections.abc import AsyncIterator, Sequence
 from importlib import resources
@@ -42,7 +41,6 @@ from ..models import Task, TaskStatus
 from ..queue import (
     CancelOutcome,
     LaneStats,
-    LayoutMismatch,
     QueueState,
     QueueStats,
     QueueUnavailable,
@@ -74,10 +72,10 @@ __all__ = [
     "check_durable_acks",
     "connect",
     "exit_unless_durable_acks",
-    "exit_unless_layout_agrees",
     "is_cluster",
     "new_task_id",
     "queue_error",
+    "record_layout_at_start",
     "torn_down",
 ]
 
@@ -328,26 +326,29 @@ class RedisTaskQueue(SubmitSide, WorkerSide, WebhookStore, OperatorSide):
             await self._execute(pipe)
 
     @_translated
-    async def check_layout(self) -> None:
-        # One SET NX GET: the first process to use the queue records its layout, and every
-        # later one reads what was recorded in the same round trip.
+    async def record_layout(self) -> str | None:
+        # One SET GET: the layout is recorded and the one before it read in one round trip.
+        # The last process to start wins, so after a change of layout made on purpose only
+        # the first process of the new one warns; while processes of two layouts keep
+        # starting, each start of either side warns.
         cluster = isinstance(self.redis, RedisCluster)
         ours = layout(self.settings, cluster=cluster)
         key = Keys.from_settings(self.settings, cluster=cluster).layout
-        reply = await self.redis.set(key, ours, nx=True, get=True)
+        reply = await self.redis.set(key, ours, get=True)
         if reply is None:
-            return
-        recorded = reply.decode() if isinstance(reply, bytes) else str(reply)
-        if recorded == ours:
-            return
-        raise LayoutMismatch(
-            f"the queue {self.settings.queue_key!r} is laid out as {recorded} (recorded in "
-            f"Redis key {key!r} by the first api or worker to use it), but this process's "
-            f"settings give {ours} ({layout_reasons(self.settings, cluster=cluster)}). It "
-            "would use other keys than the processes already running, and their tasks would "
-            "never run: give every api and worker the same QUEUE_PARTITIONS, PRIORITY_LANES "
-            "and per-key quotas (or pin QUEUE_PARTITIONS). To change the layout on purpose: stop "
-            "the apis, let the workers drain the queue, stop them, then delete that key."
+            return None
+        before = reply.decode() if isinstance(reply, bytes) else str(reply)
+        if before == ours:
+            return None
+        return (
+            f"the queue {self.settings.queue_key!r} was last used laid out as {before} (Redis "
+            f"key {key!r}), and this process lays it out as {ours} "
+            f"({layout_reasons(self.settings, cluster=cluster)}). If an api or worker of the "
+            "other layout still runs, the two use different keys, and tasks submitted on one "
+            "side are never run by the other: give every api and worker the same "
+            "QUEUE_PARTITIONS, PRIORITY_LANES and per-key quotas (or pin QUEUE_PARTITIONS). "
+            "After a change of layout made on purpose, with the old processes gone and their "
+            "queue drained, this is expected once."
         )
 
     @_translated
@@ -375,31 +376,31 @@ class RedisTaskQueue(SubmitSide, WorkerSide, WebhookStore, OperatorSide):
         return None if keys is None else keys.index
 
 
-# How long an api's start waits for Redis to answer its layout check before it goes on.
+# How long an api's start waits for Redis to answer before it goes on without the record.
 LAYOUT_CHECK_SECONDS = 3.0
 
 
-def exit_unless_layout_agrees(settings: Settings) -> None:
-    """Entry-point helper: one line on stderr and exit 2 when the queue in Redis is laid out
-    otherwise than `settings` would lay it out (see RedisTaskQueue.check_layout).
-
-    The api starts while Redis is down (it answers 503 until Redis is back), so a Redis that
-    does not answer within LAYOUT_CHECK_SECONDS is only warned about: the workers wait for
-    Redis before they read anything, and make the same check then.
+def record_layout_at_start(settings: Settings) -> None:
+    """Entry-point helper for the api: record the queue's layout, and log an error when it
+    differs from the one recorded before (see RedisTaskQueue.record_layout). It never stops
+    the start: the record outlives the processes that made it, so a stale one is no proof
+    that processes of another layout still run. The api starts while Redis is down (it
+    answers 503 until Redis is back): a Redis that does not answer within
+    LAYOUT_CHECK_SECONDS is left to the workers, which wait for Redis and record theirs.
     """
 
-    async def check() -> None:
+    async def record() -> str | None:
         queue = RedisTaskQueue(connect(settings), settings)
         try:
-            await asyncio.wait_for(queue.check_layout(), LAYOUT_CHECK_SECONDS)
+            return await asyncio.wait_for(queue.record_layout(), LAYOUT_CHECK_SECONDS)
         finally:
             await queue.close()
 
     try:
-        asyncio.run(check())
-    except LayoutMismatch as error:
-        print(f"fastapi-redis-mini: invalid configuration: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+        warning = asyncio.run(record())
     except (QueueUnavailable, TimeoutError) as error:
-        log.warning("the queue's layout could not be checked at start (%s); the workers check it",
+        log.warning("the queue's layout could not be recorded at start (%s)",
                     error or f"no answer within {LAYOUT_CHECK_SECONDS:g}s")  # fmt: skip
+        return
+    if warning is not None:
+        log.error("%s", warning)
