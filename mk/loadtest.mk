@@ -27,7 +27,7 @@ loadtest-headless: $(VENV)/.synced ## LOADTEST_USERS users for LOADTEST_TIME aga
 # The peers (arq needs redis<6) live in their own venv, installed from a hashed lock.
 $(BENCH_VENV)/.installed: $(BIN)/uv $(BENCH_LOCK)
 	$(PYTHON) -m venv $(BENCH_VENV)
-	$(BIN)/uv pip install --quiet --python $(BENCH_VENV)/bin/python --require-hashes -r $(BENCH_LOCK)
+	$(BIN)/uv pip install --quiet --compile-bytecode --python $(BENCH_VENV)/bin/python --require-hashes -r $(BENCH_LOCK)
 	@touch $@
 
 bench-tools: ## Install Debian's wrk (the api load generator) when it is missing and we are root
