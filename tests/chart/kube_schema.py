@@ -8,10 +8,14 @@ import re
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jsonschema  # type: ignore[import-untyped,unused-ignore]
 from referencing import Registry, Resource
+
+if TYPE_CHECKING:
+    # Imported where a validator is built: jsonschema's import takes 2 s (it builds a grammar
+    # for its IRI format check), and every xdist worker imports this module at collection.
+    import jsonschema  # type: ignore[import-untyped,unused-ignore]
 
 # The chart's kubeVersion floor, and the newest Kubernetes the schemas know.
 OLDEST = "1.27"
@@ -47,6 +51,8 @@ def _builtin_validator(version: str, kind: str, api_version: str) -> jsonschema.
     path = _schema_dir(version) / f"{kind.lower()}-{group_version}.json"
     if not path.is_file():
         raise NoSchemaError(f"Kubernetes {version} has no {kind} in {api_version}")
+    import jsonschema  # type: ignore[import-untyped,unused-ignore]
+
     schema = json.loads(path.read_text())
     registry: Registry[Any] = Resource.from_contents(schema) @ Registry()
     registry = _definitions(version) @ registry
@@ -60,6 +66,8 @@ def _builtin_validator(version: str, kind: str, api_version: str) -> jsonschema.
 @cache
 def _crd_validators() -> dict[tuple[str, str], jsonschema.protocols.Validator]:
     """(apiVersion, kind) -> validator, from every CRD schema under crds/."""
+    import jsonschema  # type: ignore[import-untyped,unused-ignore]
+
     validators: dict[tuple[str, str], jsonschema.protocols.Validator] = {}
     for path in sorted(CRDS.glob("*.json")):
         crd = json.loads(path.read_text())

@@ -31,10 +31,9 @@ import random
 import socket
 import time
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
-import httpx
 import orjson
 
 from ..core.queue import Job, QueueUnavailable, TaskQueue, WebhookMessage, WebhookVerdict
@@ -49,6 +48,9 @@ from ..core.webhooks import (
     signature,
 )
 from . import metrics
+
+if TYPE_CHECKING:
+    import httpx
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +162,9 @@ class WebhookSender:
         if not self._keys.any:
             await stopping.wait()
             return
+        # Imported here: a worker without webhook keys never loads httpx (a tenth of its start).
+        import httpx
+
         self._http = httpx.AsyncClient(
             timeout=self.settings.webhook_timeout, follow_redirects=False, trust_env=False
         )
@@ -246,6 +251,8 @@ class WebhookSender:
             return False
 
     async def _attempt(self, message: WebhookMessage, body: bytes) -> None:
+        import httpx  # loaded by run() already, with the client
+
         assert self._http is not None
         key = self._keys.for_scope(message.scope)
         if key is None:
