@@ -127,7 +127,12 @@ class RetryPolicy:
 
 
 # openai-python's sizes: enough connections for a thousand calls in flight, few kept idle.
-DEFAULT_LIMITS = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
+# An idle connection is dropped after 3 s, well before the api closes it (5 s): with httpx's
+# default of 5 s, a request sent on a connection just as the server closed it failed (seen
+# under load: "Server disconnected without sending a response", then a retry).
+DEFAULT_LIMITS = httpx.Limits(
+    max_connections=1000, max_keepalive_connections=100, keepalive_expiry=3.0
+)
 
 
 @dataclass(frozen=True)

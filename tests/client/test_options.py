@@ -94,3 +94,14 @@ def test_every_exception_crosses_a_process_boundary_with_its_attributes(
         came_back = pool.submit(_raise, failed).exception(timeout=60)
     assert isinstance(came_back, TaskFailedError)
     assert came_back.task == failed.task
+
+
+def test_the_client_drops_an_idle_connection_before_the_api_closes_it() -> None:
+    # Reusing a connection as the server's keep-alive timer closes it fails the request
+    # ("Server disconnected without sending a response"): the client must let go first,
+    # with a margin for a busy event loop on either side.
+    from fastapi_redis_mini.api.__main__ import KEEP_ALIVE_SECONDS
+    from fastapi_redis_mini_client._core import DEFAULT_LIMITS
+
+    assert DEFAULT_LIMITS.keepalive_expiry is not None
+    assert DEFAULT_LIMITS.keepalive_expiry <= KEEP_ALIVE_SECONDS - 2

@@ -62,6 +62,12 @@ def _prepare_metrics_dir(settings: Settings) -> str:
     return str(path)
 
 
+# How long an idle connection stays open (uvicorn's timeout_keep_alive, through gunicorn). A
+# client must drop idle connections sooner: one it reuses just as this timer closes it fails
+# with "Server disconnected without sending a response" (the client's default is 3 s).
+KEEP_ALIVE_SECONDS = 5
+
+
 def main() -> None:
     settings = load_settings_or_exit(api=True)
     configure_logging(settings.log_format, settings.log_level, "api")
@@ -99,7 +105,7 @@ def main() -> None:
             "worker_class": "fastapi_redis_mini.api._server.BoundedWorker",
             "graceful_timeout": math.ceil(settings.drain_timeout),
             "timeout": 60,
-            "keepalive": 5,
+            "keepalive": KEEP_ALIVE_SECONDS,
             "child_exit": child_exit,
             "accesslog": None,
             "logger_class": _Logger,
