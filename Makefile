@@ -17,14 +17,14 @@ $(BIN)/uv:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet "uv==$(UV_VERSION)"
 
-# Bytecode is compiled at install: where PYTHONDONTWRITEBYTECODE is set (CI containers set it)
-# no process writes it, and each of the hundreds of workers and apis the suite starts compiled
-# its imports again (a worker's start took 1.8 CPU-s instead of 0.75).
 # Bytecode is written as usual by every process make starts, whatever the environment says:
 # pytest keeps its assertion-rewritten test modules there too, and without it each of the
-# suite's pytest processes rewrote some 400 modules again (13 s to collect instead of 6).
+# suite's pytest processes rewrote some 400 modules again (13 CPU-s to collect, not 3.4).
 unexport PYTHONDONTWRITEBYTECODE
 
+# The venv's bytecode is compiled at install, so that no process started later compiles the
+# same imports (with PYTHONDONTWRITEBYTECODE set and none installed, as in CI's containers, a
+# worker's start took 1.8 CPU-s instead of 0.75).
 $(VENV)/.synced: $(BIN)/uv pyproject.toml uv.lock
 	UV_PROJECT_ENVIRONMENT=$(VENV) $(BIN)/uv sync --frozen --quiet --extra embed --compile-bytecode
 	@touch $@
