@@ -23,9 +23,16 @@ LISTEN_RANGE = range(2000, 12000)
 # which the api refuses at start). Redis, the api, the worker's and the api's metrics, the
 # Locust UI, Prometheus, Alertmanager and the Redis exporter.
 DEFAULT_PORTS = frozenset({6379, 8000, 9100, 9101, 8089, 9090, 9093, 9121})
+# Never handed out either: the ports of LISTEN_RANGE that Chromium refuses to open
+# (net::ERR_UNSAFE_PORT), found by opening every port of the range in the suite's chromium. A
+# server a browser test opens must not get one (seen: a console api on 6697).
+BROWSER_UNSAFE_PORTS = frozenset(
+    {2049, 3659, 4045, 5060, 5061, 6000, 6566, *range(6665, 6670), 6697, 10080}
+)
 # Ports this process has handed out and may not have bound yet: not handed out again until
 # half of the share has been.
 _given: set[int] = set()
+_NEVER = DEFAULT_PORTS | BROWSER_UNSAFE_PORTS
 
 
 def own_share(ports: range) -> range:
@@ -47,7 +54,7 @@ def free_port() -> int:
         _given.clear()
     for _ in range(len(share)):
         port = random.choice(share)
-        if port not in _given and port not in DEFAULT_PORTS and bindable(port):
+        if port not in _given and port not in _NEVER and bindable(port):
             _given.add(port)
             return port
     raise RuntimeError(f"no free port in {share}")
