@@ -43,16 +43,18 @@ FAST_TESTS := tests/core tests/api tests/worker tests/client tests/observability
 # subprocesses, so six share two cores well (on two cores the parallel part took 8.5 min
 # with six, 9.3 with four, its CPU 77% busy). Every server a test starts takes a free port.
 # Tests that share a machine-wide resource run in one process (tests/conftest.py groups them);
-# tests marked `serial` run afterwards, with nothing beside them. `TEST_WORKERS=0` runs all
-# in this process.
+# tests marked `serial` run afterwards, in two processes: the network-partition tests (one
+# group) beside the master-away test, and nothing else (70 s, against 130 one after the
+# other, with the same margins). `TEST_WORKERS=0` runs all in this process.
 TEST_WORKERS ?= 6
 XDIST = -n $(TEST_WORKERS) --dist loadgroup
+SERIAL_XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n 2 --dist loadgroup)
 # pytest exits 5 when a marker selects no test: a phase with nothing to run has passed.
 NONE_SELECTED_IS_FINE = || [ $$? -eq 5 ]
 
 test: setup ## Run the whole test suite against real servers, in parallel
 	$(BIN)/pytest $(XDIST) -m "not serial" $(COVERAGE) --durations=20 $(PYTEST_ARGS)
-	$(BIN)/pytest -m serial $(COVERAGE_LAST) $(PYTEST_ARGS) $(NONE_SELECTED_IS_FINE)
+	$(BIN)/pytest $(SERIAL_XDIST) -m serial $(COVERAGE_LAST) $(PYTEST_ARGS) $(NONE_SELECTED_IS_FINE)
 
 # Measuring coverage traces every line the tests run in their own processes: on two cores
 # it made the suite about a fifth slower (842 s against 686 s for the parallel part), so
