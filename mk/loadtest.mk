@@ -12,7 +12,7 @@ BENCH_LOCK := loadtest/bench/requirements.lock
 BENCH_ARGS ?=
 PROFILE_ARGS ?=
 
-.PHONY: loadtest loadtest-headless bench bench-quick bench-tools bench-lock profile-worker profile-api api-ab flamegraph
+.PHONY: loadtest loadtest-headless bench bench-quick bench-tools bench-lock profile-worker profile-api api-ab worker-ab flamegraph
 
 loadtest: $(VENV)/.synced ## Locust web UI on http://127.0.0.1:8089 against LOADTEST_HOST (default: make run's api)
 	$(BIN)/locust -f $(LOCUSTFILE) --host $(LOADTEST_HOST) --web-host 127.0.0.1 --web-port 8089
@@ -53,6 +53,12 @@ profile-api: $(VENV)/.synced bench-tools ## cProfile one api process under wrk (
 
 api-ab: $(VENV)/.synced ## CPU per request of the api against the bare app, in one process (AB_ARGS=--endpoint hit|get, --gc default)
 	$(BIN)/python -m loadtest.bench.api_ab $(AB_ARGS)
+
+# The worker of WORKER_AB_BASE against this tree's, alternating drains on one Valkey, arq
+# between them (AB_ARGS=--env READ_BATCH=50 sets one for this tree's worker only).
+WORKER_AB_BASE ?= HEAD
+worker-ab: $(VENV)/.synced $(BENCH_VENV)/.installed ## Drain rate of WORKER_AB_BASE's worker against this tree's, side by side in turns, with arq in every round
+	$(BIN)/python -m loadtest.bench.worker_ab --base $(WORKER_AB_BASE) $(AB_ARGS)
 
 flamegraph: $(VENV)/.synced bench-tools ## py-spy flame graphs of the worker and the api under load: reports/profile/*.svg
 	$(BIN)/python -m loadtest.bench.profile worker --flamegraph $(PROFILE_ARGS)

@@ -98,6 +98,24 @@ def test_the_in_process_api_comparison_runs_both_apps_to_the_end() -> None:
     assert re.search(r"^  api extra +-?[\d.]+ µs", result.stdout, re.MULTILINE), result.stdout
 
 
+def test_the_worker_comparison_drains_with_both_versions_in_turns() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "loadtest.bench.worker_ab", "--base", "HEAD", "--rounds", "2",
+         "--tasks", "300", "--no-peer"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    # Each round drained every task with both versions, in turns: A first, then B first.
+    rounds = re.findall(r"^round (\d) (A|B) .* (\d+)/300 done$", result.stdout, re.MULTILINE)
+    assert [(r, v) for r, v, _ in rounds] == [("1", "A"), ("1", "B"), ("2", "B"), ("2", "A")]
+    assert {done for _, _, done in rounds} == {"300"}
+    assert re.search(r"^B/A by round: [\d.]+, [\d.]+; median [\d.]+$", result.stdout, re.M)
+
+
 def test_the_cluster_section_measures_both_backends_and_memory_per_master(
     wrk_binary: str, tmp_path: Path
 ) -> None:
