@@ -41,7 +41,7 @@ from ..core.queue import (
     TaskQueue,
 )
 from ..core.settings import Settings
-from ..core.telemetry.metrics import redis_errors
+from ..core.telemetry.metrics import observe_each, redis_errors
 from ..core.webhooks import WebhookEvent
 from . import _telemetry, metrics
 from ._handler import HandlerRunner
@@ -360,6 +360,10 @@ class Worker:
         taken = 0
         for job in jobs:
             taken += self._take(job)
+        observe_each(
+            metrics.task_queue_wait,
+            [max(0.0, j.started_at - j.created_at) for j in jobs if j.verdict is StartVerdict.RUN],
+        )
         metrics.tasks_in_flight.set(self.in_flight)
         return taken
 
@@ -403,14 +407,14 @@ class Worker:
         delivery = Delivery(entry_id=suspect.job.entry_id, task_id=suspect.job.task_id)
         [job] = await self.queue.start(self.consumer, [delivery], alone=True)
         self._let_go(suspect)
-        self._take(job, alone=True)
+        if self._take(job, alone=True) and job.verdict is StartVerdict.RUN:
+            metrics.task_queue_wait.observe(max(0.0, job.started_at - job.created_at))
         metrics.tasks_in_flight.set(self.in_flight)
 
     # -- running one task
 
     async def _execute(self, record: InFlight) -> None:
         job = record.job
-        metrics.task_queue_wait.observe(max(0.0, job.started_at - job.created_at))
         finish: Finish | None = None
         try:
             with self._span(job):
@@ -553,6 +557,9 @@ class Worker:
 
     def _record(self, batch: Sequence[Finish], verdicts: Sequence[FinishVerdict]) -> None:
         now = time.time()
+        run_seconds: list[float] = []
+        end_to_end_seconds: list[float] = []
+        finished_as: dict[str, int] = {}
         for finish, verdict in zip(batch, verdicts, strict=True):
             job = finish.job
             record = self._tasks.get(job.task_id)
@@ -570,9 +577,16 @@ class Worker:
             elif finish.outcome is not Outcome.RELEASE:
                 if finish.webhook is not None:
                     self.webhooks.wake()
-                metrics.tasks_finished_as[finish.outcome.value].inc()
-                metrics.task_run.observe(max(0.0, now - job.started_at))
-                metrics.task_end_to_end.observe(max(0.0, now - job.created_at))
+                status = finish.outcome.value
+                finished_as[status] = finished_as.get(status, 0) + 1
+                run_seconds.append(max(0.0, now - job.started_at))
+                end_to_end_seconds.append(max(0.0, now - job.created_at))
+        # Counted once per batch: three observations and a count, task by task, cost about
+        # 2.5 µs of a no-op task's CPU (see observe_each).
+        for status, count in finished_as.items():
+            metrics.tasks_finished_as[status].inc(count)
+        observe_each(metrics.task_run, run_seconds)
+        observe_each(metrics.task_end_to_end, end_to_end_seconds)
         self._slot_free.set()  # written outcomes make room for more (see _free_slots)
         metrics.tasks_in_flight.set(self.in_flight)
 

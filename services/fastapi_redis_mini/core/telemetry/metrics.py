@@ -9,13 +9,15 @@ The queue-depth gauges are not kept here: they are read from Redis at scrape tim
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from bisect import bisect_left
+from collections.abc import Callable, Collection
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
     CollectorRegistry,
     Counter,
+    Histogram,
     ProcessCollector,
     disable_created_metrics,
     generate_latest,
@@ -44,6 +46,32 @@ QUEUE_WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15, 30, 60, 120
 RUN_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15, 20, 30, 45, 60, 75, 90, 120, 180,
                300, 600)  # fmt: skip
 END_TO_END_BUCKETS = tuple(sorted({*QUEUE_WAIT_BUCKETS, *RUN_BUCKETS}))
+
+
+def observe_each(histogram: Histogram, values: Collection[float]) -> None:
+    """`histogram.observe(v)` for each of `values`, each bucket's count added once.
+
+    observe() takes two locks and walks the buckets from the first for every value; a worker
+    observes three values per finished task, a batch at a time, and this costs an eighth as
+    much per value (0.11 µs against 0.81, on END_TO_END_BUCKETS). prometheus_client offers no
+    batch observe, so this uses its Histogram's internals (`_upper_bounds`; `_buckets`, where
+    each value counts once, in the first bucket at or above it; `_sum`) as observe() does;
+    tests/observability/test_observe_each.py checks it against observe().
+    """
+    if not values:
+        return
+    # A histogram with labels observes through labels(): raises as observe() would.
+    histogram._raise_if_not_observable()  # type: ignore[no-untyped-call]
+    bounds = histogram._upper_bounds
+    counts = [0] * len(bounds)
+    for value in values:
+        counts[bisect_left(bounds, value)] += 1
+    buckets = histogram._buckets
+    for index, count in enumerate(counts):
+        if count:
+            buckets[index].inc(count)
+    histogram._sum.inc(sum(values))
+
 
 # -- both services
 redis_errors = Counter(
