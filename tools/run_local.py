@@ -13,6 +13,7 @@ import signal
 import sys
 import time
 
+from fastapi_redis_mini_harness.ports import free_port
 from fastapi_redis_mini_harness.processes import (
     API_MODULE,
     WORKER_MODULE,
@@ -35,7 +36,14 @@ def main() -> int:
     server: RedisServer | None = None
     if not env.get("REDIS_URL"):
         valkey_port = env.get("VALKEY_PORT")
-        server = RedisServer(port=int(valkey_port) if valkey_port else None, kind="valkey")
+        # Never one of the service's own ports, which are not bound yet: a pick of a port
+        # that is free now could otherwise be METRICS_PORT (seen in the suite).
+        chosen = (
+            int(valkey_port)
+            if valkey_port
+            else free_port(avoid={port, metrics_port, api_metrics_port})
+        )
+        server = RedisServer(port=chosen, kind="valkey")
         server.start()
         env["REDIS_URL"] = server.url
         print(f"embedded valkey on {server.url}", flush=True)

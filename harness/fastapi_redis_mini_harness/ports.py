@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import random
 import socket
+from collections.abc import Collection
 
 # Below redis_cluster.PORT_RANGE (12000-22700) and its bus ports (+10000).
 LISTEN_RANGE = range(2000, 12000)
@@ -47,14 +48,15 @@ def own_share(ports: range) -> range:
     return range(start, start + size)
 
 
-def free_port() -> int:
-    """A port on 127.0.0.1 that nothing listens on now, from this process's share."""
+def free_port(avoid: Collection[int] = ()) -> int:
+    """A port on 127.0.0.1 that nothing listens on now, from this process's share, and none of
+    `avoid` (ports another process was told to take but may not have bound yet)."""
     share = own_share(LISTEN_RANGE)
     if len(_given) >= len(share) // 2:
         _given.clear()
     for _ in range(len(share)):
         port = random.choice(share)
-        if port not in _given and port not in _NEVER and bindable(port):
+        if port not in _given and port not in _NEVER and port not in avoid and bindable(port):
             _given.add(port)
             return port
     raise RuntimeError(f"no free port in {share}")

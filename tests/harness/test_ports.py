@@ -28,6 +28,15 @@ def test_a_pick_that_lands_on_a_default_or_browser_unsafe_port_is_passed_over(
     assert ports.free_port() == 4321
 
 
+def test_a_pick_passes_over_the_ports_it_is_told_to_avoid(monkeypatch: pytest.MonkeyPatch) -> None:
+    draws: Iterator[int] = iter([4000, 4001, 4002])
+    monkeypatch.setattr(random, "choice", lambda share: next(draws))
+    monkeypatch.setattr(ports, "own_share", lambda _: range(2000, 12000))
+    monkeypatch.setattr(ports, "_given", set())
+
+    assert ports.free_port(avoid={4000, 4001}) == 4002
+
+
 def test_the_service_defaults_are_among_the_ports_never_picked() -> None:
     from fastapi_redis_mini.core.settings import Settings
 
