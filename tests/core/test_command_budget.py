@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from fastapi_redis_mini.core.models import TaskCreate, request_signature
-from fastapi_redis_mini.core.queue import Finish, Outcome
+from fastapi_redis_mini.core.queue import Finish, FinishVerdict, Outcome
 from fastapi_redis_mini.core.redis import RedisTaskQueue, connect
 from fastapi_redis_mini.core.settings import Settings
 
@@ -37,6 +37,8 @@ READ = (1, 2)  # EVALSHA: HMGET
 # TIME, XACK, PUBLISH, and for the console's index and counts LPUSH (done list), HINCRBY and
 # EXPIRE (the ten-second bucket).
 FINISH_BATCH = (3, 1 + 3 + 6 * BATCH + 3 + 3)
+# A worker on one partition takes its batches: the XREADGROUP runs inside start.lua's call.
+TAKE_BATCH = (2, FINISH_BATCH[1])
 
 
 class Counted:
@@ -100,8 +102,9 @@ async def test_a_submit_a_cache_hit_and_a_read_each_cost_one_call(queue: RedisTa
     assert read.figures == READ, read.names
 
 
-async def test_a_finished_task_costs_six_commands_and_a_batch_three_calls(
-    settings: Settings,
+@pytest.mark.parametrize("taken", [False, True], ids=["read then started", "taken"])
+async def test_a_finished_task_costs_six_commands_and_a_batch_three_calls_or_two_taken(
+    settings: Settings, taken: bool
 ) -> None:
     configured = settings.model_copy(update={"queue_partitions": 1})
     queue = RedisTaskQueue(connect(configured), configured)
@@ -113,14 +116,17 @@ async def test_a_finished_task_costs_six_commands_and_a_batch_three_calls(
             await queue.submit(task, signature=signature)
 
         async def run_a_batch() -> None:
-            deliveries = await queue.read(CONSUMER, count=100, block_ms=10)
-            jobs = await queue.start(CONSUMER, deliveries)
+            if taken:
+                jobs = await queue.take(CONSUMER, 100)
+            else:
+                deliveries = await queue.read(CONSUMER, count=100, block_ms=10)
+                jobs = await queue.start(CONSUMER, deliveries)
             finishes = [Finish(j, Outcome.DONE, result=orjson.dumps(n)) for n, j in enumerate(jobs)]
             verdicts = await queue.finish(CONSUMER, finishes)
-            assert len(verdicts) == BATCH
+            assert verdicts == [FinishVerdict.WRITTEN] * BATCH
 
         worked = await count(configured, run_a_batch)
     finally:
         await queue.close()
-    report("finished task", worked, per=BATCH)
-    assert worked.figures == FINISH_BATCH, worked.names
+    report("finished task, taken" if taken else "finished task", worked, per=BATCH)
+    assert worked.figures == (TAKE_BATCH if taken else FINISH_BATCH), worked.names

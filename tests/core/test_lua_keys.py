@@ -5,6 +5,10 @@ a cluster every key of the queue shares one slot, so running the scripts there p
 nothing. Instead a real server's MONITOR shows each command a script runs, the server's own
 COMMAND GETKEYS names the keys in it, and each must be among the KEYS of the call that ran
 the script.
+
+The one exception is take() (start.lua reading its own batch, on a single server only): it
+cannot declare task keys it has not read yet. Its undeclared keys must be exactly the keys of
+the tasks it took.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from fastapi_redis_mini.core.queue import (
 )
 from fastapi_redis_mini.core.redis import RedisTaskQueue, connect
 from fastapi_redis_mini.core.redis.console import ConsoleStore, RetryOutcome
+from fastapi_redis_mini.core.redis.keys import Partitions
 from fastapi_redis_mini.core.settings import Settings
 
 from ..support.monitor import ARGUMENT, monitored, unquote
@@ -238,3 +243,32 @@ async def test_the_check_finds_a_key_a_script_was_not_given(settings: Settings) 
         ]
     finally:
         client.close()
+
+
+async def test_take_touches_undeclared_only_the_keys_of_the_tasks_it_took(
+    settings: Settings,
+) -> None:
+    taken: list[Job] = []
+
+    async def take(queue: RedisTaskQueue) -> None:
+        await queue.ensure_group()
+        for n in range(3):
+            task = TaskCreate(prompt=f"taken {n}")
+            await queue.submit(task, signature=request_signature(task))
+        taken.extend(await queue.take(CONSUMER, 10))
+
+    calls = await _check(settings, take)
+    assert len(taken) == 3
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        undeclared = {(command, key) for _, command, key in calls.undeclared(client)}
+    finally:
+        client.close()
+    # HMGET and HSET of each task taken, and nothing else outside KEYS.
+    keys = Partitions.from_settings(settings, cluster=False).all[0]
+    expected = {
+        (command, keys.task(job.task_id).encode())
+        for job in taken
+        for command in (b"HMGET", b"HSET")
+    }
+    assert undeclared == expected

@@ -369,6 +369,16 @@ class TaskQueue(Protocol):
         self, consumer: str, deliveries: Sequence[Delivery], *, alone: bool = False
     ) -> list[Job]: ...
 
+    @property
+    def takes(self) -> bool:
+        """Whether take() can be used: it reads and starts in one call."""
+        ...
+
+    async def take(self, consumer: str, count: int) -> list[Job]:
+        """Up to `count` new entries read and their tasks started, as read() and start() do,
+        in one call that never blocks: [] when there is nothing new."""
+        ...
+
     async def finish(self, consumer: str, finishes: Sequence[Finish]) -> list[FinishVerdict]: ...
 
     async def keep_alive(self, consumer: str, jobs: Sequence[Job]) -> list[str]: ...

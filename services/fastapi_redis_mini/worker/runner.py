@@ -1,5 +1,9 @@
 """The worker: reads the task stream in batches and runs up to MAX_CONCURRENCY tasks at once.
 
+On a single server with one partition, while there is work, each batch is read and started in
+one script call (queue.take), half of MAX_CONCURRENCY at a time: the next batch is being
+started in Redis while the last one runs, instead of the worker and Redis taking turns.
+
 Delivery is at-least-once. An entry is acknowledged only in the same atomic step that writes
 its task's outcome; entries of a worker that dies are reclaimed by the others once they have
 been idle for CLAIM_IDLE, and a live worker keeps its own entries fresh so nobody steals them.
@@ -109,6 +113,7 @@ class Worker:
         self.failure: str | None = None  # why the worker is going down, once it is
         self._tasks: dict[str, InFlight] = {}  # task id -> what this worker holds of it
         self._timeouts = RunTimeouts(settings.task_timeout, self._tasks.values)
+        self._half = max(1, (settings.max_concurrency + 1) // 2)  # a take's batch at most
         self._phases = [0] * len(Phase)  # how many records are in each phase
         # Outcomes waiting to be written, per partition (see _outbox.py).
         self._outbox = Outbox(queue.partition_count, queue.partition_of)
@@ -309,10 +314,26 @@ class Worker:
                 self._slot_free.clear()
                 await _first(self._slot_free.wait(), self._stopping.wait(), at_most=1.0)
                 continue
+            count = min(free, self.settings.read_batch)
+            refusing = self._outbox.refusing()
+            if self.queue.takes and not refusing:
+                # Read and start in one call, which never blocks: while there is work, the
+                # next batch is started in Redis while this one runs. Half of the slots at a
+                # time, so that a batch is always in Redis while the other runs.
+                try:
+                    jobs = await self.queue.take(self.consumer, min(count, self._half))
+                    backoff.reset()
+                except QueueUnavailable as error:
+                    redis_errors.labels("read").inc()
+                    log.warning("redis cannot be read (%s); retrying", error)
+                    await _sleep_or_stop(backoff.next(), self._stopping)
+                    continue
+                if jobs:
+                    self._took(jobs)
+                    continue
             try:
-                count = min(free, self.settings.read_batch)
                 deliveries = await self.queue.read(
-                    self.consumer, count, block_ms=1000, avoid=self._outbox.refusing()
+                    self.consumer, count, block_ms=1000, avoid=refusing
                 )
                 backoff.reset()
             except QueueUnavailable as error:
@@ -357,6 +378,10 @@ class Worker:
                 self.last_progress = time.monotonic()
                 pause = min(backoff.next(), give_up_at - time.monotonic())
                 await _sleep_or_stop(max(pause, 0.0), self._stopping)
+        return self._took(jobs)
+
+    def _took(self, jobs: Sequence[Job]) -> int:
+        """Act on what start decided for each of `jobs`; returns how many were taken on."""
         taken = 0
         for job in jobs:
             taken += self._take(job)

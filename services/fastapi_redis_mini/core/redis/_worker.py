@@ -51,6 +51,8 @@ _TURNS_TRIMMED_PER_CALL = 1000
 # finish.lua counts outcomes in ten-second buckets, kept a quarter of an hour: the console
 # charts the last five minutes of them.
 COUNTS_BUCKET_SECONDS = 10
+# The verdicts of a task start.lua ended rather than started.
+_ENDED = (StartVerdict.DEAD, StartVerdict.CANCELLED, StartVerdict.EXPIRED)
 COUNTS_KEPT_SECONDS = 900
 
 
@@ -72,6 +74,11 @@ class WorkerSide(QueueBase):
     _claim_cursors: dict[tuple[str, int], str]
     _read_turn: int
     _claim_turn: int
+    # Whether take() can read and start in one call: on a single server, with one partition
+    # and no lanes. start.lua names the task keys it reads there without their being
+    # declared, which a single server allows and a cluster's contract does not (every key a
+    # script touches is among its KEYS: tests/core/test_lua_keys.py).
+    takes: bool
 
     @_translated
     async def ensure_group(self) -> None:
@@ -189,6 +196,27 @@ class WorkerSide(QueueBase):
         return deliveries
 
     @_translated
+    async def take(self, consumer: str, count: int) -> list[Job]:
+        """Read up to `count` new entries and start their tasks, in one call (start.lua reads
+        them itself): a worker's next batch starts in Redis while it runs the last one. Never
+        blocks; nothing new gives []. Only where `takes` holds."""
+        keys = self.keys
+        now = time.time()
+        reply = await self._start_script(
+            keys=[keys.stream, keys.dead_letter, keys.webhooks_due, keys.webhook_messages],
+            args=[keys.group, consumer, repr(now), self.settings.max_deliveries, 0, "[]",
+                  self.settings.result_expiry, keys.events, self.settings.dead_letter_maxlen,
+                  self._publish, keys.reports, count, keys.prefix],
+        )  # fmt: skip
+        rows = orjson.loads(reply)
+        deliveries = [Delivery(entry_id=row["entry"], task_id=row["task_id"]) for row in rows]
+        jobs = [self._job(d, row, now) for d, row in zip(deliveries, rows, strict=True)]
+        ended = [job for job in jobs if job.verdict in _ENDED]
+        if ended and self.settings.max_unfinished_per_key:
+            await self._forget_unfinished(ended)
+        return jobs
+
+    @_translated
     async def start(
         self, consumer: str, deliveries: Sequence[Delivery], *, alone: bool = False
     ) -> list[Job]:
@@ -218,29 +246,38 @@ class WorkerSide(QueueBase):
             if row is None:  # its partition failed: not started, to be tried again
                 jobs.append(None)
                 continue
-            verdict = StartVerdict(row["verdict"])
-            job = Job(entry_id=d.entry_id, task_id=d.task_id, verdict=verdict, started_at=now)
-            if verdict in (StartVerdict.DEAD, StartVerdict.CANCELLED, StartVerdict.EXPIRED):
-                job.scope = row["scope"]
+            job = self._job(d, row, now)
+            if job.verdict in _ENDED:
                 ended.append(job)
-            if verdict is StartVerdict.RUN:
-                request = orjson.loads(row["request"])
-                job.prompt = request["prompt"]
-                job.params = request["params"]
-                job.signature = row["signature"]
-                job.scope = row["scope"]
-                job.traceparent = row["traceparent"]
-                job.created_at = float(row["created_at"])
-                job.attempts = int(row["attempts"])
-                if "webhook" in request:
-                    job.webhook = request["webhook"]
-                    job.webhook_events = frozenset(request["webhook_events"] or ("completed",))
             jobs.append(job)
         if ended and self.settings.max_unfinished_per_key:
             await self._forget_unfinished(ended)
         if failed:
             raise PartitionsUnavailable(failed, jobs)
         return [job for job in jobs if job is not None]
+
+    @staticmethod
+    def _job(delivery: Delivery, row: dict[str, Any], now: float) -> Job:
+        """The Job of one delivery, from start.lua's answer for it."""
+        verdict = StartVerdict(row["verdict"])
+        job = Job(
+            entry_id=delivery.entry_id, task_id=delivery.task_id, verdict=verdict, started_at=now
+        )
+        if verdict in _ENDED:
+            job.scope = row["scope"]
+        elif verdict is StartVerdict.RUN:
+            request = orjson.loads(row["request"])
+            job.prompt = request["prompt"]
+            job.params = request["params"]
+            job.signature = row["signature"]
+            job.scope = row["scope"]
+            job.traceparent = row["traceparent"]
+            job.created_at = float(row["created_at"])
+            job.attempts = int(row["attempts"])
+            if "webhook" in request:
+                job.webhook = request["webhook"]
+                job.webhook_events = frozenset(request["webhook_events"] or ("completed",))
+        return job
 
     async def _forget_unfinished(self, jobs: Sequence[Job]) -> None:
         """Take tasks start.lua ended off their API key's set of unfinished tasks.

@@ -110,6 +110,7 @@ class RedisTaskQueue(SubmitSide, WorkerSide, WebhookStore, OperatorSide):
         # Workers wait on the work channel when they cannot block on one stream: with several
         # partitions, or with lanes, whose tasks are not in the stream until dispatched.
         self._announces_work = len(self.partitions) > 1 or settings.priority_lanes
+        self.takes = not cluster and not self._announces_work  # see WorkerSide
         # One name per thing: `_<name>_script` runs lua/<name>.lua; `read()` alone is XREADGROUP.
         self._submit_script = _load_script(redis, "submit")
         self._start_script = _load_script(redis, "start")

@@ -15,14 +15,22 @@
 -- ran an attempt before is past that promise and retried as usual.
 -- A task ended here (cancelled, expired, dead-lettered) records the `completed` webhook its
 -- request asked for in the same step; a task started costs nothing more for it.
--- KEYS: stream, dead_letter, task_1 .. task_n, webhooks_due, webhook_messages
+-- Taking: with a count in ARGV[12], the script first reads up to that many new entries of
+-- the stream for the consumer (XREADGROUP without blocking) and starts those, in the same
+-- call. The worker then has its next batch started while it runs the last one, instead of
+-- waiting for a read's reply and then for a start's. The task keys are not declared then:
+-- they are made from the task ids read and the partition's key prefix (ARGV[13]), which
+-- holds the stream's hash tag on a cluster, so every key is in the stream's slot.
+-- KEYS: stream, dead_letter, task_1 .. task_n (none when taking), webhooks_due,
+--       webhook_messages
 -- ARGV: group, consumer, now, max_deliveries, alone (1: the worker runs this batch alone),
---       JSON [[entry_1, task_id_1], ..], result_expiry, events_channel, dead_letter_maxlen,
---       publish command (PUBLISH, or SPUBLISH on a cluster), reports_channel
+--       JSON [[entry_1, task_id_1], ..] ('[]' when taking), result_expiry, events_channel,
+--       dead_letter_maxlen, publish command (PUBLISH, or SPUBLISH on a cluster),
+--       reports_channel[, count to take, key prefix]
 -- Returns: the JSON array, one object per delivery in order: {verdict, request, signature, scope,
 --   traceparent, created_at, attempts} to run ('run'; request is the request's JSON as a
 --   string); {verdict, scope} for a task ended here ('cancelled', 'dead', 'expired');
---   {verdict} otherwise
+--   {verdict} otherwise. When taking, each object also has the delivery's entry and task_id.
 local stream, dead = KEYS[1], KEYS[2]
 local group, consumer, now = ARGV[1], ARGV[2], ARGV[3]
 local max_deliveries = tonumber(ARGV[4])
@@ -31,6 +39,33 @@ local batch = cjson.decode(ARGV[6])
 local result_expiry, channel, dead_maxlen, publish = ARGV[7], ARGV[8], ARGV[9], ARGV[10]
 local out, acks, finished, started = {}, {}, {}, {}
 local webhooks_due, webhook_messages = KEYS[#KEYS - 1], KEYS[#KEYS]
+local taking = ARGV[12] ~= nil
+local task_keys = {}
+if taking then
+  local reply = redis.pcall('XREADGROUP', 'GROUP', group, consumer, 'COUNT', ARGV[12],
+    'STREAMS', stream, '>')
+  if type(reply) == 'table' and reply.err then
+    if string.sub(reply.err, 1, 7) ~= 'NOGROUP' then
+      return reply
+    end
+    -- The group vanished (a restart without persistence): made again, with nothing to take.
+    redis.call('XGROUP', 'CREATE', stream, group, '0', 'MKSTREAM')
+    return '[]'
+  end
+  for _, entry in ipairs(reply and reply[1][2] or {}) do
+    local fields = entry[2]
+    for j = 1, #(fields or {}), 2 do
+      if fields[j] == 'task_id' then
+        batch[#batch + 1] = {entry[1], fields[j + 1]}
+        task_keys[#batch] = ARGV[13] .. 'task:' .. fields[j + 1]
+      end
+    end
+  end
+else
+  for i = 1, #batch do
+    task_keys[i] = KEYS[i + 2]
+  end
+end
 
 -- A task ended here sends the `completed` webhook its request asked for, as one the worker
 -- ends does: its delivery is recorded with the final status (see webhook_claim.lua).
@@ -61,7 +96,7 @@ local function completed_webhook(due, messages, request, task_id, scope, fields)
 end
 
 for i, delivery in ipairs(batch) do
-  local key, entry, task_id = KEYS[i + 2], delivery[1], delivery[2]
+  local key, entry, task_id = task_keys[i], delivery[1], delivery[2]
   local t = redis.call('HMGET', key, 'status', 'deliveries', 'cancel', 'request', 'signature',
     'scope', 'trace', 'created_at', 'attempts', 'deadline_at')
   local status = t[1]
@@ -115,6 +150,9 @@ for i, delivery in ipairs(batch) do
     out[i] = {verdict = 'run', request = t[4], signature = t[5] or '', scope = t[6] or '',
       traceparent = t[7] or '', created_at = t[8] or '0', attempts = attempts}
   end
+  if taking then
+    out[i].entry, out[i].task_id = entry, task_id
+  end
 end
 if #acks > 0 then
   redis.call('XACK', stream, group, unpack(acks))
@@ -124,5 +162,8 @@ if #finished > 0 then
 end
 if #started > 0 then
   redis.call(publish, ARGV[11], table.concat(started, ' '))
+end
+if #batch == 0 then
+  return '[]'  -- cjson encodes an empty table as an object
 end
 return cjson.encode(out)
