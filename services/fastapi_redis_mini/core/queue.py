@@ -128,6 +128,10 @@ class StartVerdict(StrEnum):
     SUSPECT = "suspect"  # in flight when a worker died: left untouched until it can run alone
 
 
+# The verdicts of a task that start ended rather than started: it is final now.
+ENDED_AT_START = (StartVerdict.DEAD, StartVerdict.CANCELLED, StartVerdict.EXPIRED)
+
+
 @dataclass(slots=True)
 class Job:
     """A delivery this worker has been told to run."""

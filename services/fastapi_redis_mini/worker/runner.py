@@ -33,6 +33,7 @@ from opentelemetry import trace
 
 from ..core.handlers import AnyTaskHandler, RetryableError
 from ..core.queue import (
+    ENDED_AT_START,
     Delivery,
     Finish,
     FinishVerdict,
@@ -63,7 +64,6 @@ _RETRY_PROMOTE_INTERVAL = 0.5
 _TRIM_INTERVAL = 10.0
 _RUN_PHASES = (Phase.RUNNING, Phase.ALONE)
 _FINAL = (Outcome.DONE, Outcome.FAILED, Outcome.CANCELLED)
-_ENDED_AT_START = (StartVerdict.DEAD, StartVerdict.CANCELLED, StartVerdict.EXPIRED)
 # How long a run's last reports may take to be sent before its outcome is written anyway.
 _REPORTS_GRACE = 2.0
 _CLOSE_TIMEOUT = 5.0  # for the handler's close(), within the pod's termination grace
@@ -316,22 +316,17 @@ class Worker:
                 continue
             count = min(free, self.settings.read_batch)
             refusing = self._outbox.refusing()
-            if self.queue.takes and not refusing:
-                # Read and start in one call, which never blocks: while there is work, the
-                # next batch is started in Redis while this one runs. Half of the slots at a
-                # time, so that a batch is always in Redis while the other runs.
-                try:
-                    jobs = await self.queue.take(self.consumer, min(count, self._half))
-                    backoff.reset()
-                except QueueUnavailable as error:
-                    redis_errors.labels("read").inc()
-                    log.warning("redis cannot be read (%s); retrying", error)
-                    await _sleep_or_stop(backoff.next(), self._stopping)
-                    continue
-                if jobs:
-                    self._took(jobs)
-                    continue
             try:
+                if self.queue.takes and not refusing:
+                    # Read and start in one call, which never blocks: while there is work, the
+                    # next batch is started in Redis while this one runs. Half of the slots at
+                    # a time, so that a batch is always in Redis while the other runs. Nothing
+                    # new: the blocking read below waits for it.
+                    jobs = await self.queue.take(self.consumer, min(count, self._half))
+                    if jobs:
+                        backoff.reset()
+                        self._took(jobs)
+                        continue
                 deliveries = await self.queue.read(
                     self.consumer, count, block_ms=1000, avoid=refusing
                 )
@@ -394,7 +389,7 @@ class Worker:
 
     def _take(self, job: Job, *, alone: bool = False) -> bool:
         """Act on what start decided for one delivery; False when it is left to others."""
-        if job.verdict in _ENDED_AT_START:
+        if job.verdict in ENDED_AT_START:
             # start.lua recorded the completed delivery of any with a webhook: send it now
             # rather than at the next poll.
             self.webhooks.wake()

@@ -24,6 +24,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError, ResponseError
 
 from ..queue import (
+    ENDED_AT_START,
     Delivery,
     Finish,
     FinishVerdict,
@@ -51,8 +52,6 @@ _TURNS_TRIMMED_PER_CALL = 1000
 # finish.lua counts outcomes in ten-second buckets, kept a quarter of an hour: the console
 # charts the last five minutes of them.
 COUNTS_BUCKET_SECONDS = 10
-# The verdicts of a task start.lua ended rather than started.
-_ENDED = (StartVerdict.DEAD, StartVerdict.CANCELLED, StartVerdict.EXPIRED)
 COUNTS_KEPT_SECONDS = 900
 
 
@@ -211,7 +210,7 @@ class WorkerSide(QueueBase):
         rows = orjson.loads(reply)
         deliveries = [Delivery(entry_id=row["entry"], task_id=row["task_id"]) for row in rows]
         jobs = [self._job(d, row, now) for d, row in zip(deliveries, rows, strict=True)]
-        ended = [job for job in jobs if job.verdict in _ENDED]
+        ended = [job for job in jobs if job.verdict in ENDED_AT_START]
         if ended and self.settings.max_unfinished_per_key:
             await self._forget_unfinished(ended)
         return jobs
@@ -247,7 +246,7 @@ class WorkerSide(QueueBase):
                 jobs.append(None)
                 continue
             job = self._job(d, row, now)
-            if job.verdict in _ENDED:
+            if job.verdict in ENDED_AT_START:
                 ended.append(job)
             jobs.append(job)
         if ended and self.settings.max_unfinished_per_key:
@@ -263,7 +262,7 @@ class WorkerSide(QueueBase):
         job = Job(
             entry_id=delivery.entry_id, task_id=delivery.task_id, verdict=verdict, started_at=now
         )
-        if verdict in _ENDED:
+        if verdict in ENDED_AT_START:
             job.scope = row["scope"]
         elif verdict is StartVerdict.RUN:
             request = orjson.loads(row["request"])
