@@ -375,11 +375,11 @@ class Worker:
                 await _sleep_or_stop(max(pause, 0.0), self._stopping)
         return self._took(jobs)
 
-    def _took(self, jobs: Sequence[Job]) -> int:
+    def _took(self, jobs: Sequence[Job], *, alone: bool = False) -> int:
         """Act on what start decided for each of `jobs`; returns how many were taken on."""
         taken = 0
         for job in jobs:
-            taken += self._take(job)
+            taken += self._take(job, alone=alone)
         observe_each(
             metrics.task_queue_wait,
             [max(0.0, j.started_at - j.created_at) for j in jobs if j.verdict is StartVerdict.RUN],
@@ -427,9 +427,7 @@ class Worker:
         delivery = Delivery(entry_id=suspect.job.entry_id, task_id=suspect.job.task_id)
         [job] = await self.queue.start(self.consumer, [delivery], alone=True)
         self._let_go(suspect)
-        if self._take(job, alone=True) and job.verdict is StartVerdict.RUN:
-            metrics.task_queue_wait.observe(max(0.0, job.started_at - job.created_at))
-        metrics.tasks_in_flight.set(self.in_flight)
+        self._took([job], alone=True)
 
     # -- running one task
 

@@ -19,8 +19,8 @@
 -- the stream for the consumer (XREADGROUP without blocking) and starts those, in the same
 -- call. The worker then has its next batch started while it runs the last one, instead of
 -- waiting for a read's reply and then for a start's. The task keys are not declared then:
--- they are made from the task ids read and the partition's key prefix (ARGV[13]), which
--- holds the stream's hash tag on a cluster, so every key is in the stream's slot.
+-- they are made from the task ids read and the partition's key prefix (ARGV[13]). That is
+-- why the worker takes only on a single server, never on a cluster (see WorkerSide.takes).
 -- KEYS: stream, dead_letter, task_1 .. task_n (none when taking), webhooks_due,
 --       webhook_messages
 -- ARGV: group, consumer, now, max_deliveries, alone (1: the worker runs this batch alone),
