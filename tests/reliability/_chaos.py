@@ -175,6 +175,21 @@ def worker_figures(service: Process) -> dict[str, int]:
     }
 
 
+def worker_figures_once_counted(
+    service: Process, done: int, within: float = 10.0
+) -> dict[str, int]:
+    """worker_figures once the worker has counted `done` tasks DONE, or as they are `within`
+    seconds on. A worker counts an outcome when finish.lua's reply reaches it, which can be a
+    moment after a client saw the task DONE in Redis: a scrape at once may miss the last ones.
+    """
+    deadline = time.monotonic() + within
+    figures = worker_figures(service)
+    while figures["done"] < done and time.monotonic() < deadline:
+        time.sleep(0.1)
+        figures = worker_figures(service)
+    return figures
+
+
 def in_flight(service: Process) -> int:
     try:
         answer = httpx.get(service.base_url + "/healthz", timeout=2, verify=tls_context())

@@ -13,7 +13,7 @@ import pytest
 from fastapi_redis_mini_harness.redis_server import RedisServer
 
 from ..support.http import client_per_thread
-from ._chaos import Tally, collect, in_flight, submit_all, wait_until, worker_figures
+from ._chaos import Tally, collect, in_flight, submit_all, wait_until, worker_figures_once_counted
 from .conftest import Launcher
 
 pytestmark = pytest.mark.slow
@@ -80,7 +80,7 @@ def test_tasks_longer_than_the_grace_are_released_and_another_worker_completes_t
         tasks = collect(client, ids, timeout=40)
         recovered_in = time.monotonic() - stopping
 
-    figures = worker_figures(successor)
+    figures = worker_figures_once_counted(successor, done=len(ids))
     tally = Tally.of(tasks)
     tally.report(
         "sigterm-release",
