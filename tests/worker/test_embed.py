@@ -54,6 +54,20 @@ def test_an_embedding_is_a_unit_vector_and_the_same_for_the_same_text(model: Emb
     assert model(["a red apple"], [{}])[0] == first
 
 
+def test_components_are_the_models_floats_rounded_to_seven_decimals(model: EmbedModel) -> None:
+    texts = [f"sentence {i} about a cat and a mat" for i in range(200)]
+    raw = model.model.embed(texts, norm=True)
+    answers = model(texts, [{}] * len(texts))
+    for vector, answer in zip(raw, answers, strict=True):
+        assert answer["embedding"] == [round(float(x), 7) for x in vector]
+    # In a mixed batch the pairs take two rows each: the embeddings still line up.
+    mixed = model(["a", texts[0], "b", texts[1]], [{"pair": "x"}, {}, {"pair": "y"}, {}])
+    assert [mixed[1]["embedding"], mixed[3]["embedding"]] == [
+        answers[0]["embedding"],
+        answers[1]["embedding"],
+    ]
+
+
 def test_a_pair_is_scored_plausibly(model: EmbedModel) -> None:
     similar, unrelated = model(
         [SIMILAR[0], UNRELATED[0]], [{"pair": SIMILAR[1]}, {"pair": UNRELATED[1]}]
