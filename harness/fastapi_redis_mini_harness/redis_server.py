@@ -77,6 +77,12 @@ class RedisServer:
         return f"redis://{self.host}:{self.port}/0"
 
     @property
+    def pid(self) -> int:
+        if self.process is None:
+            raise RuntimeError(f"{self.binary} on port {self.port} is not running")
+        return self.process.pid
+
+    @property
     def kind(self) -> str:
         return "redis" if self.binary == REDIS_BINARY else "valkey"
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import resource
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -23,7 +24,7 @@ from fastapi_redis_mini_harness.redis_server import RedisServer
 
 from ._e2e import end_to_end, miss_requests
 from ._http import send_all
-from ._measure import ROOT
+from ._measure import ROOT, tree_cpu_seconds
 from ._workers import task_times, wait_idle
 
 CEILING_BATCHES = (1, 8, 32, 64)
@@ -75,14 +76,23 @@ def embed_ceiling(items: int) -> dict[str, Any]:
     model.load()
     texts = _texts(items)
     rates: dict[str, float] = {}
+    cpu: dict[str, float] = {}
     for size in CEILING_BATCHES:
-        began = time.perf_counter()
+        began, used = time.perf_counter(), _own_cpu()
         for start in range(0, items, size):
             batch = texts[start : start + size]
             model(batch, [{}] * len(batch))
         rates[str(size)] = items / (time.perf_counter() - began)
+        cpu[str(size)] = (_own_cpu() - used) * 1e6 / items
     best = max(rates, key=lambda size: rates[size])
-    return {"items": items, "rates": rates, "best_batch": int(best), "best_rate": rates[best]}
+    return {
+        "items": items,
+        "rates": rates,
+        "best_batch": int(best),
+        "best_rate": rates[best],
+        # Above 1e6 / best_rate, the model used more than one core.
+        "cpu_us_per_item": cpu[best],
+    }
 
 
 def accelerator_ceiling(items: int) -> dict[str, Any]:
@@ -120,10 +130,16 @@ def service_run(
     worker = _worker(space, redis_server, handler, label, concurrency)
     try:
         worker.wait_until_answers("/readyz", timeout=60)  # loaded
+        pids = {"api": api.pid, "worker": worker.pid, "redis": redis_server.pid}
+        before = _cpu(pids)
         result = end_to_end(api, redis_server.url, tasks, label=label, params={})
+        after = _cpu(pids)
     finally:
         worker.stop()
         api.stop()
+    # Where the machine's cores went, per task: the api (all its processes), the worker (the
+    # model included), Redis, and this process (the HTTP client, then polling for DONE).
+    result["cpu_us_per_task"] = {part: (after[part] - before[part]) * 1e6 / tasks for part in after}
     result["handler"] = handler
     result["rate"] = result["done"] / result["all_done_seconds"] if result["done"] else 0.0
     return result
@@ -166,6 +182,17 @@ def drain_run(
         "drain_seconds": seconds,
         "rate": len(times) / seconds if seconds > 0 else 0.0,
     }
+
+
+def _own_cpu() -> float:
+    """CPU seconds so far of this process, all its threads."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return own.ru_utime + own.ru_stime
+
+
+def _cpu(pids: Mapping[str, int]) -> dict[str, float]:
+    """CPU seconds so far of each process (with its children), and of this one as `bench`."""
+    return {**{part: tree_cpu_seconds(pid) for part, pid in pids.items()}, "bench": _own_cpu()}
 
 
 def _worker(

@@ -327,30 +327,41 @@ def _rows(report: dict[str, Any]) -> list[tuple[str, list[list[str]]]]:
         tables.append(("Targets", rows))
     inference = report.get("inference")
     if inference:
-        rows = [["model", "run", "tasks/s", "p50 to DONE", "p99 to DONE", "note"]]
+        rows = [["model", "run", "tasks/s", "p50 to DONE", "p99 to DONE",
+                 "CPU µs/task api/worker/Redis/bench", "note"]]  # fmt: skip
         for model in ("embed", "accelerator"):
             runs = inference[model]
             ceiling = runs["ceiling"]
             sizes = ", ".join(f"{b}: {r:.0f}/s" for b, r in ceiling["rates"].items())
-            rows.append([model, "(a) model alone", f"{ceiling['best_rate']:.0f}", "", "",
+            model_cpu = (
+                f"model {ceiling['cpu_us_per_item']:.0f}" if "cpu_us_per_item" in ceiling else ""
+            )
+            rows.append([model, "(a) model alone", f"{ceiling['best_rate']:.0f}", "", "", model_cpu,
                          f"batch {ceiling['best_batch']} best of {sizes}"])  # fmt: skip
             for key, name in (("batched", "(b) service, batched"), ("per_task", "(c) per task")):
                 run = runs[key]
                 rows.append([model, name, f"{run['rate']:.0f}",
                              f"{run['time_to_done_p50'] * 1000:.0f} ms",
-                             f"{run['time_to_done_p99'] * 1000:.0f} ms",
+                             f"{run['time_to_done_p99'] * 1000:.0f} ms", _cpu_split(run),
                              f"{run['done']}/{run['tasks']} DONE over HTTP"])  # fmt: skip
             if "drain" in runs:
                 drain = runs["drain"]
                 rows.append([model, "(b2) worker, batched, queue filled first",
-                             f"{drain['rate']:.0f}", "", "",
+                             f"{drain['rate']:.0f}", "", "", "",
                              f"{drain['done']}/{drain['tasks']} DONE"])  # fmt: skip
             for peer in runs.get("peers") or []:
                 done = f"{peer['completed']}/{peer['tasks']} jobs, enqueued first"
                 rate = f"{peer['drain_rate']:.0f}"
-                rows.append([model, f"(d) {peer['system']}", rate, "", "", done])
+                rows.append([model, f"(d) {peer['system']}", rate, "", "", "", done])
         tables.append((f"Inference, one worker, MAX_CONCURRENCY={inference['concurrency']}", rows))
     return tables
+
+
+def _cpu_split(run: dict[str, Any]) -> str:
+    cpu = run.get("cpu_us_per_task")
+    if not cpu:
+        return ""
+    return "/".join(f"{cpu[part]:.0f}" for part in ("api", "worker", "redis", "bench"))
 
 
 def _cluster_tables(cluster: dict[str, Any]) -> list[tuple[str, list[list[str]]]]:

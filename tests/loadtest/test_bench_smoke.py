@@ -168,9 +168,15 @@ def test_the_inference_section_runs_the_real_model_and_the_accelerator_end_to_en
         for run in ("batched", "per_task"):
             assert runs[run]["done"] == 100, (model, run, runs[run])
             assert runs[run]["rate"] > 0
+            cpu = runs[run]["cpu_us_per_task"]
+            assert set(cpu) == {"api", "worker", "redis", "bench"}
+            assert min(cpu.values()) >= 0
+    assert inference["embed"]["ceiling"]["cpu_us_per_item"] >= 0
     assert inference["embed"]["drain"]["done"] == 100
     assert inference["accelerator"]["peers"] == []
-    assert "## Inference" in (tmp_path / "bench.md").read_text()
+    tables = (tmp_path / "bench.md").read_text()
+    assert "## Inference" in tables
+    assert "CPU µs/task api/worker/Redis/bench" in tables
 
 
 def test_the_scaleout_section_drains_and_submits_on_capped_clusters_and_removes_the_caps(
