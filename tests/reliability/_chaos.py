@@ -6,7 +6,7 @@ import re
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -176,17 +176,18 @@ def worker_figures(service: Process) -> dict[str, int]:
 
 
 def worker_figures_once_counted(
-    service: Process, done: int, within: float = 10.0
-) -> dict[str, int]:
-    """worker_figures once the worker has counted `done` tasks DONE, or as they are `within`
-    seconds on. A worker counts an outcome when finish.lua's reply reaches it, which can be a
-    moment after a client saw the task DONE in Redis: a scrape at once may miss the last ones.
+    services: Sequence[Process], done: int, within: float = 10.0
+) -> list[dict[str, int]]:
+    """worker_figures of each worker once they have counted `done` tasks DONE between them, or
+    as they are `within` seconds on. A worker counts an outcome when finish.lua's reply reaches
+    it, which can be a moment after a client saw the task DONE in Redis: a scrape at once may
+    miss the last ones.
     """
     deadline = time.monotonic() + within
-    figures = worker_figures(service)
-    while figures["done"] < done and time.monotonic() < deadline:
+    figures = [worker_figures(service) for service in services]
+    while sum(f["done"] for f in figures) < done and time.monotonic() < deadline:
         time.sleep(0.1)
-        figures = worker_figures(service)
+        figures = [worker_figures(service) for service in services]
     return figures
 
 

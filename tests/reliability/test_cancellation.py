@@ -7,7 +7,7 @@ import time
 import httpx
 import pytest
 
-from ._chaos import wait_until, worker_figures
+from ._chaos import wait_until, worker_figures_once_counted
 from .conftest import Launcher
 
 pytestmark = pytest.mark.slow
@@ -44,7 +44,7 @@ def test_cancel_semantics_for_pending_running_and_finished_tasks(
 
         never_ran = client.get(f"/tasks/{pending_id}").json()
         stopped = client.get(f"/tasks/{running_id}").json()
-    figures = worker_figures(worker)
+    [figures] = worker_figures_once_counted([worker], done=1)
     print(
         f"\nreliability[cancel]: pending->{cancelled.json()['status']} "
         f"running->CANCELLED in {noticed_in:.2f}s (CLAIM_IDLE/3={CLAIM_IDLE / 3:g}s) "

@@ -80,7 +80,7 @@ def test_tasks_longer_than_the_grace_are_released_and_another_worker_completes_t
         tasks = collect(client, ids, timeout=40)
         recovered_in = time.monotonic() - stopping
 
-    figures = worker_figures_once_counted(successor, done=len(ids))
+    [figures] = worker_figures_once_counted([successor], done=len(ids))
     tally = Tally.of(tasks)
     tally.report(
         "sigterm-release",

@@ -9,7 +9,15 @@ from collections import Counter
 import httpx
 import pytest
 
-from ._chaos import Tally, collect, in_flight, submit_all, wait_until, worker_figures
+from ._chaos import (
+    Tally,
+    collect,
+    in_flight,
+    submit_all,
+    wait_until,
+    worker_figures,
+    worker_figures_once_counted,
+)
 from .conftest import Launcher
 
 pytestmark = pytest.mark.slow
@@ -35,7 +43,7 @@ def test_sigkill_mid_task_loses_nothing_and_completes_nothing_twice(
         tasks = collect(client, ids, timeout=60)
         recovered_in = time.monotonic() - killed_at
 
-    figures = [worker_figures(w) for w in survivors]
+    figures = worker_figures_once_counted(survivors, done=count)
     tally = Tally.of(tasks)
     attempts = Counter(task["attempts"] for task in tasks.values())
     tally.report(
@@ -71,7 +79,7 @@ def test_a_task_running_past_claim_idle_on_a_live_worker_is_not_stolen(
         thief = launch.worker(redis_url, MAX_CONCURRENCY=str(count), CLAIM_IDLE=claim_idle)
         tasks = collect(client, ids, timeout=60)
 
-    owner_figures, thief_figures = worker_figures(owner), worker_figures(thief)
+    owner_figures, thief_figures = worker_figures_once_counted([owner, thief], done=count)
     tally = Tally.of(tasks)
     tally.report(
         "not-stolen",
