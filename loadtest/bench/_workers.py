@@ -170,14 +170,18 @@ def _queue(url: str) -> RedisTaskQueue:
     return RedisTaskQueue(connect(settings), settings)
 
 
-async def enqueue_ours(url: str, tasks: int, label: str) -> list[str]:
-    """Queue no-op tasks through the service's own submit path (the Lua submit script)."""
+async def enqueue_ours(
+    url: str, tasks: int, label: str, params: dict[str, Any] | None = None
+) -> list[str]:
+    """Queue tasks with distinct prompts through the service's own submit path (the Lua submit
+    script): no-op ones (`duration` 0), or with `params` for another handler."""
+    task_params = {"duration": 0} if params is None else params
     queue = _queue(url)
     ids: list[str] = []
     try:
         for start in range(0, tasks, CHUNK):
             requests = [
-                TaskCreate(prompt=f"bench {label} {i}", params={"duration": 0})
+                TaskCreate(prompt=f"bench {label} {i}", params=task_params)
                 for i in range(start, min(start + CHUNK, tasks))
             ]
             submitted = await asyncio.gather(
@@ -263,23 +267,31 @@ async def task_times(url: str, ids: Sequence[str]) -> list[tuple[float, float, f
     return times
 
 
-def worker_env(concurrency: int, log_level: str = "WARNING") -> dict[str, str]:
+def worker_env(
+    concurrency: int, log_level: str = "WARNING", handler: str | None = None
+) -> dict[str, str]:
     # The quotas off, as in the bench's own queue (see QUOTAS_OFF), so that both name the
     # same partitions whatever the calling shell sets. Defaults everywhere else, so every
     # reliability guarantee is on; only logs are quieter, as the peers log nothing at their
     # library defaults either. INFO (the worker's default) adds one JSON line per finished
     # task; --worker-log-level INFO shows what that costs.
-    return {"MAX_CONCURRENCY": str(concurrency), "LOG_LEVEL": log_level, **QUOTAS_OFF_ENV}
+    env = {"MAX_CONCURRENCY": str(concurrency), "LOG_LEVEL": log_level, **QUOTAS_OFF_ENV}
+    return env if handler is None else {**env, "TASK_HANDLER": handler}
 
 
 def spawn_worker(
-    space: Workspace, url: str, concurrency: int, name: str, log_level: str = "WARNING"
+    space: Workspace,
+    url: str,
+    concurrency: int,
+    name: str,
+    log_level: str = "WARNING",
+    handler: str | None = None,
 ) -> Process:
     """A worker started now, not waited for (its start-up is part of a drain's wall time)."""
     return space.own(
         start_worker(
             url,
-            worker_env(concurrency, log_level),
+            worker_env(concurrency, log_level, handler),
             wait=False,
             defaults=SERVICE_DEFAULTS,
             name=name,

