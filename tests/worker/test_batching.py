@@ -67,6 +67,23 @@ async def test_tasks_held_together_meet_in_one_call_and_a_bad_input_fails_only_i
         assert by_prompt[prompt].result == {"upper": prompt.upper(), "batch": 5}
 
 
+async def test_a_full_batch_of_waiting_tasks_is_taken_at_once_and_reaches_the_model_whole(
+    queue: RedisTaskQueue, settings: Settings
+) -> None:
+    class NoWait(BatchModel):
+        max_batch_wait_ms = 0  # a batch goes as soon as the tasks taken so far are in it
+
+    model = NoWait(1)
+    prompts = [f"p{i}" for i in range(8)]  # a whole batch, and all of MAX_CONCURRENCY 8
+    ids = await submit_all(queue, prompts)
+    running = Running(settings, model)
+    records = [await queue.wait(task_id, "", 10) for task_id in ids]
+    await running.close()
+    assert [r.status for r in records if r is not None] == [TaskStatus.DONE] * 8
+    # Taken half at a time (4 and 4), as no-op tasks are, they would go as two calls.
+    assert model.batches == [prompts]
+
+
 async def test_the_batches_in_flight_share_max_concurrency(
     queue: RedisTaskQueue, settings: Settings
 ) -> None:

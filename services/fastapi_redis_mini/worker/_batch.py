@@ -93,7 +93,7 @@ class Batcher:
     ) -> None:
         self._call = call
         self._with_contexts = with_contexts  # the handler takes `contexts`, one per item
-        self._size = size
+        self.size = size
         self._wait = wait_ms / 1000
         self._in_flight = in_flight
         self._waiting: list[_Item] = []
@@ -108,7 +108,7 @@ class Batcher:
         self._waiting.append((prompt, params, future, time.monotonic(), context))
         if len(self._running) >= self._in_flight:
             return future  # the first batch to return sends the next one
-        if len(self._waiting) >= self._size:
+        if len(self._waiting) >= self.size:
             self._send()
         elif self._timer is None:
             self._timer = loop.call_later(self._wait, self._on_timer)
@@ -124,8 +124,8 @@ class Batcher:
             self._timer.cancel()
             self._timer = None
         while self._waiting:
-            taken = self._waiting[: self._size]
-            del self._waiting[: self._size]
+            taken = self._waiting[: self.size]
+            del self._waiting[: self.size]
             batch = [item for item in taken if not item[2].done()]  # drop stopped tasks
             if batch:
                 metrics.batch_size.observe(len(batch))
@@ -137,7 +137,7 @@ class Batcher:
         if self._waiting and len(self._running) < self._in_flight:
             # More than one batch's worth was waiting: the next starts filling now, with
             # its own max_batch_wait_ms, or goes at once if it is full already.
-            if len(self._waiting) >= self._size:
+            if len(self._waiting) >= self.size:
                 self._send()
             else:
                 self._timer = asyncio.get_running_loop().call_later(self._wait, self._on_timer)

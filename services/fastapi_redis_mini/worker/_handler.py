@@ -106,8 +106,12 @@ class HandlerRunner:
         self.call: Callable[..., Awaitable[Any]] = (
             target if self.takes_context else _without_context(target)
         )
+        # The most tasks one call of the handler takes: 1 unless it takes batches.
+        self.batch_size = 1
         if self.batching is not None:
-            self.call = self._batcher(self.batching, settings)
+            batcher = self._batcher(self.batching, settings)
+            self.batch_size = batcher.size
+            self.call = batcher
 
     def _batcher(self, options: BatchOptions, settings: Settings) -> Batcher:
         in_flight = options.max_in_flight

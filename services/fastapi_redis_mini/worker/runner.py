@@ -113,7 +113,10 @@ class Worker:
         self.failure: str | None = None  # why the worker is going down, once it is
         self._tasks: dict[str, InFlight] = {}  # task id -> what this worker holds of it
         self._timeouts = RunTimeouts(settings.task_timeout, self._tasks.values)
-        self._half = max(1, (settings.max_concurrency + 1) // 2)  # a take's batch at most
+        # A take's tasks at most: half the slots, so one batch is started in Redis while the
+        # other runs, but a batched handler's whole batch, or tasks already waiting together
+        # could reach the model in two calls where one would do.
+        self._take_at_most = max(1, (settings.max_concurrency + 1) // 2, self.runner.batch_size)
         self._phases = [0] * len(Phase)  # how many records are in each phase
         # Outcomes waiting to be written, per partition (see _outbox.py).
         self._outbox = Outbox(queue.partition_count, queue.partition_of)
@@ -319,10 +322,9 @@ class Worker:
             try:
                 if self.queue.takes and not refusing:
                     # Read and start in one call, which never blocks: while there is work, the
-                    # next batch is started in Redis while this one runs. Half of the slots at
-                    # a time, so that a batch is always in Redis while the other runs. Nothing
-                    # new: the blocking read below waits for it.
-                    jobs = await self.queue.take(self.consumer, min(count, self._half))
+                    # next batch is started in Redis while this one runs. Nothing new: the
+                    # blocking read below waits for it.
+                    jobs = await self.queue.take(self.consumer, min(count, self._take_at_most))
                     if jobs:
                         backoff.reset()
                         self._took(jobs)
