@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import threading
 import time
 from collections.abc import Mapping
@@ -124,6 +125,15 @@ class BlockingModel:
             "thread": threading.current_thread().name,
             "pid": os.getpid(),
         }
+
+
+class DeafToTerm(BlockingModel):
+    """A BlockingModel whose process ignores SIGTERM once loaded, as a process stuck in a C
+    call that masks signals would: only SIGKILL ends it."""
+
+    def load(self) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        super().load()
 
 
 class LoopBlocker:

@@ -20,7 +20,7 @@ from fastapi_redis_mini.worker._handler import HandlerRunner, is_async
 from fastapi_redis_mini.worker._http import build_app
 from fastapi_redis_mini.worker.runner import Worker, WorkerFailed
 
-from ..support.handlers import BlockingModel, LoopBlocker
+from ..support.handlers import BlockingModel, DeafToTerm, LoopBlocker
 
 
 async def submit(queue: RedisTaskQueue, prompt: str, **params: object) -> str:
@@ -146,6 +146,27 @@ async def test_a_handler_that_cannot_load_ends_the_worker_naming_the_handler(
     with pytest.raises(WorkerFailed, match=r"load\(\) failed with OSError: weights not found"):
         await asyncio.wait_for(worker.run(), 10)
     await own.close()
+
+
+async def test_a_pool_process_that_ignores_sigterm_is_killed_at_close(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    configured = settings.model_copy(
+        update={
+            "handler_pool": "process",
+            "handler_threads": 1,
+            "task_handler": "tests.support.handlers:DeafToTerm",
+        }
+    )
+    runner = HandlerRunner(DeafToTerm(1), configured)
+    await runner.load()  # the process is up and has loaded: SIGTERM is ignored from now on
+    [child] = multiprocessing.active_children()
+    began = time.monotonic()
+    await runner.close(within=1.0)
+    assert multiprocessing.active_children() == []
+    assert child.exitcode == -9  # SIGKILL: SIGTERM alone did not end it
+    assert 1.0 <= time.monotonic() - began < 5
+    assert f"handler pool process {child.pid} outlived SIGTERM; killed" in caplog.text
 
 
 async def test_with_handler_pool_process_a_sync_handler_runs_loaded_in_other_processes(

@@ -9,7 +9,7 @@ With HANDLER_POOL=process a synchronous handler runs in HANDLER_THREADS processe
 for pure-Python code that holds the GIL: each process makes its own handler from TASK_HANDLER
 and runs its `load()` once at start; the worker's own handler object is never loaded nor
 called. Arguments and results cross by pickle, and `close()` is not called in them: they are
-terminated at shutdown.
+terminated at shutdown (SIGTERM, then SIGKILL for one still there 5 s on).
 
 A thread cannot be stopped from outside. When TASK_TIMEOUT, a cancel or the shutdown grace
 ends a synchronous call, the worker writes the task's outcome at once and forgets the call;
@@ -211,13 +211,24 @@ def _without_context(
 
 
 def _terminate_children(within: float) -> None:
-    """End the pool's processes, a call still running in them included; wait up to `within`."""
-    children = multiprocessing.active_children()
-    for child in children:
-        child.terminate()
+    """End the pool's processes, a call still running in them included: SIGTERM, and SIGKILL
+    for any still there `within` seconds on.
+
+    The pool's own thread joins its processes too as it shuts down, and whichever of two
+    joins reaps a process first, the other can return before the process's end is recorded.
+    So this asks `active_children()`, which looks again, until none is left.
+    """
     deadline = time.monotonic() + within
-    for child in children:
-        child.join(max(0.0, deadline - time.monotonic()))
+    while children := multiprocessing.active_children():
+        if time.monotonic() >= deadline:
+            for child in children:
+                log.warning("handler pool process %s outlived SIGTERM; killed", child.pid)
+                child.kill()
+                child.join(1.0)
+            return
+        for child in children:
+            child.terminate()
+        time.sleep(0.02)
 
 
 # -- in the processes of HANDLER_POOL=process
