@@ -130,7 +130,10 @@ def test_a_frozen_redis_gets_clients_a_prompt_503_not_a_hung_request(launch: Lau
     assert server.process is not None
     try:
         api = launch.api(server.url)
-        launch.worker(server.url)
+        # A reply lost in the freeze (the worker's call timed out, Redis ran it on waking)
+        # leaves its task RUNNING on this worker until it is reclaimed, CLAIM_IDLE later: at
+        # 5 s that is well inside the 30 s the task has to end.
+        launch.worker(server.url, CLAIM_IDLE="5")
         with httpx.Client(base_url=api.base_url, timeout=give_up_after) as client:
             before = client.post("/tasks", json={"prompt": "before the freeze"})
             server.process.send_signal(signal.SIGSTOP)
