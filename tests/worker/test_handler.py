@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
+import signal
 import time
 from collections.abc import Mapping
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -149,7 +152,7 @@ async def test_a_handler_that_cannot_load_ends_the_worker_naming_the_handler(
 
 
 async def test_a_pool_process_that_ignores_sigterm_is_killed_at_close(
-    settings: Settings, caplog: pytest.LogCaptureFixture
+    settings: Settings, caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
     configured = settings.model_copy(
         update={
@@ -161,12 +164,23 @@ async def test_a_pool_process_that_ignores_sigterm_is_killed_at_close(
     runner = HandlerRunner(DeafToTerm(1), configured)
     await runner.load()  # the process is up and has loaded: SIGTERM is ignored from now on
     [child] = multiprocessing.active_children()
+    # A call stuck in the process: the pool's own shutdown cannot end it either.
+    runs = tmp_path / "runs"
+    stuck = runner.call("stuck", {"block": 60, "runs": str(runs)})
+    for _ in range(100):  # bounded: 10 s
+        if runs.exists():
+            break
+        await asyncio.sleep(0.1)
+    assert runs.exists(), "the call never started in the pool process"
     began = time.monotonic()
     await runner.close(within=1.0)
     assert multiprocessing.active_children() == []
-    assert child.exitcode == -9  # SIGKILL: SIGTERM alone did not end it
+    assert child.exitcode == -signal.SIGKILL  # SIGTERM alone did not end it
     assert 1.0 <= time.monotonic() - began < 5
     assert f"handler pool process {child.pid} outlived SIGTERM; killed" in caplog.text
+    # The call's awaiter is not left hanging: the pool reports its process gone.
+    with pytest.raises(BrokenProcessPool):
+        await asyncio.wait_for(stuck, 5)
 
 
 async def test_with_handler_pool_process_a_sync_handler_runs_loaded_in_other_processes(
