@@ -330,3 +330,35 @@ async def test_a_worker_drains_every_partition(settings: Settings) -> None:
     stats = await queue.stats()
     assert [(p.lag, p.pending) for p in stats.partitions] == [(0, 0)] * 4
     await queue.close()
+
+
+async def test_an_outcome_another_worker_now_owns_is_not_written_and_says_so(
+    settings: Settings,
+    queue: RedisTaskQueue,
+    submit: Submit,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    release = asyncio.Event()
+
+    async def gated(prompt: str, params: Mapping[str, Any]) -> Any:
+        await release.wait()
+        return {"answer": prompt}
+
+    worker, running = start(settings, gated)
+    task_id = await submit("taken over")
+    await started(worker)
+    # As if the entry had been reclaimed by another worker while this one ran the task.
+    partition = queue.partitions.of_task(task_id)
+    assert partition is not None
+    await queue.redis.hset(partition.task(task_id), "owner", "another-worker")
+    release.set()
+
+    async def let_go() -> bool:
+        return worker.in_flight == 0
+
+    await poll_async(let_go, 10, 0.01, "the worker kept the task")
+    await stop(worker, running)
+    record = await queue.get(task_id)
+    assert record is not None
+    assert record.status is TaskStatus.RUNNING  # the other worker's to finish
+    assert "outcome not written: another worker holds the task now" in caplog.text

@@ -591,6 +591,7 @@ class Worker:
             if verdict is FinishVerdict.STALE and sent_before:
                 verdict = FinishVerdict.WRITTEN  # written by the call that failed after it ran
             if verdict is not FinishVerdict.WRITTEN:
+                _not_written(job, verdict)
                 continue
             if finish.outcome is Outcome.RETRY:
                 metrics.tasks_retried.inc()
@@ -795,6 +796,17 @@ class Worker:
 
     def _runs(self) -> list[InFlight]:
         return [r for r in self._tasks.values() if r.phase in (Phase.RUNNING, Phase.ALONE)]
+
+
+def _not_written(job: Job, verdict: FinishVerdict) -> None:
+    """Say why an outcome was not written: rare, and otherwise invisible."""
+    if verdict is FinishVerdict.LOST:
+        log.warning(
+            "outcome not written: another worker holds the task now (it took the entry over)",
+            extra={"task_id": job.task_id},
+        )
+    else:
+        log.info("outcome not written: the task had ended already", extra={"task_id": job.task_id})
 
 
 def _completed(finish: Finish, now: float) -> dict[str, Any]:
