@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,8 +16,8 @@ import pytest
 from fastapi_redis_mini_harness.cgroups import unavailable
 
 from ..conftest import QUOTAS_OFF
-from ..support import REPO_ROOT
 from ..support.tools import require_tool
+from ._run import run_module
 
 pytestmark = pytest.mark.slow
 
@@ -38,16 +36,13 @@ def shell_environment() -> dict[str, str]:
 def test_bench_without_peers_measures_every_section_and_writes_both_reports(
     wrk_binary: str, tmp_path: Path
 ) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "loadtest.bench", "--sections", "api,durable,e2e,scale,memory",
+    result = run_module(
+        "loadtest.bench",
+        ["--sections", "api,durable,e2e,scale,memory",
          "--tasks", "100", "--scale", "1,2", "--api-workers", "1", "--api-seconds", "1",
          "--api-rounds", "2", "--e2e-tasks", "100", "--memory-tasks", "100",
          "--out", str(tmp_path)],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
         timeout=300,
-        check=False,
     )  # fmt: skip
 
     assert result.returncode == 0, result.stderr[-3000:]
@@ -81,14 +76,10 @@ def test_bench_without_peers_measures_every_section_and_writes_both_reports(
 
 
 def test_the_in_process_api_comparison_runs_both_apps_to_the_end() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "loadtest.bench.api_ab", "--rounds", "3",
-         "--concurrency", "5", "--endpoint", "hit"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
+    result = run_module(
+        "loadtest.bench.api_ab",
+        ["--rounds", "3", "--concurrency", "5", "--endpoint", "hit"],
         timeout=120,
-        check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     # Every request of both apps was answered from the cache, with no error in between.
@@ -99,14 +90,10 @@ def test_the_in_process_api_comparison_runs_both_apps_to_the_end() -> None:
 
 
 def test_the_worker_comparison_drains_with_both_versions_in_turns() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "loadtest.bench.worker_ab", "--base", "HEAD", "--rounds", "2",
-         "--tasks", "300", "--no-peer"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
+    result = run_module(
+        "loadtest.bench.worker_ab",
+        ["--base", "HEAD", "--rounds", "2", "--tasks", "300", "--no-peer"],
         timeout=180,
-        check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     # Each round drained every task with both versions, in turns: A first, then B first.
@@ -119,16 +106,12 @@ def test_the_worker_comparison_drains_with_both_versions_in_turns() -> None:
 def test_the_cluster_section_measures_both_backends_and_memory_per_master(
     wrk_binary: str, tmp_path: Path
 ) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "loadtest.bench", "--sections", "cluster", "--tasks", "100",
+    result = run_module(
+        "loadtest.bench",
+        ["--sections", "cluster", "--tasks", "100",
          "--api-workers", "1", "--api-seconds", "1", "--api-rounds", "1",
          "--cluster-memory-tasks", "100", "--out", str(tmp_path)],
-        cwd=REPO_ROOT,
-        env=shell_environment(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+        timeout=300, env=shell_environment(),
     )  # fmt: skip
 
     assert result.returncode == 0, result.stderr[-3000:]
@@ -148,16 +131,13 @@ def test_the_cluster_section_measures_both_backends_and_memory_per_master(
 def test_the_inference_section_runs_the_real_model_and_the_accelerator_end_to_end(
     wrk_binary: str, tmp_path: Path
 ) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "loadtest.bench", "--sections", "inference",
+    result = run_module(
+        "loadtest.bench",
+        ["--sections", "inference",
          "--inference-tasks", "100", "--inference-concurrency", "16",
          "--inference-ceiling-items", "100", "--api-workers", "1",
          "--peer-python", str(tmp_path / "no-peers"), "--out", str(tmp_path)],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
         timeout=300,
-        check=False,
     )  # fmt: skip
 
     assert result.returncode == 0, result.stderr[-3000:]
@@ -182,16 +162,12 @@ def test_the_inference_section_runs_the_real_model_and_the_accelerator_end_to_en
 def test_the_scaleout_section_drains_and_submits_on_capped_clusters_and_removes_the_caps(
     wrk_binary: str, tmp_path: Path
 ) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "loadtest.bench", "--sections", "scaleout",
+    result = run_module(
+        "loadtest.bench",
+        ["--sections", "scaleout",
          "--scaleout-tasks", "100", "--scaleout-rounds", "1", "--scaleout-workers", "1",
          "--scaleout-api-workers", "1", "--api-seconds", "1", "--out", str(tmp_path)],
-        cwd=REPO_ROOT,
-        env=shell_environment(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+        timeout=300, env=shell_environment(),
     )  # fmt: skip
 
     assert result.returncode == 0, result.stderr[-3000:]

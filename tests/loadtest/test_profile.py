@@ -5,25 +5,17 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from ..support import REPO_ROOT
+from ._run import run_module
 
 pytestmark = pytest.mark.slow
 
 
 def profile(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "loadtest.bench.profile", "worker", *args],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
+    return run_module("loadtest.bench.profile", ["worker", *args], timeout=180)
 
 
 def test_a_worker_running_the_embed_model_is_sampled_with_the_models_thread_in_it(
