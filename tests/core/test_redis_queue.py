@@ -19,6 +19,7 @@ from fastapi_redis_mini.core.models import (
 )
 from fastapi_redis_mini.core.queue import (
     CancelOutcome,
+    Delivery,
     Finish,
     FinishVerdict,
     Job,
@@ -481,6 +482,36 @@ async def test_idle_entries_are_reclaimed_and_run_again(
     assert (rerun.verdict, rerun.attempts) == (StartVerdict.RUN, 2)
     assert await queue.finish("dead-worker", [done(job, "zombie")]) == [FinishVerdict.LOST]
     assert await queue.finish("live-worker", [done(rerun, "ok")]) == [FinishVerdict.WRITTEN]
+
+
+async def test_an_entry_whose_delivery_its_reader_never_heard_is_claimed_back_by_it(
+    queue: RedisTaskQueue,
+) -> None:
+    """A read that timed out after Redis ran it leaves the entry pending for its reader, which
+    knows nothing of it (these reads' replies stand for that). Only the reader claims it back,
+    once idle, and only while it was delivered once: the reader's own held entries and
+    another consumer's are left alone."""
+
+    async def read_one(consumer: str) -> Delivery:
+        [delivery] = await queue.read(consumer, count=10, block_ms=100)
+        return delivery
+
+    await submit(queue, "lost")
+    lost = await read_one("reader")
+    await submit(queue, "held")
+    held = await read_one("reader")
+    await submit(queue, "another's")
+    await read_one("another-worker")
+
+    held_ids = {held.entry_id}
+    assert await queue.claim_unheard("reader", held_ids, min_idle=60, count=10) == []
+    await asyncio.sleep(0.6)
+    assert await queue.claim_unheard("reader", held_ids, min_idle=0.5, count=10) == [lost]
+    [job] = await queue.start("reader", [lost])
+    assert job.verdict is StartVerdict.RUN
+    # Claimed back once, it counts as delivered twice: later it is left to the idle claim.
+    await asyncio.sleep(0.6)
+    assert await queue.claim_unheard("reader", held_ids, min_idle=0.5, count=10) == []
 
 
 async def test_keep_alive_resets_the_idle_time_that_reclaiming_goes_by(

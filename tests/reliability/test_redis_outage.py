@@ -150,3 +150,55 @@ def test_a_frozen_redis_gets_clients_a_prompt_503_not_a_hung_request(launch: Lau
     # Not an answer after socket timeouts and retries: a prompt 503 the client can act on.
     assert submit[0] == 503
     assert submit[1] < answer_within
+
+
+def test_a_task_whose_take_reply_was_lost_in_a_freeze_runs_long_before_claim_idle(
+    launch: Launcher,
+) -> None:
+    """Redis freezes with a task waiting and the worker's take on its way. The worker times the
+    take out and drops that connection; Redis runs the take when it wakes, so the task is
+    delivered to this worker, RUNNING, in a reply nobody reads. After a failed read the worker
+    looks for such entries of its own, so the task runs seconds after Redis wakes, not once
+    CLAIM_IDLE (60 s here) has passed."""
+    socket_timeout, blocking_read = 4.0, 1.0
+    server = RedisServer()
+    server.start()
+    assert server.process is not None
+    redis_frozen = False
+    try:
+        api = launch.api(server.url)
+        worker = launch.worker(
+            server.url, CLAIM_IDLE="60", REDIS_SOCKET_TIMEOUT=str(socket_timeout)
+        )
+        with httpx.Client(base_url=api.base_url, timeout=15) as client:
+            # The worker is held while the task is queued: longer than its blocking read, so
+            # that no read of it waits in Redis to be handed the task at once, and shorter than
+            # its socket timeout, so that it keeps its connection and sends its next take on it.
+            worker.process.send_signal(signal.SIGSTOP)
+            try:
+                time.sleep(blocking_read + 0.3)
+                submitted = client.post("/tasks", json={"prompt": "delivered unheard"})
+                assert submitted.status_code == 202, submitted.text
+                server.process.send_signal(signal.SIGSTOP)
+                redis_frozen = True
+            finally:
+                worker.process.send_signal(signal.SIGCONT)
+            # The take has timed out, and its retry too (on a new connection, which the frozen
+            # server never answers).
+            assert wait_until(lambda: "redis cannot be read" in worker.log, 30), worker.log
+            server.process.send_signal(signal.SIGCONT)
+            redis_frozen = False
+            woke = time.monotonic()
+            task_id = submitted.json()["task_id"]
+            tasks = collect(client, [task_id], timeout=30)
+            done_after = time.monotonic() - woke
+    finally:
+        if redis_frozen:
+            server.process.send_signal(signal.SIGCONT)
+        server.close()
+    tally = Tally.of(tasks)
+    tally.report("take-reply-lost", done_after_wake_s=round(done_after, 1), claim_idle_s=60)
+    assert tally.done == 1, f"{tasks}\nworker log:\n{worker.log}"
+    assert "claimed back 1 entries delivered by a read whose reply was lost" in worker.log
+    # It was started by the take nobody heard: this is its second attempt.
+    assert tasks[task_id]["attempts"] == 2

@@ -367,6 +367,19 @@ class TaskQueue(Protocol):
         self, consumer: str, count: int, *, avoid: Collection[int] = ()
     ) -> list[Delivery]: ...
 
+    async def claim_unheard(
+        self,
+        consumer: str,
+        held: Collection[str],
+        min_idle: float,
+        count: int,
+        *,
+        avoid: Collection[int] = (),
+    ) -> list[Delivery]:
+        """`consumer`'s own pending entries idle at least `min_idle` seconds and not in `held`
+        (entry ids), claimed again: those a read whose reply was lost delivered to it."""
+        ...
+
     # start, finish and keep_alive raise PartitionsUnavailable when only some partitions
     # failed: its `partial` holds the answers of the others.
     async def start(

@@ -45,7 +45,9 @@ worker_concurrency_limit = Gauge(
     multiprocess_mode="max",
 )
 tasks_reclaimed = Counter(
-    "tasks_reclaimed", "Entries taken over from a worker that stopped.", namespace=NAMESPACE
+    "tasks_reclaimed",
+    "Idle entries claimed and taken on: a stopped worker's, or ones a lost read delivered.",
+    namespace=NAMESPACE,
 )
 tasks_retried = Counter("tasks_retried", "Runs that failed and were retried.", namespace=NAMESPACE)
 tasks_dead_lettered = Counter(

@@ -25,7 +25,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Coroutine, Sequence
+from collections.abc import Awaitable, Collection, Coroutine, Sequence
 from typing import Any
 
 import orjson
@@ -62,6 +62,9 @@ log = logging.getLogger(__name__)
 _FINISH_BATCH = 500
 _RETRY_PROMOTE_INTERVAL = 0.5
 _TRIM_INTERVAL = 10.0
+# How often, after a read that failed, the worker asks Redis for entries that read may have
+# delivered to it unheard (see _take_back_unheard).
+_UNHEARD_CHECK_INTERVAL = 0.5
 _RUN_PHASES = (Phase.RUNNING, Phase.ALONE)
 _FINAL = (Outcome.DONE, Outcome.FAILED, Outcome.CANCELLED)
 # How long a run's last reports may take to be sent before its outcome is written anyway.
@@ -124,6 +127,13 @@ class Worker:
         # (a durable wait that timed out, a reply lost on the way back). If the retry finds
         # such a task final, that is this worker's own write, and it is counted as written.
         self._unsure: set[str] = set()
+        # A read, take or start that failed may have run in Redis all the same (a reply lost
+        # to a timeout): its entries are then pending for this worker, which never heard of
+        # them. Until this time, they are looked for and claimed back once idle longer than
+        # any call of this worker lasts (a try and its retry), instead of after CLAIM_IDLE.
+        self._unheard_until = 0.0
+        self._unheard_check_at = 0.0
+        self._unheard_idle = 2 * settings.redis_socket_timeout + 1.0
         self._stopping = asyncio.Event()
         self._closed = asyncio.Event()  # set once draining is over: the helper loops end
         self._slot_free = asyncio.Event()
@@ -320,6 +330,13 @@ class Worker:
             count = min(free, self.settings.read_batch)
             refusing = self._outbox.refusing()
             try:
+                if (
+                    self._unheard_until
+                    and time.monotonic() >= self._unheard_check_at
+                    and await self._take_back_unheard(count, refusing)
+                ):
+                    backoff.reset()
+                    continue
                 if self.queue.takes and not refusing:
                     # Read and start in one call, which never blocks: while there is work, the
                     # next batch is started in Redis while this one runs. Nothing new: the
@@ -336,9 +353,35 @@ class Worker:
             except QueueUnavailable as error:
                 redis_errors.labels("read").inc()
                 log.warning("redis cannot be read (%s); retrying", error)
+                self._may_have_lost_deliveries()
                 await _sleep_or_stop(backoff.next(), self._stopping)
                 continue
             await self._begin(deliveries)
+
+    def _may_have_lost_deliveries(self) -> None:
+        """A call that delivers entries failed: look for them (see _take_back_unheard) for
+        CLAIM_IDLE from now, after which the idle claim finds them anyway."""
+        if self._unheard_idle < self.settings.claim_idle:
+            self._unheard_until = time.monotonic() + self.settings.claim_idle
+
+    async def _take_back_unheard(self, count: int, refusing: Collection[int]) -> int:
+        """Claim back and start the entries that reads which failed may have delivered to
+        this worker; returns how many it took on. Called from the consume loop only, so no
+        read of this worker is on its way meanwhile."""
+        now = time.monotonic()
+        if now >= self._unheard_until:
+            self._unheard_until = 0.0
+            return 0
+        self._unheard_check_at = now + _UNHEARD_CHECK_INTERVAL
+        held = {record.job.entry_id for record in self._tasks.values()}
+        unheard = await self.queue.claim_unheard(
+            self.consumer, held, self._unheard_idle, count, avoid=refusing
+        )
+        taken = await self._begin(unheard)
+        if taken:
+            metrics.tasks_reclaimed.inc(taken)
+            log.info("claimed back %d entries delivered by a read whose reply was lost", taken)
+        return taken
 
     async def _begin(self, deliveries: Sequence[Delivery]) -> int:
         """Start what was delivered; returns how many deliveries this worker took on.
@@ -360,6 +403,7 @@ class Worker:
                 break
             except QueueUnavailable as error:
                 redis_errors.labels("start").inc()
+                self._may_have_lost_deliveries()
                 partial = error.partial if isinstance(error, PartitionsUnavailable) else []
                 jobs = [job for job in partial if job is not None]
                 if jobs:

@@ -2,7 +2,8 @@
 
 Owns WorkerSide, a base of RedisTaskQueue: the consumer groups (ensure_group); reading new
 entries (read: one blocking XREADGROUP with a single partition and no lanes, else a fair read
-of every partition that sleeps on the work channel) and claiming idle ones (claim_idle);
+of every partition that sleeps on the work channel) and claiming idle ones (claim_idle), or
+its own whose reply it never heard (claim_unheard);
 starting, finishing and keeping alive the tasks they name (start, finish, keep_alive) and a
 run's progress reports (report); and the worker's upkeep: due retries back in the streams
 (promote_due_retries), the streams trimmed and idle consumers pruned (trim), and a consumer
@@ -193,6 +194,50 @@ class WorkerSide(QueueBase):
             claimable, self._claim_turn % len(claimable), count, claim
         )
         return deliveries
+
+    @_translated
+    async def claim_unheard(
+        self,
+        consumer: str,
+        held: Collection[str],
+        min_idle: float,
+        count: int,
+        *,
+        avoid: Collection[int] = (),
+    ) -> list[Delivery]:
+        """Entries pending for `consumer` itself, delivered once, idle at least `min_idle`
+        seconds and not in `held` (entry ids): deliveries whose reply it never heard, because
+        a read or take timed out after Redis had run it. Each is claimed again, which resets
+        its idle time, so that its task starts now instead of after CLAIM_IDLE. An entry
+        delivered more than once came from a claim (a suspect this worker left to others), and
+        is left to go idle."""
+        min_idle_ms = int(min_idle * 1000)
+        partitions = [keys for keys in self.partitions.all if keys.index not in avoid]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for keys in partitions:
+                pipe.xpending_range(keys.stream, keys.group, "-", "+", count,
+                                    consumername=consumer, idle=min_idle_ms)  # fmt: skip
+            pending = await self._execute(pipe)
+        unheard = [
+            (keys, ids)
+            for keys, entries in zip(partitions, pending, strict=True)
+            if (
+                ids := [
+                    e["message_id"]
+                    for e in entries
+                    if e["times_delivered"] == 1 and e["message_id"] not in held
+                ]
+            )
+        ]
+        if not unheard:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for keys, ids in unheard:
+                # Claimed only if still idle that long: one that another worker took over
+                # meanwhile has been touched since, and stays its.
+                pipe.xclaim(keys.stream, keys.group, consumer, min_idle_ms, ids)
+            replies = await self._execute(pipe)
+        return [delivery for reply in replies for delivery in _deliveries(reply)]
 
     @_translated
     async def take(self, consumer: str, count: int) -> list[Job]:
