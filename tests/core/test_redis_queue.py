@@ -514,6 +514,20 @@ async def test_an_entry_whose_delivery_its_reader_never_heard_is_claimed_back_by
     assert await queue.claim_unheard("reader", held_ids, min_idle=0.5, count=10) == []
 
 
+async def test_claims_find_nothing_in_a_group_that_vanished(
+    queue: RedisTaskQueue, redis_client: redis.asyncio.Redis
+) -> None:
+    """After a restart without persistence the streams and their groups are gone until the next
+    read makes them again: there is nothing to claim, and no error that would end the
+    worker's loops."""
+    await submit(queue)
+    await take(queue, "reader")
+    for keys in queue.partitions.all:
+        await redis_client.delete(keys.stream)
+    assert await queue.claim_idle("reader", 10) == []
+    assert await queue.claim_unheard("reader", (), min_idle=0, count=10) == []
+
+
 async def test_keep_alive_resets_the_idle_time_that_reclaiming_goes_by(
     queue: RedisTaskQueue, redis_client: redis.asyncio.Redis
 ) -> None:

@@ -183,9 +183,13 @@ class WorkerSide(QueueBase):
                     cursor = self._claim_cursors.get((consumer, keys.index), "0-0")
                     pipe.xautoclaim(keys.stream, keys.group, consumer, min_idle_ms, cursor,
                                     count=share)  # fmt: skip
-                replies = await self._execute(pipe)
-            claimed = []
+                replies = await self._execute_on_groups(pipe)
+            claimed: list[list[Delivery]] = []
             for (keys, _), reply in zip(shares, replies, strict=True):
+                if reply is None:
+                    self._claim_cursors.pop((consumer, keys.index), None)
+                    claimed.append([])
+                    continue
                 self._claim_cursors[(consumer, keys.index)] = reply[0]
                 claimed.append(_deliveries(reply[1]))
             return claimed
@@ -217,14 +221,14 @@ class WorkerSide(QueueBase):
             for keys in partitions:
                 pipe.xpending_range(keys.stream, keys.group, "-", "+", count,
                                     consumername=consumer, idle=min_idle_ms)  # fmt: skip
-            pending = await self._execute(pipe)
+            pending = await self._execute_on_groups(pipe)
         unheard = [
             (keys, ids)
             for keys, entries in zip(partitions, pending, strict=True)
             if (
                 ids := [
                     e["message_id"]
-                    for e in entries
+                    for e in entries or ()
                     if e["times_delivered"] == 1 and e["message_id"] not in held
                 ]
             )
@@ -236,8 +240,20 @@ class WorkerSide(QueueBase):
                 # Claimed only if still idle that long: one that another worker took over
                 # meanwhile has been touched since, and stays its.
                 pipe.xclaim(keys.stream, keys.group, consumer, min_idle_ms, ids)
-            replies = await self._execute(pipe)
-        return [delivery for reply in replies for delivery in _deliveries(reply)]
+            replies = await self._execute_on_groups(pipe)
+        return [delivery for reply in replies for delivery in _deliveries(reply or ())]
+
+    async def _execute_on_groups(self, pipe: Any) -> list[Any]:
+        """Run a pipeline of commands on consumer groups. A group that vanished (a restart
+        without persistence took its stream; the next read makes it again) holds nothing to
+        claim: its reply is None, where redis-py would raise NOGROUP for the whole pipeline."""
+        replies = await self._execute(pipe, raise_on_error=False)
+        for i, reply in enumerate(replies):
+            if isinstance(reply, ResponseError) and "NOGROUP" in str(reply):
+                replies[i] = None
+            elif isinstance(reply, Exception):
+                raise reply
+        return replies
 
     @_translated
     async def take(self, consumer: str, count: int) -> list[Job]:
