@@ -376,8 +376,9 @@ class TaskQueue(Protocol):
         *,
         avoid: Collection[int] = (),
     ) -> list[Delivery]:
-        """`consumer`'s own pending entries idle at least `min_idle` seconds and not in `held`
-        (entry ids), claimed again: those a read whose reply was lost delivered to it."""
+        """`consumer`'s own pending entries, delivered once, idle at least `min_idle` seconds
+        and not in `held` (entry ids), claimed again: those a read whose reply was lost
+        delivered to it."""
         ...
 
     # start, finish and keep_alive raise PartitionsUnavailable when only some partitions

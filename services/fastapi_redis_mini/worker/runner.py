@@ -454,7 +454,8 @@ class Worker:
                 return False
             self._hold(InFlight(job, Phase.WAITING))
             log.info(
-                "task was in flight when a worker died: it will run alone",
+                "task was started before and never finished (its worker died, or the "
+                "start's reply was lost): it will run alone",
                 extra={"task_id": job.task_id},
             )
         elif job.verdict is StartVerdict.DEAD:
