@@ -528,6 +528,18 @@ async def test_claims_find_nothing_in_a_group_that_vanished(
     assert await queue.claim_unheard("reader", (), min_idle=0, count=10) == []
 
 
+async def test_keep_alive_of_an_entry_whose_group_vanished_says_lost(
+    queue: RedisTaskQueue, redis_client: redis.asyncio.Redis
+) -> None:
+    """A restart without persistence took the stream, its group and the task: the run is no
+    longer this worker's to keep, and keeping it alive is no error."""
+    await submit(queue)
+    [job] = await take(queue, "runner")
+    for keys in queue.partitions.all:
+        await redis_client.delete(keys.stream)
+    assert await queue.keep_alive("runner", [job]) == ["lost"]
+
+
 async def test_keep_alive_resets_the_idle_time_that_reclaiming_goes_by(
     queue: RedisTaskQueue, redis_client: redis.asyncio.Redis
 ) -> None:

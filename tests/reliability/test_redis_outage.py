@@ -13,7 +13,7 @@ import pytest
 from fastapi_redis_mini_harness.http import tls_context
 from fastapi_redis_mini_harness.redis_server import RedisServer
 
-from ._chaos import Load, Tally, collect, wait_until, worker_figures
+from ._chaos import Load, Tally, collect, in_flight, wait_until, worker_figures
 from .conftest import Launcher
 
 pytestmark = pytest.mark.slow
@@ -202,3 +202,34 @@ def test_a_task_whose_take_reply_was_lost_in_a_freeze_runs_long_before_claim_idl
     assert "claimed back 1 entries delivered by a read whose reply was lost" in worker.log
     # It was started by the take nobody heard: this is its second attempt.
     assert tasks[task_id]["attempts"] == 2
+
+
+def test_a_restart_without_persistence_mid_run_stops_the_runs_and_the_worker_goes_on(
+    launch: Launcher,
+) -> None:
+    """Redis restarts empty (no AOF, no RDB) while the worker runs two tasks: their stream,
+    group and hashes are gone. Keeping them alive finds no group: the runs are no longer the
+    worker's and are stopped, the worker stays up, and a task submitted after the restart is
+    done."""
+    server = RedisServer()
+    server.start()
+    try:
+        api = launch.api(server.url)
+        # Keep-alive every second (CLAIM_IDLE / 3), so it meets the empty Redis at once.
+        worker = launch.worker(server.url, CLAIM_IDLE="3", MAX_CONCURRENCY="2")
+        with httpx.Client(base_url=api.base_url, timeout=15) as client:
+            for i in range(2):
+                body = {"prompt": f"running at the restart {i}", "params": {"duration": 20}}
+                assert client.post("/tasks", json=body).status_code == 202
+            assert wait_until(lambda: in_flight(worker) == 2, 20), worker.log
+            server.restart(kill=True)
+            assert wait_until(lambda: in_flight(worker) == 0, 20), worker.log
+            after = client.post("/tasks", json={"prompt": "after the restart"})
+            assert after.status_code == 202, after.text
+            task_id = after.json()["task_id"]
+            tasks = collect(client, [task_id], timeout=30)
+    finally:
+        server.close()
+    assert worker.process.poll() is None, worker.log
+    assert tasks[task_id]["status"] == "DONE", worker.log
+    assert worker.log.count("entry no longer this worker's") == 2, worker.log

@@ -717,7 +717,11 @@ class Worker:
             log.info("cancelling at the client's request", extra={"task_id": record.job.task_id})
         else:
             record.stop = StopReason.LOST
-            log.warning("entry taken over by another worker", extra={"task_id": record.job.task_id})
+            log.warning(
+                "entry no longer this worker's (another worker took it over, or a restart of "
+                "Redis without persistence took its stream): run stopped",
+                extra={"task_id": record.job.task_id},
+            )
         record.run.cancel()
 
     # -- the loop's health, watched from the sidecar
