@@ -528,6 +528,20 @@ async def test_claims_find_nothing_in_a_group_that_vanished(
     assert await queue.claim_unheard("reader", (), min_idle=0, count=10) == []
 
 
+async def test_upkeep_and_leaving_pass_over_a_stream_whose_group_vanished(
+    queue: RedisTaskQueue, redis_client: redis.asyncio.Redis
+) -> None:
+    """After a restart without persistence, a submit makes the stream again before any read
+    makes its group: trimming, pruning consumers and leaving find nothing to do there."""
+    await submit(queue)
+    await take(queue, "reader")
+    for keys in queue.partitions.all:
+        await redis_client.delete(keys.stream)
+    await submit(queue, "after the restart")
+    assert await queue.trim() == 0
+    await queue.leave("reader")
+
+
 async def test_keep_alive_of_an_entry_whose_group_vanished_says_lost(
     queue: RedisTaskQueue, redis_client: redis.asyncio.Redis
 ) -> None:
