@@ -170,6 +170,9 @@ def test_a_task_whose_take_reply_was_lost_in_a_freeze_runs_long_before_claim_idl
         worker = launch.worker(
             server.url, CLAIM_IDLE="60", REDIS_SOCKET_TIMEOUT=str(socket_timeout)
         )
+        # Reading: its group made and its blocking reads going round.
+        assert wait_until(lambda: "consuming as" in worker.log, 30), worker.log
+        time.sleep(blocking_read)
         with httpx.Client(base_url=api.base_url, timeout=15) as client:
             # The worker is held while the task is queued: longer than its blocking read, so
             # that no read of it waits in Redis to be handed the task at once, and shorter than
