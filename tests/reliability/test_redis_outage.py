@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import time
 from collections import Counter
@@ -152,14 +153,15 @@ def test_a_frozen_redis_gets_clients_a_prompt_503_not_a_hung_request(launch: Lau
     assert submit[1] < answer_within
 
 
-def test_a_task_whose_take_reply_was_lost_in_a_freeze_runs_long_before_claim_idle(
+def test_tasks_whose_take_reply_was_lost_in_a_freeze_run_long_before_claim_idle(
     launch: Launcher,
 ) -> None:
-    """Redis freezes with a task waiting and the worker's take on its way. The worker times the
-    take out and drops that connection; Redis runs the take when it wakes, so the task is
+    """Redis freezes with three tasks waiting and the worker's take on its way. The worker times
+    the take out and drops that connection; Redis runs the take when it wakes, so the tasks are
     delivered to this worker, RUNNING, in a reply nobody reads. After a failed read the worker
-    looks for such entries of its own, so the task runs seconds after Redis wakes, not once
-    CLAIM_IDLE (60 s here) has passed."""
+    looks for such entries of its own, so the tasks run seconds after Redis wakes, not once
+    CLAIM_IDLE (60 s here) has passed; and since no handler ran them, side by side rather than
+    one at a time as suspects."""
     socket_timeout, blocking_read = 4.0, 1.0
     server = RedisServer()
     server.start()
@@ -167,21 +169,27 @@ def test_a_task_whose_take_reply_was_lost_in_a_freeze_runs_long_before_claim_idl
     redis_frozen = False
     try:
         api = launch.api(server.url)
+        # MAX_CONCURRENCY 6: a take holds up to half of it, so one take carries all three.
         worker = launch.worker(
-            server.url, CLAIM_IDLE="60", REDIS_SOCKET_TIMEOUT=str(socket_timeout)
+            server.url,
+            CLAIM_IDLE="60",
+            REDIS_SOCKET_TIMEOUT=str(socket_timeout),
+            MAX_CONCURRENCY="6",
         )
         # Reading: its group made and its blocking reads going round.
         assert wait_until(lambda: "consuming as" in worker.log, 30), worker.log
         time.sleep(blocking_read)
         with httpx.Client(base_url=api.base_url, timeout=15) as client:
-            # The worker is held while the task is queued: longer than its blocking read, so
-            # that no read of it waits in Redis to be handed the task at once, and shorter than
+            # The worker is held while the tasks are queued: longer than its blocking read, so
+            # that no read of it waits in Redis to be handed a task at once, and shorter than
             # its socket timeout, so that it keeps its connection and sends its next take on it.
             worker.process.send_signal(signal.SIGSTOP)
             try:
                 time.sleep(blocking_read + 0.3)
-                submitted = client.post("/tasks", json={"prompt": "delivered unheard"})
-                assert submitted.status_code == 202, submitted.text
+                params = {"duration": 2}
+                bodies = [{"prompt": f"delivered unheard {i}", "params": params} for i in range(3)]
+                submitted = [client.post("/tasks", json=body) for body in bodies]
+                assert [r.status_code for r in submitted] == [202] * 3, [r.text for r in submitted]
                 server.process.send_signal(signal.SIGSTOP)
                 redis_frozen = True
             finally:
@@ -192,8 +200,8 @@ def test_a_task_whose_take_reply_was_lost_in_a_freeze_runs_long_before_claim_idl
             server.process.send_signal(signal.SIGCONT)
             redis_frozen = False
             woke = time.monotonic()
-            task_id = submitted.json()["task_id"]
-            tasks = collect(client, [task_id], timeout=30)
+            ids = [r.json()["task_id"] for r in submitted]
+            tasks = collect(client, ids, timeout=30)
             done_after = time.monotonic() - woke
     finally:
         if redis_frozen:
@@ -201,10 +209,15 @@ def test_a_task_whose_take_reply_was_lost_in_a_freeze_runs_long_before_claim_idl
         server.close()
     tally = Tally.of(tasks)
     tally.report("take-reply-lost", done_after_wake_s=round(done_after, 1), claim_idle_s=60)
-    assert tally.done == 1, f"{tasks}\nworker log:\n{worker.log}"
-    assert "claimed back 1 entries delivered by a read whose reply was lost" in worker.log
-    # It was started by the take nobody heard: this is its second attempt.
-    assert tasks[task_id]["attempts"] == 2
+    assert tally.done == 3, f"{tasks}\nworker log:\n{worker.log}"
+    claimed_back = re.findall(r"claimed back (\d+) entries delivered by a read", worker.log)
+    assert sum(int(n) for n in claimed_back) == 3, worker.log
+    # The take nobody heard had started them: each ran once, as its second attempt.
+    assert [task["attempts"] for task in tasks.values()] == [2, 2, 2]
+    # Side by side: their runs of 2 s overlap, none waited for another to end.
+    starts = sorted(task["started_at"] for task in tasks.values())
+    assert starts[-1] - starts[0] < 1.0, starts
+    assert "run alone" not in worker.log, worker.log
 
 
 def test_a_restart_without_persistence_mid_run_stops_the_runs_and_the_worker_goes_on(

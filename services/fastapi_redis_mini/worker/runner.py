@@ -377,13 +377,15 @@ class Worker:
         unheard = await self.queue.claim_unheard(
             self.consumer, held, self._unheard_idle, count, avoid=refusing
         )
-        taken = await self._begin(unheard)
+        # Delivered once, to this worker (whose name no earlier process had), and never held
+        # by it: no handler has run them, so none is a suspect (see claim_unheard).
+        taken = await self._begin(unheard, never_ran=True)
         if taken:
             metrics.tasks_reclaimed.inc(taken)
             log.info("claimed back %d entries delivered by a read whose reply was lost", taken)
         return taken
 
-    async def _begin(self, deliveries: Sequence[Delivery]) -> int:
+    async def _begin(self, deliveries: Sequence[Delivery], *, never_ran: bool = False) -> int:
         """Start what was delivered; returns how many deliveries this worker took on.
 
         A delivery of a task this worker already holds is left alone: its entry goes idle and
@@ -391,6 +393,9 @@ class Worker:
         acknowledged. Deliveries that Redis refuses to start are tried again (they are
         already ours) for up to CLAIM_IDLE/2: past that, another worker may have reclaimed and
         started them, so they are left pending for whoever claims them next.
+
+        `never_ran`: no handler has run these tasks, though a start may have counted them (a
+        take whose reply was lost), so none is held back as a suspect to run alone.
         """
         fresh = [d for d in deliveries if d.task_id not in self._tasks]
         if not fresh:
@@ -399,7 +404,9 @@ class Worker:
         backoff = _Backoff()
         while True:
             try:
-                jobs = await self.queue.start(self.consumer, fresh)
+                # Started "alone" as far as start.lua is concerned: it then runs a task that
+                # was counted as started before instead of holding it back as a suspect.
+                jobs = await self.queue.start(self.consumer, fresh, alone=never_ran)
                 break
             except QueueUnavailable as error:
                 redis_errors.labels("start").inc()
